@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""The MoE layer's forward and forward+backward time beside its peers, as ratios to the
+dense-FLOP floor (one SwiGLU MLP of width top_k * F over the same tokens), all in one run.
+
+    python benchmarks/moe_layer.py                      # E=8 and E=64, fp32, CPU
+    python benchmarks/moe_layer.py --shapes all --reps 7
+    python benchmarks/moe_layer.py --dtype bf16 --device cuda
+
+Peers are optional columns: Hugging Face transformers' Mixtral block with each experts
+implementation (eager, grouped_mm, batched_mm), DeepSpeed-MoE and torchtitan when installed;
+each is skipped with a note otherwise. Every layer is checked against HF eager on the same
+weights before it is timed. As in training, gradients are set to None before each repetition.
+The figures are medians; machines are shared and noisy, so compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moekit import MoEConfig, MoELayer
+
+SHAPES = {  # name: (experts, top_k, ffn)
+    "e8": (8, 2, 1024),
+    "e64": (64, 2, 1024),
+    "e128": (128, 8, 256),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class DenseFloor(nn.Module):
+    """One SwiGLU MLP with the active FLOPs of top_k experts: the floor the layer is held to."""
+
+    def __init__(self, hidden: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, ffn, bias=False)
+        self.w3 = nn.Linear(hidden, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def hf_block(hidden, ffn, experts, top_k, implementation):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    config = MixtralConfig(hidden_size=hidden, intermediate_size=ffn, num_local_experts=experts,
+                           num_experts_per_tok=top_k)
+    config._experts_implementation = implementation
+    return MixtralSparseMoeBlock(config)
+
+
+def first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def time_layer(layer, x, reps):
+    """Median forward and forward+backward seconds over reps, after one warm-up."""
+    forward, both = [], []
+    for rep in range(reps + 1):
+        for p in list(layer.parameters()) + [x]:
+            p.grad = None
+        t0 = time.perf_counter()
+        out = first_output(layer(x))
+        t1 = time.perf_counter()
+        out.float().sum().backward()
+        t2 = time.perf_counter()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+        if rep:
+            forward.append(t1 - t0)
+            both.append(t2 - t0)
+    return statistics.median(forward), statistics.median(both)
+
+
+def build(impl, hidden, ffn, experts, top_k, reference):
+    """The layer to time for impl, its weights equal to the HF eager reference's."""
+    from moekit.convert.hf import load_hf_moe_block
+    if impl == "floor":
+        return DenseFloor(hidden, top_k * ffn)
+    if impl == "moekit":
+        layer = MoELayer(MoEConfig(hidden_size=hidden, ffn_size=ffn, num_experts=experts,
+                                   top_k=top_k))
+        return load_hf_moe_block(layer, reference)
+    if impl.startswith("hf-"):
+        block = hf_block(hidden, ffn, experts, top_k, impl[3:])
+        block.load_state_dict(reference.state_dict())
+        return block
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+def too_big(impl, tokens, hidden, ffn, top_k, dtype):
+    """HF batched_mm gathers a weight copy per route: skip it where that cannot fit."""
+    if impl != "hf-batched_mm":
+        return None
+    need = tokens * top_k * 3 * hidden * ffn * torch.finfo(dtype).bits // 8
+    return f"needs ~{need / 2**30:.0f} GiB for its per-route weight copies" if need > 8 * 2**30 else None
+
+
+def run_shape(name, args, dtype, device):
+    experts, top_k, ffn = SHAPES[name]
+    torch.manual_seed(0)
+    reference = hf_block(args.hidden, ffn, experts, top_k, "eager")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_(0, 0.02)  # HF experts start as torch.empty: garbage would skew timings
+    reference = reference.to(device, dtype)
+    x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    check_x = x.detach()[:, :256]
+    with torch.no_grad():
+        expected = first_output(reference(check_x)).float()
+    rows, notes = {}, []
+    for impl in args.impls.split(","):
+        reason = too_big(impl, args.tokens, args.hidden, ffn, top_k, dtype)
+        if reason:
+            notes.append(f"{impl}: skipped, {reason}")
+            continue
+        try:
+            layer = build(impl, args.hidden, ffn, experts, top_k, reference).to(device, dtype)
+        except ImportError as error:
+            notes.append(f"{impl}: skipped, {error}")
+            continue
+        if impl != "floor":
+            with torch.no_grad():
+                got = first_output(layer(check_x)).float()
+            error = float((got - expected).abs().max() / expected.abs().max())
+            tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            if error > tolerance:
+                raise SystemExit(f"{impl} disagrees with HF eager: max rel err {error:.1e}")
+        rows[impl] = time_layer(layer, x, args.reps)
+    floor = rows.get("floor")
+    print(f"\nE={experts} k={top_k} H={args.hidden} F={ffn} T={args.tokens} {args.dtype} "
+          f"{device} torch {torch.__version__} threads {torch.get_num_threads()}")
+    print(f"{'impl':16s} {'fwd (ratio)':>12s} {'fwd+bwd (ratio)':>16s}   median s fwd / fwd+bwd")
+    for impl, (fwd, both) in rows.items():
+        ratio = (f"{fwd / floor[0]:12.2f} {both / floor[1]:16.2f}" if floor else f"{'-':>12s} {'-':>16s}")
+        print(f"{impl:16s} {ratio}   {fwd:.3f} / {both:.3f}")
+    for note in notes:
+        print("  " + note)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="e8,e64",
+                        help=f"comma-separated from {', '.join(SHAPES)}, or 'all'")
+    parser.add_argument("--impls", default="floor,moekit,hf-eager,hf-grouped_mm,hf-batched_mm")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    for name in shapes:
+        if name not in SHAPES:
+            parser.error(f"unknown shape {name!r}; choose from {', '.join(SHAPES)} or all")
+    for name in shapes:
+        run_shape(name, args, DTYPES[args.dtype], torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Conversion between moekit and other layouts (Hugging Face, dense checkpoints)."""

@@ -1,0 +1,15 @@
+"""The MoE layer and its parts: gates, capacity, losses, dispatch, experts."""
+from moekit.moe.capacity import expert_capacity
+from moekit.moe.dispatch import DispatchPlan, permute, plan_dispatch, unpermute
+from moekit.moe.experts import MLP, GroupedExperts, ModuleExperts, grouped_matmul
+from moekit.moe.layer import MoELayer, MoEStats
+from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
+                               switch_balance_loss)
+from moekit.moe.router import Gate, LinearGate, Routing, SigmoidBiasGate, SoftmaxTopKGate, build_gate
+
+__all__ = [
+    "AdaptiveAuxCoefficient", "DispatchPlan", "Gate", "GroupedExperts", "LinearGate", "MLP",
+    "MoELayer", "MoEStats", "ModuleExperts", "Routing", "SigmoidBiasGate", "SoftmaxTopKGate",
+    "build_gate", "expert_capacity", "grouped_matmul", "permute", "plan_dispatch",
+    "router_z_loss", "skywork_balance_loss", "switch_balance_loss", "unpermute",
+]

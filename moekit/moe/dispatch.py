@@ -1,0 +1,70 @@
+"""Token permutation: sort routes by expert, hand the experts one contiguous block each, and
+bring their outputs back weighted by the gate.
+
+Legend: T tokens, D model dim, K routes per token, E experts, N kept routes (N <= T * K).
+
+This is the one step an expert-parallel layout replaces (permute, all-to-all, compute, all-to-all
+back, un-permute); everything it needs is in :class:`DispatchPlan`.
+Deterministic by construction: a stable sort, a gather forward, and the combine is a per-token
+weighted sum (a batched matmul), never an order-dependent scatter-add.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept route goes. Rows of the permuted buffer are grouped by expert.
+
+    slots_N: for each permuted row, its flat route index t * K + k.
+    token_ids_N: for each permuted row, the token it carries (slots_N // K).
+    tokens_per_expert_E: rows per expert, in expert order (int64).
+    num_tokens, top_k: T and K.
+    all_kept: no route was dropped (then every slot is filled and no zero-fill is needed).
+    """
+
+    slots_N: torch.Tensor
+    token_ids_N: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    num_tokens: int
+    top_k: int
+    all_kept: bool
+
+
+def plan_dispatch(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+                  num_experts: int) -> DispatchPlan:
+    """Sort the kept routes by expert (stable: within an expert, token order)."""
+    num_tokens, top_k = expert_ids_TK.shape
+    key_N = expert_ids_TK.flatten()
+    if keep_TK is not None:
+        key_N = torch.where(keep_TK.flatten(), key_N, num_experts)  # dropped routes sort last
+    counts = torch.bincount(key_N, minlength=num_experts + 1)
+    slots_N = torch.argsort(key_N, stable=True)
+    all_kept = keep_TK is None or bool(counts[num_experts] == 0)
+    if not all_kept:
+        slots_N = slots_N[: len(key_N) - int(counts[num_experts])]
+    return DispatchPlan(slots_N=slots_N, token_ids_N=slots_N.div(top_k, rounding_mode="floor"),
+                        tokens_per_expert_E=counts[:num_experts], num_tokens=num_tokens,
+                        top_k=top_k, all_kept=all_kept)
+
+
+def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """x_ND: each kept route's token, grouped by expert."""
+    return x_TD.index_select(0, plan.token_ids_N)
+
+
+def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """y_TD = sum over a token's kept routes of weight * expert output."""
+    num_slots, hidden = plan.num_tokens * plan.top_k, y_ND.shape[-1]
+    if plan.all_kept:
+        inverse_N = torch.empty_like(plan.slots_N)
+        inverse_N[plan.slots_N] = torch.arange(num_slots, device=y_ND.device)
+        y_SD = y_ND.index_select(0, inverse_N)
+    else:
+        y_SD = y_ND.new_zeros(num_slots, hidden).index_copy(0, plan.slots_N, y_ND)
+    y_TKD = y_SD.view(plan.num_tokens, plan.top_k, hidden)
+    weights_T1K = weights_TK.to(y_ND.dtype).unsqueeze(1)
+    return torch.bmm(weights_T1K, y_TKD).squeeze(1)

@@ -1,0 +1,116 @@
+"""Experts: the dense MLP, many MLPs with stacked weights (the fast path), or any modules.
+
+Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, E experts.
+
+Every experts module maps ``(x_ND, tokens_per_expert_E) -> y_ND``: the rows of expert 0 come
+first, then those of expert 1, and so on, ``tokens_per_expert_E`` rows each.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATION_FUNCTIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+
+
+class MLP(nn.Module):
+    """One feed-forward block with Hugging Face's names: down(act(gate(x)) * up(x)) when gated,
+    down(act(up(x))) otherwise. The dense FFN, and the shared expert of an MoE layer."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, activation: str = "swiglu"):
+        super().__init__()
+        self.act = ACTIVATION_FUNCTIONS[activation]
+        self.gate_proj = (nn.Linear(hidden_size, ffn_size, bias=False)
+                          if activation in GATED_ACTIVATIONS else None)
+        self.up_proj = nn.Linear(hidden_size, ffn_size, bias=False)
+        self.down_proj = nn.Linear(ffn_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _grouped_mm_supported(x_ND: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    # torch._grouped_mm takes fp32/bf16/fp16 and needs 16-byte aligned row strides.
+    if not hasattr(F, "grouped_mm") or x_ND.dtype not in (torch.float32, torch.bfloat16,
+                                                          torch.float16):
+        return False
+    item = x_ND.element_size()
+    return all(size * item % 16 == 0 for size in w_EIO.shape[1:])
+
+
+def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
+                   tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """y_NO: each block of rows times its expert's matrix, in one grouped call.
+
+    The fallback (old torch builds, float64, unaligned sizes) multiplies block by block; its
+    backward still builds each weight gradient once (unbind's backward stacks them)."""
+    if _grouped_mm_supported(x_NI, w_EIO):
+        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+        return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
+    blocks = x_NI.split(tokens_per_expert_E.tolist())
+    return torch.cat([block @ w_IO for block, w_IO in zip(blocks, w_EIO.unbind(0))])
+
+
+class GroupedExperts(nn.Module):
+    """E MLP experts with stacked weights, computed with grouped matrix multiplication.
+
+    Weights are stored input-major for the grouped matmul: ``up_proj`` [E, D, F] or, when gated,
+    ``gate_up_proj`` [E, D, 2F] (the gate's F columns, then the up projection's: one GEMM for
+    both, as in Hugging Face's layout), and ``down_proj`` [E, F, D]. Hugging Face stores the
+    transposes; the converters account for it. Initialised as E independent ``nn.Linear``s.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_size: int,
+                 activation: str = "swiglu"):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
+        self.activation = activation
+        self.act = ACTIVATION_FUNCTIONS[activation]
+        self.gated = activation in GATED_ACTIVATIONS
+        in_width = 2 * ffn_size if self.gated else ffn_size
+        self.register_parameter("gate_up_proj" if self.gated else "up_proj",
+                                nn.Parameter(torch.empty(num_experts, hidden_size, in_width)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, ffn_size, hidden_size))
+        self.reset_parameters()
+
+    @property
+    def in_proj(self) -> nn.Parameter:
+        """The input projection: gate_up_proj when gated, up_proj otherwise."""
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    def reset_parameters(self) -> None:
+        for weight in (self.in_proj, self.down_proj):
+            bound = 1 / math.sqrt(weight.shape[1])  # nn.Linear's default, fan_in = dim 1
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        h_NF = grouped_matmul(x_ND, self.in_proj, tokens_per_expert_E)
+        if self.gated:
+            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
+            h_NF = self.act(gate_NF) * up_NF
+        else:
+            h_NF = self.act(h_NF)
+        return grouped_matmul(h_NF, self.down_proj, tokens_per_expert_E)
+
+
+class ModuleExperts(nn.Module):
+    """Experts made of any modules that map [n, D] -> [n, D] (FastMoE's flexibility): a conv,
+    an attention block, experts of different widths. Slower than GroupedExperts: one call per
+    expert."""
+
+    def __init__(self, experts: list[nn.Module] | nn.ModuleList):
+        super().__init__()
+        if len(experts) == 0:
+            raise ValueError("ModuleExperts needs at least one expert module, got an empty list")
+        self.experts = nn.ModuleList(experts)
+        self.num_experts = len(self.experts)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        blocks = x_ND.split(tokens_per_expert_E.tolist())
+        return torch.cat([expert(block) for expert, block in zip(self.experts, blocks)])

@@ -1,0 +1,234 @@
+"""MoELayer: gate -> capacity -> permute -> experts -> un-permute (+ shared experts), with stats.
+
+Legend: T valid tokens, D model dim, E experts, K routes per token, N kept routes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from moekit.config import MoEConfig
+from moekit.moe import capacity as cap
+from moekit.moe.dispatch import permute, plan_dispatch, unpermute
+from moekit.moe.experts import MLP, GroupedExperts
+from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
+                               switch_balance_loss)
+from moekit.moe.router import Gate, Routing, build_gate
+
+
+@dataclass
+class MoEStats:
+    """What one forward of an MoE layer measured.
+
+    Raw sums (add them over micro-batches or ranks, then derive): num_tokens (valid tokens),
+    routed_per_expert_E (routes the gate chose, before capacity), tokens_per_expert_E (routes
+    computed), prob_sum_E (router probabilities summed over tokens, with gradient), z_sum,
+    overflowed (routes over capacity before recycling), dropped (routes finally not computed),
+    and the sums behind the health metrics (entropy_sum, top1_over_top2_sum,
+    top2_over_top3_sum).
+    Losses of this forward: aux_loss, z_loss, and router_loss = the weighted total to add to the
+    training loss (aux_coef * aux_loss + z_coef * z_loss + the gate's own loss).
+    """
+
+    num_tokens: int
+    top_k: int
+    routed_per_expert_E: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    prob_sum_E: torch.Tensor | None
+    z_sum: torch.Tensor | None
+    overflowed: int
+    dropped: int
+    entropy_sum: float | None
+    top1_over_top2_sum: float | None
+    top2_over_top3_sum: float | None
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    aux_coef: float
+    router_loss: torch.Tensor
+
+    def _mean(self, total):
+        return None if total is None else total / max(self.num_tokens, 1)
+
+    @property
+    def drop_rate(self) -> float:
+        """Dropped routes / (K * valid tokens)."""
+        return self.dropped / max(self.top_k * self.num_tokens, 1)
+
+    @property
+    def overflow_rate(self) -> float:
+        """Routes over capacity before recycling / (K * valid tokens); the drop rate without it."""
+        return self.overflowed / max(self.top_k * self.num_tokens, 1)
+
+    @property
+    def router_entropy(self) -> float | None:
+        """Mean entropy (nats) of the router distribution; log(E) is uniform routing."""
+        return self._mean(self.entropy_sum)
+
+    @property
+    def max1_over_max2(self) -> float | None:
+        """Mean ratio of a token's largest to second-largest gate probability (Skywork)."""
+        return self._mean(self.top1_over_top2_sum)
+
+    @property
+    def max2_over_max3(self) -> float | None:
+        return self._mean(self.top2_over_top3_sum)
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """Share of the computed routes each expert took."""
+        total = self.tokens_per_expert_E.sum().clamp(min=1)
+        return self.tokens_per_expert_E.float() / total
+
+
+def _health_sums(probs_TE: torch.Tensor):
+    """Sums over tokens of the router's entropy and of its max1/max2 and max2/max3 ratios."""
+    probs_TE = probs_TE.detach().float()
+    entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum().item()
+    if probs_TE.shape[-1] < 3:
+        return entropy, None, None
+    top_T3 = probs_TE.topk(3, dim=-1).values.clamp_min(1e-30)
+    ratios = (top_T3[:, :2] / top_T3[:, 1:]).sum(0).tolist()
+    return entropy, ratios[0], ratios[1]
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    ``forward(hidden, mask=None) -> (output, MoEStats)``: hidden is [..., D]; mask (bool, shape
+    hidden.shape[:-1]) marks the valid tokens; padded tokens are not routed, not computed, not
+    counted, and their output is zero. Pass ``experts`` (e.g. ModuleExperts) or ``router`` (any
+    :class:`Gate`) to replace the built-in ones.
+    """
+
+    def __init__(self, config: MoEConfig, *, experts: nn.Module | None = None,
+                 router: Gate | None = None):
+        super().__init__()
+        self.config = config
+        self.router = router if router is not None else build_gate(config)
+        self.experts = experts if experts is not None else GroupedExperts(
+            config.num_experts, config.hidden_size, config.ffn_size, config.activation)
+        for part, what in ((self.router, "router"), (self.experts, "experts")):
+            if getattr(part, "num_experts", config.num_experts) != config.num_experts:
+                raise ValueError(f"{what} has num_experts={part.num_experts}, the config "
+                                 f"num_experts={config.num_experts}; they must agree")
+        self.shared_experts = None
+        self.shared_gate = None
+        if config.num_shared_experts > 0:
+            width = config.num_shared_experts * (config.shared_ffn_size or config.ffn_size)
+            self.shared_experts = MLP(config.hidden_size, width, config.activation)
+            if config.shared_expert_gate:
+                self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.aux_coefficient = AdaptiveAuxCoefficient(
+            config.aux_loss_coef, config.adaptive_xi, config.adaptive_max, config.adaptive_beta)
+        # Counts forwards that recycled randomly: with the seed it makes each shuffle repeatable,
+        # and as a buffer it is saved with the weights, so a resumed run shuffles the same way.
+        self.register_buffer("recycle_calls", torch.zeros((), dtype=torch.long))
+
+    def _check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+            got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(f"hidden must be a floating-point tensor, got {got}")
+        if hidden.dim() < 1 or hidden.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"hidden has shape {tuple(hidden.shape)}; its last dimension must be "
+                             f"hidden_size={self.config.hidden_size}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != hidden.shape[:-1]):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(hidden.shape[:-1])}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+
+    def _capacity_factor(self) -> float | None:
+        return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+
+    def _apply_capacity(self, routing: Routing, num_tokens: int):
+        """(expert_ids_TK, keep_TK or None, overflowed routes) after capacity and recycling."""
+        expert_ids_TK, keep_TK = routing.expert_ids_TK, routing.keep_TK
+        factor = self._capacity_factor()
+        if factor is None:
+            return expert_ids_TK, keep_TK, 0
+        if keep_TK is None:
+            keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        num_experts, top_k = self.config.num_experts, expert_ids_TK.shape[1]
+        capacity = cap.expert_capacity(num_tokens, top_k, num_experts, factor)
+        within_TK = cap.limit_to_capacity(expert_ids_TK, keep_TK, capacity, num_experts)
+        overflow_TK = keep_TK & ~within_TK
+        overflowed = int(overflow_TK.sum())
+        if overflowed == 0 or self.config.overflow == "drop":
+            return expert_ids_TK, within_TK, overflowed
+        if self.config.overflow == "recycle_random":
+            generator = torch.Generator().manual_seed(self.config.seed + int(self.recycle_calls))
+            self.recycle_calls += 1
+            expert_ids_TK, within_TK = cap.recycle_random(
+                expert_ids_TK, within_TK, overflow_TK, capacity, num_experts, generator)
+        else:
+            if routing.probs_TE is None:
+                raise ValueError('overflow="recycle_next_best" needs a gate that returns probs_TE')
+            expert_ids_TK, within_TK = cap.recycle_next_best(
+                expert_ids_TK, within_TK, overflow_TK, capacity, routing.probs_TE)
+        return expert_ids_TK, within_TK, overflowed
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None):
+        self._check_inputs(hidden, mask)
+        x_TD = hidden.reshape(-1, hidden.shape[-1])
+        valid_rows = None
+        if mask is not None:
+            valid_rows = mask.reshape(-1).nonzero().squeeze(1)
+            x_TD = x_TD.index_select(0, valid_rows)
+        num_tokens = x_TD.shape[0]
+
+        routing = self.router(x_TD)
+        expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
+        plan = plan_dispatch(expert_ids_TK, keep_TK, self.config.num_experts)
+        y_ND = self.experts(permute(x_TD, plan), plan.tokens_per_expert_E)
+        y_TD = unpermute(y_ND, routing.weights_TK, plan)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
+
+        stats = self._stats(routing, plan.tokens_per_expert_E, num_tokens, overflowed)
+        if valid_rows is not None:
+            y_TD = y_TD.new_zeros(hidden.numel() // hidden.shape[-1], y_TD.shape[-1]).index_copy(
+                0, valid_rows, y_TD)
+        return y_TD.view(hidden.shape), stats
+
+    def _stats(self, routing: Routing, tokens_per_expert_E: torch.Tensor, num_tokens: int,
+               overflowed: int) -> MoEStats:
+        config = self.config
+        routed_TK = routing.expert_ids_TK if routing.keep_TK is None else \
+            routing.expert_ids_TK[routing.keep_TK]
+        routed_per_expert_E = torch.bincount(routed_TK.flatten(), minlength=config.num_experts)
+        top_k = routing.expert_ids_TK.shape[1]
+        dropped = top_k * num_tokens - int(tokens_per_expert_E.sum())
+        zero = tokens_per_expert_E.new_zeros((), dtype=torch.float32)
+        prob_sum_E = z_sum = None
+        aux_loss = z_loss = zero
+        entropy = ratio12 = ratio23 = None
+        if routing.probs_TE is not None:
+            prob_sum_E = routing.probs_TE.sum(0)
+            entropy, ratio12, ratio23 = _health_sums(routing.probs_TE)
+            if config.aux_loss == "switch" and num_tokens > 0:
+                aux_loss = switch_balance_loss(routed_per_expert_E, prob_sum_E, num_tokens, top_k)
+            elif config.aux_loss == "skywork" and num_tokens > 0:
+                aux_loss = skywork_balance_loss(prob_sum_E, num_tokens)
+        if routing.logits_TE is not None and config.z_loss_coef > 0:
+            z_sum = (torch.logsumexp(routing.logits_TE, dim=-1) ** 2).sum()
+            z_loss = router_z_loss(z_sum, max(num_tokens, 1))
+        aux_coef = float(self.aux_coefficient.value) if config.adaptive_aux else config.aux_loss_coef
+        router_loss = aux_coef * aux_loss + config.z_loss_coef * z_loss
+        if routing.aux_loss is not None:
+            router_loss = router_loss + routing.aux_loss
+        stats = MoEStats(
+            num_tokens=num_tokens, top_k=top_k, routed_per_expert_E=routed_per_expert_E,
+            tokens_per_expert_E=tokens_per_expert_E, prob_sum_E=prob_sum_E, z_sum=z_sum,
+            overflowed=overflowed, dropped=dropped, entropy_sum=entropy,
+            top1_over_top2_sum=ratio12, top2_over_top3_sum=ratio23, aux_loss=aux_loss,
+            z_loss=z_loss, aux_coef=aux_coef, router_loss=router_loss)
+        if self.training:
+            self.router.observe_load(routed_per_expert_E)
+            # Skywork's rule works from the drop rate; in dropless mode there is none, so the
+            # coefficient stays fixed (docs/moe.md). Recycled routes count as would-be drops.
+            if config.adaptive_aux and self._capacity_factor() is not None:
+                self.aux_coefficient.update(stats.overflow_rate)
+        return stats

@@ -1,0 +1,184 @@
+"""The MoE layer end to end against naive references: masks, shared experts, activations,
+grouped and module experts, statistics."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from moekit import MoEConfig, MoELayer
+from moekit.moe import GroupedExperts, ModuleExperts, grouped_matmul
+from reference import expert_forward, moe_forward
+
+
+def _layer(**kw):
+    base = dict(hidden_size=16, ffn_size=24, num_experts=5, top_k=2)
+    base.update(kw)
+    return MoELayer(MoEConfig(**base)).double()
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+def test_layer_equals_per_token_loop(activation):
+    layer = _layer(activation=activation)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    out, _ = layer(x)
+    routing = layer.router(x.view(-1, 16))
+    expected = moe_forward(layer, x.view(-1, 16), routing.expert_ids_TK, routing.weights_TK)
+    torch.testing.assert_close(out.view(-1, 16), expected)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_experts_are_added(gated):
+    layer = _layer(num_shared_experts=2, shared_ffn_size=8, shared_expert_gate=gated)
+    assert layer.shared_experts.up_proj.out_features == 16  # 2 shared experts of width 8
+    x = torch.randn(7, 16, dtype=torch.float64)
+    out, _ = layer(x)
+    routing = layer.router(x)
+    routed = moe_forward(layer, x, routing.expert_ids_TK, routing.weights_TK)
+    s = layer.shared_experts
+    shared = (torch.nn.functional.silu(x @ s.gate_proj.weight.T) * (x @ s.up_proj.weight.T)) \
+        @ s.down_proj.weight.T
+    if gated:
+        shared = torch.sigmoid(x @ layer.shared_gate.weight.T) * shared
+    torch.testing.assert_close(out, routed + shared)
+
+
+def test_padding_never_counts():
+    layer = _layer(capacity_factor=1.0)
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    mask = torch.tensor([[True] * 8, [True] * 3 + [False] * 5])
+    out, stats = layer(x, mask)
+    valid = x[mask]
+    out_valid, stats_valid = layer(valid)
+    torch.testing.assert_close(out[mask], out_valid)
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask]))
+    assert stats.num_tokens == 11
+    assert torch.equal(stats.tokens_per_expert_E, stats_valid.tokens_per_expert_E)
+    assert stats.dropped == stats_valid.dropped
+    torch.testing.assert_close(stats.aux_loss, stats_valid.aux_loss)
+    # Garbage in the padded positions changes nothing.
+    x2 = x.clone()
+    x2[~mask] = 1e6
+    torch.testing.assert_close(layer(x2, mask)[0], out)
+
+
+def test_all_padding_gives_zeros_and_empty_stats():
+    layer = _layer()
+    out, stats = layer(torch.randn(3, 16, dtype=torch.float64), torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(out, torch.zeros(3, 16, dtype=torch.float64))
+    assert stats.num_tokens == 0 and stats.drop_rate == 0.0
+
+
+def test_statistics_by_hand():
+    layer = _layer(num_experts=4)
+    x = torch.randn(12, 16, dtype=torch.float64)
+    _, stats = layer(x)
+    probs = torch.softmax(x @ layer.router.weight.detach().T, -1)
+    entropy = float(-(probs * probs.log()).sum(-1).mean())
+    top = probs.topk(3, -1).values
+    assert stats.router_entropy == pytest.approx(entropy)
+    assert stats.max1_over_max2 == pytest.approx(float((top[:, 0] / top[:, 1]).mean()))
+    assert stats.max2_over_max3 == pytest.approx(float((top[:, 1] / top[:, 2]).mean()))
+    chosen = probs.topk(2, -1).indices.flatten()
+    assert stats.tokens_per_expert_E.tolist() == torch.bincount(chosen, minlength=4).tolist()
+    torch.testing.assert_close(stats.prob_sum_E.detach(), probs.sum(0))
+    assert stats.expert_load.sum().item() == pytest.approx(1.0)
+    assert 0 < stats.router_entropy <= math.log(4)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_grouped_mm_path_equals_fallback_forward_and_backward(activation):
+    """fp32 with aligned sizes takes torch's grouped_mm; float64 takes the per-block fallback."""
+    experts = GroupedExperts(6, 32, 64, activation)
+    counts = torch.tensor([5, 0, 9, 1, 0, 17])
+    x = torch.randn(int(counts.sum()), 32, requires_grad=True)
+    y = experts(x, counts)
+    upstream = torch.randn_like(y)
+    y.backward(upstream)
+    grads = [x.grad] + [p.grad for p in experts.parameters()]
+    ref = GroupedExperts(6, 32, 64, activation).double()
+    ref.load_state_dict(experts.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64, counts)
+    y64.backward(upstream.double())
+    torch.testing.assert_close(y, y64.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, [x64.grad] + [p.grad for p in ref.parameters()]):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_matmul_equals_block_products():
+    w = torch.randn(3, 16, 32)
+    counts = torch.tensor([4, 0, 6])
+    x = torch.randn(10, 16)
+    expected = torch.cat([x[:4] @ w[0], x[4:10] @ w[2]])
+    torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+
+
+def test_module_experts_take_any_module():
+    config = MoEConfig(hidden_size=8, ffn_size=8, num_experts=3, top_k=2)
+    modules = [nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 8)),
+               nn.Identity()]
+    layer = MoELayer(config, experts=ModuleExperts(modules)).double()
+    x = torch.randn(10, 8, dtype=torch.float64, requires_grad=True)
+    out, _ = layer(x)
+    routing = layer.router(x)
+    expected = torch.zeros_like(x)
+    for t in range(10):
+        for k in range(2):
+            e = int(routing.expert_ids_TK[t, k])
+            expected[t] += routing.weights_TK[t, k] * layer.experts.experts[e](x[t:t + 1])[0]
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert modules[1][0].weight.grad is not None
+
+
+def test_module_experts_equal_grouped_experts_with_same_weights():
+    config = MoEConfig(hidden_size=16, ffn_size=24, num_experts=4, top_k=2)
+    grouped = MoELayer(config).double()
+    mlps = []
+    for e in range(4):
+        w_in, w_out = grouped.experts.gate_up_proj[e], grouped.experts.down_proj[e]
+        mlps.append(_FixedSwiGLU(w_in.detach().clone(), w_out.detach().clone()))
+    moduled = MoELayer(config, experts=ModuleExperts(mlps), router=grouped.router).double()
+    x = torch.randn(20, 16, dtype=torch.float64)
+    torch.testing.assert_close(moduled(x)[0], grouped(x)[0])
+
+
+class _FixedSwiGLU(nn.Module):
+    def __init__(self, w_in, w_out):
+        super().__init__()
+        self.w_in, self.w_out = nn.Parameter(w_in), nn.Parameter(w_out)
+
+    def forward(self, x):
+        gate, up = (x @ self.w_in).chunk(2, -1)
+        return (torch.nn.functional.silu(gate) * up) @ self.w_out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["grouped_mm", "fallback"])
+def test_expert_weights_enter_the_graph_once(dtype):
+    """No per-expert full-size gradient: each stacked weight feeds exactly one backward node,
+    so its gradient is built once (indexing w[e] per expert would add one node per expert)."""
+    experts = GroupedExperts(8, 32, 64).to(dtype)
+    x = torch.randn(32, 32, dtype=dtype, requires_grad=True)
+    out = experts(x, torch.full((8,), 4))
+    users = {id(p): 0 for p in experts.parameters()}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            variable = getattr(child, "variable", None)
+            if variable is not None and id(variable) in users:
+                users[id(variable)] += 1
+            stack.append(child)
+    assert list(users.values()) == [1, 1]
+
+
+def test_expert_output_from_weights_directly():
+    layer = _layer(num_experts=3, top_k=1)
+    x = torch.randn(16, dtype=torch.float64)
+    e = int(layer.router(x[None]).expert_ids_TK[0, 0])
+    w = float(layer.router(x[None]).weights_TK[0, 0])
+    torch.testing.assert_close(layer(x[None])[0][0], w * expert_forward(layer.experts, e, x))
