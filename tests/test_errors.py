@@ -1,0 +1,67 @@
+"""Bad input: a ValueError that names the bad value and what is allowed, before any kernel."""
+import pytest
+import torch
+
+from moekit import MoEConfig, MoELayer
+
+BASE = dict(hidden_size=16, ffn_size=8, num_experts=4, top_k=2)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(top_k=5), ["top_k=5", "num_experts (4)"]),
+    (dict(top_k=0), ["top_k=0", "positive integer"]),
+    (dict(num_experts=-1), ["num_experts=-1", "positive integer"]),
+    (dict(capacity_factor=0), ["capacity_factor=0", "> 0"]),
+    (dict(capacity_factor=-1.5), ["capacity_factor=-1.5", "> 0"]),
+    (dict(eval_capacity_factor=float("nan")), ["eval_capacity_factor=nan"]),
+    (dict(router="hash"), ["router='hash'", "softmax, switch, sigmoid"]),
+    (dict(activation="tanh"), ["activation='tanh'", "swiglu, geglu, gelu, relu"]),
+    (dict(overflow="reroute"), ["overflow='reroute'", "drop, recycle_random"]),
+    (dict(aux_loss="l2"), ["aux_loss='l2'", "switch, skywork, none"]),
+    (dict(router="switch"), ["top_k=2", "exactly 1 expert"]),
+    (dict(logit_norm_scale=0), ["logit_norm_scale=0"]),
+    (dict(jitter=1.5), ["jitter=1.5"]),
+    (dict(aux_loss_coef=-0.1), ["aux_loss_coef=-0.1", ">= 0"]),
+    (dict(adaptive_beta=1.0), ["adaptive_beta=1.0", "[0, 1)"]),
+    (dict(hidden_size=16.0), ["hidden_size=16.0", "positive integer"]),
+])
+def test_bad_config_names_value_and_allowed(change, words):
+    with pytest.raises(ValueError) as error:
+        MoEConfig(**{**BASE, **change})
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_unknown_config_key():
+    with pytest.raises(ValueError, match="unknown MoE config keys \\['experts'\\]"):
+        MoEConfig.from_dict({**BASE, "experts": 3})
+
+
+@pytest.fixture
+def layer():
+    return MoELayer(MoEConfig(**BASE))
+
+
+def test_wrong_hidden_size(layer):
+    with pytest.raises(ValueError, match=r"shape \(3, 12\).*hidden_size=16"):
+        layer(torch.randn(3, 12))
+
+
+def test_non_floating_input(layer):
+    with pytest.raises(ValueError, match="floating-point tensor, got torch.int64"):
+        layer(torch.ones(3, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="floating-point tensor, got list"):
+        layer([[0.0] * 16])
+
+
+def test_bad_mask(layer):
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of shape \(2, 3\)"):
+        layer(torch.randn(2, 3, 16), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"got torch.bool \(3, 2\)"):
+        layer(torch.randn(2, 3, 16), torch.ones(3, 2, dtype=torch.bool))
+
+
+def test_router_and_experts_must_agree_with_config():
+    from moekit import GroupedExperts
+    with pytest.raises(ValueError, match="experts has num_experts=3, the config num_experts=4"):
+        MoELayer(MoEConfig(**BASE), experts=GroupedExperts(3, 16, 8))
