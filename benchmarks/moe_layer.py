@@ -10,7 +10,8 @@ Peers are optional columns: Hugging Face transformers' Mixtral block with each e
 implementation (eager, grouped_mm, batched_mm), DeepSpeed-MoE and torchtitan when installed;
 each is skipped with a note otherwise. Every layer is checked against HF eager on the same
 weights before it is timed. As in training, gradients are set to None before each repetition.
-The figures are medians; machines are shared and noisy, so compare ratios within one run.
+The layers take turns within each repetition and the figures are medians; machines are shared
+and noisy, so compare ratios within one run.
 """
 from __future__ import annotations
 
@@ -58,24 +59,32 @@ def first_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def time_layer(layer, x, reps):
-    """Median forward and forward+backward seconds over reps, after one warm-up."""
-    forward, both = [], []
+def time_once(layer, x):
+    """Forward and forward+backward seconds of one repetition."""
+    for p in list(layer.parameters()) + [x]:
+        p.grad = None
+    synchronize = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    synchronize()
+    t0 = time.perf_counter()
+    out = first_output(layer(x))
+    synchronize()
+    t1 = time.perf_counter()
+    out.float().sum().backward()
+    synchronize()
+    return t1 - t0, time.perf_counter() - t0
+
+
+def time_interleaved(layers, x, reps):
+    """Median (forward, forward+backward) per layer. The layers take turns within each
+    repetition, so that a slow spell of a shared machine hits them all alike."""
+    times = {name: [] for name in layers}
     for rep in range(reps + 1):
-        for p in list(layer.parameters()) + [x]:
-            p.grad = None
-        t0 = time.perf_counter()
-        out = first_output(layer(x))
-        t1 = time.perf_counter()
-        out.float().sum().backward()
-        t2 = time.perf_counter()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-            t2 = time.perf_counter()
-        if rep:
-            forward.append(t1 - t0)
-            both.append(t2 - t0)
-    return statistics.median(forward), statistics.median(both)
+        for name, layer in layers.items():
+            measured = time_once(layer, x)
+            if rep:  # the first round is a warm-up
+                times[name].append(measured)
+    return {name: tuple(statistics.median(column) for column in zip(*runs))
+            for name, runs in times.items()}
 
 
 def build(impl, hidden, ffn, experts, top_k, reference):
@@ -114,7 +123,7 @@ def run_shape(name, args, dtype, device):
     check_x = x.detach()[:, :256]
     with torch.no_grad():
         expected = first_output(reference(check_x)).float()
-    rows, notes = {}, []
+    layers, notes = {}, []
     for impl in args.impls.split(","):
         reason = too_big(impl, args.tokens, args.hidden, ffn, top_k, dtype)
         if reason:
@@ -132,7 +141,8 @@ def run_shape(name, args, dtype, device):
             tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
             if error > tolerance:
                 raise SystemExit(f"{impl} disagrees with HF eager: max rel err {error:.1e}")
-        rows[impl] = time_layer(layer, x, args.reps)
+        layers[impl] = layer
+    rows = time_interleaved(layers, x, args.reps)
     floor = rows.get("floor")
     print(f"\nE={experts} k={top_k} H={args.hidden} F={ffn} T={args.tokens} {args.dtype} "
           f"{device} torch {torch.__version__} threads {torch.get_num_threads()}")

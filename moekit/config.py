@@ -7,7 +7,7 @@ mistake is caught here rather than deep inside a kernel.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 ROUTERS = ("softmax", "switch", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
@@ -119,3 +119,146 @@ class MoEConfig:
         if unknown:
             raise ValueError(f"unknown MoE config keys {unknown}; allowed: {sorted(known)}")
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only Transformer: RMSNorm, RoPE, grouped-query attention, cross-layer
+    attention (CLA), and MoE feed-forward blocks (``moe``; None gives the dense model)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    ffn_size: int  # width of the dense FFN (dense layers and the dense variant)
+    num_kv_heads: int | None = None  # GQA; default num_heads (MHA)
+    head_dim: int | None = None  # default hidden_size // num_heads
+    max_seq_len: int = 2048
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    activation: str = "swiglu"  # of the dense FFN
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2-MoE
+    qk_norm: bool = False  # Qwen3-MoE, Hunyuan-Large: RMSNorm on each head's q and k
+    cla_share: int = 1  # CLA: every cla_share adjacent layers share one K/V (Hunyuan: 2)
+    moe: MoEConfig | None = None
+    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
+                     "max_seq_len", "cla_share", "moe_every"):
+            _positive_int(name, getattr(self, name))
+        if self.num_kv_heads is not None:
+            _positive_int("num_kv_heads", self.num_kv_heads)
+            _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
+                     f"must divide num_heads ({self.num_heads})")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+                     f"must divide hidden_size ({self.hidden_size}) unless head_dim is set")
+        else:
+            _positive_int("head_dim", self.head_dim)
+        _require(self.attention_head_dim % 2 == 0, "head_dim", self.attention_head_dim,
+                 "must be even (RoPE rotates pairs)")
+        _require(isinstance(self.rope_base, (int, float)) and self.rope_base > 1, "rope_base",
+                 self.rope_base, "expected a number > 1")
+        _require(isinstance(self.norm_eps, float) and self.norm_eps > 0, "norm_eps",
+                 self.norm_eps, "expected a float > 0")
+        _require(self.activation in ACTIVATIONS, "activation", self.activation,
+                 f"one of {', '.join(ACTIVATIONS)}")
+        _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
+                 None if self.moe is None else self.moe.hidden_size,
+                 f"must equal hidden_size ({self.hidden_size})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.moe is not None and (index + 1) % self.moe_every == 0
+
+    def owns_kv(self, index: int) -> bool:
+        """Whether layer ``index`` computes K/V (the first of its CLA group) or reuses them."""
+        return index % self.cla_share == 0
+
+    def dense(self) -> "ModelConfig":
+        """The same model with a dense FFN in every layer."""
+        return replace(self, moe=None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("moe"), dict):
+            values["moe"] = MoEConfig.from_dict(values["moe"])
+        return cls(**values)
+
+
+def _skywork_moe_146b() -> ModelConfig:
+    # Skywork-MoE technical report (arXiv 2406.06563), Table 1: Llama-like, every layer MoE.
+    return ModelConfig(vocab_size=65536, hidden_size=4608, num_layers=52, num_heads=36,
+                       head_dim=128, ffn_size=12288, max_seq_len=8192, norm_eps=1e-6,
+                       moe=MoEConfig(hidden_size=4608, ffn_size=12288, num_experts=16, top_k=2,
+                                     logit_norm_scale=1.0, aux_loss="skywork",
+                                     adaptive_aux=True, capacity_factor=1.0))
+
+
+def _hunyuan_large_389b() -> ModelConfig:
+    # Hunyuan-Large's released configuration: GQA 80/8 heads of 80, CLA over layer pairs,
+    # QK-norm, 16 routed experts top-1 (gate value not renormalised) + 1 shared expert.
+    return ModelConfig(vocab_size=129024, hidden_size=6400, num_layers=64, num_heads=80,
+                       num_kv_heads=8, head_dim=80, ffn_size=18304, max_seq_len=262144,
+                       rope_base=1e9, norm_eps=1e-5, qk_norm=True, cla_share=2,
+                       moe=MoEConfig(hidden_size=6400, ffn_size=18304, num_experts=16, top_k=1,
+                                     router="switch", num_shared_experts=1,
+                                     capacity_factor=1.0, overflow="recycle_random"))
+
+
+def _mixtral_8x7b() -> ModelConfig:
+    # Mixtral-8x7B-v0.1's config.json.
+    return ModelConfig(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                       num_kv_heads=8, ffn_size=14336, max_seq_len=32768, rope_base=1e6,
+                       norm_eps=1e-5,
+                       moe=MoEConfig(hidden_size=4096, ffn_size=14336, num_experts=8, top_k=2))
+
+
+def _fastmoe_transformer_xl() -> ModelConfig:
+    # FastMoE's Transformer-XL (enwik8) setting: each FFN 512->2048->512 (ReLU) replaced by 64
+    # experts of 512->1024->512, top-2. Relative attention is not modelled: RoPE stands in.
+    return ModelConfig(vocab_size=204, hidden_size=512, num_layers=12, num_heads=8,
+                       ffn_size=2048, activation="relu", max_seq_len=512,
+                       moe=MoEConfig(hidden_size=512, ffn_size=1024, num_experts=64, top_k=2,
+                                     activation="relu", normalize_weights=False))
+
+
+def _tiny() -> ModelConfig:
+    # Trains on a 2-core CPU in minutes.
+    return ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4,
+                       num_kv_heads=2, ffn_size=256, max_seq_len=256,
+                       moe=MoEConfig(hidden_size=128, ffn_size=128, num_experts=8, top_k=2,
+                                     capacity_factor=1.25, adaptive_aux=True))
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "skywork-moe-146b": _skywork_moe_146b,
+    "hunyuan-large-389b": _hunyuan_large_389b,
+    "mixtral-8x7b": _mixtral_8x7b,
+    "fastmoe-transformer-xl": _fastmoe_transformer_xl,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named model preset (a fresh config)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,86 @@
+"""KV-cache decoding: greedy, temperature, top-k and top-p sampling over batched prompts."""
+from __future__ import annotations
+
+import torch
+
+from moekit.model.transformer import Transformer
+
+
+def _check_sampling(temperature, top_k, top_p):
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is not allowed: expected a number >= 0 "
+                         "(0 = greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} is not allowed: expected an integer >= 1 or None")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} is not allowed: expected a number in (0, 1] or None")
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None):
+    """The next token of each row: argmax when temperature is 0, otherwise a sample from the
+    tempered distribution restricted to the top_k tokens and to the smallest set whose
+    probability reaches top_p."""
+    if temperature == 0:
+        return logits_BV.argmax(-1)
+    logits_BV = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth, -torch.inf)
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits_BV.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits_BV = logits_BV.masked_fill(
+            torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -torch.inf)
+    probs = logits_BV.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+    """Continue each prompt by up to max_new_tokens tokens (fewer once it emits eos_id).
+
+    Prompts of different lengths are left-padded into one batch; padding is masked out of
+    attention and routing. Returns the new tokens of each prompt."""
+    _check_sampling(temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token lists")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: expected an "
+                         "integer >= 1")
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+    longest = max(len(p) for p in prompts)
+    total = longest + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model context ({model.config.max_seq_len})")
+    was_training = model.training
+    model.eval()
+    device = model.embed_tokens.weight.device
+    ids_BS = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    mask_BS = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids_BS[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        mask_BS[row, longest - len(prompt):] = True
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    cache = model.new_cache(len(prompts), total)
+    logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache).logits
+    outputs = [[] for _ in prompts]
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_B = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        for row in (~finished).nonzero().flatten().tolist():
+            outputs[row].append(int(next_B[row]))
+        if eos_id is not None:
+            finished |= next_B == eos_id
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        logits = model(next_B[:, None], cache=cache).logits
+    model.train(was_training)
+    return outputs

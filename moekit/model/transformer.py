@@ -1,0 +1,235 @@
+"""A decoder-only MoE Transformer, readable top to bottom.
+
+RMSNorm, RoPE (configurable base), grouped-query attention (GQA), cross-layer attention (CLA:
+the first layer of every ``cla_share`` adjacent layers computes K/V, the others reuse them, and
+the KV cache holds one entry per group), optional QK-norm and QKV bias, and an MoE feed-forward
+block (routed + shared experts) in every ``moe_every``-th layer, a dense SwiGLU MLP elsewhere.
+Weight names follow Hugging Face's Llama/Mixtral family where they can.
+
+Shapes: B batch, S new positions, P positions in the cache (past + new), H query heads,
+G key/value heads, Dh head dim, D model dim, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moekit.config import ModelConfig
+from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
+    """cos and sin [B, 1, S, Dh] for rotary embeddings (the half-split convention of Llama)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions_BS.device,
+                                            dtype=torch.float32) / head_dim))
+    angles_BSh = positions_BS.float()[..., None] * inv_freq
+    angles_BSD = torch.cat([angles_BSh, angles_BSh], dim=-1)[:, None]
+    return angles_BSD.cos().to(dtype), angles_BSD.sin().to(dtype)
+
+
+def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    first, second = x_BHSD.chunk(2, dim=-1)
+    return x_BHSD * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values, one pair per CLA group: [B, G, max_len, Dh] each, plus which
+    cached positions are real tokens (left padding is not)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device=None, dtype=torch.float32):
+        groups = -(-config.num_layers // config.cla_share)
+        shape = (batch_size, config.kv_heads, max_len, config.attention_head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
+        self.valid_BP = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.length = 0  # positions filled so far
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
+        """Write the new positions of one group; return its keys and values so far."""
+        end = self.length + k_BGSD.shape[2]
+        self.keys[group][:, :, self.length:end] = k_BGSD
+        self.values[group][:, :, self.length:end] = v_BGSD
+        return self.keys[group][:, :, :end], self.values[group][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, owns_kv: bool):
+        super().__init__()
+        d, h, g, dh = (config.hidden_size, config.num_heads, config.kv_heads,
+                       config.attention_head_dim)
+        self.num_heads, self.kv_heads, self.head_dim = h, g, dh
+        self.q_proj = nn.Linear(d, h * dh, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(h * dh, d, bias=False)
+        self.owns_kv = owns_kv
+        if owns_kv:
+            self.k_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
+        self.q_norm = RMSNorm(dh, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(dh, config.norm_eps) if config.qk_norm and owns_kv else None
+
+    def _heads(self, x_BSX: torch.Tensor, heads: int) -> torch.Tensor:
+        batch, seq, _ = x_BSX.shape
+        return x_BSX.view(batch, seq, heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x_BSD, rope, attn_mask, shared_kv=None, cache=None, group=0):
+        """Returns the attention output and the (keys, values) this layer attended to, which
+        the next layers of its CLA group reuse."""
+        q_BHSD = self._heads(self.q_proj(x_BSD), self.num_heads)
+        if self.q_norm is not None:
+            q_BHSD = self.q_norm(q_BHSD)
+        q_BHSD = apply_rope(q_BHSD, *rope)
+        if self.owns_kv:
+            k_BGSD = self._heads(self.k_proj(x_BSD), self.kv_heads)
+            if self.k_norm is not None:
+                k_BGSD = self.k_norm(k_BGSD)
+            k_BGSD = apply_rope(k_BGSD, *rope)
+            v_BGSD = self._heads(self.v_proj(x_BSD), self.kv_heads)
+            if cache is not None:
+                k_BGSD, v_BGSD = cache.store(group, k_BGSD, v_BGSD)
+            shared_kv = (k_BGSD, v_BGSD)
+        k_BGPD, v_BGPD = shared_kv
+        out_BHSD = F.scaled_dot_product_attention(
+            q_BHSD, k_BGPD, v_BGPD, attn_mask=attn_mask,
+            is_causal=attn_mask is None and q_BHSD.shape[2] > 1,
+            enable_gqa=self.kv_heads != self.num_heads)
+        batch, _, seq, _ = out_BHSD.shape
+        return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq, -1)), shared_kv
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config, owns_kv=config.owns_kv(index))
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn = (MoELayer(config.moe) if config.is_moe_layer(index)
+                    else MLP(config.hidden_size, config.ffn_size, config.activation))
+
+    def forward(self, x_BSD, rope, attn_mask, token_mask_BS, shared_kv, cache, group):
+        attn_out, shared_kv = self.attn(self.attn_norm(x_BSD), rope, attn_mask, shared_kv,
+                                        cache, group)
+        x_BSD = x_BSD + attn_out
+        stats = None
+        if isinstance(self.ffn, MoELayer):
+            ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), token_mask_BS)
+        else:
+            ffn_out = self.ffn(self.ffn_norm(x_BSD))
+        return x_BSD + ffn_out, shared_kv, stats
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor  # [B, S, V]
+    router_loss: torch.Tensor  # sum over MoE layers of their weighted router losses
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in order
+
+
+class Transformer(nn.Module):
+    """``forward(input_ids, mask=None, cache=None) -> TransformerOutput``.
+
+    mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
+    prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
+    new positions are appended to it; positions count real tokens only.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                for weight in module.parameters():
+                    nn.init.normal_(weight, std=std)
+
+    def _check(self, input_ids, mask, cache):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long,
+                                                                             torch.int):
+            raise ValueError("input_ids must be an integer tensor of shape [batch, seq]")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, seq]")
+        end = input_ids.shape[1] + (cache.length if cache is not None else 0)
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if end > limit:
+            raise ValueError(f"sequence of {end} positions is longer than the "
+                             f"{'cache' if cache is not None else 'model context'} ({limit})")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != input_ids.shape):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(input_ids.shape)}")
+
+    def _positions_and_mask(self, mask_BS, cache, batch, seq, device):
+        """Positions of the new tokens, and the attention mask (None when plain causal works)."""
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.valid_BP[:, past:past + seq] = True if mask_BS is None else mask_BS
+        if mask_BS is None and (cache is None or cache.valid_BP[:, :past].all()):
+            positions_BS = torch.arange(past, past + seq, device=device).expand(batch, seq)
+            if past == 0 or seq == 1:
+                return positions_BS, None  # causal (or a single query seeing everything)
+        valid_BP = (cache.valid_BP[:, :past + seq] if cache is not None else mask_BS)
+        positions_BS = (valid_BP.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        query_SP = torch.arange(past, past + seq, device=device)[:, None]
+        key_SP = torch.arange(past + seq, device=device)[None, :]
+        causal_SP = key_SP <= query_SP
+        allowed_BSP = causal_SP & valid_BP[:, None, :]
+        allowed_BSP |= key_SP == query_SP  # a padded query attends to itself: no empty rows
+        return positions_BS, allowed_BSP[:, None]
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> TransformerOutput:
+        self._check(input_ids, mask, cache)
+        batch, seq = input_ids.shape
+        x_BSD = self.embed_tokens(input_ids)
+        positions_BS, attn_mask = self._positions_and_mask(mask, cache, batch, seq,
+                                                           input_ids.device)
+        rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
+                            x_BSD.dtype)
+        router_loss = x_BSD.new_zeros((), dtype=torch.float32)
+        all_stats, shared_kv = [], None
+        for index, layer in enumerate(self.layers):
+            group = index // self.config.cla_share
+            x_BSD, shared_kv, stats = layer(x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
+            if stats is not None:
+                all_stats.append(stats)
+                router_loss = router_loss + stats.router_loss
+        if cache is not None:
+            cache.length += seq
+        x_BSD = self.norm(x_BSD)
+        logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
+                  else self.lm_head(x_BSD))
+        return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len,
+                       device=weight.device, dtype=weight.dtype)
