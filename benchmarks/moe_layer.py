@@ -174,5 +174,10 @@ def main():
         run_shape(name, args, DTYPES[args.dtype], torch.device(args.device))
 
 
+def peer_layer(hidden, ffn, experts, top_k):
+    """Factory for ../shared/tools/peer_layers.py: --moekit benchmarks.moe_layer:peer_layer."""
+    return MoELayer(MoEConfig(hidden_size=hidden, ffn_size=ffn, num_experts=experts, top_k=top_k))
+
+
 if __name__ == "__main__":
     main()

@@ -72,3 +72,41 @@ def test_switch_balance_loss_is_hugging_face_loss_over_k():
     logits = torch.nn.functional.linear(x, block.gate.weight)
     expected = load_balancing_loss_func((logits,), num_experts=8, top_k=2)
     torch.testing.assert_close(stats.aux_loss, expected / 2)
+
+
+def _tiny_hf_models():
+    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeConfig
+    common = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    yield MixtralForCausalLM(MixtralConfig(intermediate_size=48, num_local_experts=4,
+                                           rope_theta=5e5, **common))
+    yield Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=40, moe_intermediate_size=16,
+                                             shared_expert_intermediate_size=24, num_experts=4,
+                                             num_experts_per_tok=2, decoder_sparse_step=2,
+                                             **common))
+    yield Qwen3MoeForCausalLM(Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=16,
+                                             num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                             norm_topk_prob=True, tie_word_embeddings=True,
+                                             **common))
+
+
+@pytest.mark.parametrize("index", range(3), ids=["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_whole_model_logits_equal_hugging_face(index):
+    from moekit.convert.hf import transformer_from_hf
+    hf_model = list(_tiny_hf_models())[index].eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+    model = transformer_from_hf(hf_model).eval()
+    ids = torch.randint(0, 61, (2, 13))
+    expected = hf_model(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
+    # Padded batches: HF with an attention mask, moekit with its token mask.
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    expected = hf_model(ids, attention_mask=mask.long(), position_ids=positions).logits
+    torch.testing.assert_close(model(ids, mask=mask).logits[mask], expected[mask],
+                               rtol=1e-4, atol=1e-5)

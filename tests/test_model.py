@@ -1,0 +1,126 @@
+"""The MoE Transformer: cached decoding equals recomputation, CLA/GQA cache sizes, padding,
+presets built on the meta device, generation."""
+import pytest
+import torch
+
+from moekit import MoEConfig
+from moekit.config import ModelConfig, preset
+from moekit.model import Transformer, generate
+from moekit.model.generate import sample_next
+
+
+def _config(**kw):
+    base = dict(vocab_size=97, hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
+                ffn_size=48, max_seq_len=64, cla_share=2, qk_norm=True,
+                moe=MoEConfig(hidden_size=32, ffn_size=16, num_experts=4, top_k=2,
+                              num_shared_experts=1), moe_every=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _model(**kw):
+    return Transformer(_config(**kw)).double().eval()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(cla_share=1, num_kv_heads=4), dict(cla_share=3),
+                                dict(tie_embeddings=True, qkv_bias=True)])
+def test_cached_decoding_equals_full_recomputation(kw):
+    model = _model(**kw)
+    ids = torch.randint(0, 97, (3, 12))
+    full = model(ids).logits
+    cache = model.new_cache(3, 20)
+    pieces = [model(ids[:, :5], cache=cache).logits]
+    pieces += [model(ids[:, i:i + 1], cache=cache).logits for i in range(5, 9)]
+    pieces.append(model(ids[:, 9:], cache=cache).logits)  # a multi-token chunk after the past
+    torch.testing.assert_close(torch.cat(pieces, 1), full)
+
+
+def test_cla_and_gqa_shrink_the_cache():
+    model = _model()  # 4 layers in CLA pairs, 2 KV heads of 8
+    cache = model.new_cache(batch_size=2, max_len=10)
+    groups, kv_heads, head_dim, bytes_per = 2, 2, 8, 8
+    assert len(cache.keys) == groups
+    assert cache.nbytes == 2 * groups * 2 * kv_heads * 10 * head_dim * bytes_per
+    mha = Transformer(_config(cla_share=1, num_kv_heads=4)).double().new_cache(2, 10)
+    assert mha.nbytes == cache.nbytes * 2 * 2  # CLA halves it, GQA 4 -> 2 halves it
+
+
+def test_cla_layers_reuse_the_first_layers_kv():
+    model = _model()
+    owners = [layer.attn.owns_kv for layer in model.layers]
+    assert owners == [True, False, True, False]
+    assert not hasattr(model.layers[1].attn, "k_proj")
+
+
+def test_left_padded_batch_equals_single_prompts():
+    model = _model()
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6], [9]]
+    together = generate(model, prompts, 6)
+    alone = [generate(model, [p], 6)[0] for p in prompts]
+    assert together == alone
+
+
+def test_padding_changes_nothing_for_real_tokens():
+    model = _model()
+    ids = torch.randint(0, 97, (1, 7))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.tensor([[False] * 3 + [True] * 7])
+    torch.testing.assert_close(model(padded, mask=mask).logits[:, 3:], model(ids).logits)
+
+
+def test_moe_stats_and_router_loss_are_reported():
+    model = Transformer(_config()).train()
+    out = model(torch.randint(0, 97, (2, 9)))
+    assert len(out.moe_stats) == 2  # moe_every=2 over 4 layers: layers 1 and 3
+    expected = sum(s.router_loss for s in out.moe_stats)
+    torch.testing.assert_close(out.router_loss, expected)
+    out.logits.sum().add(out.router_loss).backward()
+
+
+def test_dense_variant_has_no_moe():
+    model = Transformer(_config().dense())
+    assert not model(torch.randint(0, 97, (1, 4))).moe_stats
+
+
+def test_greedy_sampling_and_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert sample_next(logits).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(50)}
+    assert draws == {1, 3}
+    draws = {int(sample_next(logits, 1.0, top_p=0.5, generator=g)) for _ in range(50)}
+    assert draws == {1}  # p(1) = 0.64 >= 0.5 alone
+
+
+def test_generation_stops_at_eos_and_is_seeded():
+    model = _model()
+    first = generate(model, [[1, 2]], 8, temperature=1.0, seed=3)
+    assert first == generate(model, [[1, 2]], 8, temperature=1.0, seed=3)
+    eos = first[0][0]
+    assert generate(model, [[1, 2]], 8, temperature=1.0, seed=3, eos_id=eos) == [[eos]]
+
+
+@pytest.mark.parametrize("name", ["skywork-moe-146b", "hunyuan-large-389b", "mixtral-8x7b",
+                                  "fastmoe-transformer-xl"])
+def test_published_presets_build_on_meta(name):
+    with torch.device("meta"):
+        model = Transformer(preset(name))
+    assert sum(p.numel() for p in model.parameters()) > 1e8
+
+
+def test_bad_inputs():
+    model = _model()
+    with pytest.raises(ValueError, match="longer than the model context"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="temperature=-1"):
+        generate(model, [[1]], 3, temperature=-1)
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        generate(model, [[1] * 60], 10)
+    with pytest.raises(ValueError, match=r"lie in \[0, 97\)"):
+        generate(model, [[100]], 3)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ValueError, match="num_kv_heads=3"):
+        _config(num_kv_heads=3)
