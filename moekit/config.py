@@ -36,6 +36,13 @@ def _capacity(field: str, value) -> None:
              field, value, "expected a number > 0, or None for dropless routing")
 
 
+def _check_keys(cls, values: dict, what: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; allowed: {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """One MoE feed-forward layer: router, capacity, losses, routed and shared experts.
@@ -107,17 +114,9 @@ class MoEConfig:
             _positive_int("shared_ffn_size", self.shared_ffn_size)
         _require(isinstance(self.seed, int), "seed", self.seed, "expected an integer")
 
-    @property
-    def gated(self) -> bool:
-        """Whether the expert MLP has a gate projection beside its up projection."""
-        return self.activation in ("swiglu", "geglu")
-
     @classmethod
     def from_dict(cls, values: dict) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown MoE config keys {unknown}; allowed: {sorted(known)}")
+        _check_keys(cls, values, "MoE")
         return cls(**values)
 
 
@@ -193,10 +192,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        _check_keys(cls, values, "model")
         values = dict(values)
         if isinstance(values.get("moe"), dict):
             values["moe"] = MoEConfig.from_dict(values["moe"])

@@ -124,3 +124,12 @@ def test_bad_inputs():
         preset("huge")
     with pytest.raises(ValueError, match="num_kv_heads=3"):
         _config(num_kv_heads=3)
+
+
+def test_config_round_trips_through_a_dict():
+    from moekit.config import PRESETS
+    for name in PRESETS:
+        config = preset(name)
+        assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown model config keys \['layers'\]"):
+        ModelConfig.from_dict({**preset("tiny").to_dict(), "layers": 3})
