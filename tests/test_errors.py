@@ -65,3 +65,14 @@ def test_router_and_experts_must_agree_with_config():
     from moekit import GroupedExperts
     with pytest.raises(ValueError, match="experts has num_experts=3, the config num_experts=4"):
         MoELayer(MoEConfig(**BASE), experts=GroupedExperts(3, 16, 8))
+
+
+def test_cli_version_and_unknown_command(capsys):
+    from moekit import __version__
+    from moekit.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and __version__ in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fly"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
