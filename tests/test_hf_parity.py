@@ -66,6 +66,9 @@ def test_forward_and_gradients_equal_hugging_face(make):
 def test_switch_balance_loss_is_hugging_face_loss_over_k():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
     config, block = _mixtral()
+    with torch.no_grad():
+        for p in block.parameters():  # HF leaves expert weights uninitialised (torch.empty)
+            p.normal_(0, 0.2)
     layer = moe_layer_from_hf_block(block, config)
     x = torch.randn(40, 32)
     _, stats = layer(x)
