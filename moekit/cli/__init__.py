@@ -1,0 +1,47 @@
+"""`moekit <command>`: a thin layer over the library.
+
+Each command lives in its own module of this package with ``register(subcommands)``, which adds
+its parser and sets ``run(args) -> int``. Bad input (a ValueError from the library or the command)
+is one line on stderr and exit code 2; Ctrl-C is exit code 130.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from moekit import __version__
+
+# Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moekit",
+        description="Build, convert, train, plan and serve Mixture-of-Experts language models.")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"moekit.cli.{name}").register(subcommands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except ValueError as error:  # the config, file and CLI layers name the bad value
+        print(f"moekit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moekit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

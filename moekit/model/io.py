@@ -1,0 +1,104 @@
+"""Save and load a model as a folder: ``config.json`` + ``model.safetensors``.
+
+Each expert of each layer is found by name in the safetensors file (``layers.3.ffn.experts.
+gate_up_proj`` holds all experts of layer 3 stacked on dim 0), whatever layout later reads it.
+``config.json`` holds ``{"format": "moekit", "model": {...ModelConfig...}}`` and whatever else the
+writer adds (training state, tokenizer name, quantization); readers ignore keys they do not know.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from moekit.config import ModelConfig
+from moekit.files import CheckpointError, atomic_directory, read_json, write_json
+from moekit.model.transformer import Transformer
+
+FORMAT = "moekit"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def write_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write the model's config and weights into an existing folder (no atomicity: see
+    ``save_model``, or fill an ``atomic_directory`` with this)."""
+    from safetensors.torch import save_model as save_weights
+    folder = Path(folder)
+    write_json(folder / CONFIG_FILE, {**(extra or {}), "format": FORMAT,
+                                      "model": model.config.to_dict()})
+    save_weights(model, str(folder / WEIGHTS_FILE))  # stores tied embeddings once
+
+
+def save_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save ``model`` to ``folder``, replacing it atomically."""
+    with atomic_directory(folder) as staging:
+        write_model(model, staging, extra)
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """The whole ``config.json`` of a moekit model folder, checked to be one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a moekit checkpoint folder "
+                              f"with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = read_json(folder / CONFIG_FILE)
+    if config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{folder / CONFIG_FILE}: not a moekit model config (expected "
+                              f'"format": "{FORMAT}" and a "model" object)')
+    return config
+
+
+def read_model_config(folder: str | os.PathLike) -> ModelConfig:
+    path = Path(folder) / CONFIG_FILE
+    try:
+        return ModelConfig.from_dict(read_config(folder)["model"])
+    except (TypeError, ValueError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: bad model config ({error})") from None
+
+
+def _mismatch(model: Transformer, stored: dict[str, tuple[int, ...]]) -> str | None:
+    """The first difference between the model's tensors and the stored ones, in words."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(expected) - set(stored))
+    if missing and not (model.lm_head is None and missing == ["lm_head.weight"]):
+        return f"{len(missing)} tensors missing, e.g. {missing[0]}"
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        return f"{len(unexpected)} tensors the model does not have, e.g. {unexpected[0]}"
+    for name, shape in stored.items():
+        if shape != expected[name]:
+            return f"{name} has shape {list(shape)}, the model needs {list(expected[name])}"
+    return None
+
+
+def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
+    """Load ``model.safetensors`` of ``folder`` into ``model``; names and shapes must match."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_model as load_into
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        problem = _mismatch(model, stored)
+        if problem:
+            raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
+        load_into(model, str(path), strict=True, device=str(next(model.parameters()).device))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    return model
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> Transformer:
+    """The model saved in ``folder``, in eval mode."""
+    model = Transformer(read_model_config(folder)).to(device)
+    load_weights(model, folder)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
