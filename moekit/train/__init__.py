@@ -1,0 +1,1 @@
+"""Training: data and tokenizers, optimizer and schedules, the loop, checkpoints."""
