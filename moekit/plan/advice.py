@@ -1,0 +1,35 @@
+"""Upcycle or train from scratch? Skywork-MoE's rule.
+
+With C_dense the compute that trained the dense model and C_moe the compute planned for the MoE:
+train from scratch when C_moe >= 2 * C_dense, otherwise upcycle the dense checkpoint. (A top-2 MoE
+costs about 1.7x the dense FLOPs per token, so a budget of 2x C_dense is roughly enough to
+re-learn what the dense model knows.) The ratio is reported beside the advice.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+SCRATCH_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class UpcycleAdvice:
+    recommendation: str  # "upcycle" or "scratch"
+    budget_ratio: float  # C_moe / C_dense
+    reason: str
+
+
+def upcycle_advice(dense_training_flops: float, moe_training_flops: float) -> UpcycleAdvice:
+    for name, value in (("dense_training_flops", dense_training_flops),
+                        ("moe_training_flops", moe_training_flops)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name}={value!r} is not allowed: expected a number of FLOPs > 0")
+    ratio = moe_training_flops / dense_training_flops
+    if ratio >= SCRATCH_RATIO:
+        return UpcycleAdvice("scratch", ratio,
+                             f"the MoE budget is {ratio:.2f}x the dense model's training compute "
+                             f"(>= {SCRATCH_RATIO:g}x): train from scratch (Skywork-MoE)")
+    return UpcycleAdvice("upcycle", ratio,
+                         f"the MoE budget is {ratio:.2f}x the dense model's training compute "
+                         f"(< {SCRATCH_RATIO:g}x): upcycle the dense checkpoint (Skywork-MoE)")
