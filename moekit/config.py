@@ -6,7 +6,9 @@ mistake is caught here rather than deep inside a kernel.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 
 ROUTERS = ("softmax", "switch", "sigmoid")
@@ -258,3 +260,36 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The object in a JSON, TOML or YAML config file (chosen by its suffix)."""
+    path = os.fspath(path)
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".json", ".toml", ".yaml", ".yml"):
+        raise ValueError(f"config file {path!r} is not allowed: expected a .json, .toml, .yaml or "
+                         ".yml file")
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as error:
+        raise ValueError(f"config file {path!r} cannot be read: {error.strerror}") from None
+    try:
+        if suffix == ".json":
+            values = json.loads(raw)
+        elif suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(raw.decode())
+        else:
+            import yaml
+            values = yaml.safe_load(raw)
+    except Exception as error:  # each parser has its own error type; all mean a bad file
+        raise ValueError(f"config file {path!r} is not valid {suffix[1:].upper()}: "
+                         f"{str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of keys to values, "
+                         f"got {type(values).__name__}")
+    return values

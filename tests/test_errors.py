@@ -76,3 +76,28 @@ def test_cli_version_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fly"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".json", '{"hidden_size": 8, "moe": {"top_k": 1}}'),
+    (".toml", 'hidden_size = 8\n[moe]\ntop_k = 1\n'),
+    (".yaml", 'hidden_size: 8\nmoe:\n  top_k: 1\n')])
+def test_config_files(tmp_path, suffix, text):
+    from moekit.config import read_config_file
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    assert read_config_file(path) == {"hidden_size": 8, "moe": {"top_k": 1}}
+    path.write_text("{" + text)
+    with pytest.raises(ValueError, match=f"run{suffix}' is not valid {suffix[1:].upper()}"):
+        read_config_file(path)
+
+
+def test_config_file_bad_names(tmp_path):
+    from moekit.config import read_config_file
+    with pytest.raises(ValueError, match="expected a .json, .toml, .yaml or .yml file"):
+        read_config_file(tmp_path / "run.ini")
+    with pytest.raises(ValueError, match="cannot be read: No such file"):
+        read_config_file(tmp_path / "missing.toml")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a mapping of keys to values, got list"):
+        read_config_file(tmp_path / "list.json")
