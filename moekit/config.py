@@ -201,6 +201,100 @@ class ModelConfig:
         return cls(**values)
 
 
+EXPERT_LR_RULES = ("sqrt_tokens", "same")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _positive_number(field: str, value) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+             and math.isfinite(value) and value > 0, field, value, "expected a finite number > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    corpus: tuple[str, ...] = ()  # files or folders of .txt/.md/.jsonl; empty = embedded corpus
+    vocab_size: int = 2048  # of the byte-level BPE tokenizer trained on the corpus (257 = bytes)
+    val_fraction: float = 0.1  # the last part of every document is held out for validation
+
+    def __post_init__(self):
+        _require(isinstance(self.corpus, (tuple, list)) and all(
+            isinstance(path, str) and path for path in self.corpus), "corpus", self.corpus,
+            "expected a list of file or folder paths")
+        object.__setattr__(self, "corpus", tuple(self.corpus))
+        _require(isinstance(self.vocab_size, int) and self.vocab_size >= 257, "vocab_size",
+                 self.vocab_size, "expected an integer >= 257 (256 bytes + end-of-text)")
+        _require(isinstance(self.val_fraction, float) and 0 < self.val_fraction < 0.5,
+                 "val_fraction", self.val_fraction, "expected a number in (0, 0.5)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DataConfig":
+        _check_keys(cls, values, "data")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: optimizer, schedule, batch, evaluation and checkpoints."""
+
+    steps: int = 300
+    batch_size: int = 16  # sequences per optimizer step (all micro-batches together)
+    grad_accum: int = 1  # micro-batches per step; batch_size must be a multiple of it
+    seq_len: int = 128
+    lr: float = 3e-3  # peak learning rate of the non-expert parameters
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
+    # Learning rates of routed experts (Hunyuan-Large): "sqrt_tokens" scales them by
+    # sqrt(top_k / num_experts), the square root of the share of tokens each expert sees (Adam's
+    # best learning rate grows about with the square root of the batch); "same" = no scaling.
+    expert_lr_rule: str = "sqrt_tokens"
+    precision: str = "fp32"  # "bf16": autocast (weights and optimizer stay fp32)
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every",
+                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            _positive_int(name, getattr(self, name))
+        _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
+                 f"must divide batch_size ({self.batch_size})")
+        _positive_number("lr", self.lr)
+        _require(isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1,
+                 "min_lr_ratio", self.min_lr_ratio, "expected a number in [0, 1]")
+        _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
+                 self.warmup_steps, "expected an integer >= 0")
+        _non_negative("weight_decay", self.weight_decay)
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(isinstance(value, float) and 0 <= value < 1, name, value,
+                     "expected a number in [0, 1)")
+        if self.grad_clip is not None:
+            _positive_number("grad_clip", self.grad_clip)
+        _require(self.expert_lr_rule in EXPERT_LR_RULES, "expert_lr_rule", self.expert_lr_rule,
+                 f"one of {', '.join(EXPERT_LR_RULES)}")
+        _require(self.precision in PRECISIONS, "precision", self.precision,
+                 f"one of {', '.join(PRECISIONS)}")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
+                 "expected an integer >= 0")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        _check_keys(cls, values, "train")
+        return cls(**values)
+
+
 def _skywork_moe_146b() -> ModelConfig:
     # Skywork-MoE technical report (arXiv 2406.06563), Table 1: Llama-like, every layer MoE.
     return ModelConfig(vocab_size=65536, hidden_size=4608, num_layers=52, num_heads=36,

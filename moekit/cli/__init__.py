@@ -13,11 +13,18 @@ import sys
 from moekit import __version__
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("train",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported in one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moekit",
         description="Build, convert, train, plan and serve Mixture-of-Experts language models.")
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")

@@ -1,0 +1,212 @@
+"""`moekit train`, `moekit generate`, `moekit eval`."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, fields
+
+from moekit.config import (EXPERT_LR_RULES, PRECISIONS, PRESETS, DataConfig, ModelConfig,
+                           TrainConfig, preset, read_config_file)
+from moekit.devices import DEVICE_CHOICES, resolve_device
+
+# Flags that override TrainConfig / DataConfig fields: flag name -> (type, help).
+TRAIN_FLAGS = {
+    "steps": (int, "optimizer steps"),
+    "batch_size": (int, "sequences per step"),
+    "grad_accum": (int, "micro-batches per step (gradient accumulation)"),
+    "seq_len": (int, "tokens per sequence"),
+    "lr": (float, "peak learning rate"),
+    "min_lr_ratio": (float, "the cosine ends at lr * this"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "weight_decay": (float, "AdamW weight decay of matrices"),
+    "grad_clip": (float, "max global gradient norm"),
+    "expert_lr_rule": (str, "routed experts' learning rate rule (docs/train.md)"),
+    "precision": (str, "bf16 = autocast; weights and optimizer stay fp32"),
+    "eval_every": (int, "steps between validations"),
+    "eval_batches": (int, "batches per validation"),
+    "checkpoint_every": (int, "steps between checkpoints"),
+    "keep_checkpoints": (int, "how many checkpoints to keep"),
+    "seed": (int, "seed of initialisation and batches"),
+}
+DATA_FLAGS = {
+    "vocab_size": (int, "tokenizer vocabulary (257 = plain bytes)"),
+    "val_fraction": (float, "share of every document held out for validation"),
+}
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = (_merge(merged[key], value) if isinstance(value, dict)
+                       and isinstance(merged.get(key), dict) else value)
+    return merged
+
+
+def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+    """Preset < config file < flags."""
+    file = read_config_file(args.config) if args.config else {}
+    unknown = sorted(set(file) - {"preset", "model", "train", "data"})
+    if unknown:
+        raise ValueError(f"config file {args.config!r}: unknown sections {unknown}; allowed: "
+                         "preset, model, train, data")
+    name = args.preset or file.get("preset") or "tiny"
+    model = ModelConfig.from_dict(_merge(preset(name).to_dict(), file.get("model", {})))
+    if args.dense:
+        model = model.dense()
+    train = {**file.get("train", {}), **{key: getattr(args, key) for key in TRAIN_FLAGS
+                                         if getattr(args, key) is not None}}
+    data = {**file.get("data", {}), **{key: getattr(args, key) for key in DATA_FLAGS
+                                       if getattr(args, key) is not None}}
+    if args.corpus:
+        data["corpus"] = args.corpus
+    return model, TrainConfig.from_dict(train), DataConfig.from_dict(data)
+
+
+def run_train(args) -> int:
+    from moekit.train.loop import train
+    device = resolve_device(args.device)
+    if args.resume:
+        settings = ["config", "preset", "corpus", "dense", "overwrite", *TRAIN_FLAGS, *DATA_FLAGS]
+        given = [f"--{key.replace('_', '-')}" for key in settings
+                 if getattr(args, key) not in (None, False)]
+        if given:
+            raise ValueError("--resume continues a run with the configuration saved in it; "
+                             f"drop {' '.join(given)}")
+        model, train_config, data = None, None, None
+    else:
+        model, train_config, data = _configs(args)
+    out = args.out or f"runs/{args.preset or 'tiny'}"
+    try:
+        result = train(model, train_config, data, out, resume=args.resume,
+                       overwrite=args.overwrite, device=device,
+                       show_progress=not args.quiet)
+    except KeyboardInterrupt as stop:
+        print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out {out} "
+              "--resume", file=sys.stderr)
+        return 130
+    print(f"trained {result.step} steps: training loss {result.train_loss:.3f}, validation "
+          f"loss {result.val_loss:.3f} (perplexity {math.exp(result.val_loss):.1f})")
+    print(f"checkpoint: {result.checkpoint}   plots: {result.run / 'plots'}")
+    return 0
+
+
+def _load(args):
+    from moekit.model.io import load_model
+    from moekit.train.checkpoint import resolve_checkpoint
+    from moekit.train.tokenizer import load_tokenizer
+    folder = resolve_checkpoint(args.checkpoint)
+    return folder, load_model(folder, device=resolve_device(args.device)), load_tokenizer(folder)
+
+
+def run_generate(args) -> int:
+    from moekit.model.generate import generate
+    _, model, tokenizer = _load(args)
+    prompts = [tokenizer.encode(text) for text in args.prompt]
+    if any(not ids for ids in prompts):
+        raise ValueError("--prompt must not be empty")
+    outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id,
+                       seed=args.seed)
+    for text, ids in zip(args.prompt, outputs):
+        print(text + tokenizer.decode(ids))
+        if len(args.prompt) > 1:
+            print("---")
+    return 0
+
+
+def run_eval(args) -> int:
+    import torch
+
+    from moekit.model.io import read_config
+    from moekit.train.data import read_documents, split_tokens
+    from moekit.train.loop import validation_loss
+    folder, model, tokenizer = _load(args)
+    saved = read_config(folder)
+    train_config = TrainConfig.from_dict(saved.get("train", {}))
+    overrides = {k: getattr(args, k) for k in ("seq_len", "batch_size", "eval_batches")
+                 if getattr(args, k) is not None}
+    train_config = TrainConfig.from_dict({**asdict(train_config), **overrides,
+                                          "grad_accum": 1})
+    if args.corpus:
+        documents = read_documents(args.corpus)
+        tokens = torch.tensor([t for ids in tokenizer.encode_batch(documents)
+                               for t in ids + [tokenizer.eos_id]])
+        what = ", ".join(args.corpus)
+    else:
+        data = DataConfig.from_dict(saved.get("data", {}))
+        tokens = split_tokens(read_documents(data.corpus), tokenizer, data.val_fraction).val
+        what = "the validation split of its training corpus"
+    if tokens.numel() < train_config.seq_len + 1:
+        raise ValueError(f"{what} has {tokens.numel()} tokens, fewer than seq_len + 1 = "
+                         f"{train_config.seq_len + 1}")
+    loss = validation_loss(model, tokens, train_config, next(model.parameters()).device)
+    print(f"{folder} on {what}: loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f}")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="where to run (auto: cuda, then mps, then cpu)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected an integer >= 1")
+    return value
+
+
+def register(subcommands) -> None:
+    train = subcommands.add_parser(
+        "train", help="train a model (default: the tiny MoE on the embedded corpus)",
+        description="Train a decoder-only MoE (or dense) model. Settings come from a preset, "
+        "then a config file (TOML/YAML/JSON with sections preset, model, train, data), then "
+        "flags. The run folder gets run.json (resolved config, versions, git revision), "
+        "tokenizer.json, metrics.jsonl, plots/ and checkpoints/. Ctrl-C saves a checkpoint "
+        "and stops; --resume continues exactly where the last checkpoint left off.")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default tiny)")
+    train.add_argument("--config", help="config file (.toml, .yaml, .json)")
+    train.add_argument("--out", help="run folder (default runs/PRESET)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run folder --out if it exists")
+    train.add_argument("--dense", action="store_true",
+                       help="train the dense variant of the model (every FFN dense)")
+    train.add_argument("--corpus", nargs="+", metavar="PATH",
+                       help="text/markdown/JSONL files or folders (default: the embedded corpus)")
+    for key, (kind, text) in {**TRAIN_FLAGS, **DATA_FLAGS}.items():
+        default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
+                       if f.name == key)
+        choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS}.get(key)
+        train.add_argument(f"--{key.replace('_', '-')}", type=kind, choices=choices,
+                           help=f"{text} (default {default})")
+    train.add_argument("--quiet", action="store_true", help="no progress display")
+    _common(train)
+    train.set_defaults(run=run_train)
+
+    generate = subcommands.add_parser(
+        "generate", help="continue prompts with a trained model",
+        description="Generate text with KV-cache decoding. --checkpoint is a checkpoint folder "
+        "or a run folder (its newest checkpoint). Temperature 0 is greedy.")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    generate.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
+    generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.8)
+    generate.add_argument("--top-k", type=_positive_int, default=None)
+    generate.add_argument("--top-p", type=float, default=0.95)
+    generate.add_argument("--seed", type=int, default=0)
+    _common(generate)
+    generate.set_defaults(run=run_generate)
+
+    evaluate = subcommands.add_parser(
+        "eval", help="perplexity of a checkpoint",
+        description="Mean cross-entropy and perplexity of a checkpoint (dropless), on the "
+        "validation split of the corpus it was trained on, or on --corpus.")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    evaluate.add_argument("--corpus", nargs="+", metavar="PATH", help="evaluate on these files")
+    evaluate.add_argument("--seq-len", type=_positive_int)
+    evaluate.add_argument("--batch-size", type=_positive_int)
+    evaluate.add_argument("--eval-batches", type=_positive_int, help="at most this many batches")
+    _common(evaluate)
+    evaluate.set_defaults(run=run_eval)

@@ -1,0 +1,105 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically.
+
+``RUN/checkpoints/step-000100/`` holds the model folder (config.json + model.safetensors, loadable
+by ``moekit.model.load_model`` and every other command), ``tokenizer.json``, and the training
+state: ``optimizer.safetensors`` (AdamW moments and step counts, by parameter name, and the torch
+random-number state) and ``trainer_state.json`` (the step and the optimizer's group settings).
+Batches are a function of the step (``data.train_batch``), so nothing else is needed for a
+resumed run to repeat, bit for bit, what an uninterrupted run would have done. Only the newest
+``keep`` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from moekit.files import CheckpointError, atomic_directory, read_json, read_safetensors, write_json
+from moekit.model.io import load_weights, write_model
+from moekit.model.transformer import Transformer
+from moekit.train.tokenizer import TextTokenizer
+
+CHECKPOINTS = "checkpoints"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+_STEP_FOLDER = re.compile(r"step-(\d+)")
+
+
+def checkpoint_folders(run: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (unfinished ones are hidden temp dirs)."""
+    folder = Path(run) / CHECKPOINTS
+    found = [path for path in folder.iterdir() if _STEP_FOLDER.fullmatch(path.name)] \
+        if folder.is_dir() else []
+    return sorted(found, key=lambda path: int(_STEP_FOLDER.fullmatch(path.name).group(1)))
+
+
+def latest_checkpoint(run: str | Path) -> Path:
+    folders = checkpoint_folders(run)
+    if not folders:
+        raise CheckpointError(f"{run}: no checkpoint in it (expected {CHECKPOINTS}/step-N/)")
+    return folders[-1]
+
+
+def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+    names = {id(p): name for name, p in model.named_parameters()}
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for parameter, state in optimizer.state.items():
+        for key, value in state.items():
+            tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
+    return tensors
+
+
+def save_checkpoint(run: str | Path, step: int, model: Transformer,
+                    optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
+                    keep: int) -> Path:
+    """Write the state after ``step`` completed optimizer steps; drop all but the newest
+    ``keep`` checkpoints. Returns the new folder."""
+    destination = Path(run) / CHECKPOINTS / f"step-{step:06d}"
+    with atomic_directory(destination) as staging:
+        write_model(model, staging, {**extra, "step": step})
+        tokenizer.save(staging)
+        from safetensors.torch import save_file
+        save_file(_optimizer_tensors(model, optimizer), str(staging / OPTIMIZER_FILE))
+        groups = [{key: value for key, value in group.items() if key != "params"}
+                  for group in optimizer.param_groups]
+        write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
+    for old in checkpoint_folders(run)[:-keep]:
+        shutil.rmtree(old)
+    return destination
+
+
+def load_checkpoint(folder: str | Path, model: Transformer,
+                    optimizer: torch.optim.Optimizer) -> int:
+    """Restore model, optimizer and random state from ``folder``; returns its step."""
+    folder = Path(folder)
+    load_weights(model, folder)
+    state = read_json(folder / STATE_FILE)
+    tensors = read_safetensors(folder / OPTIMIZER_FILE)
+    if len(state.get("param_groups", [])) != len(optimizer.param_groups):
+        raise CheckpointError(f"{folder / STATE_FILE}: its optimizer groups do not match the model")
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update(saved)
+    moments: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, moment = key.rsplit(".", 1)
+        moments.setdefault(name, {})[moment] = value
+    for name, parameter in model.named_parameters():
+        if name in moments:
+            optimizer.state[parameter] = {
+                key: value if key == "step" else value.to(parameter.device)
+                for key, value in moments[name].items()}
+    torch.set_rng_state(moments["rng"]["torch"])
+    return int(state["step"])
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model folder: ``path`` itself, or the newest checkpoint when ``path`` is a run folder."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / CHECKPOINTS).is_dir():
+        return latest_checkpoint(path)
+    raise CheckpointError(f"{path}: not a checkpoint (no config.json) and not a run folder "
+                          f"(no {CHECKPOINTS}/)")

@@ -1,0 +1,259 @@
+"""The training loop: one run = a folder with its resolved config, metrics, plots and checkpoints.
+
+    RUN/run.json            resolved model/train/data config, seed, package versions, git revision
+    RUN/tokenizer.json      the tokenizer trained on the corpus
+    RUN/metrics.jsonl       one line per step ("train") and per validation ("eval")
+    RUN/plots/*.png         loss, drop rate per layer, expert-load heatmap
+    RUN/checkpoints/step-N/ see checkpoint.py; the newest is a model folder for generate/eval
+
+Cross-entropy of a step is the sum over its tokens divided by the tokens of the whole step, so
+that gradient accumulation gives the same update as one big batch; the router losses of the
+micro-batches are averaged.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moekit import __version__
+from moekit.config import DataConfig, ModelConfig, TrainConfig
+from moekit.files import CheckpointError, read_json, write_json
+from moekit.model.transformer import Transformer
+from moekit.moe import MoEStats
+from moekit.train import checkpoint as ckpt
+from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
+                               train_batch)
+from moekit.train.optim import build_optimizer, set_learning_rate
+from moekit.train.plots import plot_run
+from moekit.train.progress import Progress
+from moekit.train.tokenizer import load_tokenizer, train_tokenizer
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    step: int  # completed optimizer steps
+    train_loss: float
+    val_loss: float
+    checkpoint: Path
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfig,
+                    device: torch.device) -> float:
+    """Mean cross-entropy per token over the validation windows (dropless: eval mode)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in eval_batches(tokens, config.micro_batch_size, config.seq_len,
+                                        config.eval_batches):
+        with _autocast(config.precision, device):
+            logits = model(inputs.to(device)).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+                                 reduction="sum").item()
+        count += targets.numel()
+    model.train(was_training)
+    return total / count
+
+
+def _moe_summary(per_micro_batch: list[list[MoEStats]]) -> dict:
+    """Drop rate, expert load and adaptive coefficient per MoE layer over a step's micro-batches."""
+    summary = {"drop_rate": [], "expert_load": [], "aux_coef": []}
+    for layer_stats in zip(*per_micro_batch):
+        routes = sum(s.top_k * s.num_tokens for s in layer_stats)
+        tokens_per_expert = sum(s.tokens_per_expert_E.float() for s in layer_stats)
+        summary["drop_rate"].append(sum(s.dropped for s in layer_stats) / max(routes, 1))
+        summary["expert_load"].append(
+            (tokens_per_expert / tokens_per_expert.sum().clamp(min=1)).tolist())
+        summary["aux_coef"].append(layer_stats[-1].aux_coef)
+    return summary
+
+
+def _train_step(model, optimizer, tokens, step, config, device) -> dict:
+    lr = set_learning_rate(optimizer, step, config)
+    inputs, targets = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed)
+    inputs, targets = inputs.to(device), targets.to(device)
+    cross_entropy = router_loss = 0.0
+    stats = []
+    for micro in range(config.grad_accum):
+        rows = slice(micro * config.micro_batch_size, (micro + 1) * config.micro_batch_size)
+        with _autocast(config.precision, device):
+            out = model(inputs[rows])
+        nll = F.cross_entropy(out.logits.float().flatten(0, 1), targets[rows].flatten(),
+                              reduction="sum") / targets.numel()
+        loss = nll + out.router_loss / config.grad_accum
+        loss.backward()
+        cross_entropy += nll.item()
+        router_loss += out.router_loss.item() / config.grad_accum
+        stats.append(out.moe_stats)
+    clip = config.grad_clip if config.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"kind": "train", "step": step + 1, "loss": cross_entropy, "router_loss": router_loss,
+            "lr": lr, "grad_norm": grad_norm, **_moe_summary(stats)}
+
+
+def _git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _run_record(model_config, train_config, data_config) -> dict:
+    import tokenizers
+    return {"model": model_config.to_dict(), "train": asdict(train_config),
+            "data": asdict(data_config), "seed": train_config.seed,
+            "versions": {"moekit": __version__, "torch": torch.__version__,
+                         "tokenizers": tokenizers.__version__},
+            "git_revision": _git_revision()}
+
+
+def read_run(run: str | Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
+    """The resolved configs of an existing run folder."""
+    record = read_json(Path(run) / RUN_FILE)
+    try:
+        return (ModelConfig.from_dict(record["model"]), TrainConfig.from_dict(record["train"]),
+                DataConfig.from_dict(record["data"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{Path(run) / RUN_FILE}: not a moekit run ({error})") from None
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The metrics a resumed run keeps: those of the steps its checkpoint had completed."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool):
+    """Resolve configs and tokenizer for a new or resumed run."""
+    if resume:
+        model_config, train_config, data_config = read_run(run)
+        tokenizer = load_tokenizer(run)
+    else:
+        if run.exists() and any(run.iterdir()) and not overwrite:
+            raise ValueError(f"run folder {str(run)!r} exists and is not empty: pass --resume "
+                             "to continue it, --overwrite to replace it, or another --out")
+        if train_config.seq_len > model_config.max_seq_len:
+            raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's "
+                             f"context (max_seq_len={model_config.max_seq_len})")
+        tokenizer = train_tokenizer(read_documents(data_config.corpus), data_config.vocab_size)
+        model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
+        if overwrite and run.exists():
+            shutil.rmtree(run)  # only once the new run's settings are known to be good
+    return model_config, train_config, data_config, tokenizer
+
+
+class _StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step (so that no checkpoint
+    holds a half-applied update); a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
+          run: str | Path, *, resume: bool = False, overwrite: bool = False,
+          device: str | torch.device = "cpu", show_progress: bool = True,
+          on_step=None) -> TrainResult:
+    """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
+    configs are then those saved in the run; ``overwrite=True`` replaces an existing run
+    folder instead). ``on_step(record)`` is called after each step.
+    Ctrl-C finishes the current step, saves a checkpoint, and raises KeyboardInterrupt."""
+    run, device = Path(run), torch.device(device)
+    model_config, train_config, data_config, tokenizer = _start(
+        run, model_config, train_config, data_config, resume, overwrite)
+    splits = split_tokens(read_documents(data_config.corpus), tokenizer, data_config.val_fraction)
+    check_length(splits.train, train_config.seq_len, "training")
+    check_length(splits.val, train_config.seq_len, "validation")
+
+    torch.manual_seed(train_config.seed)
+    model = Transformer(model_config).to(device).train()
+    optimizer = build_optimizer(model, train_config)
+    step = 0
+    if resume:
+        step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), model, optimizer)
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / RUN_FILE, _run_record(model_config, train_config, data_config))
+        tokenizer.save(run)
+    records = _read_metrics(run / METRICS_FILE, step)
+    extra = {"train": asdict(train_config), "data": asdict(data_config)}
+
+    def save(at_step: int) -> Path:
+        return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer, extra,
+                                    train_config.keep_checkpoints)
+
+    checkpoint = None
+    with open(run / METRICS_FILE, "w") as log, _StopOnCtrlC() as stop, \
+            Progress(train_config.steps, step, show_progress) as progress:
+        for record in records:
+            log.write(json.dumps(record) + "\n")
+        while step < train_config.steps and not stop.requested:
+            started = time.perf_counter()
+            record = _train_step(model, optimizer, splits.train, step, train_config, device)
+            step += 1
+            record["tokens_per_s"] = (train_config.batch_size * train_config.seq_len
+                                      / (time.perf_counter() - started))
+            records.append(record)
+            log.write(json.dumps(record) + "\n")
+            if step % train_config.eval_every == 0 or step == train_config.steps:
+                val = validation_loss(model, splits.val, train_config, device)
+                records.append({"kind": "eval", "step": step, "val_loss": val,
+                                "val_ppl": math.exp(val)})
+                log.write(json.dumps(records[-1]) + "\n")
+            log.flush()
+            progress.update(step, record, records)
+            if on_step is not None:
+                on_step(record)
+            if (step % train_config.checkpoint_every == 0 or step == train_config.steps
+                    or stop.requested):
+                checkpoint = save(step)
+    plot_run(records, run / "plots")
+    if stop.requested:
+        raise KeyboardInterrupt(f"stopped after step {step}; checkpoint saved in {checkpoint}")
+    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+    val_losses = [r["val_loss"] for r in records if r["kind"] == "eval"]
+    return TrainResult(run=run, step=step, train_loss=train_losses[-1],
+                       val_loss=val_losses[-1], checkpoint=ckpt.latest_checkpoint(run))
+

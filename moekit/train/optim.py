@@ -1,0 +1,79 @@
+"""AdamW parameter groups with expert-specific learning rates, and the learning-rate schedule.
+
+Groups, by the role of a parameter (Hunyuan-Large gives experts their own learning rates):
+  router          the gate of each MoE layer                          scale 1
+  shared_experts  always-on experts (and their sigmoid gate): see every token   scale 1
+  routed_experts  each sees about top_k / num_experts of the tokens   scale sqrt(top_k / E)
+  other           attention, embeddings, norms, dense FFNs            scale 1
+Why sqrt: Adam's best learning rate grows roughly with the square root of the batch size, and a
+routed expert's effective batch is top_k / num_experts of the step's tokens. With
+``expert_lr_rule="same"`` every scale is 1. (Skywork-MoE reports that this scaling stopped helping
+once the learning rate had decayed: it is a default, not a law.) Matrices get weight decay;
+vectors (norms, biases) do not.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from moekit.config import TrainConfig
+from moekit.moe import MoELayer
+
+
+def _roles(model: nn.Module, rule: str) -> dict[int, tuple[str, float]]:
+    """id(parameter) -> (role, learning-rate scale) for the parameters of MoE layers."""
+    roles = {}
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        config = layer.config
+        routed_scale = (math.sqrt(config.top_k / config.num_experts)
+                        if rule == "sqrt_tokens" else 1.0)
+        parts = [(layer.router, "router", 1.0), (layer.experts, "routed_experts", routed_scale),
+                 (layer.shared_experts, "shared_experts", 1.0),
+                 (layer.shared_gate, "shared_experts", 1.0)]
+        for part, role, scale in parts:
+            for parameter in (part.parameters() if part is not None else ()):
+                roles[id(parameter)] = (role, scale)
+    return roles
+
+
+def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """AdamW groups; each carries its ``role`` and ``lr_scale`` (used by ``set_learning_rate``)."""
+    roles = _roles(model, config.expert_lr_rule)
+    groups: dict[tuple, dict] = {}
+    for parameter in model.parameters():  # each tied parameter once
+        if not parameter.requires_grad:
+            continue
+        role, scale = roles.get(id(parameter), ("other", 1.0))
+        decay = config.weight_decay if parameter.dim() >= 2 else 0.0
+        group = groups.setdefault((role, scale, decay), {
+            "params": [], "role": role, "lr_scale": scale, "weight_decay": decay})
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    # foreach=False: the single-tensor path does not depend on how tensors are grouped.
+    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr,
+                             betas=(config.beta1, config.beta2), foreach=False)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps`` (step 0 already trains), then a cosine down
+    to ``lr * min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(config.steps - 1 - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / decay_steps, 1.0)
+    floor = config.lr * config.min_lr_ratio
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainConfig) -> float:
+    rate = learning_rate(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = rate * group["lr_scale"]
+    return rate

@@ -1,0 +1,56 @@
+"""PNG plots of a run from its metrics: losses, per-layer drop rate, expert-load heatmap."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
+    """Write loss.png, and for MoE runs drop_rate.png and expert_load.png; returns the paths."""
+    plt = _pyplot()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    written = []
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot([r["step"] for r in train], [r["loss"] for r in train], label="training", lw=1)
+    axes.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    axes.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
+    axes.legend()
+    written.append(_save(plt, figure, folder / "loss.png"))
+
+    if train and train[-1]["drop_rate"]:
+        figure, axes = plt.subplots(figsize=(6, 4))
+        for layer, _ in enumerate(train[-1]["drop_rate"]):
+            axes.plot([r["step"] for r in train], [r["drop_rate"][layer] for r in train],
+                      label=f"MoE layer {layer}", lw=1)
+        axes.set(xlabel="step", ylabel="dropped routes / routes", title="Drop rate per layer")
+        axes.legend(fontsize="small")
+        written.append(_save(plt, figure, folder / "drop_rate.png"))
+
+        window = train[-max(len(train) // 5, 1):]  # the last fifth of training
+        load = [[sum(r["expert_load"][layer][e] for r in window) / len(window)
+                 for e in range(len(window[0]["expert_load"][layer]))]
+                for layer in range(len(window[0]["expert_load"]))]
+        figure, axes = plt.subplots(figsize=(6, 1 + 0.5 * len(load)))
+        image = axes.imshow(load, aspect="auto", cmap="viridis")
+        axes.set(xlabel="expert", ylabel="MoE layer",
+                 title=f"Expert load, steps {window[0]['step']}-{window[-1]['step']}")
+        figure.colorbar(image, ax=axes, label="share of routes")
+        written.append(_save(plt, figure, folder / "expert_load.png"))
+    return written
+
+
+def _save(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
