@@ -53,3 +53,14 @@ def test_failed_write_leaves_the_old_folder(tmp_path):
             raise KeyboardInterrupt
     assert {p.name: p.read_bytes() for p in (tmp_path / "ck").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary folder left behind
+
+
+def test_newer_format_is_refused(tmp_path):
+    import json
+    save_model(Transformer(preset("tiny")), tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert config["format"] == "moekit" and config["format_version"] == 1
+    config["format_version"] = 2
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="format_version 2 was written by a newer moekit"):
+        load_model(tmp_path / "ck")

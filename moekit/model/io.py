@@ -2,7 +2,7 @@
 
 Each expert of each layer is found by name in the safetensors file (``layers.3.ffn.experts.
 gate_up_proj`` holds all experts of layer 3 stacked on dim 0), whatever layout later reads it.
-``config.json`` holds ``{"format": "moekit", "model": {...ModelConfig...}}`` and whatever else the
+``config.json`` holds ``{"format": "moekit", "format_version": 1, "model": {...}}`` and whatever else the
 writer adds (training state, tokenizer name, quantization); readers ignore keys they do not know.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from moekit.files import CheckpointError, atomic_directory, read_json, write_jso
 from moekit.model.transformer import Transformer
 
 FORMAT = "moekit"
+FORMAT_VERSION = 1  # raised when the folder layout changes; readers refuse newer versions
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -27,6 +28,7 @@ def write_model(model: Transformer, folder: str | os.PathLike, extra: dict | Non
     from safetensors.torch import save_model as save_weights
     folder = Path(folder)
     write_json(folder / CONFIG_FILE, {**(extra or {}), "format": FORMAT,
+                                      "format_version": FORMAT_VERSION,
                                       "model": model.config.to_dict()})
     save_weights(model, str(folder / WEIGHTS_FILE))  # stores tied embeddings once
 
@@ -47,6 +49,10 @@ def read_config(folder: str | os.PathLike) -> dict:
     if config.get("format") != FORMAT or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"{folder / CONFIG_FILE}: not a moekit model config (expected "
                               f'"format": "{FORMAT}" and a "model" object)')
+    if config.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: format_version "
+                              f"{config['format_version']} was written by a newer moekit (this one "
+                              f"reads up to {FORMAT_VERSION}); upgrade moekit")
     return config
 
 
