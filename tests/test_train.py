@@ -220,3 +220,22 @@ def test_checkpoints_are_model_folders(reference_run):
     assert folder.name == "step-000012"
     model = load_model(folder)
     assert model.config.vocab_size == 300 and os.path.isfile(folder / "tokenizer.json")
+
+
+def test_init_from_a_model_folder(reference_run, tmp_path):
+    """A run started from a checkpoint uses its model, weights and tokenizer: after one step
+    at a learning rate of 1e-12 its validation loss is the checkpoint's."""
+    from moekit.model import load_model
+    from moekit.train.checkpoint import resolve_checkpoint
+    start = resolve_checkpoint(reference_run)
+    config = replace(SMALL_TRAIN, steps=1, lr=1e-12, warmup_steps=0, eval_every=1)
+    result = train(None, config, SMALL_DATA, tmp_path / "tuned", init_from=start,
+                   show_progress=False)
+    reference_val = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text()
+                     .splitlines()][-1]["val_loss"]
+    assert result.val_loss == pytest.approx(reference_val, abs=1e-4)
+    assert (tmp_path / "tuned" / "tokenizer.json").read_bytes() == (
+        start / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match="init_from brings its own model"):
+        train(SMALL_MODEL, config, SMALL_DATA, tmp_path / "other", init_from=start)
+    assert load_model(result.checkpoint).config == load_model(start).config

@@ -44,16 +44,22 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
-    """Preset < config file < flags."""
+    """Preset < config file < flags; no model config with --init-from."""
     file = read_config_file(args.config) if args.config else {}
     unknown = sorted(set(file) - {"preset", "model", "train", "data"})
     if unknown:
         raise ValueError(f"config file {args.config!r}: unknown sections {unknown}; allowed: "
                          "preset, model, train, data")
-    name = args.preset or file.get("preset") or "tiny"
-    model = ModelConfig.from_dict(_merge(preset(name).to_dict(), file.get("model", {})))
-    if args.dense:
-        model = model.dense()
+    if args.init_from:  # the model comes from that folder
+        if args.preset or args.dense or "model" in file or "preset" in file:
+            raise ValueError("--init-from brings its own model: drop --preset, --dense and the "
+                             "config file's preset and model")
+        model = None
+    else:
+        name = args.preset or file.get("preset") or "tiny"
+        model = ModelConfig.from_dict(_merge(preset(name).to_dict(), file.get("model", {})))
+        if args.dense:
+            model = model.dense()
     train = {**file.get("train", {}), **{key: getattr(args, key) for key in TRAIN_FLAGS
                                          if getattr(args, key) is not None}}
     data = {**file.get("data", {}), **{key: getattr(args, key) for key in DATA_FLAGS
@@ -67,7 +73,8 @@ def run_train(args) -> int:
     from moekit.train.loop import train
     device = resolve_device(args.device)
     if args.resume:
-        settings = ["config", "preset", "corpus", "dense", "overwrite", *TRAIN_FLAGS, *DATA_FLAGS]
+        settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from",
+                    *TRAIN_FLAGS, *DATA_FLAGS]
         given = [f"--{key.replace('_', '-')}" for key in settings
                  if getattr(args, key) not in (None, False)]
         if given:
@@ -79,7 +86,7 @@ def run_train(args) -> int:
     out = args.out or f"runs/{args.preset or 'tiny'}"
     try:
         result = train(model, train_config, data, out, resume=args.resume,
-                       overwrite=args.overwrite, device=device,
+                       overwrite=args.overwrite, init_from=args.init_from, device=device,
                        show_progress=not args.quiet)
     except KeyboardInterrupt as stop:
         print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out {out} "
@@ -171,6 +178,9 @@ def register(subcommands) -> None:
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the run folder --out if it exists")
+    train.add_argument("--init-from", metavar="DIR",
+                       help="start from this model folder's model, weights and tokenizer "
+                       "(e.g. the output of moekit upcycle)")
     train.add_argument("--dense", action="store_true",
                        help="train the dense variant of the model (every FFN dense)")
     train.add_argument("--corpus", nargs="+", metavar="PATH",

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from moekit import __version__
 from moekit.config import DataConfig, ModelConfig, TrainConfig
 from moekit.files import CheckpointError, read_json, write_json
+from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.moe import MoEStats
 from moekit.train import checkpoint as ckpt
@@ -150,22 +151,27 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
-def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool):
+def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool,
+           init_from: Path | None):
     """Resolve configs and tokenizer for a new or resumed run."""
     if resume:
         model_config, train_config, data_config = read_run(run)
-        tokenizer = load_tokenizer(run)
+        return model_config, train_config, data_config, load_tokenizer(run)
+    if run.exists() and any(run.iterdir()) and not overwrite:
+        raise ValueError(f"run folder {str(run)!r} exists and is not empty: pass --resume "
+                         "to continue it, --overwrite to replace it, or another --out")
+    if init_from is not None:
+        if model_config is not None:
+            raise ValueError("init_from brings its own model: leave the model config out")
+        model_config, tokenizer = read_model_config(init_from), load_tokenizer(init_from)
     else:
-        if run.exists() and any(run.iterdir()) and not overwrite:
-            raise ValueError(f"run folder {str(run)!r} exists and is not empty: pass --resume "
-                             "to continue it, --overwrite to replace it, or another --out")
-        if train_config.seq_len > model_config.max_seq_len:
-            raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's "
-                             f"context (max_seq_len={model_config.max_seq_len})")
         tokenizer = train_tokenizer(read_documents(data_config.corpus), data_config.vocab_size)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
-        if overwrite and run.exists():
-            shutil.rmtree(run)  # only once the new run's settings are known to be good
+    if train_config.seq_len > model_config.max_seq_len:
+        raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's "
+                         f"context (max_seq_len={model_config.max_seq_len})")
+    if overwrite and run.exists():
+        shutil.rmtree(run)  # only once the new run's settings are known to be good
     return model_config, train_config, data_config, tokenizer
 
 
@@ -194,15 +200,18 @@ class _StopOnCtrlC:
 
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
           run: str | Path, *, resume: bool = False, overwrite: bool = False,
-          device: str | torch.device = "cpu", show_progress: bool = True,
-          on_step=None) -> TrainResult:
+          init_from: str | Path | None = None, device: str | torch.device = "cpu",
+          show_progress: bool = True, on_step=None) -> TrainResult:
     """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
     configs are then those saved in the run; ``overwrite=True`` replaces an existing run
-    folder instead). ``on_step(record)`` is called after each step.
+    folder instead). ``init_from``: a model folder (with tokenizer.json) whose model, weights and
+    tokenizer the run starts from, e.g. an upcycled checkpoint; ``model_config`` is then None.
+    ``on_step(record)`` is called after each step.
     Ctrl-C finishes the current step, saves a checkpoint, and raises KeyboardInterrupt."""
     run, device = Path(run), torch.device(device)
+    init_from = Path(init_from) if init_from is not None else None
     model_config, train_config, data_config, tokenizer = _start(
-        run, model_config, train_config, data_config, resume, overwrite)
+        run, model_config, train_config, data_config, resume, overwrite, init_from)
     splits = split_tokens(read_documents(data_config.corpus), tokenizer, data_config.val_fraction)
     check_length(splits.train, train_config.seq_len, "training")
     check_length(splits.val, train_config.seq_len, "validation")
@@ -214,8 +223,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     if resume:
         step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), model, optimizer)
     else:
+        if init_from is not None:
+            load_weights(model, init_from)
         run.mkdir(parents=True, exist_ok=True)
-        write_json(run / RUN_FILE, _run_record(model_config, train_config, data_config))
+        write_json(run / RUN_FILE, {**_run_record(model_config, train_config, data_config),
+                                    "init_from": None if init_from is None else str(init_from)})
         tokenizer.save(run)
     records = _read_metrics(run / METRICS_FILE, step)
     extra = {"train": asdict(train_config), "data": asdict(data_config)}
