@@ -32,9 +32,6 @@ class TrainingFlops:
     attention: float
     model_flops: float
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> TrainingFlops:
     require_positive("seq_len", seq_len, integer=True)
@@ -53,9 +50,6 @@ class Utilisation:
     mfu: float  # model_flops * tokens/s / peak
     hunyuan_fit_mfu: float  # the same with the Hunyuan fit's FLOPs per token
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def utilisation(flops: TrainingFlops, tokens_per_second: float, peak_flops: float) -> Utilisation:
     """MFU of a measured throughput (tokens per second per device) on a device of the given
@@ -65,3 +59,19 @@ def utilisation(flops: TrainingFlops, tokens_per_second: float, peak_flops: floa
     return Utilisation(tokens_per_second, peak_flops,
                        flops.model_flops * tokens_per_second / peak_flops,
                        flops.hunyuan_fit * tokens_per_second / peak_flops)
+
+
+@dataclass(frozen=True)
+class TrainingCompute:
+    """Training compute in FLOPs for a number of tokens, by each rule."""
+
+    tokens: float
+    six_n: float
+    hunyuan_fit: float
+    model_flops: float
+
+
+def training_compute(flops: TrainingFlops, tokens: float) -> TrainingCompute:
+    require_positive("tokens", tokens)
+    return TrainingCompute(tokens, flops.six_n * tokens, flops.hunyuan_fit * tokens,
+                           flops.model_flops * tokens)

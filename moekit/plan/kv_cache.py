@@ -45,11 +45,6 @@ class KVCachePlan:
     def bytes_per_token(self) -> int:
         return self.variant(self.model_variant).bytes_per_token
 
-    def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "batch": self.batch, "context": self.context,
-                "model_variant": self.model_variant,
-                "variants": [dict(v.__dict__) for v in self.variants]}
-
 
 def kv_cache_plan(config: ModelConfig, batch: int = 1, context: int | None = None,
                   dtype: str = "bf16") -> KVCachePlan:

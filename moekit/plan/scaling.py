@@ -56,9 +56,6 @@ class BudgetPlan:
     published_optimal_active_params: float
     tokens_at_published_optimum: float
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def budget_plan(budget_flops: float, active_params: float) -> BudgetPlan:
     return BudgetPlan(budget_flops, active_params, tokens_for_budget(budget_flops, active_params),
