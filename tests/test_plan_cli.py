@@ -85,7 +85,7 @@ def test_config_file_and_checkpoint_folder(capsys, tmp_path):
     (["--preset", "skywork-moe-146b", "--world-size", "12", "--pipeline", "12"],
      "pipeline=12 does not divide num_layers=52"),
     (["--preset", "tiny", "--hidden-size", "-8"], "hidden_size=-8"),
-    (["--preset", "tiny", "--tokens=-1e12"], "tokens=-1e+12"),
+    (["--preset", "tiny", "--tokens=-1e12"], "tokens=-1000000000000.0"),
     (["--preset", "tiny", "--seq-len", "0"], "seq_len=0"),
     (["--preset", "tiny", "--tokens-per-second", "100"], "needs --device or --peak-tflops"),
     (["--preset", "tiny", "--upcycle"], "needs --dense-tokens and --moe-tokens"),
