@@ -177,6 +177,8 @@ def build_plan(args) -> dict:
     peak_flops, memory_gib = _device_figures(args)
     flops = training_flops_per_token(config, seq_len)
     plan = {"model": config, "parameters": count_parameters(config), "flops_per_token": flops}
+    if peak_flops is not None or memory_gib is not None:
+        plan["device"] = {"name": args.device, "peak_flops": peak_flops, "memory_gib": memory_gib}
     if args.tokens is not None:
         plan["training_compute"] = training_compute(flops, args.tokens)
     if args.tokens_per_second is not None:
@@ -313,6 +315,10 @@ def _memory_tables(plan: dict):
             ["activations, full recomputation", _gib(stage.activations_recompute)],
             [f"total ({'with' if memory.recompute else 'without'} recomputation)",
              _gib(stage.total(memory.recompute))]]
+    memory_gib = plan.get("device", {}).get("memory_gib")
+    if memory_gib is not None:
+        fits = stage.total(memory.recompute) <= memory_gib * GIB
+        rows.append([f"fits in {memory_gib:g} GiB", "yes" if fits else "no"])
     yield _table(f"Training memory per device: data {layout.data} x tensor {layout.tensor} x "
                  f"pipeline {layout.pipeline}, expert {layout.expert}, ZeRO-"
                  f"{memory.precision.zero_stage}, micro-batch {memory.micro_batch} x "
