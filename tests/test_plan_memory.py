@@ -178,8 +178,10 @@ def test_skywork_on_eight_24_gib_gpus_in_fp8():
      ["expert=2 is not allowed for a dense model"]),
     (lambda: Layout(data=-1), ["data=-1", "positive integer"]),
     (lambda: Precision(zero_stage=4), ["zero_stage=4"]),
-    (lambda: inference_memory(preset("tiny"), "fp4"), ["inference dtype 'fp4'", "bf16, fp8"]),
-    (lambda: inference_memory(preset("tiny"), "fp8", devices=0), ["devices=0"]),
+    (lambda: inference_memory(preset("tiny"), "fp4", 1, 24),
+     ["inference dtype 'fp4'", "bf16, fp8"]),
+    (lambda: inference_memory(preset("tiny"), "fp8", 0, 24), ["devices=0"]),
+    (lambda: inference_memory(preset("tiny"), "fp8", 1, -24), ["device_memory_gib=-24"]),
     (lambda: kv_cache_plan(preset("tiny"), batch=-2), ["batch=-2"]),
     (lambda: kv_cache_bytes_per_token(preset("tiny"), "fp64"), ["dtype 'fp64'"]),
 ])

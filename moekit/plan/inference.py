@@ -62,8 +62,8 @@ def inference_weight_bytes(config: ModelConfig, dtype: str) -> int:
     return (params.total - norms) * dtype_bytes(dtype) + norms * dtype_bytes("bf16")
 
 
-def inference_memory(config: ModelConfig, dtype: str, devices: int = 1,
-                     device_memory_gib: float = 80.0, kv_dtype: str = "bf16") -> InferenceMemory:
+def inference_memory(config: ModelConfig, dtype: str, devices: int, device_memory_gib: float,
+                     kv_dtype: str = "bf16") -> InferenceMemory:
     require_positive("devices", devices, integer=True)
     require_positive("device_memory_gib", device_memory_gib)
     return InferenceMemory(dtype, devices, device_memory_gib * GIB,

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from moekit.config import ModelConfig
 from moekit.moe.experts import GATED_ACTIVATIONS
 
-COMPONENTS = ("embeddings", "output", "attention", "dense_ffn", "routed_experts",
-              "shared_experts", "router", "norms")
-
 
 def mlp_parameters(hidden_size: int, ffn_size: int, activation: str) -> int:
     """One feed-forward block: up and down projections, plus the gate projection when gated."""
@@ -81,7 +78,8 @@ class ComponentCount:
 
 @dataclass(frozen=True)
 class ParameterCount:
-    """Total and active parameters of a model, per component (``COMPONENTS``)."""
+    """Total and active parameters of a model, per component: embeddings, output, attention,
+    dense_ffn, routed_experts, shared_experts, router, norms."""
 
     components: tuple[ComponentCount, ...]
 
@@ -114,17 +112,22 @@ class ParameterCount:
 
 def count_parameters(config: ModelConfig) -> ParameterCount:
     layers = [layer_parameters(config, i) for i in range(config.num_layers)]
+
+    def layers_sum(name: str) -> int:
+        return sum(getattr(layer, name) for layer in layers)
+
+    def whole(name: str, extra: int = 0) -> ComponentCount:  # every token uses all of it
+        return ComponentCount(name, layers_sum(name) + extra, layers_sum(name) + extra)
+
     vocab_matrix = config.vocab_size * config.hidden_size
-    counts = {
-        "embeddings": (vocab_matrix, vocab_matrix),
-        "output": (0 if config.tie_embeddings else vocab_matrix, vocab_matrix),
-        "norms": (config.hidden_size, config.hidden_size),  # the final norm
-    }
-    for name in COMPONENTS:
-        total, active = counts.get(name, (0, 0))
-        if name in LayerParameters.__dataclass_fields__:
-            total += sum(getattr(layer, name) for layer in layers)
-            active_name = "routed_experts_active" if name == "routed_experts" else name
-            active += sum(getattr(layer, active_name) for layer in layers)
-        counts[name] = (total, active)
-    return ParameterCount(tuple(ComponentCount(name, *counts[name]) for name in COMPONENTS))
+    return ParameterCount((
+        ComponentCount("embeddings", vocab_matrix, vocab_matrix),
+        ComponentCount("output", 0 if config.tie_embeddings else vocab_matrix, vocab_matrix),
+        whole("attention"),
+        whole("dense_ffn"),
+        ComponentCount("routed_experts", layers_sum("routed_experts"),
+                       layers_sum("routed_experts_active")),
+        whole("shared_experts"),
+        whole("router"),
+        whole("norms", extra=config.hidden_size),  # + the final norm
+    ))

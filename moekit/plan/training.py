@@ -175,18 +175,35 @@ def _stage_parameters(config: ModelConfig, layout: Layout, first: int, count: in
                       stage: int) -> tuple[int, int]:
     """(non-expert, expert) parameters that one device of the stage holds."""
     layers = [layer_parameters(config, i) for i in range(first, first + count)]
-    split = sum(p.attention + p.dense_ffn + p.shared_experts for p in layers)
+    split = _ceil_div(sum(p.attention + p.dense_ffn + p.shared_experts for p in layers),
+                      layout.tensor)
     replicated = sum(p.norms + p.router for p in layers)
-    experts = sum(p.routed_experts for p in layers)
+    experts = sum(p.routed_experts for p in layers) // layout.expert
+    # Vocabulary-parallel embedding and output rows (padded up, as Megatron-LM pads them).
     vocab_matrix = _ceil_div(config.vocab_size, layout.tensor) * config.hidden_size
     last = stage == layout.pipeline - 1
     if stage == 0:
-        split += vocab_matrix * layout.tensor
+        split += vocab_matrix
     if last:
-        replicated += config.hidden_size
+        replicated += config.hidden_size  # the final norm
         if not config.tie_embeddings or layout.pipeline > 1:
-            split += vocab_matrix * layout.tensor
-    return _ceil_div(split, layout.tensor) + replicated, experts // layout.expert
+            split += vocab_matrix
+    return split + replicated, experts
+
+
+def _states(dense_params: int, expert_params: int, layout: Layout,
+            precision: Precision) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) in bytes, each sharded over the data-parallel
+    replicas of its parameters from its ZeRO stage on."""
+    expert_replicas = layout.data * layout.tensor // layout.expert
+
+    def state_bytes(bytes_per_param: int, sharded_from_zero_stage: int) -> float:
+        if precision.zero_stage < sharded_from_zero_stage:
+            return (dense_params + expert_params) * bytes_per_param
+        return (dense_params / layout.data + expert_params / expert_replicas) * bytes_per_param
+
+    return (state_bytes(precision.weight_bytes, 3), state_bytes(precision.gradient_bytes, 2),
+            state_bytes(precision.optimizer_bytes, 1))
 
 
 def training_memory(config: ModelConfig, layout: Layout = Layout(),
@@ -197,29 +214,20 @@ def training_memory(config: ModelConfig, layout: Layout = Layout(),
     require_positive("seq_len", seq_len, integer=True)
     b = dtype_bytes(precision.activation_dtype)
     tokens = micro_batch * seq_len
-    expert_replicas = layout.data * layout.tensor // layout.expert
     stages, first = [], 0
     for stage, count in enumerate(layout.stages(config)):
         dense_params, expert_params = _stage_parameters(config, layout, first, count, stage)
-        zero = precision.zero_stage
-
-        def sharded(bytes_per_param: int, from_stage: int) -> float:
-            if zero < from_stage:
-                return (dense_params + expert_params) * bytes_per_param
-            return (dense_params / layout.data + expert_params / expert_replicas) * bytes_per_param
-
         per_layer = [layer_bytes(config, i, b, layout.tensor, layout.route_share)
                      for i in range(first, first + count)]
         extras = ((first_stage_bytes(config, b) if stage == 0 else 0)
                   + (last_stage_bytes(config, b, layout.tensor)
                      if stage == layout.pipeline - 1 else 0))
         in_flight = layout.pipeline - stage
-        activations = tokens * (in_flight * (sum(per_layer) + extras))
+        activations = tokens * in_flight * (sum(per_layer) + extras)
         recomputed = tokens * (in_flight * (count * b * config.hidden_size + extras)
                                + max(per_layer))
         stages.append(StageMemory(stage, count, dense_params + expert_params,
-                                  sharded(precision.weight_bytes, 3),
-                                  sharded(precision.gradient_bytes, 2),
-                                  sharded(precision.optimizer_bytes, 1), activations, recomputed))
+                                  *_states(dense_params, expert_params, layout, precision),
+                                  activations, recomputed))
         first += count
     return TrainingMemory(layout, precision, micro_batch, seq_len, recompute, tuple(stages))
