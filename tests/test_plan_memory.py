@@ -115,6 +115,20 @@ def test_weights_per_device_equal_a_split_of_the_built_model(config, layout):
     assert [stage.weights for stage in memory.stages] == [2 * n for n in held]
 
 
+def test_states_equal_a_real_adam_step():
+    # fp32 training with torch's Adam: 4-byte weights and gradients, two 4-byte moments.
+    config = CONFIGS["hunyuan-like"]
+    model = Transformer(config)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randint(0, config.vocab_size, (1, 8))).logits.sum().backward()
+    optimizer.step()
+    stage = training_memory(config, precision=Precision(4, 4, 8), seq_len=8).stages[0]
+    assert stage.weights == sum(p.nbytes for p in model.parameters())
+    assert stage.gradients == sum(p.grad.nbytes for p in model.parameters())
+    assert stage.optimizer_states == sum(state["exp_avg"].nbytes + state["exp_avg_sq"].nbytes
+                                         for state in optimizer.state.values())
+
+
 def test_zero_shards_states_over_replicas():
     # Dense model over 4 data-parallel replicas: ZeRO-1 keeps a quarter of the optimizer
     # states, ZeRO-2 also a quarter of the gradients, ZeRO-3 also a quarter of the weights.
