@@ -9,6 +9,8 @@ from dataclasses import asdict, fields
 from moekit.config import (EXPERT_LR_RULES, PRECISIONS, PRESETS, DataConfig, ModelConfig,
                            TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device
+from moekit.plan import DEVICES
+from moekit.plan import device as plan_device
 
 # Flags that override TrainConfig / DataConfig fields: flag name -> (type, help).
 TRAIN_FLAGS = {
@@ -84,9 +86,12 @@ def run_train(args) -> int:
     else:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
+    peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
+        plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
+                       peak_flops=peak_flops,
                        show_progress=not args.quiet)
     except KeyboardInterrupt as stop:
         print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out {out} "
@@ -191,6 +196,11 @@ def register(subcommands) -> None:
         choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS}.get(key)
         train.add_argument(f"--{key.replace('_', '-')}", type=kind, choices=choices,
                            help=f"{text} (default {default})")
+    peak = train.add_mutually_exclusive_group()
+    peak.add_argument("--peak-tflops", type=float,
+                      help="the device's peak TFLOP/s, to report MFU")
+    peak.add_argument("--peak-device", choices=sorted(DEVICES),
+                      help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     _common(train)
     train.set_defaults(run=run_train)

@@ -32,6 +32,7 @@ from moekit.files import CheckpointError, read_json, write_json
 from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.moe import MoEStats
+from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
                                train_batch)
@@ -201,12 +202,14 @@ class _StopOnCtrlC:
 def train(model_config: ModelConfig, train_config: TrainConfig, data_config: DataConfig,
           run: str | Path, *, resume: bool = False, overwrite: bool = False,
           init_from: str | Path | None = None, device: str | torch.device = "cpu",
-          show_progress: bool = True, on_step=None) -> TrainResult:
+          peak_flops: float | None = None, show_progress: bool = True,
+          on_step=None) -> TrainResult:
     """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
     configs are then those saved in the run; ``overwrite=True`` replaces an existing run
     folder instead). ``init_from``: a model folder (with tokenizer.json) whose model, weights and
     tokenizer the run starts from, e.g. an upcycled checkpoint; ``model_config`` is then None.
-    ``on_step(record)`` is called after each step.
+    Each step logs its model FLOP/s (from active parameters, moekit.plan), and its MFU when the
+    device's ``peak_flops`` is given. ``on_step(record)`` is called after each step.
     Ctrl-C finishes the current step, saves a checkpoint, and raises KeyboardInterrupt."""
     run, device = Path(run), torch.device(device)
     init_from = Path(init_from) if init_from is not None else None
@@ -236,6 +239,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer, extra,
                                     train_config.keep_checkpoints)
 
+    flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
     checkpoint = None
     with open(run / METRICS_FILE, "w") as log, _StopOnCtrlC() as stop, \
             Progress(train_config.steps, step, show_progress) as progress:
@@ -247,6 +251,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             step += 1
             record["tokens_per_s"] = (train_config.batch_size * train_config.seq_len
                                       / (time.perf_counter() - started))
+            record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
+            if peak_flops:
+                record["mfu"] = record["model_flops_per_s"] / peak_flops
             records.append(record)
             log.write(json.dumps(record) + "\n")
             if step % train_config.eval_every == 0 or step == train_config.steps:

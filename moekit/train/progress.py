@@ -17,6 +17,8 @@ def describe(record: dict, records: list[dict]) -> str:
     if evals:
         parts.append(f"val {evals[-1]['val_loss']:.3f} (ppl {math.exp(evals[-1]['val_loss']):.1f})")
     parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"MFU {record['mfu']:.1%}" if "mfu" in record
+                 else f"{record['model_flops_per_s'] / 1e9:.1f} GFLOP/s")
     if record["drop_rate"]:
         parts.append(f"drop {sum(record['drop_rate']) / len(record['drop_rate']):.1%}")
     return "  ".join(parts)
