@@ -1,1 +1,6 @@
 """Conversion between moekit and other layouts (Hugging Face, dense checkpoints)."""
+from moekit.convert.hf import LAYOUTS, check_exportable, transformer_from_hf
+from moekit.convert.hf_folder import export_hf, import_hf, load_hf
+
+__all__ = ["LAYOUTS", "check_exportable", "export_hf", "import_hf", "load_hf",
+           "transformer_from_hf"]
