@@ -55,12 +55,24 @@ def fine_grained(moe: MoEConfig, dense_ffn_size: int, granularity: int) -> MoECo
                    if moe.num_shared_experts else None)
 
 
-def _with_noise(weight_E: torch.Tensor, noise_std: float, generator: torch.Generator):
+def with_noise(weight_E: torch.Tensor, noise_std: float, generator: torch.Generator):
     """Each expert's copy plus Gaussian noise of ``noise_std`` times the weight's own std."""
     if noise_std == 0:
         return weight_E
     noise = torch.randn(weight_E.shape, generator=generator, dtype=torch.float32)
     return weight_E + (noise_std * weight_E.float().std() * noise).to(weight_E.dtype)
+
+
+@torch.no_grad()
+def init_router(layer: MoELayer, granularity: int, router_init_std: float | None,
+                generator: torch.Generator) -> None:
+    """A fresh router, normal with std ``router_init_std`` (default 1/sqrt(D), as the gates'
+    own init), its rows equal within each group of ``granularity`` experts."""
+    config = layer.config
+    std = router_init_std if router_init_std is not None else config.hidden_size ** -0.5
+    rows = torch.randn(config.num_experts // granularity, config.hidden_size,
+                       generator=generator) * std
+    layer.router.weight.copy_(rows.repeat_interleave(granularity, dim=0))
 
 
 @torch.no_grad()
@@ -82,14 +94,12 @@ def upcycle_ffn(config: MoEConfig, up: torch.Tensor, down: torch.Tensor,
     in_proj_gDI = torch.cat(in_parts, dim=1).transpose(1, 2)  # gate then up columns
     down_gFD = slices(down.T) * granularity
     routed_down_scale = 0.0 if config.num_shared_experts else 1.0
-    layer.experts.in_proj.copy_(_with_noise(in_proj_gDI.repeat(coarse_experts, 1, 1),
+    layer.experts.in_proj.copy_(with_noise(in_proj_gDI.repeat(coarse_experts, 1, 1),
                                             noise_std, generator))
-    layer.experts.down_proj.copy_(_with_noise(
+    layer.experts.down_proj.copy_(with_noise(
         routed_down_scale * down_gFD.repeat(coarse_experts, 1, 1), noise_std, generator))
 
-    std = router_init_std if router_init_std is not None else config.hidden_size ** -0.5
-    router_rows = torch.randn(coarse_experts, config.hidden_size, generator=generator) * std
-    layer.router.weight.copy_(router_rows.repeat_interleave(granularity, dim=0))
+    init_router(layer, granularity, router_init_std, generator)
 
     if config.num_shared_experts:
         shared = layer.shared_experts
