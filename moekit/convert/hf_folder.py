@@ -19,7 +19,8 @@ from moekit.convert.hf import (export_weights, hf_config_from_model, import_weig
 from moekit.files import (CheckpointError, atomic_directory, read_eos_token, read_json,
                           read_safetensors, write_json)
 from moekit.model import Transformer
-from moekit.model.io import write_model
+from moekit.model.io import FORMAT as MOEKIT_FORMAT
+from moekit.model.io import load_model, write_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -38,8 +39,8 @@ def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLi
 
 def _require_folder(folder: Path) -> None:
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder (expected a Hugging Face checkpoint "
-                              f"folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise CheckpointError(f"{folder}: not a folder (expected a checkpoint folder with "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE})")
 
 
 def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -91,10 +92,31 @@ def import_hf(source: str | os.PathLike, destination: str | os.PathLike,
     """Write the model of the Hugging Face folder ``source`` as a moekit folder, with its
     tokenizer and chat template; returns the model."""
     model = load_hf(source, dtype)
-    with atomic_directory(destination) as staging:
-        write_model(model, staging, extra={"imported_from": str(source)})
-        copy_tokenizer_files(source, staging)
+    save_with_tokenizer(model, destination, source, extra={"imported_from": str(source)})
     return model
+
+
+def save_with_tokenizer(model: Transformer, destination: str | os.PathLike,
+                        tokenizer_from: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save ``model`` as a moekit folder, atomically, with the tokenizer files (and chat
+    template) of the folder ``tokenizer_from`` where it has them."""
+    with atomic_directory(destination) as staging:
+        write_model(model, staging, extra)
+        copy_tokenizer_files(tokenizer_from, staging)
+
+
+def load_checkpoint(folder: str | os.PathLike) -> Transformer:
+    """The model of a moekit folder or of a local Hugging Face folder, told apart by their
+    ``config.json``."""
+    folder = Path(folder)
+    _require_folder(folder)
+    values = read_json(folder / CONFIG_FILE)
+    if values.get("format") == MOEKIT_FORMAT:
+        return load_model(folder)
+    if "model_type" in values:
+        return load_hf(folder)
+    raise CheckpointError(f"{folder / CONFIG_FILE}: neither a moekit config (\"format\": "
+                          f"\"{MOEKIT_FORMAT}\") nor a Hugging Face one (\"model_type\")")
 
 
 def _eos_token_id(folder: Path) -> int | None:

@@ -151,9 +151,9 @@ def upcycle_from_mlp(config: MoEConfig, mlp: MLP | nn.Module, **options) -> MoEL
                        None if gate is None else gate.weight, **options).train(mlp.training)
 
 
-def training_flops(model: Transformer, tokens: float) -> float:
-    """6 * N_active * tokens, with N_active the parameters one token passes through: all of
-    them but the input embedding table (a lookup; a tied table counts as the output
+def active_parameters(model: Transformer) -> int:
+    """The parameters one token passes through, for FLOPs = 6 * N_active * tokens: all of
+    them but the input embedding table (a lookup; a tied table counts, as the output
     projection) and the routed experts a token does not use (each MoE layer counts top_k of
     its num_experts)."""
     active = sum(p.numel() for p in model.parameters())
@@ -162,5 +162,6 @@ def training_flops(model: Transformer, tokens: float) -> float:
     for module in model.modules():
         if isinstance(module, MoELayer):
             routed = sum(p.numel() for p in module.experts.parameters())
-            active -= routed * (1 - module.config.top_k / module.config.num_experts)
-    return 6 * active * tokens
+            active -= routed * (module.config.num_experts - module.config.top_k) \
+                // module.config.num_experts
+    return active
