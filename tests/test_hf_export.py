@@ -126,6 +126,22 @@ def test_tokenizer_travels_both_ways(tmp_path):
     assert imported.eos_id == tokenizer.eos_id and imported.encode(text) == tokenizer.encode(text)
 
 
+def test_imported_tokenizer_keeps_its_own_end_of_text_token(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    backend = Tokenizer(models.WordLevel({"hello": 0, "world": 1, "</s>": 2, "[UNK]": 3},
+                                         unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    _saved_hf_model(tmp_path / "hf", "llama")
+    backend.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "</s>"}, "chat_template": "{{ messages }}"}))
+    import_hf(tmp_path / "hf", tmp_path / "moekit")
+    tokenizer = load_tokenizer(tmp_path / "moekit")
+    assert tokenizer.eos_id == 2 and tokenizer.encode("hello world") == [0, 1]
+    assert json.loads((tmp_path / "moekit" / "tokenizer_config.json").read_text())[
+        "chat_template"] == "{{ messages }}"
+
+
 @pytest.mark.parametrize("change, layout, message", [
     (dict(cla_share=2), "qwen3_moe", "cannot hold cross-layer attention .* no Hugging Face"),
     (dict(qk_norm=True), "mixtral", "cannot hold QK-norm .* layouts that can: qwen3_moe"),

@@ -16,18 +16,25 @@ from moekit.plan import upcycle_advice
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _folder_command(subcommands, name: str, source: str, run, **texts):
+    """A command that reads the folder ``--from`` and writes the folder ``--out``."""
+    parser = subcommands.add_parser(name, **texts)
+    parser.add_argument("--from", dest="source", required=True, metavar="DIR", help=source)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the folder to write (replaced atomically; untouched on error)")
+    parser.set_defaults(run=run)
+    return parser
+
+
 def register(subcommands) -> None:
-    upcycle_parser = subcommands.add_parser(
-        "upcycle", help="turn a dense checkpoint into an MoE model (Skywork-MoE upcycling)",
+    upcycle_parser = _folder_command(
+        subcommands, "upcycle", "a moekit checkpoint folder, or a local Hugging Face dense "
+        "checkpoint (Llama, Mistral or Qwen2 layout)", run_upcycle,
+        help="turn a dense checkpoint into an MoE model (Skywork-MoE upcycling)",
         description="Every expert starts as a copy of the dense FFN, the router fresh: at "
                     "initialisation the MoE model gives the dense model's logits. With "
                     "--dense-tokens and --moe-tokens it prints whether upcycling or training "
                     "from scratch pays (Skywork-MoE's rule).")
-    upcycle_parser.add_argument("--from", dest="source", required=True, metavar="DIR",
-                                help="a moekit checkpoint folder, or a local Hugging Face "
-                                     "dense checkpoint (Llama, Mistral or Qwen2 layout)")
-    upcycle_parser.add_argument("--out", required=True, metavar="DIR",
-                                help="the moekit folder to write (replaced atomically)")
     upcycle_parser.add_argument("--experts", type=int, required=True,
                                 help="number of experts (before --granularity)")
     upcycle_parser.add_argument("--top-k", type=int, default=2, help="experts per token")
@@ -47,27 +54,22 @@ def register(subcommands) -> None:
                                 help="tokens that trained the dense model")
     upcycle_parser.add_argument("--moe-tokens", type=float, default=None,
                                 help="tokens planned for training the MoE model")
-    upcycle_parser.set_defaults(run=run_upcycle)
 
-    import_parser = subcommands.add_parser(
-        "import", help="a local Hugging Face checkpoint -> a moekit folder",
+    import_parser = _folder_command(
+        subcommands, "import", "a local Hugging Face checkpoint folder", run_import,
+        help="a local Hugging Face checkpoint -> a moekit folder",
         description="Reads config.json and the safetensors weights (sharded too) of a Mixtral, "
                     "Qwen2-MoE, Qwen3-MoE, Llama, Mistral or Qwen2 folder; the tokenizer and "
                     "chat template come along.")
-    import_parser.add_argument("--from", dest="source", required=True, metavar="DIR")
-    import_parser.add_argument("--out", required=True, metavar="DIR")
     import_parser.add_argument("--dtype", choices=DTYPES, default=None,
                                help="default: the dtype of the stored weights")
-    import_parser.set_defaults(run=run_import)
 
-    export_parser = subcommands.add_parser(
-        "export", help="a moekit folder -> a Hugging Face folder transformers loads",
+    export_parser = _folder_command(
+        subcommands, "export", "a moekit checkpoint folder", run_export,
+        help="a moekit folder -> a Hugging Face folder transformers loads",
         description="Writes config.json, model.safetensors and the tokenizer files in the "
                     "chosen layout; refuses a model feature the layout cannot hold.")
-    export_parser.add_argument("--from", dest="source", required=True, metavar="DIR")
     export_parser.add_argument("--layout", required=True, choices=LAYOUTS)
-    export_parser.add_argument("--out", required=True, metavar="DIR")
-    export_parser.set_defaults(run=run_export)
 
 
 def _print_advice(dense, moe_model, dense_tokens: float, moe_tokens: float) -> None:

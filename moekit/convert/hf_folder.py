@@ -77,6 +77,8 @@ def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Tran
         raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
     weights = folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else WEIGHTS_FILE)
     file_state = read_hf_weights(folder)
+    if not file_state:
+        raise CheckpointError(f"{weights}: holds no tensors")
     stored_dtype = file_state.get("model.embed_tokens.weight",
                                   next(iter(file_state.values()))).dtype
     try:
