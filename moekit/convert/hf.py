@@ -299,30 +299,29 @@ def stack_experts(file_state: dict, layout: str) -> dict:
     return state
 
 
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    # A fresh contiguous copy: safetensors refuses views and tensors that share memory.
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def split_experts(hf_state: dict, layout: str) -> dict:
-    """The inverse of ``stack_experts``; every tensor is a fresh contiguous copy (safetensors
-    refuses tensors that share memory)."""
-    names = dict(_MIXTRAL_EXPERT_NAMES) if layout == "mixtral" else {}
-    names = {new: old for old, new in names.items()}
-    mlp = ".block_sparse_moe." if layout == "mixtral" else ".mlp."
+    """The inverse of ``stack_experts``."""
+    mixtral = layout == "mixtral"
+    mlp = ".block_sparse_moe." if mixtral else ".mlp."
+    file_names = {new: old for old, new in _MIXTRAL_EXPERT_NAMES} if mixtral else {}
     files = {}
-
-    def own(tensor):
-        return tensor.clone(memory_format=torch.contiguous_format)
-
     for name, tensor in hf_state.items():
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            prefix = name[:-len(".mlp.experts.gate_up_proj")] + mlp + "experts"
-            for expert, fused in enumerate(tensor):
-                for part, half in zip(("gate_proj", "up_proj"), fused.chunk(2)):
-                    files[f"{prefix}.{expert}.{names.get(part, part)}.weight"] = own(half)
-        elif name.endswith(".mlp.experts.down_proj"):
-            prefix = name[:-len(".mlp.experts.down_proj")] + mlp + "experts"
-            for expert, down in enumerate(tensor):
-                files[f"{prefix}.{expert}.{names.get('down_proj', 'down_proj')}.weight"] = \
-                    own(down)
-        else:
-            files[name.replace(".mlp.", mlp)] = own(tensor)
+        stacked = re.fullmatch(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+        if stacked is None:
+            files[name.replace(".mlp.", mlp)] = _own(tensor)
+            continue
+        layer, kind = stacked.groups()
+        for expert, weight in enumerate(tensor):
+            parts = (zip(("gate_proj", "up_proj"), weight.chunk(2)) if kind == "gate_up_proj"
+                     else [("down_proj", weight)])
+            for part, matrix in parts:
+                files[f"{layer}{mlp}experts.{expert}.{file_names.get(part, part)}.weight"] = \
+                    _own(matrix)
     return files
 
 

@@ -126,7 +126,11 @@ def _eos_token_id(folder: Path) -> int | None:
     eos = read_eos_token(folder)
     if eos is None or not (folder / "tokenizer.json").is_file():
         return None
-    return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos)
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos)
+    except Exception as error:  # tokenizers raises a bare Exception on a bad file
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer "
+                              f"({error})") from None
 
 
 def export_hf(model: Transformer, destination: str | os.PathLike, layout: str,

@@ -131,7 +131,7 @@ def upcycle(dense: Transformer, moe: MoEConfig, *, noise_std: float = 0.0,
     if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std >= 0):
         raise ValueError(f"noise_std={noise_std!r} is not allowed: expected a number >= 0")
     moe_config = replace(config, moe=fine_grained(moe, config.ffn_size, granularity),
-                         moe_every=moe_every or config.moe_every)
+                         moe_every=config.moe_every if moe_every is None else moe_every)
     model = copy.deepcopy(dense)
     model.config = moe_config
     generator = torch.Generator().manual_seed(seed)
