@@ -141,7 +141,7 @@ def _redraw(weights, generator: torch.Generator) -> None:
     """Fresh experts: every matrix re-drawn from a normal law with the std of its copy."""
     for weight in weights:
         if weight.dim() >= 2:
-            draw = torch.randn(weight.shape, generator=generator, dtype=torch.float32)
+            draw = torch.randn(weight.shape, generator=generator).to(weight.device)
             weight.copy_(draw * weight.float().std())
 
 

@@ -59,7 +59,8 @@ def with_noise(weight_E: torch.Tensor, noise_std: float, generator: torch.Genera
     """Each expert's copy plus Gaussian noise of ``noise_std`` times the weight's own std."""
     if noise_std == 0:
         return weight_E
-    noise = torch.randn(weight_E.shape, generator=generator, dtype=torch.float32)
+    # Drawn on the CPU generator, so that a seed gives the same experts on every device.
+    noise = torch.randn(weight_E.shape, generator=generator).to(weight_E.device)
     return weight_E + (noise_std * weight_E.float().std() * noise).to(weight_E.dtype)
 
 
