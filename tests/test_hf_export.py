@@ -109,6 +109,27 @@ def test_sharded_folder_and_bf16_import(tmp_path):
     assert load_hf(tmp_path / "bf16").embed_tokens.weight.dtype == torch.bfloat16
 
 
+def test_broken_shards_and_experts_are_named(tmp_path):
+    _saved_hf_model(tmp_path / "hf", "mixtral", max_shard_size="20KB")
+    index_path = tmp_path / "hf" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["model.layers.0.block_sparse_moe.experts.9.w1.weight"] = shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"index.json: 1 listed tensors are in no shard, "
+                                              rf"e.g. .*experts.9.w1.weight \(said to be in {shard}"):
+        load_hf(tmp_path / "hf")
+
+    from safetensors.torch import load_file, save_file
+    _saved_hf_model(tmp_path / "one", "mixtral")
+    weights = tmp_path / "one" / "model.safetensors"
+    kept = {name: t for name, t in load_file(weights).items() if ".experts.3.w2." not in name}
+    save_file(kept, str(weights), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"layers.0.mlp.experts: expected gate_proj, "
+                                              r"up_proj and down_proj for experts 0..3, found 11"):
+        load_hf(tmp_path / "one")
+
+
 def test_tokenizer_travels_both_ways(tmp_path):
     tokenizer = train_tokenizer(["a few words of text", "more words"], vocab_size=300)
     model = _moekit_model("mixtral")
