@@ -117,7 +117,7 @@ def test_broken_shards_and_experts_are_named(tmp_path):
     index["weight_map"]["model.layers.0.block_sparse_moe.experts.9.w1.weight"] = shard
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=rf"index.json: 1 listed tensors are in no shard, "
-                                              rf"e.g. .*experts.9.w1.weight \(said to be in {shard}"):
+                       rf"e.g. .*experts.9.w1.weight \(said to be in {shard}"):
         load_hf(tmp_path / "hf")
 
     from safetensors.torch import load_file, save_file
