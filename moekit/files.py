@@ -90,3 +90,13 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         return load_file(path, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def read_eos_token(folder: str | os.PathLike) -> str | None:
+    """The end-of-sequence token a tokenizer folder names in ``tokenizer_config.json`` (the
+    Hugging Face convention), or None when the file or the entry is absent."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    eos = read_json(path).get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos  # older files nest it

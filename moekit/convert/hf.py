@@ -1,40 +1,341 @@
-"""Hugging Face interoperability.
+"""Hugging Face layouts: configs and weight names, both ways, and what each layout can hold.
 
-Hugging Face MoE blocks store each expert's fused gate+up matrix as ``gate_up_proj`` [E, 2F, D]
-and ``down_proj`` [E, D, F] (nn.Linear's out-by-in convention); moekit stores the input-major
-transposes ``gate_up_proj`` [E, D, 2F] and ``down_proj`` [E, F, D]. The router weight is
-[E, D] in both.
+Layouts: the MoE ones ``mixtral``, ``qwen2_moe``, ``qwen3_moe`` and the dense ones ``llama``,
+``mistral``, ``qwen2`` (the sources of upcycling). A config travels as the plain dict of a
+``config.json`` (a transformers config object is read through its ``to_dict()``).
+
+Weights come in three namings:
+
+- moekit's (``layers.3.ffn.experts.gate_up_proj`` [E, D, 2F], input-major for grouped matmul);
+- transformers' in memory (v5), the same stacked experts in nn.Linear's out-by-in convention:
+  ``model.layers.3.mlp.experts.gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F];
+- the files on the Hub, one tensor per expert: ``mlp.experts.7.gate_proj.weight`` (Qwen) or
+  ``block_sparse_moe.experts.7.w1.weight`` (Mixtral: w1 gate, w3 up, w2 down).
+
+Import goes files -> stacked -> moekit; export goes back. Every step is a rename, a transpose, a
+concatenation or a split, so a round trip is bit-exact.
 """
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.model import Transformer
+from moekit.model.io import describe_mismatch
 from moekit.moe import MoELayer
+
+MOE_LAYOUTS = ("mixtral", "qwen2_moe", "qwen3_moe")
+DENSE_LAYOUTS = ("llama", "mistral", "qwen2")
+LAYOUTS = MOE_LAYOUTS + DENSE_LAYOUTS
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "llama": "LlamaForCausalLM",
+                 "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def _as_dict(hf_config) -> dict:
+    return hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+
+
+def _field(values: dict, key: str):
+    if values.get(key) is None:
+        raise ValueError(f"{key} is missing (a {values.get('model_type')} config needs it)")
+    return values[key]
+
+
+def _refuse_if(condition: bool, key: str, values: dict, why: str) -> None:
+    if condition:
+        raise ValueError(f"{key}={values.get(key)!r} is not supported: {why}")
+
+
+def _rope_base(values: dict) -> float:
+    """RoPE base of a v5 (``rope_parameters``) or v4 (``rope_theta``, ``rope_scaling``) config;
+    scaled RoPE (YaRN, Llama 3's) is refused, as moekit rotates by the plain rule."""
+    parameters = values.get("rope_parameters") or {}
+    _refuse_if(parameters.get("rope_type", "default") != "default", "rope_parameters", values,
+               "only plain RoPE (rope_type 'default') is supported")
+    _refuse_if(values.get("rope_scaling") is not None, "rope_scaling", values,
+               "only plain RoPE (no scaling) is supported")
+    return float(parameters.get("rope_theta", values.get("rope_theta", 10000.0)))
+
+
+def _context_length(values: dict) -> int:
+    """The context moekit attends over: a sliding window shorter than the context becomes the
+    context, so that every position moekit accepts is attended to exactly as the source does."""
+    context = _field(values, "max_position_embeddings")
+    window = values.get("sliding_window")
+    uses_window = values.get("use_sliding_window", values["model_type"] in ("mistral", "mixtral"))
+    return min(context, window) if uses_window and window else context
 
 
 def moe_config_from_hf(hf_config) -> MoEConfig:
     """The MoEConfig of one sparse block of a Mixtral, Qwen2-MoE or Qwen3-MoE config."""
-    if hf_config.hidden_act != "silu":
-        raise ValueError(f"hidden_act={hf_config.hidden_act!r} is not supported: expected 'silu'")
-    model_type = hf_config.model_type
+    values = _as_dict(hf_config)
+    model_type = values.get("model_type")
     if model_type == "mixtral":
-        return MoEConfig(hidden_size=hf_config.hidden_size, ffn_size=hf_config.intermediate_size,
-                         num_experts=hf_config.num_local_experts,
-                         top_k=hf_config.num_experts_per_tok, normalize_weights=True)
+        return MoEConfig(hidden_size=_field(values, "hidden_size"),
+                         ffn_size=_field(values, "intermediate_size"),
+                         num_experts=_field(values, "num_local_experts"),
+                         top_k=_field(values, "num_experts_per_tok"))
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        shared = getattr(hf_config, "shared_expert_intermediate_size", 0) or 0
-        return MoEConfig(hidden_size=hf_config.hidden_size,
-                         ffn_size=hf_config.moe_intermediate_size,
-                         num_experts=hf_config.num_experts, top_k=hf_config.num_experts_per_tok,
-                         normalize_weights=hf_config.norm_topk_prob,
+        shared = values.get("shared_expert_intermediate_size") or 0
+        return MoEConfig(hidden_size=_field(values, "hidden_size"),
+                         ffn_size=_field(values, "moe_intermediate_size"),
+                         # Hub files say num_experts; transformers v5 writes num_local_experts.
+                         num_experts=values.get("num_experts") or _field(values,
+                                                                         "num_local_experts"),
+                         top_k=_field(values, "num_experts_per_tok"),
+                         normalize_weights=bool(values.get("norm_topk_prob", False)),
                          num_shared_experts=1 if shared else 0, shared_ffn_size=shared or None,
                          shared_expert_gate=bool(shared))
-    raise ValueError(f"model_type={model_type!r} is not supported: expected mixtral, qwen2_moe "
-                     "or qwen3_moe")
+    raise ValueError(f"model_type={model_type!r} is not an MoE layout moekit reads: expected "
+                     f"one of {', '.join(MOE_LAYOUTS)}")
 
+
+def model_config_from_hf(hf_config) -> ModelConfig:
+    """The ModelConfig of a Hugging Face config of one of ``LAYOUTS``."""
+    values = _as_dict(hf_config)
+    model_type = values.get("model_type")
+    if model_type not in LAYOUTS:
+        raise ValueError(f"model_type={model_type!r} is not supported: expected one of "
+                         f"{', '.join(LAYOUTS)}")
+    _refuse_if(values.get("hidden_act", "silu") != "silu", "hidden_act", values,
+               "expected 'silu' (SwiGLU feed-forward blocks)")
+    _refuse_if(bool(values.get("mlp_only_layers")), "mlp_only_layers", values,
+               "moekit places MoE layers every n-th layer (decoder_sparse_step)")
+    _refuse_if(bool(values.get("mlp_bias")), "mlp_bias", values, "moekit's FFNs have no bias")
+    # Llama's and Qwen3's attention_bias biases o_proj too, which moekit's attention lacks.
+    _refuse_if(bool(values.get("attention_bias")), "attention_bias", values,
+               "moekit biases q/k/v only (qkv_bias, the Qwen2 layouts)")
+    qkv_bias = (model_type == "qwen2" or
+                (model_type == "qwen2_moe" and values.get("qkv_bias", True)))
+    return ModelConfig(
+        vocab_size=_field(values, "vocab_size"), hidden_size=_field(values, "hidden_size"),
+        num_layers=_field(values, "num_hidden_layers"),
+        num_heads=_field(values, "num_attention_heads"),
+        num_kv_heads=values.get("num_key_value_heads"), head_dim=values.get("head_dim"),
+        ffn_size=_field(values, "intermediate_size"), max_seq_len=_context_length(values),
+        rope_base=_rope_base(values), norm_eps=float(_field(values, "rms_norm_eps")),
+        tie_embeddings=bool(values.get("tie_word_embeddings", False)), qkv_bias=bool(qkv_bias),
+        qk_norm=model_type == "qwen3_moe",
+        moe=moe_config_from_hf(values) if model_type in MOE_LAYOUTS else None,
+        moe_every=values.get("decoder_sparse_step", 1) if model_type in MOE_LAYOUTS else 1)
+
+
+# ---- What each layout can hold -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    present: Callable[[ModelConfig], bool]
+    layouts: tuple[str, ...]  # the layouts that can hold it
+
+
+def _moe(config: ModelConfig, test: Callable[[MoEConfig], bool]) -> bool:
+    return config.moe is not None and test(config.moe)
+
+
+def _weights_renormalised(moe: MoEConfig) -> bool:
+    return moe.normalize_weights and moe.router != "switch"  # as build_gate reads them
+
+
+FEATURES = (
+    Feature("MoE feed-forward layers (moe set)", lambda c: c.moe is not None, MOE_LAYOUTS),
+    Feature("a dense model (moe=None)", lambda c: c.moe is None, DENSE_LAYOUTS),
+    Feature("dense layers between MoE layers (moe_every > 1)",
+            lambda c: c.moe is not None and c.moe_every > 1, ("qwen2_moe", "qwen3_moe")),
+    Feature("cross-layer attention (cla_share > 1)", lambda c: c.cla_share > 1, ()),
+    Feature("QK-norm (qk_norm=True)", lambda c: c.qk_norm, ("qwen3_moe",)),
+    Feature("attention without QK-norm (qk_norm=False)", lambda c: not c.qk_norm,
+            ("mixtral", "qwen2_moe") + DENSE_LAYOUTS),
+    Feature("QKV bias (qkv_bias=True)", lambda c: c.qkv_bias, ("qwen2_moe", "qwen2")),
+    Feature("attention without QKV bias (qkv_bias=False)", lambda c: not c.qkv_bias,
+            ("mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral")),
+    Feature("an activation other than SwiGLU",
+            lambda c: c.activation != "swiglu" or _moe(c, lambda m: m.activation != "swiglu"),
+            ()),
+    Feature("the sigmoid router", lambda c: _moe(c, lambda m: m.router == "sigmoid"), ()),
+    Feature("gating-logit normalization (logit_norm_scale)",
+            lambda c: _moe(c, lambda m: m.logit_norm_scale is not None), ()),
+    Feature("token dropping in evaluation (eval_capacity_factor)",
+            lambda c: _moe(c, lambda m: m.eval_capacity_factor is not None), ()),
+    Feature("top-k weights not renormalised (normalize_weights=False or router='switch')",
+            lambda c: _moe(c, lambda m: not _weights_renormalised(m)), ("qwen2_moe", "qwen3_moe")),
+    Feature("shared experts with a sigmoid gate (shared_expert_gate=True)",
+            lambda c: _moe(c, lambda m: m.num_shared_experts > 0 and m.shared_expert_gate),
+            ("qwen2_moe",)),
+    Feature("shared experts without a gate (shared_expert_gate=False)",
+            lambda c: _moe(c, lambda m: m.num_shared_experts > 0 and not m.shared_expert_gate),
+            ()),
+    Feature("MoE layers without a shared expert",
+            lambda c: _moe(c, lambda m: m.num_shared_experts == 0), ("mixtral", "qwen3_moe")),
+)
+
+
+def check_exportable(config: ModelConfig, layout: str) -> None:
+    """Raise a ValueError naming the first feature of ``config`` that ``layout`` cannot hold,
+    and the layouts that can."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not supported: expected one of "
+                         f"{', '.join(LAYOUTS)}")
+    for feature in FEATURES:
+        if feature.present(config) and layout not in feature.layouts:
+            where = (f"layouts that can: {', '.join(feature.layouts)}" if feature.layouts
+                     else "no Hugging Face layout moekit writes can")
+            raise ValueError(f"the {layout} layout cannot hold {feature.name}; {where}")
+
+
+def hf_config_from_model(config: ModelConfig, layout: str) -> dict:
+    """The ``config.json`` of ``layout`` for a model ``check_exportable`` accepts."""
+    check_exportable(config, layout)
+    values = {
+        "architectures": [ARCHITECTURES[layout]], "model_type": layout, "hidden_act": "silu",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.kv_heads, "head_dim": config.attention_head_dim,
+        "intermediate_size": config.ffn_size, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        # v5 reads rope_parameters, v4 rope_theta: both, so that either loads the model.
+        "rope_theta": config.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "sliding_window": None, "use_sliding_window": False, "attention_bias": False,
+    }
+    moe = config.moe
+    if layout == "mixtral":
+        values.update(intermediate_size=moe.ffn_size, num_local_experts=moe.num_experts,
+                      num_experts_per_tok=moe.top_k)
+    elif layout in ("qwen2_moe", "qwen3_moe"):
+        values.update(moe_intermediate_size=moe.ffn_size, num_experts=moe.num_experts,
+                      num_experts_per_tok=moe.top_k, norm_topk_prob=_weights_renormalised(moe),
+                      decoder_sparse_step=config.moe_every, mlp_only_layers=[])
+        if layout == "qwen2_moe":
+            values.update(qkv_bias=config.qkv_bias, shared_expert_intermediate_size=(
+                moe.num_shared_experts * (moe.shared_ffn_size or moe.ffn_size)))
+    return values
+
+
+# ---- Weight names ------------------------------------------------------------------------
+
+# Inside one layer, Hugging Face prefix <-> moekit prefix; the first that matches is used.
+_LAYER_PARTS = (
+    ("self_attn.", "attn."), ("input_layernorm.", "attn_norm."),
+    ("post_attention_layernorm.", "ffn_norm."), ("mlp.gate.", "ffn.router."),
+    ("mlp.shared_expert_gate.", "ffn.shared_gate."), ("mlp.shared_expert.", "ffn.shared_experts."),
+    ("mlp.", "ffn."),
+)
+_TOP_LEVEL = (("model.embed_tokens.", "embed_tokens."), ("model.norm.", "norm."),
+              ("lm_head.", "lm_head."))
+_STACKED = ("experts.gate_up_proj", "experts.down_proj")  # [E, out, in] <-> [E, in, out]
+# Training state of moekit that no Hugging Face layout stores; an import starts it afresh.
+MOEKIT_ONLY = ("recycle_calls", "aux_coefficient.value", "balance_bias")
+
+
+def _rename(name: str, to_moekit: bool) -> str:
+    source, target = (0, 1) if to_moekit else (1, 0)
+    layer = re.match(r"(model\.)?layers\.(\d+)\.", name)
+    if layer:
+        rest = name[layer.end():]
+        for pair in _LAYER_PARTS:
+            if rest.startswith(pair[source]):
+                rest = pair[target] + rest[len(pair[source]):]
+                break
+        return f"{'' if to_moekit else 'model.'}layers.{layer.group(2)}.{rest}"
+    for pair in _TOP_LEVEL:
+        if name.startswith(pair[source]):
+            return pair[target] + name[len(pair[source]):]
+    return name
+
+
+def hf_to_moekit_state(hf_state: dict) -> dict:
+    """Rename (and transpose the stacked expert weights of) a state dict in transformers'
+    in-memory naming."""
+    state = {}
+    for name, tensor in hf_state.items():
+        name = _rename(name, to_moekit=True)
+        state[name] = tensor.transpose(1, 2) if name.endswith(_STACKED) else tensor
+    return state
+
+
+def moekit_to_hf_state(state: dict) -> dict:
+    """The inverse of ``hf_to_moekit_state``, leaving out moekit's training state."""
+    hf_state = {}
+    for name, tensor in state.items():
+        if not name.endswith(MOEKIT_ONLY):
+            hf_state[_rename(name, to_moekit=False)] = (
+                tensor.transpose(1, 2) if name.endswith(_STACKED) else tensor)
+    return hf_state
+
+
+_MIXTRAL_EXPERT_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
+_PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def stack_experts(file_state: dict, layout: str) -> dict:
+    """Hub naming (one tensor per expert) -> transformers' in-memory naming (stacked)."""
+    state, per_expert = {}, {}
+    for name, tensor in file_state.items():
+        if layout == "mixtral":
+            name = name.replace(".block_sparse_moe.", ".mlp.")
+            for old, new in _MIXTRAL_EXPERT_NAMES:
+                name = re.sub(rf"(\.experts\.\d+)\.{old}\.", rf"\1.{new}.", name)
+        match = _PER_EXPERT.fullmatch(name)
+        if match is None:
+            state[name] = tensor
+        else:
+            prefix, expert, part = match.groups()
+            per_expert.setdefault(prefix, {})[(int(expert), part)] = tensor
+    for prefix, parts in per_expert.items():
+        experts = sorted({expert for expert, _ in parts})
+        if experts != list(range(len(experts))) or len(parts) != 3 * len(experts):
+            raise ValueError(f"{prefix}: expected gate_proj, up_proj and down_proj for experts "
+                             f"0..{len(experts) - 1}, found {len(parts)} tensors")
+        state[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in experts])
+        state[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in experts])
+    return state
+
+
+def _own(tensor: torch.Tensor) -> torch.Tensor:
+    # A fresh contiguous copy: safetensors refuses views and tensors that share memory.
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def split_experts(hf_state: dict, layout: str) -> dict:
+    """The inverse of ``stack_experts``."""
+    mixtral = layout == "mixtral"
+    mlp = ".block_sparse_moe." if mixtral else ".mlp."
+    file_names = {new: old for old, new in _MIXTRAL_EXPERT_NAMES} if mixtral else {}
+    files = {}
+    for name, tensor in hf_state.items():
+        stacked = re.fullmatch(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
+        if stacked is None:
+            files[name.replace(".mlp.", mlp)] = _own(tensor)
+            continue
+        layer, kind = stacked.groups()
+        for expert, weight in enumerate(tensor):
+            parts = (zip(("gate_proj", "up_proj"), weight.chunk(2)) if kind == "gate_up_proj"
+                     else [("down_proj", weight)])
+            for part, matrix in parts:
+                files[f"{layer}{mlp}experts.{expert}.{file_names.get(part, part)}.weight"] = \
+                    _own(matrix)
+    return files
+
+
+def import_weights(file_state: dict, layout: str) -> dict:
+    """Tensors as a Hugging Face folder of ``layout`` stores them -> moekit's state dict."""
+    return hf_to_moekit_state(stack_experts(file_state, layout))
+
+
+def export_weights(state: dict, layout: str) -> dict:
+    """moekit's state dict -> tensors as a Hugging Face folder of ``layout`` stores them."""
+    return split_experts(moekit_to_hf_state(state), layout)
+
+
+# ---- Models and blocks in memory (transformers objects) ------------------------------------
 
 @torch.no_grad()
 def load_hf_moe_block(layer: MoELayer, block: nn.Module) -> MoELayer:
@@ -56,59 +357,21 @@ def moe_layer_from_hf_block(block: nn.Module, hf_config) -> MoELayer:
     return load_hf_moe_block(layer.to(block.gate.weight.dtype), block)
 
 
-def _rope_base(hf_config) -> float:
-    parameters = getattr(hf_config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
-
-
-def model_config_from_hf(hf_config) -> ModelConfig:
-    """The ModelConfig of a Hugging Face Mixtral, Qwen2-MoE or Qwen3-MoE config."""
-    if getattr(hf_config, "mlp_only_layers", None):
-        raise ValueError(f"mlp_only_layers={hf_config.mlp_only_layers} is not supported: "
-                         "moekit places MoE layers every n-th layer (decoder_sparse_step)")
-    model_type = hf_config.model_type
-    return ModelConfig(
-        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads,
-        head_dim=getattr(hf_config, "head_dim", None), ffn_size=hf_config.intermediate_size,
-        max_seq_len=hf_config.max_position_embeddings, rope_base=_rope_base(hf_config),
-        norm_eps=float(hf_config.rms_norm_eps), tie_embeddings=hf_config.tie_word_embeddings,
-        qkv_bias=model_type == "qwen2_moe" and getattr(hf_config, "qkv_bias", True),
-        qk_norm=model_type == "qwen3_moe", moe=moe_config_from_hf(hf_config),
-        moe_every=getattr(hf_config, "decoder_sparse_step", 1))
-
-
-# Hugging Face name fragment -> moekit name fragment, applied in order.
-_RENAMES = [
-    ("model.embed_tokens.", "embed_tokens."), ("model.norm.", "norm."), ("model.layers.", "layers."),
-    (".self_attn.", ".attn."), (".input_layernorm.", ".attn_norm."),
-    (".post_attention_layernorm.", ".ffn_norm."), (".mlp.gate.", ".ffn.router."),
-    (".mlp.shared_expert_gate.", ".ffn.shared_gate."), (".mlp.shared_expert.", ".ffn.shared_experts."),
-    (".mlp.", ".ffn."),
-]
-_TRANSPOSED = ("experts.gate_up_proj", "experts.down_proj")  # [E, out, in] <-> [E, in, out]
-
-
-def hf_to_moekit_state(hf_state: dict) -> dict:
-    """Rename (and transpose the stacked expert weights of) a Hugging Face state dict."""
-    state = {}
-    for name, tensor in hf_state.items():
-        for old, new in _RENAMES:
-            name = name.replace(old, new)
-        state[name] = tensor.transpose(1, 2) if name.endswith(_TRANSPOSED) else tensor
-    return state
-
-
-@torch.no_grad()
-def transformer_from_hf(hf_model) -> Transformer:
-    """A moekit Transformer with the weights of a Hugging Face Mixtral/Qwen2-MoE/Qwen3-MoE."""
-    model = Transformer(model_config_from_hf(hf_model.config))
-    state = hf_to_moekit_state(hf_model.state_dict())
+def load_converted_state(model: Transformer, state: dict) -> Transformer:
+    """Load a state dict in moekit's naming into ``model``; a ValueError names the first
+    tensor that is missing, extra or of the wrong shape."""
     if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [name for name in missing if not name.endswith(("recycle_calls", ".value"))]
-    if missing or unexpected:
-        raise ValueError(f"weights do not match: missing {missing}, unexpected {unexpected}")
-    return model.to(hf_model.dtype)
+        state = {name: t for name, t in state.items() if name != "lm_head.weight"}
+    problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in state.items()},
+                                may_lack=MOEKIT_ONLY)
+    if problem:
+        raise ValueError(f"weights do not fit the model of the config: {problem}")
+    with torch.no_grad():
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def transformer_from_hf(hf_model) -> Transformer:
+    """A moekit Transformer with the weights of a transformers model of one of ``LAYOUTS``."""
+    model = Transformer(model_config_from_hf(hf_model.config)).to(hf_model.dtype)
+    return load_converted_state(model, hf_to_moekit_state(hf_model.state_dict()))

@@ -66,10 +66,13 @@ def read_model_config(folder: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{path}: bad model config ({error})") from None
 
 
-def _mismatch(model: Transformer, stored: dict[str, tuple[int, ...]]) -> str | None:
-    """The first difference between the model's tensors and the stored ones, in words."""
+def describe_mismatch(model: Transformer, stored: dict[str, tuple[int, ...]],
+                      may_lack: tuple[str, ...] = ()) -> str | None:
+    """The first difference between the model's tensors and the stored shapes, in words;
+    names ending with one of ``may_lack`` may be absent (state a format does not store)."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = sorted(set(expected) - set(stored))
+    missing = sorted(name for name in set(expected) - set(stored)
+                     if not (may_lack and name.endswith(may_lack)))
     if missing and not (model.lm_head is None and missing == ["lm_head.weight"]):
         return f"{len(missing)} tensors missing, e.g. {missing[0]}"
     unexpected = sorted(set(stored) - set(expected))
@@ -91,7 +94,7 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        problem = _mismatch(model, stored)
+        problem = describe_mismatch(model, stored)
         if problem:
             raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
         load_into(model, str(path), strict=True, device=str(next(model.parameters()).device))

@@ -11,21 +11,26 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from moekit.files import CheckpointError
+from moekit.files import CheckpointError, read_eos_token, write_json
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # names the end-of-text token, as transformers
 END_OF_TEXT = "<|endoftext|>"
 BYTE_VOCAB_SIZE = 257  # 256 bytes + END_OF_TEXT
 
 
 class TextTokenizer:
-    """``encode(text) -> ids``, ``decode(ids) -> text``, ``eos_id``, ``vocab_size``."""
+    """``encode(text) -> ids``, ``decode(ids) -> text``, ``eos_id``, ``vocab_size``.
 
-    def __init__(self, backend):
+    ``eos_token`` is moekit's ``<|endoftext|>`` for the tokenizers it trains; an imported
+    tokenizer brings its own (``</s>``, ``<|im_end|>``...) in ``tokenizer_config.json``."""
+
+    def __init__(self, backend, eos_token: str = END_OF_TEXT):
         self.backend = backend
-        self.eos_id = backend.token_to_id(END_OF_TEXT)
+        self.eos_token = eos_token
+        self.eos_id = backend.token_to_id(eos_token)
         if self.eos_id is None:
-            raise CheckpointError(f"tokenizer has no {END_OF_TEXT} token")
+            raise CheckpointError(f"tokenizer has no {eos_token} token")
 
     @property
     def vocab_size(self) -> int:
@@ -42,6 +47,8 @@ class TextTokenizer:
 
     def save(self, folder: str | os.PathLike) -> None:
         self.backend.save(str(Path(folder) / TOKENIZER_FILE))
+        write_json(Path(folder) / TOKENIZER_CONFIG_FILE,
+                   {"eos_token": self.eos_token, "tokenizer_class": "PreTrainedTokenizerFast"})
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
@@ -61,12 +68,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> TextTokenizer:
 
 
 def load_tokenizer(folder: str | os.PathLike) -> TextTokenizer:
-    """The tokenizer saved beside a checkpoint (``folder/tokenizer.json``)."""
+    """The tokenizer saved beside a checkpoint (``folder/tokenizer.json``, and the end-of-text
+    token named in ``folder/tokenizer_config.json`` when there is one)."""
     from tokenizers import Tokenizer
     path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return TextTokenizer(Tokenizer.from_file(str(path)))
+        backend = Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception on a bad file
         raise CheckpointError(f"{path}: not a readable tokenizer ({error})") from None
+    return TextTokenizer(backend, read_eos_token(folder) or END_OF_TEXT)

@@ -1,0 +1,123 @@
+"""`moekit upcycle`, `moekit import`, `moekit export`: conversion between dense checkpoints,
+moekit folders and Hugging Face folders."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from moekit.config import MoEConfig
+from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
+from moekit.convert.hf_folder import load_checkpoint, save_with_tokenizer
+from moekit.convert.upcycle import active_parameters
+from moekit.model import load_model
+from moekit.plan import upcycle_advice
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _folder_command(subcommands, name: str, source: str, run, **texts):
+    """A command that reads the folder ``--from`` and writes the folder ``--out``."""
+    parser = subcommands.add_parser(name, **texts)
+    parser.add_argument("--from", dest="source", required=True, metavar="DIR", help=source)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="the folder to write (replaced atomically; untouched on error)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def register(subcommands) -> None:
+    upcycle_parser = _folder_command(
+        subcommands, "upcycle", "a moekit checkpoint folder, or a local Hugging Face dense "
+        "checkpoint (Llama, Mistral or Qwen2 layout)", run_upcycle,
+        help="turn a dense checkpoint into an MoE model (Skywork-MoE upcycling)",
+        description="Every expert starts as a copy of the dense FFN, the router fresh: at "
+                    "initialisation the MoE model gives the dense model's logits. With "
+                    "--dense-tokens and --moe-tokens it prints whether upcycling or training "
+                    "from scratch pays (Skywork-MoE's rule).")
+    upcycle_parser.add_argument("--experts", type=int, required=True,
+                                help="number of experts (before --granularity)")
+    upcycle_parser.add_argument("--top-k", type=int, default=2, help="experts per token")
+    upcycle_parser.add_argument("--granularity", type=int, default=1,
+                                help="split each expert into G slices, top-k times G "
+                                     "(fine-grained; active FLOPs unchanged)")
+    upcycle_parser.add_argument("--shared-experts", type=int, default=0,
+                                help="a shared expert that starts as the dense FFN (1, or 0)")
+    upcycle_parser.add_argument("--noise-std", type=float, default=0.0,
+                                help="noise on each expert copy, relative to each weight's std")
+    upcycle_parser.add_argument("--router-init-std", type=float, default=None,
+                                help="std of the new router (default 1/sqrt(hidden_size))")
+    upcycle_parser.add_argument("--moe-every", type=int, default=None,
+                                help="make every n-th layer MoE (default 1: all)")
+    upcycle_parser.add_argument("--seed", type=int, default=0)
+    upcycle_parser.add_argument("--dense-tokens", type=float, default=None,
+                                help="tokens that trained the dense model")
+    upcycle_parser.add_argument("--moe-tokens", type=float, default=None,
+                                help="tokens planned for training the MoE model")
+
+    import_parser = _folder_command(
+        subcommands, "import", "a local Hugging Face checkpoint folder", run_import,
+        help="a local Hugging Face checkpoint -> a moekit folder",
+        description="Reads config.json and the safetensors weights (sharded too) of a Mixtral, "
+                    "Qwen2-MoE, Qwen3-MoE, Llama, Mistral or Qwen2 folder; the tokenizer and "
+                    "chat template come along.")
+    import_parser.add_argument("--dtype", choices=DTYPES, default=None,
+                               help="default: the dtype of the stored weights")
+
+    export_parser = _folder_command(
+        subcommands, "export", "a moekit checkpoint folder", run_export,
+        help="a moekit folder -> a Hugging Face folder transformers loads",
+        description="Writes config.json, model.safetensors and the tokenizer files in the "
+                    "chosen layout; refuses a model feature the layout cannot hold.")
+    export_parser.add_argument("--layout", required=True, choices=LAYOUTS)
+
+
+def _print_advice(dense, moe_model, dense_tokens: float, moe_tokens: float) -> None:
+    dense_params, moe_params = active_parameters(dense), active_parameters(moe_model)
+    dense_flops, moe_flops = 6 * dense_params * dense_tokens, 6 * moe_params * moe_tokens
+    advice = upcycle_advice(dense_flops, moe_flops)
+    print("compute = 6 x active parameters (all but the embedding lookup, top-k of the "
+          "routed experts) x tokens")
+    print(f"  dense: 6 x {dense_params:,} x {dense_tokens:.3g} = {dense_flops:.3e} FLOPs")
+    print(f"  MoE:   6 x {moe_params:,} x {moe_tokens:.3g} = {moe_flops:.3e} FLOPs")
+    print(f"advice: {advice.recommendation}: {advice.reason}")
+
+
+def run_upcycle(args: argparse.Namespace) -> int:
+    tokens = (args.dense_tokens, args.moe_tokens)
+    if (tokens[0] is None) != (tokens[1] is None):
+        raise ValueError("--dense-tokens and --moe-tokens go together: the advice compares the "
+                         "compute of both")
+    dense = load_checkpoint(args.source)
+    config = dense.config
+    moe = MoEConfig(hidden_size=config.hidden_size, ffn_size=config.ffn_size,
+                    num_experts=args.experts, top_k=args.top_k, activation=config.activation,
+                    num_shared_experts=args.shared_experts)
+    model = upcycle(dense, moe, noise_std=args.noise_std, granularity=args.granularity,
+                    seed=args.seed, router_init_std=args.router_init_std,
+                    moe_every=args.moe_every)
+    save_with_tokenizer(model, args.out, args.source, extra={"upcycled_from": args.source})
+    final = model.config
+    print(f"wrote {args.out}: {final.moe.num_experts} experts of width {final.moe.ffn_size}, "
+          f"top-{final.moe.top_k}, in {sum(map(final.is_moe_layer, range(final.num_layers)))} "
+          f"of {final.num_layers} layers; {sum(p.numel() for p in model.parameters()):,} "
+          "parameters")
+    if tokens[0] is None:
+        print("pass --dense-tokens and --moe-tokens for the upcycle-or-scratch advice")
+    else:
+        _print_advice(dense, model, *tokens)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    model = import_hf(args.source, args.out, DTYPES.get(args.dtype))
+    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    export_hf(load_model(args.source), args.out, args.layout, tokenizer_from=args.source)
+    print(f"wrote {args.out}: transformers.AutoModelForCausalLM.from_pretrained("
+          f"{args.out!r}) loads it")
+    return 0

@@ -1,0 +1,155 @@
+"""Local Hugging Face checkpoint folders: read them into moekit models, write moekit models
+into them, without transformers.
+
+A folder holds ``config.json``, the weights (``model.safetensors``, or shards listed in
+``model.safetensors.index.json``) and, where present, the tokenizer files, which travel with
+the model both ways. Every output is written atomically; every bad input is a CheckpointError
+naming the file and the problem.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from moekit.convert.hf import (export_weights, hf_config_from_model, import_weights,
+                               load_converted_state, model_config_from_hf)
+from moekit.files import (CheckpointError, atomic_directory, read_eos_token, read_json,
+                          read_safetensors, write_json)
+from moekit.model import Transformer
+from moekit.model.io import FORMAT as MOEKIT_FORMAT
+from moekit.model.io import load_model, write_model
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The tokenizer and its chat template, as transformers saves them (v4 and v5).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(destination) / name)
+
+
+def _require_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a checkpoint folder with "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE})")
+
+
+def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a folder: ``model.safetensors``, or every shard its index lists."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE} (only "
+                                  "safetensors weights are read; convert .bin files first)")
+        return read_safetensors(folder / WEIGHTS_FILE)
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a non-empty \"weight_map\" object")
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_safetensors(folder / shard))
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise CheckpointError(f"{index}: {len(absent)} listed tensors are in no shard, "
+                              f"e.g. {absent[0]} (said to be in {weight_map[absent[0]]})")
+    return tensors
+
+
+def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Transformer:
+    """The model of a local Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE, Llama, Mistral,
+    Qwen2 layouts), in eval mode, in the weights' dtype unless ``dtype`` is given."""
+    folder = Path(folder)
+    _require_folder(folder)
+    values = read_json(folder / CONFIG_FILE)
+    try:
+        config = model_config_from_hf(values)
+    except ValueError as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from None
+    weights = folder / (INDEX_FILE if (folder / INDEX_FILE).is_file() else WEIGHTS_FILE)
+    file_state = read_hf_weights(folder)
+    if not file_state:
+        raise CheckpointError(f"{weights}: holds no tensors")
+    stored_dtype = file_state.get("model.embed_tokens.weight",
+                                  next(iter(file_state.values()))).dtype
+    try:
+        model = Transformer(config).to(dtype or stored_dtype)
+        load_converted_state(model, import_weights(file_state, values["model_type"]))
+    except ValueError as error:
+        raise CheckpointError(f"{weights}: {error}") from None
+    return model.eval()
+
+
+def import_hf(source: str | os.PathLike, destination: str | os.PathLike,
+              dtype: torch.dtype | None = None) -> Transformer:
+    """Write the model of the Hugging Face folder ``source`` as a moekit folder, with its
+    tokenizer and chat template; returns the model."""
+    model = load_hf(source, dtype)
+    save_with_tokenizer(model, destination, source, extra={"imported_from": str(source)})
+    return model
+
+
+def save_with_tokenizer(model: Transformer, destination: str | os.PathLike,
+                        tokenizer_from: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save ``model`` as a moekit folder, atomically, with the tokenizer files (and chat
+    template) of the folder ``tokenizer_from`` where it has them."""
+    with atomic_directory(destination) as staging:
+        write_model(model, staging, extra)
+        copy_tokenizer_files(tokenizer_from, staging)
+
+
+def load_checkpoint(folder: str | os.PathLike) -> Transformer:
+    """The model of a moekit folder or of a local Hugging Face folder, told apart by their
+    ``config.json``."""
+    folder = Path(folder)
+    _require_folder(folder)
+    values = read_json(folder / CONFIG_FILE)
+    if values.get("format") == MOEKIT_FORMAT:
+        return load_model(folder)
+    if "model_type" in values:
+        return load_hf(folder)
+    raise CheckpointError(f"{folder / CONFIG_FILE}: neither a moekit config (\"format\": "
+                          f"\"{MOEKIT_FORMAT}\") nor a Hugging Face one (\"model_type\")")
+
+
+def _eos_token_id(folder: Path) -> int | None:
+    from tokenizers import Tokenizer
+    eos = read_eos_token(folder)
+    if eos is None or not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id(eos)
+    except Exception as error:  # tokenizers raises a bare Exception on a bad file
+        raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer "
+                              f"({error})") from None
+
+
+def export_hf(model: Transformer, destination: str | os.PathLike, layout: str,
+              tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Write ``model`` as a Hugging Face folder of ``layout`` that
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer files of
+    ``tokenizer_from`` (and the end-of-text id in the configs) where given. A feature the
+    layout cannot hold is a ValueError before anything is written."""
+    from safetensors.torch import save_file
+    values = hf_config_from_model(model.config, layout)
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    values.update(dtype=dtype, torch_dtype=dtype)  # v5 and v4 names
+    eos_id = None if tokenizer_from is None else _eos_token_id(Path(tokenizer_from))
+    with atomic_directory(destination) as staging:
+        save_file(export_weights(model.state_dict(), layout), str(staging / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        if eos_id is not None:
+            values["eos_token_id"] = eos_id
+            write_json(staging / GENERATION_CONFIG_FILE, {"eos_token_id": eos_id})
+        write_json(staging / CONFIG_FILE, values)
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, staging)
