@@ -7,8 +7,8 @@ import torch
 
 from moekit.config import ModelConfig, MoEConfig
 from moekit.convert import upcycle
-from moekit.convert.upcycle import active_parameters
 from moekit.model import Transformer
+from moekit.plan import count_parameters
 
 DENSE = ModelConfig(vocab_size=97, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
                     ffn_size=48, max_seq_len=64)
@@ -104,4 +104,5 @@ def test_active_parameters_by_hand():
     attention = d * d + 2 * d * kv + d * d + 2 * d  # q, k and v (2 heads of 8), o, two norms
     moe = 4 * d + 2 * 3 * d * f  # router + top-2 of the SwiGLU experts
     active = layers * (attention + moe) + d + v * d  # + final norm + lm_head (not the lookup)
-    assert active_parameters(model) == active
+    count = count_parameters(model.config)  # what `moekit upcycle` prints for the advice
+    assert count.active_without_embeddings + count.output_matrix == active

@@ -9,9 +9,8 @@ import torch
 from moekit.config import MoEConfig
 from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
 from moekit.convert.hf_folder import load_checkpoint, save_with_tokenizer
-from moekit.convert.upcycle import active_parameters
 from moekit.model import load_model
-from moekit.plan import upcycle_advice
+from moekit.plan import count_parameters, upcycle_advice
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,8 +71,15 @@ def register(subcommands) -> None:
     export_parser.add_argument("--layout", required=True, choices=LAYOUTS)
 
 
+def _active_parameters(model) -> int:
+    """The parameters one token multiplies: all but the input embedding lookup (the output
+    projection counts, tied or not), and top_k of each MoE layer's routed experts."""
+    count = count_parameters(model.config)
+    return count.active_without_embeddings + count.output_matrix
+
+
 def _print_advice(dense, moe_model, dense_tokens: float, moe_tokens: float) -> None:
-    dense_params, moe_params = active_parameters(dense), active_parameters(moe_model)
+    dense_params, moe_params = _active_parameters(dense), _active_parameters(moe_model)
     dense_flops, moe_flops = 6 * dense_params * dense_tokens, 6 * moe_params * moe_tokens
     advice = upcycle_advice(dense_flops, moe_flops)
     print("compute = 6 x active parameters (all but the embedding lookup, top-k of the "

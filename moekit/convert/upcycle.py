@@ -150,19 +150,3 @@ def upcycle_from_mlp(config: MoEConfig, mlp: MLP | nn.Module, **options) -> MoEL
     gate = getattr(mlp, "gate_proj", None)
     return upcycle_ffn(config, mlp.up_proj.weight, mlp.down_proj.weight,
                        None if gate is None else gate.weight, **options).train(mlp.training)
-
-
-def active_parameters(model: Transformer) -> int:
-    """The parameters one token passes through, for FLOPs = 6 * N_active * tokens: all of
-    them but the input embedding table (a lookup; a tied table counts, as the output
-    projection) and the routed experts a token does not use (each MoE layer counts top_k of
-    its num_experts)."""
-    active = sum(p.numel() for p in model.parameters())
-    if model.lm_head is not None:
-        active -= model.embed_tokens.weight.numel()
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            routed = sum(p.numel() for p in module.experts.parameters())
-            active -= routed * (module.config.num_experts - module.config.top_k) \
-                // module.config.num_experts
-    return active
