@@ -45,12 +45,25 @@ def _check_keys(cls, values: dict, what: str) -> None:
         raise ValueError(f"unknown {what} config keys {unknown}; allowed: {sorted(known)}")
 
 
+class _FromDict:
+    """``from_dict``: a config from a mapping, unknown keys named in the error."""
+
+    _kind = "config"  # how errors name this config
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        _check_keys(cls, values, cls._kind)
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(_FromDict):
     """One MoE feed-forward layer: router, capacity, losses, routed and shared experts.
 
     Defaults follow Mixtral: softmax top-2 with the two weights renormalised, dropless, SwiGLU.
     """
+
+    _kind = "MoE"
 
     hidden_size: int
     ffn_size: int
@@ -116,16 +129,13 @@ class MoEConfig:
             _positive_int("shared_ffn_size", self.shared_ffn_size)
         _require(isinstance(self.seed, int), "seed", self.seed, "expected an integer")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "MoEConfig":
-        _check_keys(cls, values, "MoE")
-        return cls(**values)
-
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_FromDict):
     """A decoder-only Transformer: RMSNorm, RoPE, grouped-query attention, cross-layer
     attention (CLA), and MoE feed-forward blocks (``moe``; None gives the dense model)."""
+
+    _kind = "model"
 
     vocab_size: int
     hidden_size: int
@@ -194,11 +204,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        _check_keys(cls, values, "model")
         values = dict(values)
         if isinstance(values.get("moe"), dict):
             values["moe"] = MoEConfig.from_dict(values["moe"])
-        return cls(**values)
+        return super().from_dict(values)
 
 
 EXPERT_LR_RULES = ("sqrt_tokens", "same")
@@ -211,8 +220,10 @@ def _positive_number(field: str, value) -> None:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_FromDict):
     """Where the text comes from and how it becomes tokens."""
+
+    _kind = "data"
 
     corpus: tuple[str, ...] = ()  # files or folders of .txt/.md/.jsonl; empty = embedded corpus
     vocab_size: int = 2048  # of the byte-level BPE tokenizer trained on the corpus (257 = bytes)
@@ -228,15 +239,12 @@ class DataConfig:
         _require(isinstance(self.val_fraction, float) and 0 < self.val_fraction < 0.5,
                  "val_fraction", self.val_fraction, "expected a number in (0, 0.5)")
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "DataConfig":
-        _check_keys(cls, values, "data")
-        return cls(**values)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_FromDict):
     """One training run: optimizer, schedule, batch, evaluation and checkpoints."""
+
+    _kind = "train"
 
     steps: int = 300
     batch_size: int = 16  # sequences per optimizer step (all micro-batches together)
@@ -288,11 +296,6 @@ class TrainConfig:
     @property
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        _check_keys(cls, values, "train")
-        return cls(**values)
 
 
 def _skywork_moe_146b() -> ModelConfig:

@@ -162,6 +162,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="where to run (auto: cuda, then mps, then cpu)")
 
 
+def _checkpoint_command(subcommands, name: str, run, **texts) -> argparse.ArgumentParser:
+    """A command that reads a checkpoint (or run) folder on a device."""
+    parser = subcommands.add_parser(name, **texts)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
+    _common(parser)
+    parser.set_defaults(run=run)
+    return parser
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -205,28 +214,22 @@ def register(subcommands) -> None:
     _common(train)
     train.set_defaults(run=run_train)
 
-    generate = subcommands.add_parser(
-        "generate", help="continue prompts with a trained model",
+    generate = _checkpoint_command(
+        subcommands, "generate", run_generate, help="continue prompts with a trained model",
         description="Generate text with KV-cache decoding. --checkpoint is a checkpoint folder "
         "or a run folder (its newest checkpoint). Temperature 0 is greedy.")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
     generate.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
     generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
     generate.add_argument("--temperature", type=float, default=0.8)
     generate.add_argument("--top-k", type=_positive_int, default=None)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
-    _common(generate)
-    generate.set_defaults(run=run_generate)
 
-    evaluate = subcommands.add_parser(
-        "eval", help="perplexity of a checkpoint",
+    evaluate = _checkpoint_command(
+        subcommands, "eval", run_eval, help="perplexity of a checkpoint",
         description="Mean cross-entropy and perplexity of a checkpoint (dropless), on the "
         "validation split of the corpus it was trained on, or on --corpus.")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run folder")
     evaluate.add_argument("--corpus", nargs="+", metavar="PATH", help="evaluate on these files")
     evaluate.add_argument("--seq-len", type=_positive_int)
     evaluate.add_argument("--batch-size", type=_positive_int)
     evaluate.add_argument("--eval-batches", type=_positive_int, help="at most this many batches")
-    _common(evaluate)
-    evaluate.set_defaults(run=run_eval)
