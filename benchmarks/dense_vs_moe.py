@@ -11,6 +11,7 @@ validation loss at a given step compares the three at equal compute (FastMoE's c
 converges faster). Prints the table, saves the plot.
 
     python benchmarks/dense_vs_moe.py --steps 300 --out runs/dense_vs_moe
+    python benchmarks/dense_vs_moe.py --capacity-factor 0 --expert-lr-rule same   # an ablation
 """
 from __future__ import annotations
 
@@ -33,15 +34,13 @@ def _validation(run: Path) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in records if r["kind"] == "eval"}
 
 
-def _upcycled_start(dense_run: Path, step: int, folder: Path) -> Path:
-    """The dense checkpoint of ``step``, upcycled into the tiny MoE, as a model folder."""
+def _upcycled_start(dense_run: Path, step: int, moe: MoEConfig, folder: Path) -> Path:
+    """The dense checkpoint of ``step``, upcycled into the MoE ``moe``, as a model folder."""
     checkpoint = dense_run / "checkpoints" / f"step-{step:06d}"
     dense = load_model(checkpoint)
-    tiny_moe = preset("tiny").moe
-    coarse = MoEConfig(**{**tiny_moe.__dict__, "num_experts": tiny_moe.num_experts // 2,
-                          "top_k": tiny_moe.top_k // 2, "ffn_size": dense.config.ffn_size})
-    moe = upcycle(dense, coarse, granularity=2, seed=0)
-    save_model(moe, folder)
+    coarse = replace(moe, num_experts=moe.num_experts // 2, top_k=moe.top_k // 2,
+                     ffn_size=dense.config.ffn_size)
+    save_model(upcycle(dense, coarse, granularity=2, seed=0), folder)
     load_tokenizer(checkpoint).save(folder)
     return folder
 
@@ -54,19 +53,25 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/dense_vs_moe")
+    parser.add_argument("--capacity-factor", type=float, default=1.25,
+                        help="of the MoE runs in training (0 = dropless)")
+    parser.add_argument("--expert-lr-rule", default="sqrt_tokens", choices=("sqrt_tokens", "same"))
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     switch = round(args.steps * args.upcycle_at / args.eval_every) * args.eval_every
     config = TrainConfig(steps=args.steps, eval_every=args.eval_every, seed=args.seed,
-                         checkpoint_every=switch, keep_checkpoints=args.steps)
+                         checkpoint_every=switch, keep_checkpoints=args.steps,
+                         expert_lr_rule=args.expert_lr_rule)
     data = DataConfig()
-    model = preset("tiny")
+    tiny = preset("tiny")
+    model = replace(tiny, moe=replace(tiny.moe, capacity_factor=args.capacity_factor or None,
+                                      adaptive_aux=bool(args.capacity_factor)))
 
     runs = {"dense": out / "dense", "moe": out / "moe"}
     train(model.dense(), config, data, runs["dense"], show_progress=False)
     train(model, config, data, runs["moe"], show_progress=False)
-    start = _upcycled_start(runs["dense"], switch, out / "upcycled-start")
+    start = _upcycled_start(runs["dense"], switch, model.moe, out / "upcycled-start")
     rest = replace(config, steps=args.steps - switch, warmup_steps=0,
                    checkpoint_every=args.steps)
     runs["upcycled"] = out / "upcycled"
