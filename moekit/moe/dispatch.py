@@ -6,7 +6,8 @@ Legend: T tokens, D model dim, K routes per token, E experts, N kept routes (N <
 This is the one step an expert-parallel layout replaces (permute, all-to-all, compute, all-to-all
 back, un-permute); everything it needs is in :class:`DispatchPlan`.
 Deterministic by construction: a stable sort, a gather forward, and the combine is a per-token
-weighted sum (a batched matmul), never an order-dependent scatter-add.
+weighted sum (a batched matmul), never an order-dependent scatter-add; the permutation's backward
+is the same slot-order gather followed by a sum over each token's K routes.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class DispatchPlan:
     tokens_per_expert_E: rows per expert, in expert order (int64).
     num_tokens, top_k: T and K.
     all_kept: no route was dropped (then every slot is filled and no zero-fill is needed).
+    inverse_S: when all_kept, for each flat route slot its row in the permuted buffer.
     """
 
     slots_N: torch.Tensor
@@ -32,6 +34,7 @@ class DispatchPlan:
     num_tokens: int
     top_k: int
     all_kept: bool
+    inverse_S: torch.Tensor | None = None
 
 
 def plan_dispatch(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
@@ -44,27 +47,47 @@ def plan_dispatch(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
     counts = torch.bincount(key_N, minlength=num_experts + 1)
     slots_N = torch.argsort(key_N, stable=True)
     all_kept = keep_TK is None or bool(counts[num_experts] == 0)
-    if not all_kept:
+    inverse_S = None
+    if all_kept:
+        inverse_S = torch.empty_like(slots_N)
+        inverse_S[slots_N] = torch.arange(len(slots_N), device=slots_N.device)
+    else:
         slots_N = slots_N[: len(key_N) - int(counts[num_experts])]
     return DispatchPlan(slots_N=slots_N, token_ids_N=slots_N.div(top_k, rounding_mode="floor"),
                         tokens_per_expert_E=counts[:num_experts], num_tokens=num_tokens,
-                        top_k=top_k, all_kept=all_kept)
+                        top_k=top_k, all_kept=all_kept, inverse_S=inverse_S)
+
+
+def _slot_order(y_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """y_TKD: the permuted rows back in route order (t, k); zero rows for dropped routes."""
+    if plan.all_kept:
+        y_SD = y_ND.index_select(0, plan.inverse_S)
+    else:
+        y_SD = y_ND.new_zeros(plan.num_tokens * plan.top_k, y_ND.shape[-1]).index_copy(
+            0, plan.slots_N, y_ND)
+    return y_SD.view(plan.num_tokens, plan.top_k, y_ND.shape[-1])
+
+
+class _Permute(torch.autograd.Function):
+    """A gather whose backward sums each token's K route gradients (a gather and a sum) instead
+    of index_select's scatter-add, which is slower on CPU and order-dependent on GPU."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        ctx.plan = plan
+        return x_TD.index_select(0, plan.token_ids_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        return _slot_order(grad_ND, ctx.plan).sum(1), None
 
 
 def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """x_ND: each kept route's token, grouped by expert."""
-    return x_TD.index_select(0, plan.token_ids_N)
+    return _Permute.apply(x_TD, plan)
 
 
 def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """y_TD = sum over a token's kept routes of weight * expert output."""
-    num_slots, hidden = plan.num_tokens * plan.top_k, y_ND.shape[-1]
-    if plan.all_kept:
-        inverse_N = torch.empty_like(plan.slots_N)
-        inverse_N[plan.slots_N] = torch.arange(num_slots, device=y_ND.device)
-        y_SD = y_ND.index_select(0, inverse_N)
-    else:
-        y_SD = y_ND.new_zeros(num_slots, hidden).index_copy(0, plan.slots_N, y_ND)
-    y_TKD = y_SD.view(plan.num_tokens, plan.top_k, hidden)
     weights_T1K = weights_TK.to(y_ND.dtype).unsqueeze(1)
-    return torch.bmm(weights_T1K, y_TKD).squeeze(1)
+    return torch.bmm(weights_T1K, _slot_order(y_ND, plan)).squeeze(1)
