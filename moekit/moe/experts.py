@@ -71,7 +71,6 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.activation = activation
-        self.act = ACTIVATION_FUNCTIONS[activation]
         self.gated = activation in GATED_ACTIVATIONS
         in_width = 2 * ffn_size if self.gated else ffn_size
         self.register_parameter("gate_up_proj" if self.gated else "up_proj",
@@ -90,13 +89,22 @@ class GroupedExperts(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        h_NF = grouped_matmul(x_ND, self.in_proj, tokens_per_expert_E)
-        if self.gated:
-            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
-            h_NF = self.act(gate_NF) * up_NF
-        else:
-            h_NF = self.act(h_NF)
-        return grouped_matmul(h_NF, self.down_proj, tokens_per_expert_E)
+        return expert_mlp(x_ND, self.in_proj, self.down_proj, tokens_per_expert_E,
+                          self.activation)
+
+
+def expert_mlp(x_ND: torch.Tensor, in_proj_EDI: torch.Tensor, down_proj_EFD: torch.Tensor,
+               tokens_per_expert_E: torch.Tensor, activation: str) -> torch.Tensor:
+    """E expert MLPs given their stacked weights (GroupedExperts' own, or dequantized ones):
+    ``in_proj`` is [E, D, 2F] (gate then up) for gated activations, [E, D, F] otherwise."""
+    h_NF = grouped_matmul(x_ND, in_proj_EDI, tokens_per_expert_E)
+    act = ACTIVATION_FUNCTIONS[activation]
+    if activation in GATED_ACTIVATIONS:
+        gate_NF, up_NF = h_NF.chunk(2, dim=-1)
+        h_NF = act(gate_NF) * up_NF
+    else:
+        h_NF = act(h_NF)
+    return grouped_matmul(h_NF, down_proj_EFD, tokens_per_expert_E)
 
 
 class ModuleExperts(nn.Module):

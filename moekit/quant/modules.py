@@ -1,0 +1,76 @@
+"""Modules that hold quantized weights and dequantize them on the fly in ``forward``.
+
+Each stores the quantized tensor under the name the full-precision module used for its weight
+(``weight``; ``gate_up_proj``/``up_proj`` and ``down_proj`` for experts) with a float32
+``<name>_scale`` beside it, so a quantized checkpoint names tensors as the original does. The
+embedding is the exception: its table is ``table``, because ``weight`` stays readable as the
+dequantized table. Weights are dequantized to the type of the activations they meet.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moekit.moe import GroupedExperts, expert_mlp
+from moekit.quant.weights import dequantize, quantize_weight
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear with a quantized weight [out, in] and one scale per output row."""
+
+    def __init__(self, linear: nn.Linear, dtype: str):
+        super().__init__()
+        weight, scale = quantize_weight(linear.weight, dtype, input_dim=1)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding with a quantized table [V, D] and one scale per token row (the output rows
+    when the table doubles as the tied output projection). ``dtype``: the type it returns, the
+    original table's."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: str):
+        super().__init__()
+        self.dtype = embedding.weight.dtype
+        table, scale = quantize_weight(embedding.weight, dtype, input_dim=1)
+        self.register_buffer("table", table)
+        self.register_buffer("table_scale", scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table, for code that reads ``embed_tokens.weight`` (the tied output
+        projection, the KV cache's dtype and device)."""
+        return dequantize(self.table, self.table_scale, self.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.table[ids], self.table_scale[ids], self.dtype)
+
+
+class QuantGroupedExperts(nn.Module):
+    """GroupedExperts with quantized stacked weights, one scale per expert and output column."""
+
+    def __init__(self, experts: GroupedExperts, dtype: str):
+        super().__init__()
+        self.num_experts, self.activation = experts.num_experts, experts.activation
+        self.in_name = "gate_up_proj" if experts.gated else "up_proj"
+        for name, weight in ((self.in_name, experts.in_proj), ("down_proj", experts.down_proj)):
+            q_EIO, scale_E1O = quantize_weight(weight, dtype, input_dim=1)
+            self.register_buffer(name, q_EIO)
+            self.register_buffer(f"{name}_scale", scale_E1O)
+
+    def _dequantized(self, name: str, experts_U: torch.Tensor, dtype: torch.dtype):
+        return dequantize(getattr(self, name).index_select(0, experts_U),
+                          getattr(self, f"{name}_scale").index_select(0, experts_U), dtype)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        # Only the experts that got tokens are dequantized: in decoding that is k of E.
+        used_U = tokens_per_expert_E.nonzero().squeeze(1)
+        return expert_mlp(x_ND, self._dequantized(self.in_name, used_U, x_ND.dtype),
+                          self._dequantized("down_proj", used_U, x_ND.dtype),
+                          tokens_per_expert_E.index_select(0, used_U), self.activation)
