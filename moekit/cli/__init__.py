@@ -13,7 +13,7 @@ import sys
 from moekit import __version__
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("quantize",)
+COMMAND_MODULES: tuple[str, ...] = ("quantize", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

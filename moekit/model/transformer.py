@@ -65,6 +65,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    @staticmethod
+    def bytes_needed(config: ModelConfig, batch_size: int, max_len: int,
+                     dtype: torch.dtype = torch.float32) -> int:
+        """What ``KVCache(config, batch_size, max_len, dtype=dtype).nbytes`` will be."""
+        groups = -(-config.num_layers // config.cla_share)
+        return (2 * groups * batch_size * config.kv_heads * max_len * config.attention_head_dim
+                * dtype.itemsize)
+
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
         """Write the new positions of one group; return its keys and values so far."""
         end = self.length + k_BGSD.shape[2]
@@ -230,6 +238,6 @@ class Transformer(nn.Module):
         return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # of the model's type even when the embeddings are quantized
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len,
                        device=weight.device, dtype=weight.dtype)
