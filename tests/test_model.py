@@ -33,6 +33,7 @@ def test_cached_decoding_equals_full_recomputation(kw):
     pieces += [model(ids[:, i:i + 1], cache=cache).logits for i in range(5, 9)]
     pieces.append(model(ids[:, 9:], cache=cache).logits)  # a multi-token chunk after the past
     torch.testing.assert_close(torch.cat(pieces, 1), full)
+    torch.testing.assert_close(model(ids, last_only=True).logits, full[:, -1:])
 
 
 def test_cla_and_gqa_shrink_the_cache():

@@ -80,7 +80,8 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, s
             mask_BS[row, longest - len(prompt):] = True
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         cache = model.new_cache(len(prompts), longest + max_new_tokens)
-        logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache).logits
+        logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache,
+                       last_only=True).logits
         finished = [False] * len(prompts)
         for step in range(max_new_tokens):
             next_B = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

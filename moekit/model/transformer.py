@@ -154,7 +154,7 @@ class TransformerOutput:
 
 
 class Transformer(nn.Module):
-    """``forward(input_ids, mask=None, cache=None) -> TransformerOutput``.
+    """``forward(input_ids, mask=None, cache=None, last_only=False) -> TransformerOutput``.
 
     mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
     prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
@@ -214,7 +214,9 @@ class Transformer(nn.Module):
         return positions_BS, allowed_BSP[:, None]
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> TransformerOutput:
+                cache: KVCache | None = None, last_only: bool = False) -> TransformerOutput:
+        """``last_only``: logits of the last position only (all generation needs of a
+        prompt; the output projection of the others would be wasted)."""
         self._check(input_ids, mask, cache)
         batch, seq = input_ids.shape
         x_BSD = self.embed_tokens(input_ids)
@@ -232,7 +234,7 @@ class Transformer(nn.Module):
                 router_loss = router_loss + stats.router_loss
         if cache is not None:
             cache.length += seq
-        x_BSD = self.norm(x_BSD)
+        x_BSD = self.norm(x_BSD[:, -1:] if last_only else x_BSD)
         logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
         return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)

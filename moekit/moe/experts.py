@@ -94,17 +94,23 @@ class GroupedExperts(nn.Module):
 
 
 def expert_mlp(x_ND: torch.Tensor, in_proj_EDI: torch.Tensor, down_proj_EFD: torch.Tensor,
-               tokens_per_expert_E: torch.Tensor, activation: str) -> torch.Tensor:
-    """E expert MLPs given their stacked weights (GroupedExperts' own, or dequantized ones):
-    ``in_proj`` is [E, D, 2F] (gate then up) for gated activations, [E, D, F] otherwise."""
-    h_NF = grouped_matmul(x_ND, in_proj_EDI, tokens_per_expert_E)
+               tokens_per_expert_E: torch.Tensor, activation: str,
+               in_scale_NI: torch.Tensor | None = None,
+               down_scale_ND: torch.Tensor | None = None) -> torch.Tensor:
+    """E expert MLPs given their stacked weights: ``in_proj`` is [E, D, 2F] (gate then up) for
+    gated activations, [E, D, F] otherwise. The optional scales multiply each row's output of
+    the two projections (per-output-channel quantization scales, gathered per row)."""
+    h_NI = grouped_matmul(x_ND, in_proj_EDI, tokens_per_expert_E)
+    if in_scale_NI is not None:
+        h_NI = h_NI * in_scale_NI
     act = ACTIVATION_FUNCTIONS[activation]
     if activation in GATED_ACTIVATIONS:
-        gate_NF, up_NF = h_NF.chunk(2, dim=-1)
+        gate_NF, up_NF = h_NI.chunk(2, dim=-1)
         h_NF = act(gate_NF) * up_NF
     else:
-        h_NF = act(h_NF)
-    return grouped_matmul(h_NF, down_proj_EFD, tokens_per_expert_E)
+        h_NF = act(h_NI)
+    y_ND = grouped_matmul(h_NF, down_proj_EFD, tokens_per_expert_E)
+    return y_ND if down_scale_ND is None else y_ND * down_scale_ND
 
 
 class ModuleExperts(nn.Module):

@@ -4,7 +4,8 @@ Each stores the quantized tensor under the name the full-precision module used f
 (``weight``; ``gate_up_proj``/``up_proj`` and ``down_proj`` for experts) with a float32
 ``<name>_scale`` beside it, so a quantized checkpoint names tensors as the original does. The
 embedding is the exception: its table is ``table``, because ``weight`` stays readable as the
-dequantized table. Weights are dequantized to the type of the activations they meet.
+dequantized table. Weights are converted to the type of the activations they meet and the
+scales applied to the products: the same result as dequantizing first, with less work.
 """
 from __future__ import annotations
 
@@ -27,7 +28,10 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
+        # Scaling the output, not the weight: a per-row scale commutes with the product, and
+        # the weight is only converted (q is exact in bf16 and fp32), never multiplied.
+        y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
 
 class QuantEmbedding(nn.Module):
@@ -64,13 +68,15 @@ class QuantGroupedExperts(nn.Module):
             self.register_buffer(name, q_EIO)
             self.register_buffer(f"{name}_scale", scale_E1O)
 
-    def _dequantized(self, name: str, experts_U: torch.Tensor, dtype: torch.dtype):
-        return dequantize(getattr(self, name).index_select(0, experts_U),
-                          getattr(self, f"{name}_scale").index_select(0, experts_U), dtype)
-
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        # Only the experts that got tokens are dequantized: in decoding that is k of E.
+        # Only the experts that got tokens are converted: in decoding that is k of E. Their
+        # scales multiply the output rows (as in QuantLinear), gathered by each row's expert.
         used_U = tokens_per_expert_E.nonzero().squeeze(1)
-        return expert_mlp(x_ND, self._dequantized(self.in_name, used_U, x_ND.dtype),
-                          self._dequantized("down_proj", used_U, x_ND.dtype),
-                          tokens_per_expert_E.index_select(0, used_U), self.activation)
+        tokens_U = tokens_per_expert_E.index_select(0, used_U)
+        expert_of_row_N = used_U.repeat_interleave(tokens_U, output_size=x_ND.shape[0])
+        weights, scales = [], []
+        for name in (self.in_name, "down_proj"):
+            weights.append(getattr(self, name).index_select(0, used_U).to(x_ND.dtype))
+            scale_EO = getattr(self, f"{name}_scale").squeeze(1)
+            scales.append(scale_EO.index_select(0, expert_of_row_N).to(x_ND.dtype))
+        return expert_mlp(x_ND, *weights, tokens_U, self.activation, *scales)
