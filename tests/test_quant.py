@@ -166,3 +166,19 @@ def test_cli_reports_sizes_and_perplexity(tmp_path, capsys):
     assert main(["quantize", "--checkpoint", str(tmp_path / "q"), "--out",
                  str(tmp_path / "q2"), "--dtype", "fp8"]) == 2
     assert "holds a quantized model" in capsys.readouterr().err
+
+
+def test_fp8_scaled_matmul_is_within_the_activation_rounding_bound():
+    # The FP8 tensor-core path (used on CUDA GPUs of capability >= 8.9) also runs on this CPU
+    # build; it quantizes the activations too, so each product term may err by the e4m3
+    # rounding of x (relative 2^-4) on top of the weight's.
+    from moekit.quant.modules import fp8_scaled_linear, native_fp8
+    weight = torch.randn(48, 64)
+    q, scale = quantize_weight(weight, "fp8", input_dim=1)
+    dequantized = dequantize(q, scale, torch.float32)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    got = fp8_scaled_linear(x, q, scale).float()
+    expected = F.linear(x.float(), dequantized)
+    bound = (x.float().abs() @ dequantized.abs().T) * 2.0 ** -4 + 2.0 ** -7 * expected.abs()
+    assert got.shape == (2, 5, 48) and ((got - expected).abs() <= bound + 1e-3).all()
+    assert not native_fp8(x, q)  # on a CPU the dequantizing path runs

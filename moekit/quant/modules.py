@@ -17,6 +17,26 @@ from moekit.moe import GroupedExperts, expert_mlp
 from moekit.quant.weights import dequantize, quantize_weight
 
 
+def native_fp8(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``fp8_scaled_linear`` runs on FP8 tensor cores here: a CUDA GPU of compute
+    capability 8.9 or more (Ada, Hopper, Blackwell), bf16 activations (what its row-wise
+    scaling returns), and the multiples of 16 its kernels need."""
+    return (weight.dtype == torch.float8_e4m3fn and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (8, 9)
+            and x.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0)
+
+
+def fp8_scaled_linear(x: torch.Tensor, weight_OI: torch.Tensor,
+                      scale_O1: torch.Tensor) -> torch.Tensor:
+    """x @ (weight * scale)^T with both operands in FP8: the activations are quantized on the
+    fly, one scale per row, and ``torch._scaled_mm`` applies both scales in the product."""
+    x_MI = x.reshape(-1, x.shape[-1])
+    x_q, x_scale_M1 = quantize_weight(x_MI, "fp8", input_dim=1)
+    y_MO = torch._scaled_mm(x_q, weight_OI.t(), scale_a=x_scale_M1, scale_b=scale_O1.t(),
+                            out_dtype=x.dtype)
+    return y_MO.view(*x.shape[:-1], -1)
+
+
 class QuantLinear(nn.Module):
     """nn.Linear with a quantized weight [out, in] and one scale per output row."""
 
@@ -28,9 +48,12 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Scaling the output, not the weight: a per-row scale commutes with the product, and
-        # the weight is only converted (q is exact in bf16 and fp32), never multiplied.
-        y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
+        if native_fp8(x, self.weight):
+            y = fp8_scaled_linear(x, self.weight, self.weight_scale)
+        else:
+            # Scaling the output, not the weight: a per-row scale commutes with the product,
+            # and the weight is only converted (q is exact in bf16 and fp32), never multiplied.
+            y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
