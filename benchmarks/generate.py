@@ -9,8 +9,8 @@ The model is a tiny Mixtral built by transformers from a config (H 512, F 1024, 
 4 layers, GQA 8/2 heads, vocabulary 8000: 61M parameters, as in ../shared/docs/performance.md)
 and imported into moekit with ``transformer_from_hf``, so both hold the same weights. Greedy,
 random 32-token prompts, no end-of-text; tokens/s = batch * new tokens / the whole call
-(prefill included). Before timing, both must produce the same tokens in fp32. Engines take
-turns within each repetition; figures are medians. The quantized rows run moekit with
+(prefill included). Before timing, both must produce the same tokens in fp32, and every
+engine is warmed up once. Engines take turns within each repetition; figures are medians. The quantized rows run moekit with
 weight-only quantized experts and attention (compute in bf16) against HF in bf16.
 """
 from __future__ import annotations
@@ -89,8 +89,12 @@ def main() -> None:
                                attention=args.quant)
     engines[(f"moekit {args.quant}", "bf16")] = (moekit_generate, quantized)
 
+    for batch in args.batches:  # warm-up: first calls of a shape pay one-off costs
+        for run, model in engines.values():
+            run(model, prompts[batch], 4)
     times = {(key, b): [] for key in engines for b in args.batches}
-    for _ in range(args.reps):
+    for rep in range(args.reps):
+        print(f"repetition {rep + 1} of {args.reps}", flush=True)
         for batch in args.batches:
             for key, (run, model) in engines.items():
                 start = time.perf_counter()

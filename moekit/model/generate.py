@@ -66,7 +66,7 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # lighter than no_grad: no view or version tracking per op
 def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
     was_training = model.training
     model.eval()
