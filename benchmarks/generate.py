@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quant", default="fp8", choices=["fp8", "int8"])
+    parser.add_argument("--quant", nargs="*", default=["fp8", "int8"], choices=["fp8", "int8"],
+                        help="weight-only quantized moekit rows (bf16 compute)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 8000
@@ -85,9 +86,10 @@ def main() -> None:
     for name, dtype in DTYPES.items():
         engines[("transformers", name)] = (hf_generate, copy.deepcopy(hf).to(dtype))
         engines[("moekit", name)] = (moekit_generate, copy.deepcopy(ours).to(dtype))
-    quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=args.quant,
-                               attention=args.quant)
-    engines[(f"moekit {args.quant}", "bf16")] = (moekit_generate, quantized)
+    for quant in args.quant:
+        quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=quant,
+                                   attention=quant)
+        engines[(f"moekit {quant}", "bf16")] = (moekit_generate, quantized)
 
     for batch in args.batches:  # warm-up: first calls of a shape pay one-off costs
         for run, model in engines.values():

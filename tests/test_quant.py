@@ -182,3 +182,12 @@ def test_fp8_scaled_matmul_is_within_the_activation_rounding_bound():
     bound = (x.float().abs() @ dequantized.abs().T) * 2.0 ** -4 + 2.0 ** -7 * expected.abs()
     assert got.shape == (2, 5, 48) and ((got - expected).abs() <= bound + 1e-3).all()
     assert not native_fp8(x, q)  # on a CPU the dequantizing path runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_table_conversion_equals_torch_for_every_e4m3_value(dtype):
+    from moekit.quant.weights import convert
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    assert torch.equal(convert(every, dtype).isnan(), every.to(dtype).isnan())
+    finite = ~every.to(dtype).isnan()
+    assert torch.equal(convert(every, dtype)[finite], every.to(dtype)[finite])

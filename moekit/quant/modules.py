@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moekit.moe import GroupedExperts, expert_mlp
-from moekit.quant.weights import dequantize, quantize_weight
+from moekit.quant.weights import convert, dequantize, quantize_weight
 
 
 def native_fp8(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -53,7 +53,8 @@ class QuantLinear(nn.Module):
         else:
             # Scaling the output, not the weight: a per-row scale commutes with the product,
             # and the weight is only converted (q is exact in bf16 and fp32), never multiplied.
-            y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
+            y = F.linear(x, convert(self.weight, x.dtype))
+            y = y * self.weight_scale.view(-1).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 
@@ -99,7 +100,7 @@ class QuantGroupedExperts(nn.Module):
         expert_of_row_N = used_U.repeat_interleave(tokens_U, output_size=x_ND.shape[0])
         weights, scales = [], []
         for name in (self.in_name, "down_proj"):
-            weights.append(getattr(self, name).index_select(0, used_U).to(x_ND.dtype))
+            weights.append(convert(getattr(self, name).index_select(0, used_U), x_ND.dtype))
             scale_EO = getattr(self, f"{name}_scale").squeeze(1)
             scales.append(scale_EO.index_select(0, expert_of_row_N).to(x_ND.dtype))
         return expert_mlp(x_ND, *weights, tokens_U, self.activation, *scales)

@@ -35,6 +35,19 @@ def quantize_weight(weight: torch.Tensor, dtype: str, input_dim: int
     return scaled.clamp(-LARGEST[dtype], LARGEST[dtype]).to(QUANT_DTYPES[dtype]), scale
 
 
+# Every e4m3 value, indexed by its bit pattern.
+E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(
+    torch.float8_e4m3fn).float()
+
+
+def convert(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q in ``dtype``, exactly. On a CPU torch converts float8 element by element; looking
+    the 256 possible values up in a table is about twice as fast there."""
+    if q.dtype != torch.float8_e4m3fn or q.device.type != "cpu":
+        return q.to(dtype)
+    return E4M3_VALUES.to(dtype).take(q.view(torch.uint8).long())
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """q * scale in ``dtype`` (the compute type of the model)."""
-    return (q.float() * scale).to(dtype)
+    return (convert(q, torch.float32) * scale).to(dtype)
