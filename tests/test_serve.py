@@ -123,6 +123,14 @@ def test_chat_uses_the_default_template(server):
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected[0]}
 
 
+def test_chat_without_max_tokens_fills_the_servers_limit(server):
+    expected, ids = _reference(server.engine, ["user: Hi\nassistant:"], 32)  # limit 32 < 64 - 19
+    body = server.client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Hi"}], "temperature": 0}).json()
+    assert body["choices"][0]["message"]["content"] == expected[0]
+    assert body["usage"]["completion_tokens"] == len(ids[0])
+
+
 def test_official_openai_client(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
@@ -219,6 +227,8 @@ def test_chat_templates():
         "<|system|>Be brief.<eos><|user|>Hi<eos><|assistant|>"
     with pytest.raises(ValueError, match="chat template failed"):
         render_chat(messages, "{{ messages.pop() }}", "<eos>")  # the sandbox forbids changes
+    with pytest.raises(ValueError, match="failed on these messages: no system role"):
+        render_chat(messages, "{{ raise_exception('no system role') }}", "<eos>")
 
 
 def test_cli_serve_bad_arguments(tmp_path, capsys):

@@ -55,7 +55,7 @@ class _Request(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"stop has {len(stop)} strings; at most {MAX_STOP_STRINGS}")
-        return Sampling(max_tokens=16 if max_tokens is None else max_tokens,
+        return Sampling(max_tokens=max_tokens,
                         temperature=self.temperature, top_p=self.top_p, seed=self.seed,
                         stop=stop, n=self.n)
 
@@ -167,7 +167,8 @@ def create_app(engine: Engine, api_key: str | None = None,
         def shape(piece: Piece, streaming: bool) -> dict:
             return {"index": piece.index, "text": piece.text, "logprobs": None,
                     "finish_reason": piece.finish_reason}
-        return respond(request, prompts, request.max_tokens, "cmpl", shape)
+        max_tokens = 16 if request.max_tokens is None else request.max_tokens  # OpenAI's
+        return respond(request, prompts, max_tokens, "cmpl", shape)
 
     @app.post("/v1/chat/completions")
     def chat_completions(request: ChatRequest):

@@ -19,7 +19,7 @@ from moekit.serve.text import TextStream
 
 @dataclass
 class Sampling:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: as many as the context and the server's limit allow
     temperature: float = 1.0
     top_p: float | None = None
     seed: int | None = None
@@ -52,14 +52,16 @@ class Engine:
         self.lock = threading.Lock()
 
     def _check(self, prompt_ids: list[list[int]], sampling: Sampling) -> None:
+        context = self.model.config.max_seq_len
+        longest = max(len(ids) for ids in prompt_ids)
+        if sampling.max_tokens is None:
+            sampling.max_tokens = max(min(self.max_tokens_limit, context - longest), 1)
         if not 1 <= sampling.max_tokens <= self.max_tokens_limit:
             raise ValueError(f"max_tokens={sampling.max_tokens} is not allowed: this server "
                              f"gives 1 to {self.max_tokens_limit}")
         if not 1 <= sampling.n <= self.max_n:
             raise ValueError(f"n={sampling.n} is not allowed: this server gives 1 to "
                              f"{self.max_n}")
-        context = self.model.config.max_seq_len
-        longest = max(len(ids) for ids in prompt_ids)
         if longest + sampling.max_tokens > context:
             raise ValueError(f"the prompt ({longest} tokens) + max_tokens "
                              f"({sampling.max_tokens}) exceeds the model context ({context})")

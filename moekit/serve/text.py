@@ -75,7 +75,11 @@ def render_chat(messages: list[dict], template: str | None, eos_token: str) -> s
     if template is None:
         return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):  # Hugging Face templates call it to refuse a conversation
+        raise ValueError(message)
     environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
     try:
         return environment.from_string(template).render(
             messages=messages, add_generation_prompt=True, eos_token=eos_token, bos_token="")
