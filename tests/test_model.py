@@ -1,5 +1,7 @@
 """The MoE Transformer: cached decoding equals recomputation, CLA/GQA cache sizes, padding,
 presets built on the meta device, generation."""
+import copy
+
 import pytest
 import torch
 
@@ -148,3 +150,18 @@ def test_stream_tokens_marks_finished_rows_and_checks_before_the_first_step():
     assert all(token is None for token in rows[first_eos + 1:])
     with pytest.raises(ValueError, match="non-empty token lists"):
         stream_tokens(model, [[]], 3)  # raised on the call, not on the first next()
+
+
+def test_decoding_layout_changes_memory_only(tmp_path):
+    from moekit.model import load_model, prepare_for_decoding, save_model
+    model = _model()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (2, 9))
+    prepare_for_decoding(model)
+    gate_up = model.layers[1].ffn.experts.gate_up_proj  # [E, D, 2F], stored [E, 2F, D]
+    assert gate_up.shape == (4, 32, 32) and gate_up.stride() == (32 * 32, 1, 32)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert generate(model, [[1, 2, 3]], 5) == generate(reference, [[1, 2, 3]], 5)
+    save_model(model, tmp_path / "ck")  # saved as before: contiguous, same names and values
+    assert torch.equal(load_model(tmp_path / "ck").layers[1].ffn.experts.gate_up_proj.double(),
+                       gate_up)
