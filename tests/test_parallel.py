@@ -1,6 +1,5 @@
 """The non-uniform serving split: the plan against hand-computed shares and Skywork's published
 FP8 serving setup, and a real run on 2 CPU processes (gloo) against the single-process model."""
-from dataclasses import replace
 
 import pytest
 import torch
