@@ -1,11 +1,13 @@
 """The MoE Transformer: cached decoding equals recomputation, CLA/GQA cache sizes, padding,
 presets built on the meta device, generation."""
+import copy
+
 import pytest
 import torch
 
 from moekit import MoEConfig
 from moekit.config import ModelConfig, preset
-from moekit.model import Transformer, generate
+from moekit.model import KVCache, Transformer, generate
 from moekit.model.generate import sample_next
 
 
@@ -33,6 +35,7 @@ def test_cached_decoding_equals_full_recomputation(kw):
     pieces += [model(ids[:, i:i + 1], cache=cache).logits for i in range(5, 9)]
     pieces.append(model(ids[:, 9:], cache=cache).logits)  # a multi-token chunk after the past
     torch.testing.assert_close(torch.cat(pieces, 1), full)
+    torch.testing.assert_close(model(ids, last_only=True).logits, full[:, -1:])
 
 
 def test_cla_and_gqa_shrink_the_cache():
@@ -43,6 +46,7 @@ def test_cla_and_gqa_shrink_the_cache():
     assert cache.nbytes == 2 * groups * 2 * kv_heads * 10 * head_dim * bytes_per
     mha = Transformer(_config(cla_share=1, num_kv_heads=4)).double().new_cache(2, 10)
     assert mha.nbytes == cache.nbytes * 2 * 2  # CLA halves it, GQA 4 -> 2 halves it
+    assert KVCache.bytes_needed(model.config, 2, 10, torch.float64) == cache.nbytes
 
 
 def test_cla_layers_reuse_the_first_layers_kv():
@@ -133,3 +137,31 @@ def test_config_round_trips_through_a_dict():
         assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match=r"unknown model config keys \['layers'\]"):
         ModelConfig.from_dict({**preset("tiny").to_dict(), "layers": 3})
+
+
+def test_stream_tokens_marks_finished_rows_and_checks_before_the_first_step():
+    from moekit.model.generate import stream_tokens
+    model = _model()
+    alone = generate(model, [[1, 2]], 6)[0]
+    eos = alone[2]
+    first_eos = alone.index(eos)
+    rows = [step[0] for step in stream_tokens(model, [[1, 2], [3, 4, 5]], 6, eos_id=eos)]
+    assert rows[:first_eos + 1] == alone[:first_eos + 1]
+    assert all(token is None for token in rows[first_eos + 1:])
+    with pytest.raises(ValueError, match="non-empty token lists"):
+        stream_tokens(model, [[]], 3)  # raised on the call, not on the first next()
+
+
+def test_decoding_layout_changes_memory_only(tmp_path):
+    from moekit.model import load_model, prepare_for_decoding, save_model
+    model = _model()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 97, (2, 9))
+    prepare_for_decoding(model)
+    gate_up = model.layers[1].ffn.experts.gate_up_proj  # [E, D, 2F], stored [E, 2F, D]
+    assert gate_up.shape == (4, 32, 32) and gate_up.stride() == (32 * 32, 1, 32)
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert generate(model, [[1, 2, 3]], 5) == generate(reference, [[1, 2, 3]], 5)
+    save_model(model, tmp_path / "ck")  # saved as before: contiguous, same names and values
+    assert torch.equal(load_model(tmp_path / "ck").layers[1].ffn.experts.gate_up_proj.double(),
+                       gate_up)

@@ -14,7 +14,7 @@ import sys
 from moekit import __version__
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("train", "convert", "plan")
+COMMAND_MODULES: tuple[str, ...] = ("train", "convert", "plan", "quantize", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,9 +1,24 @@
 """KV-cache decoding: greedy, temperature, top-k and top-p sampling over batched prompts."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from moekit.model.transformer import Transformer
+from moekit.moe import GroupedExperts
+
+
+def prepare_for_decoding(model: Transformer) -> Transformer:
+    """Lay the stacked expert weights out output-major in memory ([E, out, in] storage; their
+    shapes, values and saved form are unchanged). Decoding sends a few rows to each expert, and
+    on a CPU such GEMMs read output-major weights faster in fp32 (no slower in bf16;
+    docs/inference.md, Speed). Returns the model."""
+    for experts in model.modules():
+        if isinstance(experts, GroupedExperts):
+            for weight in experts.parameters():
+                weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)
+    return model
 
 
 def _check_sampling(temperature, top_k, top_p):
@@ -38,14 +53,15 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, seed: int | None = None) -> list[list[int]]:
-    """Continue each prompt by up to max_new_tokens tokens (fewer once it emits eos_id).
+def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+                  temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None, eos_id: int | None = None,
+                  seed: int | None = None) -> Iterator[list[int | None]]:
+    """Decode the prompts together and yield, at each step, every prompt's new token (None for
+    a prompt that has already emitted eos_id), for up to max_new_tokens steps.
 
     Prompts of different lengths are left-padded into one batch; padding is masked out of
-    attention and routing. Returns the new tokens of each prompt."""
+    attention and routing. The arguments are checked here, before the first step."""
     _check_sampling(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -60,27 +76,47 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} "
                          f"exceeds the model context ({model.config.max_seq_len})")
+    return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+
+
+@torch.inference_mode()  # lighter than no_grad: no view or version tracking per op
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
     was_training = model.training
     model.eval()
-    device = model.embed_tokens.weight.device
-    ids_BS = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-    mask_BS = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
-    for row, prompt in enumerate(prompts):
-        ids_BS[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
-        mask_BS[row, longest - len(prompt):] = True
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    cache = model.new_cache(len(prompts), total)
-    logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache).logits
+    try:
+        device = model.norm.weight.device
+        longest = max(len(p) for p in prompts)
+        ids_BS = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+        mask_BS = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            ids_BS[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+            mask_BS[row, longest - len(prompt):] = True
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        cache = model.new_cache(len(prompts), longest + max_new_tokens)
+        logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache,
+                       last_only=True).logits
+        finished = [False] * len(prompts)
+        for step in range(max_new_tokens):
+            next_B = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            tokens = next_B.tolist()
+            yield [None if done else token for done, token in zip(finished, tokens)]
+            finished = [done or token == eos_id for done, token in zip(finished, tokens)]
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            logits = model(next_B[:, None], cache=cache).logits
+    finally:
+        model.train(was_training)
+
+
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+    """Continue each prompt by up to max_new_tokens tokens (fewer once it emits eos_id, which
+    is kept). Returns the new tokens of each prompt; see ``stream_tokens``."""
     outputs = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        next_B = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-        for row in (~finished).nonzero().flatten().tolist():
-            outputs[row].append(int(next_B[row]))
-        if eos_id is not None:
-            finished |= next_B == eos_id
-        if finished.all() or step == max_new_tokens - 1:
-            break
-        logits = model(next_B[:, None], cache=cache).logits
-    model.train(was_training)
+    for step in stream_tokens(model, prompts, max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed):
+        for output, token in zip(outputs, step):
+            if token is not None:
+                output.append(token)
     return outputs

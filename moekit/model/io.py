@@ -106,6 +106,9 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
 def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """The model saved in ``folder``, in eval mode."""
+    if "quantization" in read_config(folder):
+        raise CheckpointError(f"{folder}: holds a quantized model; load it with "
+                              "moekit.quant.load_checkpoint")
     model = Transformer(read_model_config(folder)).to(device)
     load_weights(model, folder)
     if dtype is not None:

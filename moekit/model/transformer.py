@@ -65,6 +65,14 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    @staticmethod
+    def bytes_needed(config: ModelConfig, batch_size: int, max_len: int,
+                     dtype: torch.dtype = torch.float32) -> int:
+        """What ``KVCache(config, batch_size, max_len, dtype=dtype).nbytes`` will be."""
+        groups = -(-config.num_layers // config.cla_share)
+        return (2 * groups * batch_size * config.kv_heads * max_len * config.attention_head_dim
+                * dtype.itemsize)
+
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
         """Write the new positions of one group; return its keys and values so far."""
         end = self.length + k_BGSD.shape[2]
@@ -146,7 +154,7 @@ class TransformerOutput:
 
 
 class Transformer(nn.Module):
-    """``forward(input_ids, mask=None, cache=None) -> TransformerOutput``.
+    """``forward(input_ids, mask=None, cache=None, last_only=False) -> TransformerOutput``.
 
     mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
     prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
@@ -206,7 +214,9 @@ class Transformer(nn.Module):
         return positions_BS, allowed_BSP[:, None]
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> TransformerOutput:
+                cache: KVCache | None = None, last_only: bool = False) -> TransformerOutput:
+        """``last_only``: logits of the last position only (all generation needs of a
+        prompt; the output projection of the others would be wasted)."""
         self._check(input_ids, mask, cache)
         batch, seq = input_ids.shape
         x_BSD = self.embed_tokens(input_ids)
@@ -224,12 +234,12 @@ class Transformer(nn.Module):
                 router_loss = router_loss + stats.router_loss
         if cache is not None:
             cache.length += seq
-        x_BSD = self.norm(x_BSD)
+        x_BSD = self.norm(x_BSD[:, -1:] if last_only else x_BSD)
         logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
         return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        weight = self.embed_tokens.weight
+        weight = self.norm.weight  # of the model's type even when the embeddings are quantized
         return KVCache(self.config, batch_size, max_len or self.config.max_seq_len,
                        device=weight.device, dtype=weight.dtype)

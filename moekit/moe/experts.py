@@ -71,7 +71,6 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts, self.hidden_size, self.ffn_size = num_experts, hidden_size, ffn_size
         self.activation = activation
-        self.act = ACTIVATION_FUNCTIONS[activation]
         self.gated = activation in GATED_ACTIVATIONS
         in_width = 2 * ffn_size if self.gated else ffn_size
         self.register_parameter("gate_up_proj" if self.gated else "up_proj",
@@ -90,13 +89,28 @@ class GroupedExperts(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        h_NF = grouped_matmul(x_ND, self.in_proj, tokens_per_expert_E)
-        if self.gated:
-            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
-            h_NF = self.act(gate_NF) * up_NF
-        else:
-            h_NF = self.act(h_NF)
-        return grouped_matmul(h_NF, self.down_proj, tokens_per_expert_E)
+        return expert_mlp(x_ND, self.in_proj, self.down_proj, tokens_per_expert_E,
+                          self.activation)
+
+
+def expert_mlp(x_ND: torch.Tensor, in_proj_EDI: torch.Tensor, down_proj_EFD: torch.Tensor,
+               tokens_per_expert_E: torch.Tensor, activation: str,
+               in_scale_NI: torch.Tensor | None = None,
+               down_scale_ND: torch.Tensor | None = None) -> torch.Tensor:
+    """E expert MLPs given their stacked weights: ``in_proj`` is [E, D, 2F] (gate then up) for
+    gated activations, [E, D, F] otherwise. The optional scales multiply each row's output of
+    the two projections (per-output-channel quantization scales, gathered per row)."""
+    h_NI = grouped_matmul(x_ND, in_proj_EDI, tokens_per_expert_E)
+    if in_scale_NI is not None:
+        h_NI = h_NI * in_scale_NI
+    act = ACTIVATION_FUNCTIONS[activation]
+    if activation in GATED_ACTIVATIONS:
+        gate_NF, up_NF = h_NI.chunk(2, dim=-1)
+        h_NF = act(gate_NF) * up_NF
+    else:
+        h_NF = act(h_NI)
+    y_ND = grouped_matmul(h_NF, down_proj_EFD, tokens_per_expert_E)
+    return y_ND if down_scale_ND is None else y_ND * down_scale_ND
 
 
 class ModuleExperts(nn.Module):

@@ -1,0 +1,71 @@
+"""Quantized checkpoint folders, and loading any moekit checkpoint.
+
+A quantized folder is a moekit model folder whose ``config.json`` also holds ``"quantization":
+{"experts": ..., "attention": ..., "embeddings": ..., "dtype": ...}`` (``dtype``: the compute
+type of the unquantized tensors) and whose ``model.safetensors`` holds the quantized tensors with
+their ``*_scale`` beside them. ``tokenizer.json`` is copied along when the source has one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from moekit.files import CheckpointError, atomic_directory
+from moekit.model import Transformer, load_model, read_model_config
+from moekit.model.io import load_weights, read_config, write_model
+from moekit.quant.quantize import PARTS, quantize_model
+
+QUANTIZATION_KEY = "quantization"
+TOKENIZER_FILE = "tokenizer.json"  # moekit.train.tokenizer's; train is a layer above quant
+
+
+def save_quantized(model: Transformer, folder: str | os.PathLike,
+                   tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Save a quantized model to ``folder`` atomically, with the tokenizer of the folder
+    ``tokenizer_from`` when it has one."""
+    if getattr(model, "quantization", None) is None:
+        raise ValueError("the model is not quantized: call quantize_model first, or save it "
+                         "with moekit.model.save_model")
+    dtype = str(model.norm.weight.dtype).removeprefix("torch.")
+    with atomic_directory(folder) as staging:
+        write_model(model, staging, extra={QUANTIZATION_KEY: {**model.quantization,
+                                                              "dtype": dtype}})
+        if tokenizer_from is not None and (Path(tokenizer_from) / TOKENIZER_FILE).is_file():
+            shutil.copyfile(Path(tokenizer_from) / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+
+
+def _quantization(folder: str | os.PathLike) -> dict | None:
+    spec = read_config(folder).get(QUANTIZATION_KEY)
+    if spec is None:
+        return None
+    dtype = getattr(torch, str(spec.get("dtype")), None) if isinstance(spec, dict) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CheckpointError(f"{Path(folder) / 'config.json'}: bad {QUANTIZATION_KEY} entry "
+                              f"{spec!r}: expected {{{', '.join(PARTS)}, dtype}}")
+    return {**{part: spec.get(part) for part in PARTS}, "dtype": dtype}
+
+
+def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> Transformer:
+    """The model saved in ``folder`` (quantized or not), in eval mode."""
+    spec = _quantization(folder)
+    if spec is None:
+        return load_model(folder, device)
+    model, dtype = Transformer(read_model_config(folder)), spec.pop("dtype")
+    if dtype != torch.float32:  # it is built in float32; .to would also cast its float64 buffers
+        model.to(dtype)
+    quantize_model(model, **spec)  # the quantized modules, filled below
+    return load_weights(model.to(device), folder).eval()
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (a tied tensor counted once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def folder_bytes(folder: str | os.PathLike) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
