@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moekit import MoEConfig, MoELayer
+from moekit.devices import retain_freed_cpu_memory
 
 SHAPES = {  # name: (experts, top_k, ffn)
     "e8": (8, 2, 1024),
@@ -165,7 +166,12 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="keep glibc's allocator settings (by default every layer in the run "
+                        "reuses freed memory: moekit.devices.retain_freed_cpu_memory)")
     args = parser.parse_args()
+    if not args.malloc_defaults:
+        retain_freed_cpu_memory()
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     for name in shapes:
         if name not in SHAPES:

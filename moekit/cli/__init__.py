@@ -12,6 +12,7 @@ import os
 import sys
 
 from moekit import __version__
+from moekit.devices import retain_freed_cpu_memory
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
 COMMAND_MODULES: tuple[str, ...] = ("train", "convert", "plan", "quantize", "serve")
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    retain_freed_cpu_memory()  # this process is ours: large CPU tensors reuse freed memory
     try:
         return args.run(args)
     except ValueError as error:  # the config, file and CLI layers name the bad value
