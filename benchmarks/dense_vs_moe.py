@@ -26,7 +26,6 @@ from moekit.convert import upcycle
 from moekit.model import load_model, save_model
 from moekit.plan import training_flops_per_token
 from moekit.train.loop import train
-from moekit.train.tokenizer import load_tokenizer
 
 
 def _validation(run: Path) -> dict[int, float]:
@@ -40,8 +39,7 @@ def _upcycled_start(dense_run: Path, step: int, moe: MoEConfig, folder: Path) ->
     dense = load_model(checkpoint)
     coarse = replace(moe, num_experts=moe.num_experts // 2, top_k=moe.top_k // 2,
                      ffn_size=dense.config.ffn_size)
-    save_model(upcycle(dense, coarse, granularity=2, seed=0), folder)
-    load_tokenizer(checkpoint).save(folder)
+    save_model(upcycle(dense, coarse, granularity=2, seed=0), folder, tokenizer_from=checkpoint)
     return folder
 
 

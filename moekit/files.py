@@ -16,6 +16,11 @@ from pathlib import Path
 import torch
 
 
+# A tokenizer's files in a model folder (Hugging Face's names; moekit writes the first two).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
 class CheckpointError(ValueError):
     """A file or folder that is not what it should be: missing, truncated, of another model."""
 
@@ -100,3 +105,10 @@ def read_eos_token(folder: str | os.PathLike) -> str | None:
         return None
     eos = read_json(path).get("eos_token")
     return eos.get("content") if isinstance(eos, dict) else eos  # older files nest it
+
+
+def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
+    """Copy the tokenizer files that ``source`` has into ``destination``."""
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(destination) / name)

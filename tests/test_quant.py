@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from moekit.config import preset
 from moekit.files import CheckpointError
 from moekit.model import Transformer, load_model, save_model
-from moekit.quant import (QuantGroupedExperts, folder_bytes, load_checkpoint, quantize_model,
+from moekit.quant import (QuantGroupedExperts, folder_bytes, load_for_inference, quantize_model,
                           quantize_weight, save_quantized)
 from moekit.quant.weights import dequantize
 
@@ -109,7 +109,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
     (tmp_path / "source").mkdir()
     (tmp_path / "source" / "tokenizer.json").write_text("{}")
     save_quantized(model, tmp_path / "q", tokenizer_from=tmp_path / "source")
-    loaded = load_checkpoint(tmp_path / "q")
+    loaded = load_for_inference(tmp_path / "q")
     saved, restored = model.state_dict(), loaded.state_dict()
     assert saved.keys() == restored.keys()
     for name, tensor in saved.items():
@@ -128,7 +128,7 @@ def test_bf16_model_stays_bf16(tmp_path):
     model = quantize_model(Transformer(preset("tiny")).to(torch.bfloat16).eval(),
                            embeddings="int8")
     save_quantized(model, tmp_path / "q")
-    loaded = load_checkpoint(tmp_path / "q")
+    loaded = load_for_inference(tmp_path / "q")
     ids = torch.randint(0, 2048, (1, 5))
     assert loaded(ids).logits.dtype == torch.bfloat16
     assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -162,7 +162,7 @@ def test_cli_reports_sizes_and_perplexity(tmp_path, capsys):
         p.stat().st_size for p in (tmp_path / "q").iterdir())
     before, after = map(float, lines[4].split()[1:3])
     assert math.isfinite(before) and abs(after / before - 1) < 0.05
-    assert load_checkpoint(tmp_path / "q").quantization["experts"] == "int8"
+    assert load_for_inference(tmp_path / "q").quantization["experts"] == "int8"
     assert main(["quantize", "--checkpoint", str(tmp_path / "q"), "--out",
                  str(tmp_path / "q2"), "--dtype", "fp8"]) == 2
     assert "holds a quantized model" in capsys.readouterr().err

@@ -240,7 +240,7 @@ def test_cli_serve_bad_arguments(tmp_path, capsys):
 
 
 def test_a_quantized_checkpoint_serves_what_it_generates(tmp_path):
-    from moekit.quant import load_checkpoint, quantize_model, save_quantized
+    from moekit.quant import load_for_inference, quantize_model, save_quantized
     folder = tmp_path / "tiny-fp8"
     model = quantize_model(Transformer(replace(preset("tiny"), vocab_size=257)))
     save_quantized(model, folder)
@@ -248,7 +248,7 @@ def test_a_quantized_checkpoint_serves_what_it_generates(tmp_path):
     engine = load_engine(folder)
     pieces, usage = engine.complete(["Quantized"], Sampling(max_tokens=6, temperature=0))
     text = "".join(piece.text for piece in pieces)
-    expected = generate(load_checkpoint(folder), [engine.tokenizer.encode("Quantized")], 6,
+    expected = generate(load_for_inference(folder), [engine.tokenizer.encode("Quantized")], 6,
                         eos_id=engine.tokenizer.eos_id)[0]
     assert text == engine.tokenizer.decode(expected)
     assert usage.completion_tokens == len(expected)

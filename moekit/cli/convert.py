@@ -8,8 +8,8 @@ import torch
 
 from moekit.config import MoEConfig
 from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
-from moekit.convert.hf_folder import load_checkpoint, save_with_tokenizer
-from moekit.model import load_model
+from moekit.convert.hf_folder import load_moekit_or_hf
+from moekit.model import load_model, save_model
 from moekit.plan import count_parameters, upcycle_advice
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,7 +94,7 @@ def run_upcycle(args: argparse.Namespace) -> int:
     if (tokens[0] is None) != (tokens[1] is None):
         raise ValueError("--dense-tokens and --moe-tokens go together: the advice compares the "
                          "compute of both")
-    dense = load_checkpoint(args.source)
+    dense = load_moekit_or_hf(args.source)
     config = dense.config
     moe = MoEConfig(hidden_size=config.hidden_size, ffn_size=config.ffn_size,
                     num_experts=args.experts, top_k=args.top_k, activation=config.activation,
@@ -102,7 +102,7 @@ def run_upcycle(args: argparse.Namespace) -> int:
     model = upcycle(dense, moe, noise_std=args.noise_std, granularity=args.granularity,
                     seed=args.seed, router_init_std=args.router_init_std,
                     moe_every=args.moe_every)
-    save_with_tokenizer(model, args.out, args.source, extra={"upcycled_from": args.source})
+    save_model(model, args.out, extra={"upcycled_from": args.source}, tokenizer_from=args.source)
     final = model.config
     print(f"wrote {args.out}: {final.moe.num_experts} experts of width {final.moe.ffn_size}, "
           f"top-{final.moe.top_k}, in {sum(map(final.is_moe_layer, range(final.num_layers)))} "

@@ -104,11 +104,13 @@ def run_train(args) -> int:
 
 
 def _load(args):
-    from moekit.model.io import load_model
+    """The checkpoint folder (quantized or not), its model and its tokenizer."""
+    from moekit.quant import load_for_inference
     from moekit.train.checkpoint import resolve_checkpoint
     from moekit.train.tokenizer import load_tokenizer
     folder = resolve_checkpoint(args.checkpoint)
-    return folder, load_model(folder, device=resolve_device(args.device)), load_tokenizer(folder)
+    model = load_for_inference(folder, device=resolve_device(args.device))
+    return folder, model, load_tokenizer(folder)
 
 
 def run_generate(args) -> int:

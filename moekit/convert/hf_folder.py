@@ -9,34 +9,23 @@ naming the file and the problem.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from moekit.convert.hf import (export_weights, hf_config_from_model, import_weights,
                                load_converted_state, model_config_from_hf)
-from moekit.files import (CheckpointError, atomic_directory, read_eos_token, read_json,
-                          read_safetensors, write_json)
+from moekit.files import (CheckpointError, atomic_directory, copy_tokenizer_files,
+                          read_eos_token, read_json, read_safetensors, write_json)
 from moekit.model import Transformer
 from moekit.model.io import FORMAT as MOEKIT_FORMAT
-from moekit.model.io import load_model, write_model
+from moekit.model.io import load_model, save_model
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # The tokenizer and its chat template, as transformers saves them (v4 and v5).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
-
-
-def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> None:
-    for name in TOKENIZER_FILES:
-        if (Path(source) / name).is_file():
-            shutil.copyfile(Path(source) / name, Path(destination) / name)
-
-
 def _require_folder(folder: Path) -> None:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a checkpoint folder with "
@@ -94,20 +83,11 @@ def import_hf(source: str | os.PathLike, destination: str | os.PathLike,
     """Write the model of the Hugging Face folder ``source`` as a moekit folder, with its
     tokenizer and chat template; returns the model."""
     model = load_hf(source, dtype)
-    save_with_tokenizer(model, destination, source, extra={"imported_from": str(source)})
+    save_model(model, destination, extra={"imported_from": str(source)}, tokenizer_from=source)
     return model
 
 
-def save_with_tokenizer(model: Transformer, destination: str | os.PathLike,
-                        tokenizer_from: str | os.PathLike, extra: dict | None = None) -> None:
-    """Save ``model`` as a moekit folder, atomically, with the tokenizer files (and chat
-    template) of the folder ``tokenizer_from`` where it has them."""
-    with atomic_directory(destination) as staging:
-        write_model(model, staging, extra)
-        copy_tokenizer_files(tokenizer_from, staging)
-
-
-def load_checkpoint(folder: str | os.PathLike) -> Transformer:
+def load_moekit_or_hf(folder: str | os.PathLike) -> Transformer:
     """The model of a moekit folder or of a local Hugging Face folder, told apart by their
     ``config.json``."""
     folder = Path(folder)

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from moekit.config import ModelConfig
-from moekit.files import CheckpointError, atomic_directory, read_json, write_json
+from moekit.files import (CheckpointError, atomic_directory, copy_tokenizer_files, read_json,
+                          write_json)
 from moekit.model.transformer import Transformer
 
 FORMAT = "moekit"
@@ -33,10 +34,14 @@ def write_model(model: Transformer, folder: str | os.PathLike, extra: dict | Non
     save_weights(model, str(folder / WEIGHTS_FILE))  # stores tied embeddings once
 
 
-def save_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None) -> None:
-    """Save ``model`` to ``folder``, replacing it atomically."""
+def save_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None,
+               tokenizer_from: str | os.PathLike | None = None) -> None:
+    """Save ``model`` to ``folder``, replacing it atomically, with the tokenizer files (and
+    chat template) of the folder ``tokenizer_from`` where it has them."""
     with atomic_directory(folder) as staging:
         write_model(model, staging, extra)
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, staging)
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -108,7 +113,7 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu",
     """The model saved in ``folder``, in eval mode."""
     if "quantization" in read_config(folder):
         raise CheckpointError(f"{folder}: holds a quantized model; load it with "
-                              "moekit.quant.load_checkpoint")
+                              "moekit.quant.load_for_inference")
     model = Transformer(read_model_config(folder)).to(device)
     load_weights(model, folder)
     if dtype is not None:

@@ -8,18 +8,16 @@ their ``*_scale`` beside them. ``tokenizer.json`` is copied along when the sourc
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from moekit.files import CheckpointError, atomic_directory
+from moekit.files import CheckpointError, atomic_directory, copy_tokenizer_files
 from moekit.model import Transformer, load_model, read_model_config
 from moekit.model.io import load_weights, read_config, write_model
 from moekit.quant.quantize import PARTS, quantize_model
 
 QUANTIZATION_KEY = "quantization"
-TOKENIZER_FILE = "tokenizer.json"  # moekit.train.tokenizer's; train is a layer above quant
 
 
 def save_quantized(model: Transformer, folder: str | os.PathLike,
@@ -33,8 +31,8 @@ def save_quantized(model: Transformer, folder: str | os.PathLike,
     with atomic_directory(folder) as staging:
         write_model(model, staging, extra={QUANTIZATION_KEY: {**model.quantization,
                                                               "dtype": dtype}})
-        if tokenizer_from is not None and (Path(tokenizer_from) / TOKENIZER_FILE).is_file():
-            shutil.copyfile(Path(tokenizer_from) / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        if tokenizer_from is not None:
+            copy_tokenizer_files(tokenizer_from, staging)
 
 
 def _quantization(folder: str | os.PathLike) -> dict | None:
@@ -48,8 +46,8 @@ def _quantization(folder: str | os.PathLike) -> dict | None:
     return {**{part: spec.get(part) for part in PARTS}, "dtype": dtype}
 
 
-def load_checkpoint(folder: str | os.PathLike, device: str | torch.device = "cpu"
-                    ) -> Transformer:
+def load_for_inference(folder: str | os.PathLike,
+                       device: str | torch.device = "cpu") -> Transformer:
     """The model saved in ``folder`` (quantized or not), in eval mode."""
     spec = _quantization(folder)
     if spec is None:

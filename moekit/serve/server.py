@@ -6,7 +6,7 @@ from pathlib import Path
 
 from moekit.files import CheckpointError
 from moekit.model import prepare_for_decoding
-from moekit.quant import load_checkpoint
+from moekit.quant import load_for_inference
 from moekit.serve.app import create_app
 from moekit.serve.engine import Engine
 from moekit.serve.text import read_chat_template
@@ -17,7 +17,7 @@ def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", name: str | 
                 **limits) -> Engine:
     """An engine over a checkpoint folder (plain or quantized) with its ``tokenizer.json``
     (and chat template, where ``tokenizer_config.json`` has one); ``limits``: Engine's."""
-    model = prepare_for_decoding(load_checkpoint(checkpoint, device))
+    model = prepare_for_decoding(load_for_inference(checkpoint, device))
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens, "

@@ -70,7 +70,7 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
     return destination
 
 
-def load_checkpoint(folder: str | Path, model: Transformer,
+def restore_training_state(folder: str | Path, model: Transformer,
                     optimizer: torch.optim.Optimizer) -> int:
     """Restore model, optimizer and random state from ``folder``; returns its step."""
     folder = Path(folder)

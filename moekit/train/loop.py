@@ -224,7 +224,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     optimizer = build_optimizer(model, train_config)
     step = 0
     if resume:
-        step = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), model, optimizer)
+        step = ckpt.restore_training_state(ckpt.latest_checkpoint(run), model, optimizer)
     else:
         if init_from is not None:
             load_weights(model, init_from)
