@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from moekit.model import load_model, perplexity
+from moekit.train.checkpoint import resolve_checkpoint
 from moekit.quant import QUANT_DTYPES, folder_bytes, quantize_model, save_quantized, tensor_bytes
 from moekit.train.tokenizer import load_tokenizer
 
@@ -17,7 +18,8 @@ def register(subcommands) -> None:
         description="Quantize the weights of a checkpoint (per output channel) and save it. "
                     "--dtype sets experts and attention; embeddings stay in full precision "
                     "unless --embeddings is given.")
-    parser.add_argument("--checkpoint", required=True, type=Path, help="moekit model folder")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="moekit model folder, or a run folder (its newest checkpoint)")
     parser.add_argument("--out", required=True, type=Path, help="folder to write")
     parser.add_argument("--dtype", required=True, choices=tuple(QUANT_DTYPES))
     for part in ("experts", "attention", "embeddings"):
@@ -45,6 +47,7 @@ def _text_tokens(args) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.checkpoint = resolve_checkpoint(args.checkpoint)  # a run folder: its newest checkpoint
     tokens = _text_tokens(args)
     model = load_model(args.checkpoint)
     rows = [("bytes on disk", folder_bytes(args.checkpoint)), ("bytes in memory",

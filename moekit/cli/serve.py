@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from moekit.train.checkpoint import resolve_checkpoint
+
 GIB = 1 << 30
 
 
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {value} is not allowed: expected a positive integer")
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ValueError(f"--kv-cache-gib {args.kv_cache_gib} is not allowed: expected > 0")
-    engine = load_engine(args.checkpoint, _device(args.device), args.name,
+    engine = load_engine(resolve_checkpoint(args.checkpoint), _device(args.device), args.name,
                          max_tokens_limit=args.max_tokens,
                          kv_cache_bytes=None if args.kv_cache_gib is None
                          else int(args.kv_cache_gib * GIB))

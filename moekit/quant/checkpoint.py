@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from moekit.files import CheckpointError, atomic_directory, copy_tokenizer_files
+from moekit.files import TOKENIZER_FILES, CheckpointError, atomic_directory, copy_tokenizer_files
 from moekit.model import Transformer, load_model, read_model_config
-from moekit.model.io import load_weights, read_config, write_model
+from moekit.model.io import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, write_model
 from moekit.quant.quantize import PARTS, quantize_model
 
 QUANTIZATION_KEY = "quantization"
@@ -66,4 +66,8 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
-    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+    """Bytes on disk of a model folder's model: its config, weights and tokenizer files (a
+    training checkpoint's optimizer state is not the model's)."""
+    names = (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES)
+    return sum((Path(folder) / name).stat().st_size for name in names
+               if (Path(folder) / name).is_file())
