@@ -66,12 +66,16 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     @staticmethod
+    def bytes_per_token(config: ModelConfig, itemsize: int) -> int:
+        """K and V of one position in every CLA group, ``itemsize`` bytes per number."""
+        groups = -(-config.num_layers // config.cla_share)
+        return 2 * groups * config.kv_heads * config.attention_head_dim * itemsize
+
+    @staticmethod
     def bytes_needed(config: ModelConfig, batch_size: int, max_len: int,
                      dtype: torch.dtype = torch.float32) -> int:
         """What ``KVCache(config, batch_size, max_len, dtype=dtype).nbytes`` will be."""
-        groups = -(-config.num_layers // config.cla_share)
-        return (2 * groups * batch_size * config.kv_heads * max_len * config.attention_head_dim
-                * dtype.itemsize)
+        return batch_size * max_len * KVCache.bytes_per_token(config, dtype.itemsize)
 
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
         """Write the new positions of one group; return its keys and values so far."""

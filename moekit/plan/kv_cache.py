@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from moekit.config import ModelConfig
+from moekit.model.transformer import KVCache
 from moekit.plan.units import dtype_bytes, require_positive
 
 
 def kv_cache_bytes_per_token(config: ModelConfig, dtype: str = "bf16") -> int:
-    kv_layers = -(-config.num_layers // config.cla_share)
-    return 2 * kv_layers * config.kv_heads * config.attention_head_dim * dtype_bytes(dtype)
+    return KVCache.bytes_per_token(config, dtype_bytes(dtype))
 
 
 @dataclass(frozen=True)
