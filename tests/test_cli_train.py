@@ -76,3 +76,27 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
     (broken / "config.json").write_text(config)
     _fails(capsys, ["generate", "--checkpoint", str(broken), "--prompt", "x"],
            "does not fit the model of config.json")
+
+
+def test_upcycle_a_run_then_continue_training(trained, tmp_path, capsys):
+    """The whole path a user takes: a run folder -> `moekit upcycle` -> `moekit train
+    --init-from` -> `moekit generate`; the upcycled model starts at the run's logits."""
+    import torch
+
+    from moekit.model import load_model
+    from moekit.train.checkpoint import resolve_checkpoint
+    dense_run = tmp_path / "dense"
+    assert main(["train", "--config", str(trained / "run.toml"), "--dense", "--steps", "2",
+                 "--out", str(dense_run), "--quiet", "--device", "cpu"]) == 0
+    assert main(["upcycle", "--from", str(dense_run), "--experts", "4", "--top-k", "2",
+                 "--out", str(tmp_path / "moe")]) == 0
+    ids = torch.randint(0, 300, (2, 12))
+    dense, moe = load_model(resolve_checkpoint(dense_run)), load_model(tmp_path / "moe")
+    torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+    assert main(["train", "--init-from", str(tmp_path / "moe"), "--out", str(tmp_path / "tuned"),
+                 "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--eval-every", "2",
+                 "--quiet", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "tuned"), "--prompt", "def",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("def")

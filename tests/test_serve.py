@@ -236,7 +236,7 @@ def test_cli_serve_bad_arguments(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path), "--port", "-1"]) == 2
     assert "--port -1 is not allowed" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(tmp_path / "none")]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
+    assert "none: not a folder" in capsys.readouterr().err
 
 
 def test_a_quantized_checkpoint_serves_what_it_generates(tmp_path):

@@ -11,6 +11,7 @@ from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
 from moekit.convert.hf_folder import load_moekit_or_hf
 from moekit.model import load_model, save_model
 from moekit.plan import count_parameters, upcycle_advice
+from moekit.train.checkpoint import resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,7 +28,7 @@ def _folder_command(subcommands, name: str, source: str, run, **texts):
 
 def register(subcommands) -> None:
     upcycle_parser = _folder_command(
-        subcommands, "upcycle", "a moekit checkpoint folder, or a local Hugging Face dense "
+        subcommands, "upcycle", "a moekit checkpoint or run folder, or a local Hugging Face dense "
         "checkpoint (Llama, Mistral or Qwen2 layout)", run_upcycle,
         help="turn a dense checkpoint into an MoE model (Skywork-MoE upcycling)",
         description="Every expert starts as a copy of the dense FFN, the router fresh: at "
@@ -64,7 +65,7 @@ def register(subcommands) -> None:
                                help="default: the dtype of the stored weights")
 
     export_parser = _folder_command(
-        subcommands, "export", "a moekit checkpoint folder", run_export,
+        subcommands, "export", "a moekit checkpoint or run folder", run_export,
         help="a moekit folder -> a Hugging Face folder transformers loads",
         description="Writes config.json, model.safetensors and the tokenizer files in the "
                     "chosen layout; refuses a model feature the layout cannot hold.")
@@ -94,6 +95,7 @@ def run_upcycle(args: argparse.Namespace) -> int:
     if (tokens[0] is None) != (tokens[1] is None):
         raise ValueError("--dense-tokens and --moe-tokens go together: the advice compares the "
                          "compute of both")
+    args.source = str(resolve_checkpoint(args.source))  # a run folder: its newest checkpoint
     dense = load_moekit_or_hf(args.source)
     config = dense.config
     moe = MoEConfig(hidden_size=config.hidden_size, ffn_size=config.ffn_size,
@@ -123,7 +125,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    export_hf(load_model(args.source), args.out, args.layout, tokenizer_from=args.source)
+    source = resolve_checkpoint(args.source)
+    export_hf(load_model(source), args.out, args.layout, tokenizer_from=source)
     print(f"wrote {args.out}: transformers.AutoModelForCausalLM.from_pretrained("
           f"{args.out!r}) loads it")
     return 0

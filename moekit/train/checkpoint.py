@@ -97,6 +97,8 @@ def restore_training_state(folder: str | Path, model: Transformer,
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model folder: ``path`` itself, or the newest checkpoint when ``path`` is a run folder."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder (expected a checkpoint or run folder)")
     if (path / "config.json").is_file():
         return path
     if (path / CHECKPOINTS).is_dir():
