@@ -182,3 +182,24 @@ def test_expert_output_from_weights_directly():
     e = int(layer.router(x[None]).expert_ids_TK[0, 0])
     w = float(layer.router(x[None]).weights_TK[0, 0].detach())
     torch.testing.assert_close(layer(x[None])[0][0], w * expert_forward(layer.experts, e, x))
+
+
+def test_grouped_experts_alone_take_any_gradient():
+    """`.sum().backward()` hands grouped_mm an expanded (stride-0) gradient; the experts must
+    still give the gradients of a per-expert loop."""
+    from moekit import GroupedExperts
+    experts = GroupedExperts(4, 16, 8)
+    x = torch.randn(10, 16, requires_grad=True)
+    counts = torch.tensor([3, 3, 0, 4])
+    experts(x, counts).sum().backward()
+
+    x_ref = x.detach().requires_grad_()
+    gate_up = experts.gate_up_proj.detach().clone().requires_grad_()
+    down = experts.down_proj.detach().clone().requires_grad_()
+    silu = torch.nn.functional.silu
+    loop = torch.cat([(silu(block @ w[:, :8]) * (block @ w[:, 8:])) @ d
+                      for block, w, d in zip(x_ref.split(counts.tolist()), gate_up, down)])
+    loop.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(experts.gate_up_proj.grad, gate_up.grad)
+    torch.testing.assert_close(experts.down_proj.grad, down.grad)

@@ -44,6 +44,19 @@ def _grouped_mm_supported(x_ND: torch.Tensor, w_EIO: torch.Tensor) -> bool:
     return all(size * item % 16 == 0 for size in w_EIO.shape[1:])
 
 
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward hands on a dense gradient: grouped_mm's backward rejects the
+    stride-0 gradient that, e.g., ``y.sum().backward()`` produces (torch 2.13)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
                    tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """y_NO: each block of rows times its expert's matrix, in one grouped call.
@@ -52,7 +65,7 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
     backward still builds each weight gradient once (unbind's backward stacks them)."""
     if _grouped_mm_supported(x_NI, w_EIO):
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
+        return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
     blocks = x_NI.split(tokens_per_expert_E.tolist())
     return torch.cat([block @ w_IO for block, w_IO in zip(blocks, w_EIO.unbind(0))])
 
