@@ -263,3 +263,15 @@ def test_int8_kernel_is_skipped_where_it_does_not_fit():
     with torch.no_grad():
         assert _int8_kernel_calls(lambda: quantized(x)) == 0
         _assert_close_in(torch.bfloat16, quantized(x), expected)
+
+
+def test_int8_experts_keep_the_kernel_layout_through_save_and_load(tmp_path):
+    model = quantize_model(Transformer(preset("tiny")).eval(), experts="int8", attention=None)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_for_inference(tmp_path / "q")
+    experts = next(m for m in loaded.modules() if isinstance(m, QuantGroupedExperts))
+    assert experts.down_proj.transpose(1, 2).is_contiguous()  # each expert [out, in]
+    ids = torch.randint(0, 2048, (2, 7))
+    with torch.no_grad():
+        assert _int8_kernel_calls(lambda: loaded(ids)) > 0
+        assert torch.equal(model(ids).logits, loaded(ids).logits)

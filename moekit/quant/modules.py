@@ -116,10 +116,10 @@ def _activate(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
 class QuantGroupedExperts(nn.Module):
     """GroupedExperts with quantized stacked weights, one scale per expert and output column.
 
-    The weights keep GroupedExperts' shapes ([E, in, out]) but are laid out output-major in
-    memory, so that each expert's transpose is the contiguous [out, in] matrix ``int8_linear``
-    reads. Loading a checkpoint copies into these buffers, keeping the layout; saving writes
-    contiguous copies, so files hold the usual [E, in, out] order.
+    The weights keep GroupedExperts' shapes ([E, in, out]); int8 ones are laid out output-major
+    in memory, so that each expert's transpose is the contiguous [out, in] matrix
+    ``int8_linear`` reads. Loading a checkpoint copies into these buffers, keeping the layout;
+    saving writes contiguous copies, so files hold the usual [E, in, out] order.
     """
 
     def __init__(self, experts: GroupedExperts, dtype: str):
@@ -128,11 +128,14 @@ class QuantGroupedExperts(nn.Module):
         self.in_name = "gate_up_proj" if experts.gated else "up_proj"
         for name, weight in ((self.in_name, experts.in_proj), ("down_proj", experts.down_proj)):
             q_EIO, scale_E1O = quantize_weight(weight, dtype, input_dim=1)
-            self.register_buffer(name, q_EIO.transpose(1, 2).contiguous().transpose(1, 2))
+            if dtype == "int8":  # fp8 keeps the order its converting path was timed with
+                q_EIO = q_EIO.transpose(1, 2).contiguous().transpose(1, 2)
+            self.register_buffer(name, q_EIO)
             self.register_buffer(f"{name}_scale", scale_E1O)
 
     def _weights_EOI(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input and down projections as [E, out, in] views (contiguous per expert)."""
+        """The input and down projections as [E, out, in] views (each expert's
+        contiguous when int8)."""
         return (getattr(self, self.in_name).transpose(1, 2), self.down_proj.transpose(1, 2))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
