@@ -191,3 +191,87 @@ def test_table_conversion_equals_torch_for_every_e4m3_value(dtype):
     assert torch.equal(convert(every, dtype).isnan(), every.to(dtype).isnan())
     finite = ~every.to(dtype).isnan()
     assert torch.equal(convert(every, dtype)[finite], every.to(dtype)[finite])
+
+
+def _int8_kernel_calls(run) -> int:
+    """How many times ``run()`` calls torch's CPU int8 kernel (the fast path)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return sum(event.count for event in profile.key_averages()
+               if event.key == "aten::_weight_int8pack_mm")
+
+
+def _assert_close_in(dtype, got, expected):
+    # bf16: the output's rounding (2^-8 relative), twice on the fallback (product, then scale).
+    tolerance = {} if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), expected.float(), **tolerance)
+
+
+def _fallback(monkeypatch, run):
+    """``run()`` with the int8 kernel ruled out: the dequantizing path (GPUs, fp8)."""
+    with monkeypatch.context() as patched:
+        patched.setattr("moekit.quant.modules.int8_kernel_fits", lambda x, weight: False)
+        return run()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_kernel_equals_fallback_and_dequantized_weights(dtype, monkeypatch):
+    from moekit.quant import QuantLinear
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    quantized = QuantLinear(linear, "int8")
+    x = torch.randn(2, 3, 64, dtype=dtype)  # decoding: few rows (prefill converts the weight)
+    expected = F.linear(x.float(), dequantize(quantized.weight, quantized.weight_scale,
+                                              torch.float32), linear.bias.float())
+    with torch.no_grad():
+        assert _int8_kernel_calls(lambda: quantized(x)) == 1
+        got = quantized(x)
+        assert got.dtype == dtype and got.shape == (2, 3, 48)
+        _assert_close_in(dtype, got, expected)
+        _assert_close_in(dtype, got, _fallback(monkeypatch, lambda: quantized(x)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_int8_expert_kernel_equals_fallback_and_dequantized_weights(dtype, activation,
+                                                                   monkeypatch):
+    from moekit.moe import GroupedExperts
+    experts = GroupedExperts(4, 32, 48, activation).to(dtype)
+    quantized = QuantGroupedExperts(experts, "int8")
+    with torch.no_grad():
+        for name in (quantized.in_name, "down_proj"):
+            getattr(experts, name).copy_(dequantize(getattr(quantized, name),
+                                                    getattr(quantized, f"{name}_scale"), dtype))
+        experts.float()
+        tokens_per_expert = torch.tensor([3, 0, 2, 1])
+        x = torch.randn(6, 32, dtype=dtype)
+        # Two products for each of the three experts that got tokens.
+        assert _int8_kernel_calls(lambda: quantized(x, tokens_per_expert)) == 6
+        got = quantized(x, tokens_per_expert)
+        _assert_close_in(dtype, got, experts(x.float(), tokens_per_expert))
+        _assert_close_in(dtype, got, _fallback(monkeypatch,
+                                               lambda: quantized(x, tokens_per_expert)))
+        assert quantized(x[:0], torch.zeros(4, dtype=torch.long)).shape == (0, 32)
+
+
+def test_int8_kernel_is_skipped_where_it_does_not_fit():
+    # bf16 activations with an input width not a multiple of 16: torch's kernel errs there.
+    from moekit.quant import QuantLinear
+    quantized = QuantLinear(torch.nn.Linear(40, 8, bias=False).to(torch.bfloat16), "int8")
+    x = torch.randn(3, 40, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), dequantize(quantized.weight, quantized.weight_scale,
+                                              torch.float32))
+    with torch.no_grad():
+        assert _int8_kernel_calls(lambda: quantized(x)) == 0
+        _assert_close_in(torch.bfloat16, quantized(x), expected)
+
+
+def test_int8_experts_keep_the_kernel_layout_through_save_and_load(tmp_path):
+    model = quantize_model(Transformer(preset("tiny")).eval(), experts="int8", attention=None)
+    save_quantized(model, tmp_path / "q")
+    loaded = load_for_inference(tmp_path / "q")
+    experts = next(m for m in loaded.modules() if isinstance(m, QuantGroupedExperts))
+    assert experts.down_proj.transpose(1, 2).is_contiguous()  # each expert [out, in]
+    ids = torch.randint(0, 2048, (2, 7))
+    with torch.no_grad():
+        assert _int8_kernel_calls(lambda: loaded(ids)) > 0
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
