@@ -106,6 +106,16 @@ class GroupedExperts(nn.Module):
                           self.activation)
 
 
+def expert_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation between an expert's two projections; gated ones read the gate's F
+    columns, then the up projection's."""
+    act = ACTIVATION_FUNCTIONS[activation]
+    if activation not in GATED_ACTIVATIONS:
+        return act(h_NI)
+    gate_NF, up_NF = h_NI.chunk(2, dim=-1)
+    return act(gate_NF) * up_NF
+
+
 def expert_mlp(x_ND: torch.Tensor, in_proj_EDI: torch.Tensor, down_proj_EFD: torch.Tensor,
                tokens_per_expert_E: torch.Tensor, activation: str,
                in_scale_NI: torch.Tensor | None = None,
@@ -116,13 +126,8 @@ def expert_mlp(x_ND: torch.Tensor, in_proj_EDI: torch.Tensor, down_proj_EFD: tor
     h_NI = grouped_matmul(x_ND, in_proj_EDI, tokens_per_expert_E)
     if in_scale_NI is not None:
         h_NI = h_NI * in_scale_NI
-    act = ACTIVATION_FUNCTIONS[activation]
-    if activation in GATED_ACTIVATIONS:
-        gate_NF, up_NF = h_NI.chunk(2, dim=-1)
-        h_NF = act(gate_NF) * up_NF
-    else:
-        h_NF = act(h_NI)
-    y_ND = grouped_matmul(h_NF, down_proj_EFD, tokens_per_expert_E)
+    y_ND = grouped_matmul(expert_activation(h_NI, activation), down_proj_EFD,
+                          tokens_per_expert_E)
     return y_ND if down_scale_ND is None else y_ND * down_scale_ND
 
 

@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moekit.moe import GroupedExperts, expert_mlp
-from moekit.moe.experts import ACTIVATION_FUNCTIONS, GATED_ACTIVATIONS
+from moekit.moe import GroupedExperts, expert_activation, expert_mlp
 from moekit.quant.weights import convert, dequantize, quantize_weight
 
 
@@ -112,16 +111,6 @@ class QuantEmbedding(nn.Module):
         return dequantize(self.table[ids], self.table_scale[ids], self.dtype)
 
 
-def _activate(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
-    """The experts' activation between their two projections, as in ``expert_mlp``: gated ones
-    read the gate's columns, then the up projection's."""
-    act = ACTIVATION_FUNCTIONS[activation]
-    if activation not in GATED_ACTIVATIONS:
-        return act(h_NI)
-    gate_NF, up_NF = h_NI.chunk(2, dim=-1)
-    return act(gate_NF) * up_NF
-
-
 class QuantGroupedExperts(nn.Module):
     """GroupedExperts with quantized stacked weights, one scale per expert and output column.
 
@@ -175,6 +164,6 @@ class QuantGroupedExperts(nn.Module):
         for expert, block_nD in enumerate(x_ND.split(counts)):
             if counts[expert]:
                 h_nI = scaled_linear(block_nD, in_EOI[expert], in_scale_EO[expert])
-                outputs.append(scaled_linear(_activate(h_nI, self.activation), down_EOI[expert],
+                outputs.append(scaled_linear(expert_activation(h_nI, self.activation), down_EOI[expert],
                                              down_scale_EO[expert]))
         return torch.cat(outputs) if outputs else torch.empty_like(x_ND)
