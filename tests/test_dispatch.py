@@ -35,3 +35,24 @@ def test_permute_and_unpermute_match_loops(drop):
     torch.testing.assert_close(x.grad, expected_grad)
     assert torch.autograd.gradcheck(lambda x, y, w: unpermute(permute(x, plan) * y, w, plan),
                                     (x.detach().requires_grad_(), y_ND, weights))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_unpermute_gradients_match_loops_for_a_summed_output(drop):
+    # .sum().backward() hands on a stride-0 gradient; the combine's own backward must take it.
+    tokens, top_k, experts, hidden = 30, 3, 4, 5
+    expert_ids = torch.randint(0, experts, (tokens, top_k))
+    keep = torch.rand(tokens, top_k) > 0.3 if drop else None
+    plan = plan_dispatch(expert_ids, keep, experts)
+    y_ND = torch.randn(len(plan.slots_N), hidden, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(tokens, top_k, dtype=torch.float64, requires_grad=True)
+    unpermute(y_ND, weights, plan).sum().backward()
+
+    expected_y = torch.zeros_like(y_ND)
+    expected_w = torch.zeros_like(weights)
+    for row, slot in enumerate(plan.slots_N.tolist()):
+        t, k = divmod(slot, top_k)
+        expected_y[row] = weights[t, k].detach()
+        expected_w[t, k] = y_ND[row].detach().sum()
+    torch.testing.assert_close(y_ND.grad, expected_y)
+    torch.testing.assert_close(weights.grad, expected_w)

@@ -87,7 +87,33 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     return _Permute.apply(x_TD, plan)
 
 
+class _Combine(torch.autograd.Function):
+    """Each token's weighted sum of its routes' expert outputs. The backward gathers each row's
+    token gradient and scales it by the row's gate weight (one pass over the rows), whatever the
+    incoming gradient's layout: bmm's own backward copies batch by batch when handed the
+    stride-0 gradient that ``.sum().backward()`` produces."""
+
+    @staticmethod
+    def forward(ctx, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan):
+        y_TKD = _slot_order(y_ND, plan)
+        ctx.plan = plan
+        ctx.save_for_backward(y_TKD, weights_TK)
+        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_TKD, weights_TK = ctx.saved_tensors
+        plan = ctx.plan
+        grad_TD = grad_TD.contiguous()
+        grad_y_ND = grad_weights_TK = None
+        if ctx.needs_input_grad[0]:
+            weight_N1 = weights_TK.flatten().index_select(0, plan.slots_N).unsqueeze(1)
+            grad_y_ND = grad_TD.index_select(0, plan.token_ids_N) * weight_N1
+        if ctx.needs_input_grad[1]:
+            grad_weights_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(2)).squeeze(2)
+        return grad_y_ND, grad_weights_TK, None
+
+
 def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """y_TD = sum over a token's kept routes of weight * expert output."""
-    weights_T1K = weights_TK.to(y_ND.dtype).unsqueeze(1)
-    return torch.bmm(weights_T1K, _slot_order(y_ND, plan)).squeeze(1)
+    return _Combine.apply(y_ND, weights_TK.to(y_ND.dtype), plan)
