@@ -34,6 +34,8 @@ def floor_products(tokens, hidden, width):
     x, w1, w3 = torch.randn(tokens, hidden), torch.randn(hidden, width), torch.randn(hidden, width)
     act, w2 = torch.randn(tokens, width), torch.randn(width, hidden)
     grad_h, grad_y = torch.randn(tokens, width), torch.randn(tokens, hidden)
+    # Weights live as nn.Linear stores them ([out, in]): the forward multiplies by their transpose.
+    w1, w3, w2 = (w.t().contiguous().t() for w in (w1, w3, w2))
     return {
         "forward": [(x, w1), (x, w3), (act, w2)],
         "input gradient": [(grad_h, w1.t()), (grad_h, w3.t()), (grad_y, w2.t())],
@@ -102,6 +104,7 @@ def main():
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="keep glibc's allocator settings (by default freed memory is reused, "
                         "as in moe_layer.py: moekit.devices.retain_freed_cpu_memory)")
@@ -112,6 +115,7 @@ def main():
     if not args.malloc_defaults:
         retain_freed_cpu_memory()
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     rows_each = routed // args.experts
     floor = floor_products(args.tokens, args.hidden, args.top_k * args.ffn)
     ops = expert_operands(routed, args.experts, args.hidden, args.ffn)
@@ -131,7 +135,7 @@ def main():
                 if rep:  # the first round warms up
                     times[way, p].append(time.perf_counter() - start)
     median = {key: statistics.median(values) for key, values in times.items()}
-    print(f"E={args.experts} k={args.top_k} H={args.hidden} F={args.ffn} T={args.tokens} fp32 "
+    print(f"E={args.experts} k={args.top_k} H={args.hidden} F={args.ffn} T={args.tokens} {args.dtype} "
           f"torch {torch.__version__} threads {torch.get_num_threads()}: "
           f"{rows_each} rows per expert; ratio to the floor's matmuls (median s)")
     print(f"{'':20s}" + "".join(f"{p:>22s}" for p in (*PASSES, "all three")))

@@ -56,6 +56,55 @@ def hf_block(hidden, ffn, experts, top_k, implementation):
     return MixtralSparseMoeBlock(config)
 
 
+def titan_block(hidden, ffn, experts, top_k, reference):
+    """torchtitan's MoE (0.3): softmax router with renormalised top-k, grouped experts that
+    multiply in bf16 on CPU whatever the layer's dtype (so it is a peer for bf16 runs)."""
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import (MoE, GroupedExperts, RoutedExperts,
+                                              TokenChoiceTopKRouter)
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+    block = MoE.Config(
+        num_experts=experts, load_balance_coeff=None, shared_experts=None,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(dim=hidden, hidden_dim=ffn, num_experts=experts),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=experts, top_k=top_k)),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=experts, gate=Linear.Config(in_features=hidden, out_features=experts),
+            top_k=top_k, score_func="softmax", route_norm=True)).build()
+    inner = block.routed_experts.inner_experts
+    with torch.no_grad():
+        block.router.gate.weight.copy_(reference.gate.weight)
+        gate_EFD, up_EFD = reference.experts.gate_up_proj.chunk(2, dim=1)
+        inner.w1_EFD.copy_(gate_EFD)
+        inner.w3_EFD.copy_(up_EFD)
+        inner.w2_EDF.copy_(reference.experts.down_proj)
+    return block
+
+
+def deepspeed_block(hidden, ffn, experts, top_k, reference):
+    """DeepSpeed-MoE, dropless (it pads every expert to the largest load), in a one-process
+    gloo world; its experts are DenseFloor MLPs of width F."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.moe.layer import MoE
+    if not dist.is_initialized():
+        store = dist.HashStore()  # a world of one needs no rendezvous
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    block = MoE(hidden, DenseFloor(hidden, ffn), num_experts=experts, ep_size=1, k=top_k,
+                drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+    block.set_deepspeed_parallelism()
+    with torch.no_grad():
+        block.deepspeed_moe.gate.wg.weight.copy_(reference.gate.weight)
+        for expert, gate_up, down in zip(block.deepspeed_moe.experts.deepspeed_experts,
+                                         reference.experts.gate_up_proj,
+                                         reference.experts.down_proj):
+            expert.w1.weight.copy_(gate_up[:ffn])
+            expert.w3.weight.copy_(gate_up[ffn:])
+            expert.w2.weight.copy_(down)
+    return block
+
+
 def first_output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -101,6 +150,10 @@ def build(impl, hidden, ffn, experts, top_k, reference):
         block = hf_block(hidden, ffn, experts, top_k, impl[3:])
         block.load_state_dict(reference.state_dict())
         return block
+    if impl == "titan":
+        return titan_block(hidden, ffn, experts, top_k, reference)
+    if impl == "deepspeed":
+        return deepspeed_block(hidden, ffn, experts, top_k, reference)
     raise ValueError(f"unknown impl {impl!r}")
 
 
@@ -119,19 +172,23 @@ def run_shape(name, args, dtype, device):
     with torch.no_grad():
         for p in reference.parameters():
             p.normal_(0, 0.02)  # HF experts start as torch.empty: garbage would skew timings
-    reference = reference.to(device, dtype)
+    reference = reference.to(device)
     x = torch.randn(1, args.tokens, args.hidden, device=device, dtype=dtype, requires_grad=True)
-    check_x = x.detach()[:, :256]
+    # Every layer is checked in fp32 (bf16 rounding would flip near-tied routes between
+    # implementations whose gates compute in different precisions), then cast for timing.
+    check_x = x.detach()[:, :256].float()
     with torch.no_grad():
-        expected = first_output(reference(check_x)).float()
+        expected = first_output(reference(check_x))
     layers, notes = {}, []
     for impl in args.impls.split(","):
         reason = too_big(impl, args.tokens, args.hidden, ffn, top_k, dtype)
+        if impl == "titan" and dtype != torch.bfloat16:
+            reason = "it multiplies its experts in bf16 on CPU: compare it with --dtype bf16"
         if reason:
             notes.append(f"{impl}: skipped, {reason}")
             continue
         try:
-            layer = build(impl, args.hidden, ffn, experts, top_k, reference).to(device, dtype)
+            layer = build(impl, args.hidden, ffn, experts, top_k, reference).to(device)
         except ImportError as error:
             notes.append(f"{impl}: skipped, {error}")
             continue
@@ -139,9 +196,10 @@ def run_shape(name, args, dtype, device):
             with torch.no_grad():
                 got = first_output(layer(check_x)).float()
             error = float((got - expected).abs().max() / expected.abs().max())
-            tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            tolerance = 2e-2 if impl == "titan" else 1e-4  # titan: bf16 expert matmuls
             if error > tolerance:
                 raise SystemExit(f"{impl} disagrees with HF eager: max rel err {error:.1e}")
+        layer = layer.to(dtype)
         layers[impl] = layer
     rows = time_interleaved(layers, x, args.reps)
     floor = rows.get("floor")
@@ -160,7 +218,9 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="e8,e64",
                         help=f"comma-separated from {', '.join(SHAPES)}, or 'all'")
-    parser.add_argument("--impls", default="floor,moekit,hf-eager,hf-grouped_mm,hf-batched_mm")
+    parser.add_argument("--impls", default="floor,moekit,hf-eager,hf-grouped_mm,hf-batched_mm,"
+                        "deepspeed,titan", help="comma-separated; peers that are not installed "
+                        "are skipped with a note")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--reps", type=int, default=5)
