@@ -138,3 +138,33 @@ def test_bad_requests_are_named():
         moefy(Net(), num_experts=2, ffn=3)
     with pytest.raises(ValueError, match="cannot be split"):
         moefy(Net(), num_experts=2, ffn=Feed, granularity=2)
+
+
+def test_hugging_face_padding_is_not_routed_or_counted():
+    model = moefy(_hf_model("llama"), num_experts=4, top_k=2)
+    block = next(m for m in model.modules() if isinstance(m, MoEFeedForward))
+    long_ids, short_ids = torch.randint(1, VOCAB, (1, 12)), torch.randint(1, VOCAB, (1, 7))
+    ids = torch.cat([long_ids, torch.nn.functional.pad(short_ids, (0, 5))])
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding: the real tokens never attend to it
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        padded_stats = block.last_stats
+        alone, alone_counts = [], []
+        for sequence in (long_ids, short_ids):  # the reference: each sequence without padding
+            alone.append(model(sequence).logits[0])
+            alone_counts.append(block.last_stats.tokens_per_expert_E)
+    assert padded_stats.num_tokens == 19
+    assert torch.equal(padded_stats.tokens_per_expert_E, sum(alone_counts))
+    torch.testing.assert_close(padded[0], alone[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded[1, :7], alone[1], rtol=1e-4, atol=1e-5)
+
+    # Generation with left padding and a KV cache: each step's block sees the mask's last columns.
+    routed = []
+    block.register_forward_hook(lambda module, args, output: routed.append(
+        module.last_stats.num_tokens))
+    prompts = torch.randint(1, VOCAB, (2, 6))
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[0, :2] = 0
+    model.generate(prompts, attention_mask=prompt_mask, max_new_tokens=3, do_sample=False)
+    assert routed == [10, 2, 2]

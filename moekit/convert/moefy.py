@@ -12,7 +12,10 @@ tensor as the block did and keeps the statistics of its last forward, so that
 ``router_loss(model)`` gives the load-balancing loss to add to the training loss. MLPs whose
 activation moefy recognises (SiLU, GELU, ReLU, gated or not) and that have no biases become
 fast ``GroupedExperts``; anything else becomes ``ModuleExperts`` of copies (one call per
-expert: flexible, slower). Padding is not masked in such models (their blocks see no mask).
+expert: flexible, slower). Padding never counts there either: moefy hooks the model's forward
+to read its ``attention_mask`` keyword (Hugging Face's convention, 1 = a real token), and every
+block whose input is [batch, seq, hidden] routes only the real tokens (with a KV cache, the last
+seq columns of the mask are the block's).
 """
 from __future__ import annotations
 
@@ -42,16 +45,42 @@ class FFNAdapter:
     make_expert: Callable[[nn.Module], nn.Module] = copy.deepcopy  # one expert from the block
 
 
-class MoEFeedForward(nn.Module):
-    """An MoE layer standing in for a block that maps a tensor to a tensor."""
+class TokenMask:
+    """The ``attention_mask`` of the model forward under way, shared by its MoE blocks: the
+    blocks sit deep inside a model whose own code never hands them the mask."""
 
-    def __init__(self, layer: MoELayer):
+    def __init__(self):
+        self.mask_BL: torch.Tensor | None = None
+
+    def capture(self, model, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask_BL = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def release(self, model, args, kwargs, output) -> None:
+        self.mask_BL = None
+
+    def for_block(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The valid-token mask of a block's [B, S, D] input, or None (every token counts)."""
+        mask_BL = self.mask_BL
+        if mask_BL is None or hidden.dim() != 3 or mask_BL.shape[0] != hidden.shape[0] \
+                or mask_BL.shape[1] < hidden.shape[1]:
+            return None
+        return mask_BL[:, mask_BL.shape[1] - hidden.shape[1]:].to(hidden.device).bool()
+
+
+class MoEFeedForward(nn.Module):
+    """An MoE layer standing in for a block that maps a tensor to a tensor; with a
+    :class:`TokenMask`, padded tokens are not routed, computed or counted."""
+
+    def __init__(self, layer: MoELayer, token_mask: TokenMask | None = None):
         super().__init__()
         self.moe = layer
+        self.token_mask = token_mask
         self.last_stats: MoEStats | None = None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        output, self.last_stats = self.moe(hidden)
+        mask = None if self.token_mask is None else self.token_mask.for_block(hidden)
+        output, self.last_stats = self.moe(hidden, mask)
         return output
 
 
@@ -202,12 +231,16 @@ def moefy(model: nn.Module, num_experts: int, top_k: int = 2, *, ffn=None,
         raise ValueError(f"moefy found no feed-forward block in {type(model).__name__}; pass "
                          "ffn= a module type or a name pattern (and adapter= if needed)")
     generator = torch.Generator().manual_seed(seed)
+    token_mask = TokenMask()
+    # Bound methods: a deepcopy of the model copies the hooks and the blocks' TokenMask as one.
+    model.register_forward_pre_hook(token_mask.capture, with_kwargs=True)
+    model.register_forward_hook(token_mask.release, with_kwargs=True)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         block = model.get_submodule(name)
         layer = _moe_for(block, moe_options, num_experts, top_k, adapter, init, granularity,
                          noise_std, router_init_std, generator)
-        setattr(model.get_submodule(parent_name), child, MoEFeedForward(layer))
+        setattr(model.get_submodule(parent_name), child, MoEFeedForward(layer, token_mask))
     return model
 
 
