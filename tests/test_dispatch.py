@@ -5,12 +5,17 @@ import torch
 from moekit.moe.dispatch import permute, plan_dispatch, unpermute
 
 
+def _random_routes(tokens, top_k, experts, drop):
+    """Random expert choices, ~30% of the routes dropped when drop; and their plan."""
+    expert_ids = torch.randint(0, experts, (tokens, top_k))
+    keep = torch.rand(tokens, top_k) > 0.3 if drop else None
+    return expert_ids, keep, plan_dispatch(expert_ids, keep, experts)
+
+
 @pytest.mark.parametrize("drop", [False, True])
 def test_permute_and_unpermute_match_loops(drop):
     tokens, top_k, experts, hidden = 40, 2, 5, 6
-    expert_ids = torch.randint(0, experts, (tokens, top_k))
-    keep = torch.rand(tokens, top_k) > 0.3 if drop else None
-    plan = plan_dispatch(expert_ids, keep, experts)
+    expert_ids, keep, plan = _random_routes(tokens, top_k, experts, drop)
     kept = [(t, k) for t in range(tokens) for k in range(top_k) if keep is None or keep[t, k]]
     # naive: routes sorted by expert, token order within an expert
     order = sorted(kept, key=lambda route: (expert_ids[route].item(), route[0]))
@@ -41,9 +46,7 @@ def test_permute_and_unpermute_match_loops(drop):
 def test_unpermute_gradients_match_loops_for_a_summed_output(drop):
     # .sum().backward() hands on a stride-0 gradient; the combine's own backward must take it.
     tokens, top_k, experts, hidden = 30, 3, 4, 5
-    expert_ids = torch.randint(0, experts, (tokens, top_k))
-    keep = torch.rand(tokens, top_k) > 0.3 if drop else None
-    plan = plan_dispatch(expert_ids, keep, experts)
+    _, _, plan = _random_routes(tokens, top_k, experts, drop)
     y_ND = torch.randn(len(plan.slots_N), hidden, dtype=torch.float64, requires_grad=True)
     weights = torch.rand(tokens, top_k, dtype=torch.float64, requires_grad=True)
     unpermute(y_ND, weights, plan).sum().backward()
