@@ -5,15 +5,16 @@ Legend: T tokens, D model dim, K routes per token, E experts, N kept routes (N <
 
 This is the one step an expert-parallel layout replaces (permute, all-to-all, compute, all-to-all
 back, un-permute); everything it needs is in :class:`DispatchPlan`.
-Deterministic by construction: a stable sort, a gather forward, and the combine is a per-token
-weighted sum (a batched matmul), never an order-dependent scatter-add; the permutation's backward
-is the same slot-order gather followed by a sum over each token's K routes.
+Deterministic by construction: a stable sort, gathers, and per-token sums over each token's kept
+routes in route order (``embedding_bag``: one pass, no [T, K, D] copy), never an
+order-dependent scatter-add. The combine and the permutation's backward are both such sums.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -24,8 +25,10 @@ class DispatchPlan:
     token_ids_N: for each permuted row, the token it carries (slots_N // K).
     tokens_per_expert_E: rows per expert, in expert order (int64).
     num_tokens, top_k: T and K.
-    all_kept: no route was dropped (then every slot is filled and no zero-fill is needed).
-    inverse_S: when all_kept, for each flat route slot its row in the permuted buffer.
+    route_slots_N: the kept routes in token order (t, then k), as flat indices t * K + k.
+    route_rows_N: the same routes' rows in the permuted buffer.
+    route_offsets_T: where each token's routes start in route_slots_N / route_rows_N (a token
+        whose routes were all dropped has an empty run).
     """
 
     slots_N: torch.Tensor
@@ -33,44 +36,46 @@ class DispatchPlan:
     tokens_per_expert_E: torch.Tensor
     num_tokens: int
     top_k: int
-    all_kept: bool
-    inverse_S: torch.Tensor | None = None
+    route_slots_N: torch.Tensor
+    route_rows_N: torch.Tensor
+    route_offsets_T: torch.Tensor
 
 
 def plan_dispatch(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
                   num_experts: int) -> DispatchPlan:
     """Sort the kept routes by expert (stable: within an expert, token order)."""
     num_tokens, top_k = expert_ids_TK.shape
-    key_N = expert_ids_TK.flatten()
-    if keep_TK is not None:
-        key_N = torch.where(keep_TK.flatten(), key_N, num_experts)  # dropped routes sort last
-    counts = torch.bincount(key_N, minlength=num_experts + 1)
-    slots_N = torch.argsort(key_N, stable=True)
-    all_kept = keep_TK is None or bool(counts[num_experts] == 0)
-    inverse_S = None
-    if all_kept:
-        inverse_S = torch.empty_like(slots_N)
-        inverse_S[slots_N] = torch.arange(len(slots_N), device=slots_N.device)
+    key_S = expert_ids_TK.flatten()
+    device = key_S.device
+    if keep_TK is None:
+        route_slots_N = torch.arange(len(key_S), device=device)
+        route_offsets_T = torch.arange(0, len(key_S), top_k, device=device)
     else:
-        slots_N = slots_N[: len(key_N) - int(counts[num_experts])]
+        key_S = torch.where(keep_TK.flatten(), key_S, num_experts)  # dropped routes sort last
+        route_slots_N = keep_TK.flatten().nonzero().squeeze(1)
+        kept_per_token_T = keep_TK.sum(1)
+        route_offsets_T = kept_per_token_T.cumsum(0) - kept_per_token_T
+    counts = torch.bincount(key_S, minlength=num_experts + 1)
+    order_S = torch.argsort(key_S, stable=True)
+    row_S = torch.empty_like(order_S)
+    row_S[order_S] = torch.arange(len(order_S), device=device)  # a permutation: no collisions
+    slots_N = order_S[:len(route_slots_N)]
     return DispatchPlan(slots_N=slots_N, token_ids_N=slots_N.div(top_k, rounding_mode="floor"),
                         tokens_per_expert_E=counts[:num_experts], num_tokens=num_tokens,
-                        top_k=top_k, all_kept=all_kept, inverse_S=inverse_S)
+                        top_k=top_k, route_slots_N=route_slots_N,
+                        route_rows_N=row_S[route_slots_N], route_offsets_T=route_offsets_T)
 
 
-def _slot_order(y_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """y_TKD: the permuted rows back in route order (t, k); zero rows for dropped routes."""
-    if plan.all_kept:
-        y_SD = y_ND.index_select(0, plan.inverse_S)
-    else:
-        y_SD = y_ND.new_zeros(plan.num_tokens * plan.top_k, y_ND.shape[-1]).index_copy(
-            0, plan.slots_N, y_ND)
-    return y_SD.view(plan.num_tokens, plan.top_k, y_ND.shape[-1])
+def _sum_routes(rows_ND: torch.Tensor, plan: DispatchPlan,
+                weights_N: torch.Tensor | None = None) -> torch.Tensor:
+    """x_TD: for each token, the sum of its kept routes' rows (weighted, in route order)."""
+    return F.embedding_bag(plan.route_rows_N, rows_ND, plan.route_offsets_T, mode="sum",
+                           per_sample_weights=weights_N)
 
 
 class _Permute(torch.autograd.Function):
-    """A gather whose backward sums each token's K route gradients (a gather and a sum) instead
-    of index_select's scatter-add, which is slower on CPU and order-dependent on GPU."""
+    """A gather whose backward sums each token's route gradients in one pass, instead of
+    index_select's scatter-add, which is slower on CPU and order-dependent on GPU."""
 
     @staticmethod
     def forward(ctx, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -79,7 +84,7 @@ class _Permute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ND: torch.Tensor):
-        return _slot_order(grad_ND, ctx.plan).sum(1), None
+        return _sum_routes(grad_ND, ctx.plan), None
 
 
 def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -89,28 +94,30 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 class _Combine(torch.autograd.Function):
     """Each token's weighted sum of its routes' expert outputs. The backward gathers each row's
-    token gradient and scales it by the row's gate weight (one pass over the rows), whatever the
-    incoming gradient's layout: bmm's own backward copies batch by batch when handed the
-    stride-0 gradient that ``.sum().backward()`` produces."""
+    token gradient once (whatever the incoming gradient's layout, a stride-0 one from
+    ``.sum().backward()`` included), takes the gate weights' gradient from it as one dot
+    product per row, then scales it in place by the row's gate weight."""
 
     @staticmethod
     def forward(ctx, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan):
-        y_TKD = _slot_order(y_ND, plan)
         ctx.plan = plan
-        ctx.save_for_backward(y_TKD, weights_TK)
-        return torch.bmm(weights_TK.unsqueeze(1), y_TKD).squeeze(1)
+        ctx.save_for_backward(y_ND, weights_TK)
+        return _sum_routes(y_ND, plan, weights_TK.flatten().index_select(0, plan.route_slots_N))
 
     @staticmethod
     def backward(ctx, grad_TD: torch.Tensor):
-        y_TKD, weights_TK = ctx.saved_tensors
+        y_ND, weights_TK = ctx.saved_tensors
         plan = ctx.plan
-        grad_TD = grad_TD.contiguous()
-        grad_y_ND = grad_weights_TK = None
+        grad_ND = grad_TD.index_select(0, plan.token_ids_N)
+        grad_weights_TK = None
+        if ctx.needs_input_grad[1]:
+            per_row_N = torch.linalg.vecdot(y_ND, grad_ND)
+            grad_weights_TK = per_row_N.new_zeros(weights_TK.numel()).index_copy_(
+                0, plan.slots_N, per_row_N).view_as(weights_TK)
+        grad_y_ND = None
         if ctx.needs_input_grad[0]:
             weight_N1 = weights_TK.flatten().index_select(0, plan.slots_N).unsqueeze(1)
-            grad_y_ND = grad_TD.index_select(0, plan.token_ids_N) * weight_N1
-        if ctx.needs_input_grad[1]:
-            grad_weights_TK = torch.bmm(y_TKD, grad_TD.unsqueeze(2)).squeeze(2)
+            grad_y_ND = grad_ND.mul_(weight_N1)
         return grad_y_ND, grad_weights_TK, None
 
 
