@@ -10,8 +10,7 @@ The model is a tiny Mixtral built by transformers from a config (H 512, F 1024, 
 and imported into moekit with ``transformer_from_hf``, so both hold the same weights. Greedy,
 random 32-token prompts, no end-of-text; tokens/s = batch * new tokens / the whole call
 (prefill included). Before timing, both must produce the same tokens in fp32, and every
-engine is warmed up once. Engines take turns within each repetition; figures are medians. moekit's models are laid out for decoding
-(``prepare_for_decoding``, as ``moekit serve`` does). The quantized rows run moekit with
+engine is warmed up once. Engines take turns within each repetition; figures are medians. The quantized rows run moekit with
 weight-only quantized experts and attention (compute in bf16) against HF in bf16.
 """
 from __future__ import annotations
@@ -24,7 +23,7 @@ import time
 import torch
 
 from moekit.convert.hf import transformer_from_hf
-from moekit.model import generate, prepare_for_decoding
+from moekit.model import generate
 from moekit.quant import quantize_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -86,8 +85,7 @@ def main() -> None:
     engines = {}  # (label, dtype name) -> (generate function, model)
     for name, dtype in DTYPES.items():
         engines[("transformers", name)] = (hf_generate, copy.deepcopy(hf).to(dtype))
-        engines[("moekit", name)] = (moekit_generate,
-                                     prepare_for_decoding(copy.deepcopy(ours).to(dtype)))
+        engines[("moekit", name)] = (moekit_generate, copy.deepcopy(ours).to(dtype))
     for quant in args.quant:
         quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=quant,
                                    attention=quant)

@@ -2,8 +2,8 @@
 """What decoding's weight reads cost on this machine, in one run:
 
 1. the expert GEMMs of a decoding step (4 layers x 8 experts, H 512, F 1024, 4 rows per
-   expert, as batch 16 top-2 gives) with weights input-major [E, D, 2F] (moekit's layout) and
-   output-major [E, 2F, D] (transformers'), fp32 and bf16;
+   expert, as batch 16 top-2 gives) with weights input-major [E, D, 2F] in memory and
+   output-major [E, 2F, D] (transformers' and moekit's), fp32 and bf16;
 2. converting 2M quantized weights to bf16: int8, e4m3 by torch, e4m3 by moekit's table.
 
     python benchmarks/weight_formats.py --reps 20

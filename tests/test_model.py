@@ -152,16 +152,31 @@ def test_stream_tokens_marks_finished_rows_and_checks_before_the_first_step():
         stream_tokens(model, [[]], 3)  # raised on the call, not on the first next()
 
 
-def test_decoding_layout_changes_memory_only(tmp_path):
-    from moekit.model import load_model, prepare_for_decoding, save_model
+def test_expert_weights_live_output_major_and_save_contiguous(tmp_path):
+    from moekit.model import load_model, save_model
     model = _model()
-    reference = copy.deepcopy(model)
-    ids = torch.randint(0, 97, (2, 9))
-    prepare_for_decoding(model)
     gate_up = model.layers[1].ffn.experts.gate_up_proj  # [E, D, 2F], stored [E, 2F, D]
     assert gate_up.shape == (4, 32, 32) and gate_up.stride() == (32 * 32, 1, 32)
-    torch.testing.assert_close(model(ids).logits, reference(ids).logits)
-    assert generate(model, [[1, 2, 3]], 5) == generate(reference, [[1, 2, 3]], 5)
-    save_model(model, tmp_path / "ck")  # saved as before: contiguous, same names and values
-    assert torch.equal(load_model(tmp_path / "ck").layers[1].ffn.experts.gate_up_proj.double(),
-                       gate_up)
+    ids = torch.randint(0, 97, (2, 9))
+    contiguous = copy.deepcopy(model)
+    for weight in contiguous.layers[1].ffn.experts.parameters():
+        weight.data = weight.data.contiguous()  # the same values, input-major in memory
+    torch.testing.assert_close(model(ids).logits, contiguous(ids).logits)
+    save_model(model, tmp_path / "ck")  # files hold the usual contiguous tensors
+    loaded = load_model(tmp_path / "ck").layers[1].ffn.experts.gate_up_proj
+    assert torch.equal(loaded, gate_up) and loaded.stride() == gate_up.stride()
+
+
+@pytest.mark.parametrize("std", [None, 0.02])
+def test_expert_init_is_drawn_in_index_order(std):
+    # A seed gives the same experts as a contiguous draw of the same shape would.
+    from moekit.moe import GroupedExperts
+    experts = GroupedExperts(3, 8, 6)
+    torch.manual_seed(5)
+    experts.reset_parameters(std)
+    torch.manual_seed(5)
+    for weight in (experts.gate_up_proj, experts.down_proj):
+        bound = 1 / weight.shape[1] ** 0.5
+        draw = torch.empty(weight.shape)
+        expected = draw.uniform_(-bound, bound) if std is None else draw.normal_(0, std)
+        assert torch.equal(weight, expected)

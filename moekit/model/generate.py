@@ -6,19 +6,6 @@ from collections.abc import Iterator
 import torch
 
 from moekit.model.transformer import Transformer
-from moekit.moe import GroupedExperts
-
-
-def prepare_for_decoding(model: Transformer) -> Transformer:
-    """Lay the stacked expert weights out output-major in memory ([E, out, in] storage; their
-    shapes, values and saved form are unchanged). Decoding sends a few rows to each expert, and
-    on a CPU such GEMMs read output-major weights faster in fp32 (no slower in bf16;
-    docs/inference.md, Speed). Returns the model."""
-    for experts in model.modules():
-        if isinstance(experts, GroupedExperts):
-            for weight in experts.parameters():
-                weight.data = weight.data.transpose(1, 2).contiguous().transpose(1, 2)
-    return model
 
 
 def _check_sampling(temperature, top_k, top_p):

@@ -182,8 +182,7 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, GroupedExperts):
-                for weight in module.parameters():
-                    nn.init.normal_(weight, std=std)
+                module.reset_parameters(std)
 
     def _check(self, input_ids, mask, cache):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long,

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 from moekit.files import CheckpointError
-from moekit.model import prepare_for_decoding
 from moekit.quant import load_for_inference
 from moekit.serve.app import create_app
 from moekit.serve.engine import Engine
@@ -17,7 +16,7 @@ def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", name: str | 
                 **limits) -> Engine:
     """An engine over a checkpoint folder (plain or quantized) with its ``tokenizer.json``
     (and chat template, where ``tokenizer_config.json`` has one); ``limits``: Engine's."""
-    model = prepare_for_decoding(load_for_inference(checkpoint, device))
+    model = load_for_inference(checkpoint, device)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens, "
