@@ -72,8 +72,8 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
 
 def _output_major(num_experts: int, in_size: int, out_size: int) -> nn.Parameter:
     """An [E, in, out] weight held in memory as [E, out, in] (nn.Linear's order, and Hugging
-    Face's): the grouped matmuls read it so at least as fast in fp32, ~7% faster in training
-    and faster in decoding in bf16 on CPU (docs/moe.md, Speed)."""
+    Face's): on CPU the grouped matmuls train as fast with it in fp32 and faster in bf16, and
+    decode faster in fp32 (docs/moe.md and docs/inference.md, Speed)."""
     return nn.Parameter(torch.empty(num_experts, out_size, in_size).transpose(1, 2))
 
 
