@@ -67,7 +67,11 @@ def test_export_then_import_through_the_cli(tmp_path):
     assert main(["upcycle", "--from", str(tmp_path / "llama"), "--experts", "4",
                  "--out", str(tmp_path / "moe")]) == 0
     assert main(["export", "--from", str(tmp_path / "moe"), "--layout", "mixtral",
-                 "--out", str(tmp_path / "hf")]) == 0
+                 "--out", str(tmp_path / "hf"), "--max-shard-size", "0.1MB"]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "hf" / shard).stat().st_size < 0.1e6 + 4096
+                                   for shard in shards)  # + the header of each file
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert main(["import", "--from", str(tmp_path / "hf"), "--out", str(tmp_path / "back"),
                  "--dtype", "bfloat16"]) == 0
@@ -108,6 +112,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
            "model.safetensors: not a readable safetensors file")
     _fails(capsys, upcycle + [str(tmp_path / "llama"), "--dense-tokens", "1e9"],
            "--dense-tokens and --moe-tokens go together")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own error: usage and exit 2
+        main(["export", "--from", str(tmp_path / "llama"), "--layout", "mixtral", "--out", out,
+              "--max-shard-size", "5 parsecs"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "'5 parsecs' is not a size: expected a positive number with a unit of B, KB" in err
     moe = Transformer(ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4,
                                   ffn_size=64, cla_share=1, qk_norm=True))
     save_model(moe, tmp_path / "qk")

@@ -207,3 +207,15 @@ def test_bad_folders_name_the_file_and_write_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"no model.safetensors or model.safetensors.index"):
         import_hf(tmp_path / "hf", out)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def test_shards_fill_in_order_and_an_oversized_tensor_goes_alone():
+    from moekit.convert.hf_folder import shard_names
+    sizes = {"a": 40, "b": 50, "c": 30, "d": 150, "e": 10}
+    assert shard_names(sizes, 100) == {
+        "a": "model-00001-of-00004.safetensors", "b": "model-00001-of-00004.safetensors",
+        "c": "model-00002-of-00004.safetensors", "d": "model-00003-of-00004.safetensors",
+        "e": "model-00004-of-00004.safetensors"}
+    assert set(shard_names(sizes, 280).values()) == {"model.safetensors"}
+    with pytest.raises(ValueError, match="max_shard_bytes=0 is not allowed"):
+        export_hf(_moekit_model("mixtral"), "unused", "mixtral", max_shard_bytes=0)

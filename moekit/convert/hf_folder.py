@@ -113,20 +113,58 @@ def _eos_token_id(folder: Path) -> int | None:
                               f"({error})") from None
 
 
+DEFAULT_MAX_SHARD_BYTES = 50 * 10**9  # transformers' default ("50GB"), the Hub's file limit
+
+
+def shard_names(sizes: dict[str, int], max_shard_bytes: int) -> dict[str, str]:
+    """The file of each tensor (name -> bytes, in order): ``model.safetensors`` when all fit
+    in one shard, else ``model-0000k-of-0000n.safetensors`` filled in order, a new shard
+    when the next tensor would pass ``max_shard_bytes`` (a larger tensor gets one alone)."""
+    shards: list[list[str]] = [[]]
+    filled = 0
+    for name, size in sizes.items():
+        if shards[-1] and filled + size > max_shard_bytes:
+            shards.append([])
+            filled = 0
+        shards[-1].append(name)
+        filled += size
+    if len(shards) == 1:
+        return dict.fromkeys(shards[0], WEIGHTS_FILE)
+    return {name: f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            for k, names in enumerate(shards) for name in names}
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    """The tensors as transformers writes them: one file, or shards and their index."""
+    from safetensors.torch import save_file
+    files = shard_names({name: t.numel() * t.element_size() for name, t in tensors.items()},
+                        max_shard_bytes)
+    for file in dict.fromkeys(files.values()):
+        save_file({name: t for name, t in tensors.items() if files[name] == file},
+                  str(folder / file), metadata={"format": "pt"})
+    if len(set(files.values())) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(folder / INDEX_FILE, {"metadata": {"total_size": total},
+                                         "weight_map": files})
+
+
 def export_hf(model: Transformer, destination: str | os.PathLike, layout: str,
-              tokenizer_from: str | os.PathLike | None = None) -> None:
+              tokenizer_from: str | os.PathLike | None = None,
+              max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write ``model`` as a Hugging Face folder of ``layout`` that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer files of
-    ``tokenizer_from`` (and the end-of-text id in the configs) where given. A feature the
-    layout cannot hold is a ValueError before anything is written."""
-    from safetensors.torch import save_file
+    ``tokenizer_from`` (and the end-of-text id in the configs) where given; weights above
+    ``max_shard_bytes`` are sharded as transformers shards them. A feature the layout cannot
+    hold is a ValueError before anything is written."""
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is not allowed: expected a "
+                         "positive number of bytes")
     values = hf_config_from_model(model.config, layout)
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     values.update(dtype=dtype, torch_dtype=dtype)  # v5 and v4 names
     eos_id = None if tokenizer_from is None else _eos_token_id(Path(tokenizer_from))
     with atomic_directory(destination) as staging:
-        save_file(export_weights(model.state_dict(), layout), str(staging / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
+        _write_weights(export_weights(model.state_dict(), layout), staging, max_shard_bytes)
         if eos_id is not None:
             values["eos_token_id"] = eos_id
             write_json(staging / GENERATION_CONFIG_FILE, {"eos_token_id": eos_id})
