@@ -44,11 +44,12 @@ def floor_products(tokens, hidden, width):
 
 
 def expert_operands(rows, experts, hidden, ffn):
-    """Operands of the two expert projections (gate+up fused [E, H, 2F], down [E, F, H])."""
+    """Operands of the two expert projections (gate+up fused [E, H, 2F], down [E, F, H]), the
+    weights held output-major in memory as GroupedExperts holds them."""
     return {"x": torch.randn(rows, hidden), "act": torch.randn(rows, ffn),
             "grad_h": torch.randn(rows, 2 * ffn), "grad_y": torch.randn(rows, hidden),
-            "gate_up": torch.randn(experts, hidden, 2 * ffn) * 0.02,
-            "down": torch.randn(experts, ffn, hidden) * 0.02}
+            "gate_up": torch.randn(experts, 2 * ffn, hidden).transpose(1, 2) * 0.02,
+            "down": torch.randn(experts, hidden, ffn).transpose(1, 2) * 0.02}
 
 
 def grouped_pass(ops, offsets):
