@@ -203,3 +203,29 @@ def test_grouped_experts_alone_take_any_gradient():
     torch.testing.assert_close(x.grad, x_ref.grad)
     torch.testing.assert_close(experts.gate_up_proj.grad, gate_up.grad)
     torch.testing.assert_close(experts.down_proj.grad, down.grad)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_dropless_step_never_reads_a_value_back_from_the_device(training):
+    # On a GPU each such read (item, tolist, bool, nonzero, bincount, ...) stalls the host
+    # until the device catches up; a dropless layer needs none, in forward or backward.
+    from torch.overrides import TorchFunctionMode
+    reads = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+             torch.Tensor.bincount, torch.bincount, torch.unique, torch.masked_select}
+    seen = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in reads:
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=32, num_experts=4, top_k=2,
+                               num_shared_experts=1, z_loss_coef=1e-3)).train(training)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with Reads():
+        y, stats = layer(x)
+        (y.sum() + stats.router_loss).backward()
+    assert seen == []
+    assert stats.dropped == 0 and stats.router_entropy > 0  # read when asked, not before

@@ -41,6 +41,16 @@ class DispatchPlan:
     route_offsets_T: torch.Tensor
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_bins: int,
+                     keep: torch.Tensor | None = None) -> torch.Tensor:
+    """How many entries (kept ones only, given ``keep``) name each of ``num_bins`` experts, as
+    int64. A scatter-add into counters of a known size: ``bincount`` sizes its output from the
+    data, which makes the host wait for the device."""
+    ones = torch.ones_like(expert_ids) if keep is None else keep.to(expert_ids.dtype)
+    return torch.zeros(num_bins, dtype=expert_ids.dtype, device=expert_ids.device).scatter_add_(
+        0, expert_ids.flatten(), ones.flatten())
+
+
 def plan_dispatch(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
                   num_experts: int) -> DispatchPlan:
     """Sort the kept routes by expert (stable: within an expert, token order)."""
@@ -55,7 +65,7 @@ def plan_dispatch(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
         route_slots_N = keep_TK.flatten().nonzero().squeeze(1)
         kept_per_token_T = keep_TK.sum(1)
         route_offsets_T = kept_per_token_T.cumsum(0) - kept_per_token_T
-    counts = torch.bincount(key_S, minlength=num_experts + 1)
+    counts = count_per_expert(key_S, num_experts + 1)
     order_S = torch.argsort(key_S, stable=True)
     row_S = torch.empty_like(order_S)
     row_S[order_S] = torch.arange(len(order_S), device=device)  # a permutation: no collisions

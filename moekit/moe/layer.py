@@ -11,7 +11,8 @@ import torch.nn as nn
 
 from moekit.config import MoEConfig
 from moekit.moe import capacity as cap
-from moekit.moe.dispatch import permute, plan_dispatch, unpermute
+from moekit.moe.dispatch import (DispatchPlan, count_per_expert, permute, plan_dispatch,
+                                 unpermute)
 from moekit.moe.experts import MLP, GroupedExperts
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
@@ -27,7 +28,8 @@ class MoEStats:
     computed), prob_sum_E (router probabilities summed over tokens, with gradient), z_sum,
     overflowed (routes over capacity before recycling), dropped (routes finally not computed),
     and the sums behind the health metrics (entropy_sum, top1_over_top2_sum,
-    top2_over_top3_sum).
+    top2_over_top3_sum: 0-dim tensors, read as numbers only through the properties, so that a
+    dropless forward never waits for the device).
     Losses of this forward: aux_loss, z_loss, and router_loss = the weighted total to add to the
     training loss (aux_coef * aux_loss + z_coef * z_loss + the gate's own loss).
     """
@@ -40,16 +42,16 @@ class MoEStats:
     z_sum: torch.Tensor | None
     overflowed: int
     dropped: int
-    entropy_sum: float | None
-    top1_over_top2_sum: float | None
-    top2_over_top3_sum: float | None
+    entropy_sum: torch.Tensor | None
+    top1_over_top2_sum: torch.Tensor | None
+    top2_over_top3_sum: torch.Tensor | None
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     aux_coef: float
     router_loss: torch.Tensor
 
-    def _mean(self, total):
-        return None if total is None else total / max(self.num_tokens, 1)
+    def _mean(self, total: torch.Tensor | None) -> float | None:
+        return None if total is None else float(total) / max(self.num_tokens, 1)
 
     @property
     def drop_rate(self) -> float:
@@ -85,11 +87,11 @@ class MoEStats:
 def _health_sums(probs_TE: torch.Tensor):
     """Sums over tokens of the router's entropy and of its max1/max2 and max2/max3 ratios."""
     probs_TE = probs_TE.detach().float()
-    entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum().item()
+    entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum()
     if probs_TE.shape[-1] < 3:
         return entropy, None, None
     top_T3 = probs_TE.topk(3, dim=-1).values.clamp_min(1e-30)
-    ratios = (top_T3[:, :2] / top_T3[:, 1:]).sum(0).tolist()
+    ratios = (top_T3[:, :2] / top_T3[:, 1:]).sum(0)
     return entropy, ratios[0], ratios[1]
 
 
@@ -187,20 +189,20 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        stats = self._stats(routing, plan.tokens_per_expert_E, num_tokens, overflowed)
+        stats = self._stats(routing, plan, num_tokens, overflowed)
         if valid_rows is not None:
             y_TD = y_TD.new_zeros(hidden.numel() // hidden.shape[-1], y_TD.shape[-1]).index_copy(
                 0, valid_rows, y_TD)
         return y_TD.view(hidden.shape), stats
 
-    def _stats(self, routing: Routing, tokens_per_expert_E: torch.Tensor, num_tokens: int,
+    def _stats(self, routing: Routing, plan: DispatchPlan, num_tokens: int,
                overflowed: int) -> MoEStats:
         config = self.config
-        routed_TK = routing.expert_ids_TK if routing.keep_TK is None else \
-            routing.expert_ids_TK[routing.keep_TK]
-        routed_per_expert_E = torch.bincount(routed_TK.flatten(), minlength=config.num_experts)
+        routed_per_expert_E = count_per_expert(routing.expert_ids_TK, config.num_experts,
+                                               routing.keep_TK)
         top_k = routing.expert_ids_TK.shape[1]
-        dropped = top_k * num_tokens - int(tokens_per_expert_E.sum())
+        tokens_per_expert_E = plan.tokens_per_expert_E
+        dropped = top_k * num_tokens - len(plan.slots_N)  # a shape: no wait for the device
         zero = tokens_per_expert_E.new_zeros((), dtype=torch.float32)
         prob_sum_E = z_sum = None
         aux_loss = z_loss = zero
