@@ -8,7 +8,8 @@ the weights streaming from memory. All in one run, as ratios to the floor's matm
 Each pass (forward, input gradient, weight gradient) is timed four ways, taking turns within
 every repetition (medians):
 - floor: the dense floor's three matmuls (SwiGLU of width k * F over the T tokens);
-- grouped: the layer's two grouped matmuls over the T * k routed rows (balanced experts);
+- grouped: the layer's two grouped matmuls over the T * k routed rows (balanced experts, or
+  with --random-counts new random counts at every call);
 - per expert: the same products issued one expert at a time (torch.mm), distinct weights;
 - per expert, cached: the same calls, every expert using expert 0's weight (and, for the
   weight gradient, writing into one buffer), so that no weight streams from memory.
@@ -53,16 +54,27 @@ def expert_operands(rows, experts, hidden, ffn):
 
 
 def grouped_pass(ops, offsets):
-    """The layer's grouped matmuls per pass."""
+    """The layer's grouped matmuls per pass; ``offsets()`` gives each call's row offsets."""
+    def run(*products):
+        def both():
+            offs = offsets()
+            return [F.grouped_mm(a, b, offs=offs) for a, b in products]
+        return both
+
     return {
-        "forward": lambda: (F.grouped_mm(ops["x"], ops["gate_up"], offs=offsets),
-                            F.grouped_mm(ops["act"], ops["down"], offs=offsets)),
-        "input gradient": lambda: (
-            F.grouped_mm(ops["grad_h"], ops["gate_up"].transpose(1, 2), offs=offsets),
-            F.grouped_mm(ops["grad_y"], ops["down"].transpose(1, 2), offs=offsets)),
-        "weight gradient": lambda: (F.grouped_mm(ops["x"].t(), ops["grad_h"], offs=offsets),
-                                    F.grouped_mm(ops["act"].t(), ops["grad_y"], offs=offsets)),
+        "forward": run((ops["x"], ops["gate_up"]), (ops["act"], ops["down"])),
+        "input gradient": run((ops["grad_h"], ops["gate_up"].transpose(1, 2)),
+                              (ops["grad_y"], ops["down"].transpose(1, 2))),
+        "weight gradient": run((ops["x"].t(), ops["grad_h"]), (ops["act"].t(), ops["grad_y"])),
     }
+
+
+def random_offsets(rows, experts, generator):
+    """Offsets of rows spread over the experts at random, new at every call (as in training)."""
+    def draw():
+        ids = torch.randint(experts, (rows,), generator=generator)
+        return torch.bincount(ids, minlength=experts).cumsum(0).to(torch.int32)
+    return draw
 
 
 def per_expert_pass(ops, experts, rows_each, cached):
@@ -106,6 +118,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--random-counts", action="store_true",
+                        help="grouped: a new random number of rows per expert at every call, as "
+                        "routing gives in training (default: balanced, the same every call)")
     parser.add_argument("--malloc-defaults", action="store_true",
                         help="keep glibc's allocator settings (by default freed memory is reused, "
                         "as in moe_layer.py: moekit.devices.retain_freed_cpu_memory)")
@@ -120,7 +135,9 @@ def main():
     rows_each = routed // args.experts
     floor = floor_products(args.tokens, args.hidden, args.top_k * args.ffn)
     ops = expert_operands(routed, args.experts, args.hidden, args.ffn)
-    offsets = torch.full((args.experts,), rows_each).cumsum(0).to(torch.int32)
+    balanced = torch.full((args.experts,), rows_each).cumsum(0).to(torch.int32)
+    offsets = (random_offsets(routed, args.experts, torch.Generator().manual_seed(0))
+               if args.random_counts else lambda: balanced)
     ways = {
         "floor": {p: (lambda pairs=floor[p]: [a @ b for a, b in pairs]) for p in PASSES},
         "grouped": grouped_pass(ops, offsets),

@@ -229,3 +229,41 @@ def test_a_dropless_step_never_reads_a_value_back_from_the_device(training):
         (y.sum() + stats.router_loss).backward()
     assert seen == []
     assert stats.dropped == 0 and stats.router_entropy > 0  # read when asked, not before
+
+
+def test_under_cpu_autocast_the_experts_keep_their_weights_dtype():
+    # A bf16 input (as autocast's linears produce) is multiplied in the weights' fp32 on a CPU,
+    # where bf16 grouped kernels are recompiled for every new row count.
+    experts = GroupedExperts(3, 16, 16)
+    x = torch.randn(10, 16).bfloat16()
+    counts = torch.tensor([4, 0, 6])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts(x, counts)
+    assert y.dtype == torch.float32
+    expert_of_row = [0] * 4 + [2] * 6
+    with torch.no_grad():
+        expected = torch.stack([expert_forward(experts, e, row)
+                                for e, row in zip(expert_of_row, x.float())])
+    torch.testing.assert_close(y.detach(), expected)
+    y.sum().backward()
+    assert experts.gate_up_proj.grad[1].abs().sum() == 0 < experts.gate_up_proj.grad[0].abs().sum()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_under_cuda_autocast_the_experts_compute_in_bf16():
+    experts = GroupedExperts(3, 16, 16).cuda()
+    x = torch.randn(10, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = experts(x, torch.tensor([4, 0, 6], device="cuda"))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert experts.gate_up_proj.grad.dtype == torch.float32
+
+
+def test_a_dtype_mismatch_outside_autocast_is_named():
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=32, num_experts=4, top_k=2))
+    with pytest.raises(ValueError, match=r"hidden is torch.bfloat16 and the layer's weights are "
+                                         r"torch.float32: cast one to the other"):
+        layer(torch.randn(3, 16, dtype=torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtypes itself
+        assert layer(torch.randn(3, 16, dtype=torch.bfloat16))[0].isfinite().all()

@@ -63,6 +63,14 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
 
     The fallback (old torch builds, float64, unaligned sizes) multiplies block by block; its
     backward still builds each weight gradient once (unbind's backward stacks them)."""
+    device_type = x_NI.device.type
+    if torch.is_autocast_enabled(device_type):
+        # grouped_mm has no autocast rule (torch 2.13). On an accelerator, cast its operands as
+        # autocast casts a linear's: the experts are most of the FLOPs. On a CPU, keep the
+        # weights' dtype: oneDNN compiles a bf16 kernel per row count, and the counts change
+        # every step, so bf16 experts train slower than fp32 ones there (docs/moe.md, Speed).
+        dtype = w_EIO.dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+        x_NI, w_EIO = x_NI.to(dtype), w_EIO.to(dtype)
     if _grouped_mm_supported(x_NI, w_EIO):
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
