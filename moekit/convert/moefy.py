@@ -62,10 +62,12 @@ class TokenMask:
     def for_block(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """The valid-token mask of a block's [B, S, D] input, or None (every token counts)."""
         mask_BL = self.mask_BL
-        if mask_BL is None or hidden.dim() != 3 or mask_BL.shape[0] != hidden.shape[0] \
-                or mask_BL.shape[1] < hidden.shape[1]:
+        if mask_BL is None or hidden.dim() != 3:
             return None
-        return mask_BL[:, mask_BL.shape[1] - hidden.shape[1]:].to(hidden.device).bool()
+        (batch, columns), (rows, seq) = mask_BL.shape, hidden.shape[:2]
+        if batch != rows or columns < seq:
+            return None
+        return mask_BL[:, columns - seq:].to(hidden.device).bool()
 
 
 class MoEFeedForward(nn.Module):

@@ -138,12 +138,12 @@ class MoELayer(nn.Module):
         if mask is not None and (mask.dtype != torch.bool or mask.shape != hidden.shape[:-1]):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(hidden.shape[:-1])}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
-        weights = [p.dtype for p in self.router.parameters() if p.is_floating_point()]
-        if weights and hidden.dtype != weights[0] and \
-                not torch.is_autocast_enabled(hidden.device.type):
-            raise ValueError(f"hidden is {hidden.dtype} and the layer's weights are {weights[0]}: "
-                             f"cast one to the other (layer.to({hidden.dtype}) or "
-                             f"hidden.to({weights[0]})), or run under torch.autocast")
+        weight = next((p for p in self.router.parameters() if p.is_floating_point()), None)
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        if weight is not None and hidden.dtype != weight.dtype and not autocast:
+            raise ValueError(f"hidden is {hidden.dtype} and the layer's weights are "
+                             f"{weight.dtype}: cast one to the other (layer.to({hidden.dtype}) "
+                             f"or hidden.to({weight.dtype})), or run under torch.autocast")
 
     def _capacity_factor(self) -> float | None:
         return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
