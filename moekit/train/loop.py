@@ -95,7 +95,10 @@ def _train_step(model, optimizer, tokens, step, config, device) -> dict:
     lr = set_learning_rate(optimizer, step, config)
     inputs, targets = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed)
     inputs, targets = inputs.to(device), targets.to(device)
-    cross_entropy = router_loss = 0.0
+    # Summed on the device (in float64, as Python floats would be) and read once the step is
+    # queued: a read per micro-batch would make a GPU wait for the host between them.
+    cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
+    router_loss = torch.zeros((), dtype=torch.float64, device=device)
     stats = []
     for micro in range(config.grad_accum):
         rows = slice(micro * config.micro_batch_size, (micro + 1) * config.micro_batch_size)
@@ -105,15 +108,16 @@ def _train_step(model, optimizer, tokens, step, config, device) -> dict:
                               reduction="sum") / targets.numel()
         loss = nll + out.router_loss / config.grad_accum
         loss.backward()
-        cross_entropy += nll.item()
-        router_loss += out.router_loss.item() / config.grad_accum
+        cross_entropy += nll.detach().double()
+        router_loss += out.router_loss.detach().double() / config.grad_accum
         stats.append(out.moe_stats)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"kind": "train", "step": step + 1, "loss": cross_entropy, "router_loss": router_loss,
-            "lr": lr, "grad_norm": grad_norm, **_moe_summary(stats)}
+    return {"kind": "train", "step": step + 1, "loss": cross_entropy.item(),
+            "router_loss": router_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+            **_moe_summary(stats)}
 
 
 def _git_revision() -> str | None:
