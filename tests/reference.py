@@ -14,12 +14,12 @@ def expert_forward(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
     """Expert e of a GroupedExperts on one token, from its weights."""
     act = ACT[experts.activation]
     if experts.gated:
-        w = experts.gate_up_proj[e]
-        gate, up = x_D @ w[:, : experts.ffn_size], x_D @ w[:, experts.ffn_size:]
+        w_ID = experts.gate_up_proj[e]  # [out, in], as nn.Linear: gate rows, then up rows
+        gate, up = w_ID[: experts.ffn_size] @ x_D, w_ID[experts.ffn_size:] @ x_D
         h = act(gate) * up
     else:
-        h = act(x_D @ experts.up_proj[e])
-    return h @ experts.down_proj[e]
+        h = act(experts.up_proj[e] @ x_D)
+    return experts.down_proj[e] @ h
 
 
 def capacity_keep(expert_ids_TK, keep_TK, capacity: int, num_experts: int):

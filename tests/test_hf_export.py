@@ -196,7 +196,7 @@ def test_bad_folders_name_the_file_and_write_nothing(tmp_path):
         import_hf(tmp_path / "hf", out)
     config_path.write_text(json.dumps({**values, "intermediate_size": 24}))
     with pytest.raises(CheckpointError, match=r"model.safetensors: .*experts.gate_up_proj has "
-                       r"shape \[4, 32, 80\], the model needs \[4, 32, 48\]"):
+                       r"shape \[4, 80, 32\], the model needs \[4, 48, 32\]"):
         import_hf(tmp_path / "hf", out)
     config_path.write_text(json.dumps(values))
     weights = tmp_path / "hf" / "model.safetensors"

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from moekit import MoEConfig, MoELayer
-from moekit.moe import GroupedExperts, ModuleExperts, grouped_matmul
+from moekit.moe import GroupedExperts, ModuleExperts, grouped_linear
 from reference import expert_forward, moe_forward
 
 
@@ -106,12 +106,12 @@ def test_grouped_mm_path_equals_fallback_forward_and_backward(activation):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_matmul_equals_block_products():
-    w = torch.randn(3, 16, 32)
+def test_grouped_linear_equals_block_products():
+    w_EOI = torch.randn(3, 32, 16)
     counts = torch.tensor([4, 0, 6])
     x = torch.randn(10, 16)
-    expected = torch.cat([x[:4] @ w[0], x[4:10] @ w[2]])
-    torch.testing.assert_close(grouped_matmul(x, w, counts), expected)
+    expected = torch.cat([x[:4] @ w_EOI[0].T, x[4:10] @ w_EOI[2].T])
+    torch.testing.assert_close(grouped_linear(x, w_EOI, counts), expected)
 
 
 def test_module_experts_take_any_module():
@@ -150,8 +150,8 @@ class _FixedSwiGLU(nn.Module):
         self.w_in, self.w_out = nn.Parameter(w_in), nn.Parameter(w_out)
 
     def forward(self, x):
-        gate, up = (x @ self.w_in).chunk(2, -1)
-        return (torch.nn.functional.silu(gate) * up) @ self.w_out
+        gate, up = (x @ self.w_in.T).chunk(2, -1)
+        return (torch.nn.functional.silu(gate) * up) @ self.w_out.T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["grouped_mm", "fallback"])
@@ -197,7 +197,7 @@ def test_grouped_experts_alone_take_any_gradient():
     gate_up = experts.gate_up_proj.detach().clone().requires_grad_()
     down = experts.down_proj.detach().clone().requires_grad_()
     silu = torch.nn.functional.silu
-    loop = torch.cat([(silu(block @ w[:, :8]) * (block @ w[:, 8:])) @ d
+    loop = torch.cat([(silu(block @ w[:8].T) * (block @ w[8:].T)) @ d.T
                       for block, w, d in zip(x_ref.split(counts.tolist()), gate_up, down)])
     loop.sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)

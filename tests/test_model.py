@@ -152,31 +152,31 @@ def test_stream_tokens_marks_finished_rows_and_checks_before_the_first_step():
         stream_tokens(model, [[]], 3)  # raised on the call, not on the first next()
 
 
-def test_expert_weights_live_output_major_and_save_contiguous(tmp_path):
+def test_expert_weights_are_contiguous_output_major_in_memory_and_files(tmp_path):
+    from safetensors.torch import load_file
+
     from moekit.model import load_model, save_model
     model = _model()
-    gate_up = model.layers[1].ffn.experts.gate_up_proj  # [E, D, 2F], stored [E, 2F, D]
-    assert gate_up.shape == (4, 32, 32) and gate_up.stride() == (32 * 32, 1, 32)
-    ids = torch.randint(0, 97, (2, 9))
-    contiguous = copy.deepcopy(model)
-    for weight in contiguous.layers[1].ffn.experts.parameters():
-        weight.data = weight.data.contiguous()  # the same values, input-major in memory
-    torch.testing.assert_close(model(ids).logits, contiguous(ids).logits)
-    save_model(model, tmp_path / "ck")  # files hold the usual contiguous tensors
+    experts = model.layers[1].ffn.experts
+    assert experts.gate_up_proj.shape == (4, 32, 32) and experts.gate_up_proj.is_contiguous()
+    assert experts.down_proj.shape == (4, 32, 16) and experts.down_proj.is_contiguous()
+    save_model(model, tmp_path / "ck")
+    stored = load_file(tmp_path / "ck" / "model.safetensors")
+    assert torch.equal(stored["layers.1.ffn.experts.gate_up_proj"], experts.gate_up_proj)
     loaded = load_model(tmp_path / "ck").layers[1].ffn.experts.gate_up_proj
-    assert torch.equal(loaded, gate_up) and loaded.stride() == gate_up.stride()
+    assert torch.equal(loaded, experts.gate_up_proj) and loaded.is_contiguous()
 
 
 @pytest.mark.parametrize("std", [None, 0.02])
 def test_expert_init_is_drawn_in_index_order(std):
-    # A seed gives the same experts as a contiguous draw of the same shape would.
+    # A seed gives the same experts as earlier versions: a draw of the [E, in, out] shape.
     from moekit.moe import GroupedExperts
     experts = GroupedExperts(3, 8, 6)
     torch.manual_seed(5)
     experts.reset_parameters(std)
     torch.manual_seed(5)
-    for weight in (experts.gate_up_proj, experts.down_proj):
-        bound = 1 / weight.shape[1] ** 0.5
-        draw = torch.empty(weight.shape)
-        expected = draw.uniform_(-bound, bound) if std is None else draw.normal_(0, std)
-        assert torch.equal(weight, expected)
+    for weight_EOI in (experts.gate_up_proj, experts.down_proj):
+        bound = 1 / weight_EOI.shape[2] ** 0.5
+        draw_EIO = torch.empty(weight_EOI.shape[0], weight_EOI.shape[2], weight_EOI.shape[1])
+        expected = draw_EIO.uniform_(-bound, bound) if std is None else draw_EIO.normal_(0, std)
+        assert torch.equal(weight_EOI, expected.transpose(1, 2))

@@ -59,8 +59,8 @@ def test_newer_format_is_refused(tmp_path):
     import json
     save_model(Transformer(preset("tiny")), tmp_path / "ck")
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
-    assert config["format"] == "moekit" and config["format_version"] == 1
-    config["format_version"] = 2
+    assert config["format"] == "moekit" and config["format_version"] == 2
+    config["format_version"] = 3
     (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="format_version 2 was written by a newer moekit"):
+    with pytest.raises(CheckpointError, match="format_version 3 was written by a newer moekit"):
         load_model(tmp_path / "ck")

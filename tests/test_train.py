@@ -240,3 +240,26 @@ def test_init_from_a_model_folder(reference_run, tmp_path):
     with pytest.raises(ValueError, match="init_from brings its own model"):
         train(SMALL_MODEL, config, SMALL_DATA, tmp_path / "other", init_from=start)
     assert load_model(result.checkpoint).config == load_model(start).config
+
+
+def _rewrite_as_format_1(folder: Path) -> None:
+    """Turn a checkpoint into what moekit wrote before format_version 2: stacked expert weights
+    (and their optimizer moments) input-major, [E, in, out]."""
+    from safetensors.torch import load_file, save_file
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        tensors = load_file(folder / name)
+        save_file({key: value.transpose(1, 2).contiguous()
+                   if value.dim() == 3 else value
+                   for key, value in tensors.items()}, folder / name)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+
+
+def test_a_run_written_before_format_2_resumes_exactly(reference_run, tmp_path):
+    import shutil
+    run = tmp_path / "old"
+    shutil.copytree(reference_run, run)
+    shutil.rmtree(run / "checkpoints" / "step-000012")
+    _rewrite_as_format_1(run / "checkpoints" / "step-000009")
+    train(None, None, None, run, resume=True, show_progress=False)
+    assert _losses(run) == _losses(reference_run)

@@ -48,9 +48,9 @@ def test_fine_grained_experts_are_slices_of_the_dense_ffn():
                     granularity=2)
     mlp, experts = dense.layers[0].ffn, model.layers[0].ffn.experts
     # Expert 3 is coarse expert 1's second slice: hidden units 24..47, down scaled by 2.
-    assert torch.equal(experts.gate_up_proj[3], torch.cat([mlp.gate_proj.weight[24:].T,
-                                                           mlp.up_proj.weight[24:].T], dim=1))
-    assert torch.equal(experts.down_proj[3], 2 * mlp.down_proj.weight[:, 24:].T)
+    assert torch.equal(experts.gate_up_proj[3], torch.cat([mlp.gate_proj.weight[24:],
+                                                           mlp.up_proj.weight[24:]]))
+    assert torch.equal(experts.down_proj[3], 2 * mlp.down_proj.weight[:, 24:])
     router = model.layers[0].ffn.router.weight
     assert torch.equal(router[2], router[3]) and not torch.equal(router[1], router[2])
 
@@ -59,7 +59,7 @@ def test_noise_has_the_asked_relative_size_and_is_seeded():
     dense = _dense()
     moe = MoEConfig(hidden_size=32, ffn_size=48, num_experts=8, top_k=2)
     model = upcycle(dense, moe, noise_std=0.1, seed=3)
-    weight = dense.layers[1].ffn.down_proj.weight.T
+    weight = dense.layers[1].ffn.down_proj.weight
     noise = model.layers[1].ffn.experts.down_proj - weight
     assert (noise.std() / weight.std()).item() == pytest.approx(0.1, rel=0.05)
     assert not torch.equal(noise[0], noise[1])

@@ -6,13 +6,13 @@ Layouts: the MoE ones ``mixtral``, ``qwen2_moe``, ``qwen3_moe`` and the dense on
 
 Weights come in three namings:
 
-- moekit's (``layers.3.ffn.experts.gate_up_proj`` [E, D, 2F], input-major for grouped matmul);
-- transformers' in memory (v5), the same stacked experts in nn.Linear's out-by-in convention:
-  ``model.layers.3.mlp.experts.gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F];
+- moekit's (``layers.3.ffn.experts.gate_up_proj`` [E, 2F, D] and ``down_proj`` [E, D, F]);
+- transformers' in memory (v5): the same stacked experts in the same out-by-in order under
+  other names (``model.layers.3.mlp.experts.gate_up_proj``);
 - the files on the Hub, one tensor per expert: ``mlp.experts.7.gate_proj.weight`` (Qwen) or
   ``block_sparse_moe.experts.7.w1.weight`` (Mixtral: w1 gate, w3 up, w2 down).
 
-Import goes files -> stacked -> moekit; export goes back. Every step is a rename, a transpose, a
+Import goes files -> stacked -> moekit; export goes back. Every step is a rename, a
 concatenation or a split, so a round trip is bit-exact.
 """
 from __future__ import annotations
@@ -229,7 +229,6 @@ _LAYER_PARTS = (
 )
 _TOP_LEVEL = (("model.embed_tokens.", "embed_tokens."), ("model.norm.", "norm."),
               ("lm_head.", "lm_head."))
-_STACKED = ("experts.gate_up_proj", "experts.down_proj")  # [E, out, in] <-> [E, in, out]
 # Training state of moekit that no Hugging Face layout stores; an import starts it afresh.
 MOEKIT_ONLY = ("recycle_calls", "aux_coefficient.value", "balance_bias")
 
@@ -251,23 +250,14 @@ def _rename(name: str, to_moekit: bool) -> str:
 
 
 def hf_to_moekit_state(hf_state: dict) -> dict:
-    """Rename (and transpose the stacked expert weights of) a state dict in transformers'
-    in-memory naming."""
-    state = {}
-    for name, tensor in hf_state.items():
-        name = _rename(name, to_moekit=True)
-        state[name] = tensor.transpose(1, 2) if name.endswith(_STACKED) else tensor
-    return state
+    """Rename a state dict in transformers' in-memory naming."""
+    return {_rename(name, to_moekit=True): tensor for name, tensor in hf_state.items()}
 
 
 def moekit_to_hf_state(state: dict) -> dict:
     """The inverse of ``hf_to_moekit_state``, leaving out moekit's training state."""
-    hf_state = {}
-    for name, tensor in state.items():
-        if not name.endswith(MOEKIT_ONLY):
-            hf_state[_rename(name, to_moekit=False)] = (
-                tensor.transpose(1, 2) if name.endswith(_STACKED) else tensor)
-    return hf_state
+    return {_rename(name, to_moekit=False): tensor for name, tensor in state.items()
+            if not name.endswith(MOEKIT_ONLY)}
 
 
 _MIXTRAL_EXPERT_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj"))
@@ -342,8 +332,8 @@ def load_hf_moe_block(layer: MoELayer, block: nn.Module) -> MoELayer:
     """Copy the weights of a Hugging Face sparse MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE) into
     ``layer``, which must have the same shapes. Returns the layer."""
     layer.router.weight.copy_(block.gate.weight)
-    layer.experts.gate_up_proj.copy_(block.experts.gate_up_proj.transpose(1, 2))
-    layer.experts.down_proj.copy_(block.experts.down_proj.transpose(1, 2))
+    layer.experts.gate_up_proj.copy_(block.experts.gate_up_proj)
+    layer.experts.down_proj.copy_(block.experts.down_proj)
     shared = getattr(block, "shared_expert", None)
     if shared is not None:
         layer.shared_experts.load_state_dict(shared.state_dict())

@@ -92,13 +92,13 @@ def upcycle_ffn(config: MoEConfig, up: torch.Tensor, down: torch.Tensor,
         return weight_FX.reshape(granularity, slice_width, -1)
 
     in_parts = ([slices(gate)] if gate is not None else []) + [slices(up)]
-    in_proj_gDI = torch.cat(in_parts, dim=1).transpose(1, 2)  # gate then up columns
-    down_gFD = slices(down.T) * granularity
+    in_proj_gID = torch.cat(in_parts, dim=1)  # gate then up rows
+    down_gDF = slices(down.T).transpose(1, 2) * granularity
     routed_down_scale = 0.0 if config.num_shared_experts else 1.0
-    layer.experts.in_proj.copy_(with_noise(in_proj_gDI.repeat(coarse_experts, 1, 1),
+    layer.experts.in_proj.copy_(with_noise(in_proj_gID.repeat(coarse_experts, 1, 1),
                                             noise_std, generator))
     layer.experts.down_proj.copy_(with_noise(
-        routed_down_scale * down_gFD.repeat(coarse_experts, 1, 1), noise_std, generator))
+        routed_down_scale * down_gDF.repeat(coarse_experts, 1, 1), noise_std, generator))
 
     init_router(layer, granularity, router_init_std, generator)
 

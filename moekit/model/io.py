@@ -2,8 +2,12 @@
 
 Each expert of each layer is found by name in the safetensors file (``layers.3.ffn.experts.
 gate_up_proj`` holds all experts of layer 3 stacked on dim 0), whatever layout later reads it.
-``config.json`` holds ``{"format": "moekit", "format_version": 1, "model": {...}}`` and whatever else the
+``config.json`` holds ``{"format": "moekit", "format_version": 2, "model": {...}}`` and whatever else the
 writer adds (training state, tokenizer name, quantization); readers ignore keys they do not know.
+
+Format versions: 2 stores stacked expert weights as the model holds them, [E, out, in] (and
+their quantization scales [E, out, 1]); 1 stored them input-major, [E, in, out] ([E, 1, out]),
+and is still read, transposed on loading.
 """
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ import torch
 
 from moekit.config import ModelConfig
 from moekit.files import (CheckpointError, atomic_directory, copy_tokenizer_files, read_json,
-                          write_json)
+                          read_safetensors, write_json)
 from moekit.model.transformer import Transformer
 
 FORMAT = "moekit"
-FORMAT_VERSION = 1  # raised when the folder layout changes; readers refuse newer versions
+FORMAT_VERSION = 2  # raised when the folder layout changes; readers refuse newer versions
+# Tensors that format_version 1 stored transposed (dims 1 and 2), with their "_scale"s.
+_V1_TRANSPOSED = ("experts.gate_up_proj", "experts.up_proj", "experts.down_proj")
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -89,6 +95,17 @@ def describe_mismatch(model: Transformer, stored: dict[str, tuple[int, ...]],
     return None
 
 
+def upgrade_tensor(name: str, tensor: torch.Tensor, format_version: int) -> torch.Tensor:
+    """A tensor named ``name`` in a folder of ``format_version``, as this version holds it."""
+    if format_version == 1 and name.removesuffix("_scale").endswith(_V1_TRANSPOSED):
+        return tensor.transpose(1, 2).contiguous()
+    return tensor
+
+
+def folder_format_version(folder: str | os.PathLike) -> int:
+    return read_config(folder).get("format_version", 1)
+
+
 def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
     """Load ``model.safetensors`` of ``folder`` into ``model``; names and shapes must match."""
     from safetensors import SafetensorError, safe_open
@@ -96,13 +113,23 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    version = folder_format_version(folder)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        problem = describe_mismatch(model, stored)
+            stored = {name: upgrade_tensor(name, torch.empty(handle.get_slice(name).get_shape(),
+                                                             device="meta"), version).shape
+                      for name in handle.keys()}
+        problem = describe_mismatch(model, {name: tuple(shape) for name, shape in stored.items()})
         if problem:
             raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
-        load_into(model, str(path), strict=True, device=str(next(model.parameters()).device))
+        device = str(next(model.parameters()).device)
+        if version == FORMAT_VERSION:
+            load_into(model, str(path), strict=True, device=device)
+        else:
+            tensors = read_safetensors(path, device)
+            model.load_state_dict({name: upgrade_tensor(name, tensor, version)
+                                   for name, tensor in tensors.items()},
+                                  strict=True)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     return model

@@ -2,7 +2,7 @@
 from moekit.moe.capacity import expert_capacity
 from moekit.moe.dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from moekit.moe.experts import (MLP, GroupedExperts, ModuleExperts, expert_activation, expert_mlp,
-                                grouped_matmul)
+                                grouped_linear)
 from moekit.moe.layer import MoELayer, MoEStats
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
@@ -11,6 +11,6 @@ from moekit.moe.router import Gate, LinearGate, Routing, SigmoidBiasGate, Softma
 __all__ = [
     "AdaptiveAuxCoefficient", "DispatchPlan", "Gate", "GroupedExperts", "LinearGate", "MLP",
     "MoELayer", "MoEStats", "ModuleExperts", "Routing", "SigmoidBiasGate", "SoftmaxTopKGate",
-    "build_gate", "expert_activation", "expert_capacity", "expert_mlp", "grouped_matmul", "permute", "plan_dispatch",
+    "build_gate", "expert_activation", "expert_capacity", "expert_mlp", "grouped_linear", "permute", "plan_dispatch",
     "router_z_loss", "skywork_balance_loss", "switch_balance_loss", "unpermute",
 ]

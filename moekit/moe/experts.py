@@ -35,13 +35,13 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _grouped_mm_supported(x_ND: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+def _grouped_mm_supported(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
     # torch._grouped_mm takes fp32/bf16/fp16 and needs 16-byte aligned row strides.
-    if not hasattr(F, "grouped_mm") or x_ND.dtype not in (torch.float32, torch.bfloat16,
+    if not hasattr(F, "grouped_mm") or x_NI.dtype not in (torch.float32, torch.bfloat16,
                                                           torch.float16):
         return False
-    item = x_ND.element_size()
-    return all(size * item % 16 == 0 for size in w_EIO.shape[1:])
+    item = x_NI.element_size()
+    return all(size * item % 16 == 0 for size in w_EOI.shape[1:])
 
 
 class _DenseGradient(torch.autograd.Function):
@@ -57,9 +57,10 @@ class _DenseGradient(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
+def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
                    tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-    """y_NO: each block of rows times its expert's matrix, in one grouped call.
+    """y_NO: each block of rows through its expert's matrix as ``F.linear`` does (x @ w^T, the
+    weight [out, in]), in one grouped call.
 
     The fallback (old torch builds, float64, unaligned sizes) multiplies block by block; its
     backward still builds each weight gradient once (unbind's backward stacks them)."""
@@ -69,8 +70,9 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
         # autocast casts a linear's: the experts are most of the FLOPs. On a CPU, keep the
         # weights' dtype: oneDNN compiles a bf16 kernel per row count, and the counts change
         # every step, so bf16 experts train slower than fp32 ones there (docs/moe.md, Speed).
-        dtype = w_EIO.dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
-        x_NI, w_EIO = x_NI.to(dtype), w_EIO.to(dtype)
+        dtype = w_EOI.dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
+        x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
+    w_EIO = w_EOI.transpose(1, 2)  # a view: grouped_mm reads the [out, in] memory as it is
     if _grouped_mm_supported(x_NI, w_EIO):
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
@@ -78,22 +80,16 @@ def grouped_matmul(x_NI: torch.Tensor, w_EIO: torch.Tensor,
     return torch.cat([block @ w_IO for block, w_IO in zip(blocks, w_EIO.unbind(0))])
 
 
-def _output_major(num_experts: int, in_size: int, out_size: int) -> nn.Parameter:
-    """An [E, in, out] weight held in memory as [E, out, in] (nn.Linear's order, and Hugging
-    Face's): on CPU the grouped matmuls train as fast with it in fp32 and faster in bf16, and
-    decode faster in fp32 (docs/moe.md and docs/inference.md, Speed)."""
-    return nn.Parameter(torch.empty(num_experts, out_size, in_size).transpose(1, 2))
-
-
 class GroupedExperts(nn.Module):
     """E MLP experts with stacked weights, computed with grouped matrix multiplication.
 
-    Weight shapes are input-major, as the grouped matmul takes them: ``up_proj`` [E, D, F] or,
-    when gated, ``gate_up_proj`` [E, D, 2F] (the gate's F columns, then the up projection's: one
-    GEMM for both, as in Hugging Face's layout), and ``down_proj`` [E, F, D]. In memory they are
-    output-major (transposed views of [E, 2F, D] and [E, D, F] buffers); files hold them
-    contiguous. Hugging Face's shapes are the transposes; the converters account for it.
-    Initialised as E independent ``nn.Linear``s.
+    Weights are contiguous [E, out, in] tensors, each expert's matrix in nn.Linear's order (and
+    Hugging Face's): ``up_proj`` [E, F, D] or, when gated, ``gate_up_proj`` [E, 2F, D] (the
+    gate's F rows, then the up projection's: one GEMM for both), and ``down_proj`` [E, D, F].
+    The grouped matmul reads their transposes as views; on CPU this output-major order trains
+    as fast as the input-major one in fp32 and faster in bf16, and decodes faster in fp32
+    (docs/moe.md and docs/inference.md, Speed). Stored as plain contiguous tensors, sharding,
+    ``.contiguous()`` and fused optimizers keep it. Initialised as E independent ``nn.Linear``s.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, ffn_size: int,
@@ -104,8 +100,8 @@ class GroupedExperts(nn.Module):
         self.gated = activation in GATED_ACTIVATIONS
         in_width = 2 * ffn_size if self.gated else ffn_size
         self.register_parameter("gate_up_proj" if self.gated else "up_proj",
-                                _output_major(num_experts, hidden_size, in_width))
-        self.down_proj = _output_major(num_experts, ffn_size, hidden_size)
+                                nn.Parameter(torch.empty(num_experts, in_width, hidden_size)))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size))
         self.reset_parameters()
 
     @property
@@ -116,15 +112,17 @@ class GroupedExperts(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:
         """nn.Linear's default (uniform, bound 1 / sqrt(fan_in)), or normal(0, std) when given.
-        Drawn in index order, so that a seed gives the same experts whatever the layout."""
-        for weight in (self.in_proj, self.down_proj):
-            draw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        Drawn in [E, in, out] index order (as moekit always has), so that a seed gives the
+        same experts as earlier versions and whatever the layout."""
+        for weight_EOI in (self.in_proj, self.down_proj):
+            draw_EIO = torch.empty(weight_EOI.transpose(1, 2).shape, dtype=weight_EOI.dtype,
+                                   device=weight_EOI.device)
             if std is None:
-                bound = 1 / math.sqrt(weight.shape[1])  # fan_in = dim 1
-                draw.uniform_(-bound, bound)
+                bound = 1 / math.sqrt(weight_EOI.shape[2])  # fan_in
+                draw_EIO.uniform_(-bound, bound)
             else:
-                draw.normal_(0, std)
-            weight.copy_(draw)
+                draw_EIO.normal_(0, std)
+            weight_EOI.copy_(draw_EIO.transpose(1, 2))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return expert_mlp(x_ND, self.in_proj, self.down_proj, tokens_per_expert_E,
@@ -141,17 +139,18 @@ def expert_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
     return act(gate_NF) * up_NF
 
 
-def expert_mlp(x_ND: torch.Tensor, in_proj_EDI: torch.Tensor, down_proj_EFD: torch.Tensor,
+def expert_mlp(x_ND: torch.Tensor, in_proj_EID: torch.Tensor, down_proj_EDF: torch.Tensor,
                tokens_per_expert_E: torch.Tensor, activation: str,
                in_scale_NI: torch.Tensor | None = None,
                down_scale_ND: torch.Tensor | None = None) -> torch.Tensor:
-    """E expert MLPs given their stacked weights: ``in_proj`` is [E, D, 2F] (gate then up) for
-    gated activations, [E, D, F] otherwise. The optional scales multiply each row's output of
-    the two projections (per-output-channel quantization scales, gathered per row)."""
-    h_NI = grouped_matmul(x_ND, in_proj_EDI, tokens_per_expert_E)
+    """E expert MLPs given their stacked [E, out, in] weights: ``in_proj`` is [E, 2F, D] (gate
+    then up) for gated activations, [E, F, D] otherwise. The optional scales multiply each
+    row's output of the two projections (per-output-channel quantization scales, gathered per
+    row)."""
+    h_NI = grouped_linear(x_ND, in_proj_EID, tokens_per_expert_E)
     if in_scale_NI is not None:
         h_NI = h_NI * in_scale_NI
-    y_ND = grouped_matmul(expert_activation(h_NI, activation), down_proj_EFD,
+    y_ND = grouped_linear(expert_activation(h_NI, activation), down_proj_EDF,
                           tokens_per_expert_E)
     return y_ND if down_scale_ND is None else y_ND * down_scale_ND
 

@@ -112,29 +112,22 @@ class QuantEmbedding(nn.Module):
 
 
 class QuantGroupedExperts(nn.Module):
-    """GroupedExperts with quantized stacked weights, one scale per expert and output column.
-
-    The weights keep GroupedExperts' shapes ([E, in, out]); int8 ones are laid out output-major
-    in memory, so that each expert's transpose is the contiguous [out, in] matrix
-    ``int8_linear`` reads. Loading a checkpoint copies into these buffers, keeping the layout;
-    saving writes contiguous copies, so files hold the usual [E, in, out] order.
-    """
+    """GroupedExperts with quantized stacked weights [E, out, in], one scale per expert and
+    output row ([E, out, 1]). Each expert's matrix is the contiguous [out, in] one that
+    ``int8_linear`` reads."""
 
     def __init__(self, experts: GroupedExperts, dtype: str):
         super().__init__()
         self.num_experts, self.activation = experts.num_experts, experts.activation
         self.in_name = "gate_up_proj" if experts.gated else "up_proj"
-        for name, weight in ((self.in_name, experts.in_proj), ("down_proj", experts.down_proj)):
-            q_EIO, scale_E1O = quantize_weight(weight, dtype, input_dim=1)
-            if dtype == "int8":  # fp8 keeps the order its converting path was timed with
-                q_EIO = q_EIO.transpose(1, 2).contiguous().transpose(1, 2)
-            self.register_buffer(name, q_EIO)
-            self.register_buffer(f"{name}_scale", scale_E1O)
+        for name, weight_EOI in ((self.in_name, experts.in_proj),
+                                 ("down_proj", experts.down_proj)):
+            q_EOI, scale_EO1 = quantize_weight(weight_EOI, dtype, input_dim=2)
+            self.register_buffer(name, q_EOI)
+            self.register_buffer(f"{name}_scale", scale_EO1)
 
     def _weights_EOI(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input and down projections as [E, out, in] views (each expert's
-        contiguous when int8)."""
-        return (getattr(self, self.in_name).transpose(1, 2), self.down_proj.transpose(1, 2))
+        return getattr(self, self.in_name), self.down_proj
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if all(int8_kernel_fits(x_ND, weight_EOI[0]) for weight_EOI in self._weights_EOI()):
@@ -147,7 +140,7 @@ class QuantGroupedExperts(nn.Module):
         weights, scales = [], []
         for name in (self.in_name, "down_proj"):
             weights.append(convert(getattr(self, name).index_select(0, used_U), x_ND.dtype))
-            scale_EO = getattr(self, f"{name}_scale").squeeze(1)
+            scale_EO = getattr(self, f"{name}_scale").squeeze(2)
             scales.append(scale_EO.index_select(0, expert_of_row_N).to(x_ND.dtype))
         return expert_mlp(x_ND, *weights, tokens_U, self.activation, *scales)
 
@@ -157,8 +150,8 @@ class QuantGroupedExperts(nn.Module):
         # each expert gets a few rows, which int8_linear multiplies about twice as fast on a
         # CPU as converting those experts and running the grouped product.
         in_EOI, down_EOI = self._weights_EOI()
-        in_scale_EO = getattr(self, f"{self.in_name}_scale").squeeze(1)
-        down_scale_EO = self.down_proj_scale.squeeze(1)
+        in_scale_EO = getattr(self, f"{self.in_name}_scale").squeeze(2)
+        down_scale_EO = self.down_proj_scale.squeeze(2)
         counts = tokens_per_expert_E.tolist()
         outputs = []
         for expert, block_nD in enumerate(x_ND.split(counts)):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from moekit.files import CheckpointError, atomic_directory, read_json, read_safetensors, write_json
-from moekit.model.io import load_weights, write_model
+from moekit.model.io import folder_format_version, load_weights, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
 from moekit.train.tokenizer import TextTokenizer
 
@@ -81,10 +81,12 @@ def restore_training_state(folder: str | Path, model: Transformer,
         raise CheckpointError(f"{folder / STATE_FILE}: its optimizer groups do not match the model")
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         group.update(saved)
+    version = folder_format_version(folder)
     moments: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, moment = key.rsplit(".", 1)
-        moments.setdefault(name, {})[moment] = value
+        moments.setdefault(name, {})[moment] = (value if moment == "step"
+                                                else upgrade_tensor(name, value, version))
     for name, parameter in model.named_parameters():
         if name in moments:
             optimizer.state[parameter] = {
