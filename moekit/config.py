@@ -212,6 +212,9 @@ class ModelConfig(_FromDict):
 
 EXPERT_LR_RULES = ("sqrt_tokens", "same")
 PRECISIONS = ("fp32", "bf16")
+# AdamW's implementations in torch: one fused kernel, one multi-tensor pass per operation, or a
+# loop over tensors; "auto" takes fused where the device has it, else foreach.
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 def _positive_number(field: str, value) -> None:
@@ -262,6 +265,7 @@ class TrainConfig(_FromDict):
     # best learning rate grows about with the square root of the batch); "same" = no scaling.
     expert_lr_rule: str = "sqrt_tokens"
     precision: str = "fp32"  # "bf16": autocast (weights and optimizer stay fp32)
+    optimizer_impl: str = "auto"  # one of OPTIMIZER_IMPLS; the same update to float rounding
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -290,6 +294,8 @@ class TrainConfig(_FromDict):
                  f"one of {', '.join(EXPERT_LR_RULES)}")
         _require(self.precision in PRECISIONS, "precision", self.precision,
                  f"one of {', '.join(PRECISIONS)}")
+        _require(self.optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", self.optimizer_impl,
+                 f"one of {', '.join(OPTIMIZER_IMPLS)}")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                  "expected an integer >= 0")
 

@@ -24,7 +24,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def retain_freed_cpu_memory() -> bool:
+def retain_freed_cpu_memory(training: bool = False) -> bool:
     """Let glibc's malloc reuse freed memory for large CPU tensors instead of mapping fresh pages.
 
     An MoE layer's step allocates and frees hundreds of MB (permuted activations, each expert's
@@ -34,6 +34,12 @@ def retain_freed_cpu_memory() -> bool:
     docs/moe.md#speed). Raising the mmap and trim thresholds keeps freed blocks in the process
     for the next step. Process-wide, so the command-line entry point calls it, not the layer;
     returns False (and changes nothing) where the C library is not glibc.
+
+    ``training``: never give freed memory back to the system. ``zero_grad`` frees every gradient
+    at once (1.65 GB for a 414M-parameter model), more than any fixed threshold that suits
+    inference, and the next backward then faults all of it in again, page by page, every step
+    (docs/train.md, Speed). A training process reaches its peak again at every step, so what
+    it frees it will use again.
     """
     import ctypes
     import ctypes.util
@@ -44,4 +50,6 @@ def retain_freed_cpu_memory() -> bool:
     except (OSError, AttributeError, TypeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    return bool(set_option(m_mmap_threshold, 1 << 30) and set_option(m_trim_threshold, 1 << 30))
+    never = -1  # mallopt(3): a trim threshold of -1 disables trimming
+    return bool(set_option(m_mmap_threshold, 1 << 30)
+                and set_option(m_trim_threshold, never if training else 1 << 30))

@@ -6,9 +6,9 @@ import math
 import sys
 from dataclasses import asdict, fields
 
-from moekit.config import (EXPERT_LR_RULES, PRECISIONS, PRESETS, DataConfig, ModelConfig,
-                           TrainConfig, preset, read_config_file)
-from moekit.devices import DEVICE_CHOICES, resolve_device
+from moekit.config import (EXPERT_LR_RULES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS, DataConfig,
+                           ModelConfig, TrainConfig, preset, read_config_file)
+from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
 
@@ -25,6 +25,8 @@ TRAIN_FLAGS = {
     "grad_clip": (float, "max global gradient norm"),
     "expert_lr_rule": (str, "routed experts' learning rate rule (docs/train.md)"),
     "precision": (str, "bf16 = autocast; weights and optimizer stay fp32"),
+    "optimizer_impl": (str, "AdamW kernel: auto = fused where the device has it, else foreach; "
+                       "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),
     "eval_batches": (int, "batches per validation"),
     "checkpoint_every": (int, "steps between checkpoints"),
@@ -73,6 +75,7 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
 
 def run_train(args) -> int:
     from moekit.train.loop import train
+    retain_freed_cpu_memory(training=True)
     device = resolve_device(args.device)
     if args.resume:
         settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from",
@@ -204,7 +207,8 @@ def register(subcommands) -> None:
     for key, (kind, text) in {**TRAIN_FLAGS, **DATA_FLAGS}.items():
         default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
                        if f.name == key)
-        choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS}.get(key)
+        choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS,
+                   "optimizer_impl": OPTIMIZER_IMPLS}.get(key)
         train.add_argument(f"--{key.replace('_', '-')}", type=kind, choices=choices,
                            help=f"{text} (default {default})")
     peak = train.add_mutually_exclusive_group()

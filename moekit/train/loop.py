@@ -36,7 +36,7 @@ from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
                                train_batch)
-from moekit.train.optim import build_optimizer, set_learning_rate
+from moekit.train.optim import build_optimizer, implementation_of, set_learning_rate
 from moekit.train.plots import plot_run
 from moekit.train.progress import Progress
 from moekit.train.tokenizer import load_tokenizer, train_tokenizer
@@ -234,7 +234,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             load_weights(model, init_from)
         run.mkdir(parents=True, exist_ok=True)
         write_json(run / RUN_FILE, {**_run_record(model_config, train_config, data_config),
-                                    "init_from": None if init_from is None else str(init_from)})
+                                    "init_from": None if init_from is None else str(init_from),
+                                    "optimizer_impl": implementation_of(optimizer)})
         tokenizer.save(run)
     records = _read_metrics(run / METRICS_FILE, step)
     extra = {"train": asdict(train_config), "data": asdict(data_config)}

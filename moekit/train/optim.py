@@ -56,9 +56,31 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    # foreach=False: the single-tensor path does not depend on how tensors are grouped.
-    return torch.optim.AdamW(parameter_groups(model, config), lr=config.lr,
-                             betas=(config.beta1, config.beta2), foreach=False)
+    """AdamW over ``parameter_groups``, implemented as ``config.optimizer_impl`` says
+    (``implementation_of`` tells what "auto" chose).
+
+    Fused is the default because at many experts the loop's temporaries cost half a step
+    (docs/train.md, Speed). The three keep the same state under the same names, so a
+    checkpoint written with one resumes with another."""
+    groups = parameter_groups(model, config)
+    options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
+    impl = config.optimizer_impl
+    if impl in ("auto", "fused"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **options)
+        except RuntimeError as error:  # torch has no fused kernel for this device or dtype
+            if impl == "fused":
+                raise ValueError(f"optimizer_impl='fused' is not available here ({error}); "
+                                 "use foreach or loop") from None
+            impl = "foreach"
+    return torch.optim.AdamW(groups, foreach=impl == "foreach", **options)
+
+
+def implementation_of(optimizer: torch.optim.Optimizer) -> str:
+    """fused, foreach or loop: how ``optimizer`` steps."""
+    if optimizer.defaults.get("fused"):
+        return "fused"
+    return "foreach" if optimizer.defaults.get("foreach") else "loop"
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
