@@ -215,6 +215,9 @@ PRECISIONS = ("fp32", "bf16")
 # AdamW's implementations in torch: one fused kernel, one multi-tensor pass per operation, or a
 # loop over tensors; "auto" takes fused where the device has it, else foreach.
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
+# Over what the load-balancing and z-losses are formed (moekit/train/router_loss.py,
+# docs/correctness.md): each micro-batch, running global counts, or the whole global batch.
+LB_SCOPES = ("micro", "global", "step")
 
 
 def _positive_number(field: str, value) -> None:
@@ -266,6 +269,10 @@ class TrainConfig(_FromDict):
     expert_lr_rule: str = "sqrt_tokens"
     precision: str = "fp32"  # "bf16": autocast (weights and optimizer stay fp32)
     optimizer_impl: str = "auto"  # one of OPTIMIZER_IMPLS; the same update to float rounding
+    # "global" by default: with one micro-batch on one process it is "micro", and beyond it
+    # balances the global batch, which "Demons in the Detail" (2025) found helps experts
+    # specialise, at the cost of one small all-reduce per micro-batch.
+    lb_scope: str = "global"
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -296,6 +303,8 @@ class TrainConfig(_FromDict):
                  f"one of {', '.join(PRECISIONS)}")
         _require(self.optimizer_impl in OPTIMIZER_IMPLS, "optimizer_impl", self.optimizer_impl,
                  f"one of {', '.join(OPTIMIZER_IMPLS)}")
+        _require(self.lb_scope in LB_SCOPES, "lb_scope", self.lb_scope,
+                 f"one of {', '.join(LB_SCOPES)}")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                  "expected an integer >= 0")
 

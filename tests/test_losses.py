@@ -78,6 +78,8 @@ def test_adaptive_coefficient_rises_with_drops_and_falls_without():
     layer = _dropping_layer(0.001)
     for _ in range(20):
         _, stats = layer(x)
+        layer.update_router_state(stats.counts)  # once per optimizer step
+    _, stats = layer(x)
     assert stats.drop_rate > 0.3
     assert stats.aux_coef > 0.001  # high drop rate: alpha_hat = 0.01 pulls it up
 
@@ -85,13 +87,33 @@ def test_adaptive_coefficient_rises_with_drops_and_falls_without():
                               capacity_factor=4.0, adaptive_aux=True, aux_loss_coef=0.01))
     for _ in range(20):
         _, stats = calm(x)
+        calm.update_router_state(stats.counts)
+    _, stats = calm(x)
     assert stats.drop_rate == 0 and stats.aux_coef < 0.01  # no drops: decays towards 0
+
+
+def test_a_forward_moves_no_router_state():
+    # State moves once per optimizer step (update_router_state), not per forward: a forward
+    # recomputed under activation checkpointing, or one per micro-batch, changes nothing.
+    config = MoEConfig(hidden_size=8, ffn_size=8, num_experts=4, top_k=1, router="sigmoid",
+                       aux_loss="none", capacity_factor=1.0, overflow="recycle_random",
+                       adaptive_aux=True, aux_loss_coef=0.003)
+    layer = MoELayer(config)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    x = torch.randn(32, 8)
+    first, _ = layer(x)
+    again, stats = layer(x)
+    assert torch.equal(first, again)
+    assert all(torch.equal(before[name], t) for name, t in layer.state_dict().items())
+    layer.update_router_state(stats.counts)
+    assert int(layer.router_step) == 1 and not torch.equal(layer.router.balance_bias,
+                                                           before["router.balance_bias"])
 
 
 def test_adaptive_coefficient_is_fixed_in_dropless_mode_and_eval():
     layer = MoELayer(MoEConfig(hidden_size=8, ffn_size=8, num_experts=4, top_k=1,
                                adaptive_aux=True, aux_loss_coef=0.003))
-    layer(torch.randn(16, 8))
+    layer.update_router_state(layer(torch.randn(16, 8))[1].counts)
     assert float(layer.aux_coefficient.value) == pytest.approx(0.003)
     dropping = _dropping_layer(0.003).eval()
     dropping(torch.randn(16, 8).abs())

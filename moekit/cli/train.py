@@ -6,8 +6,8 @@ import math
 import sys
 from dataclasses import asdict, fields
 
-from moekit.config import (EXPERT_LR_RULES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS, DataConfig,
-                           ModelConfig, TrainConfig, preset, read_config_file)
+from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
+                           DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
@@ -25,6 +25,9 @@ TRAIN_FLAGS = {
     "grad_clip": (float, "max global gradient norm"),
     "expert_lr_rule": (str, "routed experts' learning rate rule (docs/train.md)"),
     "precision": (str, "bf16 = autocast; weights and optimizer stay fp32"),
+    "lb_scope": (str, "over what the balance and z-losses are formed: micro (each "
+                 "micro-batch), global (counts summed over ranks and micro-batches so far), "
+                 "step (the whole global batch, from a routing pre-pass); docs/correctness.md"),
     "optimizer_impl": (str, "AdamW kernel: auto = fused where the device has it, else foreach; "
                        "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),
@@ -208,7 +211,7 @@ def register(subcommands) -> None:
         default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
                        if f.name == key)
         choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS,
-                   "optimizer_impl": OPTIMIZER_IMPLS}.get(key)
+                   "optimizer_impl": OPTIMIZER_IMPLS, "lb_scope": LB_SCOPES}.get(key)
         train.add_argument(f"--{key.replace('_', '-')}", type=kind, choices=choices,
                            help=f"{text} (default {default})")
     peak = train.add_mutually_exclusive_group()

@@ -230,7 +230,7 @@ _LAYER_PARTS = (
 _TOP_LEVEL = (("model.embed_tokens.", "embed_tokens."), ("model.norm.", "norm."),
               ("lm_head.", "lm_head."))
 # Training state of moekit that no Hugging Face layout stores; an import starts it afresh.
-MOEKIT_ONLY = ("recycle_calls", "aux_coefficient.value", "balance_bias")
+MOEKIT_ONLY = ("router_step", "aux_coefficient.value", "balance_bias")
 
 
 def _rename(name: str, to_moekit: bool) -> str:

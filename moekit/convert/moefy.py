@@ -9,7 +9,9 @@ an ``FFNAdapter`` that says its width where moefy cannot read it.
 
 In a model that is not moekit's, each block is replaced by an ``MoEFeedForward``: it returns a
 tensor as the block did and keeps the statistics of its last forward, so that
-``router_loss(model)`` gives the load-balancing loss to add to the training loss. MLPs whose
+``router_loss(model)`` gives the load-balancing loss to add to the training loss, and
+``update_router_state(model)`` after each optimizer step moves the routers' state (the sigmoid
+gate's bias, the adaptive coefficient, the recycle seed) from that forward's load. MLPs whose
 activation moefy recognises (SiLU, GELU, ReLU, gated or not) and that have no biases become
 fast ``GroupedExperts``; anything else becomes ``ModuleExperts`` of copies (one call per
 expert: flexible, slower). Padding never counts there either: moefy hooks the model's forward
@@ -95,6 +97,14 @@ def moe_stats(model: nn.Module) -> list[MoEStats]:
 def router_loss(model: nn.Module) -> torch.Tensor:
     """The sum of the router losses of the last forward: add it to the training loss."""
     return sum((stats.router_loss for stats in moe_stats(model)), torch.zeros(()))
+
+
+def update_router_state(model: nn.Module) -> None:
+    """After an optimizer step of one forward: each MoE layer's router state moves from that
+    forward's load (MoELayer.update_router_state)."""
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward) and module.last_stats is not None:
+            module.moe.update_router_state(module.last_stats.counts)
 
 
 def _activation_of(mlp: nn.Module) -> str | None:

@@ -102,6 +102,20 @@ def upgrade_tensor(name: str, tensor: torch.Tensor, format_version: int) -> torc
     return tensor
 
 
+def _upgrade_state(tensors: dict, config: dict) -> dict:
+    """A format-1 state dict as this version holds it. Format 1 counted recycling forwards
+    (``recycle_calls``); its successor ``router_step`` counts optimizer steps, which a
+    training checkpoint records."""
+    version = config.get("format_version", 1)
+    state = {}
+    for name, tensor in tensors.items():
+        if name.endswith("recycle_calls"):
+            name, tensor = (name.removesuffix("recycle_calls") + "router_step",
+                            torch.tensor(int(config.get("step", 0))))
+        state[name] = upgrade_tensor(name, tensor, version)
+    return state
+
+
 def folder_format_version(folder: str | os.PathLike) -> int:
     return read_config(folder).get("format_version", 1)
 
@@ -113,13 +127,14 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    version = folder_format_version(folder)
+    config = read_config(folder)
+    version = config.get("format_version", 1)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stored = {name: upgrade_tensor(name, torch.empty(handle.get_slice(name).get_shape(),
-                                                             device="meta"), version).shape
-                      for name in handle.keys()}
-        problem = describe_mismatch(model, {name: tuple(shape) for name, shape in stored.items()})
+            stored = _upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
+                                                       device="meta") for name in handle.keys()},
+                                    config)
+        problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in stored.items()})
         if problem:
             raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
         device = str(next(model.parameters()).device)
@@ -127,9 +142,7 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
             load_into(model, str(path), strict=True, device=device)
         else:
             tensors = read_safetensors(path, device)
-            model.load_state_dict({name: upgrade_tensor(name, tensor, version)
-                                   for name, tensor in tensors.items()},
-                                  strict=True)
+            model.load_state_dict(_upgrade_state(tensors, config), strict=True)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     return model

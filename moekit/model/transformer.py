@@ -135,7 +135,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config, owns_kv=config.owns_kv(index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.ffn = (MoELayer(config.moe) if config.is_moe_layer(index)
+        self.ffn = (MoELayer(config.moe, layer_index=index) if config.is_moe_layer(index)
                     else MLP(config.hidden_size, config.ffn_size, config.activation))
 
     def forward(self, x_BSD, rope, attn_mask, token_mask_BS, shared_kv, cache, group):

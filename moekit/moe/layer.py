@@ -1,6 +1,12 @@
 """MoELayer: gate -> capacity -> permute -> experts -> un-permute (+ shared experts), with stats.
 
 Legend: T valid tokens, D model dim, E experts, K routes per token, N kept routes.
+
+The forward changes no state. What the router learns from the load (the sigmoid gate's bias,
+Skywork's adaptive coefficient, the recycle shuffle's seed) moves in ``update_router_state``,
+which the trainer calls once per optimizer step with the step's ``RouterCounts`` summed over
+its micro-batches and data-parallel ranks: every rank then moves identically, and a forward
+recomputed under activation checkpointing routes exactly as the first.
 """
 from __future__ import annotations
 
@@ -20,6 +26,60 @@ from moekit.moe.router import Gate, Routing, build_gate
 
 
 @dataclass
+class RouterCounts:
+    """The integer sums of one or more forwards, which add over micro-batches and ranks.
+
+    routed_per_expert_E: routes the gate chose (before capacity); tokens_per_expert_E: routes
+    computed; num_tokens: valid tokens; overflowed: routes over capacity before recycling;
+    dropped: routes finally not computed. Tensors or numbers alike.
+    """
+
+    routed_per_expert_E: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
+    num_tokens: int | torch.Tensor
+    overflowed: int | torch.Tensor
+    dropped: int | torch.Tensor
+    top_k: int
+
+    def __add__(self, other: RouterCounts) -> RouterCounts:
+        return RouterCounts(self.routed_per_expert_E + other.routed_per_expert_E,
+                            self.tokens_per_expert_E + other.tokens_per_expert_E,
+                            self.num_tokens + other.num_tokens,
+                            self.overflowed + other.overflowed, self.dropped + other.dropped,
+                            self.top_k)
+
+    def as_vector(self) -> torch.Tensor:
+        """One int64 vector [2E + 3], to reduce over ranks in one collective."""
+        device = self.routed_per_expert_E.device
+        scalars = torch.tensor([int(self.num_tokens), int(self.overflowed), int(self.dropped)],
+                               device=device)
+        return torch.cat([self.routed_per_expert_E, self.tokens_per_expert_E, scalars])
+
+    @classmethod
+    def from_vector(cls, vector: torch.Tensor, top_k: int) -> RouterCounts:
+        num_experts = (len(vector) - 3) // 2
+        num_tokens, overflowed, dropped = vector[2 * num_experts:].tolist()
+        return cls(vector[:num_experts], vector[num_experts:2 * num_experts], num_tokens,
+                   overflowed, dropped, top_k)
+
+    @property
+    def drop_rate(self) -> float:
+        """Dropped routes / (K * valid tokens)."""
+        return float(self.dropped) / max(self.top_k * int(self.num_tokens), 1)
+
+    @property
+    def overflow_rate(self) -> float:
+        """Routes over capacity before recycling / (K * valid tokens)."""
+        return float(self.overflowed) / max(self.top_k * int(self.num_tokens), 1)
+
+    @property
+    def expert_load(self) -> torch.Tensor:
+        """Share of the computed routes each expert took."""
+        total = self.tokens_per_expert_E.sum().clamp(min=1)
+        return self.tokens_per_expert_E.float() / total
+
+
+@dataclass
 class MoEStats:
     """What one forward of an MoE layer measured.
 
@@ -31,7 +91,9 @@ class MoEStats:
     top2_over_top3_sum: 0-dim tensors, read as numbers only through the properties, so that a
     dropless forward never waits for the device).
     Losses of this forward: aux_loss, z_loss, and router_loss = the weighted total to add to the
-    training loss (aux_coef * aux_loss + z_coef * z_loss + the gate's own loss).
+    training loss (aux_coef * aux_loss + z_coef * z_loss + the gate's own loss,
+    gate_aux_loss). The trainer forms them over a wider scope from the raw sums instead
+    (moekit.train.router_loss).
     """
 
     num_tokens: int
@@ -49,19 +111,25 @@ class MoEStats:
     z_loss: torch.Tensor
     aux_coef: float
     router_loss: torch.Tensor
+    gate_aux_loss: torch.Tensor | None = None  # the gate's own loss (Routing.aux_loss)
 
     def _mean(self, total: torch.Tensor | None) -> float | None:
         return None if total is None else float(total) / max(self.num_tokens, 1)
 
     @property
+    def counts(self) -> RouterCounts:
+        return RouterCounts(self.routed_per_expert_E, self.tokens_per_expert_E, self.num_tokens,
+                            self.overflowed, self.dropped, self.top_k)
+
+    @property
     def drop_rate(self) -> float:
         """Dropped routes / (K * valid tokens)."""
-        return self.dropped / max(self.top_k * self.num_tokens, 1)
+        return self.counts.drop_rate
 
     @property
     def overflow_rate(self) -> float:
         """Routes over capacity before recycling / (K * valid tokens); the drop rate without it."""
-        return self.overflowed / max(self.top_k * self.num_tokens, 1)
+        return self.counts.overflow_rate
 
     @property
     def router_entropy(self) -> float | None:
@@ -80,8 +148,7 @@ class MoEStats:
     @property
     def expert_load(self) -> torch.Tensor:
         """Share of the computed routes each expert took."""
-        total = self.tokens_per_expert_E.sum().clamp(min=1)
-        return self.tokens_per_expert_E.float() / total
+        return self.counts.expert_load
 
 
 def _health_sums(probs_TE: torch.Tensor):
@@ -105,9 +172,10 @@ class MoELayer(nn.Module):
     """
 
     def __init__(self, config: MoEConfig, *, experts: nn.Module | None = None,
-                 router: Gate | None = None):
+                 router: Gate | None = None, layer_index: int = 0):
         super().__init__()
         self.config = config
+        self.layer_index = layer_index  # the model's layer number: part of the recycle seed
         self.router = router if router is not None else build_gate(config)
         self.experts = experts if experts is not None else GroupedExperts(
             config.num_experts, config.hidden_size, config.ffn_size, config.activation)
@@ -124,9 +192,10 @@ class MoELayer(nn.Module):
                 self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.aux_coefficient = AdaptiveAuxCoefficient(
             config.aux_loss_coef, config.adaptive_xi, config.adaptive_max, config.adaptive_beta)
-        # Counts forwards that recycled randomly: with the seed it makes each shuffle repeatable,
-        # and as a buffer it is saved with the weights, so a resumed run shuffles the same way.
-        self.register_buffer("recycle_calls", torch.zeros((), dtype=torch.long))
+        # Optimizer steps whose router state this layer took: with the seed and the layer index
+        # it seeds the recycle shuffle, and as a buffer it is saved with the weights, so that a
+        # resumed run shuffles as an uninterrupted one.
+        self.register_buffer("router_step", torch.zeros((), dtype=torch.long))
 
     def _check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
@@ -164,16 +233,33 @@ class MoELayer(nn.Module):
         if overflowed == 0 or self.config.overflow == "drop":
             return expert_ids_TK, within_TK, overflowed
         if self.config.overflow == "recycle_random":
-            generator = torch.Generator().manual_seed(self.config.seed + int(self.recycle_calls))
-            self.recycle_calls += 1
             expert_ids_TK, within_TK = cap.recycle_random(
-                expert_ids_TK, within_TK, overflow_TK, capacity, num_experts, generator)
+                expert_ids_TK, within_TK, overflow_TK, capacity, num_experts,
+                self._recycle_generator())
         else:
             if routing.probs_TE is None:
                 raise ValueError('overflow="recycle_next_best" needs a gate that returns probs_TE')
             expert_ids_TK, within_TK = cap.recycle_next_best(
                 expert_ids_TK, within_TK, overflow_TK, capacity, routing.probs_TE)
         return expert_ids_TK, within_TK, overflowed
+
+    def _recycle_generator(self) -> torch.Generator:
+        """Seeded from (seed, step, layer): a forward recomputed in the backward, or run on
+        another rank of the same step, shuffles as the first did."""
+        seed = (self.config.seed * 1_000_003 + int(self.router_step)) * 1_000_003
+        return torch.Generator().manual_seed((seed + self.layer_index) % 2**63)
+
+    @torch.no_grad()
+    def update_router_state(self, counts: RouterCounts) -> None:
+        """Move the router's state once per optimizer step, from the step's counts (summed
+        over all its micro-batches and data-parallel ranks): the sigmoid gate's balancing
+        bias, Skywork's adaptive coefficient (from the overflow rate, when the layer trains
+        with a capacity: in dropless mode it stays fixed, docs/moe.md) and the step that
+        seeds the recycle shuffle."""
+        self.router.observe_load(counts.routed_per_expert_E)
+        if self.config.adaptive_aux and self.config.capacity_factor is not None:
+            self.aux_coefficient.update(counts.overflow_rate)
+        self.router_step += 1
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None):
         self._check_inputs(hidden, mask)
@@ -227,16 +313,10 @@ class MoELayer(nn.Module):
         router_loss = aux_coef * aux_loss + config.z_loss_coef * z_loss
         if routing.aux_loss is not None:
             router_loss = router_loss + routing.aux_loss
-        stats = MoEStats(
+        return MoEStats(
             num_tokens=num_tokens, top_k=top_k, routed_per_expert_E=routed_per_expert_E,
             tokens_per_expert_E=tokens_per_expert_E, prob_sum_E=prob_sum_E, z_sum=z_sum,
             overflowed=overflowed, dropped=dropped, entropy_sum=entropy,
             top1_over_top2_sum=ratio12, top2_over_top3_sum=ratio23, aux_loss=aux_loss,
-            z_loss=z_loss, aux_coef=aux_coef, router_loss=router_loss)
-        if self.training:
-            self.router.observe_load(routed_per_expert_E)
-            # Skywork's rule works from the drop rate; in dropless mode there is none, so the
-            # coefficient stays fixed (docs/moe.md). Recycled routes count as would-be drops.
-            if config.adaptive_aux and self._capacity_factor() is not None:
-                self.aux_coefficient.update(stats.overflow_rate)
-        return stats
+            z_loss=z_loss, aux_coef=aux_coef, router_loss=router_loss,
+            gate_aux_loss=routing.aux_loss)

@@ -6,9 +6,8 @@
     RUN/plots/*.png         loss, drop rate per layer, expert-load heatmap
     RUN/checkpoints/step-N/ see checkpoint.py; the newest is a model folder for generate/eval
 
-Cross-entropy of a step is the sum over its tokens divided by the tokens of the whole step, so
-that gradient accumulation gives the same update as one big batch; the router losses of the
-micro-batches are averaged.
+The loss of a step is defined on its whole batch however it is cut (``train/step.py``,
+docs/correctness.md).
 """
 from __future__ import annotations
 
@@ -31,13 +30,14 @@ from moekit.config import DataConfig, ModelConfig, TrainConfig
 from moekit.files import CheckpointError, read_json, write_json
 from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
-from moekit.moe import MoEStats
+from moekit.parallel.mesh import Mesh
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
                                train_batch)
 from moekit.train.optim import build_optimizer, implementation_of, set_learning_rate
 from moekit.train.plots import plot_run
+from moekit.train.step import autocast, train_step
 from moekit.train.progress import Progress
 from moekit.train.tokenizer import load_tokenizer, train_tokenizer
 
@@ -54,12 +54,6 @@ class TrainResult:
     checkpoint: Path
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfig,
                     device: torch.device) -> float:
@@ -69,7 +63,7 @@ def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfi
     total, count = 0.0, 0
     for inputs, targets in eval_batches(tokens, config.micro_batch_size, config.seq_len,
                                         config.eval_batches):
-        with _autocast(config.precision, device):
+        with autocast(config.precision, device):
             logits = model(inputs.to(device)).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
                                  reduction="sum").item()
@@ -78,46 +72,11 @@ def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfi
     return total / count
 
 
-def _moe_summary(per_micro_batch: list[list[MoEStats]]) -> dict:
-    """Drop rate, expert load and adaptive coefficient per MoE layer over a step's micro-batches."""
-    summary = {"drop_rate": [], "expert_load": [], "aux_coef": []}
-    for layer_stats in zip(*per_micro_batch):
-        routes = sum(s.top_k * s.num_tokens for s in layer_stats)
-        tokens_per_expert = sum(s.tokens_per_expert_E.float() for s in layer_stats)
-        summary["drop_rate"].append(sum(s.dropped for s in layer_stats) / max(routes, 1))
-        summary["expert_load"].append(
-            (tokens_per_expert / tokens_per_expert.sum().clamp(min=1)).tolist())
-        summary["aux_coef"].append(layer_stats[-1].aux_coef)
-    return summary
-
-
-def _train_step(model, optimizer, tokens, step, config, device) -> dict:
+def _train_step(model, optimizer, tokens, step, config, mesh) -> dict:
     lr = set_learning_rate(optimizer, step, config)
     inputs, targets = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed)
-    inputs, targets = inputs.to(device), targets.to(device)
-    # Summed on the device (in float64, as Python floats would be) and read once the step is
-    # queued: a read per micro-batch would make a GPU wait for the host between them.
-    cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
-    router_loss = torch.zeros((), dtype=torch.float64, device=device)
-    stats = []
-    for micro in range(config.grad_accum):
-        rows = slice(micro * config.micro_batch_size, (micro + 1) * config.micro_batch_size)
-        with _autocast(config.precision, device):
-            out = model(inputs[rows])
-        nll = F.cross_entropy(out.logits.float().flatten(0, 1), targets[rows].flatten(),
-                              reduction="sum") / targets.numel()
-        loss = nll + out.router_loss / config.grad_accum
-        loss.backward()
-        cross_entropy += nll.detach().double()
-        router_loss += out.router_loss.detach().double() / config.grad_accum
-        stats.append(out.moe_stats)
-    clip = config.grad_clip if config.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"kind": "train", "step": step + 1, "loss": cross_entropy.item(),
-            "router_loss": router_loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-            **_moe_summary(stats)}
+    return {"kind": "train", "step": step + 1, "lr": lr,
+            **train_step(model, optimizer, inputs, targets, config, mesh)}
 
 
 def _git_revision() -> str | None:
@@ -252,7 +211,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             log.write(json.dumps(record) + "\n")
         while step < train_config.steps and not stop.requested:
             started = time.perf_counter()
-            record = _train_step(model, optimizer, splits.train, step, train_config, device)
+            record = _train_step(model, optimizer, splits.train, step, train_config, Mesh())
             step += 1
             record["tokens_per_s"] = (train_config.batch_size * train_config.seq_len
                                       / (time.perf_counter() - started))

@@ -1,0 +1,67 @@
+"""Who this process is in a run: its place among the ranks that split the batch.
+
+A run of ``data`` ranks (torchrun's WORLD_SIZE processes, gloo on CPU, NCCL on CUDA) is a
+``DeviceMesh`` with one named dimension, ``dp``; rank r takes the contiguous block r of the
+global batch's rows (``rows``), so that a batch cut into ranks is cut as it would be into
+micro-batches. A run of one process has a mesh of one and issues no collective: the
+single-process path needs no process group at all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class Mesh:
+    """The data-parallel ranks of a run. ``device_mesh`` is None on one process."""
+
+    data_rank: int = 0
+    data_size: int = 1
+    device_mesh: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes files and prints (rank 0)."""
+        return self.data_rank == 0
+
+    @property
+    def data_group(self):
+        return None if self.device_mesh is None else self.device_mesh.get_group("dp")
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's contiguous share of a global batch of ``batch_size`` rows."""
+        per_rank = batch_size // self.data_size
+        return slice(self.data_rank * per_rank, (self.data_rank + 1) * per_rank)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the data-parallel ranks, in place; returns it."""
+        if self.data_size > 1:
+            dist.all_reduce(tensor, group=self.data_group)
+        return tensor
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def mesh_from_environment(device: torch.device) -> Mesh:
+    """The mesh of a process started by torchrun (its environment variables), with the process
+    group made; a plain process gets a mesh of one."""
+    if not launched_by_torchrun():
+        return Mesh()
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise ValueError(f"the torchrun environment lacks {', '.join(missing)}: start with "
+                         "torchrun --nproc-per-node N -m moekit ..., or moekit ... --nproc N")
+    world = int(os.environ["WORLD_SIZE"])
+    if world == 1:
+        return Mesh()
+    from torch.distributed.device_mesh import init_device_mesh
+    device_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    return Mesh(data_rank=dist.get_rank(), data_size=world, device_mesh=device_mesh)
