@@ -50,18 +50,26 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
 
+def world_mesh(device_type: str = "cpu") -> Mesh:
+    """Every process of the initialised default group, one data-parallel rank each."""
+    world = dist.get_world_size()
+    if world == 1:
+        return Mesh()
+    from torch.distributed.device_mesh import init_device_mesh
+    device_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    return Mesh(data_rank=dist.get_rank(), data_size=world, device_mesh=device_mesh)
+
+
 def mesh_from_environment(device: torch.device) -> Mesh:
     """The mesh of a process started by torchrun (its environment variables), with the process
-    group made; a plain process gets a mesh of one."""
+    group made (gloo on CPU, NCCL on CUDA); a plain process gets a mesh of one."""
     if not launched_by_torchrun():
         return Mesh()
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise ValueError(f"the torchrun environment lacks {', '.join(missing)}: start with "
                          "torchrun --nproc-per-node N -m moekit ..., or moekit ... --nproc N")
-    world = int(os.environ["WORLD_SIZE"])
-    if world == 1:
+    if int(os.environ["WORLD_SIZE"]) == 1:
         return Mesh()
-    from torch.distributed.device_mesh import init_device_mesh
-    device_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    return Mesh(data_rank=dist.get_rank(), data_size=world, device_mesh=device_mesh)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world_mesh(device.type)

@@ -116,8 +116,9 @@ class StepRouterLoss:
             if s.num_tokens == 0:
                 return torch.zeros((), dtype=torch.float64)
             run = self.running[index]
-            if config.aux_loss == "switch":
-                aux = switch_balance_loss(run.routed_per_expert_E, prob_E, s.num_tokens, s.top_k)
+            if config.aux_loss == "switch":  # E * sum_i f_i (so far, all ranks) * P_i (here)
+                fraction_E = run.routed_per_expert_E / (s.top_k * run.num_tokens)
+                aux = config.num_experts * (fraction_E * prob_E / s.num_tokens).sum()
             elif config.aux_loss == "skywork":  # this micro-batch's probabilities: the gradient
                 aux = skywork_balance_loss(run.prob_sum_E + (prob_E - prob_E.detach()),
                                            run.num_tokens)

@@ -90,7 +90,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
         with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             out = forward(model, batch)
-            nll = F.cross_entropy(out.logits.float().flatten(0, 1), batch[1].flatten(),
+            logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
+            nll = F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(),
                                   ignore_index=IGNORE_INDEX, reduction="sum")
             share = router_loss.share(out.moe_stats)
             (ranks * (nll / max(counted, 1) + share)).backward()

@@ -1,0 +1,131 @@
+"""The equivalence matrix (docs/correctness.md): however a step's global batch is cut, into
+micro-batches, data-parallel ranks or padded rows, it computes the same loss, router losses,
+statistics and gradients as one process on the whole batch. Float64, so that the tolerance
+(relative 1e-9 of each tensor's largest entry) sees only summation order."""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moekit.config import ModelConfig, MoEConfig, TrainConfig
+from moekit.parallel.mesh import Mesh
+from moekit.parallel.processes import run_on_ranks
+from moekit.train.equivalence import compare, step_outcome
+from moekit.train.step import IGNORE_INDEX
+
+TOLERANCE = 1e-9
+MODEL = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    ffn_size=48, max_seq_len=32,
+                    moe=MoEConfig(hidden_size=32, ffn_size=24, num_experts=4, top_k=2,
+                                  aux_loss="switch", aux_loss_coef=0.1, z_loss_coef=0.01))
+STEP = TrainConfig(batch_size=8, seq_len=12, grad_clip=None, lb_scope="step")
+
+
+def _batch(rows=8, seq=12, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, MODEL.vocab_size, (rows, seq + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _left_padded(inputs, targets, pads):
+    """The same rows with ``pads[i]`` padding positions in front of row i (and as many at the
+    end of the shorter rows, so that every row has the same length)."""
+    width = inputs.shape[1] + max(pads)
+    padded_inputs = torch.zeros(len(inputs), width, dtype=inputs.dtype)
+    padded_targets = torch.full_like(padded_inputs, IGNORE_INDEX)
+    mask = torch.zeros(len(inputs), width, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        columns = slice(pad, pad + inputs.shape[1])
+        padded_inputs[row, columns], padded_targets[row, columns] = inputs[row], targets[row]
+        mask[row, columns] = True
+    return padded_inputs, padded_targets, mask
+
+
+def _assert_equal_outcomes(got, want):
+    failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("aux_loss", ["switch", "skywork"])
+def test_gradient_accumulation_gives_one_batch_step(aux_loss):
+    model = replace(MODEL, moe=replace(MODEL.moe, aux_loss=aux_loss))
+    inputs, targets = _batch()
+    whole = step_outcome(model, STEP, inputs, targets)
+    assert whole.figures["router_loss"] > 0
+    for accum in (2, 4):
+        _assert_equal_outcomes(step_outcome(model, replace(STEP, grad_accum=accum), inputs,
+                                            targets), whole)
+
+
+def test_micro_scope_changes_with_the_cut_and_step_scope_does_not():
+    # The reason for lb_scope="step": the balance loss of each micro-batch is not that of
+    # the batch (a mean of ratios is not the ratio of the sums).
+    inputs, targets = _batch()
+    micro = replace(STEP, lb_scope="micro")
+    one = step_outcome(MODEL, micro, inputs, targets).figures["router_loss"]
+    four = step_outcome(MODEL, replace(micro, grad_accum=4), inputs, targets).figures["router_loss"]
+    assert abs(float(one - four)) > 1e-6
+    step = step_outcome(MODEL, STEP, inputs, targets).figures["router_loss"]
+    assert float(step) == pytest.approx(float(one), rel=1e-12)  # one micro-batch: the same
+
+
+@pytest.mark.parametrize("lb_scope", ["micro", "global", "step"])
+def test_padding_never_counts(lb_scope):
+    config = replace(STEP, lb_scope=lb_scope)
+    inputs, targets = _batch()
+    want = step_outcome(MODEL, config, inputs, targets)
+    padded = _left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
+    _assert_equal_outcomes(step_outcome(MODEL, config, *padded), want)
+
+
+def test_an_all_padding_micro_batch_adds_nothing():
+    inputs, targets = _batch(rows=4)
+    want = step_outcome(MODEL, replace(STEP, batch_size=4, grad_accum=2), inputs, targets)
+    padded_inputs = torch.cat([inputs, torch.zeros_like(inputs)])
+    padded_targets = torch.cat([targets, torch.full_like(targets, IGNORE_INDEX)])
+    mask = torch.cat([torch.ones_like(inputs, dtype=torch.bool),
+                      torch.zeros_like(inputs, dtype=torch.bool)])
+    got = step_outcome(MODEL, replace(STEP, batch_size=8, grad_accum=4), padded_inputs,
+                       padded_targets, mask)
+    _assert_equal_outcomes(got, want)
+
+
+def _data_parallel_outcomes(rank, world, cases):
+    from moekit.parallel.mesh import world_mesh
+    mesh = world_mesh()
+    return [step_outcome(model, config, *batch, mesh=mesh) for model, config, batch in cases]
+
+
+def _cases():
+    """(name, model, config, batch) per check: one group of processes runs them all."""
+    inputs, targets = _batch()
+    padded = _left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
+    skywork = replace(MODEL, moe=replace(MODEL.moe, aux_loss="skywork"))
+    return [("step", MODEL, STEP, (inputs, targets)),
+            ("step, accum 2", MODEL, replace(STEP, grad_accum=2), (inputs, targets)),
+            ("step, skywork", skywork, STEP, (inputs, targets)),
+            ("step, padded", MODEL, STEP, padded),
+            ("micro", MODEL, replace(STEP, lb_scope="micro"), (inputs, targets)),
+            ("global", MODEL, replace(STEP, lb_scope="global"), (inputs, targets))]
+
+
+def _single_process_reference(name, model, config, batch, ranks):
+    """What one process computes for the same global batch: in scope micro, the ranks'
+    shards are its micro-batches; in scope global, one micro-batch (its counts are global)."""
+    if config.lb_scope == "micro":
+        config = replace(config, grad_accum=config.grad_accum * ranks)
+    return step_outcome(model, config, *batch)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_parallel_equals_one_process(world):
+    cases = _cases()
+    outcomes = run_on_ranks(_data_parallel_outcomes, world,
+                            [(model, config, batch) for _, model, config, batch in cases])
+    for rank_outcomes in outcomes[1:]:  # every rank logs the same figures
+        for got, want in zip(rank_outcomes, outcomes[0]):
+            _assert_equal_outcomes(got, want)
+    for (name, model, config, batch), got in zip(cases, outcomes[0]):
+        want = _single_process_reference(name, model, config, batch, world)
+        failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
+        assert not failed, (name, failed)
