@@ -273,6 +273,7 @@ class TrainConfig(_FromDict):
     # balances the global batch, which "Demons in the Detail" (2025) found helps experts
     # specialise, at the cost of one small all-reduce per micro-batch.
     lb_scope: str = "global"
+    recompute: bool = False  # activation checkpointing of every layer (Transformer.recompute)
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -305,6 +306,8 @@ class TrainConfig(_FromDict):
                  f"one of {', '.join(OPTIMIZER_IMPLS)}")
         _require(self.lb_scope in LB_SCOPES, "lb_scope", self.lb_scope,
                  f"one of {', '.join(LB_SCOPES)}")
+        _require(isinstance(self.recompute, bool), "recompute", self.recompute,
+                 "expected true or false")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                  "expected an integer >= 0")
 

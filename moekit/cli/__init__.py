@@ -15,7 +15,7 @@ from moekit import __version__
 from moekit.devices import retain_freed_cpu_memory
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("train", "convert", "plan", "quantize", "serve")
+COMMAND_MODULES: tuple[str, ...] = ("train", "check", "convert", "plan", "quantize", "serve")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc runs again
     if args.command is None:
         parser.print_help()
         return 0

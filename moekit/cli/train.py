@@ -28,6 +28,8 @@ TRAIN_FLAGS = {
     "lb_scope": (str, "over what the balance and z-losses are formed: micro (each "
                  "micro-batch), global (counts summed over ranks and micro-batches so far), "
                  "step (the whole global batch, from a routing pre-pass); docs/correctness.md"),
+    "recompute": (bool, "activation checkpointing of every layer: about one more forward per "
+                  "step for the activations' memory"),
     "optimizer_impl": (str, "AdamW kernel: auto = fused where the device has it, else foreach; "
                        "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),
@@ -50,6 +52,12 @@ def _merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+def model_config_of(preset_name: str | None, file: dict) -> ModelConfig:
+    """The model of a preset (default tiny) with a config file's ``model`` section over it."""
+    name = preset_name or file.get("preset") or "tiny"
+    return ModelConfig.from_dict(_merge(preset(name).to_dict(), file.get("model", {})))
+
+
 def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     """Preset < config file < flags; no model config with --init-from."""
     file = read_config_file(args.config) if args.config else {}
@@ -63,8 +71,7 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
                              "config file's preset and model")
         model = None
     else:
-        name = args.preset or file.get("preset") or "tiny"
-        model = ModelConfig.from_dict(_merge(preset(name).to_dict(), file.get("model", {})))
+        model = model_config_of(args.preset, file)
         if args.dense:
             model = model.dense()
     train = {**file.get("train", {}), **{key: getattr(args, key) for key in TRAIN_FLAGS
@@ -210,10 +217,13 @@ def register(subcommands) -> None:
     for key, (kind, text) in {**TRAIN_FLAGS, **DATA_FLAGS}.items():
         default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
                        if f.name == key)
+        flag = f"--{key.replace('_', '-')}"
+        if kind is bool:
+            train.add_argument(flag, action="store_true", default=None, help=text)
+            continue
         choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS,
                    "optimizer_impl": OPTIMIZER_IMPLS, "lb_scope": LB_SCOPES}.get(key)
-        train.add_argument(f"--{key.replace('_', '-')}", type=kind, choices=choices,
-                           help=f"{text} (default {default})")
+        train.add_argument(flag, type=kind, choices=choices, help=f"{text} (default {default})")
     peak = train.add_mutually_exclusive_group()
     peak.add_argument("--peak-tflops", type=float,
                       help="the device's peak TFLOP/s, to report MFU")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig
 from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
@@ -163,7 +164,14 @@ class Transformer(nn.Module):
     mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
     prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
     new positions are appended to it; positions count real tokens only.
+
+    ``recompute``: when gradients are recorded, each layer keeps only its input and computes
+    its activations again in the backward (activation checkpointing), trading about one more
+    forward for the activations' memory. The recomputed forward routes exactly as the first:
+    the random state is restored for it and no layer changes state in a forward.
     """
+
+    recompute = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -231,7 +239,11 @@ class Transformer(nn.Module):
         all_stats, shared_kv = [], None
         for index, layer in enumerate(self.layers):
             group = index // self.config.cla_share
-            x_BSD, shared_kv, stats = layer(x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
+            inputs = (x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
+            if self.recompute and torch.is_grad_enabled():
+                x_BSD, shared_kv, stats = checkpoint(layer, *inputs, use_reentrant=False)
+            else:
+                x_BSD, shared_kv, stats = layer(*inputs)
             if stats is not None:
                 all_stats.append(stats)
                 router_loss = router_loss + stats.router_loss

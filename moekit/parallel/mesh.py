@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,9 +61,10 @@ def world_mesh(device_type: str = "cpu") -> Mesh:
     return Mesh(data_rank=dist.get_rank(), data_size=world, device_mesh=device_mesh)
 
 
-def mesh_from_environment(device: torch.device) -> Mesh:
+def mesh_from_environment(device: torch.device, collective_timeout: float = 600.0) -> Mesh:
     """The mesh of a process started by torchrun (its environment variables), with the process
-    group made (gloo on CPU, NCCL on CUDA); a plain process gets a mesh of one."""
+    group made (gloo on CPU, NCCL on CUDA); a plain process gets a mesh of one. A collective
+    that waits longer than ``collective_timeout`` seconds for another rank fails."""
     if not launched_by_torchrun():
         return Mesh()
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
@@ -71,5 +73,8 @@ def mesh_from_environment(device: torch.device) -> Mesh:
                          "torchrun --nproc-per-node N -m moekit ..., or moekit ... --nproc N")
     if int(os.environ["WORLD_SIZE"]) == 1:
         return Mesh()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one rank per GPU
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=collective_timeout))
     return world_mesh(device.type)

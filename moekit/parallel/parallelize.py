@@ -1,6 +1,8 @@
 """Applying a layout to a plain model from outside: the model never asks for ranks."""
 from __future__ import annotations
 
+import inspect
+
 import torch.nn as nn
 
 from moekit.parallel.mesh import Mesh
@@ -14,8 +16,11 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
     if mesh.data_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, process_group=mesh.data_group,
-                                   broadcast_buffers=False)
+    # torch 2.13 renamed the option; older versions know only the first name.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, process_group=mesh.data_group, **no_buffer_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

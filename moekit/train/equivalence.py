@@ -9,7 +9,7 @@ the reference's magnitude.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -17,7 +17,8 @@ from moekit.config import ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize
-from moekit.train.step import train_step
+from moekit.parallel.processes import run_on_ranks
+from moekit.train.step import IGNORE_INDEX, train_step
 
 
 class GradientRecorder(torch.optim.Optimizer):
@@ -48,6 +49,7 @@ def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: t
                  seed: int = 0, dtype: torch.dtype = torch.float64) -> StepOutcome:
     torch.manual_seed(seed)
     model = Transformer(model_config).to(dtype).train()
+    model.recompute = train_config.recompute
     recorder = GradientRecorder(model.named_parameters())
     record = train_step(parallelize(model, mesh), recorder, inputs, targets, train_config, mesh,
                         mask)
@@ -89,3 +91,149 @@ def compare(got: StepOutcome, want: StepOutcome, tolerance: float,
         relative_difference(got.gradients[name], value, floor)
         for name, value in want.gradients.items())
     return checks + [Check("gradients", worst, tolerance)]
+
+
+# ---- The matrix on a user's configuration (``moekit check``) -------------------------------
+
+MAX_WIDTH = 64  # hidden and FFN widths above this are shrunk: a layout then takes seconds
+MAX_VOCAB = 256
+# float64: summation order alone moves ~1e-13 here; float32: measured up to ~1e-6 on the tiny
+# preset's widths, so 1e-4 leaves room for other shapes (docs/correctness.md).
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def shrink(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """A configuration small enough to check on a CPU in seconds, and what was changed. Routing
+    (router, experts, top-k, losses) is kept; only depth and widths shrink."""
+    changes, fields = [], {}
+    if config.hidden_size > MAX_WIDTH:
+        heads = min(config.num_heads, 4)
+        grouping = max(1, round(heads * config.kv_heads / config.num_heads))  # GQA kept
+        kv_heads = next(g for g in range(grouping, 0, -1) if heads % g == 0)
+        fields.update(hidden_size=heads * 8, num_heads=heads, num_kv_heads=kv_heads,
+                      head_dim=None)
+        changes.append(f"hidden_size {config.hidden_size} -> {heads * 8}" + (
+            f", heads {config.num_heads}/{config.kv_heads} -> {heads}/{kv_heads}"
+            if (heads, kv_heads) != (config.num_heads, config.kv_heads) else ""))
+    depth = max(config.moe_every, config.cla_share) * 2
+    for name, limit in (("ffn_size", MAX_WIDTH), ("num_layers", depth),
+                        ("vocab_size", MAX_VOCAB)):
+        if getattr(config, name) > limit:
+            fields[name] = limit
+            changes.append(f"{name} {getattr(config, name)} -> {limit}")
+    if config.moe is not None:
+        moe = config.moe
+        widths = dict(hidden_size=fields.get("hidden_size", config.hidden_size),
+                      ffn_size=min(moe.ffn_size, MAX_WIDTH // 2),
+                      shared_ffn_size=None if moe.shared_ffn_size is None
+                      else min(moe.shared_ffn_size, MAX_WIDTH))
+        if widths["ffn_size"] != moe.ffn_size:
+            changes.append(f"expert ffn_size {moe.ffn_size} -> {widths['ffn_size']}")
+        fields["moe"] = replace(moe, **widths)
+    return replace(config, **fields), changes
+
+
+@dataclass
+class Layout:
+    """One cut of the reference batch: ``ranks`` data-parallel processes, ``grad_accum``
+    micro-batches each, padded rows or not, recomputed layers or not."""
+
+    name: str
+    ranks: int = 1
+    grad_accum: int = 1
+    padded: bool = False
+    recompute: bool = False
+
+
+LAYOUTS = (Layout("gradient accumulation 4", grad_accum=4),
+           Layout("padded batch", padded=True),
+           Layout("recomputed layers", recompute=True),
+           Layout("data parallel 2", ranks=2),
+           Layout("data parallel 2 x accumulation 2", ranks=2, grad_accum=2),
+           Layout("data parallel 4", ranks=4))
+NOT_YET = ("expert parallel", "expert data parallel", "pipeline")
+
+
+def reference_batch(config: ModelConfig, rows: int = 8, seq: int = 12, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (rows, seq + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def left_padded(inputs: torch.Tensor, targets: torch.Tensor, pads: list[int]):
+    """The same rows with ``pads[i]`` padding positions before row i (and as many after the
+    rows with less, so that all have one length): inputs, targets (IGNORE_INDEX where padded)
+    and the valid-token mask."""
+    width = inputs.shape[1] + max(pads)
+    padded_inputs = torch.zeros(len(inputs), width, dtype=inputs.dtype)
+    padded_targets = torch.full_like(padded_inputs, IGNORE_INDEX)
+    mask = torch.zeros(len(inputs), width, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        columns = slice(pad, pad + inputs.shape[1])
+        padded_inputs[row, columns], padded_targets[row, columns] = inputs[row], targets[row]
+        mask[row, columns] = True
+    return padded_inputs, padded_targets, mask
+
+
+@dataclass
+class MatrixRow:
+    layout: str
+    checks: list[Check] | None  # None: skipped
+    note: str = ""
+
+
+def _exact_setting(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """Routing made a function of the global batch alone: dropless (a capacity is per rank and
+    per micro-batch) and without jitter (its noise is drawn per rank)."""
+    if config.moe is None:
+        return config, []
+    changes = []
+    moe = config.moe
+    if moe.capacity_factor is not None:
+        changes.append(f"capacity_factor {moe.capacity_factor} -> dropless")
+    if moe.jitter:
+        changes.append(f"jitter {moe.jitter} -> 0")
+    return replace(config, moe=replace(moe, capacity_factor=None, jitter=0.0)), changes
+
+
+def _layout_outcome(model_config, train_config, layout: Layout, mesh: Mesh,
+                    dtype: torch.dtype) -> StepOutcome:
+    inputs, targets = reference_batch(model_config)
+    batch = (left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1]) if layout.padded
+             else (inputs, targets, None))
+    config = replace(train_config, grad_accum=layout.grad_accum, recompute=layout.recompute)
+    return step_outcome(model_config, config, *batch, mesh=mesh, dtype=dtype)
+
+
+def _ranks_outcomes(rank, world, model_config, train_config, layouts, dtype):
+    from moekit.parallel.mesh import world_mesh
+    mesh = world_mesh()
+    return [_layout_outcome(model_config, train_config, layout, mesh, dtype)
+            for layout in layouts]
+
+
+def run_matrix(model_config: ModelConfig, nproc: int, dtype: torch.dtype = torch.float64,
+               timeout: float = 300.0) -> tuple[list[MatrixRow], list[str]]:
+    """Every layout that ``nproc`` processes allow, each against one process on the same
+    global batch (lb_scope "step"); and what was changed in the configuration to run it."""
+    model_config, changes = shrink(model_config)
+    model_config, exact = _exact_setting(model_config)
+    train_config = TrainConfig(batch_size=8, seq_len=12, grad_clip=None, lb_scope="step")
+    reference = _layout_outcome(model_config, train_config, Layout("one process"), Mesh(), dtype)
+    tolerance = TOLERANCES[dtype]
+    rows = []
+    for ranks in sorted({layout.ranks for layout in LAYOUTS}):
+        layouts = [layout for layout in LAYOUTS if layout.ranks == ranks]
+        if ranks > nproc:
+            rows += [MatrixRow(layout.name, None, f"needs {ranks} processes") for layout in layouts]
+            continue
+        if ranks == 1:
+            outcomes = [_layout_outcome(model_config, train_config, layout, Mesh(), dtype)
+                        for layout in layouts]
+        else:
+            outcomes = run_on_ranks(_ranks_outcomes, ranks, model_config, train_config, layouts,
+                                    dtype, timeout=timeout)[0]
+        rows += [MatrixRow(layout.name, compare(outcome, reference, tolerance))
+                 for layout, outcome in zip(layouts, outcomes)]
+    rows += [MatrixRow(name, None, "not in this version yet") for name in NOT_YET]
+    return rows, changes + exact

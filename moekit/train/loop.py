@@ -56,19 +56,23 @@ class TrainResult:
 
 @torch.no_grad()
 def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfig,
-                    device: torch.device) -> float:
-    """Mean cross-entropy per token over the validation windows (dropless: eval mode)."""
+                    device: torch.device, mesh: Mesh = Mesh()) -> float:
+    """Mean cross-entropy per token over the validation windows (dropless: eval mode); the
+    data-parallel ranks share the batches and sum their results."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for inputs, targets in eval_batches(tokens, config.micro_batch_size, config.seq_len,
-                                        config.eval_batches):
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, tokens
+    batches = eval_batches(tokens, config.micro_batch_size, config.seq_len, config.eval_batches)
+    for index, (inputs, targets) in enumerate(batches):
+        if index % mesh.data_size != mesh.data_rank:
+            continue
         with autocast(config.precision, device):
             logits = model(inputs.to(device)).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
-                                 reduction="sum").item()
-        count += targets.numel()
+        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+                                   reduction="sum")
+        sums[1] += targets.numel()
     model.train(was_training)
+    total, count = mesh.sum_(sums).tolist()
     return total / count
 
 
@@ -184,6 +188,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
 
     torch.manual_seed(train_config.seed)
     model = Transformer(model_config).to(device).train()
+    model.recompute = train_config.recompute
     optimizer = build_optimizer(model, train_config)
     step = 0
     if resume:

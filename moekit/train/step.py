@@ -30,6 +30,15 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def check_batch_split(config: TrainConfig, data_ranks: int) -> None:
+    """Each data-parallel rank takes an equal share of every micro-batch's rows."""
+    if config.batch_size % (data_ranks * config.grad_accum):
+        raise ValueError(f"batch_size={config.batch_size} is not allowed with {data_ranks} "
+                         f"data-parallel ranks and grad_accum={config.grad_accum}: it must be a "
+                         f"multiple of {data_ranks} x {config.grad_accum} = "
+                         f"{data_ranks * config.grad_accum}")
+
+
 def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
     return [module for module in model.modules() if isinstance(module, MoELayer)]
 
