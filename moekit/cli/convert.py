@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from moekit.cli.paths import input_option, output_option
 from moekit.config import MoEConfig
 from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
 from moekit.convert.hf_folder import DEFAULT_MAX_SHARD_BYTES, load_moekit_or_hf
@@ -35,9 +36,10 @@ def byte_size(text: str) -> int:
 def _folder_command(subcommands, name: str, source: str, run, **texts):
     """A command that reads the folder ``--from`` and writes the folder ``--out``."""
     parser = subcommands.add_parser(name, **texts)
-    parser.add_argument("--from", dest="source", required=True, metavar="DIR", help=source)
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="the folder to write (replaced atomically; untouched on error)")
+    input_option(parser, "--from", dest="source", required=True, metavar="DIR", help=source)
+    output_option(parser, "--out", required=True,
+                  help="the folder to write (built beside it and renamed into place; an "
+                  "existing one only with --overwrite)")
     parser.set_defaults(run=run)
     return parser
 
