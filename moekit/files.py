@@ -67,7 +67,7 @@ def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.Pat
             raise ValueError(f"{option} {output} {relation} the input {name} {value}: writing "
                              f"there would destroy it; choose another {option}")
     if kind == "folder" and path.is_dir():
-        _refuse_if_being_written(path)
+        refuse_if_being_written(path)
     if path.exists() and path.is_dir() != (kind == "folder"):
         raise ValueError(f"{option} {output} exists and is not a {kind}: expected a {kind} "
                          f"to write; remove it or choose another {option}")
@@ -76,7 +76,10 @@ def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.Pat
                          f"replace it{hint}, or choose another {option}")
 
 
-def _refuse_if_being_written(folder: Path) -> None:
+def refuse_if_being_written(folder: str | os.PathLike) -> None:
+    """A ValueError naming the process when another process has claimed ``folder``
+    (``lock_folder``)."""
+    folder = Path(folder)
     lock = folder / LOCK_FILE
     if not lock.is_file():
         return

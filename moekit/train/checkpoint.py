@@ -90,8 +90,9 @@ def claim_run(run: Path, write_new_run: Callable[[Path], None] | None):
     folders of killed writes are cleared first."""
     if write_new_run is None:
         lock = lock_folder(run)
-    else:
         remove_leftovers(run.parent, run.name)
+    else:
+        remove_leftovers(run.parent, run.name)  # before: an old run may come back from .old
         with atomic_directory(run) as staging:
             write_new_run(staging)
             lock = lock_folder(staging)  # the lock file moves in with the folder

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from moekit import __version__
 from moekit.config import DataConfig, ModelConfig, TrainConfig
 from moekit.files import (CheckpointError, atomic_write_text, check_output, read_json,
-                           write_json)
+                           refuse_if_being_written, write_json)
 from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.moe import MoEStats
@@ -171,6 +171,7 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
            init_from: Path | None, steps: int | None):
     """Resolve configs and tokenizer for a new or resumed run."""
     if resume:
+        refuse_if_being_written(run)  # before reading what that process may be rewriting
         model_config, train_config, data_config = read_run(run)
         if steps is not None:
             train_config = extend_schedule(train_config, steps)
