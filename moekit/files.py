@@ -56,10 +56,10 @@ def _relation(path: Path, other: Path) -> str | None:
 def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.PathLike]], *,
                  overwrite: bool, option: str = "--out", kind: str = "folder",
                  hint: str = "") -> None:
-    """Refuse to write ``output`` (a "folder" or a "file") when it is, lies inside or holds one of
-    ``inputs`` ((option, path) pairs), whatever ``overwrite`` says; when another process is writing it;
-    when it exists as the other kind; and, without ``overwrite``, when it exists and is not
-    empty. ``hint`` is added to the last message (another way to proceed)."""
+    """Refuse to write ``output`` (a "folder" or a "file") when it is, lies inside or holds one
+    of ``inputs`` ((option, path) pairs), whatever ``overwrite`` says; when another process is
+    writing it; when it exists as the other kind; and, without ``overwrite``, when it exists
+    and is not empty. ``hint`` is added to the last message (another way to proceed)."""
     path = Path(output).resolve()
     for name, value in inputs:
         relation = _relation(path, Path(value).resolve())

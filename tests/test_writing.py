@@ -137,3 +137,19 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert "step-000003" in err and "--resume" in err
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000003"]
     assert hashes == [_tree_hash(run / "checkpoints" / "step-000003")]
+
+
+def test_overwrite_swaps_the_new_output_in(tmp_path):
+    from dataclasses import replace
+
+    from moekit.train.loop import train
+    from test_resume import BASE_MODEL, BASE_TRAIN
+    from test_train import SMALL_DATA
+    old = _fake_run(tmp_path / "run")
+    (old / "old-notes.txt").write_text("replaced\n")
+    with pytest.raises(ValueError, match="exists and is not empty.*--resume"):
+        train(BASE_MODEL, BASE_TRAIN, SMALL_DATA, old, show_progress=False)
+    train(BASE_MODEL, replace(BASE_TRAIN, steps=1), SMALL_DATA, old, overwrite=True,
+          show_progress=False)
+    assert not (old / "old-notes.txt").exists() and (old / "checkpoints" / "step-000001").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left beside it

@@ -224,11 +224,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     configs are then those saved in the run, ``steps`` extends it as ``optim.extend_schedule``
     says; ``overwrite=True`` replaces an existing run folder instead, swapped in once the new
     run's settings are known to be good). While it writes, the run folder is claimed for this
-    process (``checkpoint.claim_run``). ``init_from``: a model folder (with tokenizer.json) whose model, weights and
-    tokenizer the run starts from, e.g. an upcycled checkpoint; ``model_config`` is then None.
-    Each step logs its model FLOP/s (from active parameters, moekit.plan), and its MFU when the
-    device's ``peak_flops`` is given. ``on_step(record)`` is called after each step.
-    Ctrl-C finishes the current step, saves a checkpoint, and raises KeyboardInterrupt."""
+    process (``checkpoint.claim_run``). ``init_from``: a model folder (with tokenizer.json)
+    whose model, weights and tokenizer the run starts from, e.g. an upcycled checkpoint;
+    ``model_config`` is then None. Each step logs its model FLOP/s (from active parameters,
+    moekit.plan), and its MFU when the device's ``peak_flops`` is given. ``on_step(record)`` is
+    called after each step. Ctrl-C finishes the current step, saves a checkpoint, and raises
+    KeyboardInterrupt."""
     run, device = Path(run), torch.device(device)
     init_from = Path(init_from) if init_from is not None else None
     model_config, train_config, data_config, tokenizer = _start(
@@ -251,7 +252,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
                                        "init_from": None if init_from is None else str(init_from)})
         tokenizer.save(folder)
 
-    records = _read_metrics(run / METRICS_FILE, step)
+    records = _read_metrics(run / METRICS_FILE, step) if resume else []
     extra = {"train": asdict(train_config), "data": asdict(data_config)}
 
     def save(at_step: int) -> Path:
