@@ -259,6 +259,9 @@ class TrainConfig(_FromDict):
     lr: float = 3e-3  # peak learning rate of the non-expert parameters
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
+    # Where the cosine ends (None: at ``steps``); an extended run keeps its original end
+    # (train.optim.extend_schedule).
+    schedule_steps: int | None = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -291,6 +294,8 @@ class TrainConfig(_FromDict):
                  "min_lr_ratio", self.min_lr_ratio, "expected a number in [0, 1]")
         _require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, "warmup_steps",
                  self.warmup_steps, "expected an integer >= 0")
+        if self.schedule_steps is not None:
+            _positive_int("schedule_steps", self.schedule_steps)
         _non_negative("weight_decay", self.weight_decay)
         for name in ("beta1", "beta2"):
             value = getattr(self, name)

@@ -1,14 +1,21 @@
-"""Files that are never half-written, and reading them back with errors that name the file.
+"""Files that are never half-written, the one rule for where a command may write, and reading
+files back with errors that name the file.
 
-Every output of moekit (checkpoints, exports, quantized models) is built in a temporary folder
-beside its destination, flushed to disk, and renamed into place, so that a crash or Ctrl-C leaves
-either the old output or the new one, never a mix.
+Every output of moekit (checkpoints, exports, quantized models, run folders) is built in a
+temporary folder ``.NAME.tmp-*`` beside its destination, flushed to disk, and renamed into place,
+so that a crash or Ctrl-C leaves either the old output or the new one, never a mix; single files
+(run.json, metrics.jsonl) go the same way. ``check_output`` is the rule every command that
+writes applies before it starts: no output equal to, inside or around one of its inputs; no
+existing output replaced without ``overwrite``; none that another process is writing.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,8 +28,120 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json")
 
 
+# A folder another process claims for writing holds this file, locked (fcntl) and with its pid.
+LOCK_FILE = ".moekit.lock"
+# What a killed write leaves beside its destination NAME (see atomic_directory).
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[^/]+")
+
+
 class CheckpointError(ValueError):
     """A file or folder that is not what it should be: missing, truncated, of another model."""
+
+
+class DiskFullError(ValueError):
+    """A write ran out of disk space; what it was replacing is left as it was."""
+
+
+def _relation(path: Path, other: Path) -> str | None:
+    """How ``path`` lies relative to ``other`` (both resolved): "is", "is inside", "holds"."""
+    if path == other:
+        return "is"
+    if other in path.parents:
+        return "is inside"
+    if path in other.parents:
+        return "holds"
+    return None
+
+
+def check_output(output: str | os.PathLike, inputs: list[tuple[str, str | os.PathLike]], *,
+                 overwrite: bool, option: str = "--out", kind: str = "folder",
+                 hint: str = "") -> None:
+    """Refuse to write ``output`` (a "folder" or a "file") when it is, lies inside or holds one
+    of ``inputs`` ((option, path) pairs), whatever ``overwrite`` says; when another process is
+    writing it; when it exists as the other kind; and, without ``overwrite``, when it exists
+    and is not empty. ``hint`` is added to the last message (another way to proceed)."""
+    path = Path(output).resolve()
+    for name, value in inputs:
+        relation = _relation(path, Path(value).resolve())
+        if relation is not None:
+            raise ValueError(f"{option} {output} {relation} the input {name} {value}: writing "
+                             f"there would destroy it; choose another {option}")
+    if kind == "folder" and path.is_dir():
+        refuse_if_being_written(path)
+    if path.exists() and path.is_dir() != (kind == "folder"):
+        raise ValueError(f"{option} {output} exists and is not a {kind}: expected a {kind} "
+                         f"to write; remove it or choose another {option}")
+    if not overwrite and path.exists() and (path.is_file() or any(path.iterdir())):
+        raise ValueError(f"{option} {output} exists and is not empty: pass --overwrite to "
+                         f"replace it{hint}, or choose another {option}")
+
+
+def refuse_if_being_written(folder: str | os.PathLike) -> None:
+    """A ValueError naming the process when another process has claimed ``folder``
+    (``lock_folder``)."""
+    folder = Path(folder)
+    lock = folder / LOCK_FILE
+    if not lock.is_file():
+        return
+    with open(lock) as handle:  # read only: the folder is left exactly as it is
+        _claim(handle, folder)
+
+
+def _claim(handle, folder: Path) -> None:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise ValueError(f"{folder} is being written by process {handle.read().strip()}: wait "
+                         "for it to finish or stop it") from None
+
+
+def lock_folder(folder: str | os.PathLike):
+    """Claim ``folder`` for this process until the returned file is closed (also when the
+    process dies, kill -9 included: the kernel drops the lock). A folder another process has
+    claimed is a ValueError naming that process."""
+    handle = open(Path(folder) / LOCK_FILE, "a+")
+    try:
+        _claim(handle, folder)
+    except ValueError:
+        handle.close()
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_leftovers(folder: str | os.PathLike, name: str | None = None) -> None:
+    """Clear what killed writes left in ``folder`` (of destination ``name`` only, when given):
+    ``.NAME.tmp-*`` are removed; ``.NAME.old-*`` too, unless NAME itself is missing (a kill
+    between atomic_directory's two renames), when it is the last complete version and is
+    renamed back. Call it only on a folder this process has claimed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        match = _LEFTOVER.fullmatch(path.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        if match["kind"] == "old" and not (folder / match["name"]).exists():
+            os.replace(path, folder / match["name"])
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _disk_full_is_named(destination: Path):
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(f"no space left on the device while writing {destination}: "
+                            "nothing of it was kept and what was there is intact") from None
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -43,14 +162,15 @@ def atomic_directory(destination: str | os.PathLike):
     """Yield a temporary folder to fill; on success it replaces ``destination`` in one rename.
 
     On an exception (Ctrl-C included) the temporary folder is removed and ``destination`` is
-    left exactly as it was.
+    left exactly as it was; running out of disk space is a DiskFullError saying so.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
     try:
-        yield staging
-        _fsync_tree(staging)
+        with _disk_full_is_named(destination):
+            yield staging
+            _fsync_tree(staging)
         if destination.exists():
             # Two renames: the old folder is moved aside first, so that at every instant one
             # complete version exists under a known name.
@@ -65,8 +185,26 @@ def atomic_directory(destination: str | os.PathLike):
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, flush it to disk, rename it onto
+    ``path``: a reader (or a kill) sees the old file or the new one."""
+    path = Path(path)
+    with _disk_full_is_named(path):
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
+
+
 def write_json(path: str | os.PathLike, value) -> None:
-    Path(path).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -38,13 +38,31 @@ def test_upcycle_a_hugging_face_dense_folder(tmp_path, capsys):
         torch.testing.assert_close(model(ids).logits, hf_model(ids).logits, rtol=1e-4, atol=1e-5)
     assert load_tokenizer(tmp_path / "moe").encode("text") == \
         load_tokenizer(tmp_path / "llama").encode("text")
-    # The advice, by hand: N = parameters without the embedding lookup; the MoE adds two
-    # routers (8 x 32) and one more expert per token in each of the 2 layers (3 x 32 x 48).
+    # The advice, by hand: 6 x (parameters but the embedding lookup) + the attention term
+    # 12 L H Dh S at S = 64; the MoE adds two routers (8 x 32) and one more expert per token in
+    # each of the 2 layers (3 x 32 x 48).
     dense_params = sum(p.numel() for p in hf_model.parameters()) - VOCAB * 32
     moe_params = dense_params + 2 * (8 * 32 + 3 * 32 * 48)
+    attention = 12 * 2 * 4 * 8 * 64
+    dense_flops, moe_flops = (1e9 * (6 * params + attention)
+                              for params in (dense_params, moe_params))
     out = capsys.readouterr().out
-    assert f"6 x {dense_params:,} x 1e+09" in out and f"6 x {moe_params:,} x 1e+09" in out
-    assert f"is {moe_params / dense_params:.2f}x" in out and "advice: upcycle" in out
+    assert f"= {dense_flops:.3e} FLOPs" in out and f"= {moe_flops:.3e} FLOPs" in out
+    assert f"is {moe_flops / dense_flops:.2f}x" in out and "advice: upcycle" in out
+
+
+def test_both_commands_give_the_same_advice(tmp_path, capsys):
+    """`moekit upcycle` and `moekit plan --upcycle` on the model it wrote: one ratio."""
+    save_model(Transformer(ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2,
+                                       num_heads=4, ffn_size=64, max_seq_len=64)), tmp_path / "d")
+    tokens = ["--dense-tokens", "1e12", "--moe-tokens", "1.3e12"]
+    assert main(["upcycle", "--from", str(tmp_path / "d"), "--experts", "8", "--top-k", "2",
+                 "--out", str(tmp_path / "moe"), *tokens]) == 0
+    upcycled = capsys.readouterr().out
+    assert main(["plan", "--config", str(tmp_path / "moe"), "--upcycle", *tokens, "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)["upcycle"]
+    assert f"is {planned['budget_ratio']:.2f}x" in upcycled
+    assert f"advice: {planned['recommendation']}" in upcycled
 
 
 def test_upcycle_a_moekit_checkpoint_and_advise_scratch(tmp_path, capsys):

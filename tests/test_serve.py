@@ -5,6 +5,7 @@ import json
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -252,3 +253,45 @@ def test_a_quantized_checkpoint_serves_what_it_generates(tmp_path):
                         eos_id=engine.tokenizer.eos_id)[0]
     assert text == engine.tokenizer.decode(expected)
     assert usage.completion_tokens == len(expected)
+
+
+def test_the_serving_example_of_the_docs_works_as_written(tmp_path, monkeypatch):
+    """docs/inference.md's `moekit serve --checkpoint runs/tiny` then its request for model
+    "tiny", on a run folder named tiny: the served name is the run's, not its checkpoint's."""
+    import re
+    import shlex
+
+    from fastapi.testclient import TestClient
+
+    from moekit.cli import main
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "inference.md").read_text()
+    block = re.search(r"```bash\n(pip install -e '\.\[serve\]'.*?)```", docs, re.S).group(1)
+    command = next(line for line in block.splitlines() if line.startswith("moekit serve"))
+    body = json.loads(re.search(r"-d '(.*?)'", block).group(1))
+    monkeypatch.chdir(tmp_path)
+    checkpoint = Path(shlex.split(command)[shlex.split(command).index("--checkpoint") + 1])
+    save_model(Transformer(replace(preset("tiny"), vocab_size=257, max_seq_len=64)),
+               checkpoint / "checkpoints" / "step-000100")
+    train_tokenizer([], 257).save(checkpoint / "checkpoints" / "step-000100")
+    responses = []
+
+    def serve_once(engine, host, port, api_key, max_request_bytes):
+        with TestClient(create_app(engine, api_key, max_request_bytes)) as client:
+            responses.append(client.post("/v1/completions", json=body))
+            responses.append(client.post("/v1/completions", json={**body,
+                                                                  "model": "step-000100"}))
+            responses.append(client.get("/v1/models"))
+
+    monkeypatch.setattr("moekit.serve.serve", serve_once)
+    assert main(shlex.split(command.split("#")[0])[1:]) == 0
+    completion, by_checkpoint_name, models = responses
+    assert completion.status_code == 200, completion.text
+    assert completion.json()["model"] == body["model"] == "tiny"
+    assert by_checkpoint_name.status_code == 200
+    assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+
+
+def test_served_model_name_alias(tmp_path):
+    from moekit.cli import build_parser
+    args = build_parser().parse_args(["serve", "--checkpoint", "x", "--served-model-name", "m"])
+    assert args.name == "m"

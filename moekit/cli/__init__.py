@@ -2,7 +2,8 @@
 
 Each command lives in its own module of this package with ``register(subcommands)``, which adds
 its parser and sets ``run(args) -> int``. Bad input (a ValueError from the library or the command)
-is one line on stderr and exit code 2; Ctrl-C is exit code 130.
+is one line on stderr and exit code 2; Ctrl-C is exit code 130. Before a command runs, the paths
+it reads and writes are checked by one rule (moekit.cli.paths).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import os
 import sys
 
 from moekit import __version__
+from moekit.cli.paths import check_paths, command_parsers
 from moekit.devices import retain_freed_cpu_memory
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     retain_freed_cpu_memory()  # this process is ours: large CPU tensors reuse freed memory
     try:
+        check_paths(command_parsers(parser)[args.command], args)
         return args.run(args)
     except ValueError as error:  # the config, file and CLI layers name the bad value
         print(f"moekit {args.command}: error: {error}", file=sys.stderr)

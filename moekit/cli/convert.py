@@ -7,11 +7,12 @@ import re
 
 import torch
 
+from moekit.cli.paths import input_option, output_option
 from moekit.config import MoEConfig
 from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
 from moekit.convert.hf_folder import DEFAULT_MAX_SHARD_BYTES, load_moekit_or_hf
 from moekit.model import load_model, save_model
-from moekit.plan import count_parameters, upcycle_advice
+from moekit.plan import upcycle_or_scratch
 from moekit.train.checkpoint import resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -35,9 +36,10 @@ def byte_size(text: str) -> int:
 def _folder_command(subcommands, name: str, source: str, run, **texts):
     """A command that reads the folder ``--from`` and writes the folder ``--out``."""
     parser = subcommands.add_parser(name, **texts)
-    parser.add_argument("--from", dest="source", required=True, metavar="DIR", help=source)
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="the folder to write (replaced atomically; untouched on error)")
+    input_option(parser, "--from", dest="source", required=True, metavar="DIR", help=source)
+    output_option(parser, "--out", required=True,
+                  help="the folder to write (built beside it and renamed into place; an "
+                  "existing one only with --overwrite)")
     parser.set_defaults(run=run)
     return parser
 
@@ -93,21 +95,12 @@ def register(subcommands) -> None:
                                "Hub's limit per file)")
 
 
-def _active_parameters(model) -> int:
-    """The parameters one token multiplies: all but the input embedding lookup (the output
-    projection counts, tied or not), and top_k of each MoE layer's routed experts."""
-    count = count_parameters(model.config)
-    return count.active_without_embeddings + count.output_matrix
-
-
 def _print_advice(dense, moe_model, dense_tokens: float, moe_tokens: float) -> None:
-    dense_params, moe_params = _active_parameters(dense), _active_parameters(moe_model)
-    dense_flops, moe_flops = 6 * dense_params * dense_tokens, 6 * moe_params * moe_tokens
-    advice = upcycle_advice(dense_flops, moe_flops)
-    print("compute = 6 x active parameters (all but the embedding lookup, top-k of the "
-          "routed experts) x tokens")
-    print(f"  dense: 6 x {dense_params:,} x {dense_tokens:.3g} = {dense_flops:.3e} FLOPs")
-    print(f"  MoE:   6 x {moe_params:,} x {moe_tokens:.3g} = {moe_flops:.3e} FLOPs")
+    advice = upcycle_or_scratch(dense.config, moe_model.config, dense_tokens, moe_tokens)
+    print("compute = (6 (N + V D) + attention) FLOPs per token x tokens, as moekit plan "
+          "counts it (docs/plan.md)")
+    print(f"  dense: {dense_tokens:.3g} tokens = {advice.dense_training_flops:.3e} FLOPs")
+    print(f"  MoE:   {moe_tokens:.3g} tokens = {advice.moe_training_flops:.3e} FLOPs")
     print(f"advice: {advice.recommendation}: {advice.reason}")
 
 

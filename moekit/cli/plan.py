@@ -16,7 +16,7 @@ from moekit.model import read_model_config
 from moekit.plan import (GIB, INFERENCE_DTYPES, Layout, Precision, budget_plan,
                          count_parameters, device, inference_memory, kv_cache_plan,
                          training_compute, training_flops_per_token, training_memory,
-                         upcycle_advice, utilisation)
+                         upcycle_or_scratch, utilisation)
 from moekit.plan.inference import inference_weight_bytes
 from moekit.plan.units import DTYPE_BYTES
 
@@ -210,9 +210,7 @@ def _upcycle(config: ModelConfig, args, seq_len: int):
         raise ValueError("--upcycle needs an MoE model (its dense variant is the source)")
     if args.dense_tokens is None or args.moe_tokens is None:
         raise ValueError("--upcycle needs --dense-tokens and --moe-tokens")
-    dense = training_compute(training_flops_per_token(config.dense(), seq_len), args.dense_tokens)
-    moe = training_compute(training_flops_per_token(config, seq_len), args.moe_tokens)
-    return upcycle_advice(dense.model_flops, moe.model_flops)
+    return upcycle_or_scratch(config.dense(), config, args.dense_tokens, args.moe_tokens, seq_len)
 
 
 def _jsonable(value):

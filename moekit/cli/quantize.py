@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moekit.cli.paths import input_option, output_option
 from moekit.model import load_model, perplexity
 from moekit.train.checkpoint import resolve_checkpoint
 from moekit.quant import QUANT_DTYPES, folder_bytes, quantize_model, save_quantized, tensor_bytes
@@ -18,15 +19,16 @@ def register(subcommands) -> None:
         description="Quantize the weights of a checkpoint (per output channel) and save it. "
                     "--dtype sets experts and attention; embeddings stay in full precision "
                     "unless --embeddings is given.")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="moekit model folder, or a run folder (its newest checkpoint)")
-    parser.add_argument("--out", required=True, type=Path, help="folder to write")
+    input_option(parser, "--checkpoint", required=True, type=Path,
+                 help="moekit model folder, or a run folder (its newest checkpoint)")
+    output_option(parser, "--out", required=True, type=Path,
+                  help="folder to write (an existing one only with --overwrite)")
     parser.add_argument("--dtype", required=True, choices=tuple(QUANT_DTYPES))
     for part in ("experts", "attention", "embeddings"):
         parser.add_argument(f"--{part}", choices=CHOICES, help=f"override --dtype for {part}")
-    parser.add_argument("--text", type=Path,
-                        help="text file to measure perplexity on, before and after (needs "
-                             "tokenizer.json in the checkpoint)")
+    input_option(parser, "--text", type=Path,
+                 help="text file to measure perplexity on, before and after (needs "
+                      "tokenizer.json in the checkpoint)")
     parser.add_argument("--window", type=int, help="perplexity window (default: model context)")
     parser.set_defaults(run=run)
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import torch
 
-from moekit.train.checkpoint import resolve_checkpoint
-
 GIB = 1 << 30
 
 
@@ -17,13 +15,16 @@ def register(subcommands) -> None:
         "serve", help="serve a checkpoint over HTTP (OpenAI-compatible)",
         description="Serve /v1/completions and /v1/chat/completions (streaming too) for a "
                     "checkpoint folder with its tokenizer.json; plain or quantized.")
-    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="checkpoint folder, or run folder (its newest checkpoint)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default loopback only: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=os.environ.get("MOEKIT_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default $MOEKIT_API_KEY)")
-    parser.add_argument("--name", help="model name clients use (default: the folder's name)")
+    parser.add_argument("--name", "--served-model-name", dest="name",
+                        help="model name clients use (default: the run folder's name; the "
+                        "checkpoint folder's name is accepted too)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), "
                                                          "or a torch device")
     parser.add_argument("--max-tokens", type=int, default=1024,
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {value} is not allowed: expected a positive integer")
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ValueError(f"--kv-cache-gib {args.kv_cache_gib} is not allowed: expected > 0")
-    engine = load_engine(resolve_checkpoint(args.checkpoint), _device(args.device), args.name,
+    engine = load_engine(args.checkpoint, _device(args.device), args.name,
                          max_tokens_limit=args.max_tokens,
                          kv_cache_bytes=None if args.kv_cache_gib is None
                          else int(args.kv_cache_gib * GIB))

@@ -6,6 +6,7 @@ import math
 import sys
 from dataclasses import asdict, fields
 
+from moekit.cli.paths import input_option, output_option
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
                            DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
@@ -88,13 +89,14 @@ def run_train(args) -> int:
     retain_freed_cpu_memory(training=True)
     device = resolve_device(args.device)
     if args.resume:
+        # --steps may extend the run (moekit.train.optim.extend_schedule); nothing else changes
         settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from",
-                    *TRAIN_FLAGS, *DATA_FLAGS]
+                    *(key for key in TRAIN_FLAGS if key != "steps"), *DATA_FLAGS]
         given = [f"--{key.replace('_', '-')}" for key in settings
                  if getattr(args, key) not in (None, False)]
         if given:
-            raise ValueError("--resume continues a run with the configuration saved in it; "
-                             f"drop {' '.join(given)}")
+            raise ValueError("--resume continues a run with the configuration saved in it "
+                             f"(--steps may extend it); drop {' '.join(given)}")
         model, train_config, data = None, None, None
     else:
         model, train_config, data = _configs(args)
@@ -104,7 +106,7 @@ def run_train(args) -> int:
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
-                       peak_flops=peak_flops,
+                       peak_flops=peak_flops, steps=args.steps if args.resume else None,
                        show_progress=not args.quiet)
     except KeyboardInterrupt as stop:
         print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out {out} "
@@ -202,18 +204,19 @@ def register(subcommands) -> None:
         "tokenizer.json, metrics.jsonl, plots/ and checkpoints/. Ctrl-C saves a checkpoint "
         "and stops; --resume continues exactly where the last checkpoint left off.")
     train.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default tiny)")
-    train.add_argument("--config", help="config file (.toml, .yaml, .json)")
-    train.add_argument("--out", help="run folder (default runs/PRESET)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the run folder --out if it exists")
-    train.add_argument("--init-from", metavar="DIR",
-                       help="start from this model folder's model, weights and tokenizer "
-                       "(e.g. the output of moekit upcycle)")
+    input_option(train, "--config", help="config file (.toml, .yaml, .json)")
+    output_option(train, "--out", in_place_when="resume",
+                  help="run folder (default runs/PRESET); an existing one only with --resume "
+                  "or --overwrite")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (with --steps: extend it)")
+    input_option(train, "--init-from", metavar="DIR",
+                 help="start from this model folder's model, weights and tokenizer "
+                 "(e.g. the output of moekit upcycle)")
     train.add_argument("--dense", action="store_true",
                        help="train the dense variant of the model (every FFN dense)")
-    train.add_argument("--corpus", nargs="+", metavar="PATH",
-                       help="text/markdown/JSONL files or folders (default: the embedded corpus)")
+    input_option(train, "--corpus", nargs="+", metavar="PATH",
+                 help="text/markdown/JSONL files or folders (default: the embedded corpus)")
     for key, (kind, text) in {**TRAIN_FLAGS, **DATA_FLAGS}.items():
         default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
                        if f.name == key)

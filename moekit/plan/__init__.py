@@ -2,7 +2,7 @@
 
 Pure functions over a ModelConfig that return dataclasses; ``moekit plan`` prints them.
 """
-from moekit.plan.advice import UpcycleAdvice, upcycle_advice
+from moekit.plan.advice import UpcycleAdvice, upcycle_advice, upcycle_or_scratch
 from moekit.plan.devices import DEVICES, Device, device
 from moekit.plan.flops import (TrainingCompute, TrainingFlops, Utilisation, training_compute,
                                 training_flops_per_token, utilisation)
@@ -20,4 +20,4 @@ __all__ = ["DEVICES", "GIB", "INFERENCE_DTYPES", "BudgetPlan", "Device", "Infere
            "active_params_for_budget", "budget_plan", "count_parameters", "device",
            "hunyuan_compute", "inference_memory", "kv_cache_bytes_per_token", "kv_cache_plan",
            "tokens_for_budget", "training_compute", "training_flops_per_token",
-           "training_memory", "upcycle_advice", "utilisation"]
+           "training_memory", "upcycle_advice", "upcycle_or_scratch", "utilisation"]

@@ -126,7 +126,7 @@ def create_app(engine: Engine, api_key: str | None = None,
         return await call_next(request)
 
     def check_model(request: _Request) -> None:
-        if request.model is not None and request.model != engine.name:
+        if request.model is not None and request.model not in (engine.name, *engine.aliases):
             raise ApiError(404, f"model {request.model!r} does not exist; this server serves "
                                 f"{engine.name!r}", code="model_not_found")
 

@@ -45,8 +45,10 @@ class Usage:
 class Engine:
     def __init__(self, model: Transformer, tokenizer, name: str, *, max_tokens_limit: int = 1024,
                  max_n: int = 8, kv_cache_bytes: int | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, aliases: tuple[str, ...] = ()):
+        # ``name`` is the one /v1/models lists and responses carry; requests may also use aliases
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.aliases = aliases
         self.max_tokens_limit, self.max_n = max_tokens_limit, max_n
         self.kv_cache_bytes, self.chat_template = kv_cache_bytes, chat_template
         self.lock = threading.Lock()

@@ -9,19 +9,37 @@ from moekit.quant import load_for_inference
 from moekit.serve.app import create_app
 from moekit.serve.engine import Engine
 from moekit.serve.text import read_chat_template
+from moekit.train.checkpoint import CHECKPOINTS, resolve_checkpoint
 from moekit.train.tokenizer import load_tokenizer
 
 
-def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", name: str | None = None,
+def served_names(path: Path, checkpoint: Path, name: str | None) -> tuple[str, ...]:
+    """The names a client may ask for, the served one first: ``name``, else the run's name (the
+    run folder's, which stays when a newer checkpoint is served), else the folder's; the
+    checkpoint's own folder name (``step-000100``) is accepted too."""
+    if (path / CHECKPOINTS).is_dir():
+        run = path
+    elif checkpoint.parent.name == CHECKPOINTS:
+        run = checkpoint.parent.parent
+    else:
+        run = checkpoint
+    served = name or run.resolve().name
+    return (served,) if served == checkpoint.name else (served, checkpoint.name)
+
+
+def load_engine(path: str | os.PathLike, device: str = "cpu", name: str | None = None,
                 **limits) -> Engine:
-    """An engine over a checkpoint folder (plain or quantized) with its ``tokenizer.json``
-    (and chat template, where ``tokenizer_config.json`` has one); ``limits``: Engine's."""
+    """An engine over a checkpoint folder (plain or quantized), or a run folder's newest, with
+    its ``tokenizer.json`` (and chat template, where ``tokenizer_config.json`` has one), served
+    under ``served_names``; ``limits``: Engine's."""
+    checkpoint = resolve_checkpoint(path)
     model = load_for_inference(checkpoint, device)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens, "
                               f"the model only {model.config.vocab_size}")
-    return Engine(model, tokenizer, name or Path(checkpoint).resolve().name,
+    served, *aliases = served_names(Path(path), checkpoint, name)
+    return Engine(model, tokenizer, served, aliases=tuple(aliases),
                   chat_template=read_chat_template(checkpoint), **limits)
 
 

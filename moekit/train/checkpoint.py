@@ -7,16 +7,22 @@ random-number state) and ``trainer_state.json`` (the step and the optimizer's gr
 Batches are a function of the step (``data.train_batch``), so nothing else is needed for a
 resumed run to repeat, bit for bit, what an uninterrupted run would have done. Only the newest
 ``keep`` checkpoints are kept.
+
+A process writing a run folder claims it (``claim_run``): a second one is refused, naming the
+first, and what a killed write left (``.step-N.tmp-*`` and the like) is cleared on the next start.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from moekit.files import CheckpointError, atomic_directory, read_json, read_safetensors, write_json
+from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
+                          read_json, read_safetensors, remove_leftovers, write_json)
 from moekit.model.io import folder_format_version, load_weights, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
 from moekit.train.tokenizer import TextTokenizer
@@ -57,17 +63,43 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
     ``keep`` checkpoints. Returns the new folder."""
     destination = Path(run) / CHECKPOINTS / f"step-{step:06d}"
-    with atomic_directory(destination) as staging:
-        write_model(model, staging, {**extra, "step": step})
-        tokenizer.save(staging)
-        from safetensors.torch import save_file
-        save_file(_optimizer_tensors(model, optimizer), str(staging / OPTIMIZER_FILE))
-        groups = [{key: value for key, value in group.items() if key != "params"}
-                  for group in optimizer.param_groups]
-        write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
+    try:
+        with atomic_directory(destination) as staging:
+            write_model(model, staging, {**extra, "step": step})
+            tokenizer.save(staging)
+            from safetensors.torch import save_file
+            save_file(_optimizer_tensors(model, optimizer), str(staging / OPTIMIZER_FILE))
+            groups = [{key: value for key, value in group.items() if key != "params"}
+                      for group in optimizer.param_groups]
+            write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
+    except DiskFullError as error:
+        kept = checkpoint_folders(run)
+        raise DiskFullError(f"{error}; the newest complete checkpoint is "
+                            f"{kept[-1] if kept else 'none'}: free space, then continue with "
+                            f"moekit train --out {run} --resume") from None
     for old in checkpoint_folders(run)[:-keep]:
         shutil.rmtree(old)
     return destination
+
+
+@contextlib.contextmanager
+def claim_run(run: Path, write_new_run: Callable[[Path], None] | None):
+    """Hold the run folder ``run`` for this process while the body writes in it. A new run
+    (``write_new_run`` given) is built beside ``run`` by ``write_new_run(folder)`` and swapped in
+    (replacing an old one only now); an existing one is resumed. Either way, temporary files and
+    folders of killed writes are cleared first."""
+    if write_new_run is None:
+        lock = lock_folder(run)
+        remove_leftovers(run.parent, run.name)
+    else:
+        remove_leftovers(run.parent, run.name)  # before: an old run may come back from .old
+        with atomic_directory(run) as staging:
+            write_new_run(staging)
+            lock = lock_folder(staging)  # the lock file moves in with the folder
+    with lock:
+        remove_leftovers(run)
+        remove_leftovers(run / CHECKPOINTS)
+        yield
 
 
 def restore_training_state(folder: str | Path, model: Transformer,

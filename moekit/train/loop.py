@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import signal
 import subprocess
 import threading
@@ -27,7 +26,8 @@ import torch.nn.functional as F
 
 from moekit import __version__
 from moekit.config import DataConfig, ModelConfig, TrainConfig
-from moekit.files import CheckpointError, read_json, write_json
+from moekit.files import (CheckpointError, atomic_write_text, check_output, read_json,
+                           refuse_if_being_written, write_json)
 from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
@@ -35,7 +35,8 @@ from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
                                train_batch)
-from moekit.train.optim import build_optimizer, implementation_of, set_learning_rate
+from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
+                                set_learning_rate)
 from moekit.train.plots import plot_run
 from moekit.train.step import autocast, train_step
 from moekit.train.progress import Progress
@@ -119,15 +120,29 @@ def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
+def _open_metrics(run: Path, records: list[dict], train_config: TrainConfig):
+    """Save the run's train config (``--steps`` may have extended it) and the records it keeps,
+    each atomically and before training goes on (a kill at any moment leaves them whole), then
+    open metrics.jsonl to append a line per record."""
+    saved = read_json(run / RUN_FILE)
+    if saved["train"] != asdict(train_config):
+        write_json(run / RUN_FILE, {**saved, "train": asdict(train_config)})
+    atomic_write_text(run / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    return open(run / METRICS_FILE, "a")
+
+
 def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool,
-           init_from: Path | None):
+           init_from: Path | None, steps: int | None):
     """Resolve configs and tokenizer for a new or resumed run."""
     if resume:
+        refuse_if_being_written(run)  # before reading what that process may be rewriting
         model_config, train_config, data_config = read_run(run)
+        if steps is not None:
+            train_config = extend_schedule(train_config, steps)
         return model_config, train_config, data_config, load_tokenizer(run)
-    if run.exists() and any(run.iterdir()) and not overwrite:
-        raise ValueError(f"run folder {str(run)!r} exists and is not empty: pass --resume "
-                         "to continue it, --overwrite to replace it, or another --out")
+    inputs = [("--corpus", path) for path in data_config.corpus or ()]
+    check_output(run, inputs + ([("--init-from", init_from)] if init_from else []),
+                 overwrite=overwrite, hint=" (or --resume to continue it)")
     if init_from is not None:
         if model_config is not None:
             raise ValueError("init_from brings its own model: leave the model config out")
@@ -138,8 +153,6 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
     if train_config.seq_len > model_config.max_seq_len:
         raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's "
                          f"context (max_seq_len={model_config.max_seq_len})")
-    if overwrite and run.exists():
-        shutil.rmtree(run)  # only once the new run's settings are known to be good
     return model_config, train_config, data_config, tokenizer
 
 
@@ -170,18 +183,21 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
           run: str | Path, *, resume: bool = False, overwrite: bool = False,
           init_from: str | Path | None = None, device: str | torch.device = "cpu",
           peak_flops: float | None = None, show_progress: bool = True,
-          on_step=None) -> TrainResult:
+          on_step=None, steps: int | None = None) -> TrainResult:
     """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
-    configs are then those saved in the run; ``overwrite=True`` replaces an existing run
-    folder instead). ``init_from``: a model folder (with tokenizer.json) whose model, weights and
-    tokenizer the run starts from, e.g. an upcycled checkpoint; ``model_config`` is then None.
-    Each step logs its model FLOP/s (from active parameters, moekit.plan), and its MFU when the
-    device's ``peak_flops`` is given. ``on_step(record)`` is called after each step.
-    Ctrl-C finishes the current step, saves a checkpoint, and raises KeyboardInterrupt."""
+    configs are then those saved in the run, ``steps`` extends it as ``optim.extend_schedule``
+    says; ``overwrite=True`` replaces an existing run folder instead, swapped in once the new
+    run's settings are known to be good). While it writes, the run folder is claimed for this
+    process (``checkpoint.claim_run``). ``init_from``: a model folder (with tokenizer.json)
+    whose model, weights and tokenizer the run starts from, e.g. an upcycled checkpoint;
+    ``model_config`` is then None. Each step logs its model FLOP/s (from active parameters,
+    moekit.plan), and its MFU when the device's ``peak_flops`` is given. ``on_step(record)`` is
+    called after each step. Ctrl-C finishes the current step, saves a checkpoint, and raises
+    KeyboardInterrupt."""
     run, device = Path(run), torch.device(device)
     init_from = Path(init_from) if init_from is not None else None
     model_config, train_config, data_config, tokenizer = _start(
-        run, model_config, train_config, data_config, resume, overwrite, init_from)
+        run, model_config, train_config, data_config, resume, overwrite, init_from, steps)
     splits = split_tokens(read_documents(data_config.corpus), tokenizer, data_config.val_fraction)
     check_length(splits.train, train_config.seq_len, "training")
     check_length(splits.val, train_config.seq_len, "validation")
@@ -193,15 +209,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     step = 0
     if resume:
         step = ckpt.restore_training_state(ckpt.latest_checkpoint(run), model, optimizer)
-    else:
-        if init_from is not None:
-            load_weights(model, init_from)
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(run / RUN_FILE, {**_run_record(model_config, train_config, data_config),
-                                    "init_from": None if init_from is None else str(init_from),
-                                    "optimizer_impl": implementation_of(optimizer)})
-        tokenizer.save(run)
-    records = _read_metrics(run / METRICS_FILE, step)
+    elif init_from is not None:
+        load_weights(model, init_from)
+
+    def write_new_run(folder: Path) -> None:
+        write_json(folder / RUN_FILE, {**_run_record(model_config, train_config, data_config),
+                                       "init_from": None if init_from is None else str(init_from),
+                                       "optimizer_impl": implementation_of(optimizer)})
+        tokenizer.save(folder)
+
+    records = _read_metrics(run / METRICS_FILE, step) if resume else []
     extra = {"train": asdict(train_config), "data": asdict(data_config)}
 
     def save(at_step: int) -> Path:
@@ -210,10 +227,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
 
     flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
     checkpoint = None
-    with open(run / METRICS_FILE, "w") as log, _StopOnCtrlC() as stop, \
+    with ckpt.claim_run(run, None if resume else write_new_run), \
+            _open_metrics(run, records, train_config) as log, _StopOnCtrlC() as stop, \
             Progress(train_config.steps, step, show_progress) as progress:
-        for record in records:
-            log.write(json.dumps(record) + "\n")
         while step < train_config.steps and not stop.requested:
             started = time.perf_counter()
             record = _train_step(model, optimizer, splits.train, step, train_config, Mesh())

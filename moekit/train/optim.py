@@ -14,6 +14,7 @@ vectors (norms, biases) do not.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -85,10 +86,11 @@ def implementation_of(optimizer: torch.optim.Optimizer) -> str:
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Linear warmup to ``lr`` over ``warmup_steps`` (step 0 already trains), then a cosine down
-    to ``lr * min_lr_ratio`` at the last step."""
+    to ``lr * min_lr_ratio`` at the last step of the schedule (``schedule_steps``, default
+    ``steps``), and ``lr * min_lr_ratio`` after it."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    decay_steps = max(config.steps - 1 - config.warmup_steps, 1)
+    decay_steps = max((config.schedule_steps or config.steps) - 1 - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / decay_steps, 1.0)
     floor = config.lr * config.min_lr_ratio
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -99,3 +101,19 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: Train
     for group in optimizer.param_groups:
         group["lr"] = rate * group["lr_scale"]
     return rate
+
+
+def extend_schedule(config: TrainConfig, steps: int) -> TrainConfig:
+    """The config of a run extended to ``steps`` (``--resume --steps``): the cosine keeps its
+    end, and the added steps train at its floor, ``lr * min_lr_ratio`` (a constant tail).
+    Why not stretch the cosine to the new end: the learning rate would jump back up at the
+    resumed step, and the steps already taken would no longer follow the run's own schedule;
+    with a constant tail, the extended run is the original run followed by steps at the rate it
+    ended on, and extending it twice is the same as extending it once."""
+    if steps < config.steps:
+        raise ValueError(f"--steps {steps} is not allowed with --resume: the run is set to "
+                         f"{config.steps} steps, and --steps can only extend it (>= "
+                         f"{config.steps})")
+    if steps == config.steps:
+        return config
+    return replace(config, steps=steps, schedule_steps=config.schedule_steps or config.steps)
