@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         check_paths(command_parsers(parser)[args.command], args)
         return args.run(args)
     except ValueError as error:  # the config, file and CLI layers name the bad value
-        print(f"moekit {args.command}: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+            print(f"moekit {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moekit {args.command}: interrupted", file=sys.stderr)

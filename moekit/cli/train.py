@@ -10,6 +10,8 @@ from moekit.cli.paths import input_option, output_option
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
                            DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
+from moekit.parallel.launch import launch, without_nproc
+from moekit.parallel.mesh import launched_by_torchrun, mesh_from_environment, torchrun_world_size
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
 
@@ -101,20 +103,35 @@ def run_train(args) -> int:
     else:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
+    world = args.nproc if args.nproc is not None else torchrun_world_size()
+    if world > 1:  # a layout the batch cannot take is refused before any process starts
+        from moekit.train.loop import read_run
+        from moekit.train.step import check_batch_split
+        check_batch_split(read_run(out)[1] if args.resume else train_config, world)
+    if args.nproc is not None:
+        if launched_by_torchrun():
+            raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
+                             "(torchrun's --nproc-per-node sets them)")
+        return launch(args.nproc, without_nproc(args.argv))
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
+    mesh = mesh_from_environment(device, args.collective_timeout)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
                        peak_flops=peak_flops, steps=args.steps if args.resume else None,
-                       show_progress=not args.quiet)
+                       show_progress=not args.quiet, mesh=mesh)
     except KeyboardInterrupt as stop:
-        print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out {out} "
-              "--resume", file=sys.stderr)
+        if mesh.is_main:
+            print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out "
+                  f"{out} --resume", file=sys.stderr)
         return 130
-    print(f"trained {result.step} steps: training loss {result.train_loss:.3f}, validation "
-          f"loss {result.val_loss:.3f} (perplexity {math.exp(result.val_loss):.1f})")
-    print(f"checkpoint: {result.checkpoint}   plots: {result.run / 'plots'}")
+    finally:
+        mesh.close()
+    if mesh.is_main:
+        print(f"trained {result.step} steps: training loss {result.train_loss:.3f}, validation "
+              f"loss {result.val_loss:.3f} (perplexity {math.exp(result.val_loss):.1f})")
+        print(f"checkpoint: {result.checkpoint}   plots: {result.run / 'plots'}")
     return 0
 
 
@@ -188,6 +205,13 @@ def _checkpoint_command(subcommands, name: str, run, **texts) -> argparse.Argume
     return parser
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected a number > 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -233,6 +257,16 @@ def register(subcommands) -> None:
     peak.add_argument("--peak-device", choices=sorted(DEVICES),
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
+    parallel = train.add_argument_group(
+        "several processes (data parallel; docs/parallel.md)",
+        "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
+        "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
+        "here. gloo on CPU, NCCL with one process per GPU.")
+    parallel.add_argument("--nproc", type=_positive_int,
+                          help="run on N local processes (torch's elastic agent, as torchrun)")
+    parallel.add_argument("--collective-timeout", type=_positive_float, default=600.0,
+                          metavar="S", help="seconds a rank waits for the others in a collective "
+                          "before it fails (default 600)")
     _common(train)
     train.set_defaults(run=run_train)
 

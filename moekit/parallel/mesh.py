@@ -32,6 +32,13 @@ class Mesh:
         return self.data_rank == 0
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank's collectives take their tensors (gloo: the CPU)."""
+        if self.device_mesh is None:
+            return torch.device("cpu")
+        return torch.device(self.device_mesh.device_type)
+
+    @property
     def data_group(self):
         return None if self.device_mesh is None else self.device_mesh.get_group("dp")
 
@@ -39,6 +46,11 @@ class Mesh:
         """This rank's contiguous share of a global batch of ``batch_size`` rows."""
         per_rank = batch_size // self.data_size
         return slice(self.data_rank * per_rank, (self.data_rank + 1) * per_rank)
+
+    def close(self) -> None:
+        """End this process's part in the group (nothing on one process)."""
+        if self.device_mesh is not None:
+            dist.destroy_process_group()
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the data-parallel ranks, in place; returns it."""
@@ -49,6 +61,15 @@ class Mesh:
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def torchrun_world_size() -> int:
+    """The processes torchrun started (1 for a plain process)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not allowed: expected "
+                         "a number of processes, as torchrun sets it") from None
 
 
 def world_mesh(device_type: str = "cpu") -> Mesh:
@@ -71,7 +92,7 @@ def mesh_from_environment(device: torch.device, collective_timeout: float = 600.
     if missing:
         raise ValueError(f"the torchrun environment lacks {', '.join(missing)}: start with "
                          "torchrun --nproc-per-node N -m moekit ..., or moekit ... --nproc N")
-    if int(os.environ["WORLD_SIZE"]) == 1:
+    if torchrun_world_size() == 1:
         return Mesh()
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one rank per GPU

@@ -57,12 +57,16 @@ def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> 
     return tensors
 
 
+def checkpoint_folder(run: str | Path, step: int) -> Path:
+    return Path(run) / CHECKPOINTS / f"step-{step:06d}"
+
+
 def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
                     keep: int) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
     ``keep`` checkpoints. Returns the new folder."""
-    destination = Path(run) / CHECKPOINTS / f"step-{step:06d}"
+    destination = checkpoint_folder(run, step)
     try:
         with atomic_directory(destination) as staging:
             write_model(model, staging, {**extra, "step": step})

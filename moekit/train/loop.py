@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from moekit.files import (CheckpointError, atomic_write_text, check_output, read
 from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import parallelize
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
@@ -38,7 +40,7 @@ from moekit.train.data import (check_length, eval_batches, read_documents, split
 from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
                                 set_learning_rate)
 from moekit.train.plots import plot_run
-from moekit.train.step import autocast, train_step
+from moekit.train.step import autocast, check_batch_split, train_step
 from moekit.train.progress import Progress
 from moekit.train.tokenizer import load_tokenizer, train_tokenizer
 
@@ -132,17 +134,20 @@ def _open_metrics(run: Path, records: list[dict], train_config: TrainConfig):
 
 
 def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool,
-           init_from: Path | None, steps: int | None):
-    """Resolve configs and tokenizer for a new or resumed run."""
+           init_from: Path | None, steps: int | None, writes: bool):
+    """Resolve configs and tokenizer for a new or resumed run. Only the rank that ``writes``
+    checks the output folder: the others read while it holds the folder."""
     if resume:
-        refuse_if_being_written(run)  # before reading what that process may be rewriting
+        if writes:
+            refuse_if_being_written(run)  # before reading what that process may be rewriting
         model_config, train_config, data_config = read_run(run)
         if steps is not None:
             train_config = extend_schedule(train_config, steps)
         return model_config, train_config, data_config, load_tokenizer(run)
     inputs = [("--corpus", path) for path in data_config.corpus or ()]
-    check_output(run, inputs + ([("--init-from", init_from)] if init_from else []),
-                 overwrite=overwrite, hint=" (or --resume to continue it)")
+    if writes:
+        check_output(run, inputs + ([("--init-from", init_from)] if init_from else []),
+                     overwrite=overwrite, hint=" (or --resume to continue it)")
     if init_from is not None:
         if model_config is not None:
             raise ValueError("init_from brings its own model: leave the model config out")
@@ -154,6 +159,26 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
         raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's "
                          f"context (max_seq_len={model_config.max_seq_len})")
     return model_config, train_config, data_config, tokenizer
+
+
+def _any_rank(flag: bool, mesh: Mesh) -> bool:
+    """Whether ``flag`` is set on any rank: all ranks stop at the same step."""
+    if mesh.data_size == 1:
+        return flag
+    return bool(mesh.sum_(torch.tensor([int(flag)], device=mesh.device)).item())
+
+
+@contextlib.contextmanager
+def _all_ranks_or_none(mesh: Mesh):
+    """Every rank goes on, or every rank raises: a rank that finds a bad setting (rank 0 alone
+    checks the run folder) must not leave the others waiting in their first collective."""
+    try:
+        yield
+    except Exception:
+        _any_rank(True, mesh)
+        raise
+    if _any_rank(False, mesh):
+        raise ValueError(f"rank 0 of {mesh.data_size} refused to start (its message says why)")
 
 
 class _StopOnCtrlC:
@@ -183,7 +208,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
           run: str | Path, *, resume: bool = False, overwrite: bool = False,
           init_from: str | Path | None = None, device: str | torch.device = "cpu",
           peak_flops: float | None = None, show_progress: bool = True,
-          on_step=None, steps: int | None = None) -> TrainResult:
+          on_step=None, steps: int | None = None, mesh: Mesh = Mesh()) -> TrainResult:
     """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
     configs are then those saved in the run, ``steps`` extends it as ``optim.extend_schedule``
     says; ``overwrite=True`` replaces an existing run folder instead, swapped in once the new
@@ -193,14 +218,22 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     ``model_config`` is then None. Each step logs its model FLOP/s (from active parameters,
     moekit.plan), and its MFU when the device's ``peak_flops`` is given. ``on_step(record)`` is
     called after each step. Ctrl-C finishes the current step, saves a checkpoint, and raises
-    KeyboardInterrupt."""
+    KeyboardInterrupt.
+
+    Under data parallelism (``mesh``, from torchrun) every rank runs this with the same
+    arguments and computes its share of each step; rank 0 alone writes and shows progress,
+    every figure it logs being of the global batch."""
     run, device = Path(run), torch.device(device)
     init_from = Path(init_from) if init_from is not None else None
-    model_config, train_config, data_config, tokenizer = _start(
-        run, model_config, train_config, data_config, resume, overwrite, init_from, steps)
-    splits = split_tokens(read_documents(data_config.corpus), tokenizer, data_config.val_fraction)
-    check_length(splits.train, train_config.seq_len, "training")
-    check_length(splits.val, train_config.seq_len, "validation")
+    with _all_ranks_or_none(mesh):
+        model_config, train_config, data_config, tokenizer = _start(
+            run, model_config, train_config, data_config, resume, overwrite, init_from, steps,
+            writes=mesh.is_main)
+        check_batch_split(train_config, mesh.data_size)
+        splits = split_tokens(read_documents(data_config.corpus), tokenizer,
+                              data_config.val_fraction)
+        check_length(splits.train, train_config.seq_len, "training")
+        check_length(splits.val, train_config.seq_len, "validation")
 
     torch.manual_seed(train_config.seed)
     model = Transformer(model_config).to(device).train()
@@ -222,17 +255,26 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     extra = {"train": asdict(train_config), "data": asdict(data_config)}
 
     def save(at_step: int) -> Path:
+        if not mesh.is_main:  # the state is replicated: rank 0's copy is the checkpoint
+            return ckpt.checkpoint_folder(run, at_step)
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer, extra,
                                     train_config.keep_checkpoints)
 
     flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
     checkpoint = None
-    with ckpt.claim_run(run, None if resume else write_new_run), \
-            _open_metrics(run, records, train_config) as log, _StopOnCtrlC() as stop, \
-            Progress(train_config.steps, step, show_progress) as progress:
-        while step < train_config.steps and not stop.requested:
+    parallel_model = parallelize(model, mesh)
+    with contextlib.ExitStack() as files, _StopOnCtrlC() as stop, \
+            Progress(train_config.steps, step, show_progress and mesh.is_main) as progress:
+        if mesh.is_main:
+            files.enter_context(ckpt.claim_run(run, None if resume else write_new_run))
+            log = files.enter_context(_open_metrics(run, records, train_config))
+        else:
+            log = files.enter_context(open(os.devnull, "w"))
+        stopping = False
+        while step < train_config.steps and not stopping:
             started = time.perf_counter()
-            record = _train_step(model, optimizer, splits.train, step, train_config, Mesh())
+            record = _train_step(parallel_model, optimizer, splits.train, step, train_config,
+                                 mesh)
             step += 1
             record["tokens_per_s"] = (train_config.batch_size * train_config.seq_len
                                       / (time.perf_counter() - started))
@@ -242,7 +284,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             records.append(record)
             log.write(json.dumps(record) + "\n")
             if step % train_config.eval_every == 0 or step == train_config.steps:
-                val = validation_loss(model, splits.val, train_config, device)
+                val = validation_loss(model, splits.val, train_config, device, mesh)
                 records.append({"kind": "eval", "step": step, "val_loss": val,
                                 "val_ppl": math.exp(val)})
                 log.write(json.dumps(records[-1]) + "\n")
@@ -250,14 +292,16 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             progress.update(step, record, records)
             if on_step is not None:
                 on_step(record)
+            stopping = _any_rank(stop.requested, mesh)
             if (step % train_config.checkpoint_every == 0 or step == train_config.steps
-                    or stop.requested):
+                    or stopping):
                 checkpoint = save(step)
-    plot_run(records, run / "plots")
-    if stop.requested:
+    if mesh.is_main:
+        plot_run(records, run / "plots")
+    if stopping:
         raise KeyboardInterrupt(f"stopped after step {step}; checkpoint saved in {checkpoint}")
     train_losses = [r["loss"] for r in records if r["kind"] == "train"]
     val_losses = [r["val_loss"] for r in records if r["kind"] == "eval"]
     return TrainResult(run=run, step=step, train_loss=train_losses[-1],
-                       val_loss=val_losses[-1], checkpoint=ckpt.latest_checkpoint(run))
+                       val_loss=val_losses[-1], checkpoint=ckpt.checkpoint_folder(run, step))
 

@@ -1,0 +1,79 @@
+"""`moekit train` on several processes: `--nproc` (torch's elastic agent, as torchrun) trains
+the run that one process trains, rank 0 writing it; bad layouts are refused before any process
+starts."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+CONFIG = """
+[model]
+vocab_size = 300
+hidden_size = 32
+num_layers = 2
+num_heads = 2
+ffn_size = 64
+max_seq_len = 64
+[model.moe]
+hidden_size = 32
+ffn_size = 32
+num_experts = 4
+top_k = 2
+[train]
+steps = 4
+batch_size = 4
+seq_len = 32
+warmup_steps = 2
+eval_every = 2
+eval_batches = 2
+checkpoint_every = 2
+[data]
+vocab_size = 300
+"""
+
+
+def _moekit(*args, timeout=180):
+    return subprocess.run([sys.executable, "-m", "moekit", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _records(run):
+    timings = {"tokens_per_s", "model_flops_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timings}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_the_one_process_run(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    one = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "one"),
+                  "--quiet")
+    two = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "two"),
+                  "--quiet", "--nproc", "2")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("trained 4 steps") == 1  # rank 0 alone reports
+    got, want = _records(tmp_path / "two"), _records(tmp_path / "one")
+    assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    # float32: the ranks sum in another order. The first step agrees to rounding; Adam then
+    # magnifies the rounding of its smallest gradients, so later steps agree more loosely
+    # (float64 agreement to 1e-9 is test_equivalence's).
+    for index, (a, b) in enumerate(zip(got, want)):
+        for key in ("loss", "router_loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2), key
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == [
+        "step-000002", "step-000004"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nproc", "0"], "--nproc: 0 is not allowed"),
+    (["--nproc", "3"], "batch_size=4 is not allowed with 3 data-parallel ranks"),
+    (["--nproc", "2", "--collective-timeout", "0"], "--collective-timeout: 0.0 is not allowed"),
+])
+def test_bad_layouts_are_refused_before_any_process_starts(tmp_path, flags, message):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                     str(tmp_path / "run"), *flags, timeout=60)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
