@@ -130,3 +130,43 @@ def test_recomputed_layers_give_the_same_step():
     want = step_outcome(model, STEP, inputs, targets)
     _assert_equal_outcomes(step_outcome(model, replace(STEP, recompute=True), inputs, targets),
                            want)
+
+
+def _expert_parallel_outcomes(rank, world, expert, cases):
+    from moekit.parallel.mesh import world_mesh
+    mesh = world_mesh(expert=expert)
+    return [step_outcome(model, config, *batch, mesh=mesh, prepare=prepare)
+            for model, config, batch, prepare in cases]
+
+
+def _everything_to_expert_zero(model):
+    for layer in (block.ffn for block in model.layers):
+        layer.router.balance_bias[0] = 100.0  # selection only: the weights stay sigmoid scores
+
+
+def _awkward_cases():
+    """Expert parallelism with routings that leave ranks empty-handed."""
+    inputs, targets = _batch()
+    padded = left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
+    sigmoid = replace(MODEL, moe=replace(MODEL.moe, router="sigmoid", top_k=1))
+    every_expert = replace(MODEL, moe=replace(MODEL.moe, top_k=4))  # k = E
+    skywork = replace(MODEL, moe=replace(MODEL.moe, aux_loss="skywork"))
+    return [("step", MODEL, STEP, (inputs, targets, None), None),
+            ("padded, accum 2", MODEL, replace(STEP, grad_accum=2), padded, None),
+            ("skywork, clipped", skywork, replace(STEP, grad_clip=0.05), (inputs, targets, None),
+             None),
+            ("every token to expert 0", sigmoid, STEP, (inputs, targets, None),
+             _everything_to_expert_zero),
+            ("k equal to E", every_expert, STEP, (inputs, targets, None), None)]
+
+
+@pytest.mark.parametrize("world, expert", [(2, 2), (4, 4), (4, 2)])
+def test_expert_parallel_equals_one_process(world, expert):
+    cases = _awkward_cases()
+    outcomes = run_on_ranks(_expert_parallel_outcomes, world, expert,
+                            [case[1:] for case in cases])[0]
+    for (name, model, config, batch, prepare), got in zip(cases, outcomes):
+        want = step_outcome(model, config, *batch, prepare=prepare)
+        failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
+        assert not failed, (name, failed)
+    assert outcomes[3].figures["expert_load"][:, 0].eq(1).all()  # expert 0 took everything

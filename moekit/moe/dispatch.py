@@ -134,3 +134,25 @@ class _Combine(torch.autograd.Function):
 def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """y_TD = sum over a token's kept routes of weight * expert output."""
     return _Combine.apply(y_ND, weights_TK.to(y_ND.dtype), plan)
+
+
+class LocalDispatcher:
+    """The dispatch step of one process: every expert is here.
+
+    ``dispatch(x_TD, expert_ids_TK, keep_TK)`` returns the rows this process's experts compute
+    (grouped by expert), their count per local expert, the plan of this process's routes, and
+    a handle; ``combine(y_ND, weights_TK, handle)`` brings the outputs back to their tokens. Expert parallelism replaces this object
+    (``moekit.parallel.expert_parallel.AllToAllDispatcher``), nothing else in the layer.
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                 keep_TK: torch.Tensor | None):
+        plan = plan_dispatch(expert_ids_TK, keep_TK, self.num_experts)
+        return permute(x_TD, plan), plan.tokens_per_expert_E, plan, plan
+
+    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor,
+                handle: DispatchPlan) -> torch.Tensor:
+        return unpermute(y_ND, weights_TK, handle)

@@ -17,8 +17,7 @@ import torch.nn as nn
 
 from moekit.config import MoEConfig
 from moekit.moe import capacity as cap
-from moekit.moe.dispatch import (DispatchPlan, count_per_expert, permute, plan_dispatch,
-                                 unpermute)
+from moekit.moe.dispatch import DispatchPlan, LocalDispatcher, count_per_expert
 from moekit.moe.experts import MLP, GroupedExperts
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
@@ -176,6 +175,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.config = config
         self.layer_index = layer_index  # the model's layer number: part of the recycle seed
+        # Where routes go to be computed: all experts here, unless a parallel layout replaces it.
+        self.dispatcher = LocalDispatcher(config.num_experts)
         self.router = router if router is not None else build_gate(config)
         self.experts = experts if experts is not None else GroupedExperts(
             config.num_experts, config.hidden_size, config.ffn_size, config.activation)
@@ -272,9 +273,10 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TD)
         expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
-        plan = plan_dispatch(expert_ids_TK, keep_TK, self.config.num_experts)
-        y_ND = self.experts(permute(x_TD, plan), plan.tokens_per_expert_E)
-        y_TD = unpermute(y_ND, routing.weights_TK, plan)
+        rows_ND, rows_per_expert, plan, handle = self.dispatcher.dispatch(x_TD, expert_ids_TK,
+                                                                          keep_TK)
+        y_TD = self.dispatcher.combine(self.experts(rows_ND, rows_per_expert),
+                                       routing.weights_TK, handle)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:

@@ -20,10 +20,16 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 
 @dataclass
 class Mesh:
-    """The data-parallel ranks of a run. ``device_mesh`` is None on one process."""
+    """The ranks of a run. Every rank takes its own rows of the batch (``data_rank`` of
+    ``data_size``: all ranks, data parallelism being over everything that is replicated);
+    under expert parallelism each MoE layer's experts are also spread over the ``expert_size``
+    ranks of an ``ep`` group, and the ranks of a ``dp`` group hold the same experts.
+    ``device_mesh`` (dims ``dp``, ``ep``) is None on one process."""
 
     data_rank: int = 0
     data_size: int = 1
+    expert_rank: int = 0
+    expert_size: int = 1
     device_mesh: object | None = None
 
     @property
@@ -40,6 +46,17 @@ class Mesh:
 
     @property
     def data_group(self):
+        """Every rank: the group over which the batch is split and replicas are averaged."""
+        return None if self.device_mesh is None else dist.group.WORLD
+
+    @property
+    def expert_group(self):
+        """The ranks among which one MoE layer's experts are spread."""
+        return None if self.device_mesh is None else self.device_mesh.get_group("ep")
+
+    @property
+    def expert_replica_group(self):
+        """The ranks that hold the same experts (and sum those experts' gradients)."""
         return None if self.device_mesh is None else self.device_mesh.get_group("dp")
 
     def rows(self, batch_size: int) -> slice:
@@ -52,10 +69,10 @@ class Mesh:
         if self.device_mesh is not None:
             dist.destroy_process_group()
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the data-parallel ranks, in place; returns it."""
+    def sum_(self, tensor: torch.Tensor, group=None) -> torch.Tensor:
+        """Sum ``tensor`` in place over ``group`` (default: every rank); returns it."""
         if self.data_size > 1:
-            dist.all_reduce(tensor, group=self.data_group)
+            dist.all_reduce(tensor, group=group if group is not None else self.data_group)
         return tensor
 
 
@@ -72,14 +89,21 @@ def torchrun_world_size() -> int:
                          "a number of processes, as torchrun sets it") from None
 
 
-def world_mesh(device_type: str = "cpu") -> Mesh:
-    """Every process of the initialised default group, one data-parallel rank each."""
+def world_mesh(device_type: str = "cpu", expert: int = 1) -> Mesh:
+    """The processes of the initialised default group, each its own rows of the batch, with
+    experts spread over groups of ``expert`` consecutive ranks."""
     world = dist.get_world_size()
     if world == 1:
         return Mesh()
+    if world % expert:
+        raise ValueError(f"expert={expert} is not allowed on {world} ranks: it must divide "
+                         "the number of processes")
     from torch.distributed.device_mesh import init_device_mesh
-    device_mesh = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    return Mesh(data_rank=dist.get_rank(), data_size=world, device_mesh=device_mesh)
+    device_mesh = init_device_mesh(device_type, (world // expert, expert),
+                                   mesh_dim_names=("dp", "ep"))
+    return Mesh(data_rank=dist.get_rank(), data_size=world,
+                expert_rank=device_mesh.get_local_rank("ep"), expert_size=expert,
+                device_mesh=device_mesh)
 
 
 def mesh_from_environment(device: torch.device, collective_timeout: float = 600.0) -> Mesh:

@@ -1,21 +1,36 @@
-"""Applying a layout to a plain model from outside: the model never asks for ranks."""
+"""Applying a layout to a plain model from outside: the model never asks for ranks.
+
+``parallelize(model, mesh)`` shards the experts over the mesh's ``ep`` groups (when it has
+them) and wraps the rest in ``DistributedDataParallel`` over every rank. After a step's
+backward, ``finish_gradients`` sums each expert's gradient over the ranks that hold that expert
+(DDP averages only the replicated parameters), and ``clip_gradients`` measures the global norm
+with every parameter counted once.
+"""
 from __future__ import annotations
 
 import inspect
+import math
 
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 
+from moekit.parallel.expert_parallel import expert_parameters, shard_experts
 from moekit.parallel.mesh import Mesh
 
 
 def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """The model as ``mesh`` runs it: itself on one process; under data parallelism a
-    ``DistributedDataParallel`` wrapper, whose gradient all-reduce runs in buckets overlapped
-    with the backward. Buffers are not broadcast: the router state in them moves identically
-    on every rank (``MoELayer.update_router_state``)."""
+    """The model as ``mesh`` runs it: itself on one process; otherwise with this rank's experts
+    only (``expert_size`` > 1) inside a ``DistributedDataParallel`` wrapper, whose gradient
+    all-reduce runs in buckets overlapped with the backward. Buffers are not broadcast: the
+    router state in them moves identically on every rank (``MoELayer.update_router_state``)."""
     if mesh.data_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
+    if mesh.expert_size > 1:
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, _ in expert_parameters(model)])
     # torch 2.13 renamed the option; older versions know only the first name.
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
@@ -26,3 +41,39 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside whatever ``parallelize`` wrapped it in."""
     return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Expert gradients as data parallelism would leave them: every rank backpropagates R
+    times its share of the loss, and an expert's rows come from all ranks of its expert group,
+    so the sum over the expert's replicas divided by R is the global batch's gradient."""
+    if mesh.expert_size == 1:
+        return
+    for _, parameter in expert_parameters(unwrap(model)):
+        if parameter.grad is not None:
+            if mesh.data_size > mesh.expert_size:
+                dist.all_reduce(parameter.grad, group=mesh.expert_replica_group)
+            parameter.grad.div_(mesh.data_size)
+
+
+@torch.no_grad()
+def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
+    """Scale every gradient so that their global norm is at most ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_``); returns the norm before. Replicated parameters count
+    once; an expert's gradient, held by one rank of each expert group, counts once."""
+    sharded = {id(p) for _, p in expert_parameters(unwrap(model))}
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    squares = torch.zeros(2, dtype=torch.float64, device=gradients[0].device)  # replicated, sharded
+    for parameter in model.parameters():
+        if parameter.grad is not None:
+            squares[int(id(parameter) in sharded)] += parameter.grad.double().pow(2).sum()
+    if sharded and mesh.expert_size > 1:
+        expert_squares = squares[1:].to(mesh.device)
+        dist.all_reduce(expert_squares, group=mesh.expert_group)
+        squares[1:] = expert_squares.to(squares.device)
+    norm = squares.sum().sqrt()
+    if math.isfinite(max_norm):
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(gradients, scale.to(gradients[0].dtype))
+    return norm

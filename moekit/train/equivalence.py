@@ -16,6 +16,7 @@ import torch
 from moekit.config import ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.expert_parallel import expert_parameters
 from moekit.parallel.parallelize import parallelize
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
@@ -46,16 +47,35 @@ class StepOutcome:
 
 def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: torch.Tensor,
                  targets: torch.Tensor, mask: torch.Tensor | None = None, mesh: Mesh = Mesh(),
-                 seed: int = 0, dtype: torch.dtype = torch.float64) -> StepOutcome:
+                 seed: int = 0, dtype: torch.dtype = torch.float64,
+                 prepare=None) -> StepOutcome:
+    """``prepare(model)``, when given, adjusts the freshly built model (a test forcing a
+    routing, say) before the layout is applied."""
     torch.manual_seed(seed)
     model = Transformer(model_config).to(dtype).train()
+    if prepare is not None:
+        prepare(model)
     model.recompute = train_config.recompute
+    parallel_model = parallelize(model, mesh)
     recorder = GradientRecorder(model.named_parameters())
-    record = train_step(parallelize(model, mesh), recorder, inputs, targets, train_config, mesh,
-                        mask)
+    record = train_step(parallel_model, recorder, inputs, targets, train_config, mesh, mask)
     figures = {key: torch.tensor(record[key], dtype=torch.float64)
                for key in ("loss", "router_loss", "grad_norm", "drop_rate", "expert_load")}
-    return StepOutcome(figures=figures, gradients=recorder.gradients)
+    return StepOutcome(figures=figures, gradients=_whole_experts(recorder.gradients, model, mesh))
+
+
+def _whole_experts(gradients: dict, model, mesh: Mesh) -> dict:
+    """Gradients with each sharded expert tensor gathered whole over its expert group (rank r
+    holds experts [r * L, (r + 1) * L)), to compare with one process's."""
+    sharded = {name for name, _ in expert_parameters(model)}
+    if not sharded:
+        return gradients
+    whole = dict(gradients)
+    for name in sorted(sharded):
+        pieces = [torch.empty_like(gradients[name]) for _ in range(mesh.expert_size)]
+        torch.distributed.all_gather(pieces, gradients[name].contiguous(), group=mesh.expert_group)
+        whole[name] = torch.cat(pieces)
+    return whole
 
 
 @dataclass
@@ -134,24 +154,29 @@ def shrink(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
 
 
 @dataclass
-class Layout:
+class CheckLayout:
     """One cut of the reference batch: ``ranks`` data-parallel processes, ``grad_accum``
     micro-batches each, padded rows or not, recomputed layers or not."""
 
     name: str
     ranks: int = 1
+    expert: int = 1  # of the ranks, how many share each layer's experts
     grad_accum: int = 1
     padded: bool = False
     recompute: bool = False
 
 
-LAYOUTS = (Layout("gradient accumulation 4", grad_accum=4),
-           Layout("padded batch", padded=True),
-           Layout("recomputed layers", recompute=True),
-           Layout("data parallel 2", ranks=2),
-           Layout("data parallel 2 x accumulation 2", ranks=2, grad_accum=2),
-           Layout("data parallel 4", ranks=4))
-NOT_YET = ("expert parallel", "expert data parallel", "pipeline")
+LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
+           CheckLayout("padded batch", padded=True),
+           CheckLayout("recomputed layers", recompute=True),
+           CheckLayout("data parallel 2", ranks=2),
+           CheckLayout("data parallel 2 x accumulation 2", ranks=2, grad_accum=2),
+           CheckLayout("expert parallel 2", ranks=2, expert=2),
+           CheckLayout("expert parallel 2, padded", ranks=2, expert=2, padded=True),
+           CheckLayout("data parallel 4", ranks=4),
+           CheckLayout("expert parallel 4", ranks=4, expert=4),
+           CheckLayout("data 2 x expert 2", ranks=4, expert=2))
+NOT_YET = ("expert data parallel", "pipeline")
 
 
 def reference_batch(config: ModelConfig, rows: int = 8, seq: int = 12, seed: int = 1):
@@ -196,7 +221,7 @@ def _exact_setting(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
     return replace(config, moe=replace(moe, capacity_factor=None, jitter=0.0)), changes
 
 
-def _layout_outcome(model_config, train_config, layout: Layout, mesh: Mesh,
+def _layout_outcome(model_config, train_config, layout: CheckLayout, mesh: Mesh,
                     dtype: torch.dtype) -> StepOutcome:
     inputs, targets = reference_batch(model_config)
     batch = (left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1]) if layout.padded
@@ -207,8 +232,8 @@ def _layout_outcome(model_config, train_config, layout: Layout, mesh: Mesh,
 
 def _ranks_outcomes(rank, world, model_config, train_config, layouts, dtype):
     from moekit.parallel.mesh import world_mesh
-    mesh = world_mesh()
-    return [_layout_outcome(model_config, train_config, layout, mesh, dtype)
+    meshes = {expert: world_mesh(expert=expert) for expert in {l.expert for l in layouts}}
+    return [_layout_outcome(model_config, train_config, layout, meshes[layout.expert], dtype)
             for layout in layouts]
 
 
@@ -219,14 +244,19 @@ def run_matrix(model_config: ModelConfig, nproc: int, dtype: torch.dtype = torch
     model_config, changes = shrink(model_config)
     model_config, exact = _exact_setting(model_config)
     train_config = TrainConfig(batch_size=8, seq_len=12, grad_clip=None, lb_scope="step")
-    reference = _layout_outcome(model_config, train_config, Layout("one process"), Mesh(), dtype)
+    reference = _layout_outcome(model_config, train_config, CheckLayout("one process"), Mesh(), dtype)
     tolerance = TOLERANCES[dtype]
     rows = []
+    experts = model_config.moe.num_experts if model_config.moe is not None else 0
     for ranks in sorted({layout.ranks for layout in LAYOUTS}):
         layouts = [layout for layout in LAYOUTS if layout.ranks == ranks]
         if ranks > nproc:
             rows += [MatrixRow(layout.name, None, f"needs {ranks} processes") for layout in layouts]
             continue
+        unfit = [layout for layout in layouts if layout.expert > 1 and experts % layout.expert]
+        rows += [MatrixRow(layout.name, None, f"expert={layout.expert} does not divide "
+                                              f"num_experts={experts}") for layout in unfit]
+        layouts = [layout for layout in layouts if layout not in unfit]
         if ranks == 1:
             outcomes = [_layout_outcome(model_config, train_config, layout, Mesh(), dtype)
                         for layout in layouts]

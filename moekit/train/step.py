@@ -19,6 +19,7 @@ from moekit.config import TrainConfig
 from moekit.moe import MoELayer
 from moekit.moe.layer import RouterCounts
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import clip_gradients, finish_gradients
 from moekit.train.router_loss import StepRouterLoss, routing_totals
 
 IGNORE_INDEX = -100  # a target that is not counted (padding, a prompt's tokens): PyTorch's
@@ -107,8 +108,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         cross_entropy += nll.detach().double()
         router_share += share.detach().to(device)
         counts.append([s.counts for s in out.moe_stats])
+    finish_gradients(model, mesh)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=False)
+    grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     step_counts, (nll_sum, router_value) = _reduce(
