@@ -2,6 +2,7 @@
 the run that one process trains, rank 0 writing it; bad layouts are refused before any process
 starts."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -77,3 +78,47 @@ def test_bad_layouts_are_refused_before_any_process_starts(tmp_path, flags, mess
                      str(tmp_path / "run"), *flags, timeout=60)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_written_under_expert_parallelism_resumes_on_one_process(tmp_path):
+    """Layout-free checkpoints: a run on 2 processes holding 2 of the 4 experts each writes
+    every expert; resumed from its step 2 on one process, and one process's step 2 resumed on
+    2 such processes, both train the run one process trains (to float32 rounding)."""
+    from safetensors.torch import load_file
+    (tmp_path / "run.toml").write_text(CONFIG)
+    whole = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                    str(tmp_path / "whole"), "--quiet")
+    assert whole.returncode == 0, whole.stderr
+    sharded = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                      str(tmp_path / "sharded"), "--quiet", "--nproc", "2", "--expert", "2")
+    assert sharded.returncode == 0, sharded.stderr
+    first = tmp_path / "sharded" / "checkpoints" / "step-000002"
+    weights = load_file(first / "model.safetensors")
+    optimizer = load_file(first / "optimizer.safetensors")
+    assert weights["layers.1.ffn.experts.gate_up_proj"].shape[0] == 4  # every expert written
+    assert optimizer["layers.1.ffn.experts.down_proj.exp_avg"].shape[0] == 4
+    shutil.copytree(tmp_path / "sharded", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    resumed = _moekit("train", "--out", str(tmp_path / "resumed"), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    # And the other way: one process's checkpoint resumed with the experts spread over two.
+    shutil.copytree(tmp_path / "whole", tmp_path / "spread")
+    shutil.rmtree(tmp_path / "spread" / "checkpoints" / "step-000004")
+    spread = _moekit("train", "--out", str(tmp_path / "spread"), "--resume", "--quiet",
+                     "--nproc", "2", "--expert", "2")
+    assert spread.returncode == 0, spread.stderr
+    want = _records(tmp_path / "whole")
+    for run in ("sharded", "resumed", "spread"):
+        got = _records(tmp_path / run)
+        assert [r["kind"] for r in got] == [r["kind"] for r in want]
+        for a, b in zip(got, want):
+            for key in ("loss", "val_loss"):
+                if key in b:
+                    assert a[key] == pytest.approx(b[key], rel=1e-4), (run, key)
+
+
+def test_an_expert_degree_the_model_cannot_take_is_refused(tmp_path):
+    (tmp_path / "run.toml").write_text(CONFIG)
+    result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                     str(tmp_path / "run"), "--nproc", "2", "--expert", "3", timeout=60)
+    assert result.returncode == 2 and "expert=3 is not allowed on 2 processes" in result.stderr

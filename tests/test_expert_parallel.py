@@ -50,3 +50,58 @@ def test_module_experts_under_expert_parallelism_equal_one_process():
             expert = 2 * rank + int(local)
             want = dict(reference.named_parameters())[f"experts.experts.{expert}.{rest}"].grad
             torch.testing.assert_close(grad, want, rtol=1e-12, atol=1e-12)
+
+
+def _reload_and_save(rank, world, expert, folder, out):
+    """Restore a checkpoint with the experts spread over ``expert`` ranks; return this rank's
+    expert tensors and moments, and write the checkpoint again from the spread state."""
+    from moekit.model import Transformer, read_model_config
+    from moekit.model.io import load_weights
+    from moekit.parallel.mesh import world_mesh
+    from moekit.parallel.parallelize import parallelize
+    from moekit.train import checkpoint as ckpt
+    from moekit.train.loop import read_run
+    from moekit.train.optim import build_optimizer
+    from moekit.train.tokenizer import load_tokenizer
+    mesh = world_mesh(expert=expert)
+    model = Transformer(read_model_config(folder))
+    load_weights(model, folder)
+    parallelize(model, mesh)
+    optimizer = build_optimizer(model, read_run(folder.parent.parent)[1])
+    step = ckpt.restore_optimizer_state(folder, model, optimizer, mesh)
+    held = {name: (p.detach().clone(), {k: v.clone() for k, v in optimizer.state[p].items()})
+            for name, p in expert_parameters(model)}
+    ckpt.save_checkpoint(out, step, model, optimizer, load_tokenizer(folder), {}, 2, mesh)
+    return held
+
+
+def test_checkpoints_load_bit_identically_at_any_expert_degree(tmp_path):
+    from safetensors.torch import load_file
+
+    from moekit.config import DataConfig, ModelConfig, TrainConfig
+    from moekit.train.loop import train
+    model = ModelConfig(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
+                        max_seq_len=64, moe=MoEConfig(hidden_size=32, ffn_size=32,
+                                                      num_experts=4, top_k=2))
+    result = train(model, TrainConfig(steps=2, batch_size=4, seq_len=32, warmup_steps=1,
+                                      eval_every=2, eval_batches=1, checkpoint_every=2),
+                   DataConfig(vocab_size=300), tmp_path / "run", show_progress=False)
+    weights = load_file(result.checkpoint / "model.safetensors")
+    moments = load_file(result.checkpoint / "optimizer.safetensors")
+    for world, expert in ((2, 2), (4, 4), (4, 2)):
+        out = tmp_path / f"again-{world}-{expert}"
+        ranks = run_on_ranks(_reload_and_save, world, expert, result.checkpoint, out)
+        local = 4 // expert
+        for rank, held in enumerate(ranks):
+            part = slice((rank % expert) * local, (rank % expert + 1) * local)
+            for name, (weight, state) in held.items():
+                assert torch.equal(weight, weights[name][part]), (world, expert, rank, name)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(state[key], moments[f"{name}.{key}"][part])
+        # Written again from the spread state: the same files, every expert whole.
+        again = out / "checkpoints" / "step-000002"
+        for file, original in (("model.safetensors", weights),
+                               ("optimizer.safetensors", moments)):
+            rewritten = load_file(again / file)
+            assert rewritten.keys() == original.keys()
+            assert all(torch.equal(rewritten[k], original[k]) for k in original), file

@@ -11,7 +11,8 @@ from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIO
                            DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
-from moekit.parallel.mesh import launched_by_torchrun, mesh_from_environment, torchrun_world_size
+from moekit.parallel.mesh import (check_expert_degree, launched_by_torchrun,
+                                  mesh_from_environment, torchrun_world_size)
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
 
@@ -86,6 +87,13 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     return model, TrainConfig.from_dict(train), DataConfig.from_dict(data)
 
 
+def check_expert_split(model: ModelConfig | None, expert: int) -> None:
+    """Each expert-parallel rank holds the same number of every MoE layer's experts."""
+    if model is not None and model.moe is not None and model.moe.num_experts % expert:
+        raise ValueError(f"--expert {expert} is not allowed: it must divide the model's "
+                         f"num_experts={model.moe.num_experts}")
+
+
 def run_train(args) -> int:
     from moekit.train.loop import train
     retain_freed_cpu_memory(training=True)
@@ -104,10 +112,14 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    if world > 1:  # a layout the batch cannot take is refused before any process starts
+    check_expert_degree(args.expert, world)
+    if world > 1:  # a layout the batch or model cannot take is refused before any process
         from moekit.train.loop import read_run
         from moekit.train.step import check_batch_split
-        check_batch_split(read_run(out)[1] if args.resume else train_config, world)
+        model_for_layout, train_for_layout = ((read_run(out)[:2]) if args.resume
+                                              else (model, train_config))
+        check_batch_split(train_for_layout, world)
+        check_expert_split(model_for_layout, args.expert)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
@@ -115,7 +127,7 @@ def run_train(args) -> int:
         return launch(args.nproc, without_nproc(args.argv))
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
-    mesh = mesh_from_environment(device, args.collective_timeout)
+    mesh = mesh_from_environment(device, args.collective_timeout, args.expert)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -264,6 +276,9 @@ def register(subcommands) -> None:
         "here. gloo on CPU, NCCL with one process per GPU.")
     parallel.add_argument("--nproc", type=_positive_int,
                           help="run on N local processes (torch's elastic agent, as torchrun)")
+    parallel.add_argument("--expert", type=_positive_int, default=1, metavar="E",
+                          help="expert parallelism: each MoE layer's experts spread over groups "
+                          "of E processes (E divides the processes and the experts; default 1)")
     parallel.add_argument("--collective-timeout", type=_positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")

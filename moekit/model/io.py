@@ -29,15 +29,22 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def write_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None) -> None:
+def write_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None,
+                weights: dict[str, torch.Tensor] | None = None) -> None:
     """Write the model's config and weights into an existing folder (no atomicity: see
-    ``save_model``, or fill an ``atomic_directory`` with this)."""
+    ``save_model``, or fill an ``atomic_directory`` with this). ``weights``: the state dict to
+    write instead of the model's own (a sharded model's, gathered whole)."""
+    from safetensors.torch import save_file
     from safetensors.torch import save_model as save_weights
     folder = Path(folder)
     write_json(folder / CONFIG_FILE, {**(extra or {}), "format": FORMAT,
                                       "format_version": FORMAT_VERSION,
                                       "model": model.config.to_dict()})
-    save_weights(model, str(folder / WEIGHTS_FILE))  # stores tied embeddings once
+    if weights is None:
+        save_weights(model, str(folder / WEIGHTS_FILE))  # stores tied embeddings once
+    else:
+        save_file({name: t.contiguous() for name, t in weights.items()},
+                  str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def save_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None,

@@ -117,3 +117,25 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(name, p) for name, p in model.named_parameters()
             if getattr(p, "expert_parallel", False)]
 
+
+
+def whole_expert_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh) -> dict:
+    """``tensors`` (parameters, or optimizer moments named ``PARAMETER.KEY``) with every
+    sharded expert tensor gathered whole over its expert group: what one process holds, so
+    that a checkpoint does not depend on the layout. A collective: every rank calls it."""
+    sharded = {name for name, _ in expert_parameters(model)}
+    if not sharded or mesh.expert_size == 1:
+        return tensors
+    whole = dict(tensors)
+    for key in sorted(tensors):
+        if (key in sharded or key.rsplit(".", 1)[0] in sharded) and tensors[key].dim() > 0:
+            pieces = [torch.empty_like(tensors[key]) for _ in range(mesh.expert_size)]
+            dist.all_gather(pieces, tensors[key].contiguous(), group=mesh.expert_group)
+            whole[key] = torch.cat(pieces)
+    return whole
+
+
+def local_part(whole_E: torch.Tensor, mesh) -> torch.Tensor:
+    """This rank's experts of a whole stacked expert tensor (its first dimension)."""
+    local = whole_E.shape[0] // mesh.expert_size
+    return whole_E[mesh.expert_rank * local:(mesh.expert_rank + 1) * local]

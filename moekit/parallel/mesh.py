@@ -76,6 +76,12 @@ class Mesh:
         return tensor
 
 
+def check_expert_degree(expert: int, world: int) -> None:
+    if expert < 1 or world % expert:
+        raise ValueError(f"expert={expert} is not allowed on {world} processes: it must be a "
+                         "divisor of the number of processes")
+
+
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
 
@@ -95,9 +101,7 @@ def world_mesh(device_type: str = "cpu", expert: int = 1) -> Mesh:
     world = dist.get_world_size()
     if world == 1:
         return Mesh()
-    if world % expert:
-        raise ValueError(f"expert={expert} is not allowed on {world} ranks: it must divide "
-                         "the number of processes")
+    check_expert_degree(expert, world)
     from torch.distributed.device_mesh import init_device_mesh
     device_mesh = init_device_mesh(device_type, (world // expert, expert),
                                    mesh_dim_names=("dp", "ep"))
@@ -106,20 +110,23 @@ def world_mesh(device_type: str = "cpu", expert: int = 1) -> Mesh:
                 device_mesh=device_mesh)
 
 
-def mesh_from_environment(device: torch.device, collective_timeout: float = 600.0) -> Mesh:
+def mesh_from_environment(device: torch.device, collective_timeout: float = 600.0,
+                          expert: int = 1) -> Mesh:
     """The mesh of a process started by torchrun (its environment variables), with the process
     group made (gloo on CPU, NCCL on CUDA); a plain process gets a mesh of one. A collective
-    that waits longer than ``collective_timeout`` seconds for another rank fails."""
+    that waits longer than ``collective_timeout`` seconds for another rank fails. ``expert``:
+    the ranks over which each MoE layer's experts are spread."""
     if not launched_by_torchrun():
         return Mesh()
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
         raise ValueError(f"the torchrun environment lacks {', '.join(missing)}: start with "
                          "torchrun --nproc-per-node N -m moekit ..., or moekit ... --nproc N")
+    check_expert_degree(expert, torchrun_world_size())
     if torchrun_world_size() == 1:
         return Mesh()
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one rank per GPU
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=collective_timeout))
-    return world_mesh(device.type)
+    return world_mesh(device.type, expert)

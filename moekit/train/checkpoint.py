@@ -25,6 +25,8 @@ from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock
                           read_json, read_safetensors, remove_leftovers, write_json)
 from moekit.model.io import folder_format_version, load_weights, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
+from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
+from moekit.parallel.mesh import Mesh
 from moekit.train.tokenizer import TextTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -63,16 +65,21 @@ def checkpoint_folder(run: str | Path, step: int) -> Path:
 
 def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
-                    keep: int) -> Path:
+                    keep: int, mesh: Mesh = Mesh()) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
-    ``keep`` checkpoints. Returns the new folder."""
+    ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it: the
+    experts they hold apart are gathered whole, and rank 0 writes what one process would."""
     destination = checkpoint_folder(run, step)
+    weights = whole_expert_tensors(model.state_dict(), model, mesh)
+    optimizer_tensors = whole_expert_tensors(_optimizer_tensors(model, optimizer), model, mesh)
+    if not mesh.is_main:
+        return destination
     try:
         with atomic_directory(destination) as staging:
-            write_model(model, staging, {**extra, "step": step})
+            write_model(model, staging, {**extra, "step": step}, weights)
             tokenizer.save(staging)
             from safetensors.torch import save_file
-            save_file(_optimizer_tensors(model, optimizer), str(staging / OPTIMIZER_FILE))
+            save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
             groups = [{key: value for key, value in group.items() if key != "params"}
                       for group in optimizer.param_groups]
             write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
@@ -106,11 +113,12 @@ def claim_run(run: Path, write_new_run: Callable[[Path], None] | None):
         yield
 
 
-def restore_training_state(folder: str | Path, model: Transformer,
-                    optimizer: torch.optim.Optimizer) -> int:
-    """Restore model, optimizer and random state from ``folder``; returns its step."""
+def restore_optimizer_state(folder: str | Path, model: Transformer,
+                            optimizer: torch.optim.Optimizer, mesh: Mesh = Mesh()) -> int:
+    """Restore the optimizer and random state of ``folder`` (its weights go in first, with
+    ``load_weights``, before any layout shards them); returns its step. A rank that holds part
+    of the experts takes its part of their moments: any layout resumes any checkpoint."""
     folder = Path(folder)
-    load_weights(model, folder)
     state = read_json(folder / STATE_FILE)
     tensors = read_safetensors(folder / OPTIMIZER_FILE)
     if len(state.get("param_groups", [])) != len(optimizer.param_groups):
@@ -126,10 +134,16 @@ def restore_training_state(folder: str | Path, model: Transformer,
     for name, parameter in model.named_parameters():
         if name in moments:
             optimizer.state[parameter] = {
-                key: value if key == "step" else value.to(parameter.device)
+                key: value if key == "step" else _as_held(value, parameter, mesh)
                 for key, value in moments[name].items()}
     torch.set_rng_state(moments["rng"]["torch"])
     return int(state["step"])
+
+
+def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
+    if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
+        whole = local_part(whole, mesh)
+    return whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

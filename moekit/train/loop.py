@@ -238,12 +238,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     torch.manual_seed(train_config.seed)
     model = Transformer(model_config).to(device).train()
     model.recompute = train_config.recompute
+    latest = ckpt.latest_checkpoint(run) if resume else init_from
+    if latest is not None:
+        load_weights(model, latest)  # whole, before the layout takes this rank's part
+    parallel_model = parallelize(model, mesh)
     optimizer = build_optimizer(model, train_config)
-    step = 0
-    if resume:
-        step = ckpt.restore_training_state(ckpt.latest_checkpoint(run), model, optimizer)
-    elif init_from is not None:
-        load_weights(model, init_from)
+    step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
 
     def write_new_run(folder: Path) -> None:
         write_json(folder / RUN_FILE, {**_run_record(model_config, train_config, data_config),
@@ -255,14 +255,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     extra = {"train": asdict(train_config), "data": asdict(data_config)}
 
     def save(at_step: int) -> Path:
-        if not mesh.is_main:  # the state is replicated: rank 0's copy is the checkpoint
-            return ckpt.checkpoint_folder(run, at_step)
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer, extra,
-                                    train_config.keep_checkpoints)
+                                    train_config.keep_checkpoints, mesh)
 
     flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
     checkpoint = None
-    parallel_model = parallelize(model, mesh)
     with contextlib.ExitStack() as files, _StopOnCtrlC() as stop, \
             Progress(train_config.steps, step, show_progress and mesh.is_main) as progress:
         if mesh.is_main:
