@@ -122,3 +122,48 @@ def test_an_expert_degree_the_model_cannot_take_is_refused(tmp_path):
     result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
                      str(tmp_path / "run"), "--nproc", "2", "--expert", "3", timeout=60)
     assert result.returncode == 2 and "expert=3 is not allowed on 2 processes" in result.stderr
+
+
+FAULT = """
+import os, time
+from moekit.moe.layer import MoELayer
+
+original_forward = MoELayer.forward
+calls = [0]
+
+
+def faulty_forward(self, *args, **kwargs):
+    if self.training and os.environ.get("RANK") == "1":
+        calls[0] += 1
+        if calls[0] == 9:  # rank 1's fifth step (two MoE layers a step)
+            if os.environ["MOEKIT_TEST_FAULT"] == "raise":
+                raise RuntimeError("injected failure")
+            time.sleep(3600)
+    return original_forward(self, *args, **kwargs)
+
+
+MoELayer.forward = faulty_forward
+"""
+
+
+@pytest.mark.parametrize("fault", ["raise", "stall"])
+def test_a_rank_that_fails_ends_every_rank_in_time(tmp_path, fault):
+    import os
+    import time
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)  # imported by every worker
+    (tmp_path / "run.toml").write_text(CONFIG.replace("steps = 4", "steps = 8"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fault"), "MOEKIT_TEST_FAULT": fault}
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "moekit", "train", "--config", str(tmp_path / "run.toml"),
+         "--out", str(tmp_path / "run"), "--quiet", "--nproc", "2", "--expert", "2",
+         "--collective-timeout", "5"], capture_output=True, text=True, timeout=120, env=env)
+    assert time.monotonic() - started < 60 + 15  # S = 5 s, 60 s allowed, start-up beside it
+    assert result.returncode != 0
+    if fault == "stall":  # rank 0 waited the timeout, then named what it was doing
+        lines = [line for line in result.stderr.splitlines() if "rank 0 of 2:" in line]
+        assert lines and "failed, another rank failed or stalled" in lines[0], result.stderr
+        assert "all-to-all" in lines[0] or "all-reduce" in lines[0]
+    from moekit.model import load_model
+    load_model(tmp_path / "run" / "checkpoints" / "step-000004")  # the last one, intact

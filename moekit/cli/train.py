@@ -11,7 +11,7 @@ from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIO
                            DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
-from moekit.parallel.mesh import (check_expert_degree, launched_by_torchrun,
+from moekit.parallel.mesh import (CollectiveError, check_expert_degree, launched_by_torchrun,
                                   mesh_from_environment, torchrun_world_size)
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
@@ -138,6 +138,10 @@ def run_train(args) -> int:
             print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out "
                   f"{out} --resume", file=sys.stderr)
         return 130
+    except CollectiveError as error:  # every rank says what it was doing when the run broke
+        print(f"moekit train: {error}; the last checkpoint is intact: moekit train --out {out} "
+              "--resume", file=sys.stderr)
+        return 1
     finally:
         mesh.close()
     if mesh.is_main:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from moekit.moe import GroupedExperts, ModuleExperts
 from moekit.moe.dispatch import permute, plan_dispatch, unpermute
+from moekit.parallel.mesh import collective
 
 
 class _AllToAll(torch.autograd.Function):
@@ -28,33 +29,37 @@ class _AllToAll(torch.autograd.Function):
     it. The backward sends the gradients back the way the rows came."""
 
     @staticmethod
-    def forward(ctx, x_ND, send: list[int], receive: list[int], group):
-        ctx.send, ctx.receive, ctx.group = send, receive, group
+    def forward(ctx, x_ND, send: list[int], receive: list[int], group, what: str):
+        ctx.send, ctx.receive, ctx.group, ctx.what = send, receive, group, what
         out = x_ND.new_empty(sum(receive), x_ND.shape[1])
-        dist.all_to_all_single(out, x_ND.contiguous(), receive, send, group=group)
+        with collective(what):
+            dist.all_to_all_single(out, x_ND.contiguous(), receive, send, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad_MD):
         grad_ND = grad_MD.new_empty(sum(ctx.send), grad_MD.shape[1])
-        dist.all_to_all_single(grad_ND, grad_MD.contiguous(), ctx.send, ctx.receive,
-                               group=ctx.group)
-        return grad_ND, None, None, None
+        with collective(f"{ctx.what}, backward"):
+            dist.all_to_all_single(grad_ND, grad_MD.contiguous(), ctx.send, ctx.receive,
+                                   group=ctx.group)
+        return grad_ND, None, None, None, None
 
 
-def all_to_all(x_ND: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x_ND, send, receive, group)
+def all_to_all(x_ND: torch.Tensor, send: list[int], receive: list[int], group,
+               what: str = "all-to-all") -> torch.Tensor:
+    return _AllToAll.apply(x_ND, send, receive, group, what)
 
 
 class AllToAllDispatcher:
     """The dispatch step under expert parallelism over ``group`` (rank ``rank`` of ``size``
     holds experts [rank * L, (rank + 1) * L))."""
 
-    def __init__(self, num_experts: int, group, rank: int, size: int):
+    def __init__(self, num_experts: int, group, rank: int, size: int, layer_index: int = 0):
         if num_experts % size:
             raise ValueError(f"expert={size} does not divide num_experts={num_experts}: each "
                              "expert-parallel rank holds the same number of experts")
         self.num_experts, self.group, self.rank, self.size = num_experts, group, rank, size
+        self.layer = f"layer {layer_index}"
         self.local_experts = num_experts // size
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
@@ -63,10 +68,12 @@ class AllToAllDispatcher:
         rows_ND = permute(x_TD, plan)
         send_RL = plan.tokens_per_expert_E.view(self.size, self.local_experts)
         receive_RL = torch.empty_like(send_RL)
-        dist.all_to_all_single(receive_RL, send_RL.contiguous(), group=self.group)
+        with collective(f"all-to-all of {self.layer}'s counts"):
+            dist.all_to_all_single(receive_RL, send_RL.contiguous(), group=self.group)
         # The splits must be known on the host: the one read of this layer's dispatch.
         send, receive = send_RL.sum(1).tolist(), receive_RL.sum(1).tolist()
-        arrived_MD = all_to_all(rows_ND, send, receive, self.group)
+        arrived_MD = all_to_all(rows_ND, send, receive, self.group,
+                                f"all-to-all of {self.layer}'s rows")
         # Arrived rows are grouped by sender, then expert; the experts want them by expert.
         expert_of_row_M = torch.arange(self.local_experts, device=x_TD.device).repeat(
             self.size).repeat_interleave(receive_RL.flatten(), output_size=len(arrived_MD))
@@ -77,7 +84,8 @@ class AllToAllDispatcher:
     def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, handle) -> torch.Tensor:
         plan, by_expert_M, send, receive = handle
         by_sender_MD = torch.empty_like(y_MD).index_copy_(0, by_expert_M, y_MD)
-        returned_ND = all_to_all(by_sender_MD, receive, send, self.group)
+        returned_ND = all_to_all(by_sender_MD, receive, send, self.group,
+                                 f"all-to-all back of {self.layer}'s rows")
         return unpermute(returned_ND, weights_TK, plan)
 
 
@@ -105,7 +113,8 @@ def shard_experts(model: nn.Module, group, rank: int, size: int) -> None:
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
-        dispatcher = AllToAllDispatcher(layer.config.num_experts, group, rank, size)
+        dispatcher = AllToAllDispatcher(layer.config.num_experts, group, rank, size,
+                                        layer.layer_index)
         start = rank * dispatcher.local_experts
         layer.experts = local_experts(layer.experts, start, start + dispatcher.local_experts)
         layer.dispatcher = dispatcher

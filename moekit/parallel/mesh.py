@@ -8,6 +8,7 @@ single-process path needs no process group at all.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +17,28 @@ import torch
 import torch.distributed as dist
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class CollectiveError(RuntimeError):
+    """A collective that failed because another rank raised, died or stalled past the
+    collective timeout; the message names this rank and the operation, in one line."""
+
+
+@contextlib.contextmanager
+def collective(what: str):
+    """Name the operation in the error if a collective inside fails (the innermost name
+    wins: an all-to-all of layer 3 inside a backward is reported as itself)."""
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as error:  # gloo and NCCL report a dead or late peer as these
+        if not dist.is_initialized():
+            raise
+        first_line = next((line for line in str(error).splitlines() if line.strip()), "")
+        raise CollectiveError(f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} "
+                              f"failed, another rank failed or stalled ({first_line[:160]})"
+                              ) from error
 
 
 @dataclass

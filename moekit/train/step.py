@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from moekit.config import TrainConfig
 from moekit.moe import MoELayer
 from moekit.moe.layer import RouterCounts
-from moekit.parallel.mesh import Mesh
+from moekit.parallel.mesh import Mesh, collective
 from moekit.parallel.parallelize import clip_gradients, finish_gradients
 from moekit.train.router_loss import StepRouterLoss, routing_totals
 
@@ -104,7 +104,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             nll = F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(),
                                   ignore_index=IGNORE_INDEX, reduction="sum")
             share = router_loss.share(out.moe_stats)
-            (ranks * (nll / max(counted, 1) + share)).backward()
+            with collective("the backward's gradient all-reduce"):
+                (ranks * (nll / max(counted, 1) + share)).backward()
         cross_entropy += nll.detach().double()
         router_share += share.detach().to(device)
         counts.append([s.counts for s in out.moe_stats])
@@ -113,8 +114,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    step_counts, (nll_sum, router_value) = _reduce(
-        _sum_counts(counts) if layers else [], [cross_entropy, router_share], mesh)
+    with collective("the all-reduce of the step's figures"):
+        step_counts, (nll_sum, router_value) = _reduce(
+            _sum_counts(counts) if layers else [], [cross_entropy, router_share], mesh)
     for layer, layer_counts in zip(layers, step_counts):
         layer.update_router_state(layer_counts)
     return {"loss": nll_sum / max(counted, 1), "router_loss": router_value,
