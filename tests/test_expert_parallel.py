@@ -105,3 +105,47 @@ def test_checkpoints_load_bit_identically_at_any_expert_degree(tmp_path):
             rewritten = load_file(again / file)
             assert rewritten.keys() == original.keys()
             assert all(torch.equal(rewritten[k], original[k]) for k in original), file
+
+
+def _prompt_and_batch():
+    generator = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 61, (1, 9), generator=generator)
+    others = torch.randint(0, 61, (7, 12), generator=generator)
+    lengths = [12, 5, 9, 12, 3, 7, 11]
+    batch = torch.zeros(8, 12, dtype=torch.long)
+    mask = torch.zeros(8, 12, dtype=torch.bool)
+    for row, (ids, length) in enumerate(zip(others, lengths)):  # left-padded
+        batch[row, 12 - length:], mask[row, 12 - length:] = ids[:length], True
+    batch[7, 3:], mask[7, 3:] = prompt[0], True  # the prompt, last row
+    return prompt, batch, mask
+
+
+def _model(dtype):
+    from moekit.config import ModelConfig
+    from moekit.model import Transformer
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4,
+                         num_kv_heads=2, ffn_size=48, max_seq_len=32,
+                         moe=MoEConfig(hidden_size=32, ffn_size=24, num_experts=4, top_k=2))
+    return Transformer(config).to(dtype).eval()
+
+
+def _prompt_under_expert_parallelism(rank, world, dtype):
+    import torch.distributed as dist
+    model = _model(dtype)
+    shard_experts(model, dist.group.WORLD, rank, world)
+    prompt, batch, mask = _prompt_and_batch()
+    with torch.no_grad():  # rank 0: the prompt alone; rank 1: it inside a padded batch
+        return model(prompt).logits[0] if rank == 0 else model(batch, mask).logits[7, 3:]
+
+
+def test_a_prompt_gets_the_same_logits_alone_and_in_a_padded_batch():
+    prompt, batch, mask = _prompt_and_batch()
+    for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+        model = _model(dtype)
+        with torch.no_grad():
+            alone, inside = model(prompt).logits[0], model(batch, mask).logits[7, 3:]
+        scale = alone.abs().max()
+        assert (inside - alone).abs().max() <= tolerance * scale
+        for got in run_on_ranks(_prompt_under_expert_parallelism, 2, dtype):
+            assert (got - alone).abs().max() <= tolerance * scale, dtype
