@@ -35,7 +35,8 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
-    return DistributedDataParallel(model, process_group=mesh.data_group, **no_buffer_sync)
+    return DistributedDataParallel(model, process_group=mesh.data_group, gradient_as_bucket_view=True,
+                                   **no_buffer_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

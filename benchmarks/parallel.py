@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Training-step time of each parallel layout, side by side, and the bytes each moves.
+
+    python benchmarks/parallel.py                  # tiny preset, 2 processes, 3 rounds
+    python benchmarks/parallel.py --rounds 5 --steps 8
+
+Columns (real gloo processes, forked; each process 1 thread unless said):
+  1 proc x 1 thread   the reference for data parallelism's speed-up
+  1 proc x 2 threads  the same cores used by one process (no target)
+  DP 2                data parallel, 2 processes
+  EP 2                expert parallel, 2 processes (each holds half of every layer's experts)
+The columns take turns within each round (one column after another gave figures that depend
+on the order on these machines); figures are medians over rounds of the mean step time of
+``--steps`` steps after one warm-up step. Bytes per step and rank: what the all-to-alls send
+to other ranks (counted at the call), and the gradient bytes DDP all-reduces (its payload;
+a ring moves about 2 (R - 1) / R of it each way).
+Targets (issue "Distributed training with torchrun"): DP 2 >= 1.7x one process of 1 thread
+in tokens/s; EP step time <= 1.2x DP's; all-to-all bytes = rows sent to other ranks x D x
+bytes per number.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from moekit.config import TrainConfig, preset
+from moekit.model import Transformer
+from moekit.parallel.expert_parallel import expert_parameters
+from moekit.parallel.mesh import world_mesh
+from moekit.parallel.parallelize import parallelize
+from moekit.parallel.processes import run_on_ranks
+from moekit.train.optim import build_optimizer
+from moekit.train.step import train_step
+
+COLUMNS = {  # name: (processes, threads per process, expert-parallel degree)
+    "1 proc x 1 thread": (1, 1, 1),
+    "1 proc x 2 threads": (1, 2, 1),
+    "DP 2": (2, 1, 1),
+    "EP 2": (2, 1, 2),
+}
+
+
+class AllToAllBytes:
+    """Counts what ``dist.all_to_all_single`` sends to other ranks, at the call."""
+
+    def __init__(self):
+        self.sent = 0
+        self._original = dist.all_to_all_single
+
+    def __enter__(self):
+        def counting(output, input, output_split_sizes=None, input_split_sizes=None,
+                     group=None, **options):
+            peers, me = dist.get_world_size(group), dist.get_rank(group)
+            splits = input_split_sizes or [len(input) // peers] * peers
+            row_bytes = input[0].numel() * input.element_size() if len(input) else 0
+            self.sent += row_bytes * sum(rows for peer, rows in enumerate(splits) if peer != me)
+            return self._original(output, input, output_split_sizes, input_split_sizes,
+                                  group=group, **options)
+        dist.all_to_all_single = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_to_all_single = self._original
+
+
+def _column(rank, world, threads, expert, config, steps):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    mesh = world_mesh(expert=expert)
+    model = Transformer(config["model"]).train()
+    parallel_model = parallelize(model, mesh)
+    optimizer = build_optimizer(model, config["train"])
+    sharded = {id(p) for _, p in expert_parameters(model)}
+    reduced_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                        if id(p) not in sharded) if world > 1 else 0
+    tokens = torch.randint(0, config["model"].vocab_size,
+                           (steps + 1, config["train"].batch_size, config["train"].seq_len + 1),
+                           generator=torch.Generator().manual_seed(1))
+    times = []
+    with AllToAllBytes() as counter:
+        for step in range(steps + 1):
+            started = time.perf_counter()
+            train_step(parallel_model, optimizer, tokens[step, :, :-1], tokens[step, :, 1:],
+                       config["train"], mesh)
+            times.append(time.perf_counter() - started)
+            if step == 0:
+                counter.sent = 0  # the warm-up step is not counted
+    return {"step_s": statistics.mean(times[1:]), "all_to_all_bytes": counter.sent / steps,
+            "all_reduce_bytes": reduced_bytes}
+
+
+def _cpu() -> str:
+    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if "Model name" in line), "?")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per column and round")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    model_config = preset("tiny")
+    model_config = replace(model_config, moe=replace(model_config.moe, capacity_factor=None))
+    config = {"model": model_config,
+              "train": TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
+                                   lb_scope="global")}
+    print(f"CPU: {_cpu()}; load before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
+          f"tiny preset, dropless, batch {args.batch_size} x {args.seq_len}, fp32")
+    results = {name: [] for name in COLUMNS}
+    for _ in range(args.rounds):
+        for name, (processes, threads, expert) in COLUMNS.items():
+            outcome = run_on_ranks(_column, processes, threads, expert, config, args.steps,
+                                   timeout=600)
+            results[name].append({key: max(rank[key] for rank in outcome)
+                                  for key in outcome[0]})
+    tokens = args.batch_size * args.seq_len
+    base = statistics.median(r["step_s"] for r in results["1 proc x 1 thread"])
+    dp = statistics.median(r["step_s"] for r in results["DP 2"])
+    print(f"{'column':20} {'step s (median)':>16} {'tokens/s':>10} {'vs 1x1':>7} {'vs DP':>6} "
+          f"{'all-to-all B':>13} {'all-reduce B':>13}")
+    for name, runs in results.items():
+        step = statistics.median(r["step_s"] for r in runs)
+        spread = f"[{min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}]"
+        print(f"{name:20} {step:7.3f} {spread:>8} {tokens / step:10.0f} {base / step:7.2f} "
+              f"{step / dp:6.2f} {runs[0]['all_to_all_bytes']:13.0f} "
+              f"{runs[0]['all_reduce_bytes']:13.0f}")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
