@@ -277,6 +277,9 @@ class TrainConfig(_FromDict):
     # specialise, at the cost of one small all-reduce per micro-batch.
     lb_scope: str = "global"
     recompute: bool = False  # activation checkpointing of every layer (Transformer.recompute)
+    # torch.use_deterministic_algorithms: bit-identical repeats on a GPU too (a CPU run of
+    # moekit repeats bit for bit without it: stable sorts, no order-dependent scatter).
+    deterministic: bool = False
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -311,6 +314,8 @@ class TrainConfig(_FromDict):
                  f"one of {', '.join(OPTIMIZER_IMPLS)}")
         _require(self.lb_scope in LB_SCOPES, "lb_scope", self.lb_scope,
                  f"one of {', '.join(LB_SCOPES)}")
+        _require(isinstance(self.deterministic, bool), "deterministic", self.deterministic,
+                 "expected true or false")
         _require(isinstance(self.recompute, bool), "recompute", self.recompute,
                  "expected true or false")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 CONFIG = """
 [model]
@@ -167,3 +168,20 @@ def test_a_rank_that_fails_ends_every_rank_in_time(tmp_path, fault):
         assert "all-to-all" in lines[0] or "all-reduce" in lines[0]
     from moekit.model import load_model
     load_model(tmp_path / "run" / "checkpoints" / "step-000004")  # the last one, intact
+
+
+@pytest.mark.parametrize("processes, expert", [(2, 2), (4, 2)])
+def test_deterministic_runs_repeat_bit_for_bit(tmp_path, processes, expert):
+    from safetensors.torch import load_file
+    (tmp_path / "run.toml").write_text(CONFIG.replace("steps = 4", "steps = 2"))
+    for name in ("first", "second"):
+        result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                         str(tmp_path / name), "--quiet", "--nproc", str(processes), "--expert",
+                         str(expert), "--deterministic")
+        assert result.returncode == 0, result.stderr
+    assert _records(tmp_path / "first") == _records(tmp_path / "second")
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        first, second = (load_file(tmp_path / name / "checkpoints" / "step-000002" / file)
+                         for name in ("first", "second"))
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first), file

@@ -34,6 +34,8 @@ TRAIN_FLAGS = {
                  "step (the whole global batch, from a routing pre-pass); docs/correctness.md"),
     "recompute": (bool, "activation checkpointing of every layer: about one more forward per "
                   "step for the activations' memory"),
+    "deterministic": (bool, "deterministic kernels only (torch.use_deterministic_algorithms): "
+                      "bit-identical repeats on a GPU; a CPU run repeats without it"),
     "optimizer_impl": (str, "AdamW kernel: auto = fused where the device has it, else foreach; "
                        "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),

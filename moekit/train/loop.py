@@ -235,6 +235,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         check_length(splits.train, train_config.seq_len, "training")
         check_length(splits.val, train_config.seq_len, "validation")
 
+    if train_config.deterministic:
+        # cuBLAS needs a fixed workspace for repeatable results (set before its first use).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     torch.manual_seed(train_config.seed)
     model = Transformer(model_config).to(device).train()
     model.recompute = train_config.recompute
