@@ -15,8 +15,8 @@ from moekit.config import ModelConfig, MoEConfig, preset, read_config_file
 from moekit.model import read_model_config
 from moekit.plan import (GIB, INFERENCE_DTYPES, Layout, Precision, budget_plan,
                          count_parameters, device, inference_memory, kv_cache_plan,
-                         training_compute, training_flops_per_token, training_memory,
-                         upcycle_or_scratch, utilisation)
+                         plan_stages, training_compute, training_flops_per_token,
+                         training_memory, uniform_stages, upcycle_or_scratch, utilisation)
 from moekit.plan.inference import inference_weight_bytes
 from moekit.plan.units import DTYPE_BYTES
 
@@ -97,7 +97,11 @@ def register(subcommands) -> None:
     layout.add_argument("--pipeline", type=int, default=1, help="pipeline stages")
     layout.add_argument("--expert", type=int, default=1, help="expert-parallel degree")
     layout.add_argument("--stage-layers", type=_integer_list,
-                        help="layers per pipeline stage, e.g. 5,5,5,5,4 (default: even)")
+                        help="layers per pipeline stage, e.g. 5,5,5,5,4 (default: even, or the "
+                        "planned non-uniform split when no even one exists)")
+    layout.add_argument("--pipeline-micro-batches", type=int, metavar="M",
+                        help="micro-batches per step for the pipeline's predicted step time "
+                        "(default 4 x pipeline)")
     layout.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage: 1 shards optimizer states, 2 + gradients, 3 + weights")
     layout.add_argument("--recompute", action="store_true",
@@ -189,8 +193,14 @@ def build_plan(args) -> dict:
         plan["scaling_law"] = budget_plan(args.budget_flops, flops.active_params)
     plan["kv_cache"] = kv_cache_plan(config, args.kv_batch, _given_or(args.kv_context, seq_len),
                                      args.kv_dtype)
+    stage_layers = args.stage_layers
+    if args.pipeline > 1:
+        plan["pipeline_split"] = _pipeline_split(config, args, seq_len, peak_flops)
+        if stage_layers is None and config.num_layers % args.pipeline:
+            # no even split exists: the memory is that of the planned one
+            stage_layers = plan["pipeline_split"]["planned"]["stage_layers"]
     layout = Layout.for_world(args.world_size, args.tensor, args.pipeline, args.expert,
-                              args.stage_layers)
+                              stage_layers)
     precision = Precision(args.weight_bytes, args.grad_bytes, args.optimizer_bytes,
                           zero_stage=args.zero)
     plan["training_memory"] = training_memory(config, layout, precision, args.micro_batch,
@@ -203,6 +213,24 @@ def build_plan(args) -> dict:
     if args.upcycle:
         plan["upcycle"] = _upcycle(config, args, seq_len)
     return plan
+
+
+def _pipeline_split(config: ModelConfig, args, seq_len: int, peak_flops: float | None) -> dict:
+    """Skywork-MoE's non-uniform split beside the even one, with 1F1B predictions."""
+    micro_batches = _given_or(args.pipeline_micro_batches, 4 * args.pipeline)
+    if micro_batches < 1:
+        raise ValueError(f"--pipeline-micro-batches {micro_batches} is not allowed: expected "
+                         "an integer >= 1")
+    tokens = args.micro_batch * seq_len
+    splits = {"planned": plan_stages(config, args.pipeline, seq_len),
+              "uniform": uniform_stages(config, args.pipeline, seq_len)}
+    return {name: {"stage_layers": split.stage_layers, "stage_flops_per_token": split.stage_costs,
+                   "bubble": split.bubble(micro_batches),
+                   "relative_step_time": split.step_time(micro_batches, tokens, 1.0)
+                   / splits["uniform"].step_time(micro_batches, tokens, 1.0),
+                   "step_seconds_at_peak": None if peak_flops is None
+                   else split.step_time(micro_batches, tokens, peak_flops)}
+            for name, split in splits.items()} | {"micro_batches": micro_batches}
 
 
 def _upcycle(config: ModelConfig, args, seq_len: int):
@@ -291,6 +319,7 @@ def _tables(plan: dict):
                       [f"{_count(law.published_optimal_active_params)} (Hunyuan's published "
                        "optimum)", f"{law.tokens_at_published_optimum:.3e}"]])
     yield from _memory_tables(plan)
+    yield from _pipeline_table(plan)
     yield from _upcycle_table(plan)
 
 
@@ -337,6 +366,24 @@ def _memory_tables(plan: dict):
                  [[row.dtype, _gib(row.weight_bytes), _gib(row.weight_bytes_per_device),
                    "yes" if row.fits else "no", _gib(row.free_bytes_per_device),
                    f"{row.kv_cache_tokens:,}"] for row in inference])
+
+
+def _pipeline_table(plan: dict):
+    if "pipeline_split" not in plan:
+        return
+    split = plan["pipeline_split"]
+    rows = []
+    for name in ("planned", "uniform"):
+        part = split[name]
+        seconds = part["step_seconds_at_peak"]
+        rows.append([name, ", ".join(map(str, part["stage_layers"])),
+                     f"{max(part['stage_flops_per_token']):.3e}",
+                     f"{part['bubble']:.1%}", f"{part['relative_step_time']:.3f}",
+                     "" if seconds is None else f"{seconds:.3g} s"])
+    yield _table(f"Pipeline split (Skywork-MoE's non-uniform split; 1F1B, "
+                 f"{split['micro_batches']} micro-batches)",
+                 ["split", "layers per stage", "slowest stage FLOPs/token", "bubble",
+                  "step time vs uniform", "step at peak"], rows)
 
 
 def _upcycle_table(plan: dict):

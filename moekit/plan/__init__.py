@@ -9,12 +9,14 @@ from moekit.plan.flops import (TrainingCompute, TrainingFlops, Utilisation, trai
 from moekit.plan.inference import INFERENCE_DTYPES, InferenceMemory, inference_memory
 from moekit.plan.kv_cache import KVCachePlan, kv_cache_bytes_per_token, kv_cache_plan
 from moekit.plan.params import ParameterCount, count_parameters
+from moekit.plan.pipeline import StagePlan, plan_stages, uniform_stages
 from moekit.plan.scaling import (BudgetPlan, active_params_for_budget, budget_plan,
                                  hunyuan_compute, tokens_for_budget)
 from moekit.plan.training import Layout, Precision, TrainingMemory, training_memory
 from moekit.plan.units import GIB
 
 __all__ = ["DEVICES", "GIB", "INFERENCE_DTYPES", "BudgetPlan", "Device", "InferenceMemory",
+           "StagePlan", "plan_stages", "uniform_stages",
            "KVCachePlan", "Layout", "ParameterCount", "Precision", "TrainingCompute",
            "TrainingFlops", "TrainingMemory", "UpcycleAdvice", "Utilisation",
            "active_params_for_budget", "budget_plan", "count_parameters", "device",
