@@ -9,7 +9,6 @@ import torch
 
 from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.model import Transformer
-from moekit.parallel.mesh import Mesh
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.equivalence import compare, left_padded, step_outcome
 from moekit.train.step import IGNORE_INDEX

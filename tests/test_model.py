@@ -1,6 +1,5 @@
 """The MoE Transformer: cached decoding equals recomputation, CLA/GQA cache sizes, padding,
 presets built on the meta device, generation."""
-import copy
 
 import pytest
 import torch

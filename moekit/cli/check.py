@@ -1,16 +1,8 @@
 """`moekit check`: prove on this machine that every layout computes the single-process step."""
 from __future__ import annotations
 
-import argparse
-
+from moekit.cli.values import positive_int
 from moekit.config import PRESETS, read_config_file
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected an integer >= 1")
-    return value
 
 
 def run_check(args) -> int:
@@ -64,7 +56,7 @@ def register(subcommands) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default tiny)")
     source.add_argument("--config", help="config file (.toml, .yaml, .json) with a model")
-    parser.add_argument("--nproc", type=_positive, default=2,
+    parser.add_argument("--nproc", type=positive_int, default=2,
                         help="processes to run the layouts on (default 2)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="float64 (default) shows summation order only; float32 as trained")

@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict, fields
 
 from moekit.cli.paths import input_option, output_option
+from moekit.cli.values import positive_float, positive_int
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
                            DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
@@ -223,20 +224,6 @@ def _checkpoint_command(subcommands, name: str, run, **texts) -> argparse.Argume
     return parser
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected a number > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: expected an integer >= 1")
-    return value
-
-
 def register(subcommands) -> None:
     train = subcommands.add_parser(
         "train", help="train a model (default: the tiny MoE on the embedded corpus)",
@@ -280,12 +267,12 @@ def register(subcommands) -> None:
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
-    parallel.add_argument("--nproc", type=_positive_int,
+    parallel.add_argument("--nproc", type=positive_int,
                           help="run on N local processes (torch's elastic agent, as torchrun)")
-    parallel.add_argument("--expert", type=_positive_int, default=1, metavar="E",
+    parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the processes and the experts; default 1)")
-    parallel.add_argument("--collective-timeout", type=_positive_float, default=600.0,
+    parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")
     _common(train)
@@ -296,9 +283,9 @@ def register(subcommands) -> None:
         description="Generate text with KV-cache decoding. --checkpoint is a checkpoint folder "
         "or a run folder (its newest checkpoint). Temperature 0 is greedy.")
     generate.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
-    generate.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    generate.add_argument("--max-new-tokens", type=positive_int, default=64)
     generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=_positive_int, default=None)
+    generate.add_argument("--top-k", type=positive_int, default=None)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
 
@@ -307,6 +294,6 @@ def register(subcommands) -> None:
         description="Mean cross-entropy and perplexity of a checkpoint (dropless), on the "
         "validation split of the corpus it was trained on, or on --corpus.")
     evaluate.add_argument("--corpus", nargs="+", metavar="PATH", help="evaluate on these files")
-    evaluate.add_argument("--seq-len", type=_positive_int)
-    evaluate.add_argument("--batch-size", type=_positive_int)
-    evaluate.add_argument("--eval-batches", type=_positive_int, help="at most this many batches")
+    evaluate.add_argument("--seq-len", type=positive_int)
+    evaluate.add_argument("--batch-size", type=positive_int)
+    evaluate.add_argument("--eval-batches", type=positive_int, help="at most this many batches")

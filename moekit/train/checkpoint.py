@@ -23,7 +23,7 @@ import torch
 
 from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
                           read_json, read_safetensors, remove_leftovers, write_json)
-from moekit.model.io import folder_format_version, load_weights, upgrade_tensor, write_model
+from moekit.model.io import folder_format_version, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
 from moekit.parallel.mesh import Mesh
