@@ -179,3 +179,14 @@ def test_expert_init_is_drawn_in_index_order(std):
         draw_EIO = torch.empty(weight_EOI.shape[0], weight_EOI.shape[2], weight_EOI.shape[1])
         expected = draw_EIO.uniform_(-bound, bound) if std is None else draw_EIO.normal_(0, std)
         assert torch.equal(weight_EOI, expected.transpose(1, 2))
+
+
+def test_a_stage_keeps_its_layers_under_their_own_names():
+    # What a pipeline stage needs: dropping the other blocks renumbers nothing.
+    model = _model()
+    names = {name for name in model.state_dict() if name.startswith("layers.2.")}
+    model.layers.keep([2, 3])
+    assert [number for number, _ in model.layers.numbered()] == [2, 3]
+    assert model.layers[2] is list(model.layers)[0]
+    assert names == {name for name in model.state_dict() if name.startswith("layers.2.")}
+    assert not any(name.startswith(("layers.0.", "layers.1.")) for name in model.state_dict())

@@ -151,6 +151,31 @@ class Block(nn.Module):
         return x_BSD + ffn_out, shared_kv, stats
 
 
+class LayerStack(nn.ModuleDict):
+    """The model's blocks by their number, ``layers.N`` in every weight name. A pipeline stage
+    keeps some of them (``keep``) without renumbering the others, as a ``ModuleList`` would, so
+    a stage's weights have the names the whole model's have. Indexed and iterated like a list,
+    in layer order."""
+
+    def __init__(self, blocks):
+        super().__init__({str(index): block for index, block in enumerate(blocks)})
+
+    def __getitem__(self, index):
+        return super().__getitem__(str(index))
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def numbered(self):
+        """(layer number, block) in order."""
+        return ((int(name), block) for name, block in self.items())
+
+    def keep(self, numbers) -> None:
+        """Drop every block whose number is not in ``numbers``."""
+        for name in [name for name in self.keys() if int(name) not in set(numbers)]:
+            del self[name]
+
+
 @dataclass
 class TransformerOutput:
     logits: torch.Tensor  # [B, S, V]
@@ -177,7 +202,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = LayerStack(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False)
@@ -237,7 +262,7 @@ class Transformer(nn.Module):
                             x_BSD.dtype)
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         all_stats, shared_kv = [], None
-        for index, layer in enumerate(self.layers):
+        for index, layer in self.layers.numbered():
             group = index // self.config.cla_share
             inputs = (x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
             if self.recompute and torch.is_grad_enabled():
