@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from moekit.config import MoEConfig
 from moekit.moe.capacity import expert_capacity, limit_to_capacity
+from moekit.moe.dispatch import count_per_expert
 from moekit.moe.losses import switch_balance_loss
 
 LOGIT_NORM_EPS = 1e-6
@@ -165,8 +166,8 @@ class ZeroGate(Gate):
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         expert_ids_TK = torch.zeros(len(x_TD), self.top_k, dtype=torch.long, device=x_TD.device)
-        weights_TK = torch.full((len(x_TD), self.top_k), 1 / self.top_k,
-                                dtype=_at_least_fp32(x_TD).dtype, device=x_TD.device)
+        weights_TK = torch.full((len(x_TD), self.top_k), 1 / self.top_k, device=x_TD.device,
+                                dtype=torch.promote_types(x_TD.dtype, torch.float32))
         return Routing(expert_ids_TK, weights_TK)
 
 
@@ -190,8 +191,8 @@ def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: to
     threshold_if_in_T1, threshold_if_out_T1 = top_TJ[:, top_k:], top_TJ[:, top_k - 1:top_k]
     is_in_TE = noisy_TE > threshold_if_in_T1
     threshold_TE = torch.where(is_in_TE, threshold_if_in_T1, threshold_if_out_T1)
-    normal = torch.distributions.Normal(clean_TE.new_zeros(()), clean_TE.new_ones(()))
-    return normal.cdf((clean_TE - threshold_TE) / noise_std_TE).sum(0)
+    # ndtr is Phi; torch.distributions.Normal would check its arguments with a device read.
+    return torch.special.ndtr((clean_TE - threshold_TE) / noise_std_TE).sum(0)
 
 
 class NoisyTopKGate(LinearGate):
@@ -258,18 +259,19 @@ class GShardGate(LinearGate):
         probs_TE = logits_TE.softmax(-1)
         top_TK, expert_ids_TK = probs_TE.topk(2, dim=-1)
         weights_TK = top_TK / top_TK.sum(-1, keepdim=True)
-        keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+        keep_TK = over_capacity_TK = None  # None: every route kept, nothing to count on the host
         if self.training and self.random_routing:
+            keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
             keep_TK[:, 1] = torch.rand_like(weights_TK[:, 1]) < 2 * weights_TK[:, 1].detach()
-        over_capacity_TK = None
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if factor is not None:
+            if keep_TK is None:
+                keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
             capacity = expert_capacity(len(x_TD), 2, self.num_experts, factor)
             within_TK = limit_to_capacity(expert_ids_TK, keep_TK, capacity, self.num_experts,
                                           priority="choice")
             keep_TK, over_capacity_TK = within_TK, keep_TK & ~within_TK
-        first_choices_E = torch.zeros(self.num_experts, dtype=torch.long, device=x_TD.device)
-        first_choices_E.scatter_add_(0, expert_ids_TK[:, 0], torch.ones_like(expert_ids_TK[:, 0]))
+        first_choices_E = count_per_expert(expert_ids_TK[:, 0], self.num_experts)
         aux_loss = self.balance_weight * switch_balance_loss(
             first_choices_E, probs_TE.sum(0), max(len(x_TD), 1), top_k=1)
         return Routing(expert_ids_TK, weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
