@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-ROUTERS = ("softmax", "switch", "sigmoid")
+# The built-in gates, by name (moekit/moe/router.py builds them; docs/moe.md has the formulas).
+ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard")
+# Gates that form a balancing loss of their own: the layer's aux_loss would count it twice.
+ROUTERS_WITH_OWN_LOSS = ("noisy", "gshard")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 OVERFLOW_POLICIES = ("drop", "recycle_random", "recycle_next_best")
 AUX_LOSSES = ("switch", "skywork", "none")
@@ -72,7 +75,11 @@ class MoEConfig(_FromDict):
     # Router. "softmax": softmax over all experts, top-k. "switch": top-1 of the softmax, the
     # gate value not renormalised (Switch Transformer). "sigmoid": sigmoid scores, top-k chosen
     # by score + a per-expert bias that is nudged towards balance (DeepSeek-V3, no aux loss).
+    # "zero", "noisy", "gshard": FastMoE's other gates (docs/moe.md).
     router: str = "softmax"
+    # Options of the chosen gate, by name (e.g. {"bias": True}). Each gate checks its own when
+    # it is built, since config.py cannot import the gates; an unknown name is refused there.
+    router_options: dict = field(default_factory=dict)
     normalize_weights: bool = True  # rescale the k chosen weights to sum to 1
     logit_norm_scale: float | None = None  # Skywork gating-logit normalization lambda; None = off
     jitter: float = 0.0  # training only: input scaled by U(1 - jitter, 1 + jitter) before routing
@@ -104,6 +111,17 @@ class MoEConfig(_FromDict):
         _require(self.router in ROUTERS, "router", self.router, f"one of {', '.join(ROUTERS)}")
         _require(self.router != "switch" or self.top_k == 1, "top_k", self.top_k,
                  'the "switch" router routes each token to exactly 1 expert (top_k=1)')
+        _require(self.router != "gshard" or self.top_k == 2, "top_k", self.top_k,
+                 'the "gshard" router routes each token to 2 experts (top_k=2)')
+        _require(self.router not in ROUTERS_WITH_OWN_LOSS or self.aux_loss == "none",
+                 "aux_loss", self.aux_loss, f'the "{self.router}" router forms its own balancing '
+                 'loss (weighted by its router_options): set aux_loss="none"')
+        _require(self.router != "gshard" or self.overflow == "drop", "overflow", self.overflow,
+                 'the "gshard" router applies its own capacity and drops what is over it '
+                 '(overflow="drop")')
+        _require(isinstance(self.router_options, dict)
+                 and all(isinstance(name, str) for name in self.router_options),
+                 "router_options", self.router_options, "expected a dict of option names to values")
         _require(self.activation in ACTIVATIONS, "activation", self.activation,
                  f"one of {', '.join(ACTIVATIONS)}")
         _require(self.overflow in OVERFLOW_POLICIES, "overflow", self.overflow,

@@ -22,19 +22,23 @@ def expert_forward(experts, e: int, x_D: torch.Tensor) -> torch.Tensor:
     return experts.down_proj[e] @ h
 
 
-def capacity_keep(expert_ids_TK, keep_TK, capacity: int, num_experts: int):
-    """Walk the routes in token order; an expert takes a route while it has room."""
+def capacity_keep(expert_ids_TK, keep_TK, capacity: int, num_experts: int,
+                  choice_major: bool = False):
+    """Walk the routes in token order (or every first choice, then every second, ...: choice
+    major); an expert takes a route while it has room."""
     used = [0] * num_experts
     keep = keep_TK.clone()
-    for t in range(expert_ids_TK.shape[0]):
-        for k in range(expert_ids_TK.shape[1]):
-            if not keep[t, k]:
-                continue
-            e = int(expert_ids_TK[t, k])
-            if used[e] < capacity:
-                used[e] += 1
-            else:
-                keep[t, k] = False
+    num_tokens, top_k = expert_ids_TK.shape
+    order = ([(t, k) for k in range(top_k) for t in range(num_tokens)] if choice_major
+             else [(t, k) for t in range(num_tokens) for k in range(top_k)])
+    for t, k in order:
+        if not keep[t, k]:
+            continue
+        e = int(expert_ids_TK[t, k])
+        if used[e] < capacity:
+            used[e] += 1
+        else:
+            keep[t, k] = False
     return keep
 
 

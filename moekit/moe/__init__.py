@@ -6,11 +6,14 @@ from moekit.moe.experts import (MLP, GroupedExperts, ModuleExperts, expert_activ
 from moekit.moe.layer import MoELayer, MoEStats
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
-from moekit.moe.router import Gate, LinearGate, Routing, SigmoidBiasGate, SoftmaxTopKGate, build_gate
+from moekit.moe.router import (FASTMOE_NOISY_OPTIONS, GATES, Gate, GShardGate, LinearGate,
+                               NoisyTopKGate, Routing, SigmoidBiasGate, SoftmaxTopKGate, ZeroGate,
+                               build_gate, smooth_load)
 
 __all__ = [
-    "AdaptiveAuxCoefficient", "DispatchPlan", "Gate", "GroupedExperts", "LinearGate", "MLP",
-    "MoELayer", "MoEStats", "ModuleExperts", "Routing", "SigmoidBiasGate", "SoftmaxTopKGate",
+    "AdaptiveAuxCoefficient", "DispatchPlan", "FASTMOE_NOISY_OPTIONS", "GATES", "GShardGate",
+    "Gate", "GroupedExperts", "LinearGate", "MLP", "MoELayer", "MoEStats", "ModuleExperts",
+    "NoisyTopKGate", "Routing", "SigmoidBiasGate", "SoftmaxTopKGate", "ZeroGate", "smooth_load",
     "build_gate", "expert_activation", "expert_capacity", "expert_mlp", "grouped_linear", "permute", "plan_dispatch",
     "router_z_loss", "skywork_balance_loss", "switch_balance_loss", "unpermute",
 ]

@@ -6,6 +6,8 @@ token 0's K routes, then token 1's, ...). "Token order" below means this flat or
 Rules (docs/moe.md has the reasoning):
 - capacity per expert = ceil(capacity_factor * K * T / E), T counting valid tokens only;
 - when an expert is full, the routes that reach it later in token order are over capacity;
+  with ``priority="choice"`` (GShard) every token's first choice comes before any second choice,
+  token order within each choice;
 - "drop": they are dropped (the token gets no output from that route);
 - "recycle_random" (Hunyuan-Large): each goes to a random expert that still has a free slot:
   the free slots of all experts are listed, shuffled with a seeded generator and handed out in
@@ -39,9 +41,18 @@ def positions_in_expert(expert_ids_N: torch.Tensor, valid_N: torch.Tensor,
     return torch.empty_like(rank_in_sorted_N).scatter_(0, order_N, rank_in_sorted_N)
 
 
+CAPACITY_PRIORITIES = ("token", "choice")
+
+
 def limit_to_capacity(expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor,
-                      capacity: int, num_experts: int) -> torch.Tensor:
-    """keep_TK with the routes over capacity set to False (the earliest in token order stay)."""
+                      capacity: int, num_experts: int, priority: str = "token") -> torch.Tensor:
+    """keep_TK with the routes over capacity set to False. The earliest routes stay: in token
+    order (``priority="token"``), or all first choices before any second (``"choice"``)."""
+    if priority not in CAPACITY_PRIORITIES:
+        raise ValueError(f"priority={priority!r} is not allowed: one of "
+                         f"{', '.join(CAPACITY_PRIORITIES)}")
+    if priority == "choice":  # choice-major order is token order of the transpose
+        return limit_to_capacity(expert_ids_TK.T, keep_TK.T, capacity, num_experts).T
     positions_N = positions_in_expert(expert_ids_TK.flatten(), keep_TK.flatten(), num_experts)
     return keep_TK & (positions_N < capacity).view_as(keep_TK)
 

@@ -21,7 +21,7 @@ from moekit.moe.dispatch import DispatchPlan, LocalDispatcher, count_per_expert
 from moekit.moe.experts import MLP, GroupedExperts
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
-from moekit.moe.router import Gate, Routing, build_gate
+from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_routing
 
 
 @dataclass
@@ -219,8 +219,12 @@ class MoELayer(nn.Module):
         return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
 
     def _apply_capacity(self, routing: Routing, num_tokens: int):
-        """(expert_ids_TK, keep_TK or None, overflowed routes) after capacity and recycling."""
+        """(expert_ids_TK, keep_TK or None, overflowed routes) after capacity and recycling.
+        A gate that applied a capacity rule of its own (``over_capacity_TK``) is taken as it is:
+        its routes over capacity are dropped."""
         expert_ids_TK, keep_TK = routing.expert_ids_TK, routing.keep_TK
+        if routing.over_capacity_TK is not None:
+            return expert_ids_TK, keep_TK, int(routing.over_capacity_TK.sum())
         factor = self._capacity_factor()
         if factor is None:
             return expert_ids_TK, keep_TK, 0
@@ -272,6 +276,8 @@ class MoELayer(nn.Module):
         num_tokens = x_TD.shape[0]
 
         routing = self.router(x_TD)
+        check_routing(routing, num_tokens, self.config.num_experts,
+                      read_values=type(self.router) not in BUILT_IN_GATES)
         expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
         rows_ND, rows_per_expert, plan, handle = self.dispatcher.dispatch(x_TD, expert_ids_TK,
                                                                           keep_TK)

@@ -14,16 +14,26 @@ A user's gate::
             return Routing(expert_ids_TK=ids_TK, weights_TK=torch.ones_like(ids_TK, dtype=x_TD.dtype))
 
     layer = MoELayer(config, router=HashGate(num_experts=config.num_experts, top_k=1))
+
+The built-in gates are written against the same interface and chosen by name
+(``MoEConfig.router``, options in ``MoEConfig.router_options``) from :data:`GATES`. The layer
+checks every Routing's shapes and dtypes; for a gate that is not built in it also checks that the
+ids are in range and the weights finite (two device reads, which the built-in gates skip).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moekit.config import MoEConfig
+from moekit.moe.capacity import expert_capacity, limit_to_capacity
+from moekit.moe.dispatch import count_per_expert
+from moekit.moe.losses import switch_balance_loss
 
 LOGIT_NORM_EPS = 1e-6
 
@@ -39,6 +49,9 @@ class Routing:
     logits_TE: the logits that went into the softmax, if any; they feed the z-loss.
     keep_TK: False marks a route the gate itself dropped (a gate with its own capacity rule).
     aux_loss: a loss of the gate's own, added to the layer's router loss as it is.
+    over_capacity_TK: set by a gate that applies a capacity rule of its own (already False in
+        keep_TK): the routes it dropped for capacity. The layer then applies no capacity of its
+        own, and counts these as overflowed (recycling them if ``MoEConfig.overflow`` says so).
     """
 
     expert_ids_TK: torch.Tensor
@@ -47,13 +60,14 @@ class Routing:
     logits_TE: torch.Tensor | None = None
     keep_TK: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    over_capacity_TK: torch.Tensor | None = None
 
 
 class Gate(nn.Module):
     """Base class of every gate. Subclasses implement ``forward(x_TD) -> Routing``.
 
-    A gate may also override :meth:`observe_load`, which the layer calls after each training
-    forward with the number of routes each expert received (before capacity); a gate that runs
+    A gate may also override :meth:`observe_load`, which the layer calls once per optimizer
+    step with the number of routes each expert received in it (before capacity); a gate that runs
     collectives (a global capacity, say) keeps its process group as an attribute of its own.
     """
 
@@ -63,18 +77,21 @@ class Gate(nn.Module):
         self.top_k = top_k
 
     def observe_load(self, routed_per_expert_E: torch.Tensor) -> None:
-        """Called in training after each forward; the default does nothing."""
+        """Called once per optimizer step (``MoELayer.update_router_state``); the default does
+        nothing."""
 
 
 class LinearGate(Gate):
-    """Shared base of the built-in gates: a bias-free linear map to one logit per expert, with
-    optional multiplicative input jitter in training and Skywork's gating-logit normalization."""
+    """Shared base of the built-in gates: a linear map to one logit per expert (bias-free unless
+    ``bias``: FastMoE's gates have one), with optional multiplicative input jitter in training
+    and Skywork's gating-logit normalization."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
-                 logit_norm_scale: float | None = None, jitter: float = 0.0):
+                 logit_norm_scale: float | None = None, jitter: float = 0.0, bias: bool = False):
         super().__init__(num_experts, top_k)
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if bias else None
         self.logit_norm_scale = logit_norm_scale
         self.jitter = jitter
 
@@ -82,14 +99,17 @@ class LinearGate(Gate):
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
         # Routing decisions are made in at least fp32, even for bf16 activations (as Mixtral).
-        logits_TE = F.linear(x_TD, self.weight)
-        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+        logits_TE = _at_least_fp32(F.linear(x_TD, self.weight, self.bias))
         if self.logit_norm_scale is not None:
             # Skywork-MoE: z' = lambda * (z - mean z) / std z, population std over the experts.
             mean_T1 = logits_TE.mean(-1, keepdim=True)
             std_T1 = logits_TE.std(-1, keepdim=True, correction=0)
             logits_TE = self.logit_norm_scale * (logits_TE - mean_T1) / (std_T1 + LOGIT_NORM_EPS)
         return logits_TE
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 class SoftmaxTopKGate(LinearGate):
@@ -140,14 +160,241 @@ class SigmoidBiasGate(LinearGate):
         self.balance_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
 
 
-def build_gate(config: MoEConfig) -> Gate:
-    """The built-in gate that ``config.router`` names."""
-    common = dict(logit_norm_scale=config.logit_norm_scale, jitter=config.jitter)
-    if config.router == "sigmoid":
-        return SigmoidBiasGate(config.hidden_size, config.num_experts, config.top_k,
-                               normalize_weights=config.normalize_weights,
-                               bias_update_rate=config.bias_update_rate, **common)
+class ZeroGate(Gate):
+    """FastMoE's ZeroGate: every route goes to expert 0 with weight 1/K (a baseline, and a test
+    of the plumbing)."""
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        expert_ids_TK = torch.zeros(len(x_TD), self.top_k, dtype=torch.long, device=x_TD.device)
+        weights_TK = torch.full((len(x_TD), self.top_k), 1 / self.top_k, device=x_TD.device,
+                                dtype=torch.promote_types(x_TD.dtype, torch.float32))
+        return Routing(expert_ids_TK, weights_TK)
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """The squared coefficient of variation, var / mean^2, with the population variance (as the
+    sparsely-gated MoE paper's own code; FastMoE's takes the unbiased one, E / (E - 1) times
+    larger). 0 for a single expert."""
+    if len(x_E) < 2:
+        return x_E.new_zeros(())
+    return x_E.var(correction=0) / (x_E.mean() ** 2 + 1e-10)
+
+
+def smooth_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor,
+                top_k: int) -> torch.Tensor:
+    """The sparsely-gated MoE paper's differentiable load: for each expert i, the sum over tokens
+    of P(x, i) = Phi((clean_i - kth_excluding(noisy, k, i)) / std_i), the probability that
+    expert i stays in the token's top K when only its own noise is drawn again. The k-th largest
+    of the other experts' noisy logits is the (k+1)-th largest overall if i is in the top K, the
+    k-th largest otherwise. Needs K < E."""
+    top_TJ = noisy_TE.topk(top_k + 1, dim=-1).values  # J = K + 1
+    threshold_if_in_T1, threshold_if_out_T1 = top_TJ[:, top_k:], top_TJ[:, top_k - 1:top_k]
+    is_in_TE = noisy_TE > threshold_if_in_T1
+    threshold_TE = torch.where(is_in_TE, threshold_if_in_T1, threshold_if_out_T1)
+    # ndtr is Phi; torch.distributions.Normal would check its arguments with a device read.
+    return torch.special.ndtr((clean_TE - threshold_TE) / noise_std_TE).sum(0)
+
+
+class NoisyTopKGate(LinearGate):
+    """The sparsely-gated MoE layer (Shazeer et al., 2017): in training H = x W_g +
+    N(0, 1) * (softplus(x W_noise) + noise_epsilon), in evaluation H = x W_g; the weights are
+    softmax over the top K of H. Its own loss is importance_weight * CV(importance)^2 +
+    load_weight * CV(load)^2, importance the summed gate values per expert and load the smooth
+    estimate of :func:`smooth_load` (the hard count of routes in evaluation, or when K = E)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
+                 noise_epsilon: float = 0.0, importance_weight: float = 0.1,
+                 load_weight: float = 0.1, **kwargs):
+        super().__init__(hidden_size, num_experts, top_k, **kwargs)
+        # Zero, as the paper: the noise starts the same for every expert, softplus(0) = log 2.
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.noise_epsilon = noise_epsilon
+        self.importance_weight = importance_weight
+        self.load_weight = load_weight
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        clean_TE = self.logits(x_TD)
+        noisy_TE = clean_TE
+        if self.training:
+            noise_std_TE = (F.softplus(_at_least_fp32(F.linear(x_TD, self.noise_weight)))
+                            + self.noise_epsilon)
+            noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
+        top_logits_TK, expert_ids_TK = noisy_TE.topk(self.top_k, dim=-1)
+        weights_TK = top_logits_TK.softmax(-1)
+        gates_TE = torch.zeros_like(noisy_TE).scatter(-1, expert_ids_TK, weights_TK)
+        if self.training and self.top_k < self.num_experts:
+            load_E = smooth_load(clean_TE, noisy_TE, noise_std_TE, self.top_k)
+        else:
+            load_E = (gates_TE > 0).sum(0).to(gates_TE.dtype)
+        aux_loss = (self.importance_weight * cv_squared(gates_TE.sum(0))
+                    + self.load_weight * cv_squared(load_E))
+        return Routing(expert_ids_TK, weights_TK, probs_TE=noisy_TE.softmax(-1),
+                       logits_TE=noisy_TE, aux_loss=aux_loss)
+
+
+# FastMoE's NoisyGate: 0.01 added to the noise std, both loss terms weighed 1.
+FASTMOE_NOISY_OPTIONS = {"noise_epsilon": 0.01, "importance_weight": 1.0, "load_weight": 1.0}
+
+
+class GShardGate(LinearGate):
+    """GShard's top-2 gate (Lepikhin et al., 2020). g1, g2 are the two largest softmax
+    probabilities, renormalised to sum to 1. In training the second expert is kept only if
+    U(0, 1) < 2 * g2, drawn before capacity, so that a discarded second choice takes no slot.
+    Capacity ceil(factor * 2 * T / E), the layer's train or eval factor, is filled choice-major:
+    every first choice before any second. Its own loss is balance_weight times the Switch form
+    E * sum_i c_i * m_i over first choices only (c_i their share, m_i the mean probability);
+    FastMoE's mean(c * m) * E^2 is the same number."""
+
+    def __init__(self, hidden_size: int, num_experts: int, *,
+                 capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
+                 balance_weight: float = 1e-2, random_routing: bool = True, **kwargs):
+        super().__init__(hidden_size, num_experts, 2, **kwargs)
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
+        self.balance_weight = balance_weight
+        self.random_routing = random_routing
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        top_TK, expert_ids_TK = probs_TE.topk(2, dim=-1)
+        weights_TK = top_TK / top_TK.sum(-1, keepdim=True)
+        keep_TK = over_capacity_TK = None  # None: every route kept, nothing to count on the host
+        if self.training and self.random_routing:
+            keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+            keep_TK[:, 1] = torch.rand_like(weights_TK[:, 1]) < 2 * weights_TK[:, 1].detach()
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if factor is not None:
+            if keep_TK is None:
+                keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
+            capacity = expert_capacity(len(x_TD), 2, self.num_experts, factor)
+            within_TK = limit_to_capacity(expert_ids_TK, keep_TK, capacity, self.num_experts,
+                                          priority="choice")
+            keep_TK, over_capacity_TK = within_TK, keep_TK & ~within_TK
+        first_choices_E = count_per_expert(expert_ids_TK[:, 0], self.num_experts)
+        aux_loss = self.balance_weight * switch_balance_loss(
+            first_choices_E, probs_TE.sum(0), max(len(x_TD), 1), top_k=1)
+        return Routing(expert_ids_TK, weights_TK, probs_TE=probs_TE, logits_TE=logits_TE,
+                       keep_TK=keep_TK, aux_loss=aux_loss, over_capacity_TK=over_capacity_TK)
+
+
+@dataclass(frozen=True)
+class RegisteredGate:
+    """A built-in gate: how to build it from a config and its options (name -> default)."""
+
+    build: Callable[[MoEConfig, dict], Gate]
+    options: dict
+
+
+def _linear_options(config: MoEConfig, options: dict) -> dict:
+    return dict(logit_norm_scale=config.logit_norm_scale, jitter=config.jitter,
+                bias=options["bias"])
+
+
+def _softmax(config: MoEConfig, options: dict) -> Gate:
     # Switch Transformer: top-1, and the gate value is the probability itself.
     normalize = config.normalize_weights and config.router == "softmax"
     return SoftmaxTopKGate(config.hidden_size, config.num_experts, config.top_k,
-                           normalize_weights=normalize, **common)
+                           normalize_weights=normalize, **_linear_options(config, options))
+
+
+def _sigmoid(config: MoEConfig, options: dict) -> Gate:
+    return SigmoidBiasGate(config.hidden_size, config.num_experts, config.top_k,
+                           normalize_weights=config.normalize_weights,
+                           bias_update_rate=config.bias_update_rate,
+                           **_linear_options(config, options))
+
+
+def _noisy(config: MoEConfig, options: dict) -> Gate:
+    return NoisyTopKGate(config.hidden_size, config.num_experts, config.top_k,
+                         noise_epsilon=options["noise_epsilon"],
+                         importance_weight=options["importance_weight"],
+                         load_weight=options["load_weight"], **_linear_options(config, options))
+
+
+def _gshard(config: MoEConfig, options: dict) -> Gate:
+    return GShardGate(config.hidden_size, config.num_experts,
+                      capacity_factor=config.capacity_factor,
+                      eval_capacity_factor=config.eval_capacity_factor,
+                      balance_weight=options["balance_weight"],
+                      random_routing=options["random_routing"],
+                      **_linear_options(config, options))
+
+
+GATES = {
+    "softmax": RegisteredGate(_softmax, {"bias": False}),
+    "switch": RegisteredGate(_softmax, {"bias": False}),
+    "sigmoid": RegisteredGate(_sigmoid, {"bias": False}),
+    "zero": RegisteredGate(lambda config, options: ZeroGate(config.num_experts, config.top_k), {}),
+    "noisy": RegisteredGate(_noisy, {"bias": False, "noise_epsilon": 0.0,
+                                     "importance_weight": 0.1, "load_weight": 0.1}),
+    "gshard": RegisteredGate(_gshard, {"bias": False, "balance_weight": 1e-2,
+                                       "random_routing": True}),
+}
+# Gates whose Routing the layer trusts without reading values back from the device.
+BUILT_IN_GATES = (SoftmaxTopKGate, SigmoidBiasGate, ZeroGate, NoisyTopKGate, GShardGate)
+
+
+def _checked_options(router: str, given: dict, defaults: dict) -> dict:
+    """The gate's defaults updated with ``given``; an unknown name or a value of the wrong kind
+    (every built-in option is a flag or a finite number >= 0) is refused."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"router_options {unknown} are not options of the {router!r} router; "
+                         f"allowed: {sorted(defaults) or 'none'}")
+    for name, value in given.items():
+        if isinstance(defaults[name], bool):
+            ok, wanted = isinstance(value, bool), "true or false"
+        else:
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and value >= 0)
+            wanted = "a finite number >= 0"
+        if not ok:
+            raise ValueError(f"router_options {name}={value!r} is not allowed for the "
+                             f"{router!r} router: expected {wanted}")
+    return {**defaults, **given}
+
+
+def build_gate(config: MoEConfig) -> Gate:
+    """The built-in gate that ``config.router`` names, with ``config.router_options``."""
+    registered = GATES[config.router]
+    return registered.build(config, _checked_options(config.router, config.router_options,
+                                                     registered.options))
+
+
+def check_routing(routing: Routing, num_tokens: int, num_experts: int, *,
+                  read_values: bool) -> None:
+    """Refuse a Routing of the wrong shapes or dtypes (no device read), and with
+    ``read_values`` one whose ids are out of [0, E) or whose weights are not finite."""
+    if not isinstance(routing, Routing):
+        raise ValueError(f"a gate must return a Routing, got {type(routing).__name__}")
+    ids = routing.expert_ids_TK
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2 \
+            or ids.shape[0] != num_tokens or ids.shape[1] < 1:
+        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"Routing.expert_ids_TK must be int64 of shape ({num_tokens}, K) with "
+                         f"K >= 1, got {got}")
+    shape_TK, shape_TE = tuple(ids.shape), (num_tokens, num_experts)
+    for name, shape, want_float in (("weights_TK", shape_TK, True), ("probs_TE", shape_TE, True),
+                                    ("logits_TE", shape_TE, True), ("keep_TK", shape_TK, False),
+                                    ("over_capacity_TK", shape_TK, False)):
+        value = getattr(routing, name)
+        if value is None and name != "weights_TK":
+            continue
+        kind_ok = isinstance(value, torch.Tensor) and (
+            value.is_floating_point() if want_float else value.dtype == torch.bool)
+        if not kind_ok or tuple(value.shape) != shape:
+            got = (f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                   else type(value).__name__)
+            raise ValueError(f"Routing.{name} must be {'floating-point' if want_float else 'bool'} "
+                             f"of shape {shape}, got {got}")
+    if routing.aux_loss is not None and (not isinstance(routing.aux_loss, torch.Tensor)
+                                         or routing.aux_loss.dim() != 0):
+        raise ValueError("Routing.aux_loss must be a 0-dim tensor")
+    if not read_values or num_tokens == 0:
+        return
+    if bool(((ids < 0) | (ids >= num_experts)).any()):
+        raise ValueError(f"Routing.expert_ids_TK has ids outside [0, {num_experts}) (ids "
+                         f"{ids.min().item()}..{ids.max().item()})")
+    if not bool(torch.isfinite(routing.weights_TK).all()):
+        raise ValueError("Routing.weights_TK has non-finite weights (nan or inf)")
