@@ -108,6 +108,20 @@ def test_a_checkpoint_written_under_expert_parallelism_resumes_on_one_process(tm
     spread = _moekit("train", "--out", str(tmp_path / "spread"), "--resume", "--quiet",
                      "--nproc", "2", "--expert", "2")
     assert spread.returncode == 0, spread.stderr
+    # Exported from the sharded run: every expert there, the logits transformers computes.
+    exported = _moekit("export", "--from", str(tmp_path / "sharded"), "--layout", "mixtral",
+                       "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    from transformers import AutoModelForCausalLM
+
+    from moekit.model import load_model
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf_model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 4
+    ids = torch.arange(20).view(2, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits,
+                                   load_model(tmp_path / "sharded" / "checkpoints" /
+                                              "step-000004")(ids).logits, rtol=1e-4, atol=1e-5)
     want = _records(tmp_path / "whole")
     for run in ("sharded", "resumed", "spread"):
         got = _records(tmp_path / run)
