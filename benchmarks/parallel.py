@@ -36,6 +36,8 @@ from moekit.parallel.expert_parallel import expert_parameters
 from moekit.parallel.mesh import world_mesh
 from moekit.parallel.parallelize import parallelize
 from moekit.parallel.processes import run_on_ranks
+from moekit.plan import Layout
+from moekit.plan.simulate import Link, Machine, simulate_step
 from moekit.train.optim import build_optimizer
 from moekit.train.step import train_step
 
@@ -96,6 +98,44 @@ def _column(rank, world, threads, expert, config, steps):
             "all_reduce_bytes": reduced_bytes}
 
 
+def _matmul_rate(threads: int = 1, size: int = 1024, reps: int = 20) -> float:
+    """This machine's fp32 matmul FLOP/s on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * size ** 3 * reps / (time.perf_counter() - started)
+
+
+def _gloo_bandwidth(rank, world, nbytes=8 << 20, reps=10):
+    """Seconds per byte of a 2-rank all-reduce of ``nbytes`` (ring: each rank sends half of it
+    twice), and per message, from a large and a tiny one."""
+    torch.set_num_threads(1)
+    big, tiny = torch.zeros(nbytes // 4), torch.zeros(1)
+    for tensor in (big, tiny):
+        dist.all_reduce(tensor)
+    timings = []
+    for tensor in (big, tiny):
+        started = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(tensor)
+        timings.append((time.perf_counter() - started) / reps)
+    latency = timings[1] / 2  # a 2-rank ring all-reduce is 2 messages
+    return {"bandwidth": nbytes / max(timings[0] - 2 * latency, 1e-9), "latency": latency}
+
+
+def _predictions(config, args, efficiency, link) -> dict:
+    machine = Machine(flops=_matmul_rate(), efficiency=efficiency, devices_per_node=8,
+                      inside_node=link, between_nodes=link)
+    layouts = {"1 proc x 1 thread": Layout(), "DP 2": Layout(data=2),
+               "EP 2": Layout(data=2, expert=2)}
+    return {name: simulate_step(config["model"], layout, machine, args.batch_size // layout.data,
+                                args.seq_len, 1, bytes_per_number=4).step
+            for name, layout in layouts.items()}
+
+
 def _cpu() -> str:
     lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     return next((line.split(":", 1)[1].strip() for line in lines if "Model name" in line), "?")
@@ -133,7 +173,27 @@ def main() -> None:
         print(f"{name:20} {step:7.3f} {spread:>8} {tokens / step:10.0f} {base / step:7.2f} "
               f"{step / dp:6.2f} {runs[0]['all_to_all_bytes']:13.0f} "
               f"{runs[0]['all_reduce_bytes']:13.0f}")
+    # The simulator (moekit/plan/simulate.py), fed this machine's measured matmul rate and gloo
+    # bandwidth; its compute efficiency is the one the 1-process column shows, so the other
+    # columns are predictions.
+    rate = _matmul_rate()
+    model_flops = config["train"].batch_size * config["train"].seq_len * _flops(config)
+    efficiency = min(model_flops / base / rate, 1.0)
+    link = Link(**run_on_ranks(_gloo_bandwidth, 2)[0])
+    predicted = _predictions(config, args, efficiency, link)
+    print(f"simulator: matmul {rate / 1e9:.1f} GFLOP/s on 1 thread, model FLOPs at "
+          f"{efficiency:.1%} of it (from the 1-process column), gloo {link.bandwidth / 1e9:.2f} "
+          f"GB/s + {link.latency * 1e6:.0f} us per message")
+    for name, seconds in predicted.items():
+        measured = statistics.median(r["step_s"] for r in results[name])
+        print(f"  {name:20} predicted {seconds:.3f} s, measured {measured:.3f} s "
+              f"({seconds / measured - 1:+.0%})")
     print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def _flops(config) -> float:
+    from moekit.plan import training_flops_per_token
+    return training_flops_per_token(config["model"], config["train"].seq_len).model_flops
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""The step-time simulator against hand computations of each part."""
+import pytest
+
+from moekit.config import preset
+from moekit.plan import Layout, count_parameters, training_flops_per_token
+from moekit.plan.simulate import Link, Machine, simulate_step
+
+LINK = Link(bandwidth=1e9, latency=1e-5)
+MACHINE = Machine(flops=1e12, efficiency=0.5, devices_per_node=8, inside_node=LINK,
+                  between_nodes=Link(bandwidth=1e8, latency=1e-4))
+
+
+def test_one_device_is_compute_only():
+    config = preset("tiny")
+    got = simulate_step(config, Layout(), MACHINE, micro_batch=4, seq_len=128, micro_batches=2)
+    flops = training_flops_per_token(config, 128).model_flops
+    assert got.compute == pytest.approx(2 * 4 * 128 * flops / 0.5e12)
+    assert got.all_to_all == got.all_reduce == got.point_to_point == got.bubble == 0
+    assert got.step == got.compute
+    with_recompute = simulate_step(config, Layout(), MACHINE, 4, 128, 2, recompute=True)
+    assert with_recompute.compute == pytest.approx(got.compute * 4 / 3)
+
+
+def test_expert_parallel_exchanges_and_reductions_by_hand():
+    config = preset("tiny")  # 4 layers, all MoE, D 128, top-2 of 8, fp32 here
+    got = simulate_step(config, Layout(data=2, expert=2), MACHINE, micro_batch=4, seq_len=128,
+                        micro_batches=1, bytes_per_number=4)
+    rows = 4 * 128 * 2 * (2 - 1) / 2  # half of a device's routes go to the other rank
+    assert got.all_to_all == pytest.approx(4 * 4 * LINK.seconds(rows * 128 * 4, 1))
+    params = count_parameters(config)
+    experts = params.component("routed_experts").total
+    ring = 2 * (2 - 1) / 2
+    replicated = LINK.seconds(ring * (params.total - experts) * 4, 2)
+    assert got.all_reduce == pytest.approx(replicated)  # each expert held once: no reduction
+
+
+def test_a_pipeline_pays_its_bubble_and_boundaries():
+    config = preset("tiny")
+    got = simulate_step(config, Layout(pipeline=2), MACHINE, 4, 128, micro_batches=4)
+    assert got.point_to_point == pytest.approx(4 * 2 * LINK.seconds(4 * 128 * 128 * 2))
+    assert got.bubble == pytest.approx((got.compute + got.point_to_point) / 4)
+    spread = Machine(flops=1e12, efficiency=0.5, devices_per_node=1, inside_node=LINK,
+                     between_nodes=Link(bandwidth=1e8, latency=1e-4))
+    slower = simulate_step(config, Layout(pipeline=2), spread, 4, 128, micro_batches=4)
+    assert slower.point_to_point > got.point_to_point  # the stages are on two nodes now
+
+
+def test_bad_machines_are_refused():
+    with pytest.raises(ValueError, match="efficiency=1.5 is not allowed"):
+        Machine(flops=1e12, efficiency=1.5, devices_per_node=8, inside_node=LINK,
+                between_nodes=LINK)
+    with pytest.raises(ValueError, match="micro_batches=0 is not allowed"):
+        simulate_step(preset("tiny"), Layout(), MACHINE, 4, 128, 0)
