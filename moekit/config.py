@@ -15,6 +15,11 @@ ROUTERS = ("softmax", "switch", "sigmoid")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 OVERFLOW_POLICIES = ("drop", "recycle_random", "recycle_next_best")
 AUX_LOSSES = ("switch", "skywork", "none")
+# Where QK-norm (qk_norm=True) normalises queries and keys; the families differ, and each
+# placement gives other logits from the same weights. "head": each head before RoPE (Qwen3-MoE,
+# Hunyuan-Large); "head_after_rope": each head after RoPE (transformers' HunYuan-MoE-V1);
+# "projection": the whole q and k projections before they are split into heads (OLMoE).
+QK_NORM_PLACEMENTS = ("head", "head_after_rope", "projection")
 
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
@@ -151,6 +156,7 @@ class ModelConfig(_FromDict):
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2-MoE
     qk_norm: bool = False  # Qwen3-MoE, Hunyuan-Large: RMSNorm on each head's q and k
+    qk_norm_placement: str = "head"  # one of QK_NORM_PLACEMENTS
     cla_share: int = 1  # CLA: every cla_share adjacent layers share one K/V (Hunyuan: 2)
     moe: MoEConfig | None = None
     moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
@@ -176,6 +182,8 @@ class ModelConfig(_FromDict):
                  self.norm_eps, "expected a float > 0")
         _require(self.activation in ACTIVATIONS, "activation", self.activation,
                  f"one of {', '.join(ACTIVATIONS)}")
+        _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
+                 self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
                  None if self.moe is None else self.moe.hidden_size,
                  f"must equal hidden_size ({self.hidden_size})")

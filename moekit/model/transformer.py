@@ -2,7 +2,8 @@
 
 RMSNorm, RoPE (configurable base), grouped-query attention (GQA), cross-layer attention (CLA:
 the first layer of every ``cla_share`` adjacent layers computes K/V, the others reuse them, and
-the KV cache holds one entry per group), optional QK-norm and QKV bias, and an MoE feed-forward
+the KV cache holds one entry per group), optional QK-norm (per head before or after RoPE, or
+over the whole q/k projection) and QKV bias, and an MoE feed-forward
 block (routed + shared experts) in every ``moe_every``-th layer, a dense SwiGLU MLP elsewhere.
 Weight names follow Hugging Face's Llama/Mixtral family where they can.
 
@@ -98,25 +99,36 @@ class Attention(nn.Module):
         if owns_kv:
             self.k_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
             self.v_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
-        self.q_norm = RMSNorm(dh, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(dh, config.norm_eps) if config.qk_norm and owns_kv else None
+        self.qk_norm_placement = config.qk_norm_placement
+        over_projection = config.qk_norm_placement == "projection"
+        self.q_norm = (RMSNorm(h * dh if over_projection else dh, config.norm_eps)
+                       if config.qk_norm else None)
+        self.k_norm = (RMSNorm(g * dh if over_projection else dh, config.norm_eps)
+                       if config.qk_norm and owns_kv else None)
 
     def _heads(self, x_BSX: torch.Tensor, heads: int) -> torch.Tensor:
         batch, seq, _ = x_BSX.shape
         return x_BSX.view(batch, seq, heads, self.head_dim).transpose(1, 2)
 
+    def _rotated_heads(self, projection, norm, x_BSD, heads: int, rope) -> torch.Tensor:
+        """Queries or keys [B, heads, S, Dh]: projected, split into heads and rotated, with
+        QK-norm (``norm``, None when off) where the config places it."""
+        placement = self.qk_norm_placement if norm is not None else None
+        y = projection(x_BSD)
+        if placement == "projection":
+            y = norm(y)
+        y_BHSD = self._heads(y, heads)
+        if placement == "head":
+            y_BHSD = norm(y_BHSD)
+        y_BHSD = apply_rope(y_BHSD, *rope)
+        return norm(y_BHSD) if placement == "head_after_rope" else y_BHSD
+
     def forward(self, x_BSD, rope, attn_mask, shared_kv=None, cache=None, group=0):
         """Returns the attention output and the (keys, values) this layer attended to, which
         the next layers of its CLA group reuse."""
-        q_BHSD = self._heads(self.q_proj(x_BSD), self.num_heads)
-        if self.q_norm is not None:
-            q_BHSD = self.q_norm(q_BHSD)
-        q_BHSD = apply_rope(q_BHSD, *rope)
+        q_BHSD = self._rotated_heads(self.q_proj, self.q_norm, x_BSD, self.num_heads, rope)
         if self.owns_kv:
-            k_BGSD = self._heads(self.k_proj(x_BSD), self.kv_heads)
-            if self.k_norm is not None:
-                k_BGSD = self.k_norm(k_BGSD)
-            k_BGSD = apply_rope(k_BGSD, *rope)
+            k_BGSD = self._rotated_heads(self.k_proj, self.k_norm, x_BSD, self.kv_heads, rope)
             v_BGSD = self._heads(self.v_proj(x_BSD), self.kv_heads)
             if cache is not None:
                 k_BGSD, v_BGSD = cache.store(group, k_BGSD, v_BGSD)
