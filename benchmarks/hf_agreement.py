@@ -4,7 +4,8 @@ For each family: a random model built by transformers (4 layers, D 256, 8 expert
 ``save_pretrained``, imported with ``moekit.convert.load_hf``; printed are the largest logit
 difference on 4 x 128 tokens (fp32), whether 16 greedy tokens are the same, and the same
 difference for ``export_hf`` back to the family's layout loaded by ``from_pretrained``.
-Nothing is downloaded. The table in docs/convert.md comes from ``python benchmarks/hf_agreement.py``.
+Nothing is downloaded. The table in docs/convert.md comes from
+``python benchmarks/hf_agreement.py``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ FAMILIES = {
     "olmoe": lambda: transformers.OlmoeConfig(num_experts=8, num_experts_per_tok=2, **COMMON),
     "hunyuan_v1_moe": lambda: transformers.HunYuanMoEV1Config(num_experts=8, moe_topk=2,
                                                               head_dim=32, **COMMON),
+    # IBM's PowerMoE-3b scalings.
+    "granitemoe": lambda: transformers.GraniteMoeConfig(
+        num_local_experts=8, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.015625, logits_scaling=6.0, **COMMON),
 }
 
 

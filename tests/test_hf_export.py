@@ -16,6 +16,9 @@ from moekit.model import Transformer, generate, load_model  # noqa: E402
 from moekit.train.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 VOCAB = 67
+# Scalings unlike 1 (and unlike each other), so that a misplaced one shows.
+GRANITE_SCALINGS = dict(embedding_multiplier=3.0, residual_multiplier=0.4,
+                        attention_multiplier=0.09, logits_scaling=2.5)
 
 
 def _moekit_model(layout):
@@ -33,6 +36,7 @@ def _moekit_model(layout):
                              moe=MoEConfig(**moe, normalize_weights=False)),
         "hunyuan_v1_moe": ModelConfig(**common, qk_norm=True, qk_norm_placement="head_after_rope",
                                       head_dim=16, moe=MoEConfig(**moe, num_shared_experts=1)),
+        "granitemoe": ModelConfig(**common, moe=MoEConfig(**moe), **GRANITE_SCALINGS),
         "llama": ModelConfig(**common),
         "qwen2": ModelConfig(**common, qkv_bias=True),
     }
@@ -44,7 +48,7 @@ def _moekit_model(layout):
 
 
 @pytest.mark.parametrize("layout", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                    "hunyuan_v1_moe", "llama", "qwen2"])
+                                    "hunyuan_v1_moe", "granitemoe", "llama", "qwen2"])
 def test_export_loads_in_transformers_and_round_trips_exactly(tmp_path, layout):
     model = _moekit_model(layout)
     export_hf(model, tmp_path / "hf", layout)
@@ -62,8 +66,9 @@ def test_export_loads_in_transformers_and_round_trips_exactly(tmp_path, layout):
 
 
 def _tiny_hf_models():
-    from transformers import (HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, LlamaConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+    from transformers import (GraniteMoeConfig, GraniteMoeForCausalLM, HunYuanMoEV1Config,
+                              HunYuanMoEV1ForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, MixtralConfig,
                               MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
                               Qwen3MoeConfig, Qwen3MoeForCausalLM)
@@ -83,6 +88,8 @@ def _tiny_hf_models():
             num_experts=4, moe_topk=[1, 1], head_dim=16, rope_parameters={
                 "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 1e4},
             **common)),
+        "granitemoe": lambda: GraniteMoeForCausalLM(GraniteMoeConfig(
+            num_local_experts=4, num_experts_per_tok=2, **GRANITE_SCALINGS, **common)),
         "llama": lambda: LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common)),
         "mistral": lambda: MistralForCausalLM(MistralConfig(**common)),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
@@ -99,7 +106,8 @@ def _saved_hf_model(folder, layout, **save_options):
 
 
 @pytest.mark.parametrize("layout", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
-                                    "hunyuan_v1_moe", "llama", "mistral", "qwen2"])
+                                    "hunyuan_v1_moe", "granitemoe", "llama", "mistral",
+                                    "qwen2"])
 def test_import_of_a_saved_folder_gives_transformers_logits(tmp_path, layout):
     hf_model = _saved_hf_model(tmp_path / "hf", layout)
     model = import_hf(tmp_path / "hf", tmp_path / "moekit")
@@ -191,6 +199,8 @@ def test_imported_tokenizer_keeps_its_own_end_of_text_token(tmp_path):
     (dict(moe_every=2), "mixtral", r"moe_every > 1.* layouts that can: qwen2_moe, qwen3_moe"),
     (dict(), "llama", r"cannot hold MoE feed-forward layers .* mixtral, qwen2_moe, qwen3_moe"),
     (dict(), "gpt2", "layout='gpt2' is not supported"),
+    (dict(logits_scaling=6.0), "mixtral",
+     "cannot hold GraniteMoE's scalings .* layouts that can: granitemoe"),
     (dict(qk_norm=True, qk_norm_placement="projection"), "qwen3_moe",
      "cannot hold QK-norm over the whole q/k projection .* layouts that can: olmoe"),
     (dict(qk_norm=True, qk_norm_placement="head_after_rope"), "qwen3_moe",

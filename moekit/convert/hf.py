@@ -1,8 +1,9 @@
 """Hugging Face layouts: configs and weight names, both ways, and what each layout can hold.
 
-Layouts: the MoE ones ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``hunyuan_v1_moe``
-and the dense ones ``llama``, ``mistral``, ``qwen2`` (the sources of upcycling). A config travels as the plain dict of a
-``config.json`` (a transformers config object is read through its ``to_dict()``).
+Layouts: the MoE ones ``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``hunyuan_v1_moe``,
+``granitemoe`` and the dense ones ``llama``, ``mistral``, ``qwen2`` (the sources of upcycling).
+A config travels as the plain dict of a ``config.json`` (a transformers config object is read
+through its ``to_dict()``).
 
 Weights come in three namings:
 
@@ -29,16 +30,20 @@ from moekit.model import Transformer
 from moekit.model.io import describe_mismatch
 from moekit.moe import MoELayer
 
-MOE_LAYOUTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "hunyuan_v1_moe")
+MOE_LAYOUTS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "hunyuan_v1_moe", "granitemoe")
 DENSE_LAYOUTS = ("llama", "mistral", "qwen2")
 LAYOUTS = MOE_LAYOUTS + DENSE_LAYOUTS
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                 "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM", "llama": "LlamaForCausalLM",
+                 "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
+                 "granitemoe": "GraniteMoeForCausalLM", "llama": "LlamaForCausalLM",
                  "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # The layouts with QK-norm, and where each applies it (ModelConfig.qk_norm_placement).
 QK_NORM_PLACEMENT = {"qwen3_moe": "head", "hunyuan_v1_moe": "head_after_rope",
                      "olmoe": "projection"}
+# GraniteMoE's scalings, under the same names in its config.json and in ModelConfig.
+GRANITE_SCALINGS = ("embedding_multiplier", "residual_multiplier", "attention_multiplier",
+                    "logits_scaling")
 
 
 def _as_dict(hf_config) -> dict:
@@ -102,7 +107,7 @@ def moe_config_from_hf(hf_config) -> MoEConfig:
     """The MoEConfig of one sparse block of a config of one of ``MOE_LAYOUTS``."""
     values = _as_dict(hf_config)
     model_type = values.get("model_type")
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "granitemoe"):
         return MoEConfig(hidden_size=_field(values, "hidden_size"),
                          ffn_size=_field(values, "intermediate_size"),
                          num_experts=_field(values, "num_local_experts"),
@@ -169,6 +174,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         tie_embeddings=bool(values.get("tie_word_embeddings", False)), qkv_bias=bool(qkv_bias),
         qk_norm=model_type in QK_NORM_PLACEMENT,
         qk_norm_placement=QK_NORM_PLACEMENT.get(model_type, "head"),
+        **({key: float(_field(values, key)) for key in GRANITE_SCALINGS}
+           if model_type == "granitemoe" else {}),
         moe=moe_config_from_hf(values) if model_type in MOE_LAYOUTS else None,
         moe_every=values.get("decoder_sparse_step", 1) if model_type in MOE_LAYOUTS else 1)
 
@@ -215,6 +222,9 @@ FEATURES = (
     _qk_norm_feature("projection", "over the whole q/k projection"),
     Feature("attention without QK-norm (qk_norm=False)", lambda c: not c.qk_norm,
             tuple(layout for layout in LAYOUTS if layout not in QK_NORM_PLACEMENT)),
+    Feature(f"GraniteMoE's scalings ({', '.join(GRANITE_SCALINGS)})",
+            lambda c: (c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier,
+                       c.logits_scaling) != (1.0, 1.0, None, 1.0), ("granitemoe",)),
     Feature("QKV bias (qkv_bias=True)", lambda c: c.qkv_bias, ("qwen2_moe", "qwen2")),
     Feature("attention without QKV bias (qkv_bias=False)", lambda c: not c.qkv_bias,
             tuple(layout for layout in LAYOUTS if layout != "qwen2")),
@@ -240,7 +250,7 @@ FEATURES = (
                            and _shared_width(m) != m.ffn_size), ("qwen2_moe",)),
     Feature("MoE layers without a shared expert",
             lambda c: _moe(c, lambda m: m.num_shared_experts == 0),
-            ("mixtral", "qwen3_moe", "olmoe")),
+            ("mixtral", "qwen3_moe", "olmoe", "granitemoe")),
 )
 
 
@@ -273,9 +283,13 @@ def hf_config_from_model(config: ModelConfig, layout: str) -> dict:
         "sliding_window": None, "use_sliding_window": False, "attention_bias": False,
     }
     moe = config.moe
-    if layout == "mixtral":
+    if layout in ("mixtral", "granitemoe"):
         values.update(intermediate_size=moe.ffn_size, num_local_experts=moe.num_experts,
                       num_experts_per_tok=moe.top_k)
+        if layout == "granitemoe":
+            values.update({key: getattr(config, key) for key in GRANITE_SCALINGS},
+                          attention_multiplier=(config.attention_multiplier
+                                                or config.attention_head_dim ** -0.5))
     elif layout == "olmoe":
         values.update(intermediate_size=moe.ffn_size, num_experts=moe.num_experts,
                       num_experts_per_tok=moe.top_k, norm_topk_prob=_weights_renormalised(moe),
@@ -300,6 +314,10 @@ def hf_config_from_model(config: ModelConfig, layout: str) -> dict:
 _LAYOUT_LAYER_PARTS = {"hunyuan_v1_moe": (
     ("self_attn.query_layernorm.", "attn.q_norm."), ("self_attn.key_layernorm.", "attn.k_norm."),
     ("mlp.gate.wg.", "ffn.router."), ("mlp.shared_mlp.", "ffn.shared_experts."),
+), "granitemoe": (  # its files hold the experts stacked already, under other names
+    ("block_sparse_moe.router.layer.", "ffn.router."),
+    ("block_sparse_moe.input_linear.weight", "ffn.experts.gate_up_proj"),
+    ("block_sparse_moe.output_linear.weight", "ffn.experts.down_proj"),
 )}
 _LAYER_PARTS = (
     ("self_attn.", "attn."), ("input_layernorm.", "attn_norm."),

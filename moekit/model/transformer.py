@@ -96,6 +96,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, h * dh, bias=config.qkv_bias)
         self.o_proj = nn.Linear(h * dh, d, bias=False)
         self.owns_kv = owns_kv
+        self.score_scale = config.attention_multiplier  # None: sdpa's 1/sqrt(Dh)
         if owns_kv:
             self.k_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
             self.v_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
@@ -136,7 +137,7 @@ class Attention(nn.Module):
         k_BGPD, v_BGPD = shared_kv
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGPD, v_BGPD, attn_mask=attn_mask,
-            is_causal=attn_mask is None and q_BHSD.shape[2] > 1,
+            is_causal=attn_mask is None and q_BHSD.shape[2] > 1, scale=self.score_scale,
             enable_gqa=self.kv_heads != self.num_heads)
         batch, _, seq, _ = out_BHSD.shape
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq, -1)), shared_kv
@@ -148,19 +149,20 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config, owns_kv=config.owns_kv(index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.residual_multiplier = config.residual_multiplier
         self.ffn = (MoELayer(config.moe, layer_index=index) if config.is_moe_layer(index)
                     else MLP(config.hidden_size, config.ffn_size, config.activation))
 
     def forward(self, x_BSD, rope, attn_mask, token_mask_BS, shared_kv, cache, group):
         attn_out, shared_kv = self.attn(self.attn_norm(x_BSD), rope, attn_mask, shared_kv,
                                         cache, group)
-        x_BSD = x_BSD + attn_out
+        x_BSD = x_BSD + attn_out * self.residual_multiplier
         stats = None
         if isinstance(self.ffn, MoELayer):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), token_mask_BS)
         else:
             ffn_out = self.ffn(self.ffn_norm(x_BSD))
-        return x_BSD + ffn_out, shared_kv, stats
+        return x_BSD + ffn_out * self.residual_multiplier, shared_kv, stats
 
 
 @dataclass
@@ -242,7 +244,7 @@ class Transformer(nn.Module):
         prompt; the output projection of the others would be wasted)."""
         self._check(input_ids, mask, cache)
         batch, seq = input_ids.shape
-        x_BSD = self.embed_tokens(input_ids)
+        x_BSD = self.embed_tokens(input_ids) * self.config.embedding_multiplier
         positions_BS, attn_mask = self._positions_and_mask(mask, cache, batch, seq,
                                                            input_ids.device)
         rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
@@ -264,6 +266,7 @@ class Transformer(nn.Module):
         x_BSD = self.norm(x_BSD[:, -1:] if last_only else x_BSD)
         logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
+        logits = logits / self.config.logits_scaling
         return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
