@@ -18,6 +18,11 @@ ROUTERS_WITH_OWN_LOSS = ("noisy", "gshard")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 OVERFLOW_POLICIES = ("drop", "recycle_random", "recycle_next_best")
 AUX_LOSSES = ("switch", "skywork", "none")
+# Where QK-norm (qk_norm=True) normalises queries and keys; the families differ, and each
+# placement gives other logits from the same weights. "head": each head before RoPE (Qwen3-MoE,
+# Hunyuan-Large); "head_after_rope": each head after RoPE (transformers' HunYuan-MoE-V1);
+# "projection": the whole q and k projections before they are split into heads (OLMoE).
+QK_NORM_PLACEMENTS = ("head", "head_after_rope", "projection")
 
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
@@ -33,6 +38,11 @@ def _positive_int(field: str, value) -> None:
 def _non_negative(field: str, value) -> None:
     _require(isinstance(value, (int, float)) and not isinstance(value, bool)
              and math.isfinite(value) and value >= 0, field, value, "expected a finite number >= 0")
+
+
+def _positive_number(field: str, value) -> None:
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool)
+             and math.isfinite(value) and value > 0, field, value, "expected a finite number > 0")
 
 
 def _capacity(field: str, value) -> None:
@@ -169,7 +179,16 @@ class ModelConfig(_FromDict):
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2-MoE
     qk_norm: bool = False  # Qwen3-MoE, Hunyuan-Large: RMSNorm on each head's q and k
+    qk_norm_placement: str = "head"  # one of QK_NORM_PLACEMENTS
     cla_share: int = 1  # CLA: every cla_share adjacent layers share one K/V (Hunyuan: 2)
+    # GraniteMoE's scalings (the defaults leave the model as it is): embeddings times
+    # embedding_multiplier; each attention and FFN output times residual_multiplier before it is
+    # added to the residual stream; attention scores times attention_multiplier (None:
+    # 1/sqrt(head_dim)); logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     moe: MoEConfig | None = None
     moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
 
@@ -194,6 +213,12 @@ class ModelConfig(_FromDict):
                  self.norm_eps, "expected a float > 0")
         _require(self.activation in ACTIVATIONS, "activation", self.activation,
                  f"one of {', '.join(ACTIVATIONS)}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            _positive_number(name, getattr(self, name))
+        if self.attention_multiplier is not None:
+            _positive_number("attention_multiplier", self.attention_multiplier)
+        _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
+                 self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
                  None if self.moe is None else self.moe.hidden_size,
                  f"must equal hidden_size ({self.hidden_size})")
@@ -236,11 +261,6 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 # Over what the load-balancing and z-losses are formed (moekit/train/router_loss.py,
 # docs/correctness.md): each micro-batch, running global counts, or the whole global batch.
 LB_SCOPES = ("micro", "global", "step")
-
-
-def _positive_number(field: str, value) -> None:
-    _require(isinstance(value, (int, float)) and not isinstance(value, bool)
-             and math.isfinite(value) and value > 0, field, value, "expected a finite number > 0")
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
                                   ffn_size=64, cla_share=1, qk_norm=True))
     save_model(moe, tmp_path / "qk")
     _fails(capsys, ["export", "--from", str(tmp_path / "qk"), "--layout", "llama", "--out", out],
-           "the llama layout cannot hold QK-norm (qk_norm=True); layouts that can: qwen3_moe")
+           "the llama layout cannot hold QK-norm per head before RoPE "
+           "(qk_norm_placement='head'); layouts that can: qwen3_moe")
+    _fails(capsys, ["import", "--from", str(tmp_path / "qk"), "--out", out],
+           "qk: already a moekit model folder (config.json says \"format\": \"moekit\")")
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "qk"]

@@ -12,10 +12,13 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from moekit.config import ModelConfig, MoEConfig  # noqa: E402
 from moekit.convert import export_hf, import_hf, load_hf  # noqa: E402
 from moekit.files import CheckpointError  # noqa: E402
-from moekit.model import Transformer, load_model  # noqa: E402
+from moekit.model import Transformer, generate, load_model  # noqa: E402
 from moekit.train.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 VOCAB = 67
+# Scalings unlike 1 (and unlike each other), so that a misplaced one shows.
+GRANITE_SCALINGS = dict(embedding_multiplier=3.0, residual_multiplier=0.4,
+                        attention_multiplier=0.09, logits_scaling=2.5)
 
 
 def _moekit_model(layout):
@@ -29,6 +32,11 @@ def _moekit_model(layout):
             shared_expert_gate=True)),
         "qwen3_moe": ModelConfig(**common, qk_norm=True, head_dim=16, tie_embeddings=True,
                                  moe=MoEConfig(**moe)),
+        "olmoe": ModelConfig(**common, qk_norm=True, qk_norm_placement="projection",
+                             moe=MoEConfig(**moe, normalize_weights=False)),
+        "hunyuan_v1_moe": ModelConfig(**common, qk_norm=True, qk_norm_placement="head_after_rope",
+                                      head_dim=16, moe=MoEConfig(**moe, num_shared_experts=1)),
+        "granitemoe": ModelConfig(**common, moe=MoEConfig(**moe), **GRANITE_SCALINGS),
         "llama": ModelConfig(**common),
         "qwen2": ModelConfig(**common, qkv_bias=True),
     }
@@ -39,7 +47,8 @@ def _moekit_model(layout):
     return model.eval()
 
 
-@pytest.mark.parametrize("layout", ["mixtral", "qwen2_moe", "qwen3_moe", "llama", "qwen2"])
+@pytest.mark.parametrize("layout", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                    "hunyuan_v1_moe", "granitemoe", "llama", "qwen2"])
 def test_export_loads_in_transformers_and_round_trips_exactly(tmp_path, layout):
     model = _moekit_model(layout)
     export_hf(model, tmp_path / "hf", layout)
@@ -57,10 +66,12 @@ def test_export_loads_in_transformers_and_round_trips_exactly(tmp_path, layout):
 
 
 def _tiny_hf_models():
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (GraniteMoeConfig, GraniteMoeForCausalLM, HunYuanMoEV1Config,
+                              HunYuanMoEV1ForCausalLM, LlamaConfig, LlamaForCausalLM,
+                              MistralConfig, MistralForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                              Qwen3MoeConfig, Qwen3MoeForCausalLM)
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=40, max_position_embeddings=64)
     moe = dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
@@ -70,6 +81,15 @@ def _tiny_hf_models():
             shared_expert_intermediate_size=24, **moe, **common)),
         "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(norm_topk_prob=True, **moe,
                                                                 **common)),
+        "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(num_experts=4, num_experts_per_tok=2,
+                                                      **common)),
+        # Top-1 given per layer, and the fixed-alpha NTK RoPE of Hunyuan-A13B ("dynamic" + alpha).
+        "hunyuan_v1_moe": lambda: HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(
+            num_experts=4, moe_topk=[1, 1], head_dim=16, rope_parameters={
+                "rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 1e4},
+            **common)),
+        "granitemoe": lambda: GraniteMoeForCausalLM(GraniteMoeConfig(
+            num_local_experts=4, num_experts_per_tok=2, **GRANITE_SCALINGS, **common)),
         "llama": lambda: LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common)),
         "mistral": lambda: MistralForCausalLM(MistralConfig(**common)),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
@@ -85,7 +105,8 @@ def _saved_hf_model(folder, layout, **save_options):
     return hf_model
 
 
-@pytest.mark.parametrize("layout", ["mixtral", "qwen2_moe", "qwen3_moe", "llama", "mistral",
+@pytest.mark.parametrize("layout", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+                                    "hunyuan_v1_moe", "granitemoe", "llama", "mistral",
                                     "qwen2"])
 def test_import_of_a_saved_folder_gives_transformers_logits(tmp_path, layout):
     hf_model = _saved_hf_model(tmp_path / "hf", layout)
@@ -96,6 +117,10 @@ def test_import_of_a_saved_folder_gives_transformers_logits(tmp_path, layout):
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(load_model(tmp_path / "moekit")(ids).logits, expected,
                                    rtol=1e-4, atol=1e-5)
+        hf_model.generation_config.eos_token_id = None  # 6 tokens each, as moekit's below
+        hf_tokens = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=6, pad_token_id=0)
+    assert generate(model, ids.tolist(), 6) == hf_tokens[:, ids.shape[1]:].tolist()
 
 
 def test_sharded_folder_and_bf16_import(tmp_path):
@@ -178,6 +203,20 @@ def test_imported_tokenizer_keeps_its_own_end_of_text_token(tmp_path):
     (dict(moe_every=2), "mixtral", r"moe_every > 1.* layouts that can: qwen2_moe, qwen3_moe"),
     (dict(), "llama", r"cannot hold MoE feed-forward layers .* mixtral, qwen2_moe, qwen3_moe"),
     (dict(), "gpt2", "layout='gpt2' is not supported"),
+    (dict(logits_scaling=6.0), "mixtral",
+     "cannot hold GraniteMoE's scalings .* layouts that can: granitemoe"),
+    (dict(qk_norm=True, qk_norm_placement="projection"), "qwen3_moe",
+     "cannot hold QK-norm over the whole q/k projection .* layouts that can: olmoe"),
+    (dict(qk_norm=True, qk_norm_placement="head_after_rope"), "qwen3_moe",
+     "cannot hold QK-norm per head after RoPE .* layouts that can: hunyuan_v1_moe"),
+    (dict(qk_norm=True, qk_norm_placement="projection", head_dim=16), "olmoe",
+     "cannot hold a head_dim other than hidden_size / num_heads"),
+    (dict(qk_norm=True, qk_norm_placement="head_after_rope", moe=MoEConfig(
+        hidden_size=32, ffn_size=16, num_experts=4, num_shared_experts=1, shared_ffn_size=8)),
+     "hunyuan_v1_moe", "cannot hold shared experts not as wide in all as one routed expert"),
+    (dict(qk_norm=True, qk_norm_placement="head_after_rope", moe=MoEConfig(
+        hidden_size=32, ffn_size=16, num_experts=4, top_k=1, router="switch",
+        num_shared_experts=1)), "hunyuan_v1_moe", "cannot hold top-k weights not renormalised"),
 ])
 def test_export_refuses_what_a_layout_cannot_hold(tmp_path, change, layout, message):
     from dataclasses import replace
@@ -211,6 +250,22 @@ def test_bad_folders_name_the_file_and_write_nothing(tmp_path):
     with pytest.raises(CheckpointError, match=r"no model.safetensors or model.safetensors.index"):
         import_hf(tmp_path / "hf", out)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+@pytest.mark.parametrize("layout, change, message", [
+    ("olmoe", dict(clip_qkv=8.0), "clip_qkv=8.0 is not supported: moekit does not clamp"),
+    ("hunyuan_v1_moe", dict(moe_topk=[1, 2]),
+     r"moe_topk=\[1, 2\] is not supported: moekit's MoE layers are all alike"),
+    ("hunyuan_v1_moe", dict(num_shared_expert=[1, 2]),
+     "num_shared_expert=.* exactly one shared expert"),
+    ("hunyuan_v1_moe", dict(use_cla=True), "use_cla=True is not supported"),
+])
+def test_import_refuses_what_the_layer_cannot_hold(tmp_path, layout, change, message):
+    _saved_hf_model(tmp_path / "hf", layout)
+    config_path = tmp_path / "hf" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **change}))
+    with pytest.raises(CheckpointError, match=rf"config.json: {message}"):
+        load_hf(tmp_path / "hf")
 
 
 def test_shards_fill_in_order_and_an_oversized_tensor_goes_alone():

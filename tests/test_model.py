@@ -24,7 +24,9 @@ def _model(**kw):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(cla_share=1, num_kv_heads=4), dict(cla_share=3),
-                                dict(tie_embeddings=True, qkv_bias=True)])
+                                dict(tie_embeddings=True, qkv_bias=True),
+                                dict(qk_norm_placement="head_after_rope"),
+                                dict(qk_norm_placement="projection")])
 def test_cached_decoding_equals_full_recomputation(kw):
     model = _model(**kw)
     ids = torch.randint(0, 97, (3, 12))

@@ -85,7 +85,9 @@ def model_configs(draw):
         head_dim=head_dim, ffn_size=draw(st.sampled_from([8, 20])),
         activation=draw(st.sampled_from(["swiglu", "relu"])),
         tie_embeddings=draw(st.booleans()), qkv_bias=draw(st.booleans()),
-        qk_norm=draw(st.booleans()), cla_share=draw(st.integers(1, 3)),
+        qk_norm=draw(st.booleans()),
+        qk_norm_placement=draw(st.sampled_from(["head", "head_after_rope", "projection"])),
+        cla_share=draw(st.integers(1, 3)),
         moe=moe, moe_every=draw(st.integers(1, 3)))
 
 

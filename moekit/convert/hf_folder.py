@@ -55,11 +55,16 @@ def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Transformer:
-    """The model of a local Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE, Llama, Mistral,
-    Qwen2 layouts), in eval mode, in the weights' dtype unless ``dtype`` is given."""
+    """The model of a local Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+    HunYuan-MoE-V1, GraniteMoE, Llama, Mistral, Qwen2 layouts), in eval mode, in the weights'
+    dtype unless ``dtype`` is given."""
     folder = Path(folder)
     _require_folder(folder)
     values = read_json(folder / CONFIG_FILE)
+    if values.get("format") == MOEKIT_FORMAT:
+        raise CheckpointError(f"{folder}: already a moekit model folder ({CONFIG_FILE} says "
+                              f"\"format\": \"{MOEKIT_FORMAT}\"); generate, eval, train "
+                              "--init-from and export read it as it is")
     try:
         config = model_config_from_hf(values)
     except ValueError as error:

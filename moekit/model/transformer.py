@@ -2,7 +2,8 @@
 
 RMSNorm, RoPE (configurable base), grouped-query attention (GQA), cross-layer attention (CLA:
 the first layer of every ``cla_share`` adjacent layers computes K/V, the others reuse them, and
-the KV cache holds one entry per group), optional QK-norm and QKV bias, and an MoE feed-forward
+the KV cache holds one entry per group), optional QK-norm (per head before or after RoPE, or
+over the whole q/k projection) and QKV bias, and an MoE feed-forward
 block (routed + shared experts) in every ``moe_every``-th layer, a dense SwiGLU MLP elsewhere.
 Weight names follow Hugging Face's Llama/Mixtral family where they can.
 
@@ -95,28 +96,40 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, h * dh, bias=config.qkv_bias)
         self.o_proj = nn.Linear(h * dh, d, bias=False)
         self.owns_kv = owns_kv
+        self.score_scale = config.attention_multiplier  # None: sdpa's 1/sqrt(Dh)
         if owns_kv:
             self.k_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
             self.v_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
-        self.q_norm = RMSNorm(dh, config.norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(dh, config.norm_eps) if config.qk_norm and owns_kv else None
+        self.qk_norm_placement = config.qk_norm_placement
+        over_projection = config.qk_norm_placement == "projection"
+        self.q_norm = (RMSNorm(h * dh if over_projection else dh, config.norm_eps)
+                       if config.qk_norm else None)
+        self.k_norm = (RMSNorm(g * dh if over_projection else dh, config.norm_eps)
+                       if config.qk_norm and owns_kv else None)
 
     def _heads(self, x_BSX: torch.Tensor, heads: int) -> torch.Tensor:
         batch, seq, _ = x_BSX.shape
         return x_BSX.view(batch, seq, heads, self.head_dim).transpose(1, 2)
 
+    def _rotated_heads(self, projection, norm, x_BSD, heads: int, rope) -> torch.Tensor:
+        """Queries or keys [B, heads, S, Dh]: projected, split into heads and rotated, with
+        QK-norm (``norm``, None when off) where the config places it."""
+        placement = self.qk_norm_placement if norm is not None else None
+        y = projection(x_BSD)
+        if placement == "projection":
+            y = norm(y)
+        y_BHSD = self._heads(y, heads)
+        if placement == "head":
+            y_BHSD = norm(y_BHSD)
+        y_BHSD = apply_rope(y_BHSD, *rope)
+        return norm(y_BHSD) if placement == "head_after_rope" else y_BHSD
+
     def forward(self, x_BSD, rope, attn_mask, shared_kv=None, cache=None, group=0):
         """Returns the attention output and the (keys, values) this layer attended to, which
         the next layers of its CLA group reuse."""
-        q_BHSD = self._heads(self.q_proj(x_BSD), self.num_heads)
-        if self.q_norm is not None:
-            q_BHSD = self.q_norm(q_BHSD)
-        q_BHSD = apply_rope(q_BHSD, *rope)
+        q_BHSD = self._rotated_heads(self.q_proj, self.q_norm, x_BSD, self.num_heads, rope)
         if self.owns_kv:
-            k_BGSD = self._heads(self.k_proj(x_BSD), self.kv_heads)
-            if self.k_norm is not None:
-                k_BGSD = self.k_norm(k_BGSD)
-            k_BGSD = apply_rope(k_BGSD, *rope)
+            k_BGSD = self._rotated_heads(self.k_proj, self.k_norm, x_BSD, self.kv_heads, rope)
             v_BGSD = self._heads(self.v_proj(x_BSD), self.kv_heads)
             if cache is not None:
                 k_BGSD, v_BGSD = cache.store(group, k_BGSD, v_BGSD)
@@ -124,7 +137,7 @@ class Attention(nn.Module):
         k_BGPD, v_BGPD = shared_kv
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGPD, v_BGPD, attn_mask=attn_mask,
-            is_causal=attn_mask is None and q_BHSD.shape[2] > 1,
+            is_causal=attn_mask is None and q_BHSD.shape[2] > 1, scale=self.score_scale,
             enable_gqa=self.kv_heads != self.num_heads)
         batch, _, seq, _ = out_BHSD.shape
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq, -1)), shared_kv
@@ -136,19 +149,20 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config, owns_kv=config.owns_kv(index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.residual_multiplier = config.residual_multiplier
         self.ffn = (MoELayer(config.moe, layer_index=index) if config.is_moe_layer(index)
                     else MLP(config.hidden_size, config.ffn_size, config.activation))
 
     def forward(self, x_BSD, rope, attn_mask, token_mask_BS, shared_kv, cache, group):
         attn_out, shared_kv = self.attn(self.attn_norm(x_BSD), rope, attn_mask, shared_kv,
                                         cache, group)
-        x_BSD = x_BSD + attn_out
+        x_BSD = x_BSD + attn_out * self.residual_multiplier
         stats = None
         if isinstance(self.ffn, MoELayer):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), token_mask_BS)
         else:
             ffn_out = self.ffn(self.ffn_norm(x_BSD))
-        return x_BSD + ffn_out, shared_kv, stats
+        return x_BSD + ffn_out * self.residual_multiplier, shared_kv, stats
 
 
 class LayerStack(nn.ModuleDict):
@@ -255,7 +269,7 @@ class Transformer(nn.Module):
         prompt; the output projection of the others would be wasted)."""
         self._check(input_ids, mask, cache)
         batch, seq = input_ids.shape
-        x_BSD = self.embed_tokens(input_ids)
+        x_BSD = self.embed_tokens(input_ids) * self.config.embedding_multiplier
         positions_BS, attn_mask = self._positions_and_mask(mask, cache, batch, seq,
                                                            input_ids.device)
         rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
@@ -277,6 +291,7 @@ class Transformer(nn.Module):
         x_BSD = self.norm(x_BSD[:, -1:] if last_only else x_BSD)
         logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
+        logits = logits / self.config.logits_scaling
         return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

@@ -54,7 +54,9 @@ def layer_parameters(config: ModelConfig, index: int) -> LayerParameters:
         attention += q_width + (2 * kv_width if owns_kv else 0)
     norms = 2 * d  # before attention and before the FFN
     if config.qk_norm:
-        norms += dh + (dh if owns_kv else 0)
+        over_projection = config.qk_norm_placement == "projection"
+        q_norm, k_norm = (q_width, kv_width) if over_projection else (dh, dh)
+        norms += q_norm + (k_norm if owns_kv else 0)
     if not config.is_moe_layer(index):
         return LayerParameters(attention=attention, norms=norms,
                                dense_ffn=mlp_parameters(d, config.ffn_size, config.activation))

@@ -1,0 +1,82 @@
+"""How closely imported Hugging Face models agree with transformers, family by family.
+
+For each family: a random model built by transformers (4 layers, D 256, 8 experts), written by
+``save_pretrained``, imported with ``moekit.convert.load_hf``; printed are the largest logit
+difference on 4 x 128 tokens (fp32), whether 16 greedy tokens are the same, and the same
+difference for ``export_hf`` back to the family's layout loaded by ``from_pretrained``.
+Nothing is downloaded. The table in docs/convert.md comes from
+``python benchmarks/hf_agreement.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+import transformers
+
+from moekit.convert import export_hf, load_hf
+from moekit.model import generate
+
+VOCAB = 1000
+COMMON = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=4, intermediate_size=512, max_position_embeddings=256)
+FAMILIES = {
+    "mixtral": lambda: transformers.MixtralConfig(num_local_experts=8, **COMMON),
+    "olmoe": lambda: transformers.OlmoeConfig(num_experts=8, num_experts_per_tok=2, **COMMON),
+    "hunyuan_v1_moe": lambda: transformers.HunYuanMoEV1Config(num_experts=8, moe_topk=2,
+                                                              head_dim=32, **COMMON),
+    # IBM's PowerMoE-3b scalings.
+    "granitemoe": lambda: transformers.GraniteMoeConfig(
+        num_local_experts=8, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.015625, logits_scaling=6.0, **COMMON),
+}
+
+
+def _random_model(config):
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # transformers leaves stacked expert weights uninitialised
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.normal_(0, 0.05)
+    return model
+
+
+def _greedy(hf_model, ids, new_tokens):
+    hf_model.generation_config.eos_token_id = None
+    out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=new_tokens, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def measure(family: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    hf_model = _random_model(FAMILIES[family]())
+    ids = torch.randint(0, VOCAB, (4, 128))
+    expected = hf_model(ids).logits
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model.save_pretrained(folder)
+        model = load_hf(folder)
+    imported = (model(ids).logits - expected).abs().max().item()
+    same_tokens = generate(model, ids[:, :16].tolist(), 16) == _greedy(hf_model, ids[:, :16], 16)
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, folder, family)
+        exported = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        back = (exported(ids).logits - model(ids).logits).abs().max().item()
+    return (f"{family}: import max |logit diff| {imported:.1e} (logit std "
+            f"{expected.std().item():.2f}); greedy tokens same: {same_tokens}; "
+            f"export then from_pretrained: {back:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=FAMILIES, action="append",
+                        help="one family (repeatable); default all")
+    args = parser.parse_args()
+    for family in args.family or FAMILIES:
+        print(measure(family), flush=True)
+
+
+if __name__ == "__main__":
+    main()
