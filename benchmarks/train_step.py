@@ -89,6 +89,7 @@ class Column:
 class StepTimes:
     phases: tuple[float, ...]  # seconds, in the order of PHASES
     page_faults: int
+    preemptions: int  # involuntary context switches: another process wanted the cores
 
     @property
     def seconds(self) -> float:
@@ -210,7 +211,7 @@ def check_same_logits(columns: dict[str, Column], ids: torch.Tensor) -> None:
 
 
 def train_step(column: Column, inputs: torch.Tensor, targets: torch.Tensor) -> StepTimes:
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    before = resource.getrusage(resource.RUSAGE_SELF)
     with column.patch():
         start = time.perf_counter()
         logits, router_loss = column.forward(inputs)
@@ -225,9 +226,10 @@ def train_step(column: Column, inputs: torch.Tensor, targets: torch.Tensor) -> S
         column.optimizer.step()
         column.optimizer.zero_grad(set_to_none=True)
         optimizer_done = time.perf_counter()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    after = resource.getrusage(resource.RUSAGE_SELF)
     return StepTimes((forward_done - start, backward_done - forward_done,
-                      clip_done - backward_done, optimizer_done - clip_done), faults)
+                      clip_done - backward_done, optimizer_done - clip_done),
+                     after.ru_minflt - before.ru_minflt, after.ru_nivcsw - before.ru_nivcsw)
 
 
 def time_interleaved(columns: dict[str, Column], inputs, targets, reps: int,
@@ -261,16 +263,20 @@ def median_and_range(values: list[float], digits: int) -> str:
 def report(console: Console, title: str, columns: dict[str, Column],
            steps: dict[str, list[StepTimes]], tokens: int) -> None:
     table = Table(title=title)
-    for heading in ("column", "tokens/s", "step s", *PHASES, "page faults/step", "AdamW"):
+    for heading in ("column", "tokens/s", "step s", *PHASES, "page faults/step",
+                    "preempted/step", "AdamW"):
         table.add_column(heading, justify="left" if heading == "column" else "right")
     for name, runs in steps.items():
         seconds = [run.seconds for run in runs]
-        shares = [statistics.median(run.phases[i] / run.seconds for run in runs)
-                  for i in range(len(PHASES))]
+        phase_seconds = [statistics.median(run.phases[i] for run in runs)
+                         for i in range(len(PHASES))]
+        shares = [seconds / sum(phase_seconds) for seconds in phase_seconds]
         faults = statistics.median(run.page_faults for run in runs)
+        preemptions = statistics.median(run.preemptions for run in runs)
         table.add_row(name, median_and_range([tokens / s for s in seconds], 0),
                       f"{statistics.median(seconds):.3f}", *(f"{share:.0%}" for share in shares),
-                      f"{faults:,.0f}", implementation_of(columns[name].optimizer))
+                      f"{faults:,.0f}", f"{preemptions:,.0f}",
+                      implementation_of(columns[name].optimizer))
     console.print(table)
 
     def per_round(numerator: str, denominator: str) -> list[float]:
@@ -379,8 +385,8 @@ def main():
             share = grouped_mm_share(columns[MOEKIT], inputs, targets)
             console.print(f"{'expert mm in moekit step':26s} {share:.0%}  "
                           "(aten::_grouped_mm in one profiled step)")
+        console.print(uptime())
         del columns
-    console.print(uptime())
 
 
 if __name__ == "__main__":
