@@ -260,6 +260,19 @@ def median_and_range(values: list[float], digits: int) -> str:
             f"[{min(values):.{digits}f}-{max(values):.{digits}f}]")
 
 
+def preemptions_per_second(steps: dict[str, list[StepTimes]], round_index: int) -> float:
+    this_round = [runs[round_index] for runs in steps.values()]
+    return (sum(step.preemptions for step in this_round)
+            / sum(step.seconds for step in this_round))
+
+
+def least_contended_round(steps: dict[str, list[StepTimes]]) -> int:
+    """The round in which other processes took the cores least often: on a shared machine,
+    the nearest to a quiet one."""
+    rounds = range(len(next(iter(steps.values()))))
+    return min(rounds, key=lambda index: preemptions_per_second(steps, index))
+
+
 def report(console: Console, title: str, columns: dict[str, Column],
            steps: dict[str, list[StepTimes]], tokens: int) -> None:
     table = Table(title=title)
@@ -282,15 +295,20 @@ def report(console: Console, title: str, columns: dict[str, Column],
     def per_round(numerator: str, denominator: str) -> list[float]:
         return [b.seconds / a.seconds for a, b in zip(steps[numerator], steps[denominator])]
 
+    quietest = least_contended_round(steps)
+    console.print(f"{'ratio':26s} median [range] over rounds; in the least preempted round "
+                  f"({preemptions_per_second(steps, quietest):.0f} preemptions/s)")
     for label, (numerator, denominator) in RATIOS.items():
         if numerator in steps and denominator in steps:
-            console.print(f"{label:26s} {median_and_range(per_round(numerator, denominator), 2)}")
+            ratios = per_round(numerator, denominator)
+            console.print(f"{label:26s} {median_and_range(ratios, 2)}; {ratios[quietest]:.2f}")
     if all(name in steps for name in (MOEKIT, MOEKIT_DENSE_EXPERT_MM, DENSE)):
         shares = [(moe.seconds - variant.seconds) / (moe.seconds - dense.seconds)
                   for moe, variant, dense in zip(steps[MOEKIT], steps[MOEKIT_DENSE_EXPERT_MM],
                                                  steps[DENSE])]
-        console.print(f"{'gap to dense in expert mm':26s} {median_and_range(shares, 2)}  "
-                      "(moekit - dense expert mm) / (moekit - dense), seconds per step")
+        console.print(f"{'gap to dense in expert mm':26s} {median_and_range(shares, 2)}; "
+                      f"{shares[quietest]:.2f}  (moekit - dense expert mm) / (moekit - dense), "
+                      "seconds per step")
 
 
 def machine_header(args) -> str:
