@@ -296,7 +296,7 @@ def report(console: Console, title: str, columns: dict[str, Column],
         return [b.seconds / a.seconds for a, b in zip(steps[numerator], steps[denominator])]
 
     quietest = least_contended_round(steps)
-    console.print(f"{'ratio':26s} median [range] over rounds; in the least preempted round "
+    console.print(f"{'ratio':26s} median (range) over rounds; in the least preempted round "
                   f"({preemptions_per_second(steps, quietest):.0f} preemptions/s)")
     for label, (numerator, denominator) in RATIOS.items():
         if numerator in steps and denominator in steps:
