@@ -56,6 +56,8 @@ from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.convert.hf import hf_config_from_model, moekit_to_hf_state
 from moekit.devices import retain_freed_cpu_memory
 from moekit.model import Transformer
+from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import clip_gradients
 from moekit.train.optim import build_optimizer, implementation_of
 
 MOEKIT, MOEKIT_FOREACH, MOEKIT_LOOP = "moekit", "moekit foreach", "moekit loop"
@@ -122,7 +124,7 @@ def hf_mixtral(config: ModelConfig, weights_from: Transformer):
                               router_aux_loss_coef=config.moe.aux_loss_coef)
     hf_config._experts_implementation = None  # transformers picks grouped_mm if it can
     model = MixtralForCausalLM(hf_config)
-    model.load_state_dict(moekit_to_hf_state(weights_from.state_dict()))
+    model.load_state_dict(moekit_to_hf_state(weights_from.state_dict(), "mixtral"))
     return model.train()
 
 
@@ -220,8 +222,8 @@ def train_step(column: Column, inputs: torch.Tensor, targets: torch.Tensor) -> S
         forward_done = time.perf_counter()
         loss.backward()
         backward_done = time.perf_counter()
-        # foreach=False as moekit/train/loop.py clips
-        torch.nn.utils.clip_grad_norm_(column.model.parameters(), TRAIN.grad_clip, foreach=False)
+        # moekit's clipping for every column (moekit/train/step.py clips so)
+        clip_gradients(column.model, TRAIN.grad_clip, Mesh())
         clip_done = time.perf_counter()
         column.optimizer.step()
         column.optimizer.zero_grad(set_to_none=True)

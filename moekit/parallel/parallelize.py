@@ -67,8 +67,9 @@ def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tenso
     gradients = [p.grad for p in model.parameters() if p.grad is not None]
     squares = torch.zeros(2, dtype=torch.float64, device=gradients[0].device)  # replicated, sharded
     for parameter in model.parameters():
-        if parameter.grad is not None:
-            squares[int(id(parameter) in sharded)] += parameter.grad.double().pow(2).sum()
+        if parameter.grad is not None:  # each tensor's norm in its own dtype: no gradient copy
+            norm = torch.linalg.vector_norm(parameter.grad).double()
+            squares[int(id(parameter) in sharded)] += norm * norm
     if sharded and mesh.expert_size > 1:
         expert_squares = squares[1:].to(mesh.device)
         dist.all_reduce(expert_squares, group=mesh.expert_group)
