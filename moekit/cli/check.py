@@ -50,7 +50,7 @@ def register(subcommands) -> None:
         "check", help="prove that every parallel layout computes the single-process step",
         description="Runs one training step of your model configuration (shrunk in depth and "
         "width where it must be, and said so) under gradient accumulation, padding, "
-        "recomputation and data parallelism on up to --nproc local processes (gloo), and "
+        "recomputation, data and expert parallelism on up to --nproc local processes (gloo), and "
         "compares the loss, router losses, statistics and every gradient with one process on "
         "the same global batch (docs/correctness.md). Exit 0 only when all pass.")
     source = parser.add_mutually_exclusive_group()
