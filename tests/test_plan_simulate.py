@@ -51,3 +51,27 @@ def test_bad_machines_are_refused():
                 between_nodes=LINK)
     with pytest.raises(ValueError, match="micro_batches=0 is not allowed"):
         simulate_step(preset("tiny"), Layout(), MACHINE, 4, 128, 0)
+
+
+def test_expert_data_parallelism_replaces_the_all_to_all_by_the_tensor_groups_reduces():
+    config = preset("tiny")
+    edp = simulate_step(config, Layout(data=1, tensor=2, expert=2), MACHINE, 4, 128, 1)
+    activations = 4 * 128 * 128 * 2
+    assert edp.all_to_all == 0
+    assert edp.tensor_parallel == pytest.approx(4 * 4 * LINK.seconds(activations, 2))
+    assert edp.compute == pytest.approx(
+        simulate_step(config, Layout(), MACHINE, 4, 128, 1).compute / 2)
+
+
+def test_plan_simulate_prints_the_prediction_and_its_sensitivity(capsys):
+    import json
+
+    from moekit.cli import main
+    assert main(["plan", "--preset", "tiny", "--world-size", "2", "--expert", "2",
+                 "--peak-tflops", "10", "--efficiency", "0.5", "--simulate", "--json"]) == 0
+    simulation = json.loads(capsys.readouterr().out)["simulation"]
+    assert simulation["prediction"]["all_to_all"] > 0
+    low, high = simulation["sensitivity"]["efficiency"]
+    assert low < simulation["prediction"]["tokens_per_device_per_second"] < high
+    assert main(["plan", "--preset", "tiny", "--simulate"]) == 2
+    assert "--simulate needs the device's peak" in capsys.readouterr().err

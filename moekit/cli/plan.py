@@ -18,6 +18,7 @@ from moekit.plan import (GIB, INFERENCE_DTYPES, Layout, Precision, budget_plan,
                          plan_stages, training_compute, training_flops_per_token,
                          training_memory, uniform_stages, upcycle_or_scratch, utilisation)
 from moekit.plan.inference import inference_weight_bytes
+from moekit.plan.simulate import Link, Machine, simulate_step
 from moekit.plan.units import DTYPE_BYTES
 
 # Where the field flags land in the parsed arguments: --hidden-size in model_hidden_size,
@@ -110,6 +111,22 @@ def register(subcommands) -> None:
     layout.add_argument("--grad-bytes", type=int, default=2)
     layout.add_argument("--optimizer-bytes", type=int, default=12,
                         help="per parameter (default 12: fp32 master weights + Adam moments)")
+
+    simulate = parser.add_argument_group(
+        "step-time simulation (--simulate; moekit/plan/simulate.py, docs/parallel.md)",
+        "the layout flags above, the device's peak (--device or --peak-tflops) at a stated "
+        "--efficiency, and the links' bandwidths; no input is fitted")
+    simulate.add_argument("--simulate", action="store_true",
+                          help="predict the step time of the layout, part by part")
+    simulate.add_argument("--efficiency", type=float,
+                          help="share of the peak the model's FLOPs reach (e.g. 0.5)")
+    simulate.add_argument("--link-gbps", type=float, default=100.0,
+                          help="bandwidth inside a node, GB/s per device (default 100)")
+    simulate.add_argument("--link-between-gbps", type=float, default=25.0,
+                          help="bandwidth between nodes, GB/s per device (default 25)")
+    simulate.add_argument("--link-latency-us", type=float, default=10.0,
+                          help="latency per message, microseconds (default 10)")
+    simulate.add_argument("--devices-per-node", type=int, default=8)
 
     serve = parser.add_argument_group("inference")
     serve.add_argument("--infer-dtype", nargs="+", choices=INFERENCE_DTYPES,
@@ -210,9 +227,38 @@ def build_plan(args) -> dict:
          for dtype in args.infer_dtype] if memory_gib is not None
         else [{"dtype": dtype, "weight_bytes": inference_weight_bytes(config, dtype),
                "devices": args.world_size} for dtype in args.infer_dtype])
+    if args.simulate:
+        plan["simulation"] = _simulation(config, layout, args, seq_len, peak_flops)
     if args.upcycle:
         plan["upcycle"] = _upcycle(config, args, seq_len)
     return plan
+
+
+def _simulation(config: ModelConfig, layout: Layout, args, seq_len: int,
+                peak_flops: float | None) -> dict:
+    """The predicted step, and how it moves when each input is halved or doubled."""
+    if peak_flops is None or args.efficiency is None:
+        raise ValueError("--simulate needs the device's peak (--device or --peak-tflops) and "
+                         "--efficiency (the share of it the model reaches)")
+    micro_batches = _given_or(args.pipeline_micro_batches, 4 * args.pipeline)
+    inputs = {"efficiency": args.efficiency, "link_gbps": args.link_gbps,
+              "link_between_gbps": args.link_between_gbps, "micro_batches": micro_batches}
+
+    def predict(values: dict):
+        machine = Machine(flops=peak_flops, efficiency=min(values["efficiency"], 1.0),
+                          devices_per_node=args.devices_per_node,
+                          inside_node=Link(values["link_gbps"] * 1e9,
+                                           args.link_latency_us * 1e-6),
+                          between_nodes=Link(values["link_between_gbps"] * 1e9,
+                                             args.link_latency_us * 1e-6))
+        return simulate_step(config, layout, machine, args.micro_batch, seq_len,
+                             max(int(values["micro_batches"]), 1), args.recompute,
+                             args.weight_bytes)
+
+    sensitivity = {name: [predict({**inputs, name: value * factor}).tokens_per_device_per_second
+                          for factor in (0.5, 2.0)] for name, value in inputs.items()}
+    return {"prediction": predict(inputs), "inputs": inputs, "sensitivity": sensitivity,
+            "measured_tokens_per_device_per_second": args.tokens_per_second}
 
 
 def _pipeline_split(config: ModelConfig, args, seq_len: int, peak_flops: float | None) -> dict:
@@ -320,6 +366,7 @@ def _tables(plan: dict):
                        "optimum)", f"{law.tokens_at_published_optimum:.3e}"]])
     yield from _memory_tables(plan)
     yield from _pipeline_table(plan)
+    yield from _simulation_table(plan)
     yield from _upcycle_table(plan)
 
 
@@ -384,6 +431,23 @@ def _pipeline_table(plan: dict):
                  f"{split['micro_batches']} micro-batches)",
                  ["split", "layers per stage", "slowest stage FLOPs/token", "bubble",
                   "step time vs uniform", "step at peak"], rows)
+
+
+def _simulation_table(plan: dict):
+    if "simulation" not in plan:
+        return
+    simulation = plan["simulation"]
+    step = simulation["prediction"]
+    rows = [[part.replace("_", " "), f"{getattr(step, part):.4g} s"]
+            for part in ("compute", "tensor_parallel", "all_to_all", "point_to_point", "bubble",
+                         "all_reduce", "step")]
+    rows.append(["tokens per device per second", f"{step.tokens_per_device_per_second:,.0f}"])
+    measured = simulation["measured_tokens_per_device_per_second"]
+    if measured:
+        rows.append(["measured (--tokens-per-second)", f"{measured:,.0f}"])
+    for name, (low, high) in simulation["sensitivity"].items():
+        rows.append([f"tokens/s with {name} x0.5 / x2", f"{low:,.0f} / {high:,.0f}"])
+    yield _table("Predicted step (no overlap of communication and compute)", ["part", ""], rows)
 
 
 def _upcycle_table(plan: dict):

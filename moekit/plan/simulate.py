@@ -11,6 +11,11 @@ latency. For a step of ``micro_batches`` micro-batches of ``micro_batch`` sequen
 - all-to-all (expert parallelism): per MoE layer and micro-batch, forward and back, twice with
   the backward, the rows a device sends to the other X - 1 ranks of its expert group: T K
   (X - 1) / X rows of D numbers for its T tokens;
+- tensor parallelism: per layer and micro-batch, four ring all-reduces of the T x D
+  activations over the tensor group (attention's and the FFN's outputs, forward and backward,
+  as Megatron-LM); under expert data parallelism (Skywork-MoE's EDP: the experts spread over
+  the tensor group, which holds the same tokens) the FFN's is the experts' and no all-to-all
+  is needed;
 - all-reduce of the replicated gradients over the data-parallel replicas, as a ring: 2 (R - 1)
   / R of their bytes each way; the experts' over their R / X replicas; ZeRO-1 the same bytes
   (reduce-scatter + all-gather);
@@ -63,6 +68,7 @@ class Machine:
 @dataclass(frozen=True)
 class StepPrediction:
     compute: float
+    tensor_parallel: float
     all_to_all: float
     all_reduce: float
     point_to_point: float
@@ -91,8 +97,14 @@ def simulate_step(config: ModelConfig, layout: Layout, machine: Machine, micro_b
 
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_layers))
     expert = layout.expert
+    tensor_parallel = 0.0
+    if layout.tensor > 1:
+        activations = tokens * config.hidden_size * bytes_per_number
+        tensor_parallel = (micro_batches * max(stages) * 4
+                           * _ring(activations, layout.tensor, machine.link(layout.tensor)))
     all_to_all = 0.0
-    if expert > 1 and config.moe is not None:
+    edp = layout.route_share == expert  # the expert group shares its tokens (EDP)
+    if expert > 1 and config.moe is not None and not edp:
         rows = tokens * config.moe.top_k * (expert - 1) / expert
         row_bytes = rows * config.hidden_size * bytes_per_number
         per_layer = 4 * machine.link(expert).seconds(row_bytes, messages=expert - 1)
@@ -115,12 +127,12 @@ def simulate_step(config: ModelConfig, layout: Layout, machine: Machine, micro_b
         boundary = tokens * config.hidden_size * bytes_per_number
         point_to_point = micro_batches * 2 * machine.link(span).seconds(boundary)
 
-    busy = compute + all_to_all + point_to_point
+    busy = compute + tensor_parallel + all_to_all + point_to_point
     bubble = busy * (layout.pipeline - 1) / micro_batches
     step = busy + bubble + all_reduce
     device_tokens = micro_batches * tokens * layout.data / layout.world_size
-    return StepPrediction(compute, all_to_all, all_reduce, point_to_point, bubble, step,
-                          device_tokens / step)
+    return StepPrediction(compute, tensor_parallel, all_to_all, all_reduce, point_to_point,
+                          bubble, step, device_tokens / step)
 
 
 def _ring(nbytes: float, members: int, link: Link) -> float:
