@@ -294,6 +294,8 @@ def _jsonable(value):
         return dataclasses.asdict(value)
     if isinstance(value, list):
         return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
     return value
 
 
