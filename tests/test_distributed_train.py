@@ -199,3 +199,27 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path, processes, expert):
                          for name in ("first", "second"))
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first), file
+
+
+def test_zero_1_trains_the_data_parallel_run_and_its_checkpoint_resumes_anywhere(tmp_path):
+    """ZeRO-1 (optimizer state sharded over the ranks) makes the same updates as plain data
+    parallelism, bit for bit, and writes the whole optimizer state."""
+    from safetensors.torch import load_file
+    (tmp_path / "run.toml").write_text(CONFIG)
+    for name, flags in (("plain", []), ("zero", ["--zero", "1"])):
+        result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                         str(tmp_path / name), "--quiet", "--nproc", "2", *flags)
+        assert result.returncode == 0, result.stderr
+    assert _records(tmp_path / "zero") == _records(tmp_path / "plain")
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        plain, zero = (load_file(tmp_path / name / "checkpoints" / "step-000004" / file)
+                       for name in ("plain", "zero"))
+        assert plain.keys() == zero.keys()
+        assert all(torch.equal(plain[key], zero[key]) for key in plain), file
+    # ZeRO-1's step-2 checkpoint resumed with ZeRO-1 again ends where the plain run ended.
+    shutil.copytree(tmp_path / "zero", tmp_path / "again")
+    shutil.rmtree(tmp_path / "again" / "checkpoints" / "step-000004")
+    resumed = _moekit("train", "--out", str(tmp_path / "again"), "--resume", "--quiet",
+                      "--nproc", "2", "--zero", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert _records(tmp_path / "again") == _records(tmp_path / "plain")

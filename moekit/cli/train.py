@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from moekit.cli.paths import input_option, output_option
 from moekit.cli.values import positive_float, positive_int
@@ -116,6 +116,9 @@ def run_train(args) -> int:
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
     check_expert_degree(args.expert, world)
+    if args.zero and args.expert > 1:
+        raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
+                         "broadcast experts that differ from rank to rank; drop one of them")
     if world > 1:  # a layout the batch or model cannot take is refused before any process
         from moekit.train.loop import read_run
         from moekit.train.step import check_batch_split
@@ -130,7 +133,8 @@ def run_train(args) -> int:
         return launch(args.nproc, without_nproc(args.argv))
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
-    mesh = mesh_from_environment(device, args.collective_timeout, args.expert)
+    mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert),
+                   zero=args.zero)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -272,6 +276,9 @@ def register(subcommands) -> None:
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the processes and the experts; default 1)")
+    parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                          help="1: shard the optimizer state over the data-parallel ranks "
+                          "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")
     parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")

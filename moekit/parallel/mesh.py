@@ -54,6 +54,7 @@ class Mesh:
     expert_rank: int = 0
     expert_size: int = 1
     device_mesh: object | None = None
+    zero: int = 0  # 1: the optimizer state sharded over the data-parallel ranks (ZeRO-1)
 
     @property
     def is_main(self) -> bool:

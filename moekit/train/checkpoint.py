@@ -50,10 +50,22 @@ def latest_checkpoint(run: str | Path) -> Path:
     return folders[-1]
 
 
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """parameter -> its state. A ZeRO-1 optimizer's state is gathered whole (a collective)."""
+    if not hasattr(optimizer, "consolidate_state_dict"):
+        return dict(optimizer.state)
+    optimizer.consolidate_state_dict(to=0)
+    if torch.distributed.get_rank() != 0:
+        return {}
+    by_index = optimizer.state_dict()["state"]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    return {parameters[index]: state for index, state in by_index.items()}
+
+
 def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
     names = {id(p): name for name, p in model.named_parameters()}
     tensors = {"rng.torch": torch.get_rng_state()}
-    for parameter, state in optimizer.state.items():
+    for parameter, state in _optimizer_state(optimizer).items():
         for key, value in state.items():
             tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
     return tensors
@@ -131,11 +143,21 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
         name, moment = key.rsplit(".", 1)
         moments.setdefault(name, {})[moment] = (value if moment == "step"
                                                 else upgrade_tensor(name, value, version))
-    for name, parameter in model.named_parameters():
-        if name in moments:
-            optimizer.state[parameter] = {
-                key: value if key == "step" else _as_held(value, parameter, mesh)
-                for key, value in moments[name].items()}
+    held = {id(parameter): {key: value if key == "step" else _as_held(value, parameter, mesh)
+                            for key, value in moments[name].items()}
+            for name, parameter in model.named_parameters() if name in moments}
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1 takes each rank's share itself
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        position = {id(p): index for index, p in enumerate(parameters)}
+        optimizer.load_state_dict({
+            "state": {i: held[id(p)] for i, p in enumerate(parameters) if id(p) in held},
+            "param_groups": [{**saved, "params": [position[id(p)] for p in group["params"]]}
+                             for group, saved in zip(optimizer.param_groups,
+                                                     state["param_groups"])]})
+    else:
+        for parameter in model.parameters():
+            if id(parameter) in held:
+                optimizer.state[parameter] = held[id(parameter)]
     torch.set_rng_state(moments["rng"]["torch"])
     return int(state["step"])
 

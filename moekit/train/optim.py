@@ -56,25 +56,36 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: TrainConfig,
+                    shard_over=None) -> torch.optim.Optimizer:
     """AdamW over ``parameter_groups``, implemented as ``config.optimizer_impl`` says
     (``implementation_of`` tells what "auto" chose).
 
     Fused is the default because at many experts the loop's temporaries cost half a step
     (docs/train.md, Speed). The three keep the same state under the same names, so a
-    checkpoint written with one resumes with another."""
+    checkpoint written with one resumes with another. ``shard_over``: a process group over
+    which the optimizer state is sharded (ZeRO-1, as Skywork-MoE trained:
+    ``ZeroRedundancyOptimizer``, each rank updating its share and broadcasting it)."""
     groups = parameter_groups(model, config)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
+
+    def adamw(**kind):
+        if shard_over is None:
+            return torch.optim.AdamW(groups, **kind, **options)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
+                                       process_group=shard_over, **kind, **options)
+
     impl = config.optimizer_impl
     if impl in ("auto", "fused"):
         try:
-            return torch.optim.AdamW(groups, fused=True, **options)
+            return adamw(fused=True)
         except RuntimeError as error:  # torch has no fused kernel for this device or dtype
             if impl == "fused":
                 raise ValueError(f"optimizer_impl='fused' is not available here ({error}); "
                                  "use foreach or loop") from None
             impl = "foreach"
-    return torch.optim.AdamW(groups, foreach=impl == "foreach", **options)
+    return adamw(foreach=impl == "foreach")
 
 
 def implementation_of(optimizer: torch.optim.Optimizer) -> str:
