@@ -150,7 +150,10 @@ def _awkward_cases():
     sigmoid = replace(MODEL, moe=replace(MODEL.moe, router="sigmoid", top_k=1))
     every_expert = replace(MODEL, moe=replace(MODEL.moe, top_k=4))  # k = E
     skywork = replace(MODEL, moe=replace(MODEL.moe, aux_loss="skywork"))
+    half_padding = (inputs, targets.masked_fill(torch.arange(8)[:, None] >= 4, IGNORE_INDEX),
+                    torch.arange(8)[:, None].expand(8, 12) < 4)  # the last ranks: no token
     return [("step", MODEL, STEP, (inputs, targets, None), None),
+            ("ranks with only padding", MODEL, STEP, half_padding, None),
             ("padded, accum 2", MODEL, replace(STEP, grad_accum=2), padded, None),
             ("skywork, clipped", skywork, replace(STEP, grad_clip=0.05), (inputs, targets, None),
              None),
@@ -168,4 +171,4 @@ def test_expert_parallel_equals_one_process(world, expert):
         want = step_outcome(model, config, *batch, prepare=prepare)
         failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
         assert not failed, (name, failed)
-    assert outcomes[3].figures["expert_load"][:, 0].eq(1).all()  # expert 0 took everything
+    assert outcomes[4].figures["expert_load"][:, 0].eq(1).all()  # expert 0 took everything
