@@ -111,7 +111,8 @@ class StepRouterLoss:
         config = layer.config
         z_sum = torch.zeros((), dtype=torch.float64) if s.z_sum is None else s.z_sum.double()
         prob_E = (s.prob_sum_E.double() if s.prob_sum_E is not None
-                  else torch.zeros(config.num_experts, dtype=torch.float64))
+                  else torch.zeros(config.num_experts, dtype=torch.float64,
+                                   device=s.routed_per_expert_E.device))
         if self.scope == "global":
             if s.num_tokens == 0:
                 return torch.zeros((), dtype=torch.float64)
