@@ -62,9 +62,24 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     return {parameters[index]: state for index, state in by_index.items()}
 
 
-def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+def _random_states(mesh: Mesh) -> dict:
+    """The CPU random-number state of every rank (a collective on several): ``rng.torch`` is
+    rank 0's, which a run on another number of ranks continues from; ``rng.torch.rankR`` each
+    rank's, which a run on as many ranks continues exactly (ranks draw apart when their
+    micro-batches hold different numbers of valid tokens, the jitter's noise, say)."""
+    state = torch.get_rng_state()
+    if mesh.data_size == 1:
+        return {"rng.torch": state}
+    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.data_size)]
+    torch.distributed.all_gather(states, state.to(mesh.device), group=mesh.data_group)
+    return {"rng.torch": states[0].cpu().clone(),
+            **{f"rng.torch.rank{rank}": s.cpu() for rank, s in enumerate(states)}}
+
+
+def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer,
+                       mesh: Mesh) -> dict:
     names = {id(p): name for name, p in model.named_parameters()}
-    tensors = {"rng.torch": torch.get_rng_state()}
+    tensors = _random_states(mesh)
     for parameter, state in _optimizer_state(optimizer).items():
         for key, value in state.items():
             tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
@@ -83,7 +98,8 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
     experts they hold apart are gathered whole, and rank 0 writes what one process would."""
     destination = checkpoint_folder(run, step)
     weights = whole_expert_tensors(model.state_dict(), model, mesh)
-    optimizer_tensors = whole_expert_tensors(_optimizer_tensors(model, optimizer), model, mesh)
+    optimizer_tensors = whole_expert_tensors(_optimizer_tensors(model, optimizer, mesh), model,
+                                             mesh)
     if not mesh.is_main:
         return destination
     try:
@@ -158,7 +174,10 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
         for parameter in model.parameters():
             if id(parameter) in held:
                 optimizer.state[parameter] = held[id(parameter)]
-    torch.set_rng_state(moments["rng"]["torch"])
+    per_rank = moments.get("rng.torch", {})
+    same_ranks = len(per_rank) == mesh.data_size > 1
+    torch.set_rng_state(per_rank[f"rank{mesh.data_rank}"] if same_ranks
+                        else moments["rng"]["torch"])
     return int(state["step"])
 
 
