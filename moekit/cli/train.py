@@ -267,11 +267,11 @@ def register(subcommands) -> None:
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     parallel = train.add_argument_group(
-        "several processes (data parallel; docs/parallel.md)",
+        "several processes (data, expert parallel, ZeRO-1; docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
-    parallel.add_argument("--nproc", type=positive_int,
+    parallel.add_argument("--nproc", type=positive_int, metavar="N",
                           help="run on N local processes (torch's elastic agent, as torchrun)")
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
