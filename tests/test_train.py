@@ -311,3 +311,31 @@ def test_a_checkpoint_of_one_adamw_resumes_with_another(tmp_path):
     train(None, None, None, tmp_path / "cut", resume=True, show_progress=False)
     # The loop's moments were the fused kernel's, by name: the rest differs by rounding only.
     _assert_weights_close(_final_weights(tmp_path / "cut"), _final_weights(tmp_path / "whole"))
+
+
+def test_each_step_logs_router_health_of_its_whole_batch():
+    # The step's health keys are those of one forward over its global batch (sums over the
+    # micro-batches over the batch's tokens; the sums are float32, as the layer keeps them).
+    import copy
+
+    from moekit.parallel.mesh import Mesh
+    from moekit.train.equivalence import GradientRecorder
+    from moekit.train.step import train_step
+    config = replace(SMALL_MODEL, moe=replace(SMALL_MODEL.moe, capacity_factor=None,
+                                              jitter=0.0))
+    torch.manual_seed(0)
+    model = Transformer(config).double().train()
+    reference = copy.deepcopy(model)
+    tokens = torch.randint(0, 300, (4, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stats = reference(tokens[:, :-1]).moe_stats
+    record = train_step(model, GradientRecorder(model.named_parameters()), tokens[:, :-1],
+                        tokens[:, 1:], replace(SMALL_TRAIN, batch_size=4, grad_accum=2), Mesh())
+    for layer, s in enumerate(stats):
+        load = s.tokens_per_expert_E.double()
+        assert record["tokens_per_expert"][layer] == s.tokens_per_expert_E.tolist()
+        assert record["load_cv"][layer] == pytest.approx(float(load.std(correction=0) / load.mean()))
+        assert record["load_max_over_mean"][layer] == pytest.approx(float(load.max() / load.mean()))
+        assert record["router_entropy"][layer] == pytest.approx(s.router_entropy, rel=1e-6)
+        assert record["max1_over_max2"][layer] == pytest.approx(s.max1_over_max2, rel=1e-6)
+        assert record["max2_over_max3"][layer] == pytest.approx(s.max2_over_max3, rel=1e-6)

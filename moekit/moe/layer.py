@@ -77,6 +77,15 @@ class RouterCounts:
         total = self.tokens_per_expert_E.sum().clamp(min=1)
         return self.tokens_per_expert_E.float() / total
 
+    def load_imbalance(self) -> dict[str, float | None]:
+        """The computed routes per expert: coefficient of variation (population std / mean),
+        max / mean and max / min (None when an expert got none: the ratio is infinite)."""
+        load_E = self.tokens_per_expert_E.double()
+        mean, low, high = float(load_E.mean()), float(load_E.min()), float(load_E.max())
+        return {"load_cv": float(load_E.std(correction=0)) / mean if mean else None,
+                "load_max_over_mean": high / mean if mean else None,
+                "load_max_over_min": high / low if low else None}
+
 
 @dataclass
 class MoEStats:

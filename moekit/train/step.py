@@ -51,6 +51,22 @@ def _sum_counts(per_micro_batch: list[list[RouterCounts]]) -> list[RouterCounts]
     return totals
 
 
+def _health_sums(stats) -> torch.Tensor:
+    """A layer's router-health sums of one forward (entropy, max1/max2, max2/max3), NaN where
+    the gate gives no probabilities."""
+    sums = (stats.entropy_sum, stats.top1_over_top2_sum, stats.top2_over_top3_sum)
+    return torch.stack([torch.tensor(float("nan")) if s is None else s.detach().double().cpu()
+                        for s in sums])
+
+
+def _health(counts: RouterCounts, sums: list[float]) -> dict:
+    """Per-layer router health of the step (the issue's metrics keys), from summed counts."""
+    tokens = max(int(counts.num_tokens), 1)
+    means = [None if math.isnan(s) else s / tokens for s in sums]
+    return {"tokens_per_expert": counts.tokens_per_expert_E.tolist(), **counts.load_imbalance(),
+            "router_entropy": means[0], "max1_over_max2": means[1], "max2_over_max3": means[2]}
+
+
 def _reduce(counts: list[RouterCounts], scalars: list[torch.Tensor], mesh: Mesh):
     """Counts and float64 scalars summed over the ranks, in one collective."""
     if mesh.data_size == 1:
@@ -94,7 +110,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     ranks = mesh.data_size
     cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
     router_share = torch.zeros((), dtype=torch.float64, device=device)
-    counts = []
+    counts, health = [], []
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
@@ -109,18 +125,25 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         cross_entropy += nll.detach().double()
         router_share += share.detach().to(device)
         counts.append([s.counts for s in out.moe_stats])
+        health.append([_health_sums(s) for s in out.moe_stats])
     finish_gradients(model, mesh)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    health_sums = [sum(layer) for layer in zip(*health)]  # per layer, over micro-batches
     with collective("the all-reduce of the step's figures"):
-        step_counts, (nll_sum, router_value) = _reduce(
-            _sum_counts(counts) if layers else [], [cross_entropy, router_share], mesh)
+        step_counts, (nll_sum, router_value, *health_values) = _reduce(
+            _sum_counts(counts) if layers else [],
+            [cross_entropy, router_share, *(x.to(device) for sums in health_sums for x in sums)],
+            mesh)
     for layer, layer_counts in zip(layers, step_counts):
         layer.update_router_state(layer_counts)
+    per_layer = [_health(c, health_values[3 * i:3 * i + 3]) for i, c in enumerate(step_counts)]
     return {"loss": nll_sum / max(counted, 1), "router_loss": router_value,
             "grad_norm": grad_norm.item(),
             "drop_rate": [c.drop_rate for c in step_counts],
             "expert_load": [c.expert_load.tolist() for c in step_counts],
-            "aux_coef": [s.aux_coef for s in out.moe_stats]}
+            "aux_coef": [s.aux_coef for s in out.moe_stats],
+            **{key: [layer[key] for layer in per_layer] for key in
+               (per_layer[0] if per_layer else {})}}
