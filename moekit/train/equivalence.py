@@ -16,7 +16,7 @@ import torch
 from moekit.config import ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.expert_parallel import expert_parameters
+from moekit.parallel.expert_parallel import whole_expert_tensors
 from moekit.parallel.parallelize import parallelize
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
@@ -61,21 +61,9 @@ def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: t
     record = train_step(parallel_model, recorder, inputs, targets, train_config, mesh, mask)
     figures = {key: torch.tensor(record[key], dtype=torch.float64)
                for key in ("loss", "router_loss", "grad_norm", "drop_rate", "expert_load")}
-    return StepOutcome(figures=figures, gradients=_whole_experts(recorder.gradients, model, mesh))
-
-
-def _whole_experts(gradients: dict, model, mesh: Mesh) -> dict:
-    """Gradients with each sharded expert tensor gathered whole over its expert group (rank r
-    holds experts [r * L, (r + 1) * L)), to compare with one process's."""
-    sharded = {name for name, _ in expert_parameters(model)}
-    if not sharded:
-        return gradients
-    whole = dict(gradients)
-    for name in sorted(sharded):
-        pieces = [torch.empty_like(gradients[name]) for _ in range(mesh.expert_size)]
-        torch.distributed.all_gather(pieces, gradients[name].contiguous(), group=mesh.expert_group)
-        whole[name] = torch.cat(pieces)
-    return whole
+    # Each sharded expert gradient gathered whole, to compare with one process's.
+    return StepOutcome(figures=figures,
+                       gradients=whole_expert_tensors(recorder.gradients, model, mesh))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from moekit.config import TrainConfig
 from moekit.moe import MoELayer
 from moekit.moe.layer import RouterCounts
 from moekit.parallel.mesh import Mesh, collective
-from moekit.parallel.parallelize import clip_gradients, finish_gradients
+from moekit.parallel.parallelize import clip_gradients, finish_gradients, unwrap
 from moekit.train.router_loss import StepRouterLoss, routing_totals
 
 IGNORE_INDEX = -100  # a target that is not counted (padding, a prompt's tokens): PyTorch's
@@ -104,7 +104,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
     totals = None
     if config.lb_scope == "step" and layers:
-        inner = getattr(model, "module", model)  # the pre-pass goes around DDP's hooks
+        inner = unwrap(model)  # the pre-pass goes around DDP's hooks
         totals = routing_totals(inner, micro_batches, mesh, forward)
     router_loss = StepRouterLoss(layers, config.lb_scope, config.grad_accum, mesh, totals)
     ranks = mesh.data_size
