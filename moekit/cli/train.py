@@ -116,9 +116,6 @@ def run_train(args) -> int:
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
     check_expert_degree(args.expert, world)
-    if args.zero and args.expert > 1:
-        raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
-                         "broadcast experts that differ from rank to rank; drop one of them")
     if world > 1:  # a layout the batch or model cannot take is refused before any process
         from moekit.train.loop import read_run
         from moekit.train.step import check_batch_split

@@ -27,6 +27,7 @@ from moekit.model.io import folder_format_version, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
 from moekit.parallel.mesh import Mesh
+from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -50,16 +51,20 @@ def latest_checkpoint(run: str | Path) -> Path:
     return folders[-1]
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """parameter -> its state. A ZeRO-1 optimizer's state is gathered whole (a collective)."""
-    if not hasattr(optimizer, "consolidate_state_dict"):
-        return dict(optimizer.state)
-    optimizer.consolidate_state_dict(to=0)
-    if torch.distributed.get_rank() != 0:
-        return {}
-    by_index = optimizer.state_dict()["state"]
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    return {parameters[index]: state for index, state in by_index.items()}
+def _optimizer_state(optimizer) -> dict:
+    """parameter -> its state. A ZeRO-1 part's state is gathered whole on the first rank of
+    the ranks it is sharded over (a collective); the other ranks return none of it."""
+    state = {}
+    for part in optimizer_parts(optimizer):
+        if not hasattr(part, "consolidate_state_dict"):
+            state.update(part.state)
+            continue
+        part.consolidate_state_dict(to=0)  # the rank within the part's group
+        if torch.distributed.get_rank(part.process_group) == 0:
+            by_index = part.state_dict()["state"]
+            parameters = [p for group in part.param_groups for p in group["params"]]
+            state.update({parameters[index]: value for index, value in by_index.items()})
+    return state
 
 
 def _random_states(mesh: Mesh) -> dict:
@@ -162,18 +167,16 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     held = {id(parameter): {key: value if key == "step" else _as_held(value, parameter, mesh)
                             for key, value in moments[name].items()}
             for name, parameter in model.named_parameters() if name in moments}
-    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1 takes each rank's share itself
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        position = {id(p): index for index, p in enumerate(parameters)}
-        optimizer.load_state_dict({
-            "state": {i: held[id(p)] for i, p in enumerate(parameters) if id(p) in held},
-            "param_groups": [{**saved, "params": [position[id(p)] for p in group["params"]]}
-                             for group, saved in zip(optimizer.param_groups,
-                                                     state["param_groups"])]})
-    else:
-        for parameter in model.parameters():
-            if id(parameter) in held:
-                optimizer.state[parameter] = held[id(parameter)]
+    for part in optimizer_parts(optimizer):
+        parameters = [p for group in part.param_groups for p in group["params"]]
+        if hasattr(part, "consolidate_state_dict"):  # ZeRO-1 takes each rank's share itself
+            position = {id(p): index for index, p in enumerate(parameters)}
+            part.load_state_dict({
+                "state": {i: held[id(p)] for i, p in enumerate(parameters) if id(p) in held},
+                "param_groups": [{**group, "params": [position[id(p)] for p in group["params"]]}
+                                 for group in part.param_groups]})
+        else:
+            part.state.update({p: held[id(p)] for p in parameters if id(p) in held})
     per_rank = moments.get("rng.torch", {})
     same_ranks = len(per_rank) == mesh.data_size > 1
     torch.set_rng_state(per_rank[f"rank{mesh.data_rank}"] if same_ranks

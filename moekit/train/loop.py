@@ -246,8 +246,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     if latest is not None:
         load_weights(model, latest)  # whole, before the layout takes this rank's part
     parallel_model = parallelize(model, mesh)
-    optimizer = build_optimizer(model, train_config,
-                                mesh.data_group if mesh.zero and mesh.data_size > 1 else None)
+    optimizer = build_optimizer(model, train_config, mesh)
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
 
     def write_new_run(folder: Path) -> None:
