@@ -72,7 +72,7 @@ def test_two_processes_train_the_one_process_run(tmp_path):
     (["--nproc", "0"], "--nproc: 0 is not allowed"),
     (["--nproc", "3"], "batch_size=4 is not allowed with 3 data-parallel ranks"),
     (["--nproc", "2", "--collective-timeout", "0"], "--collective-timeout: 0.0 is not allowed"),
-    (["--nproc", "2", "--zero", "2"], "--zero: invalid choice: 2"),
+    (["--nproc", "2", "--zero", "4"], "--zero: invalid choice: 4"),
 ])
 def test_bad_layouts_are_refused_before_any_process_starts(tmp_path, flags, message):
     (tmp_path / "run.toml").write_text(CONFIG)

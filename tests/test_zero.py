@@ -1,8 +1,10 @@
 """ZeRO with expert parallelism, and ZeRO-2/3 (FSDP2): the optimizer's state (and, for 2 and 3,
 the gradients and parameters) sharded over the ranks changes nothing in what a step computes.
 Real gloo processes, float64; the reference is one process taking the same steps."""
+import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -64,19 +66,17 @@ def _state(run, step):
     return tensors
 
 
-def _zero_1_layouts(rank, world, out, experts):
-    """Per expert degree: plain data parallelism, ZeRO-1, and ZeRO-1 resumed from its first
+def _layouts(rank, world, out, layouts):
+    """Per layout (expert degree, ZeRO level): the run, and the run resumed from its first
     checkpoint."""
     from moekit.parallel.mesh import world_mesh
     records = {}
-    for expert in experts:
-        for zero in (0, 1):
-            mesh = replace(world_mesh(expert=expert), zero=zero)
-            records[expert, zero] = _train(mesh, out / f"ep{expert}-zero{zero}")
-        mesh = replace(world_mesh(expert=expert), zero=1)
-        records[expert, "resumed"] = _train(
-            mesh, out / f"ep{expert}-resumed", range(1, STEPS),
-            resume_from=out / f"ep{expert}-zero1" / "checkpoints" / "step-000001")
+    for expert, zero in layouts:
+        run = out / f"ep{expert}-zero{zero}"
+        records[expert, zero] = _train(replace(world_mesh(expert=expert), zero=zero), run)
+        records[expert, zero, "resumed"] = _train(
+            replace(world_mesh(expert=expert), zero=zero), out / f"ep{expert}-zero{zero}-resumed",
+            range(1, STEPS), resume_from=run / "checkpoints" / "step-000001")
     return records
 
 
@@ -110,7 +110,8 @@ def test_zero_1_with_expert_parallelism_takes_the_one_process_steps(tmp_path):
     assert reference[0]["grad_norm"] > TRAIN.grad_clip  # clipping was on
     for world, experts in ((4, (2, 4)), (2, (2,))):
         out = tmp_path / f"world{world}"
-        records = run_on_ranks(_zero_1_layouts, world, out, experts, timeout=240)[0]
+        layouts = [(expert, zero) for expert in experts for zero in (0, 1)]
+        records = run_on_ranks(_layouts, world, out, layouts, timeout=240)[0]
         for expert in experts:
             for step in range(1, STEPS + 1):
                 zero = _state(out / f"ep{expert}-zero1", step)
@@ -118,11 +119,64 @@ def test_zero_1_with_expert_parallelism_takes_the_one_process_steps(tmp_path):
                 _assert_close(zero, _state(tmp_path / "one", step))
             assert records[expert, 1] == records[expert, 0]
             _assert_records_close(records[expert, 1], reference)
-            resumed = _state(out / f"ep{expert}-resumed", STEPS)
+            resumed = _state(out / f"ep{expert}-zero1-resumed", STEPS)
             uninterrupted = _state(out / f"ep{expert}-zero1", STEPS)
             if world == 2:
                 _assert_equal(resumed, uninterrupted)
-                assert records[expert, "resumed"] == records[expert, 1][1:]
+                assert records[expert, 1, "resumed"] == records[expert, 1][1:]
             else:
                 _assert_close(resumed, uninterrupted)
-                _assert_records_close(records[expert, "resumed"], records[expert, 1][1:])
+                _assert_records_close(records[expert, 1, "resumed"], records[expert, 1][1:])
+
+
+def test_zero_2_and_3_take_the_one_process_steps_and_resume_bit_for_bit(tmp_path):
+    """FSDP2 on 4 ranks: ZeRO-2 and ZeRO-3 over every rank, and ZeRO-3 with DP 2 x EP 2 (the
+    experts on the expert-parallel path). AdamW steps with clipping on agree with one
+    process to float64 rounding; checkpoints hold every tensor whole under its name; resumed
+    from the first checkpoint, each run continues bit for bit (FSDP2's reductions do not
+    depend on the run's history, as DDP's buckets do)."""
+    from moekit.parallel.mesh import Mesh
+    reference = _train(Mesh(), tmp_path / "one")
+    layouts = [(1, 2), (1, 3), (2, 3)]
+    records = run_on_ranks(_layouts, 4, tmp_path, layouts, timeout=240)[0]
+    for expert, zero in layouts:
+        run = tmp_path / f"ep{expert}-zero{zero}"
+        for step in range(1, STEPS + 1):
+            _assert_close(_state(run, step), _state(tmp_path / "one", step))
+        _assert_records_close(records[expert, zero], reference)
+        _assert_equal(_state(tmp_path / f"ep{expert}-zero{zero}-resumed", STEPS),
+                      _state(run, STEPS))
+        assert records[expert, zero, "resumed"] == records[expert, zero][1:]
+
+
+def test_moekit_train_with_zero_3_and_expert_parallelism(tmp_path):
+    """The command: ``--nproc 2 --expert 2 --zero 3`` trains the one-process run (float32
+    rounding, as test_distributed_train's data-parallel run), validating on 3 batches that the
+    2 ranks share unevenly; its checkpoint is a model folder that ``load_model`` reads, and
+    resumes under another layout (``--zero 1``)."""
+    from test_distributed_train import CONFIG, _moekit, _records
+
+    from moekit.model import load_model
+    (tmp_path / "run.toml").write_text(CONFIG.replace("eval_batches = 2", "eval_batches = 3"))
+    runs = {"one": [], "sharded": ["--nproc", "2", "--expert", "2", "--zero", "3"]}
+    for name, flags in runs.items():
+        result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                         str(tmp_path / name), "--quiet", *flags)
+        assert result.returncode == 0, result.stderr
+    got, want = _records(tmp_path / "sharded"), _records(tmp_path / "one")
+    assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    for index, (a, b) in enumerate(zip(got, want)):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2), key
+    model = load_model(tmp_path / "sharded" / "checkpoints" / "step-000004")
+    assert model.layers[1].ffn.experts.gate_up_proj.shape[0] == 4
+    shutil.copytree(tmp_path / "sharded", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-000004")
+    resumed = _moekit("train", "--out", str(tmp_path / "resumed"), "--resume", "--quiet",
+                      "--nproc", "2", "--zero", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    for a, b in zip(_records(tmp_path / "resumed"), got):
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key

@@ -264,7 +264,7 @@ def register(subcommands) -> None:
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     parallel = train.add_argument_group(
-        "several processes (data, expert parallel, ZeRO-1; docs/parallel.md)",
+        "several processes (data, expert parallel, ZeRO-1/2/3; docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
@@ -273,9 +273,12 @@ def register(subcommands) -> None:
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the processes and the experts; default 1)")
-    parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
-                          help="1: shard the optimizer state over the data-parallel ranks "
-                          "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")
+    parallel.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
+                          help="shard over the data-parallel ranks: 1 the optimizer state "
+                          "(ZeRO-1, as Skywork-MoE trained: ZeroRedundancyOptimizer over DDP; "
+                          "with --expert each expert's over its replicas), 2 the gradients and "
+                          "optimizer state, 3 the parameters too (FSDP2's fully_shard; experts "
+                          "stay on the --expert path). Default 0: plain DDP; docs/parallel.md")
     parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")

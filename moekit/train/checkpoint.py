@@ -25,8 +25,9 @@ from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock
                           read_json, read_safetensors, remove_leftovers, write_json)
 from moekit.model.io import folder_format_version, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
-from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
+from moekit.parallel.expert_parallel import local_part
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import whole_tensors
 from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
@@ -102,9 +103,8 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
     ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it: the
     experts they hold apart are gathered whole, and rank 0 writes what one process would."""
     destination = checkpoint_folder(run, step)
-    weights = whole_expert_tensors(model.state_dict(), model, mesh)
-    optimizer_tensors = whole_expert_tensors(_optimizer_tensors(model, optimizer, mesh), model,
-                                             mesh)
+    weights = whole_tensors(model.state_dict(), model, mesh)
+    optimizer_tensors = whole_tensors(_optimizer_tensors(model, optimizer, mesh), model, mesh)
     if not mesh.is_main:
         return destination
     try:
@@ -185,9 +185,16 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
 
 
 def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
+    """A whole tensor of ``parameter``'s shape as this rank holds it: its experts, or its
+    FSDP2 shard (cut here from the whole, which every rank has read: no collective)."""
     if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
-    return whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    if hasattr(parameter, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements,
+                                 src_data_rank=None)
+    return whole
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

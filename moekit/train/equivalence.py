@@ -16,8 +16,7 @@ import torch
 from moekit.config import ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.expert_parallel import whole_expert_tensors
-from moekit.parallel.parallelize import parallelize
+from moekit.parallel.parallelize import parallelize, whole_tensors
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
 
@@ -61,9 +60,8 @@ def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: t
     record = train_step(parallel_model, recorder, inputs, targets, train_config, mesh, mask)
     figures = {key: torch.tensor(record[key], dtype=torch.float64)
                for key in ("loss", "router_loss", "grad_norm", "drop_rate", "expert_load")}
-    # Each sharded expert gradient gathered whole, to compare with one process's.
-    return StepOutcome(figures=figures,
-                       gradients=whole_expert_tensors(recorder.gradients, model, mesh))
+    # Each sharded gradient gathered whole, to compare with one process's.
+    return StepOutcome(figures=figures, gradients=whole_tensors(recorder.gradients, model, mesh))
 
 
 @dataclass
@@ -152,6 +150,7 @@ class CheckLayout:
     grad_accum: int = 1
     padded: bool = False
     recompute: bool = False
+    zero: int = 0  # 2, 3: FSDP2 (the gradients, and for 3 the parameters, sharded)
 
 
 LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
@@ -161,9 +160,12 @@ LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
            CheckLayout("data parallel 2 x accumulation 2", ranks=2, grad_accum=2),
            CheckLayout("expert parallel 2", ranks=2, expert=2),
            CheckLayout("expert parallel 2, padded", ranks=2, expert=2, padded=True),
+           CheckLayout("data parallel 2, ZeRO-2", ranks=2, zero=2),
+           CheckLayout("data parallel 2 x accumulation 2, ZeRO-3", ranks=2, grad_accum=2, zero=3),
            CheckLayout("data parallel 4", ranks=4),
            CheckLayout("expert parallel 4", ranks=4, expert=4),
-           CheckLayout("data 2 x expert 2", ranks=4, expert=2))
+           CheckLayout("data 2 x expert 2", ranks=4, expert=2),
+           CheckLayout("data 2 x expert 2, ZeRO-3", ranks=4, expert=2, zero=3))
 NOT_YET = ("expert data parallel", "pipeline")
 
 
@@ -221,7 +223,8 @@ def _layout_outcome(model_config, train_config, layout: CheckLayout, mesh: Mesh,
 def _ranks_outcomes(rank, world, model_config, train_config, layouts, dtype):
     from moekit.parallel.mesh import world_mesh
     meshes = {expert: world_mesh(expert=expert) for expert in {l.expert for l in layouts}}
-    return [_layout_outcome(model_config, train_config, layout, meshes[layout.expert], dtype)
+    return [_layout_outcome(model_config, train_config, layout,
+                            replace(meshes[layout.expert], zero=layout.zero), dtype)
             for layout in layouts]
 
 

@@ -61,19 +61,23 @@ class TrainResult:
 def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfig,
                     device: torch.device, mesh: Mesh = Mesh()) -> float:
     """Mean cross-entropy per token over the validation windows (dropless: eval mode); the
-    data-parallel ranks share the batches and sum their results."""
+    data-parallel ranks share the batches and sum their results. Every rank runs as many
+    forwards (a rank past the last batch repeats it, uncounted): under expert parallelism or
+    ZeRO-3 each forward is collective."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, tokens
-    batches = eval_batches(tokens, config.micro_batch_size, config.seq_len, config.eval_batches)
-    for index, (inputs, targets) in enumerate(batches):
-        if index % mesh.data_size != mesh.data_rank:
-            continue
+    batches = list(eval_batches(tokens, config.micro_batch_size, config.seq_len,
+                                config.eval_batches))
+    for first in range(0, len(batches), mesh.data_size):
+        index = first + mesh.data_rank
+        inputs, targets = batches[min(index, len(batches) - 1)]
         with autocast(config.precision, device):
             logits = model(inputs.to(device)).logits
-        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
-                                   reduction="sum")
-        sums[1] += targets.numel()
+        if index < len(batches):
+            sums[0] += F.cross_entropy(logits.float().flatten(0, 1),
+                                       targets.to(device).flatten(), reduction="sum")
+            sums[1] += targets.numel()
     model.train(was_training)
     total, count = mesh.sum_(sums).tolist()
     return total / count
