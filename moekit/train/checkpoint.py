@@ -23,11 +23,12 @@ import torch
 
 from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
                           read_json, read_safetensors, remove_leftovers, write_json)
-from moekit.model.io import folder_format_version, upgrade_tensor, write_model
+from moekit.model.io import (WEIGHTS_FILE, folder_format_version, upgrade_tensor,
+                             write_config, write_model)
 from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import whole_tensors
+from moekit.parallel.sharded_checkpoint import save_sharded
 from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
@@ -52,44 +53,47 @@ def latest_checkpoint(run: str | Path) -> Path:
     return folders[-1]
 
 
-def _optimizer_state(optimizer) -> dict:
-    """parameter -> its state. A ZeRO-1 part's state is gathered whole on the first rank of
-    the ranks it is sharded over (a collective); the other ranks return none of it."""
+def _held_optimizer_state(optimizer) -> dict:
+    """parameter -> its state, as this rank holds it: a ZeRO-1 part's partition only, FSDP2's
+    moments as DTensor shards, an expert's of this rank's experts."""
     state = {}
     for part in optimizer_parts(optimizer):
-        if not hasattr(part, "consolidate_state_dict"):
-            state.update(part.state)
-            continue
-        part.consolidate_state_dict(to=0)  # the rank within the part's group
-        if torch.distributed.get_rank(part.process_group) == 0:
-            by_index = part.state_dict()["state"]
-            parameters = [p for group in part.param_groups for p in group["params"]]
-            state.update({parameters[index]: value for index, value in by_index.items()})
+        state.update(getattr(part, "optim", part).state)  # ZeroRedundancyOptimizer.optim: local
     return state
 
 
 def _random_states(mesh: Mesh) -> dict:
-    """The CPU random-number state of every rank (a collective on several): ``rng.torch`` is
-    rank 0's, which a run on another number of ranks continues from; ``rng.torch.rankR`` each
-    rank's, which a run on as many ranks continues exactly (ranks draw apart when their
-    micro-batches hold different numbers of valid tokens, the jitter's noise, say)."""
+    """The CPU random-number state: ``rng.torch`` is rank 0's, which a run on another number
+    of ranks continues from; ``rng.torch.rankR`` each rank's, which a run on as many ranks
+    continues exactly (ranks draw apart when their micro-batches hold different numbers of
+    valid tokens, the jitter's noise, say). Each rank returns its own."""
     state = torch.get_rng_state()
     if mesh.data_size == 1:
         return {"rng.torch": state}
-    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.data_size)]
-    torch.distributed.all_gather(states, state.to(mesh.device), group=mesh.data_group)
-    return {"rng.torch": states[0].cpu().clone(),
-            **{f"rng.torch.rank{rank}": s.cpu() for rank, s in enumerate(states)}}
+    return {f"rng.torch.rank{mesh.data_rank}": state,
+            **({"rng.torch": state.clone()} if mesh.is_main else {})}
 
 
 def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer,
                        mesh: Mesh) -> dict:
     names = {id(p): name for name, p in model.named_parameters()}
     tensors = _random_states(mesh)
-    for parameter, state in _optimizer_state(optimizer).items():
+    for parameter, state in _held_optimizer_state(optimizer).items():
         for key, value in state.items():
             tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
     return tensors
+
+
+@contextlib.contextmanager
+def _staged(destination: Path, mesh: Mesh):
+    """The folder every rank writes into: rank 0 stages it (``atomic_directory``) and renames
+    it into place once all have written; the others learn its path."""
+    with atomic_directory(destination) if mesh.is_main else contextlib.nullcontext() as staging:
+        if mesh.data_size > 1:
+            path = [str(staging) if mesh.is_main else None]
+            torch.distributed.broadcast_object_list(path, src=0)
+            staging = Path(path[0])
+        yield staging
 
 
 def checkpoint_folder(run: str | Path, step: int) -> Path:
@@ -100,27 +104,35 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
                     keep: int, mesh: Mesh = Mesh()) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
-    ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it: the
-    experts they hold apart are gathered whole, and rank 0 writes what one process would."""
+    ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it and
+    writes the shards it holds into rank 0's staging folder (``save_sharded``: the folder must
+    be on a file system every rank reaches); the files hold what one process would write."""
     destination = checkpoint_folder(run, step)
-    weights = whole_tensors(model.state_dict(), model, mesh)
-    optimizer_tensors = whole_tensors(_optimizer_tensors(model, optimizer, mesh), model, mesh)
-    if not mesh.is_main:
-        return destination
+    weights = model.state_dict()
+    optimizer_tensors = _optimizer_tensors(model, optimizer, mesh)
     try:
-        with atomic_directory(destination) as staging:
-            write_model(model, staging, {**extra, "step": step}, weights)
-            tokenizer.save(staging)
+        with _staged(destination, mesh) as staging:
             from safetensors.torch import save_file
-            save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
-            groups = [{key: value for key, value in group.items() if key != "params"}
-                      for group in optimizer.param_groups]
-            write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
+            if mesh.data_size == 1:
+                write_model(model, staging, {**extra, "step": step}, weights)
+                save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
+            else:  # every rank its shards; nothing gathered whole
+                save_sharded(staging, {WEIGHTS_FILE: weights, OPTIMIZER_FILE: optimizer_tensors},
+                             model, mesh)
+                if mesh.is_main:
+                    write_config(model, staging, {**extra, "step": step})
+            if mesh.is_main:
+                tokenizer.save(staging)
+                groups = [{key: value for key, value in group.items() if key != "params"}
+                          for group in optimizer.param_groups]
+                write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
     except DiskFullError as error:
         kept = checkpoint_folders(run)
         raise DiskFullError(f"{error}; the newest complete checkpoint is "
                             f"{kept[-1] if kept else 'none'}: free space, then continue with "
                             f"moekit train --out {run} --resume") from None
+    if not mesh.is_main:
+        return destination
     for old in checkpoint_folders(run)[:-keep]:
         shutil.rmtree(old)
     return destination
