@@ -99,16 +99,18 @@ def build_optimizer(model: nn.Module, config: TrainConfig, mesh: Mesh = Mesh()):
     the state is sharded (ZeRO-1, as Skywork-MoE trained: ``ZeroRedundancyOptimizer``, each
     rank updating its share and broadcasting it): over every rank, and under expert
     parallelism the experts' over the ranks holding the same experts (kept whole where each
-    expert has one replica), in a ``SplitOptimizer``. ZeRO-2/3 need nothing here: their
-    parameters are already shards (``DTensor``), and so are the moments AdamW makes of them."""
+    expert has one replica), in a ``SplitOptimizer``. Under ZeRO-2/3 the parameters are
+    already shards (``DTensor``), and so are the moments AdamW makes of them; the experts,
+    which expert parallelism keeps out of FSDP2, have their moments sharded as under ZeRO-1."""
     groups = parameter_groups(model, config)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
-    parts = [(list(range(len(groups))), mesh.data_group if mesh.zero == 1 else None)]
-    if mesh.zero == 1 and mesh.expert_size > 1:
+    shard_replicated = mesh.data_group if mesh.zero == 1 else None  # 2, 3: shards already
+    parts = [(list(range(len(groups))), shard_replicated)]
+    if mesh.zero >= 1 and mesh.expert_size > 1:
         of_experts = [all(getattr(p, "expert_parallel", False) for p in group["params"])
                       for group in groups]
         replicas = (mesh.expert_replica_group if mesh.data_size > mesh.expert_size else None)
-        parts = [([i for i, expert in enumerate(of_experts) if not expert], mesh.data_group),
+        parts = [([i for i, expert in enumerate(of_experts) if not expert], shard_replicated),
                  ([i for i, expert in enumerate(of_experts) if expert], replicas)]
         parts = [(where, group) for where, group in parts if where]
 
