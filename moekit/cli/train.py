@@ -277,8 +277,9 @@ def register(subcommands) -> None:
                           help="shard over the data-parallel ranks: 1 the optimizer state "
                           "(ZeRO-1, as Skywork-MoE trained: ZeroRedundancyOptimizer over DDP; "
                           "with --expert each expert's over its replicas), 2 the gradients and "
-                          "optimizer state, 3 the parameters too (FSDP2's fully_shard; experts "
-                          "stay on the --expert path). Default 0: plain DDP; docs/parallel.md")
+                          "optimizer state (a block's parameters whole from its forward to its "
+                          "backward), 3 the parameters too (FSDP2's fully_shard; experts stay "
+                          "on the --expert path). Default 0: plain DDP; docs/parallel.md")
     parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")
