@@ -68,10 +68,10 @@ def _random_states(mesh: Mesh) -> dict:
     rank's, which a run on as many ranks continues exactly (ranks draw apart when their
     micro-batches hold different numbers of valid tokens, the jitter's noise, say)."""
     state = torch.get_rng_state()
-    if mesh.data_size == 1:
+    if mesh.world_size == 1:
         return {"rng.torch": state}
-    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.data_size)]
-    torch.distributed.all_gather(states, state.to(mesh.device), group=mesh.data_group)
+    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.world_size)]
+    torch.distributed.all_gather(states, state.to(mesh.device))
     return {"rng.torch": states[0].cpu().clone(),
             **{f"rng.torch.rank{rank}": s.cpu() for rank, s in enumerate(states)}}
 
@@ -175,8 +175,8 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
             if id(parameter) in held:
                 optimizer.state[parameter] = held[id(parameter)]
     per_rank = moments.get("rng.torch", {})
-    same_ranks = len(per_rank) == mesh.data_size > 1
-    torch.set_rng_state(per_rank[f"rank{mesh.data_rank}"] if same_ranks
+    same_ranks = len(per_rank) == mesh.world_size > 1
+    torch.set_rng_state(per_rank[f"rank{mesh.rank}"] if same_ranks
                         else moments["rng"]["torch"])
     return int(state["step"])
 

@@ -18,6 +18,7 @@ from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.expert_parallel import whole_expert_tensors
 from moekit.parallel.parallelize import parallelize
+from moekit.parallel.pipeline import gather_stages
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
 
@@ -61,9 +62,10 @@ def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: t
     record = train_step(parallel_model, recorder, inputs, targets, train_config, mesh, mask)
     figures = {key: torch.tensor(record[key], dtype=torch.float64)
                for key in ("loss", "router_loss", "grad_norm", "drop_rate", "expert_load")}
-    # Each sharded expert gradient gathered whole, to compare with one process's.
-    return StepOutcome(figures=figures,
-                       gradients=whole_expert_tensors(recorder.gradients, model, mesh))
+    # Each sharded expert gradient gathered whole, and every stage's, to compare with one
+    # process's (on rank 0).
+    gradients = gather_stages(whole_expert_tensors(recorder.gradients, model, mesh), mesh)
+    return StepOutcome(figures=figures, gradients=gradients)
 
 
 @dataclass

@@ -163,9 +163,9 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
 
 def _any_rank(flag: bool, mesh: Mesh) -> bool:
     """Whether ``flag`` is set on any rank: all ranks stop at the same step."""
-    if mesh.data_size == 1:
+    if mesh.world_size == 1:
         return flag
-    return bool(mesh.sum_(torch.tensor([int(flag)], device=mesh.device)).item())
+    return bool(mesh.sum_all_(torch.tensor([int(flag)], device=mesh.device)).item())
 
 
 @contextlib.contextmanager
@@ -178,7 +178,7 @@ def _all_ranks_or_none(mesh: Mesh):
         _any_rank(True, mesh)
         raise
     if _any_rank(False, mesh):
-        raise ValueError(f"rank 0 of {mesh.data_size} refused to start (its message says why)")
+        raise ValueError(f"rank 0 of {mesh.world_size} refused to start (its message says why)")
 
 
 class _StopOnCtrlC:
