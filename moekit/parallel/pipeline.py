@@ -30,9 +30,19 @@ def stage_bounds(stage_layers: tuple[int, ...], stage: int) -> range:
     return range(start, start + stage_layers[stage])
 
 
+def check_pipeline_model(config, pipeline: int) -> None:
+    """What a model must be to train on ``pipeline`` stages, beyond ``Layout.stages``' checks."""
+    if pipeline > 1 and config.tie_embeddings:
+        raise ValueError(f"pipeline={pipeline} is not allowed with tie_embeddings: the first "
+                         "and last stages would each hold the one matrix, which moekit's "
+                         "pipeline does not keep in step; expected pipeline=1 or untied "
+                         "embeddings")
+
+
 def cut_into_stage(model: nn.Module, stage_layers: tuple[int, ...], stage: int) -> nn.Module:
     """Keep, in ``model`` itself, what stage ``stage`` runs: its layers, the embedding on the
     first stage, the final norm and output projection on the last."""
+    check_pipeline_model(model.config, len(stage_layers))
     model.layers.keep(stage_bounds(stage_layers, stage))
     if stage > 0:
         model.embed_tokens = None
