@@ -64,15 +64,22 @@ class Mesh:
     pipeline_size: int = 1
     stage_layers: tuple[int, ...] | None = None
     stage_group: object | None = None  # the ranks of this stage (every rank without a pipeline)
+    tensor_size: int = 1  # EDP: the ep group's ranks hold the same rows (tensor = expert)
+    rank: int = 0  # among all of the run's ranks
 
     @property
     def world_size(self) -> int:
-        return self.data_size * self.pipeline_size
+        return self.data_size * self.pipeline_size * self.tensor_size
 
     @property
-    def rank(self) -> int:
-        """This rank's number among all of the run's (stage-major)."""
-        return self.pipeline_rank * self.data_size + self.data_rank
+    def tensor_rank(self) -> int:
+        """This rank's place in its expert-data-parallel group (0 without one)."""
+        return self.expert_rank if self.tensor_size > 1 else 0
+
+    @property
+    def tensor_mesh(self):
+        """The 1-D device mesh of this rank's expert-data-parallel group."""
+        return self.device_mesh["ep"]
 
     @property
     def is_main(self) -> bool:
@@ -92,6 +99,8 @@ class Mesh:
         batch is split and replicas are averaged."""
         if self.device_mesh is None:
             return None
+        if self.tensor_size > 1:
+            return self.device_mesh.get_group("dp")
         return self.stage_group if self.pipeline_size > 1 else dist.group.WORLD
 
     @property
@@ -138,6 +147,13 @@ def check_pipeline_degree(pipeline: int, world: int) -> None:
                          "a divisor of the number of processes")
 
 
+def check_tensor_degree(tensor: int, expert: int) -> None:
+    if tensor > 1 and tensor != expert:
+        raise ValueError(f"tensor={tensor} is not allowed with expert={expert}: moekit trains "
+                         "tensor parallelism as Skywork-MoE's expert data parallelism, "
+                         f"--tensor t --expert t (expected expert={tensor})")
+
+
 def check_expert_degree(expert: int, world: int) -> None:
     if expert < 1 or world % expert:
         raise ValueError(f"expert={expert} is not allowed on {world} processes: it must be a "
@@ -158,17 +174,18 @@ def torchrun_world_size() -> int:
 
 
 def world_mesh(device_type: str = "cpu", expert: int = 1, pipeline: int = 1,
-               stage_layers: tuple[int, ...] | None = None) -> Mesh:
+               stage_layers: tuple[int, ...] | None = None, tensor: int = 1) -> Mesh:
     """The processes of the initialised default group: ``pipeline`` stages of consecutive
     ranks (``stage_layers`` layers each, as ``moekit.plan.Layout.stages`` checked them), each
     rank its own rows of the batch, experts spread over groups of ``expert`` consecutive
-    ranks."""
+    ranks; with ``tensor`` = ``expert`` > 1 (EDP) such a group shares its rows instead."""
     world = dist.get_world_size()
     if world == 1:
         return Mesh()
     check_pipeline_degree(pipeline, world)
     stage = world // pipeline
     check_expert_degree(expert, stage)
+    check_tensor_degree(tensor, expert)
     from torch.distributed.device_mesh import init_device_mesh
     device_mesh = init_device_mesh(device_type, (pipeline, stage // expert, expert),
                                    mesh_dim_names=("pp", "dp", "ep"))
@@ -176,15 +193,18 @@ def world_mesh(device_type: str = "cpu", expert: int = 1, pipeline: int = 1,
     if pipeline > 1:  # every rank makes every stage's group, in the same order
         stage_group, _ = dist.new_subgroups_by_enumeration(
             [list(range(s * stage, (s + 1) * stage)) for s in range(pipeline)])
-    return Mesh(data_rank=dist.get_rank() % stage, data_size=stage,
+    data_rank, data_size = ((device_mesh.get_local_rank("dp"), stage // expert) if tensor > 1
+                            else (dist.get_rank() % stage, stage))
+    return Mesh(data_rank=data_rank, data_size=data_size,
                 expert_rank=device_mesh.get_local_rank("ep"), expert_size=expert,
                 device_mesh=device_mesh, pipeline_rank=dist.get_rank() // stage,
-                pipeline_size=pipeline, stage_layers=stage_layers, stage_group=stage_group)
+                pipeline_size=pipeline, stage_layers=stage_layers, stage_group=stage_group,
+                tensor_size=tensor, rank=dist.get_rank())
 
 
 def mesh_from_environment(device: torch.device, collective_timeout: float = 600.0,
                           expert: int = 1, pipeline: int = 1,
-                          stage_layers: tuple[int, ...] | None = None) -> Mesh:
+                          stage_layers: tuple[int, ...] | None = None, tensor: int = 1) -> Mesh:
     """The mesh of a process started by torchrun (its environment variables), with the process
     group made (gloo on CPU, NCCL on CUDA); a plain process gets a mesh of one. A collective
     that waits longer than ``collective_timeout`` seconds for another rank fails. ``expert``:
@@ -198,10 +218,11 @@ def mesh_from_environment(device: torch.device, collective_timeout: float = 600.
                          "torchrun --nproc-per-node N -m moekit ..., or moekit ... --nproc N")
     check_pipeline_degree(pipeline, torchrun_world_size())
     check_expert_degree(expert, torchrun_world_size() // pipeline)
+    check_tensor_degree(tensor, expert)
     if torchrun_world_size() == 1:
         return Mesh()
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one rank per GPU
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(seconds=collective_timeout))
-    return world_mesh(device.type, expert, pipeline, stage_layers)
+    return world_mesh(device.type, expert, pipeline, stage_layers, tensor)

@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moekit.parallel.expert_parallel import expert_parameters, shard_experts
+from moekit.parallel.expert_parallel import (expert_parameters, shard_experts,
+                                             whole_expert_tensors)
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.pipeline import StageModule, cut_into_stage
+from moekit.parallel.pipeline import StageModule, cut_into_stage, gather_stages
+from moekit.parallel.tensor_parallel import (ReplicatedTokensDispatcher, full_tensors,
+                                             is_sharded, local, shard_blocks)
 
 
 def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
@@ -30,7 +33,13 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
     on every rank (``MoELayer.update_router_state``)."""
     if mesh.world_size == 1:
         return model
-    if mesh.expert_size > 1:
+    if mesh.tensor_size > 1:  # EDP: the group shares its tokens
+        shard_blocks(model, mesh.tensor_mesh, mesh.tensor_size)
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size,
+                      lambda layer: ReplicatedTokensDispatcher(
+                          layer.config.num_experts, mesh.tensor_mesh, mesh.tensor_rank,
+                          mesh.tensor_size))
+    elif mesh.expert_size > 1:
         shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
     if mesh.pipeline_size > 1:
         cut_into_stage(model, mesh.stage_layers, mesh.pipeline_rank)
@@ -38,15 +47,21 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
     if mesh.data_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    if mesh.expert_size > 1:
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [name for name, _ in expert_parameters(model)])
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, _ in reduced_by_hand(model)])
     # torch 2.13 renamed the option; older versions know only the first name.
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(model, process_group=mesh.data_group, gradient_as_bucket_view=True,
                                    **no_buffer_sync)
+
+
+def whole_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh: Mesh) -> dict:
+    """``tensors`` named by ``model``'s parameters (or ``PARAMETER.KEY`` for their optimizer
+    state) as one process holds them: tensor-parallel shards, experts and pipeline stages
+    gathered whole, on rank 0. A collective: every rank calls it."""
+    return gather_stages(whole_expert_tensors(full_tensors(tensors), model, mesh), mesh)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -56,31 +71,43 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner.model if isinstance(inner, StageModule) else inner
 
 
+def reduced_by_hand(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that ranks hold different parts of (experts, tensor-parallel shards):
+    DDP leaves them out, ``finish_gradients`` reduces them over their replicas."""
+    return [(name, p) for name, p in model.named_parameters()
+            if getattr(p, "expert_parallel", False) or is_sharded(p)]
+
+
 @torch.no_grad()
 def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
-    """Expert gradients as data parallelism would leave them: every rank backpropagates R
-    times its share of the loss, and an expert's rows come from all ranks of its expert group,
-    so the sum over the expert's replicas divided by R is the global batch's gradient."""
-    if mesh.expert_size == 1:
+    """Expert and tensor-parallel gradients as data parallelism would leave them: every rank
+    backpropagates R times its share of the loss (R data-parallel ranks), and an expert's rows
+    come from all ranks of its expert group (under EDP, from the group's shared rows), so the
+    sum over the replicas divided by R is the global batch's gradient."""
+    if mesh.expert_size == 1 and mesh.tensor_size == 1:
         return
-    for _, parameter in expert_parameters(unwrap(model)):
+    replicas = mesh.data_size // (1 if mesh.tensor_size > 1 else mesh.expert_size)
+    for _, parameter in reduced_by_hand(unwrap(model)):
         if parameter.grad is not None:
-            if mesh.data_size > mesh.expert_size:
-                dist.all_reduce(parameter.grad, group=mesh.expert_replica_group)
-            parameter.grad.div_(mesh.data_size)
+            gradient = local(parameter.grad)
+            if replicas > 1:
+                dist.all_reduce(gradient, group=mesh.expert_replica_group)
+            gradient.div_(mesh.data_size)
 
 
 @torch.no_grad()
 def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
     """Scale every gradient so that their global norm is at most ``max_norm`` (as
     ``torch.nn.utils.clip_grad_norm_``); returns the norm before. Replicated parameters count
-    once; an expert's gradient, held by one rank of each expert group, counts once."""
+    once; an expert's gradient, held by one rank of each expert group, counts once; a
+    tensor-parallel one counts its shards once each (DTensor's norm sums them)."""
     sharded = {id(p) for _, p in expert_parameters(unwrap(model))}
-    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    gradients = [local(p.grad) for p in model.parameters() if p.grad is not None]
     squares = torch.zeros(2, dtype=torch.float64, device=gradients[0].device)  # replicated, sharded
     for parameter in model.parameters():
         if parameter.grad is not None:  # each tensor's norm in its own dtype: no gradient copy
-            norm = torch.linalg.vector_norm(parameter.grad).double()
+            norm = torch.linalg.vector_norm(parameter.grad)
+            norm = (norm.full_tensor() if is_sharded(norm) else norm).double()
             squares[int(id(parameter) in sharded)] += norm * norm
     if sharded and mesh.expert_size > 1:
         expert_squares = squares[1:].to(mesh.device)

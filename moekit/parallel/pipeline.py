@@ -147,10 +147,11 @@ def run_schedule(model: nn.Module, mesh: Mesh, micro_batches: int, inputs: torch
 
 def gather_stages(tensors: dict[str, torch.Tensor], mesh: Mesh) -> dict[str, torch.Tensor]:
     """``tensors`` of every stage (each named as in the whole model), merged on rank 0 from the
-    first data rank of each stage; the others get their own back. A collective."""
+    first rank of each stage; the others get their own back. A collective."""
     if mesh.pipeline_size == 1:
         return tensors
-    mine = {name: t.detach().cpu() for name, t in tensors.items()} if mesh.data_rank == 0 else {}
+    first = mesh.data_rank == 0 and mesh.tensor_rank == 0
+    mine = {name: t.detach().cpu() for name, t in tensors.items()} if first else {}
     gathered = [None] * mesh.world_size if mesh.is_main else None
     with collective("the gathering of the stages' tensors"):
         dist.gather_object(mine, gathered, dst=0)

@@ -25,9 +25,10 @@ from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock
                           read_json, read_safetensors, remove_leftovers, write_json)
 from moekit.model.io import folder_format_version, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
-from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
+from moekit.parallel.expert_parallel import local_part
+from moekit.parallel.tensor_parallel import is_sharded
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.pipeline import gather_stages
+from moekit.parallel.parallelize import whole_tensors
 from moekit.train.tokenizer import TextTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -101,11 +102,8 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
     what one process would."""
     destination = checkpoint_folder(run, step)
 
-    def whole(tensors: dict) -> dict:
-        return gather_stages(whole_expert_tensors(tensors, model, mesh), mesh)
-
-    weights = whole(model.state_dict())
-    optimizer_tensors = whole(_optimizer_tensors(model, optimizer, mesh))
+    weights = whole_tensors(model.state_dict(), model, mesh)
+    optimizer_tensors = whole_tensors(_optimizer_tensors(model, optimizer, mesh), model, mesh)
     if not mesh.is_main:
         return destination
     try:
@@ -202,7 +200,11 @@ def _saved_groups(optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[d
 def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
     if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
-    return whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    if is_sharded(parameter):  # a tensor-parallel parameter's moments are split as it is
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements)
+    return whole
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -16,9 +16,8 @@ import torch
 from moekit.config import ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.expert_parallel import whole_expert_tensors
-from moekit.parallel.parallelize import parallelize
-from moekit.parallel.pipeline import check_pipeline_model, gather_stages
+from moekit.parallel.parallelize import parallelize, whole_tensors
+from moekit.parallel.pipeline import check_pipeline_model
 from moekit.plan.training import Layout
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
@@ -65,7 +64,7 @@ def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: t
                for key in ("loss", "router_loss", "grad_norm", "drop_rate", "expert_load")}
     # Each sharded expert gradient gathered whole, and every stage's, to compare with one
     # process's (on rank 0).
-    gradients = gather_stages(whole_expert_tensors(recorder.gradients, model, mesh), mesh)
+    gradients = whole_tensors(recorder.gradients, model, mesh)
     return StepOutcome(figures=figures, gradients=gradients)
 
 

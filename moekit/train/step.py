@@ -96,6 +96,8 @@ def _step_figures(model_config, layers: list[MoELayer], steps: list[_LayerStep],
             step.counts.as_vector().double().cpu(), step.health_sums,
             torch.tensor([step.aux_coef, step.counts.top_k], dtype=torch.float64) / mesh.data_size])
     flat[len(numbers) * width:] = torch.stack([x.double().cpu() for x in scalars])
+    if mesh.tensor_rank:
+        flat.zero_()  # the ranks of an EDP group computed the same: the first one counts
     flat = mesh.sum_all_(flat.to(mesh.device)).cpu()
     figures = []
     for index in range(len(numbers)):
