@@ -21,7 +21,8 @@ from moekit.parallel.expert_parallel import (expert_parameters, shard_experts,
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.pipeline import StageModule, cut_into_stage, gather_stages
 from moekit.parallel.tensor_parallel import (ReplicatedTokensDispatcher, full_tensors,
-                                             is_sharded, local, shard_blocks)
+                                             is_sharded, local, partial_over_tensor,
+                                             shard_blocks)
 
 
 def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
@@ -86,6 +87,9 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
     sum over the replicas divided by R is the global batch's gradient."""
     if mesh.expert_size == 1 and mesh.tensor_size == 1:
         return
+    for parameter in partial_over_tensor(unwrap(model)):
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad, group=mesh.expert_group)
     replicas = mesh.data_size // (1 if mesh.tensor_size > 1 else mesh.expert_size)
     for _, parameter in reduced_by_hand(unwrap(model)):
         if parameter.grad is not None:

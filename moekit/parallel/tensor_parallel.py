@@ -13,7 +13,9 @@ Legend: T tokens, K routes per token, D model dim, E experts, t ranks of the gro
 Gradients: the group's ranks compute identical gradients for the replicated parameters (the
 backward of each tensor-parallel block all-reduces its input's gradient, as DTensor's
 ``Replicate`` -> ``Partial`` layouts say); each holds the gradient of its own shards and
-experts. Data parallelism then averages everything over the ``dp`` ranks of equal group rank.
+experts, except a per-head QK-norm's weight, shared by all heads, whose gradient each rank
+holds for its own heads (``partial_over_tensor``: summed over the group after the backward).
+Data parallelism then averages everything over the ``dp`` ranks of equal group rank.
 """
 from __future__ import annotations
 
@@ -89,6 +91,10 @@ def shard_blocks(model: nn.Module, mesh, size: int) -> None:
                                              "o_proj": RowwiseParallel()})
         attention.num_heads //= size
         attention.kv_heads //= size
+        for norm in (attention.q_norm, attention.k_norm):  # one weight for every head
+            if norm is not None:
+                for parameter in norm.parameters():
+                    parameter.partial_over_tensor = True
         ffn = block.ffn
         mlps = [ffn] if isinstance(ffn, MLP) else (
             [ffn.shared_experts] if isinstance(ffn, MoELayer) and isinstance(ffn.shared_experts, MLP)
@@ -97,6 +103,11 @@ def shard_blocks(model: nn.Module, mesh, size: int) -> None:
             columns = ["up_proj"] + (["gate_proj"] if mlp.gate_proj is not None else [])
             parallelize_module(mlp, mesh, {**{name: ColwiseParallel() for name in columns},
                                            "down_proj": RowwiseParallel()})
+
+
+def partial_over_tensor(model: nn.Module) -> list[nn.Parameter]:
+    """The replicated parameters whose gradient each rank of an EDP group holds a part of."""
+    return [p for p in model.parameters() if getattr(p, "partial_over_tensor", False)]
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize, whole_tensors
 from moekit.parallel.pipeline import check_pipeline_model
+from moekit.parallel.tensor_parallel import check_tensor_model
 from moekit.plan.training import Layout
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
@@ -155,6 +156,11 @@ class CheckLayout:
     padded: bool = False
     recompute: bool = False
     pipeline: int = 1  # stages, of the even split
+    tensor: int = 1  # EDP: expert = tensor ranks share their rows
+
+    def layout(self) -> Layout:
+        return Layout(data=self.ranks // (self.tensor * self.pipeline), tensor=self.tensor,
+                      pipeline=self.pipeline, expert=self.expert)
 
 
 LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
@@ -170,9 +176,13 @@ LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
            CheckLayout("data parallel 4", ranks=4),
            CheckLayout("expert parallel 4", ranks=4, expert=4),
            CheckLayout("data 2 x expert 2", ranks=4, expert=2),
+           CheckLayout("expert data parallel 2", ranks=2, expert=2, tensor=2),
            CheckLayout("data 2 x pipeline 2", ranks=4, pipeline=2),
-           CheckLayout("pipeline 2 x expert 2", ranks=4, pipeline=2, expert=2))
-NOT_YET = ("expert data parallel",)
+           CheckLayout("pipeline 2 x expert 2", ranks=4, pipeline=2, expert=2),
+           CheckLayout("data 2 x expert data parallel 2, padded", ranks=4, expert=2, tensor=2,
+                       padded=True),
+           CheckLayout("pipeline 2 x expert data parallel 2", ranks=4, pipeline=2, expert=2,
+                       tensor=2))
 
 
 def reference_batch(config: ModelConfig, rows: int = 8, seq: int = 12, seed: int = 1):
@@ -226,32 +236,26 @@ def _layout_outcome(model_config, train_config, layout: CheckLayout, mesh: Mesh,
     return step_outcome(model_config, config, *batch, mesh=mesh, dtype=dtype)
 
 
-def _stages(config: ModelConfig, pipeline: int) -> tuple[int, ...] | None:
-    return Layout(pipeline=pipeline).stages(config) if pipeline > 1 else None
-
-
 def _ranks_outcomes(rank, world, model_config, train_config, layouts, dtype):
     from moekit.parallel.mesh import world_mesh
-    shapes = {(layout.expert, layout.pipeline) for layout in layouts}
-    meshes = {(expert, pipeline): world_mesh(expert=expert, pipeline=pipeline,
-                                             stage_layers=_stages(model_config, pipeline))
-              for expert, pipeline in sorted(shapes)}
+    shapes = sorted({(layout.expert, layout.pipeline, layout.tensor) for layout in layouts})
+    meshes = {(expert, pipeline, tensor): world_mesh(
+        expert=expert, pipeline=pipeline, tensor=tensor,
+        stage_layers=Layout(pipeline=pipeline).stages(model_config) if pipeline > 1 else None)
+        for expert, pipeline, tensor in shapes}
     return [_layout_outcome(model_config, train_config, layout,
-                            meshes[layout.expert, layout.pipeline], dtype)
+                            meshes[layout.expert, layout.pipeline, layout.tensor], dtype)
             for layout in layouts]
 
 
 def _unfit(config: ModelConfig, layout: CheckLayout) -> str | None:
     """Why ``config`` cannot take ``layout`` (None when it can)."""
-    experts = config.moe.num_experts if config.moe is not None else 0
-    if layout.expert > 1 and experts % layout.expert:
-        return f"expert={layout.expert} does not divide num_experts={experts}"
-    if layout.pipeline > 1:
-        try:
-            _stages(config, layout.pipeline)
-            check_pipeline_model(config, layout.pipeline)
-        except ValueError as error:
-            return str(error)
+    try:
+        layout.layout().stages(config)
+        check_pipeline_model(config, layout.pipeline)
+        check_tensor_model(config, layout.tensor)
+    except ValueError as error:
+        return str(error)
     return None
 
 
@@ -281,5 +285,4 @@ def run_matrix(model_config: ModelConfig, nproc: int, dtype: torch.dtype = torch
                                     dtype, timeout=timeout)[0]
         rows += [MatrixRow(layout.name, compare(outcome, reference, tolerance))
                  for layout, outcome in zip(layouts, outcomes)]
-    rows += [MatrixRow(name, None, "not in this version yet") for name in NOT_YET]
     return rows, changes + exact
