@@ -94,13 +94,18 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
 def check_layout(model: ModelConfig, train: TrainConfig, world: int, args) -> tuple:
     """The layers per pipeline stage of the layout the flags ask for on ``world`` processes,
     checked against the model and the batch before any process or file exists."""
+    from moekit.parallel.mesh import check_tensor_degree
     from moekit.parallel.pipeline import check_pipeline_model
+    from moekit.parallel.tensor_parallel import check_tensor_model
     from moekit.plan import Layout
     from moekit.train.step import check_batch_split
-    layout = Layout.for_world(world, pipeline=args.pipeline, expert=args.expert,
+    check_tensor_degree(args.tensor, args.expert)
+    layout = Layout.for_world(world, tensor=args.tensor, pipeline=args.pipeline,
+                              expert=args.expert,
                               stage_layers=tuple(args.stage_layers) if args.stage_layers else None)
     stages = layout.stages(model)
     check_pipeline_model(model, layout.pipeline)
+    check_tensor_model(model, layout.tensor)
     check_batch_split(train, layout.data)
     if layout.pipeline > 1 and train.grad_accum < layout.pipeline:
         print(f"moekit train: note: {train.grad_accum} micro-batches on {layout.pipeline} "
@@ -127,7 +132,7 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    if args.zero and args.expert > 1:
+    if args.zero and (args.expert > 1 or args.tensor > 1):
         raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
                          "broadcast experts that differ from rank to rank; drop one of them")
     if args.stage_layers and len(args.stage_layers) != args.pipeline:
@@ -150,7 +155,7 @@ def run_train(args) -> int:
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
     mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert,
-                                         args.pipeline, stages), zero=args.zero)
+                                         args.pipeline, stages, args.tensor), zero=args.zero)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -283,7 +288,8 @@ def register(subcommands) -> None:
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     parallel = train.add_argument_group(
-        "several processes (data, expert, pipeline parallel, ZeRO-1; docs/parallel.md)",
+        "several processes (data, expert, expert-data, pipeline parallel, ZeRO-1; "
+        "docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
@@ -293,11 +299,16 @@ def register(subcommands) -> None:
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the experts and a pipeline stage's "
                           "processes; default 1)")
+    parallel.add_argument("--tensor", type=positive_int, default=1, metavar="T",
+                          help="expert data parallelism (Skywork-MoE's EDP, with --expert T): "
+                          "groups of T processes share their rows, attention and dense MLPs "
+                          "tensor-parallel over the group and each layer's experts spread over "
+                          "it, so tokens never leave the group (default 1)")
     parallel.add_argument("--pipeline", type=positive_int, default=1, metavar="P",
                           help="pipeline parallelism: the layers cut into P stages of "
                           "consecutive layers, one per group of processes (P divides the "
-                          "processes; the data-parallel degree is processes / P), run by a 1F1B "
-                          "schedule over the step's --grad-accum micro-batches (default 1)")
+                          "processes; the data-parallel degree is processes / (P x T)), run by "
+                          "a 1F1B schedule over the step's --grad-accum micro-batches (default 1)")
     parallel.add_argument("--stage-layers", type=positive_int, nargs="+", metavar="N",
                           help="layers of each pipeline stage, e.g. 5 3 (default: an even split; "
                           "moekit plan --pipeline P prints Skywork-MoE's cost-balanced one)")
