@@ -56,7 +56,7 @@ def save_sharded(folder: str | Path, files: dict[str, dict[str, torch.Tensor]],
     experts = {name for name, _ in expert_parameters(model)}
     mapping = {name: index for index, file in enumerate(names, start=1)
                for name, tensor in files[file].items() if _consolidates(tensor)}
-    everyone = [None] * mesh.data_size  # ZeRO-1: a moment's name is known to its rank only
+    everyone = [None] * mesh.world_size  # ZeRO-1: a moment's name is known to its rank only
     dist.all_gather_object(everyone, mapping)
     mapping = {name: index for known in everyone for name, index in known.items()}
     if mapping:
@@ -68,7 +68,7 @@ def save_sharded(folder: str | Path, files: dict[str, dict[str, torch.Tensor]],
                      enable_consolidation=True))
     small = {file: {name: tensor.cpu() for name, tensor in files[file].items()
                     if not _consolidates(tensor)} for file in names}
-    gathered = [None] * mesh.data_size if mesh.is_main else None
+    gathered = [None] * mesh.world_size if mesh.is_main else None
     dist.gather_object(small, gathered, dst=0)
     if not mesh.is_main:
         return

@@ -29,6 +29,7 @@ from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.sharded_checkpoint import save_sharded
+from moekit.parallel.tensor_parallel import is_sharded
 from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
@@ -54,8 +55,8 @@ def latest_checkpoint(run: str | Path) -> Path:
 
 
 def _held_optimizer_state(optimizer) -> dict:
-    """parameter -> its state, as this rank holds it: a ZeRO-1 part's partition only, FSDP2's
-    moments as DTensor shards, an expert's of this rank's experts."""
+    """parameter -> its state, as this rank holds it: a ZeRO-1 part's partition only, DTensor
+    shards (FSDP2's, tensor parallelism's), an expert's of this rank's experts."""
     state = {}
     for part in optimizer_parts(optimizer):
         state.update(getattr(part, "optim", part).state)  # ZeroRedundancyOptimizer.optim: local
@@ -68,9 +69,9 @@ def _random_states(mesh: Mesh) -> dict:
     continues exactly (ranks draw apart when their micro-batches hold different numbers of
     valid tokens, the jitter's noise, say). Each rank returns its own."""
     state = torch.get_rng_state()
-    if mesh.data_size == 1:
+    if mesh.world_size == 1:
         return {"rng.torch": state}
-    return {f"rng.torch.rank{mesh.data_rank}": state,
+    return {f"rng.torch.rank{mesh.rank}": state,
             **({"rng.torch": state.clone()} if mesh.is_main else {})}
 
 
@@ -89,7 +90,7 @@ def _staged(destination: Path, mesh: Mesh):
     """The folder every rank writes into: rank 0 stages it (``atomic_directory``) and renames
     it into place once all have written; the others learn its path."""
     with atomic_directory(destination) if mesh.is_main else contextlib.nullcontext() as staging:
-        if mesh.data_size > 1:
+        if mesh.world_size > 1:
             path = [str(staging) if mesh.is_main else None]
             torch.distributed.broadcast_object_list(path, src=0)
             staging = Path(path[0])
@@ -105,15 +106,16 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     keep: int, mesh: Mesh = Mesh()) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
     ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it and
-    writes the shards it holds into rank 0's staging folder (``save_sharded``: the folder must
-    be on a file system every rank reaches); the files hold what one process would write."""
+    writes the shards it holds (experts, pipeline stages, DTensor shards, ZeRO-1 partitions)
+    into rank 0's staging folder (``save_sharded``: the folder must be on a file system every
+    rank reaches); the files hold what one process would write."""
     destination = checkpoint_folder(run, step)
     weights = model.state_dict()
     optimizer_tensors = _optimizer_tensors(model, optimizer, mesh)
     try:
         with _staged(destination, mesh) as staging:
             from safetensors.torch import save_file
-            if mesh.data_size == 1:
+            if mesh.world_size == 1:
                 write_model(model, staging, {**extra, "step": step}, weights)
                 save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
             else:  # every rank its shards; nothing gathered whole
@@ -166,9 +168,8 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
     tensors = read_safetensors(folder / OPTIMIZER_FILE)
-    if len(state.get("param_groups", [])) != len(optimizer.param_groups):
-        raise CheckpointError(f"{folder / STATE_FILE}: its optimizer groups do not match the model")
-    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+    saved_groups = _saved_groups(optimizer, state.get("param_groups", []))
+    for group, saved in zip(optimizer.param_groups, saved_groups):
         group.update(saved)
     version = folder_format_version(folder)
     moments: dict[str, dict[str, torch.Tensor]] = {}
@@ -179,7 +180,7 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     held = {id(parameter): {key: value if key == "step" else _as_held(value, parameter, mesh)
                             for key, value in moments[name].items()}
             for name, parameter in model.named_parameters() if name in moments}
-    for part in optimizer_parts(optimizer):
+    for part in optimizer_parts(optimizer):  # their groups hold the saved settings now
         parameters = [p for group in part.param_groups for p in group["params"]]
         if hasattr(part, "consolidate_state_dict"):  # ZeRO-1 takes each rank's share itself
             position = {id(p): index for index, p in enumerate(parameters)}
@@ -190,22 +191,35 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
         else:
             part.state.update({p: held[id(p)] for p in parameters if id(p) in held})
     per_rank = moments.get("rng.torch", {})
-    same_ranks = len(per_rank) == mesh.data_size > 1
-    torch.set_rng_state(per_rank[f"rank{mesh.data_rank}"] if same_ranks
+    same_ranks = len(per_rank) == mesh.world_size > 1
+    torch.set_rng_state(per_rank[f"rank{mesh.rank}"] if same_ranks
                         else moments["rng"]["torch"])
     return int(state["step"])
 
 
+def _group_key(group: dict) -> tuple:
+    return group.get("role"), group.get("lr_scale"), group.get("weight_decay")
+
+
+def _saved_groups(optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[dict]:
+    """The saved settings of each of the optimizer's groups, found by role, learning-rate
+    scale and decay: a pipeline stage holds only some of the groups (rank 0's stage wrote
+    its own), and one not saved keeps the settings it was built with, from the same config."""
+    by_key = {_group_key(group): group for group in saved}
+    return [by_key.get(_group_key(group), {key: value for key, value in group.items()
+                                           if key != "params"})
+            for group in optimizer.param_groups]
+
+
 def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
     """A whole tensor of ``parameter``'s shape as this rank holds it: its experts, or its
-    FSDP2 shard (cut here from the whole, which every rank has read: no collective)."""
+    DTensor shard (FSDP2's, tensor parallelism's)."""
     if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
     whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
-    if hasattr(parameter, "device_mesh"):
+    if is_sharded(parameter):  # a tensor-parallel parameter's moments are split as it is
         from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(whole, parameter.device_mesh, parameter.placements,
-                                 src_data_rank=None)
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements)
     return whole
 
 
