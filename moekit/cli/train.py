@@ -152,7 +152,9 @@ def run_train(args) -> int:
                          f"--pipeline {args.pipeline}")
     # A layout the batch or model cannot take is refused before any process starts.
     if args.resume:
+        from moekit.files import refuse_if_being_written
         from moekit.train.loop import read_run
+        refuse_if_being_written(out)  # before reading what that process may be rewriting
         model_for_layout, train_for_layout = read_run(out)[:2]
     else:
         model_for_layout = model if model is not None else read_model_config(args.init_from)
