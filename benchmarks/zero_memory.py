@@ -85,7 +85,8 @@ def main() -> None:
         total = f"{sum(measured.values()) / mib:6.2f} / {sum(planned.values()) / mib:6.2f}"
         name = (f"DP {args.processes}" if expert == 1 else f"EP {expert}" if
                 expert == args.processes else f"DP {args.processes // expert} x EP {expert}")
-        print(f"{name + f', ZeRO-{zero}':<22}" + "".join(f"{c:>16}" for c in cells) + f"{total:>16}")
+        row = "".join(f"{cell:>16}" for cell in [*cells, total])
+        print(f"{name + f', ZeRO-{zero}':<22}{row}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ data parallel over the ranks of the stage: ``DistributedDataParallel`` (ZeRO 0 a
 FSDP2's ``fully_shard`` per block and at the root (ZeRO 2: gradients and, through them, the
 optimizer state sharded; ZeRO 3: the parameters too, gathered for each block's forward and
 again for its backward), the experts left on the expert-parallel path (docs/parallel.md says
-why). After a step's backward, ``finish_gradients`` sums each expert's gradient over the ranks that hold that expert
-(DDP averages only the replicated parameters), and ``clip_gradients`` measures the global norm
-with every parameter counted once.
+why). After a step's backward, ``finish_gradients`` sums each expert's gradient over the ranks
+that hold that expert (DDP averages only the replicated parameters), and ``clip_gradients``
+measures the global norm with every parameter counted once (FSDP2's shards by DTensor norms).
 """
 from __future__ import annotations
 

@@ -107,7 +107,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig, mesh: Mesh = Mesh()):
     which expert parallelism keeps out of FSDP2, have their moments sharded as under ZeRO-1."""
     groups = parameter_groups(model, config)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
-    shard_replicated = mesh.data_group if mesh.zero == 1 else None  # 2, 3: shards already
+    # ZeRO 2, 3: the parameters are shards already.
+    shard_replicated = mesh.data_group if mesh.zero == 1 and mesh.data_size > 1 else None
     parts = [(list(range(len(groups))), shard_replicated)]
     if mesh.zero >= 1 and mesh.expert_size > 1:
         of_experts = [all(getattr(p, "expert_parallel", False) for p in group["params"])
