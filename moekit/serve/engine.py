@@ -98,8 +98,8 @@ class Engine:
 
     def submit(self, prompts: list[str], sampling: Sampling,
                loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
-        """Check the request and queue it; read its pieces from the ticket (``async for``
-        over ``ticket.pieces()`` when ``loop`` is given). Raises ValueError for a bad request,
+        """Check the request and queue it; read its pieces from the ticket (with
+        ``await ticket.next_piece()`` when ``loop`` is given). Raises ValueError for a bad request,
         Overloaded when the queue is full, RequestFailed once the server is shutting down."""
         prompt_ids = self.encode(prompts)
         self._check(prompt_ids, sampling)

@@ -102,10 +102,11 @@ class ServeMetrics:
 class RoutingLog:
     """One JSON line per finished request: its token counts and, per MoE layer (``layers``),
     how many of its tokens' routes went to each expert (prefill and decoding together).
-    Appended to, as a log is; each line is flushed when written."""
+    The file is written anew (``moekit serve`` refuses an existing one without --overwrite);
+    each line is flushed when written."""
 
     def __init__(self, path: str | Path, moe_layers: list[int]):
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self.moe_layers = moe_layers
 
     def write(self, ticket, status: str) -> None:

@@ -128,8 +128,8 @@ _ids = itertools.count()
 
 
 class Ticket:
-    """A request in the scheduler: iterate it (from a thread) or ``async for`` over
-    ``ticket.pieces()`` (on an event loop) to get its pieces; ``cancel()`` when the client
+    """A request in the scheduler: iterate it (from a thread) or await
+    ``ticket.next_piece()`` (on an event loop) to get its pieces; ``cancel()`` when the client
     leaves. A RequestFailed ends the pieces when the server stopped the request."""
 
     def __init__(self, prompt_ids: list[list[int]], sampling: Sampling,
@@ -156,11 +156,13 @@ class Ticket:
                 raise item
             yield item
 
-    async def pieces(self):
-        while (item := await self._outbox.aget()) is not _END:
-            if isinstance(item, RequestFailed):
-                raise item
-            yield item
+    async def next_piece(self) -> Piece | None:
+        """The next piece, or None once the request has finished (on the event loop);
+        cancelling the wait loses nothing."""
+        item = await self._outbox.aget()
+        if isinstance(item, RequestFailed):
+            raise item
+        return None if item is _END else item
 
     def decoding_rows(self) -> list[_Row]:
         return list(self.rows) if self.keeps_all_rows else \
