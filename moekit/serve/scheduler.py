@@ -81,6 +81,10 @@ class RequestFailed(Exception):
         self.status = status
 
 
+# Between two decoding steps, at most this many requests are admitted (each one prefill): a
+# burst of arrivals then delays the running streams by one prefill per token, not by all.
+PREFILLS_PER_STEP = 1
+
 _END = object()  # the last item of an outbox once a request has finished well
 
 
@@ -274,7 +278,8 @@ class Scheduler:
             ticket = self._waiting[0]
             rows = len(ticket.prompt_ids) * ticket.sampling.n
             blocks = self._blocks_needed(ticket.prompt_ids, ticket.sampling)
-            if rows_in_use + rows > self.max_batch or blocks > free:
+            if (rows_in_use + rows > self.max_batch or blocks > free
+                    or len(admitted) == PREFILLS_PER_STEP):
                 break  # first come, first served: no one overtakes the head of the queue
             self._waiting.popleft()
             rows_in_use, free = rows_in_use + rows, free - blocks

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Load on ``moekit serve``: N concurrent streaming clients on loopback, as ratios to one client.
+
+    python benchmarks/serve_load.py                      # 1, 4 and 16 clients
+    python benchmarks/serve_load.py --clients 1 4 16 --requests 4 --max-tokens 64
+
+Builds the tiny preset (random weights, seeded) with a BPE tokenizer trained on the embedded
+corpus, starts ``moekit serve`` on it in a process of its own (``--max-batch-size 16``), warms
+it up, and then, for each client count N, runs N clients at once, each sending ``--requests``
+streaming completions one after another (the same fixed prompts of about 32 tokens, greedy,
+``--max-tokens`` each, usage included), and stops by itself. It prints requests/s, generated
+tokens/s (the usage the server reports, over the wall time of the whole run), time to first
+token (request sent -> first text event) and inter-token latency (between a stream's
+successive text events; a token whose text is not final yet, such as half a UTF-8 character,
+comes with the next) at p50 / p99, and the ratios to one client. Clients and server share the
+machine's cores, as on a one-box deployment.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import torch
+
+PROMPTS = ["The with statement", "A function definition", "Exceptions are raised when",
+           "The import system", "Classes provide a means", "The for statement is used"]
+
+
+def build_checkpoint(folder: Path) -> None:
+    from moekit.config import preset
+    from moekit.model import Transformer, save_model
+    from moekit.train.data import default_documents
+    from moekit.train.tokenizer import train_tokenizer
+    config = preset("tiny")
+    torch.manual_seed(0)
+    save_model(Transformer(replace(config, max_seq_len=max(config.max_seq_len, 256))), folder)
+    train_tokenizer(default_documents(), config.vocab_size).save(folder)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def one_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, result: dict):
+    sent = time.perf_counter()
+    last = None
+    async with client.stream("POST", "/v1/completions", json={
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                result["tokens"] += event["usage"]["completion_tokens"]
+            elif event["choices"] and event["choices"][0]["text"]:
+                now = time.perf_counter()
+                if last is None:
+                    result["ttft"].append(now - sent)
+                else:
+                    result["itl"].append(now - last)
+                last = now
+    result["requests"] += 1
+
+
+async def run_load(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+    result = {"tokens": 0, "requests": 0, "ttft": [], "itl": []}
+
+    async def client_loop(number: int):
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            for i in range(requests):
+                await one_stream(client, PROMPTS[(number + i) % len(PROMPTS)] * 4, max_tokens,
+                                 result)
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop(n) for n in range(clients)))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def start_server(folder: Path, port: int, max_batch: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "moekit", "serve", "--checkpoint",
+                                str(folder), "--port", str(port), "--max-batch-size",
+                                str(max_batch), "--max-streams-per-client", "64"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not start within 120 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=4, help="per client, one by one")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        folder = Path(tmp) / "tiny"
+        build_checkpoint(folder)
+        server = start_server(folder, port, args.max_batch_size)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            asyncio.run(run_load(url, 2, 1, 8))  # warm-up
+            rows = {n: asyncio.run(run_load(url, n, args.requests, args.max_tokens))
+                    for n in args.clients}
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+    print(f"moekit serve, tiny preset, {args.requests} requests per client of "
+          f"{args.max_tokens} new tokens, greedy, streaming; {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}")
+    print("| clients | requests/s | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | "
+          "tokens/s vs 1 client | ITL p99 vs 1 client |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[min(rows)]
+    base_rate = base["tokens"] / base["seconds"]
+    base_itl = percentile(base["itl"], 99)
+    for clients, row in rows.items():
+        rate = row["tokens"] / row["seconds"]
+        itl99 = percentile(row["itl"], 99)
+        print(f"| {clients} | {row['requests'] / row['seconds']:.2f} | {rate:.0f} | "
+              f"{1e3 * statistics.median(row['ttft']):.0f} / "
+              f"{1e3 * percentile(row['ttft'], 99):.0f} | "
+              f"{1e3 * statistics.median(row['itl']):.1f} / {1e3 * itl99:.1f} | "
+              f"{rate / base_rate:.2f}x | {itl99 / base_itl:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
