@@ -2,17 +2,20 @@
 """Load on ``moekit serve``: N concurrent streaming clients on loopback, as ratios to one client.
 
     python benchmarks/serve_load.py                      # 1, 4 and 16 clients
-    python benchmarks/serve_load.py --clients 1 4 16 --requests 4 --max-tokens 64
+    python benchmarks/serve_load.py --clients 1 4 16 --requests 4 --max-tokens 64 --reps 3
 
 Builds the tiny preset (random weights, seeded) with a BPE tokenizer trained on the embedded
 corpus, starts ``moekit serve`` on it in a process of its own (``--max-batch-size 16``), warms
 it up, and then, for each client count N, runs N clients at once, each sending ``--requests``
 streaming completions one after another (the same fixed prompts of about 32 tokens, greedy,
-``--max-tokens`` each, usage included), and stops by itself. It prints requests/s, generated
-tokens/s (the usage the server reports, over the wall time of the whole run), time to first
+``--max-tokens`` each, usage included), and stops by itself. The client counts take turns in
+each of ``--reps`` repetitions (the machine's other load then falls on all of them alike). It
+prints requests/s and generated tokens/s (the usage the server reports, over the wall time of
+a run; medians over the repetitions), time to first
 token (request sent -> first text event) and inter-token latency (between a stream's
 successive text events; a token whose text is not final yet, such as half a UTF-8 character,
-comes with the next) at p50 / p99, and the ratios to one client. Clients and server share the
+comes with the next) at p50 / p99 over all repetitions' samples, and the ratios to one
+client. Clients and server share the
 machine's cores, as on a one-box deployment.
 """
 from __future__ import annotations
@@ -91,6 +94,14 @@ async def run_load(url: str, clients: int, requests: int, max_tokens: int) -> di
     return result
 
 
+def summary(results: list[dict]) -> dict:
+    """Medians of the rates over repetitions; the latency samples of all of them."""
+    return {"requests/s": statistics.median(r["requests"] / r["seconds"] for r in results),
+            "tokens/s": statistics.median(r["tokens"] / r["seconds"] for r in results),
+            "ttft": [t for r in results for t in r["ttft"]],
+            "itl": [t for r in results for t in r["itl"]]}
+
+
 def start_server(folder: Path, port: int, max_batch: int) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "moekit", "serve", "--checkpoint",
                                 str(folder), "--port", str(port), "--max-batch-size",
@@ -113,6 +124,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="per client, one by one")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -124,24 +136,27 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             asyncio.run(run_load(url, 2, 1, 8))  # warm-up
-            rows = {n: asyncio.run(run_load(url, n, args.requests, args.max_tokens))
-                    for n in args.clients}
+            runs = {n: [] for n in args.clients}
+            for _ in range(args.reps):
+                for n in args.clients:
+                    runs[n].append(asyncio.run(run_load(url, n, args.requests,
+                                                        args.max_tokens)))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     print(f"moekit serve, tiny preset, {args.requests} requests per client of "
-          f"{args.max_tokens} new tokens, greedy, streaming; {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}")
+          f"{args.max_tokens} new tokens, greedy, streaming, {args.reps} repetitions; "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
+    rows = {n: summary(results) for n, results in runs.items()}
     print("| clients | requests/s | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | "
           "tokens/s vs 1 client | ITL p99 vs 1 client |")
     print("|---|---|---|---|---|---|---|")
     base = rows[min(rows)]
-    base_rate = base["tokens"] / base["seconds"]
-    base_itl = percentile(base["itl"], 99)
+    base_rate, base_itl = base["tokens/s"], percentile(base["itl"], 99)
     for clients, row in rows.items():
-        rate = row["tokens"] / row["seconds"]
+        rate = row["tokens/s"]
         itl99 = percentile(row["itl"], 99)
-        print(f"| {clients} | {row['requests'] / row['seconds']:.2f} | {rate:.0f} | "
+        print(f"| {clients} | {row['requests/s']:.2f} | {rate:.0f} | "
               f"{1e3 * statistics.median(row['ttft']):.0f} / "
               f"{1e3 * percentile(row['ttft'], 99):.0f} | "
               f"{1e3 * statistics.median(row['itl']):.1f} / {1e3 * itl99:.1f} | "

@@ -366,3 +366,19 @@ def _answers(url) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_once_shutting_down_requests_get_503_and_health_says_so():
+    from fastapi.testclient import TestClient
+    engine = Engine(_model(), train_tokenizer([], 257), "tiny")
+    try:
+        with TestClient(create_app(engine)) as client:
+            assert client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}
+                               ).status_code == 200
+            engine.scheduler.stop_admitting()
+            response = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+            assert response.status_code == 503
+            assert response.json()["error"]["message"] == "the server is shutting down"
+            assert client.get("/health").status_code == 503
+    finally:
+        engine.close()

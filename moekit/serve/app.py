@@ -249,7 +249,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
                                             "created": 0, "owned_by": "moekit"}]}
 
     @app.get("/health")
-    def health():
+    def health():  # 503 once shutting down, so that a load balancer sends no more
+        if not engine.scheduler.admitting:
+            return JSONResponse(status_code=503, content={"status": "shutting down"})
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -125,5 +125,6 @@ class Engine:
     def close(self) -> None:
         """Stop the scheduler: what still runs or waits ends with RequestFailed (503)."""
         self.scheduler.close()
+        self.metrics.close()
         if self.routing_log is not None:
             self.routing_log.close()

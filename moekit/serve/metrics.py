@@ -50,6 +50,7 @@ class ServeMetrics:
                          "layer", ["layer", "expert"], registry=registry)
         self._routes: dict[int, torch.Tensor | None] = {}
         self._routed_children = {}
+        self._hooks = []
         for number, block in model.layers.numbered():
             if isinstance(block.ffn, MoELayer):
                 experts = block.ffn.config.num_experts
@@ -57,7 +58,8 @@ class ServeMetrics:
                 self._routed_children[number] = [routed.labels(layer=str(number),
                                                                expert=str(e))
                                                  for e in range(experts)]
-                block.ffn.router.register_forward_hook(self._recorder(number))
+                self._hooks.append(
+                    block.ffn.router.register_forward_hook(self._recorder(number)))
 
     def _recorder(self, number: int):
         def record(module, inputs, routing):
@@ -76,6 +78,11 @@ class ServeMetrics:
                     child.inc(count)
             routes.append((expert_ids_TK, len(children)))
         return routes
+
+    def close(self) -> None:
+        """Take the hooks off the model's gates."""
+        for hook in self._hooks:
+            hook.remove()
 
     @property
     def moe_layers(self) -> list[int]:

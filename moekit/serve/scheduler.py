@@ -151,6 +151,10 @@ class Ticket:
         self.keeps_all_rows = sampling.seed is not None and sampling.temperature > 0
         self.generator: torch.Generator | None = None  # made on the model's device
 
+    def send(self, item) -> None:
+        """From the scheduler thread: a Piece, then _END or a RequestFailed."""
+        self._outbox.put(item)
+
     def cancel(self) -> None:
         self.cancelled = True  # read by the scheduler thread at its next step
 
@@ -219,6 +223,10 @@ class Scheduler:
     def stop_admitting(self) -> None:
         with self._condition:
             self._admitting = False
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting
 
     def idle(self) -> bool:
         with self._condition:
@@ -345,7 +353,7 @@ class Scheduler:
             if not row.finished and row.generated == sampling.max_tokens:
                 text += row.stream.close("length")
             if text or row.finished:
-                ticket._outbox.put(Piece(row.index, text, row.stream.finish))
+                ticket.send(Piece(row.index, text, row.stream.finish))
             if row.finished and not ticket.keeps_all_rows:
                 self._release(row)
 
@@ -387,7 +395,7 @@ class Scheduler:
         self.metrics.finished(status, ticket.usage)
         if self.routing_log is not None:
             self.routing_log.write(ticket, status)
-        ticket._outbox.put(outcome)
+        ticket.send(outcome)
 
 
 def _late(ticket: Ticket, now: float) -> bool:
