@@ -382,3 +382,23 @@ def test_once_shutting_down_requests_get_503_and_health_says_so():
             assert client.get("/health").status_code == 503
     finally:
         engine.close()
+
+
+def test_an_engine_failure_fails_its_requests_and_the_next_ones_are_served():
+    engine = Engine(_model(), train_tokenizer([], 257), "tiny")
+    forward, calls = engine.model.forward, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # a decoding step
+            raise RuntimeError("boom")
+        return forward(*args, **kwargs)
+    engine.model.forward = fails_once
+    try:
+        with pytest.raises(RequestFailed, match="the engine failed: RuntimeError"):
+            list(engine.complete(["first"], Sampling(max_tokens=8, temperature=0))[0])
+        assert engine.pool.used_blocks == 0
+        pieces, _ = engine.complete(["next"], Sampling(max_tokens=4, temperature=0))
+        assert "".join(p.text for p in pieces) == _alone(engine, ["next"], 4)[0]
+    finally:
+        engine.close()

@@ -264,7 +264,7 @@ class Scheduler:
             if any(ticket.decoding_rows() for ticket in self._running):
                 self._step()
         except Exception as error:  # a bug here must fail its requests, not the server
-            for ticket in self._running:
+            for ticket in list(self._running):
                 self._end(ticket, RequestFailed(500, f"the engine failed: {error!r}"))
         self._retire()
         self.metrics.update_load(len(self._waiting), sum(len(t.decoding_rows())
@@ -280,7 +280,7 @@ class Scheduler:
 
     def _admit(self) -> list[Ticket]:
         admitted = []
-        rows_in_use = sum(len(t.rows) for t in self._running)
+        rows_in_use = sum(len(t.decoding_rows()) for t in self._running)
         free = self.pool.free_blocks
         while self._waiting:
             ticket = self._waiting[0]
@@ -310,11 +310,11 @@ class Scheduler:
         for index, ids in enumerate(prompts):
             blocks = self.pool.allocate(
                 self.pool.blocks_for(len(ids) + sampling.max_tokens - 1))
+            ticket.rows.append(_Row(ticket, index, TextStream(self.tokenizer, sampling.stop),
+                                    blocks, len(ids)))  # first, so that _end frees them
             for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
                 self.pool.write(group, blocks, keys[index, :, longest - len(ids):],
                                 values[index, :, longest - len(ids):])
-            ticket.rows.append(_Row(ticket, index, TextStream(self.tokenizer, sampling.stop),
-                                    blocks, len(ids)))
         self._count_routing([(ticket, None)])
         self._accept(ticket, ticket.rows, logits_B1V[:, -1])
 
