@@ -402,3 +402,30 @@ def test_an_engine_failure_fails_its_requests_and_the_next_ones_are_served():
         assert "".join(p.text for p in pieces) == _alone(engine, ["next"], 4)[0]
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--kv-cache-memory", "5XB"], "'5XB' is not a size"),
+    (["--kv-cache-memory", "100"], "a KV cache of 100 bytes holds no block of 16 positions"),
+    (["--max-batch-size", "0"], "0 is not allowed: expected an integer >= 1"),
+    (["--request-timeout", "-1"], "-1.0 is not allowed: expected a number > 0"),
+    (["--log-routing", "EXISTING"], "exists and is not empty: pass --overwrite"),
+    (["--log-routing", "CHECKPOINT/routing.jsonl"], "writing there would destroy it"),
+])
+def test_cli_serve_refuses_bad_batching_flags_in_one_line(tmp_path, capsys, flags, words):
+    from moekit.cli import main
+    folder = tmp_path / "tiny"
+    save_model(_model(), folder)
+    train_tokenizer([], 257).save(folder)
+    existing = tmp_path / "routing.jsonl"
+    existing.write_text("kept\n")
+    flags = [f.replace("EXISTING", str(existing)).replace("CHECKPOINT", str(folder))
+             for f in flags]
+    try:
+        status = main(["serve", "--checkpoint", str(folder), *flags])
+    except SystemExit as exit:  # argparse's own refusals
+        status = exit.code
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert words in error and len(error.splitlines()) == 1
+    assert existing.read_text() == "kept\n" and not (folder / "routing.jsonl").exists()
