@@ -1,7 +1,8 @@
 """Applying a layout to a plain model from outside: the model never asks for ranks.
 
-``parallelize(model, mesh)`` shards the experts over the mesh's ``ep`` groups (when it has
-them) and wraps the rest in ``DistributedDataParallel`` over every rank. After a step's
+``parallelize(model, mesh)`` keeps this rank's pipeline stage of the model (when the mesh has
+stages), shards the experts over the mesh's ``ep`` groups (when it has them) and wraps the rest
+in ``DistributedDataParallel`` over the ranks of the stage. After a step's
 backward, ``finish_gradients`` sums each expert's gradient over the ranks that hold that expert
 (DDP averages only the replicated parameters), and ``clip_gradients`` measures the global norm
 with every parameter counted once.
@@ -17,18 +18,27 @@ import torch.nn as nn
 
 from moekit.parallel.expert_parallel import expert_parameters, shard_experts
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.pipeline import StageModule, cut_into_stage
 
 
 def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """The model as ``mesh`` runs it: itself on one process; otherwise with this rank's experts
-    only (``expert_size`` > 1) inside a ``DistributedDataParallel`` wrapper, whose gradient
-    all-reduce runs in buckets overlapped with the backward. Buffers are not broadcast: the
-    router state in them moves identically on every rank (``MoELayer.update_router_state``)."""
+    """The model as ``mesh`` runs it: itself on one process; otherwise cut to this rank's
+    pipeline stage (``model`` itself keeps only the stage's parts, and a ``StageModule`` runs
+    them), with this rank's experts only (``expert_size`` > 1), inside a
+    ``DistributedDataParallel`` wrapper whose gradient all-reduce runs in buckets overlapped
+    with the backward. Buffers are not broadcast: the router state in them moves identically
+    on every rank (``MoELayer.update_router_state``)."""
+    if mesh.world_size == 1:
+        return model
+    if mesh.expert_size > 1:
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
+    if mesh.pipeline_size > 1:
+        cut_into_stage(model, mesh.stage_layers, mesh.pipeline_rank)
+        model = StageModule(model, mesh.pipeline_rank, mesh.pipeline_size)
     if mesh.data_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
     if mesh.expert_size > 1:
-        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [name for name, _ in expert_parameters(model)])
     # torch 2.13 renamed the option; older versions know only the first name.
@@ -40,8 +50,10 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside whatever ``parallelize`` wrapped it in."""
-    return getattr(model, "module", model)
+    """The plain model (of a pipeline, the stage's part) inside whatever ``parallelize``
+    wrapped it in."""
+    inner = getattr(model, "module", model)
+    return inner.model if isinstance(inner, StageModule) else inner
 
 
 @torch.no_grad()
@@ -74,6 +86,10 @@ def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tenso
         expert_squares = squares[1:].to(mesh.device)
         dist.all_reduce(expert_squares, group=mesh.expert_group)
         squares[1:] = expert_squares.to(squares.device)
+    if mesh.pipeline_size > 1:  # each stage holds its own parameters
+        stage_squares = squares.to(mesh.device)
+        dist.all_reduce(stage_squares, group=mesh.pipeline_group)
+        squares = stage_squares.to(squares.device)
     norm = squares.sum().sqrt()
     # Read on the host: the step logs the norm anyway, and a norm under the limit then costs
     # no pass over the gradients (at 64 experts that pass was a tenth of the step).
