@@ -36,6 +36,9 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
+# The "object" of a whole answer and of a streamed chunk, by endpoint (OpenAI's names).
+OBJECTS = {"cmpl": ("text_completion", "text_completion"),
+           "chatcmpl": ("chat.completion", "chat.completion.chunk")}
 DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is there
 
 
@@ -197,14 +200,15 @@ def create_app(engine: Engine, api_key: str | None = None, max_request_bytes: in
             raise
         head = {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": engine.name}
-        obj = {"cmpl": "text_completion", "chatcmpl": "chat.completion"}[kind]
+        obj, chunk_obj = OBJECTS[kind]
         if request.stream:
             with_usage = bool((request.stream_options or {}).get("include_usage"))
 
             def close():
                 ticket.cancel()  # a no-op once it has finished
                 give_slot(client)
-            return _Stream(_events(ticket, head, obj, shape, with_usage), close)
+            return _Stream(_events(ticket, {**head, "object": chunk_obj}, shape, with_usage),
+                           close)
         try:
             texts, finish = {}, {}
             while (piece := await _next_or_gone(ticket, http)) is not None:
@@ -273,15 +277,14 @@ async def _next_or_gone(ticket, http: Request) -> Piece | None:
                 raise RequestFailed(499, "the client went away") from None
 
 
-async def _events(ticket, head: dict, obj: str, shape, with_usage: bool):
-    """The server-sent events of a streaming answer; a failure after the first byte (the
-    status is sent by then) comes as an error event."""
-    obj = "text_completion" if obj == "text_completion" else "chat.completion.chunk"
+async def _events(ticket, head: dict, shape, with_usage: bool):
+    """The server-sent events of a streaming answer (each chunk ``head`` + its choices); a
+    failure after the first byte (the status is sent by then) comes as an error event."""
     try:
         while (piece := await ticket.next_piece()) is not None:
-            yield _event({**head, "object": obj, "choices": [shape(piece, streaming=True)]})
+            yield _event({**head, "choices": [shape(piece, streaming=True)]})
         if with_usage:
-            yield _event({**head, "object": obj, "choices": [], "usage": _usage(ticket.usage)})
+            yield _event({**head, "choices": [], "usage": _usage(ticket.usage)})
     except RequestFailed as failure:
         yield _event(_error_body(str(failure), _failure_kind(failure.status)))
     yield _event("[DONE]")
