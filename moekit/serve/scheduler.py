@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -263,10 +264,10 @@ class Scheduler:
                 self._prefill(ticket)
             if any(ticket.decoding_rows() for ticket in self._running):
                 self._step()
+            self._retire()
         except Exception as error:  # a bug here must fail its requests, not the server
             for ticket in list(self._running):
                 self._end(ticket, RequestFailed(500, f"the engine failed: {error!r}"))
-        self._retire()
         self.metrics.update_load(len(self._waiting), sum(len(t.decoding_rows())
                                                          for t in self._running),
                                  self.pool.used_blocks)
@@ -394,7 +395,11 @@ class Scheduler:
                                                else str(outcome.status))
         self.metrics.finished(status, ticket.usage)
         if self.routing_log is not None:
-            self.routing_log.write(ticket, status)
+            try:
+                self.routing_log.write(ticket, status)
+            except OSError as error:  # a full disk stops the log, not the serving
+                print(f"moekit serve: the routing log stopped: {error}", file=sys.stderr)
+                self.routing_log = None
         ticket.send(outcome)
 
 
