@@ -3,6 +3,7 @@
 
     python benchmarks/serve_load.py                      # 1, 4 and 16 clients
     python benchmarks/serve_load.py --clients 1 4 16 --requests 4 --max-tokens 64 --reps 3
+    python benchmarks/serve_load.py --in-process          # the engine alone, without HTTP
 
 Builds the tiny preset (random weights, seeded) with a BPE tokenizer trained on the embedded
 corpus, starts ``moekit serve`` on it in a process of its own (``--max-batch-size 16``), warms
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -118,6 +120,47 @@ def start_server(folder: Path, port: int, max_batch: int) -> subprocess.Popen:
     raise SystemExit("the server did not start within 120 s")
 
 
+def run_in_process(engine, clients: int, requests: int, max_tokens: int) -> dict:
+    """The same load on the engine itself, one thread per client, without HTTP."""
+    from moekit.serve import Sampling
+    result, lock = {"tokens": 0, "requests": 0, "ttft": [], "itl": []}, threading.Lock()
+
+    def client_loop(number: int):
+        for i in range(requests):
+            sent, last = time.perf_counter(), None
+            pieces, usage = engine.complete([PROMPTS[(number + i) % len(PROMPTS)] * 4],
+                                            Sampling(max_tokens=max_tokens, temperature=0))
+            for piece in pieces:
+                now = time.perf_counter()
+                if piece.text:
+                    with lock:
+                        result["ttft" if last is None else "itl"].append(
+                            now - (sent if last is None else last))
+                    last = now
+            with lock:
+                result["tokens"] += usage.completion_tokens
+                result["requests"] += 1
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def measure(load, args) -> dict:
+    """``load(clients, requests, max_tokens)`` for every client count, taking turns in each
+    repetition, after a warm-up; the summary per client count."""
+    load(2, 1, 8)
+    runs = {n: [] for n in args.clients}
+    for _ in range(args.reps):
+        for n in args.clients:
+            runs[n].append(load(n, args.requests, args.max_tokens))
+    return {n: summary(results) for n, results in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
@@ -125,29 +168,35 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--in-process", action="store_true",
+                        help="drive the engine from threads in this process, without HTTP "
+                        "(what batching gives before the HTTP layer's costs)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
+    with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "tiny"
         build_checkpoint(folder)
-        server = start_server(folder, port, args.max_batch_size)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            asyncio.run(run_load(url, 2, 1, 8))  # warm-up
-            runs = {n: [] for n in args.clients}
-            for _ in range(args.reps):
-                for n in args.clients:
-                    runs[n].append(asyncio.run(run_load(url, n, args.requests,
-                                                        args.max_tokens)))
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
-    print(f"moekit serve, tiny preset, {args.requests} requests per client of "
-          f"{args.max_tokens} new tokens, greedy, streaming, {args.reps} repetitions; "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
-    rows = {n: summary(results) for n, results in runs.items()}
+        if args.in_process:
+            from moekit.serve import load_engine
+            engine = load_engine(folder, max_batch=args.max_batch_size)
+            try:
+                rows = measure(lambda *load: run_in_process(engine, *load), args)
+            finally:
+                engine.close()
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            server = start_server(folder, port, args.max_batch_size)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                rows = measure(lambda *load: asyncio.run(run_load(url, *load)), args)
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(60)
+    print(f"moekit {'engine in process' if args.in_process else 'serve'}, tiny preset, "
+          f"{args.requests} requests per client of {args.max_tokens} new tokens, greedy, "
+          f"streaming, {args.reps} repetitions; {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}")
     print("| clients | requests/s | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | "
           "tokens/s vs 1 client | ITL p99 vs 1 client |")
     print("|---|---|---|---|---|---|---|")
