@@ -91,9 +91,10 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     return model, TrainConfig.from_dict(train), DataConfig.from_dict(data)
 
 
-def check_layout(model: ModelConfig, train: TrainConfig, world: int, args) -> tuple:
+def check_layout(configs, world: int, args) -> tuple | None:
     """The layers per pipeline stage of the layout the flags ask for on ``world`` processes,
-    checked against the model and the batch before any process or file exists."""
+    checked against the model and the batch (``configs()``, read only when there is a layout
+    to check) before any process or file exists."""
     from moekit.parallel.mesh import check_tensor_degree
     from moekit.parallel.pipeline import check_pipeline_model
     from moekit.parallel.tensor_parallel import check_tensor_model
@@ -103,6 +104,9 @@ def check_layout(model: ModelConfig, train: TrainConfig, world: int, args) -> tu
     layout = Layout.for_world(world, tensor=args.tensor, pipeline=args.pipeline,
                               expert=args.expert,
                               stage_layers=tuple(args.stage_layers) if args.stage_layers else None)
+    if layout.world_size == 1:
+        return None  # one process: the loop checks the rest (a resumed run once it holds it)
+    model, train = configs()
     stages = layout.stages(model)
     check_pipeline_model(model, layout.pipeline)
     check_tensor_model(model, layout.tensor)
@@ -150,16 +154,14 @@ def run_train(args) -> int:
         raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
                          f"allowed: expected {args.pipeline} layer counts, one per stage of "
                          f"--pipeline {args.pipeline}")
+    def configs_for_layout():
+        if args.resume:
+            from moekit.train.loop import read_run
+            return read_run(out)[:2]
+        return (model if model is not None else read_model_config(args.init_from)), train_config
+
     # A layout the batch or model cannot take is refused before any process starts.
-    if args.resume:
-        from moekit.files import refuse_if_being_written
-        from moekit.train.loop import read_run
-        refuse_if_being_written(out)  # before reading what that process may be rewriting
-        model_for_layout, train_for_layout = read_run(out)[:2]
-    else:
-        model_for_layout = model if model is not None else read_model_config(args.init_from)
-        train_for_layout = train_config
-    stages = check_layout(model_for_layout, train_for_layout, world, args)
+    stages = check_layout(configs_for_layout, world, args)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
