@@ -292,6 +292,8 @@ class MoELayer(nn.Module):
                                                                           keep_TK)
         y_TD = self.dispatcher.combine(self.experts(rows_ND, rows_per_expert),
                                        routing.weights_TK, handle)
+        if routing.input_weights_T is not None:
+            y_TD = y_TD + (routing.input_weights_T[:, None] * x_TD).to(y_TD.dtype)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:
