@@ -5,6 +5,7 @@ from moekit.moe.dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from moekit.moe.experts import (MLP, GroupedExperts, ModuleExperts, expert_activation, expert_mlp,
                                 grouped_linear)
 from moekit.moe.layer import MoELayer, MoEStats
+from moekit.moe.multigate import MultiGateMoE
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
 from moekit.moe.router import (FASTMOE_NOISY_OPTIONS, GATES, BaseLayerGate, Gate, GShardGate,
@@ -14,7 +15,7 @@ from moekit.moe.router import (FASTMOE_NOISY_OPTIONS, GATES, BaseLayerGate, Gate
 __all__ = [
     "AdaptiveAuxCoefficient", "BaseLayerGate", "DispatchPlan", "FASTMOE_NOISY_OPTIONS", "GATES",
     "GShardGate", "Gate", "GroupedExperts", "LinearGate", "MLP", "MoELayer", "MoEStats",
-    "ModuleExperts", "NoisyTopKGate", "Routing", "SigmoidBiasGate", "SinkhornGate",
+    "ModuleExperts", "MultiGateMoE", "NoisyTopKGate", "Routing", "SigmoidBiasGate", "SinkhornGate",
     "SoftmaxTopKGate", "ZeroGate", "balanced_assignment", "build_gate", "expert_activation",
     "expert_capacity", "expert_mlp", "grouped_linear", "permute", "plan_dispatch",
     "router_z_loss", "sinkhorn", "skywork_balance_loss", "smooth_load", "switch_balance_loss",
