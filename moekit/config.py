@@ -328,6 +328,9 @@ class TrainConfig(_FromDict):
     deterministic: bool = False
     eval_every: int = 50
     eval_batches: int = 8
+    # Steps between measurements of expert_similarity (mean pairwise cosine similarity of each
+    # MoE layer's expert weights) in metrics.jsonl; 0 = never.
+    similarity_every: int = 50
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
@@ -336,6 +339,9 @@ class TrainConfig(_FromDict):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
             _positive_int(name, getattr(self, name))
+        _require(isinstance(self.similarity_every, int) and not isinstance(
+            self.similarity_every, bool) and self.similarity_every >= 0, "similarity_every",
+            self.similarity_every, "expected an integer >= 0 (0: never)")
         _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
                  f"must divide batch_size ({self.batch_size})")
         _positive_number("lr", self.lr)

@@ -220,6 +220,9 @@ class MoELayer(nn.Module):
         # it seeds the recycle shuffle, and as a buffer it is saved with the weights, so that a
         # resumed run shuffles as an uninterrupted one.
         self.register_buffer("router_step", torch.zeros((), dtype=torch.long))
+        # The health sums of each forward (entropy, max1/max2, max2/max3); off only to measure
+        # what they cost (benchmarks/router_health.py).
+        self.collect_health = True
 
     def _check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
         check_hidden(hidden, mask, self.config.hidden_size)
@@ -326,7 +329,8 @@ class MoELayer(nn.Module):
         entropy = ratio12 = ratio23 = None
         if routing.probs_TE is not None:
             prob_sum_E = routing.probs_TE.sum(0)
-            entropy, ratio12, ratio23 = health_sums(routing.probs_TE)
+            if self.collect_health:
+                entropy, ratio12, ratio23 = health_sums(routing.probs_TE)
             if config.aux_loss == "switch" and num_tokens > 0:
                 aux_loss = switch_balance_loss(routed_per_expert_E, prob_sum_E, num_tokens, top_k)
             elif config.aux_loss == "skywork" and num_tokens > 0:

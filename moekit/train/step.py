@@ -51,15 +51,16 @@ def _sum_counts(per_micro_batch: list[list[RouterCounts]]) -> list[RouterCounts]
     return totals
 
 
-def _health_sums(stats) -> torch.Tensor:
+def _health_sums(stats, device: torch.device) -> torch.Tensor:
     """A layer's router-health sums of one forward (entropy, max1/max2, max2/max3), NaN where
-    the gate gives no probabilities."""
+    the gate gives no probabilities; kept on the device, so that a micro-batch waits for
+    nothing."""
     sums = (stats.entropy_sum, stats.top1_over_top2_sum, stats.top2_over_top3_sum)
-    return torch.stack([torch.tensor(float("nan")) if s is None else s.detach().double().cpu()
-                        for s in sums])
+    return torch.stack([torch.full((), math.nan, dtype=torch.float64, device=device)
+                        if s is None else s.detach().double().to(device) for s in sums])
 
 
-def _health(counts: RouterCounts, sums: list[float]) -> dict:
+def layer_health(counts: RouterCounts, sums: list[float]) -> dict:
     """Per-layer router health of the step (the issue's metrics keys), from summed counts."""
     tokens = max(int(counts.num_tokens), 1)
     means = [None if math.isnan(s) else s / tokens for s in sums]
@@ -125,7 +126,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         cross_entropy += nll.detach().double()
         router_share += share.detach().to(device)
         counts.append([s.counts for s in out.moe_stats])
-        health.append([_health_sums(s) for s in out.moe_stats])
+        health.append([_health_sums(s, device) for s in out.moe_stats])
     finish_gradients(model, mesh)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = clip_gradients(model, clip, mesh)
@@ -139,7 +140,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             mesh)
     for layer, layer_counts in zip(layers, step_counts):
         layer.update_router_state(layer_counts)
-    per_layer = [_health(c, health_values[3 * i:3 * i + 3]) for i, c in enumerate(step_counts)]
+    per_layer = [layer_health(c, health_values[3 * i:3 * i + 3])
+                 for i, c in enumerate(step_counts)]
     return {"loss": nll_sum / max(counted, 1), "router_loss": router_value,
             "grad_norm": grad_norm.item(),
             "drop_rate": [c.drop_rate for c in step_counts],
