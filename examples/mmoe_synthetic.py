@@ -116,7 +116,7 @@ def held_out_loss(name: str, data, steps: int, seed: int, batch: int = 128) -> f
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="data and model seeds per p")
-    parser.add_argument("--steps", type=int, default=1500, help="Adam steps per model")
+    parser.add_argument("--steps", type=int, default=2000, help="Adam steps per model")
     parser.add_argument("--examples", type=int, default=10000, help="training examples")
     parser.add_argument("--plot", default="mmoe_synthetic.png", help="PNG to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --plot")

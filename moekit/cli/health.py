@@ -49,18 +49,18 @@ def run_inspect(args) -> int:
             flagged = count < thresholds.min_expert_tokens
             table.add_row(str(expert), f"[red]{count}[/]" if flagged else str(count),
                           f"{count / total:.3f}")
-        table.caption = (
-            f"load cv {_number(layer['load_cv'])}, max/mean {_number(layer['load_max_over_mean'])}, "
+        console.print(table)
+        console.print(
+            f"layer {layer['layer']}: load cv {_number(layer['load_cv'])}, max/mean {_number(layer['load_max_over_mean'])}, "
             f"max/min {_number(layer['load_max_over_min'])}, entropy "
             f"{_number(layer['router_entropy'])} nats, max1/max2 "
             f"{_number(layer['max1_over_max2'])}, max2/max3 {_number(layer['max2_over_max3'])}, "
             f"expert similarity {_number(layer['expert_similarity'])}")
-        console.print(table)
         if layer["flags"]:
             collapsing += 1
             console.print(f"[red]collapsing router[/]: {'; '.join(layer['flags'])}")
-    console.print(f"{collapsing} of {len(found.layers)} MoE layers flagged (thresholds: an "
-                  f"expert under {thresholds.min_expert_tokens} tokens, max1/max2 under "
+    console.print(f"{collapsing} of {len(found.layers)} MoE layers flagged (thresholds: "
+                  f"fewer than {thresholds.min_expert_tokens} tokens for an expert, max1/max2 under "
                   f"{thresholds.min_max1_over_max2:g}, max/mean load over "
                   f"{thresholds.max_load_over_mean:g})")
     return 0
