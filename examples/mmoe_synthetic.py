@@ -130,7 +130,6 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"mmoe_synthetic: error: {error}", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)  # tiny models: threads cost more than they bring
     results = {name: [] for name in MODELS}
     correlations = []
     print(f"{'p':>4} {'label corr':>10} " + " ".join(f"{name:>17}" for name in MODELS))
@@ -188,4 +187,5 @@ def write_plot(path: str, correlations: list[float], results: dict) -> None:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # tiny models: threads cost more than they bring
     sys.exit(main())

@@ -73,3 +73,32 @@ def test_bad_multigate_input_is_refused(kwargs, words):
         MultiGateMoE(**kwargs)
     for word in words:
         assert word in str(error.value)
+
+
+def test_the_synthetic_benchmark_runs_and_measures_the_label_correlation(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "mmoe_synthetic.py"
+    spec = importlib.util.spec_from_file_location("mmoe_synthetic", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    setting = example.draw_setting(4000, torch.Generator().manual_seed(0))
+    # p = 1: the tasks share w and differ by their noise alone (variance 0.01); the label
+    # correlation falls with p, though not to p (the sines bend it).
+    correlations = [float(torch.corrcoef(example.labels(setting, p).T)[0, 1])
+                    for p in example.CORRELATIONS]
+    noise_share = 0.01 / float(example.labels(setting, 1.0).var(0).mean())
+    assert correlations[0] == pytest.approx(1 - noise_share, abs=0.01)
+    assert correlations == sorted(correlations, reverse=True)
+    plot = tmp_path / "mmoe.png"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the script runs: tiny models, where threads only wait
+    try:
+        assert example.main(["--seeds", "2", "--steps", "3", "--examples", "300",
+                             "--plot", str(plot)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "MMoE degrades least as p falls:" in out and plot.read_bytes()[:4] == b"\x89PNG"
+    assert example.main(["--plot", str(plot)]) == 2  # not overwritten without --overwrite
+    assert "--plot" in capsys.readouterr().err
