@@ -37,10 +37,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default torch's); 1 on a contended machine")
     args = parser.parse_args()
     if args.steps < 20:
         parser.error(f"--steps {args.steps} is not allowed: at least 20 of each kind")
     retain_freed_cpu_memory(training=True)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model_config = preset(args.preset)
     model = Transformer(model_config).train()
@@ -69,7 +73,7 @@ def main() -> None:
         similarity.append(time.perf_counter() - started)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     spread = [statistics.median(times[flag][half::2]) for flag in (True, False) for half in (0, 1)]
-    print(f"{args.preset}: {len(layers)} MoE layers, E = {model_config.moe.num_experts}, "
+    print(f"{args.preset}: {torch.get_num_threads()} threads, {len(layers)} MoE layers, E = {model_config.moe.num_experts}, "
           f"{args.batch_size} x {args.seq_len} tokens in {args.grad_accum} micro-batches, "
           f"{args.steps} steps each, interleaved")
     print(f"{'median step, stats on':>32}: {on * 1e3:8.1f} ms")
