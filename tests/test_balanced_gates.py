@@ -188,3 +188,14 @@ def test_a_user_gate_with_bad_input_weights_is_refused(input_weights, words):
         layer(torch.randn(5, 8))
     for word in words:
         assert word in str(error.value)
+
+
+def test_base_layer_balances_the_valid_tokens_only():
+    layer = _base_layer()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 3:] = False  # 10 valid tokens over 4 experts: 3, 3, 2, 2
+    out, stats = layer(x, mask)
+    assert sorted(stats.tokens_per_expert_E.tolist()) == [2, 2, 3, 3]
+    assert out[~mask].abs().sum() == 0
+    torch.testing.assert_close(out[mask], layer(x[mask])[0])
