@@ -160,3 +160,15 @@ def test_bad_health_input_is_one_line_and_exit_2(argv, words, run, tmp_path, cap
 def test_bad_similarity_every_is_refused():
     with pytest.raises(ValueError, match=r"similarity_every=-1.*integer >= 0"):
         TrainConfig(similarity_every=-1)
+
+
+def test_inspect_outside_a_run_needs_data(run, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "model"
+    shutil.copytree(checkpoint_folder(run, 4), copy)
+    assert main(["inspect", str(copy)]) == 2
+    assert "not inside a run folder" in capsys.readouterr().err
+    text = tmp_path / "text.md"
+    text.write_text("# Notes\n\nSome held-out text, long enough for a window or two. " * 5)
+    assert main(["inspect", str(copy), "--data", str(text), "--batches", "1"]) == 0
+    assert "MoE layer 1" in capsys.readouterr().out

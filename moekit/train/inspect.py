@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from moekit.model.io import load_model
-from moekit.train.checkpoint import resolve_checkpoint
+from moekit.train.checkpoint import CHECKPOINTS, resolve_checkpoint
 from moekit.train.data import check_length, eval_batches, read_documents, split_tokens
 from moekit.train.health import CollapseThresholds, collapse_flags, expert_similarities
 from moekit.train.loop import RUN_FILE, read_run
@@ -47,7 +47,7 @@ def inspect_checkpoint(path: str | Path, data: str | Path | None = None, *,
                for token in document + [tokenizer.eos_id]]
         tokens, source = torch.tensor(ids, dtype=torch.long), str(data)
         seq_len = min(model.config.max_seq_len, 256)
-    elif (run / RUN_FILE).is_file():
+    elif folder.parent.name == CHECKPOINTS and (run / RUN_FILE).is_file():
         _, train_config, data_config = read_run(run)
         tokens = split_tokens(read_documents(data_config.corpus), tokenizer,
                               data_config.val_fraction).val
