@@ -172,3 +172,24 @@ def test_inspect_outside_a_run_needs_data(run, tmp_path, capsys):
     text.write_text("# Notes\n\nSome held-out text, long enough for a window or two. " * 5)
     assert main(["inspect", str(copy), "--data", str(text), "--batches", "1"]) == 0
     assert "MoE layer 1" in capsys.readouterr().out
+
+
+def _similarity_with_experts_spread(rank, world):
+    import torch.distributed as dist
+
+    from moekit.parallel.expert_parallel import shard_experts
+    from moekit.parallel.mesh import world_mesh
+    from moekit.train.health import expert_similarities
+    torch.manual_seed(0)
+    model = Transformer(MODEL)
+    shard_experts(model, dist.group.WORLD, rank, world)
+    return expert_similarities(model, world_mesh(expert=world))
+
+
+def test_expert_similarity_gathers_the_experts_spread_over_ranks():
+    from moekit.parallel.processes import run_on_ranks
+    from moekit.train.health import expert_similarities
+    torch.manual_seed(0)
+    whole = expert_similarities(Transformer(MODEL))
+    for outcome in run_on_ranks(_similarity_with_experts_spread, 2):
+        assert outcome == pytest.approx(whole, rel=1e-12)

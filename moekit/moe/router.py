@@ -18,7 +18,7 @@ A user's gate::
 The built-in gates are written against the same interface and chosen by name
 (``MoEConfig.router``, options in ``MoEConfig.router_options``) from :data:`GATES`. The layer
 checks every Routing's shapes and dtypes; for a gate that is not built in it also checks that the
-ids are in range and the weights finite (two device reads, which the built-in gates skip).
+ids are in range and the weights finite (device reads, which the built-in gates skip).
 """
 from __future__ import annotations
 
