@@ -193,3 +193,13 @@ def test_expert_similarity_gathers_the_experts_spread_over_ranks():
     whole = expert_similarities(Transformer(MODEL))
     for outcome in run_on_ranks(_similarity_with_experts_spread, 2):
         assert outcome == pytest.approx(whole, rel=1e-12)
+
+
+def test_plot_reads_a_metrics_file_being_appended(tmp_path):
+    from moekit.train.plots import read_records
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "st')
+    assert read_records(metrics) == [{"kind": "train", "step": 1}]  # the last line is unfinished
+    metrics.write_text('{"kind": "train", "step": 1}\nnot json\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        read_records(metrics)
