@@ -42,6 +42,8 @@ TRAIN_FLAGS = {
                        "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),
     "eval_batches": (int, "batches per validation"),
+    "similarity_every": (int, "steps between measurements of expert_similarity (mean pairwise "
+                         "cosine of each layer's expert weights) in metrics.jsonl; 0 = never"),
     "checkpoint_every": (int, "steps between checkpoints"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "seed": (int, "seed of initialisation and batches"),

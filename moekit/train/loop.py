@@ -38,6 +38,7 @@ from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
                                train_batch)
+from moekit.train.health import expert_similarities
 from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
                                 set_learning_rate)
 from moekit.train.plots import plot_run
@@ -304,6 +305,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
             if peak_flops:
                 record["mfu"] = record["model_flops_per_s"] / peak_flops
+            if train_config.similarity_every and step % train_config.similarity_every == 0:
+                record["expert_similarity"] = expert_similarities(model, mesh)
             records.append(record)
             log.write(json.dumps(record) + "\n")
             if step % train_config.eval_every == 0 or step == train_config.steps:
