@@ -15,6 +15,10 @@ raises on integer tensors (``torch.finfo`` of an integer dtype) and writes zeros
 ones. Those are all small (step counters, the sigmoid gate's step, each 0-dim moment step,
 random-number states), so the first rank gathers them (``gather_object``) and appends them to
 the consolidated file (``files.append_to_safetensors``, which streams the rest).
+
+``load_sharded`` reads such a file back the other way, with DCP's Hugging Face storage reader:
+each rank reads only the parts it holds (its experts' rows, its DTensor shards, its stage's
+tensors), whatever layout wrote the file.
 """
 from __future__ import annotations
 
@@ -83,3 +87,31 @@ def save_sharded(folder: str | Path, files: dict[str, dict[str, torch.Tensor]],
             consolidated.rename(folder / file)
         else:  # nothing of it was for DCP (an optimizer before its first step)
             save_file(rest, str(folder / file), metadata={"format": "pt"})
+
+
+def _stored_by_dcp(handle, key: str) -> bool:
+    """Whether ``save_sharded`` wrote the tensor ``key`` of an open file through DCP."""
+    tensor = handle.get_slice(key)
+    return len(tensor.get_shape()) > 0 and tensor.get_dtype().startswith(("F", "BF"))
+
+
+def load_sharded(folder: str | Path, file: str, model: nn.Module, mesh: Mesh) -> dict:
+    """The tensors of ``folder / file`` named by ``model``'s parameters (``NAME`` or
+    ``NAME.KEY``, an optimizer moment) as this rank holds them, each rank reading only its part
+    (DCP's ``HuggingFaceStorageReader``); the small ones (step counts, random states) whole.
+    A collective: every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors import safe_open
+    parameters = dict(model.named_parameters())
+    experts = {name for name, _ in expert_parameters(model)}
+    tensors, parts = {}, {}
+    with safe_open(str(Path(folder) / file), framework="pt") as handle:
+        for key in handle.keys():
+            name = key if key in parameters else key.rsplit(".", 1)[0]
+            if not _stored_by_dcp(handle, key):  # step counts, random states: small
+                tensors[key] = handle.get_tensor(key)
+            elif name in parameters:  # (not: another pipeline stage's)
+                tensors[key] = torch.empty_like(parameters[name])
+                parts[key] = _as_part_of_whole(key, tensors[key], experts, mesh)
+    dcp.load(parts, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+    return tensors

@@ -23,12 +23,12 @@ import torch
 
 from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
                           read_json, read_safetensors, remove_leftovers, write_json)
-from moekit.model.io import (WEIGHTS_FILE, folder_format_version, upgrade_tensor,
-                             write_config, write_model)
+from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, folder_format_version,
+                             upgrade_tensor, write_config, write_model)
 from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.sharded_checkpoint import save_sharded
+from moekit.parallel.sharded_checkpoint import load_sharded, save_sharded
 from moekit.parallel.tensor_parallel import is_sharded
 from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
@@ -167,11 +167,14 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     of the experts takes its part of their moments: any layout resumes any checkpoint."""
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
-    tensors = read_safetensors(folder / OPTIMIZER_FILE)
+    version = folder_format_version(folder)
+    # On several ranks each reads only the moments it holds; an older folder is read whole.
+    tensors = (load_sharded(folder, OPTIMIZER_FILE, model, mesh)
+               if mesh.world_size > 1 and version == FORMAT_VERSION
+               else read_safetensors(folder / OPTIMIZER_FILE))
     saved_groups = _saved_groups(optimizer, state.get("param_groups", []))
     for group, saved in zip(optimizer.param_groups, saved_groups):
         group.update(saved)
-    version = folder_format_version(folder)
     moments: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, moment = key.rsplit(".", 1)
@@ -214,6 +217,8 @@ def _saved_groups(optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[d
 def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
     """A whole tensor of ``parameter``'s shape as this rank holds it: its experts, or its
     DTensor shard (FSDP2's, tensor parallelism's)."""
+    if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
+        return whole
     if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
     whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
