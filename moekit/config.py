@@ -364,6 +364,30 @@ class TrainConfig(_FromDict):
         return self.batch_size // self.grad_accum
 
 
+
+@dataclass(frozen=True)
+class ExpertParallelConfig(_FromDict):
+    """How the expert-parallel exchange runs: FasterMoE's smart schedule (``overlap``) and
+    hot-expert shadowing (``shadow``), whose cost model prices a row's trip and an expert's
+    weights with ``link_gbps`` (GB/s between two ranks, 10^9 bytes) and ``expert_gflops`` (the
+    expert matmuls' rate on one rank). The defaults are this project's 2-core CPU with gloo
+    (docs/parallel.md); a GPU cluster's would be ~50 and ~10^5. Layout only: a checkpoint does
+    not depend on it."""
+
+    _kind = "expert-parallel"
+
+    overlap: bool = False
+    shadow: bool = False
+    link_gbps: float = 1.2
+    expert_gflops: float = 60.0
+
+    def __post_init__(self):
+        for name in ("overlap", "shadow"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                     "expected true or false")
+        _positive_number("link_gbps", self.link_gbps)
+        _positive_number("expert_gflops", self.expert_gflops)
+
 def _skywork_moe_146b() -> ModelConfig:
     # Skywork-MoE technical report (arXiv 2406.06563), Table 1: Llama-like, every layer MoE.
     return ModelConfig(vocab_size=65536, hidden_size=4608, num_layers=52, num_heads=36,

@@ -288,10 +288,8 @@ class MoELayer(nn.Module):
         check_routing(routing, num_tokens, self.config.num_experts,
                       read_values=type(self.router) not in BUILT_IN_GATES)
         expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
-        rows_ND, rows_per_expert, plan, handle = self.dispatcher.dispatch(x_TD, expert_ids_TK,
-                                                                          keep_TK)
-        y_TD = self.dispatcher.combine(self.experts(rows_ND, rows_per_expert),
-                                       routing.weights_TK, handle)
+        y_TD, plan = self.dispatcher.run(x_TD, expert_ids_TK, keep_TK, routing.weights_TK,
+                                         self.experts)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from moekit.config import ExpertParallelConfig
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -55,6 +57,8 @@ class Mesh:
     expert_size: int = 1
     device_mesh: object | None = None
     zero: int = 0  # 1: the optimizer state sharded over the data-parallel ranks (ZeRO-1)
+    # How the expert-parallel exchange runs (FasterMoE's overlap and shadowing).
+    expert_options: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
 
     @property
     def is_main(self) -> bool:

@@ -28,7 +28,8 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
     if mesh.expert_size > 1:
-        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size,
+                      mesh.expert_options)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [name for name, _ in expert_parameters(model)])
     # torch 2.13 renamed the option; older versions know only the first name.
