@@ -114,3 +114,35 @@ def test_expert_parallel_options_are_checked():
         ExpertParallelConfig(link_gbps=0)
     with pytest.raises(ValueError, match="overlap='yes' is not allowed"):
         ExpertParallelConfig(overlap="yes")
+
+
+def test_moekit_train_with_overlap_and_shadowing_trains_the_one_process_run(tmp_path):
+    """From the CLI: 2 processes holding 2 of the 4 experts each, smart schedule and
+    shadowing on, train the run one process trains. (Compute priced dear, so that any compute
+    imbalance between the ranks makes it shadow; whether these loads do is theirs: the layer
+    test above is the one that makes sure shadowing happens.)"""
+    from test_distributed_train import CONFIG, _moekit, _records
+    (tmp_path / "run.toml").write_text(CONFIG)
+    one = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "one"),
+                  "--quiet")
+    two = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out", str(tmp_path / "two"),
+                  "--quiet", "--nproc", "2", "--expert", "2", "--ep-overlap", "--ep-shadow",
+                  "--ep-expert-gflops", "0.001")
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    got, want = _records(tmp_path / "two"), _records(tmp_path / "one")
+    assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    for a, b in zip(got, want):
+        for key in ("loss", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_overlap_and_shadowing_need_expert_parallelism(tmp_path):
+    from test_distributed_train import _moekit
+    for flag in ("--ep-overlap", "--ep-shadow"):
+        result = _moekit("train", "--out", str(tmp_path / "run"), flag, "--nproc", "2",
+                         timeout=60)
+        assert result.returncode == 2
+        assert f"{flag} is not allowed with --expert 1" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -9,7 +9,8 @@ from dataclasses import asdict, fields, replace
 from moekit.cli.paths import input_option, output_option
 from moekit.cli.values import positive_float, positive_int
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
-                           DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
+                           DataConfig, ExpertParallelConfig, ModelConfig, TrainConfig, preset,
+                           read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
 from moekit.parallel.mesh import (CollectiveError, check_expert_degree, launched_by_torchrun,
@@ -97,6 +98,18 @@ def check_expert_split(model: ModelConfig | None, expert: int) -> None:
                          f"num_experts={model.moe.num_experts}")
 
 
+def _expert_options(args) -> ExpertParallelConfig:
+    """FasterMoE's options of the expert-parallel exchange; they need --expert > 1."""
+    options = ExpertParallelConfig(overlap=args.ep_overlap, shadow=args.ep_shadow,
+                                   link_gbps=args.ep_link_gbps,
+                                   expert_gflops=args.ep_expert_gflops)
+    if (options.overlap or options.shadow) and args.expert == 1:
+        flag = "--ep-overlap" if options.overlap else "--ep-shadow"
+        raise ValueError(f"{flag} is not allowed with --expert 1: it changes how experts spread "
+                         "over ranks exchange rows (set --expert E > 1)")
+    return options
+
+
 def run_train(args) -> int:
     from moekit.train.loop import train
     retain_freed_cpu_memory(training=True)
@@ -119,6 +132,7 @@ def run_train(args) -> int:
     if args.zero and args.expert > 1:
         raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
                          "broadcast experts that differ from rank to rank; drop one of them")
+    expert_options = _expert_options(args)
     if world > 1:  # a layout the batch or model cannot take is refused before any process
         from moekit.train.loop import read_run
         from moekit.train.step import check_batch_split
@@ -134,7 +148,7 @@ def run_train(args) -> int:
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
     mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert),
-                   zero=args.zero)
+                   zero=args.zero, expert_options=expert_options)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -279,6 +293,22 @@ def register(subcommands) -> None:
     parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
                           help="1: shard the optimizer state over the data-parallel ranks "
                           "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")
+    parallel.add_argument("--ep-overlap", action="store_true",
+                          help="FasterMoE's smart schedule: the expert-parallel exchange in "
+                          "chunks per peer, in ring order, the experts computing on each arrived "
+                          "chunk while the next travels (same results)")
+    parallel.add_argument("--ep-shadow", action="store_true",
+                          help="FasterMoE's shadowing: each step, hot experts' weights go to "
+                          "every rank instead of their tokens, chosen by a cost model from the "
+                          "per-expert loads (docs/parallel.md); needs the built-in experts")
+    parallel.add_argument("--ep-link-gbps", type=positive_float,
+                          default=ExpertParallelConfig.link_gbps, metavar="GB/S",
+                          help="shadowing's cost model: bandwidth between ranks, 10^9 bytes/s "
+                          f"(default {ExpertParallelConfig.link_gbps}: gloo on a 2-core CPU)")
+    parallel.add_argument("--ep-expert-gflops", type=positive_float,
+                          default=ExpertParallelConfig.expert_gflops, metavar="GFLOP/S",
+                          help="shadowing's cost model: expert matmul rate of one rank "
+                          f"(default {ExpertParallelConfig.expert_gflops})")
     parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")
