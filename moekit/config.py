@@ -12,7 +12,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 # The built-in gates, by name (moekit/moe/router.py builds them; docs/moe.md has the formulas).
-ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard")
+ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard",
+           "swipe", "topology")  # the last two route over ranks (moe/gates_distributed.py)
+# How far a capacity counts: this rank's batch, or every rank's (moekit/moe/route_groups.py).
+CAPACITY_SCOPES = ("local", "ranks")
 # Gates that form a balancing loss of their own: the layer's aux_loss would count it twice.
 ROUTERS_WITH_OWN_LOSS = ("noisy", "gshard")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
@@ -98,6 +101,9 @@ class MoEConfig(_FromDict):
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None  # evaluation and generation are dropless by default
     overflow: str = "drop"  # what happens to an assignment over capacity
+    # Over which batch a capacity counts: "local" this rank's, "ranks" every data- and
+    # expert-parallel rank's micro-batch together (FastMoE's DCGate; drops only).
+    capacity_scope: str = "local"
     seed: int = 0  # seeds recycle_random, so that a run can be repeated exactly
     # Losses: aux_loss picks the load-balancing form; its coefficient is fixed unless adaptive.
     aux_loss: str = "switch"
@@ -139,6 +145,12 @@ class MoEConfig(_FromDict):
         _require(self.aux_loss in AUX_LOSSES, "aux_loss", self.aux_loss,
                  f"one of {', '.join(AUX_LOSSES)}")
         _capacity("capacity_factor", self.capacity_factor)
+        _require(self.capacity_scope in CAPACITY_SCOPES, "capacity_scope", self.capacity_scope,
+                 f"one of {', '.join(CAPACITY_SCOPES)}")
+        _require(self.capacity_scope == "local" or self.overflow == "drop", "overflow",
+                 self.overflow, f'capacity_scope="{self.capacity_scope}" drops the routes over '
+                 'capacity (overflow="drop"): recycling into another rank\'s free slots is not '
+                 'in this version')
         _capacity("eval_capacity_factor", self.eval_capacity_factor)
         _require(self.logit_norm_scale is None or (isinstance(self.logit_norm_scale, (int, float))
                                                    and self.logit_norm_scale > 0),

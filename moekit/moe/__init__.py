@@ -3,12 +3,14 @@ from moekit.moe.capacity import expert_capacity
 from moekit.moe.dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from moekit.moe.experts import (MLP, GroupedExperts, ModuleExperts, expert_activation, expert_mlp,
                                 grouped_linear)
+from moekit.moe.gates_distributed import SwipeGate, TopologyGate
 from moekit.moe.layer import MoELayer, MoEStats
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
 from moekit.moe.router import (FASTMOE_NOISY_OPTIONS, GATES, Gate, GShardGate, LinearGate,
                                NoisyTopKGate, Routing, SigmoidBiasGate, SoftmaxTopKGate, ZeroGate,
                                build_gate, smooth_load)
+from moekit.moe.route_groups import RouteGroup, RouteGroups
 
 __all__ = [
     "AdaptiveAuxCoefficient", "DispatchPlan", "FASTMOE_NOISY_OPTIONS", "GATES", "GShardGate",
@@ -16,4 +18,5 @@ __all__ = [
     "NoisyTopKGate", "Routing", "SigmoidBiasGate", "SoftmaxTopKGate", "ZeroGate", "smooth_load",
     "build_gate", "expert_activation", "expert_capacity", "expert_mlp", "grouped_linear", "permute", "plan_dispatch",
     "router_z_loss", "skywork_balance_loss", "switch_balance_loss", "unpermute",
+    "RouteGroup", "RouteGroups", "SwipeGate", "TopologyGate",
 ]

@@ -1,7 +1,7 @@
 """Applying a layout to a plain model from outside: the model never asks for ranks.
 
-``parallelize(model, mesh)`` shards the experts over the mesh's ``ep`` groups (when it has
-them) and wraps the rest in ``DistributedDataParallel`` over every rank. After a step's
+``parallelize(model, mesh)`` hands every gate the ranks it routes over, shards the experts over
+the mesh's ``ep`` groups (when it has them) and wraps the rest in ``DistributedDataParallel`` over every rank. After a step's
 backward, ``finish_gradients`` sums each expert's gradient over the ranks that hold that expert
 (DDP averages only the replicated parameters), and ``clip_gradients`` measures the global norm
 with every parameter counted once.
@@ -26,6 +26,7 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
     router state in them moves identically on every rank (``MoELayer.update_router_state``)."""
     if mesh.data_size == 1:
         return model
+    hand_route_groups(model, mesh)
     from torch.nn.parallel import DistributedDataParallel
     if mesh.expert_size > 1:
         shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size,
@@ -38,6 +39,19 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(model, process_group=mesh.data_group, gradient_as_bucket_view=True,
                                    **no_buffer_sync)
+
+
+def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
+    """Give every MoE layer's gate the ranks it routes over: its expert group, and every rank
+    of the batch (``Gate.route_groups``)."""
+    from moekit.moe import MoELayer, RouteGroup, RouteGroups
+    groups = RouteGroups(
+        experts=RouteGroup(mesh.expert_group if mesh.expert_size > 1 else None,
+                           mesh.expert_rank, mesh.expert_size),
+        batch=RouteGroup(mesh.data_group, mesh.data_rank, mesh.data_size))
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            layer.router.route_groups = groups
 
 
 def unwrap(model: nn.Module) -> nn.Module:
