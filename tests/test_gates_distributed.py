@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from moekit import MoEConfig, MoELayer
+from moekit import Gate, MoEConfig, MoELayer, Routing
 from moekit.parallel.processes import run_on_ranks
 
 TOKENS = 16  # per rank
@@ -29,7 +29,24 @@ def _layer(world, **config):
     return layer
 
 
+class FixedRoutes(Gate):
+    """The routes given, weighted as SWIPE and the topology gate weigh theirs: the one-process
+    reference of a layer whose gate rerouted over ranks."""
+
+    def __init__(self, gate, expert_ids_TK):
+        super().__init__(gate.num_experts, gate.top_k)
+        self.gate, self.expert_ids_TK = gate, expert_ids_TK
+
+    def forward(self, x_TD):
+        logits_TE = self.gate.logits(x_TD)
+        return Routing(self.expert_ids_TK, logits_TE.gather(1, self.expert_ids_TK).softmax(-1))
+
+
 def _on_ranks(rank, world, configs):
+    import torch.distributed as dist
+
+    from moekit.config import ExpertParallelConfig
+    from moekit.parallel.expert_parallel import shard_experts
     from moekit.parallel.mesh import world_mesh
     from moekit.parallel.parallelize import hand_route_groups
     mesh = world_mesh(expert=world)
@@ -37,6 +54,8 @@ def _on_ranks(rank, world, configs):
     for config in configs:
         layer = _layer(world, **config).train()
         hand_route_groups(layer, mesh)
+        if config.get("router") in ("swipe", "topology"):  # their experts spread, as in use
+            shard_experts(layer, dist.group.WORLD, rank, world, ExpertParallelConfig(overlap=True))
         x = _tokens(world)[mesh.rows(TOKENS * world)]
         routing = layer.router(x)
         y, stats = layer(x)
@@ -117,6 +136,11 @@ def test_gates_over_ranks_route_as_one_process_over_the_whole_batch(world):
         assert torch.equal(got, want)
         torch.testing.assert_close(torch.cat([r[index]["weights"] for r in ranks]),
                                    logits.gather(1, want).softmax(-1))
+        # The layer under expert parallelism computes those routes as one process does.
+        one = _layer(world, **rules[index - len(CAPACITY)])
+        one.router = FixedRoutes(one.router, want)
+        torch.testing.assert_close(torch.cat([r[index]["y"] for r in ranks]), one(x)[0].detach(),
+                                   rtol=1e-12, atol=1e-12)
     # SWIPE: no worker takes more than its own tokens x K.
     assert torch.bincount(swiped.flatten() // 2, minlength=world).max() <= TOKENS * 2
 
