@@ -122,7 +122,7 @@ def _layer(args, routes_TK, rank, world, options):
     config = MoEConfig(hidden_size=args.hidden, ffn_size=args.ffn, num_experts=args.experts,
                        top_k=2)
     layer = MoELayer(config, router=FixedRoutingGate(args.hidden, routes_TK, args.experts))
-    shard_experts(layer, dist.group.WORLD, rank, world, options)
+    shard_experts(layer, dist.group.WORLD, rank, world, options=options)
     return layer
 
 

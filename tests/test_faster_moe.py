@@ -51,7 +51,7 @@ def _all_modes(rank, world, num_experts):
     outcomes = {}
     for mode, options in MODES.items():
         layer = _layer(num_experts)
-        shard_experts(layer, dist.group.WORLD, rank, world, options)
+        shard_experts(layer, dist.group.WORLD, rank, world, options=options)
         y, x_grad = _forward_backward(layer, _tokens(world).chunk(world)[rank])
         outcomes[mode] = {"y": y, "x_grad": x_grad, "router": layer.router.weight.grad,
                           "experts": {n: p.grad for n, p in expert_parameters(layer)},

@@ -55,7 +55,8 @@ def _on_ranks(rank, world, configs):
         layer = _layer(world, **config).train()
         hand_route_groups(layer, mesh)
         if config.get("router") in ("swipe", "topology"):  # their experts spread, as in use
-            shard_experts(layer, dist.group.WORLD, rank, world, ExpertParallelConfig(overlap=True))
+            shard_experts(layer, dist.group.WORLD, rank, world,
+                          options=ExpertParallelConfig(overlap=True))
         x = _tokens(world)[mesh.rows(TOKENS * world)]
         routing = layer.router(x)
         y, stats = layer(x)

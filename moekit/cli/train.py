@@ -13,8 +13,9 @@ from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIO
                            read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
-from moekit.parallel.mesh import (CollectiveError, check_expert_degree, launched_by_torchrun,
-                                  mesh_from_environment, torchrun_world_size)
+from moekit.model.io import read_model_config
+from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_from_environment,
+                                  torchrun_world_size)
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
 
@@ -91,11 +92,22 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     return model, TrainConfig.from_dict(train), DataConfig.from_dict(data)
 
 
-def check_expert_split(model: ModelConfig | None, expert: int) -> None:
-    """Each expert-parallel rank holds the same number of every MoE layer's experts."""
-    if model is not None and model.moe is not None and model.moe.num_experts % expert:
-        raise ValueError(f"--expert {expert} is not allowed: it must divide the model's "
-                         f"num_experts={model.moe.num_experts}")
+def check_layout(model: ModelConfig, train: TrainConfig, world: int, args) -> tuple:
+    """The layers per pipeline stage of the layout the flags ask for on ``world`` processes,
+    checked against the model and the batch before any process or file exists."""
+    from moekit.parallel.pipeline import check_pipeline_model
+    from moekit.plan import Layout
+    from moekit.train.step import check_batch_split
+    layout = Layout.for_world(world, pipeline=args.pipeline, expert=args.expert,
+                              stage_layers=tuple(args.stage_layers) if args.stage_layers else None)
+    stages = layout.stages(model)
+    check_pipeline_model(model, layout.pipeline)
+    check_batch_split(train, layout.data)
+    if layout.pipeline > 1 and train.grad_accum < layout.pipeline:
+        print(f"moekit train: note: {train.grad_accum} micro-batches on {layout.pipeline} "
+              "stages leave most of each step idle (a GPipe schedule); --grad-accum "
+              f"{layout.pipeline} or more runs 1F1B with smaller bubbles", file=sys.stderr)
+    return stages
 
 
 def _expert_options(args) -> ExpertParallelConfig:
@@ -128,18 +140,22 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    check_expert_degree(args.expert, world)
     if args.zero and args.expert > 1:
         raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
                          "broadcast experts that differ from rank to rank; drop one of them")
     expert_options = _expert_options(args)
-    if world > 1:  # a layout the batch or model cannot take is refused before any process
+    if args.stage_layers and len(args.stage_layers) != args.pipeline:
+        raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
+                         f"allowed: expected {args.pipeline} layer counts, one per stage of "
+                         f"--pipeline {args.pipeline}")
+    # A layout the batch or model cannot take is refused before any process starts.
+    if args.resume:
         from moekit.train.loop import read_run
-        from moekit.train.step import check_batch_split
-        model_for_layout, train_for_layout = ((read_run(out)[:2]) if args.resume
-                                              else (model, train_config))
-        check_batch_split(train_for_layout, world)
-        check_expert_split(model_for_layout, args.expert)
+        model_for_layout, train_for_layout = read_run(out)[:2]
+    else:
+        model_for_layout = model if model is not None else read_model_config(args.init_from)
+        train_for_layout = train_config
+    stages = check_layout(model_for_layout, train_for_layout, world, args)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
@@ -147,8 +163,9 @@ def run_train(args) -> int:
         return launch(args.nproc, without_nproc(args.argv))
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
-    mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert),
-                   zero=args.zero, expert_options=expert_options)
+    mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert,
+                                         args.pipeline, stages), zero=args.zero,
+                   expert_options=expert_options)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -281,7 +298,7 @@ def register(subcommands) -> None:
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     parallel = train.add_argument_group(
-        "several processes (data, expert parallel, ZeRO-1; docs/parallel.md)",
+        "several processes (data, expert, pipeline parallel, ZeRO-1; docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
@@ -289,7 +306,16 @@ def register(subcommands) -> None:
                           help="run on N local processes (torch's elastic agent, as torchrun)")
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
-                          "of E processes (E divides the processes and the experts; default 1)")
+                          "of E processes (E divides the experts and a pipeline stage's "
+                          "processes; default 1)")
+    parallel.add_argument("--pipeline", type=positive_int, default=1, metavar="P",
+                          help="pipeline parallelism: the layers cut into P stages of "
+                          "consecutive layers, one per group of processes (P divides the "
+                          "processes; the data-parallel degree is processes / P), run by a 1F1B "
+                          "schedule over the step's --grad-accum micro-batches (default 1)")
+    parallel.add_argument("--stage-layers", type=positive_int, nargs="+", metavar="N",
+                          help="layers of each pipeline stage, e.g. 5 3 (default: an even split; "
+                          "moekit plan --pipeline P prints Skywork-MoE's cost-balanced one)")
     parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
                           help="1: shard the optimizer state over the data-parallel ranks "
                           "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")

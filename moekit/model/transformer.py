@@ -268,13 +268,31 @@ class Transformer(nn.Module):
         """``last_only``: logits of the last position only (all generation needs of a
         prompt; the output projection of the others would be wasted)."""
         self._check(input_ids, mask, cache)
-        batch, seq = input_ids.shape
-        x_BSD = self.embed_tokens(input_ids) * self.config.embedding_multiplier
+        x_BSD = self.embed(input_ids)
+        x_BSD, all_stats = self.run_layers(x_BSD, mask, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        router_loss = x_BSD.new_zeros((), dtype=torch.float32)
+        for stats in all_stats:
+            router_loss = router_loss + stats.router_loss
+        logits = self.head(x_BSD[:, -1:] if last_only else x_BSD)
+        return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
+
+    # The three parts of ``forward``, which a pipeline stage runs as far as it holds them.
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.config.embedding_multiplier
+
+    def run_layers(self, x_BSD: torch.Tensor, mask: torch.Tensor | None = None,
+                   cache: KVCache | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """The blocks this model holds, in order, on hidden states ``x_BSD``; with the MoE
+        layers' statistics. Positions and the attention mask follow from ``mask`` (and the
+        cache) alone, so that every stage of a pipeline derives the same ones."""
+        batch, seq, _ = x_BSD.shape
         positions_BS, attn_mask = self._positions_and_mask(mask, cache, batch, seq,
-                                                           input_ids.device)
+                                                           x_BSD.device)
         rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
                             x_BSD.dtype)
-        router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():
             group = index // self.config.cla_share
@@ -285,14 +303,14 @@ class Transformer(nn.Module):
                 x_BSD, shared_kv, stats = layer(*inputs)
             if stats is not None:
                 all_stats.append(stats)
-                router_loss = router_loss + stats.router_loss
-        if cache is not None:
-            cache.length += seq
-        x_BSD = self.norm(x_BSD[:, -1:] if last_only else x_BSD)
+        return x_BSD, all_stats
+
+    def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] of the last hidden states."""
+        x_BSD = self.norm(x_BSD)
         logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
-        logits = logits / self.config.logits_scaling
-        return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
+        return logits / self.config.logits_scaling
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.norm.weight  # of the model's type even when the embeddings are quantized
