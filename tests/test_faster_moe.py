@@ -146,3 +146,16 @@ def test_overlap_and_shadowing_need_expert_parallelism(tmp_path):
         assert result.returncode == 2
         assert f"{flag} is not allowed with --expert 1" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_the_benchmark_refuses_a_zipf_exponent_that_is_not_positive():
+    import pathlib
+    import subprocess
+    import sys
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "faster_moe.py"
+    result = subprocess.run([sys.executable, str(script), "--zipf", "0"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    # argparse's usage, then one line naming the value and what is allowed.
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "argument --zipf: 0.0 is not allowed: expected a number > 0")
