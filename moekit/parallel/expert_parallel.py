@@ -77,28 +77,35 @@ class AllToAllDispatcher:
         plan = plan_dispatch(expert_ids_TK, keep_TK, self.num_experts)
         rows_ND = permute(x_TD, plan)
         counts_E = plan.tokens_per_expert_E
-        if not self.options.shadow:
+        if self.options.shadow:
+            y_ND = self._with_shadows(rows_ND, counts_E, experts)
+        else:
             y_ND = self._exchange_and_compute(rows_ND, counts_E, self._receive(counts_E), experts)
-            return unpermute(y_ND, weights_TK, plan), plan
+        return unpermute(y_ND, weights_TK, plan), plan
+
+    def _with_shadows(self, rows_ND: torch.Tensor, counts_E: torch.Tensor,
+                      experts: nn.Module) -> torch.Tensor:
+        """The experts' outputs for ``rows_ND``, the shadowed experts' rows computed here by
+        copies of them, the others where their experts are."""
         counts_RE = self._gather(counts_E)
-        mine = slice(self.rank * self.local_experts, (self.rank + 1) * self.local_experts)
+        receive_RL = counts_RE[:, self.rank * self.local_experts:
+                               (self.rank + 1) * self.local_experts]
         shadowed_E = choose_shadowed(counts_RE, ShadowCostModel.for_experts(
             experts, self.options.link_gbps, self.options.expert_gflops)).to(counts_E.device)
         if not shadowed_E.any():
-            y_ND = self._exchange_and_compute(rows_ND, counts_E, counts_RE[:, mine], experts)
-            return unpermute(y_ND, weights_TK, plan), plan
-        # The shadowed experts' rows stay here; the others travel as without shadowing.
+            return self._exchange_and_compute(rows_ND, counts_E, receive_RL, experts)
         is_shadow_N = shadowed_E.repeat_interleave(counts_E, output_size=len(rows_ND))
-        shadow_rows, remote_rows = is_shadow_N.nonzero().squeeze(1), (~is_shadow_N).nonzero().squeeze(1)
+        shadow_rows = is_shadow_N.nonzero().squeeze(1)
+        remote_rows = (~is_shadow_N).nonzero().squeeze(1)
+        mine_L = shadowed_E.view(self.size, self.local_experts)[self.rank]
         remote_ND = self._exchange_and_compute(
             rows_ND.index_select(0, remote_rows), counts_E.masked_fill(shadowed_E, 0),
-            counts_RE[:, mine].masked_fill(shadowed_E[mine], 0), experts)
+            receive_RL.masked_fill(mine_L, 0), experts)
         shadow_ND = shadow_experts(rows_ND.index_select(0, shadow_rows), counts_E[shadowed_E],
                                    shadowed_E.nonzero().squeeze(1).tolist(), experts, self.group,
                                    self.rank, f"shadowing of {self.layer}")
-        y_ND = remote_ND.new_empty(len(rows_ND), remote_ND.shape[1]).index_copy(
+        return remote_ND.new_empty(len(rows_ND), remote_ND.shape[1]).index_copy(
             0, remote_rows, remote_ND).index_copy(0, shadow_rows, shadow_ND)
-        return unpermute(y_ND, weights_TK, plan), plan
 
     def _receive(self, counts_E: torch.Tensor) -> torch.Tensor:
         """receive_RL: the rows each rank sends for this rank's experts (an all-to-all of the
