@@ -92,16 +92,25 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     return model, TrainConfig.from_dict(train), DataConfig.from_dict(data)
 
 
-def check_layout(model: ModelConfig, train: TrainConfig, world: int, args) -> tuple:
+def check_layout(configs, world: int, args) -> tuple | None:
     """The layers per pipeline stage of the layout the flags ask for on ``world`` processes,
-    checked against the model and the batch before any process or file exists."""
+    checked against the model and the batch (``configs()``, read only when there is a layout
+    to check) before any process or file exists."""
+    from moekit.parallel.mesh import check_tensor_degree
     from moekit.parallel.pipeline import check_pipeline_model
+    from moekit.parallel.tensor_parallel import check_tensor_model
     from moekit.plan import Layout
     from moekit.train.step import check_batch_split
-    layout = Layout.for_world(world, pipeline=args.pipeline, expert=args.expert,
+    check_tensor_degree(args.tensor, args.expert)
+    layout = Layout.for_world(world, tensor=args.tensor, pipeline=args.pipeline,
+                              expert=args.expert,
                               stage_layers=tuple(args.stage_layers) if args.stage_layers else None)
+    if layout.world_size == 1:
+        return None  # one process: the loop checks the rest (a resumed run once it holds it)
+    model, train = configs()
     stages = layout.stages(model)
     check_pipeline_model(model, layout.pipeline)
+    check_tensor_model(model, layout.tensor)
     check_batch_split(train, layout.data)
     if layout.pipeline > 1 and train.grad_accum < layout.pipeline:
         print(f"moekit train: note: {train.grad_accum} micro-batches on {layout.pipeline} "
@@ -115,10 +124,13 @@ def _expert_options(args) -> ExpertParallelConfig:
     options = ExpertParallelConfig(overlap=args.ep_overlap, shadow=args.ep_shadow,
                                    link_gbps=args.ep_link_gbps,
                                    expert_gflops=args.ep_expert_gflops)
+    flag = "--ep-overlap" if options.overlap else "--ep-shadow"
     if (options.overlap or options.shadow) and args.expert == 1:
-        flag = "--ep-overlap" if options.overlap else "--ep-shadow"
         raise ValueError(f"{flag} is not allowed with --expert 1: it changes how experts spread "
                          "over ranks exchange rows (set --expert E > 1)")
+    if (options.overlap or options.shadow) and args.tensor > 1:
+        raise ValueError(f"{flag} is not allowed with --tensor {args.tensor}: expert data "
+                         "parallelism exchanges no rows (drop one of them)")
     return options
 
 
@@ -140,7 +152,7 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    if args.zero and args.expert > 1:
+    if args.zero and (args.expert > 1 or args.tensor > 1):
         raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
                          "broadcast experts that differ from rank to rank; drop one of them")
     expert_options = _expert_options(args)
@@ -148,14 +160,14 @@ def run_train(args) -> int:
         raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
                          f"allowed: expected {args.pipeline} layer counts, one per stage of "
                          f"--pipeline {args.pipeline}")
+    def configs_for_layout():
+        if args.resume:
+            from moekit.train.loop import read_run
+            return read_run(out)[:2]
+        return (model if model is not None else read_model_config(args.init_from)), train_config
+
     # A layout the batch or model cannot take is refused before any process starts.
-    if args.resume:
-        from moekit.train.loop import read_run
-        model_for_layout, train_for_layout = read_run(out)[:2]
-    else:
-        model_for_layout = model if model is not None else read_model_config(args.init_from)
-        train_for_layout = train_config
-    stages = check_layout(model_for_layout, train_for_layout, world, args)
+    stages = check_layout(configs_for_layout, world, args)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
@@ -164,7 +176,7 @@ def run_train(args) -> int:
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
     mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert,
-                                         args.pipeline, stages), zero=args.zero,
+                                         args.pipeline, stages, args.tensor), zero=args.zero,
                    expert_options=expert_options)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
@@ -298,7 +310,8 @@ def register(subcommands) -> None:
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     parallel = train.add_argument_group(
-        "several processes (data, expert, pipeline parallel, ZeRO-1; docs/parallel.md)",
+        "several processes (data, expert, expert-data, pipeline parallel, ZeRO-1; "
+        "docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
@@ -308,11 +321,16 @@ def register(subcommands) -> None:
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the experts and a pipeline stage's "
                           "processes; default 1)")
+    parallel.add_argument("--tensor", type=positive_int, default=1, metavar="T",
+                          help="expert data parallelism (Skywork-MoE's EDP, with --expert T): "
+                          "groups of T processes share their rows, attention and dense MLPs "
+                          "tensor-parallel over the group and each layer's experts spread over "
+                          "it, so tokens never leave the group (default 1)")
     parallel.add_argument("--pipeline", type=positive_int, default=1, metavar="P",
                           help="pipeline parallelism: the layers cut into P stages of "
                           "consecutive layers, one per group of processes (P divides the "
-                          "processes; the data-parallel degree is processes / P), run by a 1F1B "
-                          "schedule over the step's --grad-accum micro-batches (default 1)")
+                          "processes; the data-parallel degree is processes / (P x T)), run by "
+                          "a 1F1B schedule over the step's --grad-accum micro-batches (default 1)")
     parallel.add_argument("--stage-layers", type=positive_int, nargs="+", metavar="N",
                           help="layers of each pipeline stage, e.g. 5 3 (default: an even split; "
                           "moekit plan --pipeline P prints Skywork-MoE's cost-balanced one)")
