@@ -140,11 +140,13 @@ def test_moekit_train_with_overlap_and_shadowing_trains_the_one_process_run(tmp_
 
 def test_overlap_and_shadowing_need_expert_parallelism(tmp_path):
     from test_distributed_train import _moekit
-    for flag in ("--ep-overlap", "--ep-shadow"):
-        result = _moekit("train", "--out", str(tmp_path / "run"), flag, "--nproc", "2",
+    for flags, message in ((["--ep-overlap"], "--ep-overlap is not allowed with --expert 1"),
+                           (["--ep-shadow"], "--ep-shadow is not allowed with --expert 1"),
+                           (["--ep-shadow", "--expert", "2", "--tensor", "2"],
+                            "--ep-shadow is not allowed with --tensor 2")):
+        result = _moekit("train", "--out", str(tmp_path / "run"), *flags, "--nproc", "2",
                          timeout=60)
-        assert result.returncode == 2
-        assert f"{flag} is not allowed with --expert 1" in result.stderr
+        assert result.returncode == 2 and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
