@@ -23,6 +23,7 @@ and assumes one expert per worker; this one sums per expert and takes the busies
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,21 +114,28 @@ class _Replicate(torch.autograd.Function):
 def shadow_experts(rows_ND: torch.Tensor, rows_per_shadow_S: torch.Tensor,
                    shadowed: list[int], experts: GroupedExperts, group, rank: int,
                    what: str) -> torch.Tensor:
-    """This rank's rows of the shadowed experts (grouped by expert, ``rows_per_shadow_S``
-    each) through copies of those experts, each broadcast from its owner."""
+    """This rank's rows of the shadowed experts (``shadowed``, ascending; rows grouped by
+    expert, ``rows_per_shadow_S`` each) through copies of those experts: one broadcast per
+    owner, of all its shadowed experts' weights (each collective costs every rank a wait)."""
     local = experts.num_experts
     in_proj, down_proj = experts.in_proj, experts.down_proj
-    sizes = (in_proj[0].numel(), down_proj[0].numel())
+    owners = sorted({expert // local for expert in shadowed})
     copies_in, copies_down = [], []
-    for expert in shadowed:
-        owner, index = divmod(expert, local)
-        source = (torch.cat([in_proj[index].flatten(), down_proj[index].flatten()])
-                  if owner == rank else in_proj)
+    for owner in owners:
+        indices = [e % local for e in shadowed if e // local == owner]
+        shape_in = (len(indices), *in_proj.shape[1:])
+        shape_down = (len(indices), *down_proj.shape[1:])
+        sizes = (math.prod(shape_in), math.prod(shape_down))
+        source = in_proj  # on other ranks: only there to join the backward's reduce
+        if owner == rank:
+            index = torch.tensor(indices, device=in_proj.device)
+            source = torch.cat([in_proj.index_select(0, index).flatten(),
+                                down_proj.index_select(0, index).flatten()])
         global_owner = dist.get_global_rank(group, owner) if group is not None else owner
         flat = _Replicate.apply(source, sum(sizes), global_owner, owner == rank, group,
-                                f"{what}: broadcast of expert {expert}")
+                                f"{what}: broadcast from rank {owner}")
         weights_in, weights_down = flat.split(sizes)
-        copies_in.append(weights_in.view_as(in_proj[0]))
-        copies_down.append(weights_down.view_as(down_proj[0]))
-    return expert_mlp(rows_ND, torch.stack(copies_in), torch.stack(copies_down),
+        copies_in.append(weights_in.view(shape_in))
+        copies_down.append(weights_down.view(shape_down))
+    return expert_mlp(rows_ND, torch.cat(copies_in), torch.cat(copies_down),
                       rows_per_shadow_S, experts.activation)
