@@ -235,6 +235,45 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
 
 
+def append_to_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                          metadata: dict[str, str] | None = None) -> None:
+    """Add ``tensors`` (and ``metadata``) to the safetensors file ``path``, replacing it
+    atomically. The file's data is copied through, never held in memory: it may be a model."""
+    from safetensors.torch import save
+    path = Path(path)
+    added_header, added_data = {}, b""
+    if tensors:  # serialised by safetensors itself: its dtype names, its byte order
+        added = save(tensors)
+        added_size = int.from_bytes(added[:8], "little")
+        added_header, added_data = json.loads(added[8:8 + added_size]), added[8 + added_size:]
+    with open(path, "rb") as source:
+        size = int.from_bytes(source.read(8), "little")
+        header = json.loads(source.read(size))
+        end = max((entry["data_offsets"][1] for name, entry in header.items()
+                   if name != "__metadata__"), default=0)
+        for name, entry in added_header.items():
+            if name != "__metadata__":
+                start, stop = entry["data_offsets"]
+                header[name] = {**entry, "data_offsets": [end + start, end + stop]}
+        header["__metadata__"] = {**header.get("__metadata__", {}), **(metadata or {})}
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+        partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(partial, "wb") as target:
+            target.write(len(encoded).to_bytes(8, "little") + encoded)
+            remaining = end
+            while remaining:
+                chunk = source.read(min(remaining, 64 << 20))
+                if not chunk:
+                    raise CheckpointError(f"{path}: shorter than its header says")
+                target.write(chunk)
+                remaining -= len(chunk)
+            target.write(added_data)
+            target.flush()
+            os.fsync(target.fileno())
+    os.replace(partial, path)
+
+
 def read_eos_token(folder: str | os.PathLike) -> str | None:
     """The end-of-sequence token a tokenizer folder names in ``tokenizer_config.json`` (the
     Hugging Face convention), or None when the file or the entry is absent."""

@@ -153,3 +153,24 @@ def test_overwrite_swaps_the_new_output_in(tmp_path):
           show_progress=False)
     assert not (old / "old-notes.txt").exists() and (old / "checkpoints" / "step-000001").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing left beside it
+
+
+def test_tensors_appended_to_a_safetensors_file_read_back_with_the_others(tmp_path):
+    """``append_to_safetensors`` (what completes a checkpoint written with DCP) gives the file
+    ``safetensors`` itself writes for all the tensors together, whatever their dtypes."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from moekit.files import append_to_safetensors
+    first = {"w": torch.randn(3, 5, dtype=torch.float64), "v": torch.randn(7)}  # odd bytes
+    added = {"step": torch.tensor(4.0), "count": torch.tensor(9), "rng": torch.get_rng_state()}
+    save_file(first, str(tmp_path / "model.safetensors"))
+    append_to_safetensors(tmp_path / "model.safetensors", added, {"format": "pt"})
+    got = load_file(tmp_path / "model.safetensors")
+    assert got.keys() == first.keys() | added.keys()
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype
+               for k, v in {**first, **added}.items())
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]  # nothing left beside

@@ -43,6 +43,8 @@ TRAIN_FLAGS = {
                        "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),
     "eval_batches": (int, "batches per validation"),
+    "similarity_every": (int, "steps between measurements of expert_similarity (mean pairwise "
+                         "cosine of each layer's expert weights) in metrics.jsonl; 0 = never"),
     "checkpoint_every": (int, "steps between checkpoints"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "seed": (int, "seed of initialisation and batches"),
@@ -134,6 +136,19 @@ def _expert_options(args) -> ExpertParallelConfig:
     return options
 
 
+def check_zero(zero: int, pipeline: int, expert: int, tensor: int) -> None:
+    """The layouts each ZeRO level has been built and tested with."""
+    if zero and tensor > 1:
+        raise ValueError(f"--zero {zero} with --tensor is not supported yet: ZeRO does not "
+                         "shard tensor-parallel (DTensor) parameters; drop one of them")
+    if zero >= 2 and pipeline > 1:
+        raise ValueError(f"--zero {zero} with --pipeline is not supported yet: FSDP2 shards "
+                         "over every rank here; use --zero 1 with a pipeline")
+    if zero == 1 and pipeline > 1 and expert > 1:
+        raise ValueError("--zero 1 with --pipeline and --expert together is not supported yet "
+                         "(each works with --zero 1 alone)")
+
+
 def run_train(args) -> int:
     from moekit.train.loop import train
     retain_freed_cpu_memory(training=True)
@@ -152,9 +167,7 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    if args.zero and (args.expert > 1 or args.tensor > 1):
-        raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
-                         "broadcast experts that differ from rank to rank; drop one of them")
+    check_zero(args.zero, args.pipeline, args.expert, args.tensor)
     expert_options = _expert_options(args)
     if args.stage_layers and len(args.stage_layers) != args.pipeline:
         raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
@@ -310,7 +323,7 @@ def register(subcommands) -> None:
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
     parallel = train.add_argument_group(
-        "several processes (data, expert, expert-data, pipeline parallel, ZeRO-1; "
+        "several processes (data, expert, expert-data, pipeline parallel, ZeRO-1/2/3; "
         "docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
@@ -334,9 +347,14 @@ def register(subcommands) -> None:
     parallel.add_argument("--stage-layers", type=positive_int, nargs="+", metavar="N",
                           help="layers of each pipeline stage, e.g. 5 3 (default: an even split; "
                           "moekit plan --pipeline P prints Skywork-MoE's cost-balanced one)")
-    parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
-                          help="1: shard the optimizer state over the data-parallel ranks "
-                          "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")
+    parallel.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0,
+                          help="shard over the data-parallel ranks: 1 the optimizer state "
+                          "(ZeRO-1, as Skywork-MoE trained: ZeroRedundancyOptimizer over DDP; "
+                          "with --expert each expert's over its replicas), 2 the gradients and "
+                          "optimizer state (a block's parameters whole from its forward to its "
+                          "backward), 3 the parameters too (FSDP2's fully_shard; experts stay "
+                          "on the --expert path; not with --pipeline). Default 0: plain DDP; "
+                          "docs/parallel.md")
     parallel.add_argument("--ep-overlap", action="store_true",
                           help="FasterMoE's smart schedule: the expert-parallel exchange in "
                           "chunks per peer, in ring order, the experts computing on each arrived "

@@ -37,14 +37,19 @@ def write_model(model: Transformer, folder: str | os.PathLike, extra: dict | Non
     from safetensors.torch import save_file
     from safetensors.torch import save_model as save_weights
     folder = Path(folder)
-    write_json(folder / CONFIG_FILE, {**(extra or {}), "format": FORMAT,
-                                      "format_version": FORMAT_VERSION,
-                                      "model": model.config.to_dict()})
+    write_config(model, folder, extra)
     if weights is None:
         save_weights(model, str(folder / WEIGHTS_FILE))  # stores tied embeddings once
     else:
         save_file({name: t.contiguous() for name, t in weights.items()},
                   str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def write_config(model: Transformer, folder: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write the model folder's ``config.json`` (its weights are written apart)."""
+    write_json(Path(folder) / CONFIG_FILE, {**(extra or {}), "format": FORMAT,
+                                            "format_version": FORMAT_VERSION,
+                                            "model": model.config.to_dict()})
 
 
 def save_model(model: Transformer, folder: str | os.PathLike, extra: dict | None = None,

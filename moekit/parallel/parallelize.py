@@ -2,16 +2,19 @@
 
 ``parallelize(model, mesh)`` hands every gate the ranks it routes over, keeps this rank's
 pipeline stage of the model (when the mesh has stages), shards the experts over the mesh's
-``ep`` groups (when it has them) and wraps the rest in ``DistributedDataParallel`` over the
-ranks of the stage. After a step's
-backward, ``finish_gradients`` sums each expert's gradient over the ranks that hold that expert
-(DDP averages only the replicated parameters), and ``clip_gradients`` measures the global norm
-with every parameter counted once.
+``ep`` groups (when it has them) and makes the rest data parallel over the ranks of the stage: ``DistributedDataParallel`` (ZeRO 0 and 1), or
+FSDP2's ``fully_shard`` per block and at the root (ZeRO 2: gradients and, through them, the
+optimizer state sharded; ZeRO 3: the parameters too, gathered for each block's forward and
+again for its backward), the experts left on the expert-parallel path (docs/parallel.md says
+why). After a step's backward, ``finish_gradients`` sums each expert's gradient over the ranks
+that hold that expert (DDP averages only the replicated parameters), and ``clip_gradients``
+measures the global norm with every parameter counted once (FSDP2's shards by DTensor norms).
 """
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,8 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
         model = StageModule(model, mesh.pipeline_rank, mesh.pipeline_size)
     if mesh.data_size == 1:
         return model
+    if mesh.zero >= 2:
+        return _fully_shard(model, mesh)
     from torch.nn.parallel import DistributedDataParallel
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, [name for name, _ in reduced_by_hand(model)])
@@ -73,6 +78,24 @@ def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
     for layer in model.modules():
         if isinstance(layer, MoELayer):
             layer.router.route_groups = groups
+
+
+def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
+    """ZeRO 2/3 with FSDP2 over the data-parallel ranks (every rank: the CLI refuses ZeRO 2/3
+    with a pipeline or tensor parallelism): each block one unit (its parameters gathered
+    together), the embeddings, final norm and output layer the root's; experts left out."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    experts = {p for _, p in expert_parameters(model)}
+    options = dict(mesh=DeviceMesh(mesh.device.type, list(range(mesh.data_size))),
+                   reshard_after_forward=mesh.zero == 3, ignored_params=experts or None)
+    # FSDP2 warns, at every forward, that a block returns a view (its K/V, which CLA shares
+    # with the next block): nothing writes into them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    for block in getattr(model, "layers", ()):
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
 
 
 def whole_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh: Mesh) -> dict:
@@ -108,7 +131,9 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
         if parameter.grad is not None:
             dist.all_reduce(parameter.grad, group=mesh.expert_group)
     replicas = mesh.data_size // (1 if mesh.tensor_size > 1 else mesh.expert_size)
-    for _, parameter in reduced_by_hand(unwrap(model)):
+    # Under FSDP2 its DTensors are its shards, reduced by its reduce-scatter: experts only.
+    by_hand = (expert_parameters if mesh.zero >= 2 else reduced_by_hand)(unwrap(model))
+    for _, parameter in by_hand:
         if parameter.grad is not None:
             gradient = local(parameter.grad)
             if replicas > 1:

@@ -23,12 +23,14 @@ import torch
 
 from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
                           read_json, read_safetensors, remove_leftovers, write_json)
-from moekit.model.io import folder_format_version, upgrade_tensor, write_model
+from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, folder_format_version,
+                             upgrade_tensor, write_config, write_model)
 from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part
-from moekit.parallel.tensor_parallel import is_sharded
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import whole_tensors
+from moekit.parallel.sharded_checkpoint import load_sharded, save_sharded
+from moekit.parallel.tensor_parallel import is_sharded
+from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -52,41 +54,47 @@ def latest_checkpoint(run: str | Path) -> Path:
     return folders[-1]
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer, mesh: Mesh) -> dict:
-    """parameter -> its state. A ZeRO-1 optimizer's state is gathered whole (a collective),
-    on the first rank of its stage."""
-    if not hasattr(optimizer, "consolidate_state_dict"):
-        return dict(optimizer.state)
-    optimizer.consolidate_state_dict(to=0)
-    if mesh.data_rank != 0:
-        return {}
-    by_index = optimizer.state_dict()["state"]
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    return {parameters[index]: state for index, state in by_index.items()}
+def _held_optimizer_state(optimizer) -> dict:
+    """parameter -> its state, as this rank holds it: a ZeRO-1 part's partition only, DTensor
+    shards (FSDP2's, tensor parallelism's), an expert's of this rank's experts."""
+    state = {}
+    for part in optimizer_parts(optimizer):
+        state.update(getattr(part, "optim", part).state)  # ZeroRedundancyOptimizer.optim: local
+    return state
 
 
 def _random_states(mesh: Mesh) -> dict:
-    """The CPU random-number state of every rank (a collective on several): ``rng.torch`` is
-    rank 0's, which a run on another number of ranks continues from; ``rng.torch.rankR`` each
-    rank's, which a run on as many ranks continues exactly (ranks draw apart when their
-    micro-batches hold different numbers of valid tokens, the jitter's noise, say)."""
+    """The CPU random-number state: ``rng.torch`` is rank 0's, which a run on another number
+    of ranks continues from; ``rng.torch.rankR`` each rank's, which a run on as many ranks
+    continues exactly (ranks draw apart when their micro-batches hold different numbers of
+    valid tokens, the jitter's noise, say). Each rank returns its own."""
     state = torch.get_rng_state()
     if mesh.world_size == 1:
         return {"rng.torch": state}
-    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.world_size)]
-    torch.distributed.all_gather(states, state.to(mesh.device))
-    return {"rng.torch": states[0].cpu().clone(),
-            **{f"rng.torch.rank{rank}": s.cpu() for rank, s in enumerate(states)}}
+    return {f"rng.torch.rank{mesh.rank}": state,
+            **({"rng.torch": state.clone()} if mesh.is_main else {})}
 
 
 def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer,
                        mesh: Mesh) -> dict:
     names = {id(p): name for name, p in model.named_parameters()}
     tensors = _random_states(mesh)
-    for parameter, state in _optimizer_state(optimizer, mesh).items():
+    for parameter, state in _held_optimizer_state(optimizer).items():
         for key, value in state.items():
             tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
     return tensors
+
+
+@contextlib.contextmanager
+def _staged(destination: Path, mesh: Mesh):
+    """The folder every rank writes into: rank 0 stages it (``atomic_directory``) and renames
+    it into place once all have written; the others learn its path."""
+    with atomic_directory(destination) if mesh.is_main else contextlib.nullcontext() as staging:
+        if mesh.world_size > 1:
+            path = [str(staging) if mesh.is_main else None]
+            torch.distributed.broadcast_object_list(path, src=0)
+            staging = Path(path[0])
+        yield staging
 
 
 def checkpoint_folder(run: str | Path, step: int) -> Path:
@@ -97,29 +105,36 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
                     keep: int, mesh: Mesh = Mesh()) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
-    ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it: the
-    experts they hold apart and the stages of a pipeline are gathered whole, and rank 0 writes
-    what one process would."""
+    ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it and
+    writes the shards it holds (experts, pipeline stages, DTensor shards, ZeRO-1 partitions)
+    into rank 0's staging folder (``save_sharded``: the folder must be on a file system every
+    rank reaches); the files hold what one process would write."""
     destination = checkpoint_folder(run, step)
-
-    weights = whole_tensors(model.state_dict(), model, mesh)
-    optimizer_tensors = whole_tensors(_optimizer_tensors(model, optimizer, mesh), model, mesh)
-    if not mesh.is_main:
-        return destination
+    weights = model.state_dict()
+    optimizer_tensors = _optimizer_tensors(model, optimizer, mesh)
     try:
-        with atomic_directory(destination) as staging:
-            write_model(model, staging, {**extra, "step": step}, weights)
-            tokenizer.save(staging)
+        with _staged(destination, mesh) as staging:
             from safetensors.torch import save_file
-            save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
-            groups = [{key: value for key, value in group.items() if key != "params"}
-                      for group in optimizer.param_groups]
-            write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
+            if mesh.world_size == 1:
+                write_model(model, staging, {**extra, "step": step}, weights)
+                save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
+            else:  # every rank its shards; nothing gathered whole
+                save_sharded(staging, {WEIGHTS_FILE: weights, OPTIMIZER_FILE: optimizer_tensors},
+                             model, mesh)
+                if mesh.is_main:
+                    write_config(model, staging, {**extra, "step": step})
+            if mesh.is_main:
+                tokenizer.save(staging)
+                groups = [{key: value for key, value in group.items() if key != "params"}
+                          for group in optimizer.param_groups]
+                write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})
     except DiskFullError as error:
         kept = checkpoint_folders(run)
         raise DiskFullError(f"{error}; the newest complete checkpoint is "
                             f"{kept[-1] if kept else 'none'}: free space, then continue with "
                             f"moekit train --out {run} --resume") from None
+    if not mesh.is_main:
+        return destination
     for old in checkpoint_folders(run)[:-keep]:
         shutil.rmtree(old)
     return destination
@@ -152,11 +167,14 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     of the experts takes its part of their moments: any layout resumes any checkpoint."""
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
-    tensors = read_safetensors(folder / OPTIMIZER_FILE)
+    version = folder_format_version(folder)
+    # On several ranks each reads only the moments it holds; an older folder is read whole.
+    tensors = (load_sharded(folder, OPTIMIZER_FILE, model, mesh)
+               if mesh.world_size > 1 and version == FORMAT_VERSION
+               else read_safetensors(folder / OPTIMIZER_FILE))
     saved_groups = _saved_groups(optimizer, state.get("param_groups", []))
     for group, saved in zip(optimizer.param_groups, saved_groups):
         group.update(saved)
-    version = folder_format_version(folder)
     moments: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, moment = key.rsplit(".", 1)
@@ -165,17 +183,16 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     held = {id(parameter): {key: value if key == "step" else _as_held(value, parameter, mesh)
                             for key, value in moments[name].items()}
             for name, parameter in model.named_parameters() if name in moments}
-    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1 takes each rank's share itself
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        position = {id(p): index for index, p in enumerate(parameters)}
-        optimizer.load_state_dict({
-            "state": {i: held[id(p)] for i, p in enumerate(parameters) if id(p) in held},
-            "param_groups": [{**saved, "params": [position[id(p)] for p in group["params"]]}
-                             for group, saved in zip(optimizer.param_groups, saved_groups)]})
-    else:
-        for parameter in model.parameters():
-            if id(parameter) in held:
-                optimizer.state[parameter] = held[id(parameter)]
+    for part in optimizer_parts(optimizer):  # their groups hold the saved settings now
+        parameters = [p for group in part.param_groups for p in group["params"]]
+        if hasattr(part, "consolidate_state_dict"):  # ZeRO-1 takes each rank's share itself
+            position = {id(p): index for index, p in enumerate(parameters)}
+            part.load_state_dict({
+                "state": {i: held[id(p)] for i, p in enumerate(parameters) if id(p) in held},
+                "param_groups": [{**group, "params": [position[id(p)] for p in group["params"]]}
+                                 for group in part.param_groups]})
+        else:
+            part.state.update({p: held[id(p)] for p in parameters if id(p) in held})
     per_rank = moments.get("rng.torch", {})
     same_ranks = len(per_rank) == mesh.world_size > 1
     torch.set_rng_state(per_rank[f"rank{mesh.rank}"] if same_ranks
@@ -198,6 +215,10 @@ def _saved_groups(optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[d
 
 
 def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
+    """A whole tensor of ``parameter``'s shape as this rank holds it: its experts, or its
+    DTensor shard (FSDP2's, tensor parallelism's)."""
+    if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
+        return whole
     if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
     whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)

@@ -157,6 +157,7 @@ class CheckLayout:
     recompute: bool = False
     pipeline: int = 1  # stages, of the even split
     tensor: int = 1  # EDP: expert = tensor ranks share their rows
+    zero: int = 0  # 2, 3: FSDP2 (the gradients, and for 3 the parameters, sharded)
 
     def layout(self) -> Layout:
         return Layout(data=self.ranks // (self.tensor * self.pipeline), tensor=self.tensor,
@@ -170,12 +171,15 @@ LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
            CheckLayout("data parallel 2 x accumulation 2", ranks=2, grad_accum=2),
            CheckLayout("expert parallel 2", ranks=2, expert=2),
            CheckLayout("expert parallel 2, padded", ranks=2, expert=2, padded=True),
+           CheckLayout("data parallel 2, ZeRO-2", ranks=2, zero=2),
+           CheckLayout("data parallel 2 x accumulation 2, ZeRO-3", ranks=2, grad_accum=2, zero=3),
            CheckLayout("pipeline 2", ranks=2, pipeline=2),
            CheckLayout("pipeline 2 x accumulation 2 (1F1B), padded", ranks=2, pipeline=2,
                        grad_accum=2, padded=True),
            CheckLayout("data parallel 4", ranks=4),
            CheckLayout("expert parallel 4", ranks=4, expert=4),
            CheckLayout("data 2 x expert 2", ranks=4, expert=2),
+           CheckLayout("data 2 x expert 2, ZeRO-3", ranks=4, expert=2, zero=3),
            CheckLayout("expert data parallel 2", ranks=2, expert=2, tensor=2),
            CheckLayout("data 2 x pipeline 2", ranks=4, pipeline=2),
            CheckLayout("pipeline 2 x expert 2", ranks=4, pipeline=2, expert=2),
@@ -244,7 +248,8 @@ def _ranks_outcomes(rank, world, model_config, train_config, layouts, dtype):
         stage_layers=Layout(pipeline=pipeline).stages(model_config) if pipeline > 1 else None)
         for expert, pipeline, tensor in shapes}
     return [_layout_outcome(model_config, train_config, layout,
-                            meshes[layout.expert, layout.pipeline, layout.tensor], dtype)
+                            replace(meshes[layout.expert, layout.pipeline, layout.tensor],
+                                    zero=layout.zero), dtype)
             for layout in layouts]
 
 

@@ -38,6 +38,7 @@ from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
                                train_batch)
+from moekit.train.health import expert_similarities
 from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
                                 set_learning_rate)
 from moekit.train.plots import plot_run
@@ -77,11 +78,12 @@ def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, config: TrainC
         sums[1] += targets.numel()
         return logits.new_zeros(())
 
-    # Under expert parallelism every rank of a group takes part in each forward's exchanges:
-    # all ranks run as many forwards, one past the end repeating a batch without counting it.
+    # Under expert parallelism (and ZeRO-2/3's gathers) every rank of a group takes part in
+    # each forward's exchanges: all ranks run as many forwards, one past the end repeating a
+    # batch without counting it.
     rounds = -(-len(batches) // mesh.data_size)
     for index in range(mesh.data_rank, rounds * mesh.data_size, mesh.data_size):
-        if index >= len(batches) and mesh.expert_size == 1:
+        if index >= len(batches) and mesh.expert_size == 1 and mesh.zero < 2:
             break
         inputs, targets = (t.to(device) for t in batches[min(index, len(batches) - 1)])
         counted = index < len(batches)
@@ -267,8 +269,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     if latest is not None:
         load_weights(model, latest)  # whole, before the layout takes this rank's part
     parallel_model = parallelize(model, mesh)
-    optimizer = build_optimizer(model, train_config,
-                                mesh.data_group if mesh.zero and mesh.data_size > 1 else None)
+    optimizer = build_optimizer(model, train_config, mesh)
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
 
     def write_new_run(folder: Path) -> None:
@@ -304,6 +305,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
             record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
             if peak_flops:
                 record["mfu"] = record["model_flops_per_s"] / peak_flops
+            if train_config.similarity_every and step % train_config.similarity_every == 0:
+                record["expert_similarity"] = expert_similarities(model, mesh)
             records.append(record)
             log.write(json.dumps(record) + "\n")
             if step % train_config.eval_every == 0 or step == train_config.steps:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from moekit.config import TrainConfig
 from moekit.moe import MoELayer
+from moekit.parallel.mesh import Mesh
 from moekit.parallel.tensor_parallel import is_sharded
 
 
@@ -59,36 +60,86 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig,
-                    shard_over=None) -> torch.optim.Optimizer:
+class SplitOptimizer:
+    """One optimizer made of parts, each stepping some of the parameter groups with its own
+    sharding of the state (ZeRO-1 under expert parallelism: the replicated parameters' moments
+    sharded over every rank, each expert's over the ranks that hold that expert).
+    ``param_groups`` lists the groups in ``parameter_groups``' order whatever the parts, so a
+    checkpoint names them alike at every layout; setting a group's ``lr`` sets its part's."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer], positions: list[list[int]]):
+        self.parts, self.positions = parts, positions
+        self.defaults = parts[0].defaults
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Looked up each time: loading a state dict gives a part new group dicts.
+        placed = {position: group for part, where in zip(self.parts, self.positions)
+                  for position, group in zip(where, part.param_groups)}
+        return [placed[position] for position in sorted(placed)]
+
+    def step(self, closure=None) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+
+def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
+    """The optimizers that hold ``optimizer``'s state: its parts, or itself."""
+    return list(getattr(optimizer, "parts", [optimizer]))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, mesh: Mesh = Mesh()):
     """AdamW over ``parameter_groups``, implemented as ``config.optimizer_impl`` says
     (``implementation_of`` tells what "auto" chose).
 
     Fused is the default because at many experts the loop's temporaries cost half a step
     (docs/train.md, Speed). The three keep the same state under the same names, so a
-    checkpoint written with one resumes with another. ``shard_over``: a process group over
-    which the optimizer state is sharded (ZeRO-1, as Skywork-MoE trained:
-    ``ZeroRedundancyOptimizer``, each rank updating its share and broadcasting it)."""
+    checkpoint written with one resumes with another. With ``mesh.zero == 1`` on several ranks
+    the state is sharded (ZeRO-1, as Skywork-MoE trained: ``ZeroRedundancyOptimizer``, each
+    rank updating its share and broadcasting it): over every rank, and under expert
+    parallelism the experts' over the ranks holding the same experts (kept whole where each
+    expert has one replica), in a ``SplitOptimizer``. Under ZeRO-2/3 the parameters are
+    already shards (``DTensor``), and so are the moments AdamW makes of them; the experts,
+    which expert parallelism keeps out of FSDP2, have their moments sharded as under ZeRO-1."""
     groups = parameter_groups(model, config)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
+    # ZeRO 2, 3: the parameters are shards already.
+    shard_replicated = mesh.data_group if mesh.zero == 1 and mesh.data_size > 1 else None
+    parts = [(list(range(len(groups))), shard_replicated)]
+    if mesh.zero >= 1 and mesh.expert_size > 1:
+        of_experts = [all(getattr(p, "expert_parallel", False) for p in group["params"])
+                      for group in groups]
+        replicas = (mesh.expert_replica_group if mesh.data_size > mesh.expert_size else None)
+        parts = [([i for i, expert in enumerate(of_experts) if not expert], shard_replicated),
+                 ([i for i, expert in enumerate(of_experts) if expert], replicas)]
+        parts = [(where, group) for where, group in parts if where]
 
-    def adamw(**kind):
+    def adamw(positions: list[int], shard_over, **kind):
+        chosen = [groups[i] for i in positions]
         if shard_over is None:
-            return torch.optim.AdamW(groups, **kind, **options)
+            return torch.optim.AdamW(chosen, **kind, **options)
         from torch.distributed.optim import ZeroRedundancyOptimizer
-        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
+        return ZeroRedundancyOptimizer(chosen, optimizer_class=torch.optim.AdamW,
                                        process_group=shard_over, **kind, **options)
+
+    def build(**kind):
+        built = [adamw(positions, shard_over, **kind) for positions, shard_over in parts]
+        return built[0] if len(built) == 1 else SplitOptimizer(built, [p for p, _ in parts])
 
     impl = config.optimizer_impl
     if impl in ("auto", "fused"):
         try:
-            return adamw(fused=True)
+            return build(fused=True)
         except RuntimeError as error:  # torch has no fused kernel for this device or dtype
             if impl == "fused":
                 raise ValueError(f"optimizer_impl='fused' is not available here ({error}); "
                                  "use foreach or loop") from None
             impl = "foreach"
-    return adamw(foreach=impl == "foreach")
+    return build(foreach=impl == "foreach")
 
 
 def implementation_of(optimizer: torch.optim.Optimizer) -> str:

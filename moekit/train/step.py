@@ -47,15 +47,16 @@ def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
     return [module for module in model.modules() if isinstance(module, MoELayer)]
 
 
-def _health_sums(stats) -> torch.Tensor:
+def _health_sums(stats, device: torch.device) -> torch.Tensor:
     """A layer's router-health sums of one forward (entropy, max1/max2, max2/max3), NaN where
-    the gate gives no probabilities."""
+    the gate gives no probabilities; kept on the device, so that a micro-batch waits for
+    nothing."""
     sums = (stats.entropy_sum, stats.top1_over_top2_sum, stats.top2_over_top3_sum)
-    return torch.stack([torch.tensor(float("nan")) if s is None else s.detach().double().cpu()
-                        for s in sums])
+    return torch.stack([torch.full((), math.nan, dtype=torch.float64, device=device)
+                        if s is None else s.detach().double().to(device) for s in sums])
 
 
-def _health(counts: RouterCounts, sums: list[float]) -> dict:
+def layer_health(counts: RouterCounts, sums: list[float]) -> dict:
     """Per-layer router health of the step (the issue's metrics keys), from summed counts."""
     tokens = max(int(counts.num_tokens), 1)
     means = [None if math.isnan(s) else s / tokens for s in sums]
@@ -68,15 +69,15 @@ class _LayerStep:
     """One MoE layer's figures of a step on this rank, summed over its micro-batches."""
 
     counts: RouterCounts
-    health_sums: torch.Tensor  # float64 [3]
+    health_sums: torch.Tensor  # float64 [3], on the device
     aux_coef: float  # of the step's forwards
 
     @classmethod
-    def of(cls, stats_per_micro_batch) -> _LayerStep:
+    def of(cls, stats_per_micro_batch, device: torch.device) -> _LayerStep:
         counts = stats_per_micro_batch[0].counts
         for stats in stats_per_micro_batch[1:]:
             counts = counts + stats.counts
-        return cls(counts, sum(_health_sums(s) for s in stats_per_micro_batch),
+        return cls(counts, sum(_health_sums(s, device) for s in stats_per_micro_batch),
                    stats_per_micro_batch[-1].aux_coef)
 
 
@@ -93,7 +94,7 @@ def _step_figures(model_config, layers: list[MoELayer], steps: list[_LayerStep],
     for layer, step in zip(layers, steps):
         slot = numbers.index(layer.layer_index) * width
         flat[slot:slot + width] = torch.cat([
-            step.counts.as_vector().double().cpu(), step.health_sums,
+            step.counts.as_vector().double().cpu(), step.health_sums.cpu(),
             torch.tensor([step.aux_coef, step.counts.top_k], dtype=torch.float64) / mesh.data_size])
     flat[len(numbers) * width:] = torch.stack([x.double().cpu() for x in scalars])
     if mesh.tensor_rank:
@@ -223,7 +224,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    steps = [_LayerStep.of(per_layer) for per_layer in zip(*stats)] if layers else []
+    steps = [_LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
     with collective("the all-reduce of the step's figures"):
         figures, (nll_sum, router_value) = _step_figures(
             inner.config, layers, steps, [cross_entropy, router_share], mesh)
@@ -232,7 +233,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     for number, (counts, _, _) in zip(numbers, figures):
         if number in held:
             next(l for l in layers if l.layer_index == number).update_router_state(counts)
-    per_layer = [_health(counts, sums) for counts, sums, _ in figures]
+    per_layer = [layer_health(counts, sums) for counts, sums, _ in figures]
     return {"loss": nll_sum / max(counted, 1), "router_loss": router_value,
             "grad_norm": grad_norm.item(),
             "drop_rate": [c.drop_rate for c, _, _ in figures],

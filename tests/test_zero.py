@@ -1,0 +1,206 @@
+"""ZeRO with expert parallelism, and ZeRO-2/3 (FSDP2): the optimizer's state (and, for 2 and 3,
+the gradients and parameters) sharded over the ranks changes nothing in what a step computes.
+Real gloo processes, float64; the reference is one process taking the same steps."""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from moekit.config import ModelConfig, MoEConfig, TrainConfig
+from moekit.parallel.processes import run_on_ranks
+
+MODEL = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    ffn_size=48, max_seq_len=32,
+                    moe=MoEConfig(hidden_size=32, ffn_size=24, num_experts=4, top_k=2,
+                                  aux_loss="switch", aux_loss_coef=0.1, z_loss_coef=0.01))
+# Clipping on (the norm is above 0.05), a learning rate that changes between the steps.
+TRAIN = TrainConfig(batch_size=8, seq_len=12, grad_clip=0.05, lb_scope="step", lr=1e-2,
+                    warmup_steps=2, steps=3)
+STEPS = 3
+
+
+def _batch(step):
+    generator = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, MODEL.vocab_size, (8, 13), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _train(mesh, run, steps=range(STEPS), resume_from=None):
+    """Train ``MODEL`` in float64 under ``mesh`` for ``steps``, writing a checkpoint after each
+    into ``run``; returns the steps' records."""
+    from moekit.model import Transformer
+    from moekit.model.io import load_weights
+    from moekit.parallel.parallelize import parallelize
+    from moekit.train import checkpoint as ckpt
+    from moekit.train.optim import build_optimizer, set_learning_rate
+    from moekit.train.step import train_step
+    from moekit.train.tokenizer import train_tokenizer
+    torch.manual_seed(0)
+    model = Transformer(MODEL).double().train()
+    if resume_from is not None:
+        load_weights(model, resume_from)
+    parallel_model = parallelize(model, mesh)
+    optimizer = build_optimizer(model, TRAIN, mesh)
+    if resume_from is not None:
+        ckpt.restore_optimizer_state(resume_from, model, optimizer, mesh)
+    records = []
+    for step in steps:
+        set_learning_rate(optimizer, step, TRAIN)
+        records.append(train_step(parallel_model, optimizer, *_batch(step), TRAIN, mesh))
+        ckpt.save_checkpoint(run, step + 1, model, optimizer, train_tokenizer([], 257), {},
+                             STEPS, mesh)
+        if mesh.data_size > 1:
+            dist.barrier()  # rank 0 has written it: every rank may read it
+    return records
+
+
+def _state(run, step):
+    """A checkpoint's weights and optimizer tensors, without the per-rank random states."""
+    from safetensors.torch import load_file
+    folder = run / "checkpoints" / f"step-{step:06d}"
+    tensors = {**load_file(folder / "model.safetensors"),
+               **{f"optimizer:{k}": v for k, v in load_file(folder / "optimizer.safetensors")
+                  .items() if not k.startswith("rng.")}}
+    return tensors
+
+
+def _layouts(rank, world, out, layouts):
+    """Per layout (expert degree, ZeRO level): the run, and the run resumed from its first
+    checkpoint."""
+    from moekit.parallel.mesh import world_mesh
+    records = {}
+    for expert, zero in layouts:
+        run = out / f"ep{expert}-zero{zero}"
+        records[expert, zero] = _train(replace(world_mesh(expert=expert), zero=zero), run)
+        records[expert, zero, "resumed"] = _train(
+            replace(world_mesh(expert=expert), zero=zero), out / f"ep{expert}-zero{zero}-resumed",
+            range(1, STEPS), resume_from=run / "checkpoints" / "step-000001")
+    return records
+
+
+def _assert_close(got: dict, want: dict, tolerance=1e-9):
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        scale = max(float(value.abs().max()), 1e-12)
+        assert float((got[key] - value).abs().max()) <= tolerance * scale, key
+
+
+def _assert_equal(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+def _assert_records_close(got: list[dict], want: list[dict]):
+    for a, b in zip(got, want, strict=True):
+        for key in ("loss", "router_loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-9 * abs(b[key]), key
+
+
+def test_zero_1_with_expert_parallelism_takes_the_one_process_steps(tmp_path):
+    """ZeRO-1 with expert parallelism: on 4 ranks DP 2 x EP 2 (each expert's moments sharded
+    over its 2 replicas, the rest over all 4) and EP 4 (one replica: the experts' moments kept
+    whole); on 2 ranks EP 2. The same updates as without ZeRO, bit for bit, and as one
+    process to float64 rounding, with clipping on; the checkpoints hold the whole state by
+    parameter name; a run resumed from its first checkpoint continues bit for bit on 2 ranks
+    and to rounding on 4 (DDP's buckets, docs/parallel.md)."""
+    from moekit.parallel.mesh import Mesh
+    reference = _train(Mesh(), tmp_path / "one")
+    assert reference[0]["grad_norm"] > TRAIN.grad_clip  # clipping was on
+    for world, experts in ((4, (2, 4)), (2, (2,))):
+        out = tmp_path / f"world{world}"
+        layouts = [(expert, zero) for expert in experts for zero in (0, 1)]
+        records = run_on_ranks(_layouts, world, out, layouts, timeout=240)[0]
+        for expert in experts:
+            for step in range(1, STEPS + 1):
+                zero = _state(out / f"ep{expert}-zero1", step)
+                _assert_equal(zero, _state(out / f"ep{expert}-zero0", step))
+                _assert_close(zero, _state(tmp_path / "one", step))
+            assert records[expert, 1] == records[expert, 0]
+            _assert_records_close(records[expert, 1], reference)
+            resumed = _state(out / f"ep{expert}-zero1-resumed", STEPS)
+            uninterrupted = _state(out / f"ep{expert}-zero1", STEPS)
+            if world == 2:
+                _assert_equal(resumed, uninterrupted)
+                assert records[expert, 1, "resumed"] == records[expert, 1][1:]
+            else:
+                _assert_close(resumed, uninterrupted)
+                _assert_records_close(records[expert, 1, "resumed"], records[expert, 1][1:])
+
+
+def test_zero_2_and_3_take_the_one_process_steps_and_checkpoints_move_between_layouts(
+        tmp_path):
+    """FSDP2 on 4 ranks: ZeRO-2 and ZeRO-3 over every rank, and ZeRO-3 with DP 2 x EP 2 (the
+    experts on the expert-parallel path). AdamW steps with clipping on agree with one
+    process to float64 rounding; checkpoints hold every tensor whole under its name; resumed
+    from the first checkpoint, each run continues bit for bit (FSDP2's reductions do not
+    depend on the run's history, as DDP's buckets do); the checkpoints load at other layouts
+    bit for bit."""
+    from moekit.parallel.mesh import Mesh
+    reference = _train(Mesh(), tmp_path / "one")
+    layouts = [(1, 2), (1, 3), (2, 3)]
+    records = run_on_ranks(_layouts, 4, tmp_path, layouts, timeout=240)[0]
+    for expert, zero in layouts:
+        run = tmp_path / f"ep{expert}-zero{zero}"
+        for step in range(1, STEPS + 1):
+            _assert_close(_state(run, step), _state(tmp_path / "one", step))
+        _assert_records_close(records[expert, zero], reference)
+        _assert_equal(_state(tmp_path / f"ep{expert}-zero{zero}-resumed", STEPS),
+                      _state(run, STEPS))
+        assert records[expert, zero, "resumed"] == records[expert, zero][1:]
+    # Written by the 4 ranks of ZeRO-3 with DP 2 x EP 2, each its shards: restored at 1
+    # process, EP 2, ZeRO-2 on 2 ranks and EP 4 with ZeRO-1, and written again from what each
+    # rank then holds, every parameter and moment comes back bit for bit.
+    from moekit.model import load_model
+    folder = tmp_path / "ep2-zero3" / "checkpoints" / "step-000002"
+    assert load_model(folder).layers[0].ffn.experts.down_proj.shape[0] == 4  # read directly
+    out = tmp_path / "again"
+    _restore_and_rewrite(0, 1, [(1, 0)], folder, out)  # one process
+    run_on_ranks(_restore_and_rewrite, 2, [(2, 0), (1, 2)], folder, out, timeout=240)
+    run_on_ranks(_restore_and_rewrite, 4, [(4, 1)], folder, out, timeout=240)
+    for layout in ("ep1-zero0", "ep2-zero0", "ep1-zero2", "ep4-zero1"):
+        _assert_equal(_state(out / layout, 2), _state(tmp_path / "ep2-zero3", 2))
+
+
+def test_moekit_train_with_zero_3_and_expert_parallelism(tmp_path):
+    """The command: ``--nproc 2 --expert 2 --zero 3`` trains the one-process run (float32
+    rounding, as test_distributed_train's data-parallel run), validating on 3 batches that the
+    2 ranks share unevenly; its checkpoint is a model folder that ``load_model`` reads."""
+    from test_distributed_train import CONFIG, _moekit, _records
+
+    from moekit.model import load_model
+    (tmp_path / "run.toml").write_text(CONFIG.replace("eval_batches = 2", "eval_batches = 3"))
+    runs = {"one": [], "sharded": ["--nproc", "2", "--expert", "2", "--zero", "3"]}
+    for name, flags in runs.items():
+        result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
+                         str(tmp_path / name), "--quiet", *flags)
+        assert result.returncode == 0, result.stderr
+    got, want = _records(tmp_path / "sharded"), _records(tmp_path / "one")
+    assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    for index, (a, b) in enumerate(zip(got, want)):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2), key
+    model = load_model(tmp_path / "sharded" / "checkpoints" / "step-000004")
+    assert model.layers[1].ffn.experts.gate_up_proj.shape[0] == 4
+
+
+def _restore_and_rewrite(rank, world, layouts, folder, out):
+    """Restore the checkpoint ``folder`` under each layout (expert degree, ZeRO level) and
+    write it again from what this rank then holds."""
+    from moekit.model import Transformer
+    from moekit.model.io import load_weights
+    from moekit.parallel.mesh import Mesh, world_mesh
+    from moekit.parallel.parallelize import parallelize
+    from moekit.train import checkpoint as ckpt
+    from moekit.train.optim import build_optimizer
+    from moekit.train.tokenizer import train_tokenizer
+    for expert, zero in layouts:
+        mesh = replace(world_mesh(expert=expert) if world > 1 else Mesh(), zero=zero)
+        model = Transformer(MODEL).double()
+        load_weights(model, folder)
+        parallelize(model, mesh)
+        optimizer = build_optimizer(model, TRAIN, mesh)
+        step = ckpt.restore_optimizer_state(folder, model, optimizer, mesh)
+        ckpt.save_checkpoint(out / f"ep{expert}-zero{zero}", step, model, optimizer,
+                             train_tokenizer([], 257), {}, 1, mesh)
