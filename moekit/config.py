@@ -12,7 +12,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 # The built-in gates, by name (moekit/moe/router.py builds them; docs/moe.md has the formulas).
-ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard", "base", "sinkhorn")
+ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard", "base", "sinkhorn",
+           "swipe", "topology")  # the last two route over ranks (moe/gates_distributed.py)
+# How far a capacity counts: this rank's batch, or every rank's (moekit/moe/route_groups.py).
+CAPACITY_SCOPES = ("local", "ranks")
 # Gates that form a balancing loss of their own: the layer's aux_loss would count it twice.
 ROUTERS_WITH_OWN_LOSS = ("noisy", "gshard")
 # Gates that balance by the assignment itself (BASE layers, S-BASE) and take no balancing loss.
@@ -101,6 +104,9 @@ class MoEConfig(_FromDict):
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None  # evaluation and generation are dropless by default
     overflow: str = "drop"  # what happens to an assignment over capacity
+    # Over which batch a capacity counts: "local" this rank's, "ranks" every data- and
+    # expert-parallel rank's micro-batch together (FastMoE's DCGate; drops only).
+    capacity_scope: str = "local"
     seed: int = 0  # seeds recycle_random, so that a run can be repeated exactly
     # Losses: aux_loss picks the load-balancing form; its coefficient is fixed unless adaptive.
     aux_loss: str = "switch"
@@ -147,6 +153,12 @@ class MoEConfig(_FromDict):
         _require(self.aux_loss in AUX_LOSSES, "aux_loss", self.aux_loss,
                  f"one of {', '.join(AUX_LOSSES)}")
         _capacity("capacity_factor", self.capacity_factor)
+        _require(self.capacity_scope in CAPACITY_SCOPES, "capacity_scope", self.capacity_scope,
+                 f"one of {', '.join(CAPACITY_SCOPES)}")
+        _require(self.capacity_scope == "local" or self.overflow == "drop", "overflow",
+                 self.overflow, f'capacity_scope="{self.capacity_scope}" drops the routes over '
+                 'capacity (overflow="drop"): recycling into another rank\'s free slots is not '
+                 'in this version')
         _capacity("eval_capacity_factor", self.eval_capacity_factor)
         _require(self.logit_norm_scale is None or (isinstance(self.logit_norm_scale, (int, float))
                                                    and self.logit_norm_scale > 0),
@@ -377,6 +389,30 @@ class TrainConfig(_FromDict):
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
 
+
+
+@dataclass(frozen=True)
+class ExpertParallelConfig(_FromDict):
+    """How the expert-parallel exchange runs: FasterMoE's smart schedule (``overlap``) and
+    hot-expert shadowing (``shadow``), whose cost model prices a row's trip and an expert's
+    weights with ``link_gbps`` (GB/s between two ranks, 10^9 bytes) and ``expert_gflops`` (the
+    expert matmuls' rate on one rank). The defaults are this project's 2-core CPU with gloo
+    (docs/parallel.md); a GPU cluster's would be ~50 and ~10^5. Layout only: a checkpoint does
+    not depend on it."""
+
+    _kind = "expert-parallel"
+
+    overlap: bool = False
+    shadow: bool = False
+    link_gbps: float = 1.2
+    expert_gflops: float = 60.0
+
+    def __post_init__(self):
+        for name in ("overlap", "shadow"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name),
+                     "expected true or false")
+        _positive_number("link_gbps", self.link_gbps)
+        _positive_number("expert_gflops", self.expert_gflops)
 
 def _skywork_moe_146b() -> ModelConfig:
     # Skywork-MoE technical report (arXiv 2406.06563), Table 1: Llama-like, every layer MoE.

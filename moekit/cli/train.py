@@ -9,7 +9,8 @@ from dataclasses import asdict, fields, replace
 from moekit.cli.paths import input_option, output_option
 from moekit.cli.values import positive_float, positive_int
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
-                           DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
+                           DataConfig, ExpertParallelConfig, ModelConfig, TrainConfig, preset,
+                           read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
 from moekit.model.io import read_model_config
@@ -120,6 +121,21 @@ def check_layout(configs, world: int, args) -> tuple | None:
     return stages
 
 
+def _expert_options(args) -> ExpertParallelConfig:
+    """FasterMoE's options of the expert-parallel exchange; they need --expert > 1."""
+    options = ExpertParallelConfig(overlap=args.ep_overlap, shadow=args.ep_shadow,
+                                   link_gbps=args.ep_link_gbps,
+                                   expert_gflops=args.ep_expert_gflops)
+    flag = "--ep-overlap" if options.overlap else "--ep-shadow"
+    if (options.overlap or options.shadow) and args.expert == 1:
+        raise ValueError(f"{flag} is not allowed with --expert 1: it changes how experts spread "
+                         "over ranks exchange rows (set --expert E > 1)")
+    if (options.overlap or options.shadow) and args.tensor > 1:
+        raise ValueError(f"{flag} is not allowed with --tensor {args.tensor}: expert data "
+                         "parallelism exchanges no rows (drop one of them)")
+    return options
+
+
 def check_zero(zero: int, pipeline: int, expert: int, tensor: int) -> None:
     """The layouts each ZeRO level has been built and tested with."""
     if zero and tensor > 1:
@@ -152,6 +168,7 @@ def run_train(args) -> int:
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
     check_zero(args.zero, args.pipeline, args.expert, args.tensor)
+    expert_options = _expert_options(args)
     if args.stage_layers and len(args.stage_layers) != args.pipeline:
         raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
                          f"allowed: expected {args.pipeline} layer counts, one per stage of "
@@ -172,7 +189,8 @@ def run_train(args) -> int:
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
     mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert,
-                                         args.pipeline, stages, args.tensor), zero=args.zero)
+                                         args.pipeline, stages, args.tensor), zero=args.zero,
+                   expert_options=expert_options)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -337,6 +355,22 @@ def register(subcommands) -> None:
                           "backward), 3 the parameters too (FSDP2's fully_shard; experts stay "
                           "on the --expert path; not with --pipeline). Default 0: plain DDP; "
                           "docs/parallel.md")
+    parallel.add_argument("--ep-overlap", action="store_true",
+                          help="FasterMoE's smart schedule: the expert-parallel exchange in "
+                          "chunks per peer, in ring order, the experts computing on each arrived "
+                          "chunk while the next travels (same results)")
+    parallel.add_argument("--ep-shadow", action="store_true",
+                          help="FasterMoE's shadowing: each step, hot experts' weights go to "
+                          "every rank instead of their tokens, chosen by a cost model from the "
+                          "per-expert loads (docs/parallel.md); needs the built-in experts")
+    parallel.add_argument("--ep-link-gbps", type=positive_float,
+                          default=ExpertParallelConfig.link_gbps, metavar="GB/S",
+                          help="shadowing's cost model: bandwidth between ranks, 10^9 bytes/s "
+                          f"(default {ExpertParallelConfig.link_gbps}: gloo on a 2-core CPU)")
+    parallel.add_argument("--ep-expert-gflops", type=positive_float,
+                          default=ExpertParallelConfig.expert_gflops, metavar="GFLOP/S",
+                          help="shadowing's cost model: expert matmul rate of one rank "
+                          f"(default {ExpertParallelConfig.expert_gflops})")
     parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")

@@ -4,6 +4,7 @@ from moekit.moe.capacity import expert_capacity
 from moekit.moe.dispatch import DispatchPlan, permute, plan_dispatch, unpermute
 from moekit.moe.experts import (MLP, GroupedExperts, ModuleExperts, expert_activation, expert_mlp,
                                 grouped_linear)
+from moekit.moe.gates_distributed import SwipeGate, TopologyGate
 from moekit.moe.layer import MoELayer, MoEStats
 from moekit.moe.multigate import MultiGateMoE
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
@@ -11,6 +12,7 @@ from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_ba
 from moekit.moe.router import (FASTMOE_NOISY_OPTIONS, GATES, BaseLayerGate, Gate, GShardGate,
                                LinearGate, NoisyTopKGate, Routing, SigmoidBiasGate, SinkhornGate,
                                SoftmaxTopKGate, ZeroGate, build_gate, smooth_load)
+from moekit.moe.route_groups import RouteGroup, RouteGroups
 
 __all__ = [
     "AdaptiveAuxCoefficient", "BaseLayerGate", "DispatchPlan", "FASTMOE_NOISY_OPTIONS", "GATES",
@@ -19,5 +21,5 @@ __all__ = [
     "SoftmaxTopKGate", "ZeroGate", "balanced_assignment", "build_gate", "expert_activation",
     "expert_capacity", "expert_mlp", "grouped_linear", "permute", "plan_dispatch",
     "router_z_loss", "sinkhorn", "skywork_balance_loss", "smooth_load", "switch_balance_loss",
-    "unpermute",
+    "unpermute", "RouteGroup", "RouteGroups", "SwipeGate", "TopologyGate",
 ]

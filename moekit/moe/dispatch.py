@@ -139,20 +139,17 @@ def unpermute(y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) 
 class LocalDispatcher:
     """The dispatch step of one process: every expert is here.
 
-    ``dispatch(x_TD, expert_ids_TK, keep_TK)`` returns the rows this process's experts compute
-    (grouped by expert), their count per local expert, the plan of this process's routes, and
-    a handle; ``combine(y_ND, weights_TK, handle)`` brings the outputs back to their tokens. Expert parallelism replaces this object
+    ``run(x_TD, expert_ids_TK, keep_TK, weights_TK, experts)`` permutes the kept routes'
+    rows by expert, computes them with ``experts`` and brings the outputs back to their tokens,
+    weighted; it returns ``(y_TD, plan)``. Expert parallelism replaces this object
     (``moekit.parallel.expert_parallel.AllToAllDispatcher``), nothing else in the layer.
     """
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                 keep_TK: torch.Tensor | None):
+    def run(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+            weights_TK: torch.Tensor, experts) -> tuple[torch.Tensor, DispatchPlan]:
         plan = plan_dispatch(expert_ids_TK, keep_TK, self.num_experts)
-        return permute(x_TD, plan), plan.tokens_per_expert_E, plan, plan
-
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor,
-                handle: DispatchPlan) -> torch.Tensor:
-        return unpermute(y_ND, weights_TK, handle)
+        y_ND = experts(permute(x_TD, plan), plan.tokens_per_expert_E)
+        return unpermute(y_ND, weights_TK, plan), plan

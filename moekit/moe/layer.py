@@ -21,6 +21,8 @@ from moekit.moe.dispatch import DispatchPlan, LocalDispatcher, count_per_expert
 from moekit.moe.experts import MLP, GroupedExperts
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
+from moekit.moe.gates_distributed import DISTRIBUTED_GATES
+from moekit.moe.route_groups import capacity_keep
 from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_routing
 
 
@@ -250,7 +252,8 @@ class MoELayer(nn.Module):
             keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
         num_experts, top_k = self.config.num_experts, expert_ids_TK.shape[1]
         capacity = cap.expert_capacity(num_tokens, top_k, num_experts, factor)
-        within_TK = cap.limit_to_capacity(expert_ids_TK, keep_TK, capacity, num_experts)
+        within_TK = capacity_keep(expert_ids_TK, keep_TK, factor, num_experts,
+                                  self.config.capacity_scope, self.router.route_groups)
         overflow_TK = keep_TK & ~within_TK
         overflowed = int(overflow_TK.sum())
         if overflowed == 0 or self.config.overflow == "drop":
@@ -295,12 +298,10 @@ class MoELayer(nn.Module):
 
         routing = self.router(x_TD)
         check_routing(routing, num_tokens, self.config.num_experts,
-                      read_values=type(self.router) not in BUILT_IN_GATES)
+                      read_values=type(self.router) not in BUILT_IN_GATES + DISTRIBUTED_GATES)
         expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
-        rows_ND, rows_per_expert, plan, handle = self.dispatcher.dispatch(x_TD, expert_ids_TK,
-                                                                          keep_TK)
-        y_TD = self.dispatcher.combine(self.experts(rows_ND, rows_per_expert),
-                                       routing.weights_TK, handle)
+        y_TD, plan = self.dispatcher.run(x_TD, expert_ids_TK, keep_TK, routing.weights_TK,
+                                         self.experts)
         if routing.input_weights_T is not None:
             y_TD = y_TD + (routing.input_weights_T[:, None] * x_TD).to(y_TD.dtype)
         if self.shared_experts is not None:

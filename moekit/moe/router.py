@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from moekit.config import MoEConfig
 from moekit.moe.assignment import balanced_assignment, sinkhorn
-from moekit.moe.capacity import expert_capacity, limit_to_capacity
 from moekit.moe.dispatch import count_per_expert
 from moekit.moe.losses import switch_balance_loss
+from moekit.moe.route_groups import RouteGroups, capacity_keep
 
 LOGIT_NORM_EPS = 1e-6
 
@@ -72,9 +72,13 @@ class Gate(nn.Module):
     """Base class of every gate. Subclasses implement ``forward(x_TD) -> Routing``.
 
     A gate may also override :meth:`observe_load`, which the layer calls once per optimizer
-    step with the number of routes each expert received in it (before capacity); a gate that runs
-    collectives (a global capacity, say) keeps its process group as an attribute of its own.
+    step with the number of routes each expert received in it (before capacity). A gate that
+    runs collectives (a global capacity, say) finds the ranks it routes over in
+    ``route_groups`` (a :class:`moekit.moe.route_groups.RouteGroups`, which
+    ``moekit.parallel.parallelize`` sets; None on one process).
     """
+
+    route_groups: RouteGroups | None = None
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
@@ -252,8 +256,10 @@ class GShardGate(LinearGate):
 
     def __init__(self, hidden_size: int, num_experts: int, *,
                  capacity_factor: float | None = None, eval_capacity_factor: float | None = None,
-                 balance_weight: float = 1e-2, random_routing: bool = True, **kwargs):
+                 balance_weight: float = 1e-2, random_routing: bool = True,
+                 capacity_scope: str = "local", **kwargs):
         super().__init__(hidden_size, num_experts, 2, **kwargs)
+        self.capacity_scope = capacity_scope
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.balance_weight = balance_weight
@@ -272,9 +278,8 @@ class GShardGate(LinearGate):
         if factor is not None:
             if keep_TK is None:
                 keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
-            capacity = expert_capacity(len(x_TD), 2, self.num_experts, factor)
-            within_TK = limit_to_capacity(expert_ids_TK, keep_TK, capacity, self.num_experts,
-                                          priority="choice")
+            within_TK = capacity_keep(expert_ids_TK, keep_TK, factor, self.num_experts,
+                                      self.capacity_scope, self.route_groups, priority="choice")
             keep_TK, over_capacity_TK = within_TK, keep_TK & ~within_TK
         first_choices_E = count_per_expert(expert_ids_TK[:, 0], self.num_experts)
         aux_loss = self.balance_weight * switch_balance_loss(
@@ -378,7 +383,7 @@ def _gshard(config: MoEConfig, options: dict) -> Gate:
                       eval_capacity_factor=config.eval_capacity_factor,
                       balance_weight=options["balance_weight"],
                       random_routing=options["random_routing"],
-                      **_linear_options(config, options))
+                      capacity_scope=config.capacity_scope, **_linear_options(config, options))
 
 
 def _base(config: MoEConfig, options: dict) -> Gate:

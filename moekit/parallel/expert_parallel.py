@@ -8,7 +8,10 @@ N routes this rank sends, M rows it receives.
 The dispatcher sorts this rank's routes by expert as on one process (``plan_dispatch``), so
 the rows for rank r are one contiguous block; it sends each rank its per-expert counts, then
 the rows (``all_to_all_single`` with uneven splits, no padding to a capacity), regroups what
-arrived by local expert, and the combine runs the same way back. Both exchanges are
+arrived by local expert, and the outputs return the same way. FasterMoE's smart schedule
+(``moekit.parallel.smart_schedule``) replaces the two row exchanges by chunks in ring order,
+overlapped with the experts; its shadowing (``moekit.parallel.shadowing``) keeps a hot
+expert's rows on every rank and sends its weights instead. Both exchanges are
 differentiable: the backward of an all-to-all is the all-to-all with the splits swapped.
 Expert gradients are summed over the ranks that hold the same experts (the ``dp`` dimension)
 by ``moekit.parallel.parallelize.finish_gradients``, never with other experts' gradients.
@@ -19,9 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moekit.config import ExpertParallelConfig
 from moekit.moe import GroupedExperts, ModuleExperts
 from moekit.moe.dispatch import permute, plan_dispatch, unpermute
 from moekit.parallel.mesh import collective
+from moekit.parallel.shadowing import ShadowCostModel, choose_shadowed, shadow_experts
+from moekit.parallel.smart_schedule import smart_experts
 
 
 class _AllToAll(torch.autograd.Function):
@@ -52,41 +58,92 @@ def all_to_all(x_ND: torch.Tensor, send: list[int], receive: list[int], group,
 
 class AllToAllDispatcher:
     """The dispatch step under expert parallelism over ``group`` (rank ``rank`` of ``size``
-    holds experts [rank * L, (rank + 1) * L))."""
+    holds experts [rank * L, (rank + 1) * L)), with FasterMoE's smart schedule and shadowing
+    when ``options`` asks for them (docs/parallel.md)."""
 
-    def __init__(self, num_experts: int, group, rank: int, size: int, layer_index: int = 0):
+    def __init__(self, num_experts: int, group, rank: int, size: int, layer_index: int = 0,
+                 options: ExpertParallelConfig = ExpertParallelConfig()):
         if num_experts % size:
             raise ValueError(f"expert={size} does not divide num_experts={num_experts}: each "
                              "expert-parallel rank holds the same number of experts")
         self.num_experts, self.group, self.rank, self.size = num_experts, group, rank, size
         self.layer = f"layer {layer_index}"
         self.local_experts = num_experts // size
+        self.options = options
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                 keep_TK: torch.Tensor | None):
+    def run(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+            weights_TK: torch.Tensor, experts: nn.Module):
+        """(y_TD, plan): every kept route computed by its expert, wherever that expert is."""
         plan = plan_dispatch(expert_ids_TK, keep_TK, self.num_experts)
         rows_ND = permute(x_TD, plan)
-        send_RL = plan.tokens_per_expert_E.view(self.size, self.local_experts)
+        counts_E = plan.tokens_per_expert_E
+        if self.options.shadow:
+            y_ND = self._with_shadows(rows_ND, counts_E, experts)
+        else:
+            y_ND = self._exchange_and_compute(rows_ND, counts_E, self._receive(counts_E), experts)
+        return unpermute(y_ND, weights_TK, plan), plan
+
+    def _with_shadows(self, rows_ND: torch.Tensor, counts_E: torch.Tensor,
+                      experts: nn.Module) -> torch.Tensor:
+        """The experts' outputs for ``rows_ND``, the shadowed experts' rows computed here by
+        copies of them, the others where their experts are."""
+        counts_RE = self._gather(counts_E)
+        receive_RL = counts_RE[:, self.rank * self.local_experts:
+                               (self.rank + 1) * self.local_experts]
+        shadowed_E = choose_shadowed(counts_RE, ShadowCostModel.for_experts(
+            experts, self.options.link_gbps, self.options.expert_gflops)).to(counts_E.device)
+        if not shadowed_E.any():
+            return self._exchange_and_compute(rows_ND, counts_E, receive_RL, experts)
+        is_shadow_N = shadowed_E.repeat_interleave(counts_E, output_size=len(rows_ND))
+        shadow_rows = is_shadow_N.nonzero().squeeze(1)
+        remote_rows = (~is_shadow_N).nonzero().squeeze(1)
+        mine_L = shadowed_E.view(self.size, self.local_experts)[self.rank]
+        remote_ND = self._exchange_and_compute(
+            rows_ND.index_select(0, remote_rows), counts_E.masked_fill(shadowed_E, 0),
+            receive_RL.masked_fill(mine_L, 0), experts)
+        shadow_ND = shadow_experts(rows_ND.index_select(0, shadow_rows), counts_E[shadowed_E],
+                                   shadowed_E.nonzero().squeeze(1).tolist(), experts, self.group,
+                                   self.rank, f"shadowing of {self.layer}")
+        return remote_ND.new_empty(len(rows_ND), remote_ND.shape[1]).index_copy(
+            0, remote_rows, remote_ND).index_copy(0, shadow_rows, shadow_ND)
+
+    def _receive(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """receive_RL: the rows each rank sends for this rank's experts (an all-to-all of the
+        per-expert counts)."""
+        send_RL = counts_E.view(self.size, self.local_experts)
         receive_RL = torch.empty_like(send_RL)
         with collective(f"all-to-all of {self.layer}'s counts"):
             dist.all_to_all_single(receive_RL, send_RL.contiguous(), group=self.group)
+        return receive_RL
+
+    def _gather(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """counts_RE: every rank's rows per expert (what shadowing decides from)."""
+        pieces = [torch.empty_like(counts_E) for _ in range(self.size)]
+        with collective(f"all-gather of {self.layer}'s counts"):
+            dist.all_gather(pieces, counts_E, group=self.group)
+        return torch.stack(pieces)
+
+    def _exchange_and_compute(self, rows_ND: torch.Tensor, send_E: torch.Tensor,
+                              receive_RL: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        """The experts' outputs for ``rows_ND`` (grouped by expert, ``send_E`` rows each), from
+        wherever those experts are; ``receive_RL[r, l]`` rows arrive from rank r for local
+        expert l."""
+        send_RL = send_E.view(self.size, self.local_experts)
+        if self.options.overlap:
+            return smart_experts(rows_ND, send_RL, receive_RL, experts, self.group, self.rank,
+                                 self.size, f"smart-schedule exchange of {self.layer}'s rows")
         # The splits must be known on the host: the one read of this layer's dispatch.
         send, receive = send_RL.sum(1).tolist(), receive_RL.sum(1).tolist()
         arrived_MD = all_to_all(rows_ND, send, receive, self.group,
                                 f"all-to-all of {self.layer}'s rows")
         # Arrived rows are grouped by sender, then expert; the experts want them by expert.
-        expert_of_row_M = torch.arange(self.local_experts, device=x_TD.device).repeat(
+        expert_of_row_M = torch.arange(self.local_experts, device=rows_ND.device).repeat(
             self.size).repeat_interleave(receive_RL.flatten(), output_size=len(arrived_MD))
         by_expert_M = torch.argsort(expert_of_row_M, stable=True)
-        handle = (plan, by_expert_M, send, receive)
-        return (arrived_MD.index_select(0, by_expert_M), receive_RL.sum(0), plan, handle)
-
-    def combine(self, y_MD: torch.Tensor, weights_TK: torch.Tensor, handle) -> torch.Tensor:
-        plan, by_expert_M, send, receive = handle
+        y_MD = experts(arrived_MD.index_select(0, by_expert_M), receive_RL.sum(0))
         by_sender_MD = torch.empty_like(y_MD).index_copy_(0, by_expert_M, y_MD)
-        returned_ND = all_to_all(by_sender_MD, receive, send, self.group,
-                                 f"all-to-all back of {self.layer}'s rows")
-        return unpermute(returned_ND, weights_TK, plan)
+        return all_to_all(by_sender_MD, receive, send, self.group,
+                          f"all-to-all back of {self.layer}'s rows")
 
 
 def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
@@ -106,7 +163,8 @@ def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
                      f"{type(experts).__name__}")
 
 
-def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None) -> None:
+def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None,
+                  options: ExpertParallelConfig = ExpertParallelConfig()) -> None:
     """Keep this rank's experts in every MoE layer of ``model`` and route through the
     all-to-all over ``group`` (or through ``dispatcher(layer)``, another dispatcher with the
     same ``local_experts``); their parameters are marked ``expert_parallel``."""
@@ -114,9 +172,13 @@ def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
+        if dispatcher is None and options.shadow and not isinstance(layer.experts,
+                                                                    GroupedExperts):
+            raise ValueError(f"shadowing copies stacked expert weights: it takes GroupedExperts, "
+                             f"not {type(layer.experts).__name__} (turn shadow off)")
         layer.dispatcher = (dispatcher(layer) if dispatcher is not None else
                             AllToAllDispatcher(layer.config.num_experts, group, rank, size,
-                                               layer.layer_index))
+                                               layer.layer_index, options))
         local = layer.dispatcher.local_experts
         layer.experts = local_experts(layer.experts, rank * local, (rank + 1) * local)
         for parameter in layer.experts.parameters():

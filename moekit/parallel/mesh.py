@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from moekit.config import ExpertParallelConfig
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -80,6 +82,8 @@ class Mesh:
     def tensor_mesh(self):
         """The 1-D device mesh of this rank's expert-data-parallel group."""
         return self.device_mesh["ep"]
+    # How the expert-parallel exchange runs (FasterMoE's overlap and shadowing).
+    expert_options: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
 
     @property
     def is_main(self) -> bool:

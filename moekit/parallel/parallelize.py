@@ -1,8 +1,8 @@
 """Applying a layout to a plain model from outside: the model never asks for ranks.
 
-``parallelize(model, mesh)`` keeps this rank's pipeline stage of the model (when the mesh has
-stages), shards the experts over the mesh's ``ep`` groups (when it has them) and makes the rest
-data parallel over the ranks of the stage: ``DistributedDataParallel`` (ZeRO 0 and 1), or
+``parallelize(model, mesh)`` hands every gate the ranks it routes over, keeps this rank's
+pipeline stage of the model (when the mesh has stages), shards the experts over the mesh's
+``ep`` groups (when it has them) and makes the rest data parallel over the ranks of the stage: ``DistributedDataParallel`` (ZeRO 0 and 1), or
 FSDP2's ``fully_shard`` per block and at the root (ZeRO 2: gradients and, through them, the
 optimizer state sharded; ZeRO 3: the parameters too, gathered for each block's forward and
 again for its backward), the experts left on the expert-parallel path (docs/parallel.md says
@@ -45,7 +45,10 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
                           layer.config.num_experts, mesh.tensor_mesh, mesh.tensor_rank,
                           mesh.tensor_size))
     elif mesh.expert_size > 1:
-        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size,
+                      options=mesh.expert_options)
+    if mesh.tensor_size == 1:  # under EDP the expert group's ranks share their tokens
+        hand_route_groups(model, mesh)
     if mesh.pipeline_size > 1:
         cut_into_stage(model, mesh.stage_layers, mesh.pipeline_rank)
         model = StageModule(model, mesh.pipeline_rank, mesh.pipeline_size)
@@ -62,6 +65,19 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(model, process_group=mesh.data_group, gradient_as_bucket_view=True,
                                    **no_buffer_sync)
+
+
+def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
+    """Give every MoE layer's gate the ranks it routes over: its expert group, and every rank
+    of the batch (``Gate.route_groups``)."""
+    from moekit.moe import MoELayer, RouteGroup, RouteGroups
+    groups = RouteGroups(
+        experts=RouteGroup(mesh.expert_group if mesh.expert_size > 1 else None,
+                           mesh.expert_rank, mesh.expert_size),
+        batch=RouteGroup(mesh.data_group, mesh.data_rank, mesh.data_size))
+    for layer in model.modules():
+        if isinstance(layer, MoELayer):
+            layer.router.route_groups = groups
 
 
 def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:

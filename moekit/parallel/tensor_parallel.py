@@ -52,20 +52,18 @@ class ReplicatedTokensDispatcher:
         self.local_experts = num_experts // size
         self.start = rank * self.local_experts
 
-    def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                 keep_TK: torch.Tensor | None):
+    def run(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, keep_TK: torch.Tensor | None,
+            weights_TK: torch.Tensor, experts: nn.Module):
         plan = plan_dispatch(expert_ids_TK, keep_TK, self.num_experts)
         here_TK = (expert_ids_TK >= self.start) & (expert_ids_TK < self.start + self.local_experts)
         local_plan = plan_dispatch(expert_ids_TK, here_TK if keep_TK is None else keep_TK & here_TK,
                                    self.num_experts)
         rows_ND = permute(_replicated(x_TD, self.mesh, backward_sums=True), local_plan)
         counts = local_plan.tokens_per_expert_E[self.start:self.start + self.local_experts]
-        return rows_ND, counts, plan, local_plan
-
-    def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, local_plan) -> torch.Tensor:
         weights_TK = _replicated(weights_TK, self.mesh, backward_sums=True)
-        return _replicated(unpermute(y_ND, weights_TK, local_plan), self.mesh,
+        y_TD = _replicated(unpermute(experts(rows_ND, counts), weights_TK, local_plan), self.mesh,
                            backward_sums=False)
+        return y_TD, plan
 
 
 def check_tensor_model(config, tensor: int) -> None:
