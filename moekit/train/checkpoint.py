@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
-                          read_json, read_safetensors, remove_leftovers, write_json)
+from moekit.files import (CheckpointError, DiskFullError, atomic_directory,
+                          copy_tokenizer_files, lock_folder, read_json, read_safetensors,
+                          remove_leftovers, write_json)
 from moekit.model.io import folder_format_version, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
 from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
@@ -92,12 +93,18 @@ def checkpoint_folder(run: str | Path, step: int) -> Path:
 
 def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
-                    keep: int, mesh: Mesh = Mesh()) -> Path:
+                    keep: int, mesh: Mesh = Mesh(), *, weights: dict | None = None,
+                    beside: dict[str, dict[str, torch.Tensor]] | None = None,
+                    tokenizer_from: str | Path | None = None) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
     ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it: the
-    experts they hold apart are gathered whole, and rank 0 writes what one process would."""
+    experts they hold apart are gathered whole, and rank 0 writes what one process would.
+    Post-training (``moekit.train.post_train``) may give the model ``weights`` to write instead
+    of the model's state, more safetensors files to write ``beside`` them (file name ->
+    tensors), and a folder whose tokenizer files (chat template) to copy, ``tokenizer_from``."""
     destination = checkpoint_folder(run, step)
-    weights = whole_expert_tensors(model.state_dict(), model, mesh)
+    weights = whole_expert_tensors(model.state_dict() if weights is None else weights, model,
+                                   mesh)
     optimizer_tensors = whole_expert_tensors(_optimizer_tensors(model, optimizer, mesh), model,
                                              mesh)
     if not mesh.is_main:
@@ -106,7 +113,11 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
         with atomic_directory(destination) as staging:
             write_model(model, staging, {**extra, "step": step}, weights)
             tokenizer.save(staging)
+            if tokenizer_from is not None:  # the same tokenizer, with its chat template
+                copy_tokenizer_files(tokenizer_from, staging)
             from safetensors.torch import save_file
+            for name, tensors in (beside or {}).items():
+                save_file(tensors, str(staging / name))
             save_file(optimizer_tensors, str(staging / OPTIMIZER_FILE))
             groups = [{key: value for key, value in group.items() if key != "params"}
                       for group in optimizer.param_groups]

@@ -83,24 +83,25 @@ def _reduce(counts: list[RouterCounts], scalars: list[torch.Tensor], mesh: Mesh)
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                inputs_BS: torch.Tensor, targets_BS: torch.Tensor, config: TrainConfig,
-               mesh: Mesh, mask_BS: torch.Tensor | None = None) -> dict:
+               mesh: Mesh, mask_BS: torch.Tensor | None = None,
+               document_ids_BS: torch.Tensor | None = None) -> dict:
     """One optimizer step on the global batch (``inputs_BS``, ``targets_BS``, optional valid-token
-    ``mask_BS``); this rank computes its rows. Returns the step's record (every figure of the
-    global batch)."""
+    ``mask_BS``, optional ``document_ids_BS`` of packed rows: ``Transformer.forward``); this rank
+    computes its rows. Returns the step's record (every figure of the global batch)."""
     device = next(model.parameters()).device
     layers = moe_layers(model)
     counted = int((targets_BS != IGNORE_INDEX).sum())
     rows = mesh.rows(len(inputs_BS))
     local = [t[rows].to(device) if t is not None else None
-             for t in (inputs_BS, targets_BS, mask_BS)]
+             for t in (inputs_BS, targets_BS, mask_BS, document_ids_BS)]
     per_micro = (rows.stop - rows.start) // config.grad_accum
     micro_batches = [tuple(t[m * per_micro:(m + 1) * per_micro] if t is not None else None
                            for t in local) for m in range(config.grad_accum)]
 
     def forward(module, batch):
-        inputs, _, mask = batch
+        inputs, _, mask, document_ids = batch
         with autocast(config.precision, device):
-            return module(inputs, mask)
+            return module(inputs, mask, document_ids=document_ids)
 
     totals = None
     if config.lb_scope == "step" and layers:
