@@ -228,6 +228,42 @@ def _checkpoint_command(subcommands, name: str, run, **texts) -> argparse.Argume
     return parser
 
 
+def add_config_flags(parser: argparse.ArgumentParser, flags: dict,
+                     defaults: dict | None = None) -> None:
+    """Add the flags that override TrainConfig / DataConfig fields (``defaults``: the command's
+    own defaults where they differ from the configs')."""
+    for key, (kind, text) in flags.items():
+        default = (defaults or {}).get(key, next(
+            f.default for cls in (TrainConfig, DataConfig) for f in fields(cls) if f.name == key))
+        flag = f"--{key.replace('_', '-')}"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=text)
+            continue
+        choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS,
+                   "optimizer_impl": OPTIMIZER_IMPLS, "lb_scope": LB_SCOPES}.get(key)
+        parser.add_argument(flag, type=kind, choices=choices, help=f"{text} (default {default})")
+
+
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """--nproc, --expert, --zero and --collective-timeout."""
+    parallel = parser.add_argument_group(
+        "several processes (data, expert parallel, ZeRO-1; docs/parallel.md)",
+        "torchrun --nproc-per-node N -m moekit COMMAND ... runs the same command on N processes "
+        "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
+        "here. gloo on CPU, NCCL with one process per GPU.")
+    parallel.add_argument("--nproc", type=positive_int, metavar="N",
+                          help="run on N local processes (torch's elastic agent, as torchrun)")
+    parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
+                          help="expert parallelism: each MoE layer's experts spread over groups "
+                          "of E processes (E divides the processes and the experts; default 1)")
+    parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                          help="1: shard the optimizer state over the data-parallel ranks "
+                          "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")
+    parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
+                          metavar="S", help="seconds a rank waits for the others in a collective "
+                          "before it fails (default 600)")
+
+
 def register(subcommands) -> None:
     train = subcommands.add_parser(
         "train", help="train a model (default: the tiny MoE on the embedded corpus)",
@@ -250,38 +286,14 @@ def register(subcommands) -> None:
                        help="train the dense variant of the model (every FFN dense)")
     input_option(train, "--corpus", nargs="+", metavar="PATH",
                  help="text/markdown/JSONL files or folders (default: the embedded corpus)")
-    for key, (kind, text) in {**TRAIN_FLAGS, **DATA_FLAGS}.items():
-        default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
-                       if f.name == key)
-        flag = f"--{key.replace('_', '-')}"
-        if kind is bool:
-            train.add_argument(flag, action="store_true", default=None, help=text)
-            continue
-        choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS,
-                   "optimizer_impl": OPTIMIZER_IMPLS, "lb_scope": LB_SCOPES}.get(key)
-        train.add_argument(flag, type=kind, choices=choices, help=f"{text} (default {default})")
+    add_config_flags(train, {**TRAIN_FLAGS, **DATA_FLAGS})
     peak = train.add_mutually_exclusive_group()
     peak.add_argument("--peak-tflops", type=float,
                       help="the device's peak TFLOP/s, to report MFU")
     peak.add_argument("--peak-device", choices=sorted(DEVICES),
                       help="report MFU against this device's dense BF16 peak")
     train.add_argument("--quiet", action="store_true", help="no progress display")
-    parallel = train.add_argument_group(
-        "several processes (data, expert parallel, ZeRO-1; docs/parallel.md)",
-        "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
-        "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
-        "here. gloo on CPU, NCCL with one process per GPU.")
-    parallel.add_argument("--nproc", type=positive_int, metavar="N",
-                          help="run on N local processes (torch's elastic agent, as torchrun)")
-    parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
-                          help="expert parallelism: each MoE layer's experts spread over groups "
-                          "of E processes (E divides the processes and the experts; default 1)")
-    parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
-                          help="1: shard the optimizer state over the data-parallel ranks "
-                          "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")
-    parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
-                          metavar="S", help="seconds a rank waits for the others in a collective "
-                          "before it fails (default 600)")
+    add_parallel_options(train)
     _common(train)
     train.set_defaults(run=run_train)
 
