@@ -26,6 +26,7 @@ def _train_config(args, defaults: dict) -> TrainConfig:
 
 
 def _settings(args):
+    from moekit.train.checkpoint import resolve_checkpoint
     from moekit.train.lora import LoRAConfig
     from moekit.train.post_train import PostTrainSettings
     model = {key: getattr(args, key) for key in ("attention_dropout", "hidden_dropout")
@@ -34,7 +35,7 @@ def _settings(args):
                ("schedule", "beta", "sft_weight", "online", "online_prompts", "samples",
                 "reward", "temperature") if getattr(args, key, None) is not None}
     return PostTrainSettings(
-        stage=args.command, init_from=args.init_from, data=args.data,
+        stage=args.command, init_from=str(resolve_checkpoint(args.init_from)), data=args.data,
         lora=LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_router)
         if args.lora_rank is not None else None,
         ema_decay=args.ema_decay, model=model, options=options)

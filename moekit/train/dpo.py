@@ -10,8 +10,9 @@ aux losses are added.
 
 Policy and reference log-probabilities are computed without token dropping (the MoE layers in
 evaluation mode, dropout still on), although the policy trains: with a training capacity a
-sequence's log-probability would depend on the rest of the batch. The reference is a frozen
-copy of the starting model, or with LoRA the same model with its adapters off.
+sequence's log-probability would depend on the rest of the batch. The reference is the
+starting model (``init_from``, also on ``--resume``), frozen, or with LoRA the same model with
+its adapters off.
 
 Online (``online_prompts`` > 0, Hunyuan-Large's mix): each step also samples ``samples``
 responses to that many prompts from the current policy (``generate``, seeded by the step),
@@ -21,7 +22,6 @@ prompt whose samples all score the same gives no pair and is counted (``skipped`
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import random
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import TrainConfig
-from moekit.moe import MoELayer
+from moekit.model.io import load_model
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import clip_gradients, finish_gradients
 from moekit.train import lora
@@ -147,10 +147,11 @@ class DirectPreference:
         if config.grad_accum != 1:
             raise ValueError("dpo takes grad_accum=1 (its step is one forward of the pairs)")
 
-    def attach(self, model) -> None:
-        self.reference = None
+    def attach(self, model, base: str) -> None:
+        self.reference = None  # with LoRA: the model with its adapters off
         if not lora.has_adapters(model):
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = load_model(base, next(model.parameters()).device)
+            self.reference.requires_grad_(False)
 
     def _reference_logits(self, model, inputs, mask):
         with torch.no_grad():

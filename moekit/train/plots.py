@@ -49,6 +49,25 @@ def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
     return written
 
 
+def plot_preferences(records: list[dict], folder: str | Path) -> Path:
+    """dpo.png: a DPO run's chosen and rejected rewards, their margin, the preference accuracy
+    and the KL to the reference, per training step."""
+    plt = _pyplot()
+    train = [r for r in records if r["kind"] == "train"]
+    steps = [r["step"] for r in train]
+    figure, (rewards, accuracy, kl) = plt.subplots(1, 3, figsize=(12, 3.5))
+    for key in ("chosen_reward", "rejected_reward", "margin"):
+        rewards.plot(steps, [r[key] for r in train], label=key.replace("_", " "), lw=1)
+    rewards.set(xlabel="step", ylabel="beta * log-ratio", title="Rewards")
+    rewards.legend(fontsize="small")
+    accuracy.plot(steps, [r["accuracy"] for r in train], lw=1)
+    accuracy.set(xlabel="step", ylabel="chosen reward > rejected", title="Preference accuracy",
+                 ylim=(0, 1))
+    kl.plot(steps, [r["kl"] for r in train], lw=1)
+    kl.set(xlabel="step", ylabel="nats per response token", title="KL to the reference")
+    return _save(plt, figure, Path(folder) / "dpo.png")
+
+
 def _save(plt, figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=100)

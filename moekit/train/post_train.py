@@ -4,7 +4,7 @@
 DPO) computes in each step and evaluation.
 
 A stage has ``name``, ``prepare(tokenizer, template, config)`` (tokenizes its data, before any
-model loads), ``attach(model)`` (after the weights are in: DPO's reference), ``step(model,
+model loads), ``attach(model, init_from)`` (after the weights are in: DPO's reference), ``step(model,
 optimizer, step, config, mesh) -> record`` and ``evaluate(model, config, mesh) -> record``.
 
 Checkpoints are model folders like pre-training's, with the chat template of ``init_from``
@@ -28,7 +28,7 @@ import torch
 
 from moekit.config import DataConfig, ModelConfig, TrainConfig
 from moekit.files import check_output, read_json, read_safetensors, refuse_if_being_written, write_json
-from moekit.model.io import load_weights, read_model_config, save_model
+from moekit.model.io import WEIGHTS_FILE, load_weights, read_model_config, save_model
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize
@@ -41,7 +41,7 @@ from moekit.train.loop import (METRICS_FILE, RUN_FILE, TrainResult, _all_ranks_o
                                _any_rank, _open_metrics, _read_metrics, _run_record,
                                _StopOnCtrlC)
 from moekit.train.optim import build_optimizer, extend_schedule, set_learning_rate
-from moekit.train.plots import plot_run
+from moekit.train.plots import plot_preferences, plot_run
 from moekit.train.progress import Progress
 from moekit.train.tokenizer import load_tokenizer
 
@@ -101,8 +101,13 @@ def _build_model(settings, config, seed, device, run, resume) -> Transformer:
     load_weights(model, settings.init_from if latest is None or settings.lora else latest)
     if settings.lora is not None:
         lora.add_adapters(model, settings.lora)
-        if latest is not None:
+        if latest is not None:  # the adapters, and the router state that moved in training
             lora.load_adapters(model, read_safetensors(latest / lora.ADAPTER_FILE, device))
+            saved = read_safetensors(latest / WEIGHTS_FILE, device)
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():
+                    if name in saved:
+                        buffer.copy_(saved[name])
     return model
 
 
@@ -144,7 +149,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
         tokenizer, template = load_chat_tokenizer(settings.init_from, model_config)
         stage.prepare(tokenizer, template, train_config)
         model = _build_model(settings, model_config, train_config.seed, device, run, resume)
-    stage.attach(model)
+    stage.attach(model, settings.init_from)
     parallel_model = parallelize(model, mesh)
     optimizer = build_optimizer(model, train_config)
     latest = ckpt.latest_checkpoint(run) if resume else None
@@ -209,6 +214,8 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                 checkpoint = save(step)
     if mesh.is_main:
         plot_run(records, run / "plots")
+        if stage.name == "dpo":
+            plot_preferences(records, run / "plots")
         if average is not None and not stopping:
             with average.applied():
                 save_model(lora.merged_model(model) if settings.lora else model,

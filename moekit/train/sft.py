@@ -157,7 +157,7 @@ class SupervisedFineTuning:
             raise ValueError(f"the data packs into {len(self.rows)} rows of seq_len="
                              f"{config.seq_len}, fewer than batch_size={config.batch_size}")
 
-    def attach(self, model) -> None:
+    def attach(self, model, base: str) -> None:
         pass  # nothing beside the policy
 
     def step(self, model, optimizer, step: int, config: TrainConfig, mesh: Mesh) -> dict:
