@@ -18,7 +18,7 @@ from moekit.parallel.mesh import Mesh
 from moekit.train import lora
 from moekit.train.chat import chat_tokens, read_chat_template, render_chat
 from moekit.train.chat_data import read_preference_file
-from moekit.train.dpo import DirectPreference, dpo_loss, dropless, pair_rows
+from moekit.train.dpo import dpo_loss, dropless, pair_rows
 from moekit.train.ema import WeightAverage
 from moekit.train.instructions import (expected_answer, exact_answer_reward, instruction_set,
                                        preference_set)
@@ -310,3 +310,29 @@ def test_preference_file_takes_string_and_message_prompts(tmp_path):
     pairs = read_preference_file(path)
     assert pairs[0].prompt == ({"role": "user", "content": "hi"},)
     assert [m["role"] for m in pairs[1].prompt] == ["system", "user"]
+
+
+def test_hunyuan_schedule_sets_its_rates_dropout_and_three_epochs(base, tmp_path, tokenizer):
+    conversations = [[{"role": "user", "content": f"say {i}"},
+                      {"role": "assistant", "content": str(i)}] for i in range(40)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    assert _run("sft", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                "--schedule", "hunyuan") == 0
+    record = json.loads((tmp_path / "run/run.json").read_text())
+    rows = len(pack(conversations[:36], None, tokenizer, 64))  # the last tenth validates
+    assert record["train"]["steps"] == math.ceil(3 * rows / 4)
+    assert (record["train"]["lr"], record["train"]["min_lr_ratio"]) == (2e-5, 0.1)
+    model = record["model"]
+    assert (model["attention_dropout"], model["hidden_dropout"]) == (0.1, 0.2)
+
+
+def test_dropout_is_active_in_training_only():
+    model = Transformer(ModelConfig.from_dict({**tiny_config().to_dict(),
+                                               "attention_dropout": 0.5,
+                                               "hidden_dropout": 0.5}))
+    ids = torch.randint(0, 257, (1, 8))
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)

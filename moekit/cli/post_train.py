@@ -18,11 +18,12 @@ from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_fr
 DEFAULTS = {"steps": 200, "lr": 1e-3, "warmup_steps": 10, "eval_every": 50,
             "checkpoint_every": 100, "batch_size": 16, "seq_len": 128}
 REWARD_DEFAULT = "moekit.train.instructions:exact_answer_reward"
+ONLINE_PROMPTS = 4
 
 
-def _train_config(args, defaults: dict) -> TrainConfig:
+def _train_config(args) -> TrainConfig:
     given = {key: getattr(args, key) for key in TRAIN_FLAGS if getattr(args, key) is not None}
-    return TrainConfig.from_dict({**DEFAULTS, **defaults, **given})
+    return TrainConfig.from_dict({**DEFAULTS, **given})
 
 
 def _settings(args):
@@ -41,25 +42,26 @@ def _settings(args):
         ema_decay=args.ema_decay, model=model, options=options)
 
 
-def _sft_stage(settings, train_config: TrainConfig):
-    """The SFT stage and the train config after a --schedule preset."""
+def _split(items: list, path: str, what: str) -> tuple[list, list]:
+    """A data file's records less its last tenth, and that tenth (held out)."""
+    if len(items) < 2:
+        raise ValueError(f"{path}: {len(items)} {what}; expected at least 2 (the last tenth "
+                         "is held out)")
+    cut = max(1, len(items) // 10)
+    return items[:-cut], items[-cut:]
+
+
+def _sft_stage(settings, epochs: int | None):
     from moekit.train.chat_data import read_chat_file
     from moekit.train.instructions import instruction_set
     from moekit.train.sft import SupervisedFineTuning
-    train, held_out = instruction_set()
-    instructions = held_out
     if settings.data is None:
-        conversations = [x.messages() for x in train]
-        validation = [x.messages() for x in held_out]
-    else:
-        conversations = read_chat_file(settings.data)
-        cut = max(1, len(conversations) // 10)  # the last tenth validates
-        if len(conversations) < 2:
-            raise ValueError(f"{settings.data}: {len(conversations)} conversation; expected "
-                             "at least 2 (the last tenth is held out)")
-        conversations, validation = conversations[:-cut], conversations[-cut:]
-        instructions = []
-    return SupervisedFineTuning(conversations, validation, instructions), train_config
+        train, held_out = instruction_set()
+        return SupervisedFineTuning([x.messages() for x in train],
+                                    [x.messages() for x in held_out], held_out, epochs=epochs)
+    conversations, validation = _split(read_chat_file(settings.data), settings.data,
+                                       "conversations")
+    return SupervisedFineTuning(conversations, validation, epochs=epochs)
 
 
 def _dpo_stage(settings):
@@ -70,16 +72,12 @@ def _dpo_stage(settings):
     reward = load_reward(options.get("reward", REWARD_DEFAULT))
     train, held_out = instruction_set()
     if settings.data is None:
-        pairs, validation = preference_set(train), preference_set(held_out)
-        instructions = held_out
+        pairs, validation, instructions = preference_set(train), preference_set(held_out), \
+            held_out
     else:
-        pairs = read_preference_file(settings.data)
-        if len(pairs) < 2:
-            raise ValueError(f"{settings.data}: {len(pairs)} pair; expected at least 2 (the "
-                             "last tenth is held out)")
-        cut = max(1, len(pairs) // 10)
-        pairs, validation, instructions = pairs[:-cut], pairs[-cut:], []
-    online = options.get("online_prompts", 0) if options.get("online") else 0
+        pairs, validation = _split(read_preference_file(settings.data), settings.data, "pairs")
+        instructions = []
+    online = options.get("online_prompts", ONLINE_PROMPTS) if options.get("online") else 0
     return DirectPreference(pairs, validation, beta=options.get("beta", 0.1),
                             sft_weight=options.get("sft_weight", 0.0), prompts=train,
                             online_prompts=online, samples=options.get("samples", 4),
@@ -87,18 +85,18 @@ def _dpo_stage(settings):
                             instructions=instructions)
 
 
-def _schedule(settings, train_config: TrainConfig, stage, args) -> tuple:
-    """A --schedule preset's settings under the flags given (its epochs set --steps)."""
+def _with_schedule(settings, train_config: TrainConfig, args) -> tuple:
+    """A --schedule preset under the flags given: (settings, train config, epochs or None)."""
     from moekit.train.sft import SCHEDULES
     name = settings.options.get("schedule")
     if name is None:
-        return settings, train_config
+        return settings, train_config, None
     preset = SCHEDULES[name]
     given = {key for key in TRAIN_FLAGS if getattr(args, key, None) is not None}
     train_config = replace(train_config, **{k: v for k, v in preset["train"].items()
                                             if k not in given})
     settings = replace(settings, model={**preset["model"], **settings.model})
-    return settings, train_config
+    return settings, train_config, None if args.steps is not None else preset["epochs"]
 
 
 def run_post_train(args) -> int:
@@ -123,25 +121,15 @@ def run_post_train(args) -> int:
                              "or moekit import), unless --resume")
         if args.ema_decay is not None:
             check_decay(args.ema_decay)
-        settings, train_config = _settings(args), _train_config(args, {})
+        settings, train_config = _settings(args), _train_config(args)
     if args.expert > 1 or args.zero:
         raise ValueError("sft and dpo run data-parallel only in this version: drop --expert "
                          "and --zero")
-    # The data is read and checked here, before any model loads.
-    stage = _sft_stage(settings, train_config)[0] if args.command == "sft" \
-        else _dpo_stage(settings)
+    epochs = None
     if not args.resume:
-        settings, train_config = _schedule(settings, train_config, stage, args)
-        epochs = settings.options.get("schedule") and args.steps is None
-        if epochs and args.command == "sft":
-            from moekit.train.sft import SCHEDULES, steps_for_epochs
-            from moekit.train.tokenizer import load_tokenizer
-            from moekit.train.post_train import model_config_for, load_chat_tokenizer
-            stage.prepare(*load_chat_tokenizer(settings.init_from, model_config_for(settings)),
-                          train_config)
-            train_config = replace(train_config, steps=steps_for_epochs(
-                len(stage.rows), SCHEDULES[settings.options["schedule"]]["epochs"],
-                train_config.batch_size))
+        settings, train_config, epochs = _with_schedule(settings, train_config, args)
+    # The data is read and checked here, before any model loads.
+    stage = _sft_stage(settings, epochs) if args.command == "sft" else _dpo_stage(settings)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it")
@@ -240,7 +228,7 @@ def register(subcommands) -> None:
     dpo.add_argument("--online", action="store_true",
                      help="also train on best/worst pairs of the policy's own samples")
     dpo.add_argument("--online-prompts", type=positive_int, default=None,
-                     help="online prompts per step, of the batch's pairs (default 4)")
+                     help=f"online prompts per step, of the batch's pairs (default {ONLINE_PROMPTS})")
     dpo.add_argument("--samples", type=positive_int,
                      help="responses sampled per online prompt (default 4)")
     dpo.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")

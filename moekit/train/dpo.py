@@ -1,7 +1,8 @@
 """Direct preference optimization (Rafailov et al., 2023), offline and online.
 
 For a prompt x with a preferred response y_w and a rejected one y_l, against a frozen reference:
-    loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+    loss = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x))
+                                - (log pi(y_l|x) - log ref(y_l|x))))
 log-probabilities summed over the response tokens. The rewards beta * (log pi - log ref) of
 both responses, their margin, the preference accuracy (chosen reward > rejected) and the KL of
 the policy to the reference (per response token, over the whole vocabulary) are logged. An
@@ -137,7 +138,7 @@ class DirectPreference:
         self.reward, self.temperature, self.max_new_tokens = reward, temperature, max_new_tokens
         self.instructions = list(instructions)[:ACCURACY_PROMPTS]
 
-    def prepare(self, tokenizer, template, config: TrainConfig) -> None:
+    def prepare(self, tokenizer, template, config: TrainConfig) -> TrainConfig:
         self.tokenizer, self.template, self.seq_len = tokenizer, template, config.seq_len
         offline = config.batch_size - self.online_prompts
         if offline < 0 or (offline == 0 and not self.online_prompts):
@@ -146,6 +147,7 @@ class DirectPreference:
         self.offline_per_step = offline
         if config.grad_accum != 1:
             raise ValueError("dpo takes grad_accum=1 (its step is one forward of the pairs)")
+        return config
 
     def attach(self, model, base: str) -> None:
         self.reference = None  # with LoRA: the model with its adapters off

@@ -3,9 +3,10 @@
 ``--resume``, Ctrl-C), starting from a model folder (``init_from``), with what a stage (SFT,
 DPO) computes in each step and evaluation.
 
-A stage has ``name``, ``prepare(tokenizer, template, config)`` (tokenizes its data, before any
-model loads), ``attach(model, init_from)`` (after the weights are in: DPO's reference), ``step(model,
-optimizer, step, config, mesh) -> record`` and ``evaluate(model, config, mesh) -> record``.
+A stage has ``name``, ``prepare(tokenizer, template, config) -> config`` (tokenizes its data,
+before any model loads; SFT's epochs may set the steps), ``attach(model, init_from)`` (after the weights are in: DPO's reference),
+``step(model, optimizer, step, config, mesh) -> record`` and ``evaluate(model, config, mesh)
+-> record``.
 
 Checkpoints are model folders like pre-training's, with the chat template of ``init_from``
 beside the tokenizer. With LoRA (``moekit.train.lora``) ``model.safetensors`` holds the merged
@@ -18,16 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from moekit.config import DataConfig, ModelConfig, TrainConfig
-from moekit.files import check_output, read_json, read_safetensors, refuse_if_being_written, write_json
+from moekit.files import (check_output, read_json, read_safetensors, refuse_if_being_written,
+                          write_json)
 from moekit.model.io import WEIGHTS_FILE, load_weights, read_model_config, save_model
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
@@ -147,7 +148,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
             raise ValueError(f"seq_len={train_config.seq_len} is longer than the model's "
                              f"context (max_seq_len={model_config.max_seq_len})")
         tokenizer, template = load_chat_tokenizer(settings.init_from, model_config)
-        stage.prepare(tokenizer, template, train_config)
+        train_config = stage.prepare(tokenizer, template, train_config)
         model = _build_model(settings, model_config, train_config.seed, device, run, resume)
     stage.attach(model, settings.init_from)
     parallel_model = parallelize(model, mesh)

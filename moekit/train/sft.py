@@ -10,7 +10,7 @@ at ``seq_len`` (counted in the run's log). Rows are visited in epochs, shuffled 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -91,10 +91,6 @@ def batch_indices(rows: int, step: int, batch_size: int, seed: int) -> torch.Ten
     return torch.stack([orders[e][p % rows] for e, p in zip(epochs, positions.tolist())])
 
 
-def steps_for_epochs(rows: int, epochs: int, batch_size: int) -> int:
-    return max(1, -(-rows * epochs // batch_size))
-
-
 @torch.no_grad()
 def assistant_loss(model, rows: PackedRows, config: TrainConfig, mesh: Mesh) -> float:
     """Mean cross-entropy per assistant token of ``rows`` (dropless: eval mode)."""
@@ -145,17 +141,24 @@ class SupervisedFineTuning:
 
     name = "sft"
 
-    def __init__(self, conversations, held_out, instructions: list[Instruction] = ()):
-        self.conversations, self.held_out = conversations, held_out
+    def __init__(self, conversations, held_out, instructions: list[Instruction] = (),
+                 epochs: int | None = None):
+        self.conversations, self.held_out, self.epochs = conversations, held_out, epochs
         self.instructions = list(instructions)[:ACCURACY_PROMPTS]
 
-    def prepare(self, tokenizer, template, config: TrainConfig) -> None:
+    def prepare(self, tokenizer, template, config: TrainConfig) -> TrainConfig:
+        """Tokenize and pack; returns the config to train with (``epochs``, when given, set
+        its steps)."""
         self.tokenizer, self.template = tokenizer, template
         self.rows = pack(self.conversations, template, tokenizer, config.seq_len)
         self.val_rows = pack(self.held_out, template, tokenizer, config.seq_len)
         if len(self.rows) < config.batch_size:
             raise ValueError(f"the data packs into {len(self.rows)} rows of seq_len="
                              f"{config.seq_len}, fewer than batch_size={config.batch_size}")
+        if self.epochs is None:
+            return config
+        return replace(config, steps=max(1, -(-len(self.rows) * self.epochs
+                                              // config.batch_size)))
 
     def attach(self, model, base: str) -> None:
         pass  # nothing beside the policy
