@@ -336,3 +336,30 @@ def test_dropout_is_active_in_training_only():
     torch.testing.assert_close(model(ids).logits, model(ids).logits)
     model.train()
     assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_lora_run_exports_base_and_a_peft_adapter_that_gives_moekits_logits(tmp_path):
+    from peft import PeftModel  # in the test extra
+    from transformers import AutoModelForCausalLM
+    base = tmp_path / "base"  # Mixtral holds no shared experts: a model without them
+    save_model(Transformer(tiny_config()), base)
+    train_tokenizer([], 257).save(base)
+    assert _run("sft", "--init-from", base, "--out", tmp_path / "run", "--steps", "2",
+                "--lora-rank", "4", "--lr", "0.05") == 0
+    assert main(["export", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
+                 "--layout", "mixtral"]) == 0
+    assert main(["export", "--from", str(tmp_path / "run"), "--out",
+                 str(tmp_path / "merged"), "--layout", "mixtral", "--merge-lora"]) == 0
+    adapted = load_model(tmp_path / "run/checkpoints/step-000002")  # the merged weights
+    ids = torch.randint(0, 257, (2, 12))
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        base_logits = hf_base(ids).logits
+        peft_model = PeftModel.from_pretrained(hf_base, tmp_path / "hf/adapter")
+        got = peft_model(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(base_logits, load_model(base)(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base_logits, expected, atol=1e-3)  # the adapters changed it
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
