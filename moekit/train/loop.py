@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -263,41 +264,72 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer, extra,
                                     train_config.keep_checkpoints, mesh)
 
-    flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
+    def evaluate(at_step: int) -> dict:
+        val = validation_loss(model, splits.val, train_config, device, mesh)
+        return {"val_loss": val, "val_ppl": math.exp(val)}
+
+    tokens_per_step = train_config.batch_size * train_config.seq_len
+    return run_steps(StepLoop(
+        run, train_config, mesh,
+        step=lambda at: (_train_step(parallel_model, optimizer, splits.train, at, train_config,
+                                     mesh), tokens_per_step),
+        evaluate=evaluate, save=save, write_new_run=None if resume else write_new_run,
+        flops_per_token=training_flops_per_token(model_config,
+                                                 train_config.seq_len).model_flops,
+        peak_flops=peak_flops), step, records, show_progress, on_step)
+
+
+@dataclass
+class StepLoop:
+    """What the loop over a run folder's steps needs (pre-training's and post-training's):
+    ``step(index) -> (record, tokens trained on)``, ``evaluate(step) -> figures``,
+    ``save(step) -> checkpoint``, and ``write_new_run(folder)`` for a new run (None resumes)."""
+    run: Path
+    config: TrainConfig
+    mesh: Mesh
+    step: Callable[[int], tuple[dict, int]]
+    evaluate: Callable[[int], dict]
+    save: Callable[[int], Path]
+    write_new_run: Callable[[Path], None] | None
+    flops_per_token: float
+    peak_flops: float | None = None
+
+
+def run_steps(loop: StepLoop, step: int, records: list[dict], show_progress: bool = True,
+              on_step=None) -> TrainResult:
+    """Run the steps after ``step`` (records: those kept so far), logging each to
+    metrics.jsonl, evaluating every ``eval_every`` and checkpointing every
+    ``checkpoint_every`` steps; Ctrl-C finishes the step, saves and raises KeyboardInterrupt."""
+    run, config, mesh = loop.run, loop.config, loop.mesh
     checkpoint = None
     with contextlib.ExitStack() as files, _StopOnCtrlC() as stop, \
-            Progress(train_config.steps, step, show_progress and mesh.is_main) as progress:
+            Progress(config.steps, step, show_progress and mesh.is_main) as progress:
         if mesh.is_main:
-            files.enter_context(ckpt.claim_run(run, None if resume else write_new_run))
-            log = files.enter_context(_open_metrics(run, records, train_config))
+            files.enter_context(ckpt.claim_run(run, loop.write_new_run))
+            log = files.enter_context(_open_metrics(run, records, config))
         else:
             log = files.enter_context(open(os.devnull, "w"))
         stopping = False
-        while step < train_config.steps and not stopping:
+        while step < config.steps and not stopping:
             started = time.perf_counter()
-            record = _train_step(parallel_model, optimizer, splits.train, step, train_config,
-                                 mesh)
+            record, tokens = loop.step(step)
             step += 1
-            record["tokens_per_s"] = (train_config.batch_size * train_config.seq_len
-                                      / (time.perf_counter() - started))
-            record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
-            if peak_flops:
-                record["mfu"] = record["model_flops_per_s"] / peak_flops
+            record["tokens_per_s"] = tokens / (time.perf_counter() - started)
+            record["model_flops_per_s"] = loop.flops_per_token * record["tokens_per_s"]
+            if loop.peak_flops:
+                record["mfu"] = record["model_flops_per_s"] / loop.peak_flops
             records.append(record)
             log.write(json.dumps(record) + "\n")
-            if step % train_config.eval_every == 0 or step == train_config.steps:
-                val = validation_loss(model, splits.val, train_config, device, mesh)
-                records.append({"kind": "eval", "step": step, "val_loss": val,
-                                "val_ppl": math.exp(val)})
+            if step % config.eval_every == 0 or step == config.steps:
+                records.append({"kind": "eval", "step": step, **loop.evaluate(step)})
                 log.write(json.dumps(records[-1]) + "\n")
             log.flush()
             progress.update(step, record, records)
             if on_step is not None:
                 on_step(record)
             stopping = _any_rank(stop.requested, mesh)
-            if (step % train_config.checkpoint_every == 0 or step == train_config.steps
-                    or stopping):
-                checkpoint = save(step)
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                checkpoint = loop.save(step)
     if mesh.is_main:
         plot_run(records, run / "plots")
     if stopping:

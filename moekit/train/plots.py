@@ -12,7 +12,8 @@ def _pyplot():
 
 
 def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
-    """Write loss.png, and for MoE runs drop_rate.png and expert_load.png; returns the paths."""
+    """Write loss.png, for MoE runs drop_rate.png and expert_load.png, and for DPO runs
+    dpo.png; returns the paths."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,6 +47,8 @@ def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
                  title=f"Expert load, steps {window[0]['step']}-{window[-1]['step']}")
         figure.colorbar(image, ax=axes, label="share of routes")
         written.append(_save(plt, figure, folder / "expert_load.png"))
+    if train and "margin" in train[-1]:
+        written.append(plot_preferences(records, folder))
     return written
 
 

@@ -18,9 +18,6 @@ and the run ends by writing them as a model folder, ``RUN/ema/``.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,12 +35,9 @@ from moekit.train import checkpoint as ckpt
 from moekit.train import lora
 from moekit.train.chat import read_chat_template
 from moekit.train.ema import EMA_FILE, WeightAverage
-from moekit.train.loop import (METRICS_FILE, RUN_FILE, TrainResult, _all_ranks_or_none,
-                               _any_rank, _open_metrics, _read_metrics, _run_record,
-                               _StopOnCtrlC)
+from moekit.train.loop import (METRICS_FILE, RUN_FILE, StepLoop, TrainResult,
+                               _all_ranks_or_none, _read_metrics, _run_record, run_steps)
 from moekit.train.optim import build_optimizer, extend_schedule, set_learning_rate
-from moekit.train.plots import plot_preferences, plot_run
-from moekit.train.progress import Progress
 from moekit.train.tokenizer import load_tokenizer
 
 SETTINGS_KEY = "post_training"  # in run.json and each checkpoint's config.json
@@ -176,54 +170,24 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
 
     def evaluate(at_step: int) -> dict:
         with average.applied() if average is not None else contextlib.nullcontext():
-            return {"kind": "eval", "step": at_step,
-                    **stage.evaluate(model, train_config, mesh)}
+            return stage.evaluate(model, train_config, mesh)
 
-    records = _read_metrics(run / METRICS_FILE, step) if resume else []
+    def one_step(at: int) -> tuple[dict, int]:
+        lr = set_learning_rate(optimizer, at, train_config)
+        record = {"kind": "train", "step": at + 1, "lr": lr,
+                  **stage.step(parallel_model, optimizer, at, train_config, mesh)}
+        if average is not None:
+            average.update()
+        return record, record["tokens"]
+
     flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
-    checkpoint = None
-    with contextlib.ExitStack() as files, _StopOnCtrlC() as stop, \
-            Progress(train_config.steps, step, show_progress and mesh.is_main) as progress:
-        if mesh.is_main:
-            files.enter_context(ckpt.claim_run(run, None if resume else write_new_run))
-            log = files.enter_context(_open_metrics(run, records, train_config))
-        else:
-            log = files.enter_context(open(os.devnull, "w"))
-        stopping = False
-        while step < train_config.steps and not stopping:
-            started = time.perf_counter()
-            lr = set_learning_rate(optimizer, step, train_config)
-            record = {"kind": "train", "step": step + 1, "lr": lr,
-                      **stage.step(parallel_model, optimizer, step, train_config, mesh)}
-            if average is not None:
-                average.update()
-            step += 1
-            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - started)
-            record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
-            records.append(record)
-            log.write(json.dumps(record) + "\n")
-            if step % train_config.eval_every == 0 or step == train_config.steps:
-                records.append(evaluate(step))
-                log.write(json.dumps(records[-1]) + "\n")
-            log.flush()
-            progress.update(step, record, records)
-            if on_step is not None:
-                on_step(record)
-            stopping = _any_rank(stop.requested, mesh)
-            if (step % train_config.checkpoint_every == 0 or step == train_config.steps
-                    or stopping):
-                checkpoint = save(step)
-    if mesh.is_main:
-        plot_run(records, run / "plots")
-        if stage.name == "dpo":
-            plot_preferences(records, run / "plots")
-        if average is not None and not stopping:
-            with average.applied():
-                save_model(lora.merged_model(model) if settings.lora else model,
-                           run / EMA_FOLDER, tokenizer_from=checkpoint)
-    if stopping:
-        raise KeyboardInterrupt(f"stopped after step {step}; checkpoint saved in {checkpoint}")
-    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
-    val_losses = [r["val_loss"] for r in records if r["kind"] == "eval"]
-    return TrainResult(run=run, step=step, train_loss=train_losses[-1],
-                       val_loss=val_losses[-1], checkpoint=ckpt.checkpoint_folder(run, step))
+    result = run_steps(StepLoop(run, train_config, mesh, step=one_step, evaluate=evaluate,
+                                save=save, write_new_run=None if resume else write_new_run,
+                                flops_per_token=flops_per_token),
+                       step, _read_metrics(run / METRICS_FILE, step) if resume else [],
+                       show_progress, on_step)
+    if average is not None and mesh.is_main:
+        with average.applied():
+            save_model(lora.merged_model(model) if settings.lora else model, run / EMA_FOLDER,
+                       tokenizer_from=result.checkpoint)
+    return result
