@@ -8,11 +8,11 @@ user message. Every error names the file and line.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from moekit.train.chat import ROLES
+from moekit.train.data import jsonl_records
 
 
 @dataclass(frozen=True)
@@ -27,22 +27,15 @@ def _records(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
+    found = False
     try:
-        lines = path.read_text().splitlines()
+        for number, record in jsonl_records(path):
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            found = True
+            yield number, record
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
-    found = False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object")
-        found = True
-        yield number, record
     if not found:
         raise ValueError(f"{path}: no records in it (expected one JSON object per line)")
 

@@ -33,15 +33,21 @@ def default_documents() -> list[str]:
     return [json.loads(line)["text"] for line in gzip.decompress(data).decode().splitlines()]
 
 
-def _jsonl_documents(path: Path) -> list[str]:
-    documents = []
+def jsonl_records(path: Path):
+    """(line number, value) of each non-empty line of a JSONL file; a line that is not JSON is
+    a ValueError naming the file and line."""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    documents = []
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f'{path}:{number}: expected an object with a "text" string')
         documents.append(record["text"])
