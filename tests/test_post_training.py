@@ -14,16 +14,18 @@ from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.model.io import load_model, save_model
 from moekit.model.transformer import Transformer
-from moekit.parallel.mesh import Mesh
+from moekit.parallel.mesh import Mesh, world_mesh
+from moekit.parallel.processes import run_on_ranks
 from moekit.train import lora
 from moekit.train.chat import chat_tokens, read_chat_template, render_chat
 from moekit.train.chat_data import read_preference_file
-from moekit.train.dpo import dpo_loss, dropless, pair_rows
+from moekit.train.dpo import DirectPreference, dpo_loss, dropless, pair_rows
 from moekit.train.ema import WeightAverage
 from moekit.train.instructions import (expected_answer, exact_answer_reward, instruction_set,
                                        preference_set)
 from moekit.train.optim import build_optimizer
-from moekit.train.sft import pack
+from moekit.train.post_train import PostTrainSettings, post_train
+from moekit.train.sft import SupervisedFineTuning, pack
 from moekit.train.step import IGNORE_INDEX, train_step
 from moekit.train.tokenizer import train_tokenizer
 
@@ -42,15 +44,27 @@ def tokenizer():
     return train_tokenizer([], 257)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tokenizer):
-    """A model folder (random weights, byte tokenizer) as moekit train writes one."""
-    folder = tmp_path_factory.mktemp("base") / "model"
+def _model_folder(folder, config, tokenizer):
     torch.manual_seed(0)
-    save_model(Transformer(tiny_config(capacity_factor=1.25, num_shared_experts=1,
-                                       shared_ffn_size=32)), folder)
+    save_model(Transformer(config), folder)
     tokenizer.save(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    """A model folder (random weights, byte tokenizer) as moekit train writes one, with a
+    training capacity (the tiny preset's) and a shared expert."""
+    return _model_folder(tmp_path_factory.mktemp("base") / "model",
+                         tiny_config(capacity_factor=1.25, num_shared_experts=1,
+                                     shared_ffn_size=32), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def plain_base(tmp_path_factory, tokenizer):
+    """Dropless and without shared experts: what Mixtral holds, and what data parallelism
+    trains as one process does (a capacity counts each rank's tokens)."""
+    return _model_folder(tmp_path_factory.mktemp("plain") / "model", tiny_config(), tokenizer)
 
 
 def test_chat_template_jinja_is_read_before_tokenizer_config(tmp_path):
@@ -338,12 +352,11 @@ def test_dropout_is_active_in_training_only():
     assert not torch.allclose(model(ids).logits, model(ids).logits)
 
 
-def test_lora_run_exports_base_and_a_peft_adapter_that_gives_moekits_logits(tmp_path):
+def test_lora_run_exports_base_and_a_peft_adapter_that_gives_moekits_logits(plain_base,
+                                                                             tmp_path):
     from peft import PeftModel  # in the test extra
     from transformers import AutoModelForCausalLM
-    base = tmp_path / "base"  # Mixtral holds no shared experts: a model without them
-    save_model(Transformer(tiny_config()), base)
-    train_tokenizer([], 257).save(base)
+    base = plain_base
     assert _run("sft", "--init-from", base, "--out", tmp_path / "run", "--steps", "2",
                 "--lora-rank", "4", "--lr", "0.05") == 0
     assert main(["export", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
@@ -363,3 +376,40 @@ def test_lora_run_exports_base_and_a_peft_adapter_that_gives_moekits_logits(tmp_
     assert not torch.allclose(base_logits, expected, atol=1e-3)  # the adapters changed it
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+
+
+def _records_without_timings(run):
+    timings = {"tokens_per_s", "model_flops_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timings}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stage(command: str):
+    train, held_out = instruction_set(size=200)
+    if command == "sft":
+        return SupervisedFineTuning([x.messages() for x in train],
+                                    [x.messages() for x in held_out], held_out[:8])
+    return DirectPreference(preference_set(train), preference_set(held_out), sft_weight=0.1)
+
+
+def _post_train_on(rank, world, command, base, out):
+    config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
+                         eval_every=2, eval_batches=1, lb_scope="step")
+    post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base)), config,
+               out, mesh=world_mesh() if world > 1 else Mesh(), show_progress=False)
+    return rank
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_two_processes_post_train_the_one_process_run(plain_base, tmp_path, command):
+    """lb_scope "step": the router loss of the global batch however it is cut (rows hold
+    different numbers of real tokens, which "global" weighs per rank)."""
+    _post_train_on(0, 1, command, plain_base, tmp_path / "one")
+    assert run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "two") == [0, 1]
+    one, two = (_records_without_timings(tmp_path / run) for run in ("one", "two"))
+    for index, (a, b) in enumerate(zip(two, one)):
+        assert a.keys() == b.keys()
+        for key in ("loss", "router_loss", "grad_norm", "val_loss", "margin", "kl"):
+            if key in b:  # float32 sums in another order; Adam magnifies it after step 1
+                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2,
+                                               abs=1e-6), key

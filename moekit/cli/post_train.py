@@ -130,14 +130,18 @@ def run_post_train(args) -> int:
         settings, train_config, epochs = _with_schedule(settings, train_config, args)
     # The data is read and checked here, before any model loads.
     stage = _sft_stage(settings, epochs) if args.command == "sft" else _dpo_stage(settings)
+    world = args.nproc if args.nproc is not None else torchrun_world_size()
+    if train_config.batch_size % world:  # refused before any process starts
+        raise ValueError(f"batch_size={train_config.batch_size} is not allowed on {world} "
+                         f"processes: it must be a multiple of {world}")
+    if args.command == "dpo" and train_config.batch_size - stage.online_prompts < world:
+        raise ValueError(f"--online-prompts {stage.online_prompts} leaves fewer offline pairs "
+                         f"per step than the {world} processes (each needs one): lower it or "
+                         "raise --batch-size")
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it")
         return launch(args.nproc, without_nproc(args.argv))
-    world = torchrun_world_size()
-    if train_config.batch_size % world:
-        raise ValueError(f"batch_size={train_config.batch_size} is not allowed on {world} "
-                         f"processes: it must be a multiple of {world}")
     mesh = mesh_from_environment(resolve_device(args.device), args.collective_timeout, 1)
     try:
         result = post_train(stage, settings, train_config, args.out, resume=args.resume,

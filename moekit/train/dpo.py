@@ -7,7 +7,8 @@ log-probabilities summed over the response tokens. The rewards beta * (log pi - 
 both responses, their margin, the preference accuracy (chosen reward > rejected) and the KL of
 the policy to the reference (per response token, over the whole vocabulary) are logged. An
 optional SFT loss on the chosen responses (``sft_weight``: per chosen token) and the router's
-aux losses are added.
+aux losses (formed over the step's pairs as ``lb_scope`` says, ``moekit.train.router_loss``)
+are added.
 
 Policy and reference log-probabilities are computed without token dropping (the MoE layers in
 evaluation mode, dropout still on), although the policy trains: with a training capacity a
@@ -32,12 +33,13 @@ import torch.nn.functional as F
 from moekit.config import TrainConfig
 from moekit.model.io import load_model
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import clip_gradients, finish_gradients
+from moekit.parallel.parallelize import clip_gradients, finish_gradients, unwrap
 from moekit.train import lora
 from moekit.train.chat import chat_tokens
 from moekit.train.chat_data import Preference
 from moekit.train.instructions import Instruction, exact_answer_reward
 from moekit.train.sft import ACCURACY_PROMPTS, answer_accuracy, answers
+from moekit.train.router_loss import StepRouterLoss, routing_totals
 from moekit.train.step import IGNORE_INDEX, _reduce, _sum_counts, autocast, moe_layers
 
 
@@ -165,7 +167,7 @@ class DirectPreference:
     def _online_pairs(self, model, step: int, config: TrainConfig) -> tuple[list, int]:
         rng = random.Random(config.seed * 1_000_003 + step)
         chosen = rng.sample(self.prompts, min(self.online_prompts, len(self.prompts)))
-        responses = answers(model, chosen, self.template, self.tokenizer, self.max_new_tokens,
+        responses = answers(unwrap(model), chosen, self.template, self.tokenizer, self.max_new_tokens,
                             samples=self.samples, temperature=self.temperature,
                             seed=config.seed * 1_000_003 + step)
         pairs, skipped = [], 0
@@ -179,13 +181,21 @@ class DirectPreference:
             pairs.append(Preference(instruction.messages(False), texts[best], texts[worst]))
         return pairs, skipped
 
-    def _figures(self, model, pairs, config: TrainConfig, device):
-        """The loss and figures of ``pairs`` (with grad when enabled)."""
+    def _figures(self, model, pairs, config: TrainConfig, device, mesh: Mesh):
+        """The loss and figures of ``pairs`` (with grad when enabled), and this rank's share of
+        the router loss (``StepRouterLoss``, over the pairs of all ranks)."""
         inputs, targets, mask = (t.to(device) for t in pair_rows(pairs, self.template,
                                                                  self.tokenizer, self.seq_len))
+        layers = moe_layers(model)
         with autocast(config.precision, device), dropless(model):
+            totals = None
+            if config.lb_scope == "step" and layers:
+                totals = routing_totals(unwrap(model), [(inputs, mask)], mesh,
+                                        lambda module, batch: module(*batch))
             out = model(inputs, mask)
             reference_logits = self._reference_logits(model, inputs, mask)
+        router_share = StepRouterLoss(layers, config.lb_scope, 1, mesh, totals).share(
+            out.moe_stats) if layers else out.router_loss.double()
         logprobs = _token_logprobs(out.logits, targets).sum(-1)
         reference = _token_logprobs(reference_logits, targets).sum(-1)
         count = len(pairs)
@@ -199,7 +209,7 @@ class DirectPreference:
                 "rejected_reward_sum": rejected.detach().sum(),
                 "correct": (chosen > rejected).sum(),
                 "kl_sum": _kl_sum(out.logits.detach(), reference_logits, counted),
-                "response_tokens": counted.sum(), "pairs": count}, out
+                "response_tokens": counted.sum(), "router_share": router_share}, out
 
     def step(self, model, optimizer, step: int, config: TrainConfig, mesh: Mesh) -> dict:
         device = next(model.parameters()).device
@@ -210,14 +220,14 @@ class DirectPreference:
         if self.online_prompts:
             online, skipped = self._online_pairs(model, step, config)
             pairs += online
-        mine = pairs[mesh.rows(len(pairs))] if mesh.data_size > 1 else pairs
-        figures, out = self._figures(model, mine, config, device)
+        mine = pairs[mesh.data_rank::mesh.data_size]  # online pairs may not split evenly
+        figures, out = self._figures(model, mine, config, device, mesh)
         # DDP averages the ranks' gradients: each rank's loss is R times its share.
         total = torch.tensor([float(figures["chosen_tokens"]), float(len(mine))], device=device)
         chosen_tokens, pair_count = mesh.sum_(total).tolist()
         loss = (figures["dpo_sum"] / pair_count
                 + self.sft_weight * figures["sft_sum"] / max(chosen_tokens, 1)) * mesh.data_size
-        (loss + out.router_loss).backward()
+        (loss + mesh.data_size * figures["router_share"]).backward()
         finish_gradients(model, mesh)
         clip = config.grad_clip if config.grad_clip is not None else float("inf")
         grad_norm = clip_gradients(model, clip, mesh)
@@ -228,13 +238,13 @@ class DirectPreference:
                                [figures[k].detach().double() for k in
                                 ("dpo_sum", "sft_sum", "chosen_reward_sum",
                                  "rejected_reward_sum", "correct", "kl_sum",
-                                 "response_tokens")] + [out.router_loss.detach().double()],
+                                 "response_tokens", "router_share")],
                                mesh)
         for layer, layer_counts in zip(moe_layers(model), counts):
             layer.update_router_state(layer_counts)
         record = self._record(sums[:7], pair_count, chosen_tokens)
         return {**record, "loss": record["dpo_loss"] + self.sft_weight * record["sft_loss"],
-                "router_loss": sums[7] / mesh.data_size, "grad_norm": grad_norm.item(),
+                "router_loss": sums[7], "grad_norm": grad_norm.item(),
                 "online_pairs": len(pairs) - min(self.offline_per_step, len(self.pairs)),
                 "skipped": skipped, "tokens": int(sums[6]),
                 "drop_rate": [c.drop_rate for c in counts],
@@ -254,7 +264,7 @@ class DirectPreference:
         was_training = model.training
         model.eval()
         pairs = self.held_out[:config.micro_batch_size * config.eval_batches]
-        figures, _ = self._figures(model, pairs, config, device)
+        figures, _ = self._figures(model, pairs, config, device, Mesh())  # on each rank
         model.train(was_training)
         keys = ("dpo_sum", "sft_sum", "chosen_reward_sum", "rejected_reward_sum", "correct",
                 "kl_sum", "response_tokens")
