@@ -328,13 +328,13 @@ def test_preference_file_takes_string_and_message_prompts(tmp_path):
 
 def test_hunyuan_schedule_sets_its_rates_dropout_and_three_epochs(base, tmp_path, tokenizer):
     conversations = [[{"role": "user", "content": f"say {i}"},
-                      {"role": "assistant", "content": str(i)}] for i in range(40)]
+                      {"role": "assistant", "content": str(i)}] for i in range(20)]
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
     assert _run("sft", "--init-from", base, "--data", data, "--out", tmp_path / "run",
                 "--schedule", "hunyuan") == 0
     record = json.loads((tmp_path / "run/run.json").read_text())
-    rows = len(pack(conversations[:36], None, tokenizer, 64))  # the last tenth validates
+    rows = len(pack(conversations[:18], None, tokenizer, 64))  # the last tenth validates
     assert record["train"]["steps"] == math.ceil(3 * rows / 4)
     assert (record["train"]["lr"], record["train"]["min_lr_ratio"]) == (2e-5, 0.1)
     model = record["model"]
