@@ -326,6 +326,9 @@ class TrainConfig(_FromDict):
     # torch.use_deterministic_algorithms: bit-identical repeats on a GPU too (a CPU run of
     # moekit repeats bit for bit without it: stable sorts, no order-dependent scatter).
     deterministic: bool = False
+    # The long-context stage (Hunyuan-Large: 25%): this share of each step's windows comes
+    # from documents at least seq_len + 1 tokens long, the rest from anywhere as before.
+    long_fraction: float = 0.0
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 100
@@ -364,6 +367,8 @@ class TrainConfig(_FromDict):
                  "expected true or false")
         _require(isinstance(self.recompute, bool), "recompute", self.recompute,
                  "expected true or false")
+        _require(isinstance(self.long_fraction, (int, float)) and 0 <= self.long_fraction <= 1,
+                 "long_fraction", self.long_fraction, "expected a number in [0, 1]")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                  "expected an integer >= 0")
 

@@ -44,6 +44,8 @@ TRAIN_FLAGS = {
     "checkpoint_every": (int, "steps between checkpoints"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "seed": (int, "seed of initialisation and batches"),
+    "long_fraction": (float, "share of each step's windows drawn from documents at least "
+                      "seq_len + 1 tokens long: the long-context stage (Hunyuan-Large: 0.25)"),
 }
 DATA_FLAGS = {
     "vocab_size": (int, "tokenizer vocabulary (257 = plain bytes)"),
@@ -81,6 +83,8 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
         model = model_config_of(args.preset, file)
         if args.dense:
             model = model.dense()
+        if args.rope_base:
+            model = replace(model, rope_base=args.rope_base)
     train = {**file.get("train", {}), **{key: getattr(args, key) for key in TRAIN_FLAGS
                                          if getattr(args, key) is not None}}
     data = {**file.get("data", {}), **{key: getattr(args, key) for key in DATA_FLAGS
@@ -99,11 +103,14 @@ def check_expert_split(model: ModelConfig | None, expert: int) -> None:
 
 def run_train(args) -> int:
     from moekit.train.loop import train
+    from moekit.train.checkpoint import resolve_checkpoint
     retain_freed_cpu_memory(training=True)
     device = resolve_device(args.device)
+    if args.init_from:  # a run folder (a previous stage) starts from its newest checkpoint
+        args.init_from = str(resolve_checkpoint(args.init_from))
     if args.resume:
         # --steps may extend the run (moekit.train.optim.extend_schedule); nothing else changes
-        settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from",
+        settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from", "rope_base",
                     *(key for key in TRAIN_FLAGS if key != "steps"), *DATA_FLAGS]
         given = [f"--{key.replace('_', '-')}" for key in settings
                  if getattr(args, key) not in (None, False)]
@@ -139,7 +146,9 @@ def run_train(args) -> int:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
                        peak_flops=peak_flops, steps=args.steps if args.resume else None,
-                       show_progress=not args.quiet, mesh=mesh)
+                       show_progress=not args.quiet, mesh=mesh,
+                       model_overrides={"rope_base": args.rope_base}
+                       if args.rope_base and args.init_from else None)
     except KeyboardInterrupt as stop:
         if mesh.is_main:
             print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out "
@@ -281,7 +290,11 @@ def register(subcommands) -> None:
                        help="continue the run in --out (with --steps: extend it)")
     input_option(train, "--init-from", metavar="DIR",
                  help="start from this model folder's model, weights and tokenizer "
-                 "(e.g. the output of moekit upcycle)")
+                 "(e.g. the output of moekit upcycle), or a run folder's newest checkpoint")
+    train.add_argument("--rope-base", type=positive_float, metavar="B",
+                       help="RoPE base; with --init-from, the model continues with it: a "
+                       "long-context stage, with a longer --seq-len (which raises the model's "
+                       "context to it) and --long-fraction (docs/train.md)")
     train.add_argument("--dense", action="store_true",
                        help="train the dense variant of the model (every FFN dense)")
     input_option(train, "--corpus", nargs="+", metavar="PATH",

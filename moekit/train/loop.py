@@ -36,8 +36,8 @@ from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
-from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
-                               train_batch)
+from moekit.train.data import (check_length, check_long_documents, eval_batches,
+                               long_windows, read_documents, split_tokens, train_batch)
 from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
                                 set_learning_rate)
 from moekit.train.plots import plot_run
@@ -80,9 +80,10 @@ def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfi
     return total / count
 
 
-def _train_step(model, optimizer, tokens, step, config, mesh) -> dict:
+def _train_step(model, optimizer, splits, long_starts, step, config, mesh) -> dict:
     lr = set_learning_rate(optimizer, step, config)
-    inputs, targets = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed)
+    inputs, targets = train_batch(splits.train, step, config.batch_size, config.seq_len,
+                                  config.seed, long_starts, config.long_fraction)
     return {"kind": "train", "step": step + 1, "lr": lr,
             **train_step(model, optimizer, inputs, targets, config, mesh)}
 
@@ -135,7 +136,8 @@ def _open_metrics(run: Path, records: list[dict], train_config: TrainConfig):
 
 
 def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool,
-           init_from: Path | None, steps: int | None, writes: bool):
+           init_from: Path | None, steps: int | None, writes: bool,
+           model_overrides: dict | None = None):
     """Resolve configs and tokenizer for a new or resumed run. Only the rank that ``writes``
     checks the output folder: the others read while it holds the folder."""
     if resume:
@@ -153,6 +155,11 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
         if model_config is not None:
             raise ValueError("init_from brings its own model: leave the model config out")
         model_config, tokenizer = read_model_config(init_from), load_tokenizer(init_from)
+        # A stage continues it: a new RoPE base, and a longer context for a longer seq_len
+        # (RoPE has no learned positions); its checkpoints record both in config.json.
+        model_config = ModelConfig.from_dict({
+            **model_config.to_dict(), **(model_overrides or {}),
+            "max_seq_len": max(model_config.max_seq_len, train_config.seq_len)})
     else:
         tokenizer = train_tokenizer(read_documents(data_config.corpus), data_config.vocab_size)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
@@ -209,15 +216,18 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
           run: str | Path, *, resume: bool = False, overwrite: bool = False,
           init_from: str | Path | None = None, device: str | torch.device = "cpu",
           peak_flops: float | None = None, show_progress: bool = True,
-          on_step=None, steps: int | None = None, mesh: Mesh = Mesh()) -> TrainResult:
+          on_step=None, steps: int | None = None, mesh: Mesh = Mesh(),
+          model_overrides: dict | None = None) -> TrainResult:
     """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
     configs are then those saved in the run, ``steps`` extends it as ``optim.extend_schedule``
     says; ``overwrite=True`` replaces an existing run folder instead, swapped in once the new
     run's settings are known to be good). While it writes, the run folder is claimed for this
     process (``checkpoint.claim_run``). ``init_from``: a model folder (with tokenizer.json)
     whose model, weights and tokenizer the run starts from, e.g. an upcycled checkpoint;
-    ``model_config`` is then None. Each step logs its model FLOP/s (from active parameters,
-    moekit.plan), and its MFU when the device's ``peak_flops`` is given. ``on_step(record)`` is
+    ``model_config`` is then None, and ``model_overrides`` (e.g. ``{"rope_base": B}``) set
+    fields of its config: a long-context stage (with ``train_config.long_fraction``). Each
+    step logs its model FLOP/s (from active parameters, moekit.plan), and its MFU when the
+    device's ``peak_flops`` is given. ``on_step(record)`` is
     called after each step. Ctrl-C finishes the current step, saves a checkpoint, and raises
     KeyboardInterrupt.
 
@@ -229,12 +239,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     with _all_ranks_or_none(mesh):
         model_config, train_config, data_config, tokenizer = _start(
             run, model_config, train_config, data_config, resume, overwrite, init_from, steps,
-            writes=mesh.is_main)
+            writes=mesh.is_main, model_overrides=model_overrides)
         check_batch_split(train_config, mesh.data_size)
         splits = split_tokens(read_documents(data_config.corpus), tokenizer,
                               data_config.val_fraction)
         check_length(splits.train, train_config.seq_len, "training")
         check_length(splits.val, train_config.seq_len, "validation")
+        check_long_documents(splits, train_config.seq_len, train_config.long_fraction)
 
     if train_config.deterministic:
         # cuBLAS needs a fixed workspace for repeatable results (set before its first use).
@@ -269,10 +280,11 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         return {"val_loss": val, "val_ppl": math.exp(val)}
 
     tokens_per_step = train_config.batch_size * train_config.seq_len
+    long_starts = long_windows(splits.train_documents, train_config.seq_len)
     return run_steps(StepLoop(
         run, train_config, mesh,
-        step=lambda at: (_train_step(parallel_model, optimizer, splits.train, at, train_config,
-                                     mesh), tokens_per_step),
+        step=lambda at: (_train_step(parallel_model, optimizer, splits, long_starts, at,
+                                     train_config, mesh), tokens_per_step),
         evaluate=evaluate, save=save, write_new_run=None if resume else write_new_run,
         flops_per_token=training_flops_per_token(model_config,
                                                  train_config.seq_len).model_flops,
