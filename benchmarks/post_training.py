@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Does post-training work? The tiny MoE pre-trained by ``moekit.train``, then SFT (full and
 LoRA), offline DPO, online DPO, with and without EMA, on the embedded instruction set, in one
-table; and a LoRA step beside a full fine-tuning step, timed in turns in one run.
+table; a LoRA step beside a full fine-tuning step, timed in turns in one run; and held-out
+perplexity by position at 4x the pre-training context, before and after a long-context stage
+(RoPE base x4, ``long_fraction`` 0.25), beside the same stage with the base unchanged.
 
     python benchmarks/post_training.py                 # the figures of docs/post_training.md
     python benchmarks/post_training.py --quick         # a smoke run in a minute or two
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -27,18 +30,22 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from moekit.config import DataConfig, TrainConfig, preset
-from moekit.model.io import load_model
+from moekit.model.io import load_model, load_weights, read_model_config
+from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.train import lora
 from moekit.train.dpo import DirectPreference
 from moekit.train.instructions import exact_answer_reward, instruction_set, preference_set
+from moekit.train.data import eval_batches, read_documents, split_tokens
 from moekit.train.loop import train
 from moekit.train.optim import build_optimizer
 from moekit.train.post_train import PostTrainSettings, load_chat_tokenizer, post_train
 from moekit.train.sft import SupervisedFineTuning, answer_accuracy, answers, batch_indices
 from moekit.train.step import train_step
+from moekit.train.tokenizer import load_tokenizer
 
 
 def _cpu() -> str:
@@ -84,6 +91,52 @@ def _step_times(base: Path, stage: SupervisedFineTuning, config: TrainConfig, ra
     return times["full"], times["lora"]
 
 
+@torch.no_grad()
+def _loss_by_position(folder: Path, tokens: torch.Tensor, seq_len: int, buckets: int,
+                      batches: int) -> list[float]:
+    """Mean cross-entropy per position bucket of consecutive held-out windows of ``seq_len``."""
+    config = read_model_config(folder)
+    model = Transformer(replace(config, max_seq_len=max(config.max_seq_len, seq_len)))
+    load_weights(model, folder)
+    model.eval()
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    count = 0
+    for inputs, targets in eval_batches(tokens, 8, seq_len, batches):
+        losses = F.cross_entropy(model(inputs).logits.flatten(0, 1), targets.flatten(),
+                                 reduction="none").view(targets.shape)
+        sums += losses.double().sum(0)
+        count += len(inputs)
+    per_bucket = seq_len // buckets
+    return [float(sums[i * per_bucket:(i + 1) * per_bucket].mean()) / count
+            for i in range(buckets)]
+
+
+def long_context(pretrained: Path, work: Path, steps: int, original: int) -> None:
+    """Held-out perplexity by position at 4x the pre-training context, before and after a
+    long-context stage (RoPE base x4, a quarter of the windows from long documents), beside
+    the same stage with the base unchanged."""
+    length = 4 * original
+    config = read_model_config(pretrained)
+    stage = TrainConfig(steps=steps, seq_len=length, batch_size=8, lr=3e-4, warmup_steps=5,
+                        long_fraction=0.25, eval_every=10**6, checkpoint_every=10**6)
+    folders = {"pre-trained": pretrained}
+    for name, base in (("stage, RoPE base x4", 4 * config.rope_base),
+                       ("stage, base unchanged", config.rope_base)):
+        folders[name] = train(None, stage, DataConfig(), work / name.replace(" ", "-"),
+                              init_from=pretrained, model_overrides={"rope_base": base},
+                              show_progress=False).checkpoint
+    tokens = split_tokens(read_documents(()), load_tokenizer(pretrained),
+                          DataConfig().val_fraction).val
+    buckets = 4
+    edges = [f"{i * length // buckets}-{(i + 1) * length // buckets}" for i in range(buckets)]
+    print(f"\nheld-out perplexity by position at {length} tokens (4x the {original} of "
+          f"pre-training), {steps} stage steps:")
+    print(f"{'model':24}" + "".join(f"{edge:>10}" for edge in edges))
+    for name, folder in folders.items():
+        losses = _loss_by_position(folder, tokens, length, buckets, batches=4)
+        print(f"{name:24}" + "".join(f"{math.exp(loss):10.1f}" for loss in losses))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -91,17 +144,30 @@ def main() -> None:
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--dpo-steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--long-steps", type=int, default=100)
+    parser.add_argument("--tables", default="post,long",
+                        help="post (post-training), long (long-context stage), or both")
     args = parser.parse_args()
     if args.quick:
         args.pretrain_steps, args.sft_steps, args.dpo_steps, args.rounds = 20, 10, 4, 3
+        args.long_steps = 3
     torch.manual_seed(0)
     print(f"{_cpu()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
+    work = Path(tempfile.mkdtemp(prefix="moekit-post-training-"))
+    pretrain = TrainConfig(steps=args.pretrain_steps)
+    pretrained = train(preset("tiny"), pretrain, DataConfig(), work / "pretrain",
+                       show_progress=False).checkpoint
+    if "post" in args.tables:
+        post_training(pretrained, work, args)
+    if "long" in args.tables:
+        long_context(pretrained, work, args.long_steps, pretrain.seq_len)
+    print(f"runs in {work}")
+
+
+def post_training(pretrained: Path, work: Path, args) -> None:
     train_set, held_out = instruction_set()
     held_out = held_out[:100]
-    work = Path(tempfile.mkdtemp(prefix="moekit-post-training-"))
-    pretrained = train(preset("tiny"), TrainConfig(steps=args.pretrain_steps), DataConfig(),
-                       work / "pretrain", show_progress=False).checkpoint
     sft_config = TrainConfig(steps=args.sft_steps, lr=1e-3, warmup_steps=10, eval_every=10**6,
                              checkpoint_every=10**6, seq_len=128)
     dpo_config = replace(sft_config, steps=args.dpo_steps, lr=1e-4, warmup_steps=0,
@@ -159,7 +225,6 @@ def main() -> None:
           f"(full {statistics.median(full) * 1e3:.0f} ms, LoRA "
           f"{statistics.median(adapted) * 1e3:.0f} ms; trainable share "
           f"{_trainable(pretrained, 8) / full_params:.1%})")
-    print(f"runs in {work}")
 
 
 if __name__ == "__main__":
