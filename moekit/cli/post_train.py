@@ -17,12 +17,14 @@ from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_fr
 # Fine-tuning defaults where they differ from pre-training's (TrainConfig).
 DEFAULTS = {"steps": 200, "lr": 1e-3, "warmup_steps": 10, "eval_every": 50,
             "checkpoint_every": 100, "batch_size": 16, "seq_len": 128}
+# train's flags, less the long-context stage's (a pre-training batch mix)
+FLAGS = {key: flag for key, flag in TRAIN_FLAGS.items() if key != "long_fraction"}
 REWARD_DEFAULT = "moekit.train.instructions:exact_answer_reward"
 ONLINE_PROMPTS = 4
 
 
 def _train_config(args) -> TrainConfig:
-    given = {key: getattr(args, key) for key in TRAIN_FLAGS if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in FLAGS if getattr(args, key) is not None}
     return TrainConfig.from_dict({**DEFAULTS, **given})
 
 
@@ -92,7 +94,7 @@ def _with_schedule(settings, train_config: TrainConfig, args) -> tuple:
     if name is None:
         return settings, train_config, None
     preset = SCHEDULES[name]
-    given = {key for key in TRAIN_FLAGS if getattr(args, key, None) is not None}
+    given = {key for key in FLAGS if getattr(args, key, None) is not None}
     train_config = replace(train_config, **{k: v for k, v in preset["train"].items()
                                             if k not in given})
     settings = replace(settings, model={**preset["model"], **settings.model})
@@ -106,7 +108,7 @@ def run_post_train(args) -> int:
     if args.resume:
         given = [f"--{key.replace('_', '-')}" for key in
                  ("init_from", "data", "lora_rank", "ema_decay", "schedule", "online",
-                  *(k for k in TRAIN_FLAGS if k != "steps"))
+                  *(k for k in FLAGS if k != "steps"))
                  if getattr(args, key, None) not in (None, False)]
         if given:
             raise ValueError("--resume continues a run with the settings saved in it (--steps "
@@ -192,7 +194,7 @@ def _add_common(parser) -> None:
     parser.add_argument("--hidden-dropout", type=float,
                         help="dropout of each attention and FFN output in training (default "
                         "the model's, 0)")
-    add_config_flags(parser, TRAIN_FLAGS, DEFAULTS)
+    add_config_flags(parser, FLAGS, DEFAULTS)
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     add_parallel_options(parser)
     _common(parser)
