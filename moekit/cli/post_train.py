@@ -234,7 +234,8 @@ def register(subcommands) -> None:
     dpo.add_argument("--online", action="store_true",
                      help="also train on best/worst pairs of the policy's own samples")
     dpo.add_argument("--online-prompts", type=positive_int, default=None,
-                     help=f"online prompts per step, of the batch's pairs (default {ONLINE_PROMPTS})")
+                     help="online prompts per step, of the batch's pairs (default "
+                     f"{ONLINE_PROMPTS})")
     dpo.add_argument("--samples", type=positive_int,
                      help="responses sampled per online prompt (default 4)")
     dpo.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")

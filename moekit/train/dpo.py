@@ -167,9 +167,9 @@ class DirectPreference:
     def _online_pairs(self, model, step: int, config: TrainConfig) -> tuple[list, int]:
         rng = random.Random(config.seed * 1_000_003 + step)
         chosen = rng.sample(self.prompts, min(self.online_prompts, len(self.prompts)))
-        responses = answers(unwrap(model), chosen, self.template, self.tokenizer, self.max_new_tokens,
-                            samples=self.samples, temperature=self.temperature,
-                            seed=config.seed * 1_000_003 + step)
+        responses = answers(unwrap(model), chosen, self.template, self.tokenizer,
+                            self.max_new_tokens, samples=self.samples,
+                            temperature=self.temperature, seed=config.seed * 1_000_003 + step)
         pairs, skipped = [], 0
         for instruction, texts in zip(chosen, responses):
             scores = [float(self.reward(instruction.prompt, text)) for text in texts]

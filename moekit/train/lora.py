@@ -69,7 +69,7 @@ class LoRALinear(nn.Linear):
 
     @classmethod
     def wrap(cls, base: nn.Linear, rank: int, scale: float) -> "LoRALinear":
-        layer = cls.__new__(cls)
+        layer = cls.__new__(cls)  # not __init__: the base's own parameters, not new ones
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = base.in_features, base.out_features
         layer.weight, layer.bias = base.weight, base.bias
@@ -103,7 +103,7 @@ class LoRAExperts(GroupedExperts):
 
     @classmethod
     def wrap(cls, base: GroupedExperts, rank: int, scale: float) -> "LoRAExperts":
-        experts = cls.__new__(cls)
+        experts = cls.__new__(cls)  # not __init__: the base's own weights, under their names
         nn.Module.__init__(experts)
         for name in ("num_experts", "hidden_size", "ffn_size", "activation", "gated"):
             setattr(experts, name, getattr(base, name))

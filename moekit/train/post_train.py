@@ -4,9 +4,9 @@
 DPO) computes in each step and evaluation.
 
 A stage has ``name``, ``prepare(tokenizer, template, config) -> config`` (tokenizes its data,
-before any model loads; SFT's epochs may set the steps), ``attach(model, init_from)`` (after the weights are in: DPO's reference),
-``step(model, optimizer, step, config, mesh) -> record`` and ``evaluate(model, config, mesh)
--> record``.
+before any model loads; SFT's epochs may set the steps), ``attach(model, init_from)`` (after
+the weights are in: DPO's reference), ``step(model, optimizer, step, config, mesh) -> record``
+and ``evaluate(model, config, mesh) -> record``.
 
 Checkpoints are model folders like pre-training's, with the chat template of ``init_from``
 beside the tokenizer. With LoRA (``moekit.train.lora``) ``model.safetensors`` holds the merged

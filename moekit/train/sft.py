@@ -115,10 +115,10 @@ def assistant_loss(model, rows: PackedRows, config: TrainConfig, mesh: Mesh) -> 
 
 
 def answers(model, instructions: list[Instruction], template: str | None, tokenizer,
-            max_new_tokens: int = ANSWER_TOKENS, **sampling) -> list[list[str]]:
-    """Responses (decoded text) to each instruction's prompt: ``sampling`` as ``generate``'s,
-    ``samples`` per prompt (default 1)."""
-    samples = sampling.pop("samples", 1)
+            max_new_tokens: int = ANSWER_TOKENS, samples: int = 1,
+            **sampling) -> list[list[str]]:
+    """``samples`` responses (decoded text) to each instruction's prompt, ``sampling`` as
+    ``generate`` takes it (default greedy)."""
     prompts = [tokenizer.encode(render_chat(list(x.messages(False)), template,
                                             tokenizer.eos_token))
                for x in instructions for _ in range(samples)]
