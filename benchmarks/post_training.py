@@ -60,7 +60,8 @@ def _evaluate(folder: Path, held_out) -> tuple[float, float]:
     model = load_model(folder)
     tokenizer, template = load_chat_tokenizer(folder, model.config)
     accuracy = answer_accuracy(model, held_out, template, tokenizer)
-    samples = answers(model, held_out, template, tokenizer, samples=4, temperature=1.0, seed=0)
+    samples = answers(model, [x.messages(False) for x in held_out], template, tokenizer,
+                      samples=4, temperature=1.0, seed=0)
     reward = statistics.mean(exact_answer_reward(x.prompt, text)
                              for x, texts in zip(held_out, samples) for text in texts)
     return accuracy, reward
@@ -188,7 +189,8 @@ def post_training(pretrained: Path, work: Path, args) -> None:
 
     def dpo_stage(online: int):
         return DirectPreference(preference_set(train_set), preference_set(held_out[:16]),
-                                sft_weight=0.1, prompts=train_set, online_prompts=online)
+                                sft_weight=0.1, prompts=[x.messages(False) for x in train_set],
+                                online_prompts=online)
 
     results = [("pre-trained", pretrained, None, None)]
     sft, seconds = stage_run("sft", sft_stage(), sft_config, pretrained)

@@ -413,3 +413,20 @@ def test_two_processes_post_train_the_one_process_run(plain_base, tmp_path, comm
             if key in b:  # float32 sums in another order; Adam magnifies it after step 1
                 assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2,
                                                abs=1e-6), key
+
+
+def shortest_reward(prompt: str, response: str) -> float:
+    """A user reward for the test below: shorter is better."""
+    return -float(len(response))
+
+
+def test_online_pairs_from_a_data_file_ranked_by_a_user_reward(base, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"name {i}", "chosen": "a", "rejected": "bb"})
+                            + "\n" for i in range(12)))
+    assert _run("dpo", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                "--steps", "1", "--online", "--online-prompts", "2", "--samples", "3",
+                "--reward", "test_post_training:shortest_reward") == 0
+    record = next(json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()
+                  if json.loads(line)["kind"] == "train")
+    assert record["online_pairs"] + record["skipped"] == 2 and record["online_pairs"] >= 1

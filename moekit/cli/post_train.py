@@ -72,16 +72,20 @@ def _dpo_stage(settings):
     from moekit.train.instructions import instruction_set, preference_set
     options = settings.options
     reward = load_reward(options.get("reward", REWARD_DEFAULT))
-    train, held_out = instruction_set()
     if settings.data is None:
+        train, held_out = instruction_set()
         pairs, validation, instructions = preference_set(train), preference_set(held_out), \
             held_out
+        prompts = [x.messages(False) for x in train]
     else:
         pairs, validation = _split(read_preference_file(settings.data), settings.data, "pairs")
         instructions = []
+        # online: the file's own prompts, each once
+        prompts = list({tuple((m["role"], m["content"]) for m in pair.prompt): pair.prompt
+                        for pair in pairs}.values())
     online = options.get("online_prompts", ONLINE_PROMPTS) if options.get("online") else 0
     return DirectPreference(pairs, validation, beta=options.get("beta", 0.1),
-                            sft_weight=options.get("sft_weight", 0.0), prompts=train,
+                            sft_weight=options.get("sft_weight", 0.0), prompts=prompts,
                             online_prompts=online, samples=options.get("samples", 4),
                             reward=reward, temperature=options.get("temperature", 1.0),
                             instructions=instructions)
@@ -240,6 +244,7 @@ def register(subcommands) -> None:
                      help="responses sampled per online prompt (default 4)")
     dpo.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     dpo.add_argument("--reward", metavar="MODULE:FUNCTION",
-                     help=f"reward(prompt, response) -> float for online pairs (default "
-                     f"{REWARD_DEFAULT}, the embedded set's exact-answer check)")
+                     help=f"reward(prompt, response) -> float for online pairs, called with "
+                     f"the last user message (default {REWARD_DEFAULT}, the embedded set's "
+                     "exact-answer check); with --data the online prompts are its prompts")
     _add_common(dpo)

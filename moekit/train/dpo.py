@@ -17,8 +17,9 @@ starting model (``init_from``, also on ``--resume``), frozen, or with LoRA the s
 its adapters off.
 
 Online (``online_prompts`` > 0, Hunyuan-Large's mix): each step also samples ``samples``
-responses to that many prompts from the current policy (``generate``, seeded by the step),
-scores them with ``reward(prompt, response) -> float`` and trains on the best and worst one; a
+responses to that many ``prompts`` (conversations before the assistant's turn) from the current
+policy (``generate``, seeded by the step), scores them with ``reward(prompt, response) ->
+float`` (the prompt: the last user message) and trains on the best and worst one; a
 prompt whose samples all score the same gives no pair and is counted (``skipped``).
 """
 from __future__ import annotations
@@ -122,7 +123,8 @@ class DirectPreference:
 
     def __init__(self, pairs: list[Preference], held_out: list[Preference], *,
                  beta: float = 0.1, sft_weight: float = 0.0,
-                 prompts: list[Instruction] = (), online_prompts: int = 0, samples: int = 4,
+                 prompts: list[tuple[dict, ...]] = (), online_prompts: int = 0,
+                 samples: int = 4,
                  reward=exact_answer_reward, temperature: float = 1.0,
                  max_new_tokens: int = 16, instructions: list[Instruction] = ()):
         if not (isinstance(beta, (int, float)) and beta > 0):
@@ -171,14 +173,15 @@ class DirectPreference:
                             self.max_new_tokens, samples=self.samples,
                             temperature=self.temperature, seed=config.seed * 1_000_003 + step)
         pairs, skipped = [], 0
-        for instruction, texts in zip(chosen, responses):
-            scores = [float(self.reward(instruction.prompt, text)) for text in texts]
+        for messages, texts in zip(chosen, responses):
+            question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+            scores = [float(self.reward(question, text)) for text in texts]
             best, worst = max(range(len(texts)), key=scores.__getitem__), \
                 min(range(len(texts)), key=scores.__getitem__)
             if scores[best] == scores[worst] or not texts[best] or not texts[worst]:
                 skipped += 1
                 continue
-            pairs.append(Preference(instruction.messages(False), texts[best], texts[worst]))
+            pairs.append(Preference(messages, texts[best], texts[worst]))
         return pairs, skipped
 
     def _figures(self, model, pairs, config: TrainConfig, device, mesh: Mesh):

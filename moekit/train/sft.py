@@ -114,22 +114,21 @@ def assistant_loss(model, rows: PackedRows, config: TrainConfig, mesh: Mesh) -> 
     return total / max(count, 1)
 
 
-def answers(model, instructions: list[Instruction], template: str | None, tokenizer,
+def answers(model, prompts: list[tuple[dict, ...]], template: str | None, tokenizer,
             max_new_tokens: int = ANSWER_TOKENS, samples: int = 1,
             **sampling) -> list[list[str]]:
-    """``samples`` responses (decoded text) to each instruction's prompt, ``sampling`` as
-    ``generate`` takes it (default greedy)."""
-    prompts = [tokenizer.encode(render_chat(list(x.messages(False)), template,
-                                            tokenizer.eos_token))
-               for x in instructions for _ in range(samples)]
-    outputs = generate(model, prompts, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
-    texts = [tokenizer.decode(ids) for ids in outputs]
-    return [texts[i * samples:(i + 1) * samples] for i in range(len(instructions))]
+    """``samples`` responses (decoded text) to each prompt (a conversation before the
+    assistant's turn), ``sampling`` as ``generate`` takes it (default greedy)."""
+    ids = [tokenizer.encode(render_chat(list(messages), template, tokenizer.eos_token))
+           for messages in prompts for _ in range(samples)]
+    outputs = generate(model, ids, max_new_tokens, eos_id=tokenizer.eos_id, **sampling)
+    texts = [tokenizer.decode(output) for output in outputs]
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
 
 def answer_accuracy(model, instructions: list[Instruction], template, tokenizer) -> float:
     """Share of instructions answered exactly (greedy decoding)."""
-    responses = answers(model, instructions, template, tokenizer)
+    responses = answers(model, [x.messages(False) for x in instructions], template, tokenizer)
     return sum(exact_answer_reward(x.prompt, r[0]) for x, r in zip(instructions, responses)) \
         / max(len(instructions), 1)
 
