@@ -7,6 +7,7 @@ perplexity by position at 4x the pre-training context, before and after a long-c
 
     python benchmarks/post_training.py                 # the figures of docs/post_training.md
     python benchmarks/post_training.py --quick         # a smoke run in a minute or two
+    python benchmarks/post_training.py --pretrained runs/tiny/checkpoints/step-000300
 
 Columns: held-out exact-answer accuracy (greedy, the held-out instructions), reward (the mean
 exact-answer reward of 4 samples per held-out prompt at temperature 1), trainable parameters
@@ -142,6 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrained", type=Path,
+                        help="start from this checkpoint of the tiny preset (a moekit train "
+                        "run's) instead of pre-training one")
     parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--dpo-steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=10)
@@ -157,8 +161,9 @@ def main() -> None:
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     work = Path(tempfile.mkdtemp(prefix="moekit-post-training-"))
     pretrain = TrainConfig(steps=args.pretrain_steps)
-    pretrained = train(preset("tiny"), pretrain, DataConfig(), work / "pretrain",
-                       show_progress=False).checkpoint
+    pretrained = args.pretrained or train(preset("tiny"), pretrain, DataConfig(),
+                                          work / "pretrain", show_progress=False).checkpoint
+    print(f"pre-trained model: {pretrained}")
     if "post" in args.tables:
         post_training(pretrained, work, args)
     if "long" in args.tables:
