@@ -3,12 +3,17 @@
 
     python benchmarks/parallel.py                  # tiny preset, 2 processes, 3 rounds
     python benchmarks/parallel.py --rounds 5 --steps 8
+    python benchmarks/parallel.py --pipeline-split  # Skywork's split against the even one
 
 Columns (real gloo processes, forked; each process 1 thread unless said):
   1 proc x 1 thread   the reference for data parallelism's speed-up
   1 proc x 2 threads  the same cores used by one process (no target)
   DP 2                data parallel, 2 processes
   EP 2                expert parallel, 2 processes (each holds half of every layer's experts)
+With --pipeline-split, the columns are instead two pipelines of 2 stages (1 thread each) on
+the tiny preset at 8 layers and a vocabulary of 8,192, over 8 micro-batches (1F1B): the even
+split (4 + 4 layers) and ``moekit.plan.plan_stages``' split, whose last stage, which also
+computes the output projection and the loss, holds fewer layers.
 The columns take turns within each round (one column after another gave figures that depend
 on the order on these machines); figures are medians over rounds of the mean step time of
 ``--steps`` steps after one warm-up step. Bytes per step and rank: what the all-to-alls send
@@ -16,7 +21,7 @@ to other ranks (counted at the call), and the gradient bytes DDP all-reduces (it
 a ring moves about 2 (R - 1) / R of it each way).
 Targets (issue "Distributed training with torchrun"): DP 2 >= 1.7x one process of 1 thread
 in tokens/s; EP step time <= 1.2x DP's; all-to-all bytes = rows sent to other ranks x D x
-bytes per number.
+bytes per number; the planned split >= 1.10x the even split's tokens/s.
 """
 from __future__ import annotations
 
@@ -37,15 +42,16 @@ from moekit.parallel.mesh import world_mesh
 from moekit.parallel.parallelize import parallelize
 from moekit.parallel.processes import run_on_ranks
 from moekit.plan import Layout
+from moekit.plan.pipeline import plan_stages
 from moekit.plan.simulate import Link, Machine, simulate_step
 from moekit.train.optim import build_optimizer
 from moekit.train.step import train_step
 
-COLUMNS = {  # name: (processes, threads per process, expert-parallel degree)
-    "1 proc x 1 thread": (1, 1, 1),
-    "1 proc x 2 threads": (1, 2, 1),
-    "DP 2": (2, 1, 1),
-    "EP 2": (2, 1, 2),
+COLUMNS = {  # name: (processes, threads per process, expert-parallel degree, layers per stage)
+    "1 proc x 1 thread": (1, 1, 1, None),
+    "1 proc x 2 threads": (1, 2, 1, None),
+    "DP 2": (2, 1, 1, None),
+    "EP 2": (2, 1, 2, None),
 }
 
 
@@ -72,10 +78,10 @@ class AllToAllBytes:
         dist.all_to_all_single = self._original
 
 
-def _column(rank, world, threads, expert, config, steps):
+def _column(rank, world, threads, expert, stages, config, steps):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    mesh = world_mesh(expert=expert)
+    mesh = world_mesh(expert=expert, pipeline=len(stages) if stages else 1, stage_layers=stages)
     model = Transformer(config["model"]).train()
     parallel_model = parallelize(model, mesh)
     optimizer = build_optimizer(model, config["train"])
@@ -147,22 +153,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per column and round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--pipeline-split", action="store_true",
+                        help="compare the planned pipeline split with the even one instead")
     args = parser.parse_args()
     model_config = preset("tiny")
     model_config = replace(model_config, moe=replace(model_config.moe, capacity_factor=None))
+    columns, accumulation = COLUMNS, 1
+    if args.pipeline_split:
+        model_config = replace(model_config, num_layers=8, vocab_size=8192)
+        planned = plan_stages(model_config, 2, args.seq_len).stage_layers
+        columns = {"PP 2 even (4 + 4)": (2, 1, 1, (4, 4)),
+                   f"PP 2 planned ({planned[0]} + {planned[1]})": (2, 1, 1, planned)}
+        accumulation = 8
     config = {"model": model_config,
               "train": TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
-                                   lb_scope="global")}
+                                   grad_accum=accumulation, lb_scope="global")}
     print(f"CPU: {_cpu()}; load before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
-          f"tiny preset, dropless, batch {args.batch_size} x {args.seq_len}, fp32")
-    results = {name: [] for name in COLUMNS}
+          f"tiny preset{' at 8 layers, vocabulary 8192' if args.pipeline_split else ''}, "
+          f"dropless, batch {args.batch_size} x {args.seq_len} in {accumulation} "
+          f"micro-batch(es), fp32")
+    results = {name: [] for name in columns}
     for _ in range(args.rounds):
-        for name, (processes, threads, expert) in COLUMNS.items():
-            outcome = run_on_ranks(_column, processes, threads, expert, config, args.steps,
-                                   timeout=600)
+        for name, (processes, threads, expert, stages) in columns.items():
+            outcome = run_on_ranks(_column, processes, threads, expert, stages, config,
+                                   args.steps, timeout=600)
             results[name].append({key: max(rank[key] for rank in outcome)
                                   for key in outcome[0]})
     tokens = args.batch_size * args.seq_len
+    if args.pipeline_split:
+        _print_split(results, tokens)
+        return
     base = statistics.median(r["step_s"] for r in results["1 proc x 1 thread"])
     dp = statistics.median(r["step_s"] for r in results["DP 2"])
     print(f"{'column':20} {'step s (median)':>16} {'tokens/s':>10} {'vs 1x1':>7} {'vs DP':>6} "
@@ -188,6 +208,17 @@ def main() -> None:
         measured = statistics.median(r["step_s"] for r in results[name])
         print(f"  {name:20} predicted {seconds:.3f} s, measured {measured:.3f} s "
               f"({seconds / measured - 1:+.0%})")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def _print_split(results: dict, tokens: int) -> None:
+    even_name, planned_name = results
+    even = statistics.median(r["step_s"] for r in results[even_name])
+    print(f"{'column':24} {'step s (median)':>16} {'tokens/s':>10} {'vs even':>8}")
+    for name, runs in results.items():
+        step = statistics.median(r["step_s"] for r in runs)
+        spread = f"[{min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}]"
+        print(f"{name:24} {step:7.3f} {spread:>8} {tokens / step:10.0f} {even / step:8.2f}")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

@@ -12,9 +12,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 # The built-in gates, by name (moekit/moe/router.py builds them; docs/moe.md has the formulas).
-ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard")
+ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard", "base", "sinkhorn")
 # Gates that form a balancing loss of their own: the layer's aux_loss would count it twice.
 ROUTERS_WITH_OWN_LOSS = ("noisy", "gshard")
+# Gates that balance by the assignment itself (BASE layers, S-BASE) and take no balancing loss.
+ROUTERS_BALANCED_BY_ASSIGNMENT = ("base", "sinkhorn")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 OVERFLOW_POLICIES = ("drop", "recycle_random", "recycle_next_best")
 AUX_LOSSES = ("switch", "skywork", "none")
@@ -85,7 +87,8 @@ class MoEConfig(_FromDict):
     # Router. "softmax": softmax over all experts, top-k. "switch": top-1 of the softmax, the
     # gate value not renormalised (Switch Transformer). "sigmoid": sigmoid scores, top-k chosen
     # by score + a per-expert bias that is nudged towards balance (DeepSeek-V3, no aux loss).
-    # "zero", "noisy", "gshard": FastMoE's other gates (docs/moe.md).
+    # "zero", "noisy", "gshard": FastMoE's other gates; "base", "sinkhorn": BASE layers' balanced
+    # assignment and its Sinkhorn estimate (docs/moe.md).
     router: str = "softmax"
     # Options of the chosen gate, by name (e.g. {"bias": True}). Each gate checks its own when
     # it is built, since config.py cannot import the gates; an unknown name is refused there.
@@ -126,6 +129,11 @@ class MoEConfig(_FromDict):
         _require(self.router not in ROUTERS_WITH_OWN_LOSS or self.aux_loss == "none",
                  "aux_loss", self.aux_loss, f'the "{self.router}" router forms its own balancing '
                  'loss (weighted by its router_options): set aux_loss="none"')
+        _require(self.router != "base" or self.top_k == 1, "top_k", self.top_k,
+                 'the "base" router assigns each token to exactly 1 expert (top_k=1)')
+        _require(self.router not in ROUTERS_BALANCED_BY_ASSIGNMENT or self.aux_loss == "none",
+                 "aux_loss", self.aux_loss, f'the "{self.router}" router balances by its '
+                 'assignment and takes no balancing loss: set aux_loss="none"')
         _require(self.router != "gshard" or self.overflow == "drop", "overflow", self.overflow,
                  'the "gshard" router applies its own capacity and drops what is over it '
                  '(overflow="drop")')
@@ -331,6 +339,9 @@ class TrainConfig(_FromDict):
     long_fraction: float = 0.0
     eval_every: int = 50
     eval_batches: int = 8
+    # Steps between measurements of expert_similarity (mean pairwise cosine similarity of each
+    # MoE layer's expert weights) in metrics.jsonl; 0 = never.
+    similarity_every: int = 50
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
@@ -339,6 +350,9 @@ class TrainConfig(_FromDict):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
             _positive_int(name, getattr(self, name))
+        _require(isinstance(self.similarity_every, int) and not isinstance(
+            self.similarity_every, bool) and self.similarity_every >= 0, "similarity_every",
+            self.similarity_every, "expected an integer >= 0 (0: never)")
         _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
                  f"must divide batch_size ({self.batch_size})")
         _positive_number("lr", self.lr)

@@ -1,6 +1,8 @@
 """Choosing the device: ``auto`` is CUDA, then Apple's MPS, then the CPU."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -53,3 +55,18 @@ def retain_freed_cpu_memory(training: bool = False) -> bool:
     never = -1  # mallopt(3): a trim threshold of -1 disables trimming
     return bool(set_option(m_mmap_threshold, 1 << 30)
                 and set_option(m_trim_threshold, never if training else 1 << 30))
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory the device has free now: CUDA's own count, else the host's MemAvailable (what
+    Linux can hand out without swapping; the whole of physical memory where /proc is absent)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

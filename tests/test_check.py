@@ -15,7 +15,7 @@ def wide_console(monkeypatch):
 def test_check_passes_on_the_tiny_preset(capsys):
     assert main(["check", "--nproc", "2"]) == 0
     out = capsys.readouterr().out
-    assert "data parallel 2" in out and "FAIL" not in out and out.count("pass") == 7
+    assert "data parallel 2" in out and "FAIL" not in out and out.count("pass") == 10
     assert "needs 4 processes" in out  # data parallel 4 is listed as skipped
 
 
@@ -24,7 +24,7 @@ def test_check_fails_when_a_layout_is_wrong(capsys, monkeypatch):
     monkeypatch.setattr(Mesh, "sum_", lambda self, tensor, group=None: tensor)
     assert main(["check", "--nproc", "2"]) == 1
     out = capsys.readouterr().out
-    assert out.count("FAIL") == 4 and out.count("pass") == 3
+    assert out.count("FAIL") == 4 and out.count("pass") == 6
 
 
 def test_shrinking_keeps_routing_and_grouped_attention():

@@ -172,3 +172,73 @@ def test_expert_parallel_equals_one_process(world, expert):
         failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
         assert not failed, (name, failed)
     assert outcomes[4].figures["expert_load"][:, 0].eq(1).all()  # expert 0 took everything
+
+
+def _pipeline_outcomes(rank, world, pipeline, expert, cases):
+    from moekit.parallel.mesh import world_mesh
+    return [step_outcome(model, config, *batch,
+                         mesh=world_mesh(expert=expert, pipeline=pipeline, stage_layers=stages))
+            for model, config, batch, stages in cases]
+
+
+def _pipeline_cases():
+    """(name, model, config, batch, layers per stage): stages of unequal depth, a stage
+    without an MoE layer, every loss scope, 1F1B (micro-batches >= stages) and GPipe."""
+    inputs, targets = _batch()
+    padded = left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
+    deep = replace(MODEL, num_layers=4, moe_every=2)  # layers 1 and 3 are MoE layers
+    skywork = replace(MODEL, moe=replace(MODEL.moe, aux_loss="skywork"))
+    return [("step", MODEL, STEP, (inputs, targets, None), (1, 1)),
+            ("step, accum 4 (1F1B)", MODEL, replace(STEP, grad_accum=4),
+             (inputs, targets, None), (1, 1)),
+            ("micro, accum 2", MODEL, replace(STEP, lb_scope="micro", grad_accum=2),
+             (inputs, targets, None), (1, 1)),
+            # one micro-batch: its partition is one process's on any number of data ranks
+            ("global", MODEL, replace(STEP, lb_scope="global"), (inputs, targets, None),
+             (1, 1)),
+            ("padded, skywork, clipped, recomputed", skywork,
+             replace(STEP, grad_clip=0.05, recompute=True), padded, (1, 1)),
+            ("a dense first stage, 1 + 3 layers", deep, replace(STEP, grad_accum=2),
+             (inputs, targets, None), (1, 3))]
+
+
+@pytest.mark.parametrize("world, expert", [(2, 1), (4, 1), (4, 2)])
+def test_pipeline_equals_one_process(world, expert):
+    cases = _pipeline_cases()
+    outcomes = run_on_ranks(_pipeline_outcomes, world, 2, expert,
+                            [case[1:] for case in cases])[0]
+    for (name, model, config, batch, _), got in zip(cases, outcomes):
+        want = _single_process_reference(name, model, config, batch, world // 2)
+        failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
+        assert not failed, (name, failed)
+
+
+def _edp_outcomes(rank, world, cases):
+    from moekit.parallel.mesh import world_mesh
+    return [step_outcome(model, config, *batch, mesh=world_mesh(expert=2, tensor=2))
+            for model, config, batch in cases]
+
+
+def _edp_cases():
+    """Expert data parallelism over pairs of ranks: tensor-parallel attention (GQA, QK-norm,
+    CLA pairs), dense and shared-expert MLPs, the experts split between the pair."""
+    inputs, targets = _batch()
+    padded = left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
+    rich = replace(MODEL, num_layers=4, moe_every=2, qk_norm=True, cla_share=2, qkv_bias=True,
+                   moe=replace(MODEL.moe, num_shared_experts=1, shared_expert_gate=True,
+                               aux_loss="skywork"))
+    return [("step", MODEL, STEP, (inputs, targets, None)),
+            ("padded, accum 2, clipped", MODEL, replace(STEP, grad_accum=2, grad_clip=0.05),
+             padded),
+            ("shared experts, dense layers, QK-norm, CLA, bias", rich,
+             replace(STEP, recompute=True), (inputs, targets, None))]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_data_parallel_equals_one_process(world):
+    cases = _edp_cases()
+    outcomes = run_on_ranks(_edp_outcomes, world, [case[1:] for case in cases])[0]
+    for (name, model, config, batch), got in zip(cases, outcomes):
+        want = step_outcome(model, config, *batch)
+        failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
+        assert not failed, (name, failed)

@@ -1,6 +1,7 @@
 """KV cache, activations, training and inference memory: against the model's own cache, the
 bytes autograd saves, a name-by-name split of the built model, and hand computations."""
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -103,7 +104,8 @@ def device_parameters_by_name(config: ModelConfig, layout: Layout) -> list[int]:
 
 
 @pytest.mark.parametrize("config, layout", [
-    (CONFIGS["hunyuan-like"], Layout(data=2, tensor=2, pipeline=2, expert=4)),
+    # four layers: a stage holds whole CLA pairs
+    (replace(CONFIGS["hunyuan-like"], num_layers=4), Layout(data=2, tensor=2, pipeline=2, expert=4)),
     (ModelConfig(**{**SMALL, "num_layers": 3}, tie_embeddings=True, moe=SMALL_MOE),
      Layout(data=4, tensor=1, pipeline=2, expert=2, stage_layers=(2, 1))),
     (CONFIGS["gqa-cla"], Layout(data=1, tensor=2, pipeline=1)),

@@ -276,7 +276,7 @@ def test_the_serving_example_of_the_docs_works_as_written(tmp_path, monkeypatch)
     train_tokenizer([], 257).save(checkpoint / "checkpoints" / "step-000100")
     responses = []
 
-    def serve_once(engine, host, port, api_key, max_request_bytes):
+    def serve_once(engine, host, port, api_key, max_request_bytes, **options):
         with TestClient(create_app(engine, api_key, max_request_bytes)) as client:
             responses.append(client.post("/v1/completions", json=body))
             responses.append(client.post("/v1/completions", json={**body,

@@ -78,7 +78,8 @@ def test_run_folder(reference_run):
     assert sorted(p.name for p in (reference_run / "checkpoints").iterdir()) == [
         "step-000009", "step-000012"]
     assert {p.name for p in (reference_run / "plots").iterdir()} == {
-        "loss.png", "drop_rate.png", "expert_load.png"}
+        "loss.png", "drop_rate.png", "expert_load.png", "load_layer_0.png", "load_layer_1.png",
+        "router_ratios.png", "imbalance.png"}  # expert_similarity.png from step 50 on
     assert len(_losses(reference_run)) == 12 + 3  # 12 steps, validations at 4, 8, 12
 
 

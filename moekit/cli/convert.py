@@ -3,12 +3,12 @@ moekit folders and Hugging Face folders."""
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import torch
 
 from moekit.cli.paths import input_option, output_option
+from moekit.cli.values import byte_size
 from moekit.config import MoEConfig
 from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
 from moekit.convert.hf_folder import DEFAULT_MAX_SHARD_BYTES, load_moekit_or_hf
@@ -17,21 +17,6 @@ from moekit.plan import upcycle_or_scratch
 from moekit.train.checkpoint import resolve_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Size units as transformers' max_shard_size reads them: GB = 10^9 bytes, GiB = 2^30.
-SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-              "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
-def byte_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain number of bytes -> bytes (units in any case)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    factors = {unit.upper(): factor for unit, factor in SIZE_UNITS.items()}
-    factor = factors.get((match.group(2) or "B").upper()) if match else None
-    if factor is None or float(match.group(1)) * factor < 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: expected a positive number with a unit of "
-            f"{', '.join(SIZE_UNITS)} (e.g. 5GB)")
-    return int(float(match.group(1)) * factor)
 
 
 def _folder_command(subcommands, name: str, source: str, run, **texts):

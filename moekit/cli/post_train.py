@@ -128,9 +128,10 @@ def run_post_train(args) -> int:
         if args.ema_decay is not None:
             check_decay(args.ema_decay)
         settings, train_config = _settings(args), _train_config(args)
-    if args.expert > 1 or args.zero:
-        raise ValueError("sft and dpo run data-parallel only in this version: drop --expert "
-                         "and --zero")
+    if args.expert > 1 or args.tensor > 1 or args.pipeline > 1 or args.stage_layers or \
+            args.zero:
+        raise ValueError("sft and dpo run data-parallel only in this version: drop --expert, "
+                         "--tensor, --pipeline, --stage-layers and --zero")
     epochs = None
     if not args.resume:
         settings, train_config, epochs = _with_schedule(settings, train_config, args)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from moekit.cli.paths import input_option, output_option
+from moekit.cli.values import byte_size, positive_float, positive_int
+
 GIB = 1 << 30
 
 
@@ -15,8 +18,8 @@ def register(subcommands) -> None:
         "serve", help="serve a checkpoint over HTTP (OpenAI-compatible)",
         description="Serve /v1/completions and /v1/chat/completions (streaming too) for a "
                     "checkpoint folder with its tokenizer.json; plain or quantized.")
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="checkpoint folder, or run folder (its newest checkpoint)")
+    input_option(parser, "--checkpoint", required=True, type=Path,
+                 help="checkpoint folder, or run folder (its newest checkpoint)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default loopback only: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
@@ -31,7 +34,35 @@ def register(subcommands) -> None:
                         help="largest max_tokens a request may ask for")
     parser.add_argument("--max-request-bytes", type=int, default=1 << 20)
     parser.add_argument("--kv-cache-gib", type=float,
-                        help="largest KV cache one request may allocate, in GiB")
+                        help="largest KV cache one request may take, in GiB (2^30 bytes)")
+    batching = parser.add_argument_group(
+        "continuous batching", "One thread owns the model; requests join the running batch "
+        "at the next decoding step and leave it when done. KV memory is one pool of blocks.")
+    batching.add_argument("--kv-cache-memory", type=byte_size, metavar="SIZE",
+                          help="KV cache for all requests together: a size with its unit, "
+                          "GB = 10^9 bytes, GiB = 2^30 (e.g. 2GiB, 500MB); default: 90%% of "
+                          "the free memory once the weights are loaded, at most what "
+                          "--max-batch-size sequences of the full context need")
+    batching.add_argument("--kv-block-size", type=positive_int, default=16, metavar="N",
+                          help="positions per KV cache block (default 16)")
+    batching.add_argument("--max-batch-size", type=positive_int, default=32, metavar="N",
+                          help="most sequences decoding together (default 32)")
+    batching.add_argument("--max-waiting", type=positive_int, default=64, metavar="N",
+                          help="most requests waiting for memory or a batch row; past it a "
+                          "request gets 429 with Retry-After (default 64)")
+    safety = parser.add_argument_group("safety")
+    safety.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="S",
+                        help="deadline of a request, from arrival to its last token, in "
+                        "seconds (default 600); past it the request ends with 504")
+    safety.add_argument("--max-streams-per-client", type=positive_int, default=16,
+                        metavar="N", help="most requests one client address may have in "
+                        "flight, streaming or not (default 16); the next gets 429")
+    safety.add_argument("--shutdown-timeout", type=positive_float, default=30.0, metavar="S",
+                        help="on SIGTERM or Ctrl-C: stop admitting, let running requests "
+                        "finish for up to S seconds, cancel the rest, exit 0 (default 30)")
+    output_option(parser, "--log-routing", kind="file",
+                  help="write one JSON line per finished request with its routed tokens per "
+                  "MoE layer and expert (live totals are at /metrics)")
     parser.set_defaults(run=run)
 
 
@@ -58,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args.checkpoint, _device(args.device), args.name,
                          max_tokens_limit=args.max_tokens,
                          kv_cache_bytes=None if args.kv_cache_gib is None
-                         else int(args.kv_cache_gib * GIB))
+                         else int(args.kv_cache_gib * GIB),
+                         kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
+                         max_batch=args.max_batch_size, max_waiting=args.max_waiting,
+                         request_timeout=args.request_timeout, routing_log=args.log_routing)
+    pool = engine.pool
     print(f"serving {engine.name!r} on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}")
-    serve(engine, args.host, args.port, args.api_key, args.max_request_bytes)
+          f"{' (API key required)' if args.api_key else ''}; KV cache: {pool.num_blocks} "
+          f"blocks of {pool.block_size} positions, batches of up to {args.max_batch_size}")
+    serve(engine, args.host, args.port, args.api_key, args.max_request_bytes,
+          max_streams_per_client=args.max_streams_per_client,
+          shutdown_timeout=args.shutdown_timeout)
     return 0

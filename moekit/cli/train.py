@@ -12,8 +12,9 @@ from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIO
                            DataConfig, ModelConfig, TrainConfig, preset, read_config_file)
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
-from moekit.parallel.mesh import (CollectiveError, check_expert_degree, launched_by_torchrun,
-                                  mesh_from_environment, torchrun_world_size)
+from moekit.model.io import read_model_config
+from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_from_environment,
+                                  torchrun_world_size)
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
 
@@ -41,6 +42,8 @@ TRAIN_FLAGS = {
                        "all give the same update to float rounding"),
     "eval_every": (int, "steps between validations"),
     "eval_batches": (int, "batches per validation"),
+    "similarity_every": (int, "steps between measurements of expert_similarity (mean pairwise "
+                         "cosine of each layer's expert weights) in metrics.jsonl; 0 = never"),
     "checkpoint_every": (int, "steps between checkpoints"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "seed": (int, "seed of initialisation and batches"),
@@ -94,11 +97,31 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
     return model, TrainConfig.from_dict(train), DataConfig.from_dict(data)
 
 
-def check_expert_split(model: ModelConfig | None, expert: int) -> None:
-    """Each expert-parallel rank holds the same number of every MoE layer's experts."""
-    if model is not None and model.moe is not None and model.moe.num_experts % expert:
-        raise ValueError(f"--expert {expert} is not allowed: it must divide the model's "
-                         f"num_experts={model.moe.num_experts}")
+def check_layout(configs, world: int, args) -> tuple | None:
+    """The layers per pipeline stage of the layout the flags ask for on ``world`` processes,
+    checked against the model and the batch (``configs()``, read only when there is a layout
+    to check) before any process or file exists."""
+    from moekit.parallel.mesh import check_tensor_degree
+    from moekit.parallel.pipeline import check_pipeline_model
+    from moekit.parallel.tensor_parallel import check_tensor_model
+    from moekit.plan import Layout
+    from moekit.train.step import check_batch_split
+    check_tensor_degree(args.tensor, args.expert)
+    layout = Layout.for_world(world, tensor=args.tensor, pipeline=args.pipeline,
+                              expert=args.expert,
+                              stage_layers=tuple(args.stage_layers) if args.stage_layers else None)
+    if layout.world_size == 1:
+        return None  # one process: the loop checks the rest (a resumed run once it holds it)
+    model, train = configs()
+    stages = layout.stages(model)
+    check_pipeline_model(model, layout.pipeline)
+    check_tensor_model(model, layout.tensor)
+    check_batch_split(train, layout.data)
+    if layout.pipeline > 1 and train.grad_accum < layout.pipeline:
+        print(f"moekit train: note: {train.grad_accum} micro-batches on {layout.pipeline} "
+              "stages leave most of each step idle (a GPipe schedule); --grad-accum "
+              f"{layout.pipeline} or more runs 1F1B with smaller bubbles", file=sys.stderr)
+    return stages
 
 
 def run_train(args) -> int:
@@ -122,17 +145,21 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    check_expert_degree(args.expert, world)
-    if args.zero and args.expert > 1:
+    if args.zero and (args.expert > 1 or args.tensor > 1):
         raise ValueError("--zero 1 with --expert is not supported yet: ZeRO's ranks would "
                          "broadcast experts that differ from rank to rank; drop one of them")
-    if world > 1:  # a layout the batch or model cannot take is refused before any process
-        from moekit.train.loop import read_run
-        from moekit.train.step import check_batch_split
-        model_for_layout, train_for_layout = ((read_run(out)[:2]) if args.resume
-                                              else (model, train_config))
-        check_batch_split(train_for_layout, world)
-        check_expert_split(model_for_layout, args.expert)
+    if args.stage_layers and len(args.stage_layers) != args.pipeline:
+        raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
+                         f"allowed: expected {args.pipeline} layer counts, one per stage of "
+                         f"--pipeline {args.pipeline}")
+    def configs_for_layout():
+        if args.resume:
+            from moekit.train.loop import read_run
+            return read_run(out)[:2]
+        return (model if model is not None else read_model_config(args.init_from)), train_config
+
+    # A layout the batch or model cannot take is refused before any process starts.
+    stages = check_layout(configs_for_layout, world, args)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
@@ -140,8 +167,8 @@ def run_train(args) -> int:
         return launch(args.nproc, without_nproc(args.argv))
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
-    mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert),
-                   zero=args.zero)
+    mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert,
+                                         args.pipeline, stages, args.tensor), zero=args.zero)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
@@ -254,9 +281,11 @@ def add_config_flags(parser: argparse.ArgumentParser, flags: dict,
 
 
 def add_parallel_options(parser: argparse.ArgumentParser) -> None:
-    """--nproc, --expert, --zero and --collective-timeout."""
+    """--nproc, --expert, --tensor, --pipeline, --stage-layers, --zero and
+    --collective-timeout."""
     parallel = parser.add_argument_group(
-        "several processes (data, expert parallel, ZeRO-1; docs/parallel.md)",
+        "several processes (data, expert, expert-data, pipeline parallel, ZeRO-1; "
+        "docs/parallel.md)",
         "torchrun --nproc-per-node N -m moekit COMMAND ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
@@ -264,7 +293,21 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
                           help="run on N local processes (torch's elastic agent, as torchrun)")
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
-                          "of E processes (E divides the processes and the experts; default 1)")
+                          "of E processes (E divides the experts and a pipeline stage's "
+                          "processes; default 1)")
+    parallel.add_argument("--tensor", type=positive_int, default=1, metavar="T",
+                          help="expert data parallelism (Skywork-MoE's EDP, with --expert T): "
+                          "groups of T processes share their rows, attention and dense MLPs "
+                          "tensor-parallel over the group and each layer's experts spread over "
+                          "it, so tokens never leave the group (default 1)")
+    parallel.add_argument("--pipeline", type=positive_int, default=1, metavar="P",
+                          help="pipeline parallelism: the layers cut into P stages of "
+                          "consecutive layers, one per group of processes (P divides the "
+                          "processes; the data-parallel degree is processes / (P x T)), run by "
+                          "a 1F1B schedule over the step's --grad-accum micro-batches (default 1)")
+    parallel.add_argument("--stage-layers", type=positive_int, nargs="+", metavar="N",
+                          help="layers of each pipeline stage, e.g. 5 3 (default: an even split; "
+                          "moekit plan --pipeline P prints Skywork-MoE's cost-balanced one)")
     parallel.add_argument("--zero", type=int, choices=(0, 1), default=0,
                           help="1: shard the optimizer state over the data-parallel ranks "
                           "(ZeRO-1, as Skywork-MoE trained; 2 and 3 are not in this version)")

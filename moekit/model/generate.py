@@ -66,6 +66,23 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
 
 
+def prefill(model: Transformer, prompts: list[list[int]], cache_len: int):
+    """Run the prompts, left-padded into one batch, through the model in eval mode: the
+    logits of each one's last position [B, 1, V] and the KV cache (``cache_len`` positions;
+    row b's prompt in its last ``len(prompts[b])`` of the first ``longest`` positions)."""
+    device = model.norm.weight.device
+    longest = max(len(p) for p in prompts)
+    ids_BS = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+    mask_BS = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        ids_BS[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
+        mask_BS[row, longest - len(prompt):] = True
+    cache = model.new_cache(len(prompts), cache_len)
+    logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache,
+                   last_only=True).logits
+    return logits, cache
+
+
 @torch.inference_mode()  # lighter than no_grad: no view or version tracking per op
 def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
     was_training = model.training
@@ -73,15 +90,8 @@ def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, s
     try:
         device = model.norm.weight.device
         longest = max(len(p) for p in prompts)
-        ids_BS = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-        mask_BS = torch.zeros(len(prompts), longest, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
-            ids_BS[row, longest - len(prompt):] = torch.tensor(prompt, device=device)
-            mask_BS[row, longest - len(prompt):] = True
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        cache = model.new_cache(len(prompts), longest + max_new_tokens)
-        logits = model(ids_BS, mask=None if mask_BS.all() else mask_BS, cache=cache,
-                       last_only=True).logits
+        logits, cache = prefill(model, prompts, longest + max_new_tokens)
         finished = [False] * len(prompts)
         for step in range(max_new_tokens):
             next_B = sample_next(logits[:, -1], temperature, top_k, top_p, generator)

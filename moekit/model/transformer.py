@@ -79,12 +79,45 @@ class KVCache:
         """What ``KVCache(config, batch_size, max_len, dtype=dtype).nbytes`` will be."""
         return batch_size * max_len * KVCache.bytes_per_token(config, dtype.itemsize)
 
+    def check_room(self, seq: int) -> None:
+        if self.length + seq > self.max_len:
+            raise ValueError(f"sequence of {self.length + seq} positions is longer than the "
+                             f"cache ({self.max_len})")
+
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device):
+        """Positions of the new tokens and the attention mask (see ``positions_and_mask``)."""
+        past = self.length
+        self.valid_BP[:, past:past + seq] = True if mask_BS is None else mask_BS
+        return positions_and_mask(mask_BS, self.valid_BP[:, :past + seq], past, batch, seq,
+                                  device)
+
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
         """Write the new positions of one group; return its keys and values so far."""
         end = self.length + k_BGSD.shape[2]
         self.keys[group][:, :, self.length:end] = k_BGSD
         self.values[group][:, :, self.length:end] = v_BGSD
         return self.keys[group][:, :, :end], self.values[group][:, :, :end]
+
+    def advance(self, seq: int) -> None:
+        self.length += seq
+
+
+def positions_and_mask(mask_BS, valid_BP, past: int, batch: int, seq: int, device):
+    """Positions of ``seq`` new tokens after ``past`` cached ones, and the attention mask
+    [B, 1, S, P] (None when plain causal attention is right). ``valid_BP`` marks the real
+    tokens among all P = past + seq positions (None without a cache: ``mask_BS`` then)."""
+    if mask_BS is None and (valid_BP is None or valid_BP[:, :past].all()):
+        positions_BS = torch.arange(past, past + seq, device=device).expand(batch, seq)
+        if past == 0 or seq == 1:
+            return positions_BS, None  # causal (or a single query seeing everything)
+    valid_BP = valid_BP if valid_BP is not None else mask_BS
+    positions_BS = (valid_BP.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+    query_SP = torch.arange(past, past + seq, device=device)[:, None]
+    key_SP = torch.arange(past + seq, device=device)[None, :]
+    causal_SP = key_SP <= query_SP
+    allowed_BSP = causal_SP & valid_BP[:, None, :]
+    allowed_BSP |= key_SP == query_SP  # a padded query attends to itself: no empty rows
+    return positions_BS, allowed_BSP[:, None]
 
 
 class Attention(nn.Module):
@@ -221,10 +254,12 @@ class Transformer(nn.Module):
 
     mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
     prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
-    new positions are appended to it; positions count real tokens only. ``document_ids`` [B, S]
-    (integers; without a cache) packs several documents into a row: a token attends only to the
-    earlier tokens of its own document, and positions restart at each document, so that every
-    document computes as it would alone.
+    new positions are appended to it; positions count real tokens only. Any cache with the
+    same four methods (``check_room``, ``positions_and_mask``, ``store``, ``advance``) works,
+    such as ``moekit.model.paged.PagedBatch``, whose rows each sit at their own position.
+    ``document_ids`` [B, S] (integers; without a cache) packs several documents into a row: a
+    token attends only to the earlier tokens of its own document, and positions restart at
+    each document, so that every document computes as it would alone.
 
     ``recompute``: when gradients are recorded, each layer keeps only its input and computes
     its activations again in the backward (activation checkpointing), trading about one more
@@ -259,11 +294,11 @@ class Transformer(nn.Module):
             raise ValueError("input_ids must be an integer tensor of shape [batch, seq]")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected [batch, seq]")
-        end = input_ids.shape[1] + (cache.length if cache is not None else 0)
-        limit = cache.max_len if cache is not None else self.config.max_seq_len
-        if end > limit:
-            raise ValueError(f"sequence of {end} positions is longer than the "
-                             f"{'cache' if cache is not None else 'model context'} ({limit})")
+        if cache is not None:
+            cache.check_room(input_ids.shape[1])
+        elif input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} positions is longer than the "
+                             f"model context ({self.config.max_seq_len})")
         if mask is not None and (mask.dtype != torch.bool or mask.shape != input_ids.shape):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(input_ids.shape)}")
         if document_ids is not None:
@@ -273,40 +308,43 @@ class Transformer(nn.Module):
                 raise ValueError("document_ids must be an integer tensor of shape "
                                  f"{tuple(input_ids.shape)}")
 
-    def _positions_and_mask(self, mask_BS, cache, batch, seq, device):
-        """Positions of the new tokens, and the attention mask (None when plain causal works)."""
-        past = cache.length if cache is not None else 0
-        if cache is not None:
-            cache.valid_BP[:, past:past + seq] = True if mask_BS is None else mask_BS
-        if mask_BS is None and (cache is None or cache.valid_BP[:, :past].all()):
-            positions_BS = torch.arange(past, past + seq, device=device).expand(batch, seq)
-            if past == 0 or seq == 1:
-                return positions_BS, None  # causal (or a single query seeing everything)
-        valid_BP = (cache.valid_BP[:, :past + seq] if cache is not None else mask_BS)
-        positions_BS = (valid_BP.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        query_SP = torch.arange(past, past + seq, device=device)[:, None]
-        key_SP = torch.arange(past + seq, device=device)[None, :]
-        causal_SP = key_SP <= query_SP
-        allowed_BSP = causal_SP & valid_BP[:, None, :]
-        allowed_BSP |= key_SP == query_SP  # a padded query attends to itself: no empty rows
-        return positions_BS, allowed_BSP[:, None]
-
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
                 document_ids: torch.Tensor | None = None) -> TransformerOutput:
         """``last_only``: logits of the last position only (all generation needs of a
         prompt; the output projection of the others would be wasted)."""
         self._check(input_ids, mask, cache, document_ids)
-        batch, seq = input_ids.shape
-        x_BSD = self.embed_tokens(input_ids) * self.config.embedding_multiplier
-        if document_ids is None:
-            positions_BS, attn_mask = self._positions_and_mask(mask, cache, batch, seq,
-                                                               input_ids.device)
-        else:
+        x_BSD = self.embed(input_ids)
+        x_BSD, all_stats = self.run_layers(x_BSD, mask, cache, document_ids)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        router_loss = x_BSD.new_zeros((), dtype=torch.float32)
+        for stats in all_stats:
+            router_loss = router_loss + stats.router_loss
+        logits = self.head(x_BSD[:, -1:] if last_only else x_BSD)
+        return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
+
+    # The three parts of ``forward``, which a pipeline stage runs as far as it holds them.
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.config.embedding_multiplier
+
+    def run_layers(self, x_BSD: torch.Tensor, mask: torch.Tensor | None = None,
+                   cache=None, document_ids: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, list[MoEStats]]:
+        """The blocks this model holds, in order, on hidden states ``x_BSD``; with the MoE
+        layers' statistics. Positions and the attention mask follow from ``mask`` (and the
+        cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
+        the same ones."""
+        batch, seq, _ = x_BSD.shape
+        if document_ids is not None:
             positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask)
+        else:
+            positions_BS, attn_mask = (
+                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device) if cache is None
+                else cache.positions_and_mask(mask, batch, seq, x_BSD.device))
         rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
                             x_BSD.dtype)
-        router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():
             group = index // self.config.cla_share
@@ -317,14 +355,14 @@ class Transformer(nn.Module):
                 x_BSD, shared_kv, stats = layer(*inputs)
             if stats is not None:
                 all_stats.append(stats)
-                router_loss = router_loss + stats.router_loss
-        if cache is not None:
-            cache.length += seq
-        x_BSD = self.norm(x_BSD[:, -1:] if last_only else x_BSD)
+        return x_BSD, all_stats
+
+    def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Logits [B, S, V] of the last hidden states."""
+        x_BSD = self.norm(x_BSD)
         logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
-        logits = logits / self.config.logits_scaling
-        return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
+        return logits / self.config.logits_scaling
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.norm.weight  # of the model's type even when the embeddings are quantized

@@ -170,3 +170,17 @@ class ModuleExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         blocks = x_ND.split(tokens_per_expert_E.tolist())
         return torch.cat([expert(block) for expert, block in zip(self.experts, blocks)])
+
+
+def expert_weight_rows(experts: nn.Module) -> torch.Tensor | None:
+    """Each expert's weights as one row [E, P] (input projection, then output projection), to
+    compare experts with each other; None for ModuleExperts whose experts differ in size."""
+    if isinstance(experts, GroupedExperts):
+        return torch.cat([experts.in_proj.detach().flatten(1),
+                          experts.down_proj.detach().flatten(1)], 1)
+    if isinstance(experts, ModuleExperts):
+        rows = [torch.cat([p.detach().flatten() for p in expert.parameters()]
+                          or [torch.zeros(0)]) for expert in experts.experts]
+        if len({row.numel() for row in rows}) == 1 and rows[0].numel() > 0:
+            return torch.stack(rows)
+    return None

@@ -159,7 +159,7 @@ class MoEStats:
         return self.counts.expert_load
 
 
-def _health_sums(probs_TE: torch.Tensor):
+def health_sums(probs_TE: torch.Tensor):
     """Sums over tokens of the router's entropy and of its max1/max2 and max2/max3 ratios."""
     probs_TE = probs_TE.detach().float()
     entropy = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum()
@@ -168,6 +168,20 @@ def _health_sums(probs_TE: torch.Tensor):
     top_T3 = probs_TE.topk(3, dim=-1).values.clamp_min(1e-30)
     ratios = (top_T3[:, :2] / top_T3[:, 1:]).sum(0)
     return entropy, ratios[0], ratios[1]
+
+
+def check_hidden(hidden: torch.Tensor, mask: torch.Tensor | None, hidden_size: int) -> None:
+    """Refuse an input that is not a floating-point [..., hidden_size] tensor, or a mask that is
+    not a bool tensor of its leading shape."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(f"hidden must be a floating-point tensor, got {got}")
+    if hidden.dim() < 1 or hidden.shape[-1] != hidden_size:
+        raise ValueError(f"hidden has shape {tuple(hidden.shape)}; its last dimension must be "
+                         f"hidden_size={hidden_size}")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != hidden.shape[:-1]):
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(hidden.shape[:-1])}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
 
 
 class MoELayer(nn.Module):
@@ -206,17 +220,12 @@ class MoELayer(nn.Module):
         # it seeds the recycle shuffle, and as a buffer it is saved with the weights, so that a
         # resumed run shuffles as an uninterrupted one.
         self.register_buffer("router_step", torch.zeros((), dtype=torch.long))
+        # The health sums of each forward (entropy, max1/max2, max2/max3); off only to measure
+        # what they cost (benchmarks/router_health.py).
+        self.collect_health = True
 
     def _check_inputs(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
-        if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-            got = hidden.dtype if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise ValueError(f"hidden must be a floating-point tensor, got {got}")
-        if hidden.dim() < 1 or hidden.shape[-1] != self.config.hidden_size:
-            raise ValueError(f"hidden has shape {tuple(hidden.shape)}; its last dimension must be "
-                             f"hidden_size={self.config.hidden_size}")
-        if mask is not None and (mask.dtype != torch.bool or mask.shape != hidden.shape[:-1]):
-            raise ValueError(f"mask must be a bool tensor of shape {tuple(hidden.shape[:-1])}, "
-                             f"got {mask.dtype} {tuple(mask.shape)}")
+        check_hidden(hidden, mask, self.config.hidden_size)
         weight = next((p for p in self.router.parameters() if p.is_floating_point()), None)
         autocast = torch.is_autocast_enabled(hidden.device.type)
         if weight is not None and hidden.dtype != weight.dtype and not autocast:
@@ -292,6 +301,8 @@ class MoELayer(nn.Module):
                                                                           keep_TK)
         y_TD = self.dispatcher.combine(self.experts(rows_ND, rows_per_expert),
                                        routing.weights_TK, handle)
+        if routing.input_weights_T is not None:
+            y_TD = y_TD + (routing.input_weights_T[:, None] * x_TD).to(y_TD.dtype)
         if self.shared_experts is not None:
             shared_TD = self.shared_experts(x_TD)
             if self.shared_gate is not None:
@@ -318,7 +329,8 @@ class MoELayer(nn.Module):
         entropy = ratio12 = ratio23 = None
         if routing.probs_TE is not None:
             prob_sum_E = routing.probs_TE.sum(0)
-            entropy, ratio12, ratio23 = _health_sums(routing.probs_TE)
+            if self.collect_health:
+                entropy, ratio12, ratio23 = health_sums(routing.probs_TE)
             if config.aux_loss == "switch" and num_tokens > 0:
                 aux_loss = switch_balance_loss(routed_per_expert_E, prob_sum_E, num_tokens, top_k)
             elif config.aux_loss == "skywork" and num_tokens > 0:

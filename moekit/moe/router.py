@@ -18,7 +18,7 @@ A user's gate::
 The built-in gates are written against the same interface and chosen by name
 (``MoEConfig.router``, options in ``MoEConfig.router_options``) from :data:`GATES`. The layer
 checks every Routing's shapes and dtypes; for a gate that is not built in it also checks that the
-ids are in range and the weights finite (two device reads, which the built-in gates skip).
+ids are in range and the weights finite (device reads, which the built-in gates skip).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moekit.config import MoEConfig
+from moekit.moe.assignment import balanced_assignment, sinkhorn
 from moekit.moe.capacity import expert_capacity, limit_to_capacity
 from moekit.moe.dispatch import count_per_expert
 from moekit.moe.losses import switch_balance_loss
@@ -52,6 +53,9 @@ class Routing:
     over_capacity_TK: set by a gate that applies a capacity rule of its own (already False in
         keep_TK): the routes it dropped for capacity. The layer then applies no capacity of its
         own, and counts these as overflowed (recycling them if ``MoEConfig.overflow`` says so).
+    input_weights_T: the weight of each token's own input in the layer's output, which then is
+        sum_k weights_TK * expert output + input_weights_T * x (BASE layers mix
+        sigmoid(x . c_e) * E_e(x) + (1 - sigmoid(x . c_e)) * x); None adds nothing.
     """
 
     expert_ids_TK: torch.Tensor
@@ -61,6 +65,7 @@ class Routing:
     keep_TK: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     over_capacity_TK: torch.Tensor | None = None
+    input_weights_T: torch.Tensor | None = None
 
 
 class Gate(nn.Module):
@@ -278,6 +283,61 @@ class GShardGate(LinearGate):
                        keep_TK=keep_TK, aux_loss=aux_loss, over_capacity_TK=over_capacity_TK)
 
 
+# --- Balanced-assignment gates: BASE layers and S-BASE (Sinkhorn) ---------------------------
+
+class BaseLayerGate(LinearGate):
+    """BASE layers (Lewis et al., 2021): top-1 routing that balances by assignment, with no
+    loss. The gate's weight rows are the experts' centroids c_e, the affinities s = x . c_e. In
+    training the affinities (without gradient) go to the exact balanced assignment
+    (``moe.assignment.balanced_assignment``: every expert floor(T / E) tokens, T mod E of them
+    one more); in evaluation each token takes its best expert (greedy, as the paper). The output
+    mixes the expert with the token's input: sigmoid(s_e) * E_e(x) + (1 - sigmoid(s_e)) * x
+    (``Routing.input_weights_T``), which is where the centroids learn. Nothing is dropped in
+    training (the assignment is its own capacity); in evaluation the layer's
+    ``eval_capacity_factor`` applies as to any gate."""
+
+    def __init__(self, hidden_size: int, num_experts: int, **kwargs):
+        super().__init__(hidden_size, num_experts, 1, **kwargs)
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        affinity_TE = self.logits(x_TD)
+        over_capacity_TK = None
+        if self.training:
+            expert_ids_TK = balanced_assignment(affinity_TE)[:, None]
+            over_capacity_TK = torch.zeros_like(expert_ids_TK, dtype=torch.bool)
+        else:
+            expert_ids_TK = affinity_TE.argmax(-1, keepdim=True)
+        weights_TK = affinity_TE.gather(-1, expert_ids_TK).sigmoid()
+        return Routing(expert_ids_TK, weights_TK, probs_TE=affinity_TE.detach().softmax(-1),
+                       over_capacity_TK=over_capacity_TK, input_weights_T=1 - weights_TK[:, 0])
+
+
+class SinkhornGate(LinearGate):
+    """S-BASE, as Megatron-LM's ``sinkhorn`` load balancing: in training the top K are chosen
+    from the Sinkhorn-balanced logits (``moe.assignment.sinkhorn``, without gradient), in
+    evaluation from the logits themselves; the weights are sigmoid(z) of the chosen experts for
+    K = 1 and their softmax probabilities otherwise. No loss: the balancing is the choice."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
+                 tolerance: float = 1e-4, **kwargs):
+        super().__init__(hidden_size, num_experts, top_k, **kwargs)
+        self.tolerance = tolerance
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits_TE = self.logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        scores_TE = logits_TE.sigmoid() if self.top_k == 1 else probs_TE
+        if self.training:
+            with torch.no_grad():
+                expert_ids_TK = sinkhorn(logits_TE, self.tolerance).topk(self.top_k, -1).indices
+        else:
+            expert_ids_TK = scores_TE.topk(self.top_k, dim=-1).indices
+        return Routing(expert_ids_TK, scores_TE.gather(-1, expert_ids_TK), probs_TE=probs_TE,
+                       logits_TE=logits_TE)
+
+# --- end of the balanced-assignment gates ---------------------------------------------------
+
+
 @dataclass(frozen=True)
 class RegisteredGate:
     """A built-in gate: how to build it from a config and its options (name -> default)."""
@@ -321,6 +381,15 @@ def _gshard(config: MoEConfig, options: dict) -> Gate:
                       **_linear_options(config, options))
 
 
+def _base(config: MoEConfig, options: dict) -> Gate:
+    return BaseLayerGate(config.hidden_size, config.num_experts, **_linear_options(config, options))
+
+
+def _sinkhorn(config: MoEConfig, options: dict) -> Gate:
+    return SinkhornGate(config.hidden_size, config.num_experts, config.top_k,
+                        tolerance=options["tolerance"], **_linear_options(config, options))
+
+
 GATES = {
     "softmax": RegisteredGate(_softmax, {"bias": False}),
     "switch": RegisteredGate(_softmax, {"bias": False}),
@@ -330,9 +399,13 @@ GATES = {
                                      "importance_weight": 0.1, "load_weight": 0.1}),
     "gshard": RegisteredGate(_gshard, {"bias": False, "balance_weight": 1e-2,
                                        "random_routing": True}),
+    # Balanced-assignment gates.
+    "base": RegisteredGate(_base, {"bias": False}),
+    "sinkhorn": RegisteredGate(_sinkhorn, {"bias": False, "tolerance": 1e-4}),
 }
 # Gates whose Routing the layer trusts without reading values back from the device.
-BUILT_IN_GATES = (SoftmaxTopKGate, SigmoidBiasGate, ZeroGate, NoisyTopKGate, GShardGate)
+BUILT_IN_GATES = (SoftmaxTopKGate, SigmoidBiasGate, ZeroGate, NoisyTopKGate, GShardGate,
+                  BaseLayerGate, SinkhornGate)
 
 
 def _checked_options(router: str, given: dict, defaults: dict) -> dict:
@@ -377,7 +450,8 @@ def check_routing(routing: Routing, num_tokens: int, num_experts: int, *,
     shape_TK, shape_TE = tuple(ids.shape), (num_tokens, num_experts)
     for name, shape, want_float in (("weights_TK", shape_TK, True), ("probs_TE", shape_TE, True),
                                     ("logits_TE", shape_TE, True), ("keep_TK", shape_TK, False),
-                                    ("over_capacity_TK", shape_TK, False)):
+                                    ("over_capacity_TK", shape_TK, False),
+                                    ("input_weights_T", (num_tokens,), True)):
         value = getattr(routing, name)
         if value is None and name != "weights_TK":
             continue
@@ -396,5 +470,7 @@ def check_routing(routing: Routing, num_tokens: int, num_experts: int, *,
     if bool(((ids < 0) | (ids >= num_experts)).any()):
         raise ValueError(f"Routing.expert_ids_TK has ids outside [0, {num_experts}) (ids "
                          f"{ids.min().item()}..{ids.max().item()})")
-    if not bool(torch.isfinite(routing.weights_TK).all()):
-        raise ValueError("Routing.weights_TK has non-finite weights (nan or inf)")
+    for name in ("weights_TK", "input_weights_T"):
+        value = getattr(routing, name)
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"Routing.{name} has non-finite weights (nan or inf)")

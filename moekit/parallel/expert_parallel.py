@@ -106,18 +106,19 @@ def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
                      f"{type(experts).__name__}")
 
 
-def shard_experts(model: nn.Module, group, rank: int, size: int) -> None:
+def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None) -> None:
     """Keep this rank's experts in every MoE layer of ``model`` and route through the
-    all-to-all; their parameters are marked ``expert_parallel``."""
+    all-to-all over ``group`` (or through ``dispatcher(layer)``, another dispatcher with the
+    same ``local_experts``); their parameters are marked ``expert_parallel``."""
     from moekit.moe import MoELayer
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
-        dispatcher = AllToAllDispatcher(layer.config.num_experts, group, rank, size,
-                                        layer.layer_index)
-        start = rank * dispatcher.local_experts
-        layer.experts = local_experts(layer.experts, start, start + dispatcher.local_experts)
-        layer.dispatcher = dispatcher
+        layer.dispatcher = (dispatcher(layer) if dispatcher is not None else
+                            AllToAllDispatcher(layer.config.num_experts, group, rank, size,
+                                               layer.layer_index))
+        local = layer.dispatcher.local_experts
+        layer.experts = local_experts(layer.experts, rank * local, (rank + 1) * local)
         for parameter in layer.experts.parameters():
             parameter.expert_parallel = True
 

@@ -1,7 +1,8 @@
 """Applying a layout to a plain model from outside: the model never asks for ranks.
 
-``parallelize(model, mesh)`` shards the experts over the mesh's ``ep`` groups (when it has
-them) and wraps the rest in ``DistributedDataParallel`` over every rank. After a step's
+``parallelize(model, mesh)`` keeps this rank's pipeline stage of the model (when the mesh has
+stages), shards the experts over the mesh's ``ep`` groups (when it has them) and wraps the rest
+in ``DistributedDataParallel`` over the ranks of the stage. After a step's
 backward, ``finish_gradients`` sums each expert's gradient over the ranks that hold that expert
 (DDP averages only the replicated parameters), and ``clip_gradients`` measures the global norm
 with every parameter counted once.
@@ -15,22 +16,40 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moekit.parallel.expert_parallel import expert_parameters, shard_experts
+from moekit.parallel.expert_parallel import (expert_parameters, shard_experts,
+                                             whole_expert_tensors)
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.pipeline import StageModule, cut_into_stage, gather_stages
+from moekit.parallel.tensor_parallel import (ReplicatedTokensDispatcher, full_tensors,
+                                             is_sharded, local, partial_over_tensor,
+                                             shard_blocks)
 
 
 def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """The model as ``mesh`` runs it: itself on one process; otherwise with this rank's experts
-    only (``expert_size`` > 1) inside a ``DistributedDataParallel`` wrapper, whose gradient
-    all-reduce runs in buckets overlapped with the backward. Buffers are not broadcast: the
-    router state in them moves identically on every rank (``MoELayer.update_router_state``)."""
+    """The model as ``mesh`` runs it: itself on one process; otherwise cut to this rank's
+    pipeline stage (``model`` itself keeps only the stage's parts, and a ``StageModule`` runs
+    them), with this rank's experts only (``expert_size`` > 1), inside a
+    ``DistributedDataParallel`` wrapper whose gradient all-reduce runs in buckets overlapped
+    with the backward. Buffers are not broadcast: the router state in them moves identically
+    on every rank (``MoELayer.update_router_state``)."""
+    if mesh.world_size == 1:
+        return model
+    if mesh.tensor_size > 1:  # EDP: the group shares its tokens
+        shard_blocks(model, mesh.tensor_mesh, mesh.tensor_size)
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size,
+                      lambda layer: ReplicatedTokensDispatcher(
+                          layer.config.num_experts, mesh.tensor_mesh, mesh.tensor_rank,
+                          mesh.tensor_size))
+    elif mesh.expert_size > 1:
+        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
+    if mesh.pipeline_size > 1:
+        cut_into_stage(model, mesh.stage_layers, mesh.pipeline_rank)
+        model = StageModule(model, mesh.pipeline_rank, mesh.pipeline_size)
     if mesh.data_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    if mesh.expert_size > 1:
-        shard_experts(model, mesh.expert_group, mesh.expert_rank, mesh.expert_size)
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [name for name, _ in expert_parameters(model)])
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, [name for name, _ in reduced_by_hand(model)])
     # torch 2.13 renamed the option; older versions know only the first name.
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
@@ -39,41 +58,69 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
                                    **no_buffer_sync)
 
 
+def whole_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh: Mesh) -> dict:
+    """``tensors`` named by ``model``'s parameters (or ``PARAMETER.KEY`` for their optimizer
+    state) as one process holds them: tensor-parallel shards, experts and pipeline stages
+    gathered whole, on rank 0. A collective: every rank calls it."""
+    return gather_stages(whole_expert_tensors(full_tensors(tensors), model, mesh), mesh)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside whatever ``parallelize`` wrapped it in."""
-    return getattr(model, "module", model)
+    """The plain model (of a pipeline, the stage's part) inside whatever ``parallelize``
+    wrapped it in."""
+    inner = getattr(model, "module", model)
+    return inner.model if isinstance(inner, StageModule) else inner
+
+
+def reduced_by_hand(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters that ranks hold different parts of (experts, tensor-parallel shards):
+    DDP leaves them out, ``finish_gradients`` reduces them over their replicas."""
+    return [(name, p) for name, p in model.named_parameters()
+            if getattr(p, "expert_parallel", False) or is_sharded(p)]
 
 
 @torch.no_grad()
 def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
-    """Expert gradients as data parallelism would leave them: every rank backpropagates R
-    times its share of the loss, and an expert's rows come from all ranks of its expert group,
-    so the sum over the expert's replicas divided by R is the global batch's gradient."""
-    if mesh.expert_size == 1:
+    """Expert and tensor-parallel gradients as data parallelism would leave them: every rank
+    backpropagates R times its share of the loss (R data-parallel ranks), and an expert's rows
+    come from all ranks of its expert group (under EDP, from the group's shared rows), so the
+    sum over the replicas divided by R is the global batch's gradient."""
+    if mesh.expert_size == 1 and mesh.tensor_size == 1:
         return
-    for _, parameter in expert_parameters(unwrap(model)):
+    for parameter in partial_over_tensor(unwrap(model)):
         if parameter.grad is not None:
-            if mesh.data_size > mesh.expert_size:
-                dist.all_reduce(parameter.grad, group=mesh.expert_replica_group)
-            parameter.grad.div_(mesh.data_size)
+            dist.all_reduce(parameter.grad, group=mesh.expert_group)
+    replicas = mesh.data_size // (1 if mesh.tensor_size > 1 else mesh.expert_size)
+    for _, parameter in reduced_by_hand(unwrap(model)):
+        if parameter.grad is not None:
+            gradient = local(parameter.grad)
+            if replicas > 1:
+                dist.all_reduce(gradient, group=mesh.expert_replica_group)
+            gradient.div_(mesh.data_size)
 
 
 @torch.no_grad()
 def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
     """Scale every gradient so that their global norm is at most ``max_norm`` (as
     ``torch.nn.utils.clip_grad_norm_``); returns the norm before. Replicated parameters count
-    once; an expert's gradient, held by one rank of each expert group, counts once."""
+    once; an expert's gradient, held by one rank of each expert group, counts once; a
+    tensor-parallel one counts its shards once each (DTensor's norm sums them)."""
     sharded = {id(p) for _, p in expert_parameters(unwrap(model))}
-    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    gradients = [local(p.grad) for p in model.parameters() if p.grad is not None]
     squares = torch.zeros(2, dtype=torch.float64, device=gradients[0].device)  # replicated, sharded
     for parameter in model.parameters():
         if parameter.grad is not None:  # each tensor's norm in its own dtype: no gradient copy
-            norm = torch.linalg.vector_norm(parameter.grad).double()
+            norm = torch.linalg.vector_norm(parameter.grad)
+            norm = (norm.full_tensor() if is_sharded(norm) else norm).double()
             squares[int(id(parameter) in sharded)] += norm * norm
     if sharded and mesh.expert_size > 1:
         expert_squares = squares[1:].to(mesh.device)
         dist.all_reduce(expert_squares, group=mesh.expert_group)
         squares[1:] = expert_squares.to(squares.device)
+    if mesh.pipeline_size > 1:  # each stage holds its own parameters
+        stage_squares = squares.to(mesh.device)
+        dist.all_reduce(stage_squares, group=mesh.pipeline_group)
+        squares = stage_squares.to(squares.device)
     norm = squares.sum().sqrt()
     # Read on the host: the step logs the norm anyway, and a norm under the limit then costs
     # no pass over the gradients (at 64 experts that pass was a tenth of the step).

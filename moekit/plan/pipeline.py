@@ -6,7 +6,7 @@ embedding (a lookup: no FLOPs) and the last stage's output projection and loss (
 "heavier end stage" of the report). A recomputed layer costs its forward once more (a third
 of its training FLOPs). ``plan_stages`` cuts the layers into contiguous runs that minimise the
 most expensive stage (the pipeline goes at the pace of its slowest stage), exactly, by dynamic
-programming over the cut points; among splits as fast, the most even one (least sum of squared
+programming over the cut points (between CLA groups, whose layers share K/V); among splits as fast, the most even one (least sum of squared
 stage costs), which also spreads the memory.
 
 Predicted step time of a 1F1B schedule with m micro-batches over stages of times t_s (per
@@ -82,9 +82,11 @@ def plan_stages(config: ModelConfig, pipeline: int, seq_len: int,
     the layers (any unit; the head then costs in proportion to its FLOPs), instead of FLOPs.
     ``recomputed``: how many layers each stage recomputes (to fit its memory)."""
     require_positive("pipeline", pipeline, integer=True)
-    if pipeline > config.num_layers:
+    groups = -(-config.num_layers // config.cla_share)
+    if pipeline > groups:
         raise ValueError(f"pipeline={pipeline} is not allowed: more stages than the model's "
-                         f"{config.num_layers} layers")
+                         f"{config.num_layers} layers" + (f" in {groups} CLA groups"
+                                                          if config.cla_share > 1 else ""))
     flops = layer_costs(config, seq_len)
     head = head_cost(config)
     if layer_times is not None:
@@ -105,10 +107,13 @@ def plan_stages(config: ModelConfig, pipeline: int, seq_len: int,
     best = [[worst] * (layers + 1) for _ in range(pipeline)]
     cut = [[0] * (layers + 1) for _ in range(pipeline)]
     for n in range(1, layers + 1):
-        best[0][n] = (round(prefix[n] / scale, 12), prefix[n] ** 2)
+        if n % config.cla_share == 0 or n == layers:
+            best[0][n] = (round(prefix[n] / scale, 12), prefix[n] ** 2)
     for s in range(1, pipeline):
         for n in range(s + 1, layers + 1):
             for m in range(s, n):  # stage s takes layers m..n-1
+                if m % config.cla_share:
+                    continue  # a CLA group's layers share K/V: they stay on one stage
                 stage = prefix[n] - prefix[m] + (head if s == pipeline - 1 and n == layers
                                                  else 0.0)
                 slowest, squares = best[s - 1][m]

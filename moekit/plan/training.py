@@ -66,18 +66,28 @@ class Layout:
         """Layers per stage, after checking that the layout fits the model."""
         self._check_tensor(config)
         self._check_expert(config)
+        if self.pipeline > config.num_layers:
+            raise ValueError(f"pipeline={self.pipeline} is not allowed: more stages than the "
+                             f"model's {config.num_layers} layers")
         if self.stage_layers is None:
             if config.num_layers % self.pipeline:
                 raise ValueError(f"pipeline={self.pipeline} does not divide num_layers="
                                  f"{config.num_layers}; choose a divisor or give the layers of "
                                  "each stage (stage_layers)")
-            return (config.num_layers // self.pipeline,) * self.pipeline
-        stages = tuple(self.stage_layers)
-        if (len(stages) != self.pipeline or sum(stages) != config.num_layers
-                or any(not isinstance(n, int) or n < 1 for n in stages)):
-            raise ValueError(f"stage_layers={list(stages)} is not allowed: expected "
-                             f"{self.pipeline} positive layer counts (one per pipeline stage) "
-                             f"summing to num_layers={config.num_layers}")
+            stages = (config.num_layers // self.pipeline,) * self.pipeline
+        else:
+            stages = tuple(self.stage_layers)
+            if (len(stages) != self.pipeline or sum(stages) != config.num_layers
+                    or any(not isinstance(n, int) or n < 1 for n in stages)):
+                raise ValueError(f"stage_layers={list(stages)} is not allowed: expected "
+                                 f"{self.pipeline} positive layer counts (one per pipeline "
+                                 f"stage) summing to num_layers={config.num_layers}")
+        cuts = [sum(stages[:s]) for s in range(1, len(stages))]
+        if any(cut % config.cla_share for cut in cuts):
+            raise ValueError(f"stage_layers={list(stages)} is not allowed: a stage would begin "
+                             f"inside a CLA group of {config.cla_share} layers (stages begin at "
+                             f"layers {cuts}); expected every cut at a multiple of "
+                             f"{config.cla_share}")
         return stages
 
     def _check_tensor(self, config: ModelConfig) -> None:

@@ -1,57 +1,74 @@
-"""The serving engine: text in, text out, one batch at a time.
+"""The serving engine: text in, text out, requests batched continuously.
 
 Requests are checked whole before any work (so a bad one is refused with a message and costs
-nothing). A request's prompts (times ``n``) decode together as one batch with a preallocated KV
-cache; ``kv_cache_bytes`` caps the cache a request may allocate. Concurrent requests take turns
-step by step (a lock around each decoding step: on a CPU one batch already keeps every core
-busy); they are not merged into one batch.
+nothing), then handed to the ``Scheduler``, whose thread owns the model and decodes all running
+requests together (``moekit/serve/scheduler.py``). Memory for the KV cache comes from one pool of
+``kv_cache_memory`` bytes for all requests; ``kv_cache_bytes`` caps what one request may take.
 """
 from __future__ import annotations
 
-import threading
+import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
+from moekit.devices import free_memory_bytes
 from moekit.model import KVCache, Transformer
-from moekit.model.generate import stream_tokens
-from moekit.serve.text import TextStream
+from moekit.model.paged import KVBlockPool
+from moekit.serve.metrics import RoutingLog, ServeMetrics
+from moekit.serve.scheduler import (Overloaded, Piece, RequestFailed, Sampling, Scheduler,
+                                    Ticket, Usage)
+
+__all__ = ["Engine", "Overloaded", "Piece", "RequestFailed", "Sampling", "Usage",
+           "default_kv_cache_memory"]
+
+KV_FREE_SHARE = 0.9  # of the free memory, as vLLM's default gpu_memory_utilization
 
 
-@dataclass
-class Sampling:
-    max_tokens: int | None = 16  # None: as many as the context and the server's limit allow
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    n: int = 1  # completions per prompt
-
-
-@dataclass
-class Piece:
-    """New text of one completion (``index``: prompt * n + j); ``finish_reason`` is set on its
-    last piece ("stop": end of text or a stop string, "length": max_tokens)."""
-    index: int
-    text: str
-    finish_reason: str | None = None
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+def default_kv_cache_memory(model: Transformer, max_batch: int) -> int:
+    """The planner's rule for the KV cache: what the device has free once the weights are in
+    memory (``moekit.plan.inference``: device memory minus weights), here measured, less a
+    tenth for the runtime; but no more than ``max_batch`` sequences of the full context use."""
+    weight = model.norm.weight
+    full_batch = KVCache.bytes_needed(model.config, max_batch, model.config.max_seq_len,
+                                      weight.dtype)
+    return min(full_batch, int(free_memory_bytes(weight.device) * KV_FREE_SHARE))
 
 
 class Engine:
+    """``complete`` (from a thread) or ``submit`` (on an event loop) requests; ``close()`` stops
+    the scheduler thread. Limits: ``max_tokens_limit`` and ``max_n`` per request,
+    ``kv_cache_bytes`` of cache per request, ``kv_cache_memory`` bytes of cache for all (in
+    blocks of ``block_size`` positions), ``max_batch`` sequences decoding at once,
+    ``max_waiting`` requests queued (more: ``Overloaded``), ``request_timeout`` seconds from
+    arrival to the last token; ``routing_log``: a file path for the per-request routing log."""
+
     def __init__(self, model: Transformer, tokenizer, name: str, *, max_tokens_limit: int = 1024,
                  max_n: int = 8, kv_cache_bytes: int | None = None,
-                 chat_template: str | None = None, aliases: tuple[str, ...] = ()):
+                 kv_cache_memory: int | None = None, block_size: int = 16, max_batch: int = 32,
+                 max_waiting: int = 64, request_timeout: float | None = None,
+                 routing_log=None, chat_template: str | None = None,
+                 aliases: tuple[str, ...] = ()):
         # ``name`` is the one /v1/models lists and responses carry; requests may also use aliases
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.aliases = aliases
         self.max_tokens_limit, self.max_n = max_tokens_limit, max_n
         self.kv_cache_bytes, self.chat_template = kv_cache_bytes, chat_template
-        self.lock = threading.Lock()
+        self.request_timeout = request_timeout
+        weight = model.norm.weight
+        if kv_cache_memory is None:
+            kv_cache_memory = default_kv_cache_memory(model, max_batch)
+        block_bytes = KVBlockPool.bytes_per_block(model.config, block_size, weight.dtype)
+        if kv_cache_memory < block_bytes:
+            raise ValueError(f"a KV cache of {kv_cache_memory:,} bytes holds no block of "
+                             f"{block_size} positions ({block_bytes:,} bytes)")
+        self.pool = KVBlockPool(model.config, kv_cache_memory // block_bytes, block_size,
+                                weight.device, weight.dtype)
+        self.metrics = ServeMetrics(model)
+        self.metrics.kv_blocks_total.set(self.pool.num_blocks)
+        self.routing_log = (None if routing_log is None
+                            else RoutingLog(routing_log, self.metrics.moe_layers))
+        self.scheduler = Scheduler(model, tokenizer, self.pool, max_batch=max_batch,
+                                   max_waiting=max_waiting, metrics=self.metrics,
+                                   routing_log=self.routing_log)
 
     def _check(self, prompt_ids: list[list[int]], sampling: Sampling) -> None:
         context = self.model.config.max_seq_len
@@ -79,37 +96,35 @@ class Engine:
             raise ValueError("prompt must not be empty")
         return prompt_ids
 
+    def submit(self, prompts: list[str], sampling: Sampling,
+               loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Check the request and queue it; read its pieces from the ticket (with
+        ``await ticket.next_piece()`` when ``loop`` is given). Raises ValueError for a bad request,
+        Overloaded when the queue is full, RequestFailed once the server is shutting down."""
+        prompt_ids = self.encode(prompts)
+        self._check(prompt_ids, sampling)
+        self.scheduler.check_fits(prompt_ids, sampling)
+        ticket = Ticket(prompt_ids, sampling, self.request_timeout, loop)
+        self.scheduler.submit(ticket)
+        return ticket
+
     def complete(self, prompts: list[str], sampling: Sampling
                  ) -> tuple[Iterator[Piece], Usage]:
         """Check the request, then return the pieces of text as they come, and the token
-        counts (complete once the pieces are consumed)."""
-        prompt_ids = self.encode(prompts)
-        self._check(prompt_ids, sampling)
-        batch = [ids for ids in prompt_ids for _ in range(sampling.n)]
-        steps = stream_tokens(self.model, batch, sampling.max_tokens,
-                              temperature=sampling.temperature, top_p=sampling.top_p,
-                              eos_id=self.tokenizer.eos_id, seed=sampling.seed)
-        usage = Usage(prompt_tokens=sum(len(ids) for ids in prompt_ids))
-        return self._pieces(steps, [TextStream(self.tokenizer, sampling.stop) for _ in batch],
-                            usage), usage
+        counts (complete once the pieces are consumed). Closing the iterator early cancels
+        the request."""
+        ticket = self.submit(prompts, sampling)
 
-    def _pieces(self, steps, streams: list[TextStream], usage: Usage) -> Iterator[Piece]:
-        while True:
-            # The lock is held for one decoding step only, never while a client reads: a
-            # client that leaves mid-stream must not keep the model from the others.
-            with self.lock:
-                step = next(steps, None)
-            if step is None:
-                break
-            for index, (stream, token) in enumerate(zip(streams, step)):
-                if token is None or stream.finish:
-                    continue
-                usage.completion_tokens += 1
-                text = stream.add(token)
-                if text or stream.finish:
-                    yield Piece(index, text, stream.finish)
-            if all(stream.finish for stream in streams):
-                return
-        for index, stream in enumerate(streams):
-            if not stream.finish:
-                yield Piece(index, stream.close("length"), "length")
+        def pieces():
+            try:
+                yield from ticket
+            finally:
+                ticket.cancel()  # a no-op once it has finished
+        return pieces(), ticket.usage
+
+    def close(self) -> None:
+        """Stop the scheduler: what still runs or waits ends with RequestFailed (503)."""
+        self.scheduler.close()
+        self.metrics.close()
+        if self.routing_log is not None:
+            self.routing_log.close()

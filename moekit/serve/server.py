@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
+
+import uvicorn
 
 from moekit.files import CheckpointError
 from moekit.quant import load_for_inference
@@ -43,8 +46,32 @@ def load_engine(path: str | os.PathLike, device: str = "cpu", name: str | None =
                   chat_template=read_chat_template(checkpoint), **limits)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a signal first closes the engine's door (new requests get 503),
+    and the process then exits normally: uvicorn re-raises the signal once it has shut down,
+    which would end the process with the signal's status instead of 0."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.scheduler.stop_admitting()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting, as uvicorn does
+        self.should_exit = True
+
+
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_request_bytes: int = 1 << 20) -> None:
-    """Serve until interrupted (loopback only unless ``host`` says otherwise)."""
-    import uvicorn
-    uvicorn.run(create_app(engine, api_key, max_request_bytes), host=host, port=port)
+          api_key: str | None = None, max_request_bytes: int = 1 << 20,
+          max_streams_per_client: int = 16, shutdown_timeout: float = 30.0) -> None:
+    """Serve until SIGTERM or Ctrl-C (loopback only unless ``host`` says otherwise), then
+    stop admitting requests, let the running ones finish for up to ``shutdown_timeout``
+    seconds (uvicorn then cancels what is left), and return."""
+    app = create_app(engine, api_key, max_request_bytes, max_streams_per_client)
+    config = uvicorn.Config(app, host=host, port=port,
+                            timeout_graceful_shutdown=shutdown_timeout)
+    try:
+        DrainingServer(config, engine).run()
+    finally:
+        engine.close()

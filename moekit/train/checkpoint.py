@@ -26,8 +26,10 @@ from moekit.files import (CheckpointError, DiskFullError, atomic_directory,
                           remove_leftovers, write_json)
 from moekit.model.io import folder_format_version, upgrade_tensor, write_model
 from moekit.model.transformer import Transformer
-from moekit.parallel.expert_parallel import local_part, whole_expert_tensors
+from moekit.parallel.expert_parallel import local_part
+from moekit.parallel.tensor_parallel import is_sharded
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import whole_tensors
 from moekit.train.tokenizer import TextTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -51,12 +53,13 @@ def latest_checkpoint(run: str | Path) -> Path:
     return folders[-1]
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """parameter -> its state. A ZeRO-1 optimizer's state is gathered whole (a collective)."""
+def _optimizer_state(optimizer: torch.optim.Optimizer, mesh: Mesh) -> dict:
+    """parameter -> its state. A ZeRO-1 optimizer's state is gathered whole (a collective),
+    on the first rank of its stage."""
     if not hasattr(optimizer, "consolidate_state_dict"):
         return dict(optimizer.state)
     optimizer.consolidate_state_dict(to=0)
-    if torch.distributed.get_rank() != 0:
+    if mesh.data_rank != 0:
         return {}
     by_index = optimizer.state_dict()["state"]
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -69,10 +72,10 @@ def _random_states(mesh: Mesh) -> dict:
     rank's, which a run on as many ranks continues exactly (ranks draw apart when their
     micro-batches hold different numbers of valid tokens, the jitter's noise, say)."""
     state = torch.get_rng_state()
-    if mesh.data_size == 1:
+    if mesh.world_size == 1:
         return {"rng.torch": state}
-    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.data_size)]
-    torch.distributed.all_gather(states, state.to(mesh.device), group=mesh.data_group)
+    states = [torch.empty_like(state).to(mesh.device) for _ in range(mesh.world_size)]
+    torch.distributed.all_gather(states, state.to(mesh.device))
     return {"rng.torch": states[0].cpu().clone(),
             **{f"rng.torch.rank{rank}": s.cpu() for rank, s in enumerate(states)}}
 
@@ -81,7 +84,7 @@ def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer,
                        mesh: Mesh) -> dict:
     names = {id(p): name for name, p in model.named_parameters()}
     tensors = _random_states(mesh)
-    for parameter, state in _optimizer_state(optimizer).items():
+    for parameter, state in _optimizer_state(optimizer, mesh).items():
         for key, value in state.items():
             tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
     return tensors
@@ -98,15 +101,14 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     tokenizer_from: str | Path | None = None) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
     ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it: the
-    experts they hold apart are gathered whole, and rank 0 writes what one process would.
-    Post-training (``moekit.train.post_train``) may give the model ``weights`` to write instead
-    of the model's state, more safetensors files to write ``beside`` them (file name ->
-    tensors), and a folder whose tokenizer files (chat template) to copy, ``tokenizer_from``."""
+    experts they hold apart and the stages of a pipeline are gathered whole, and rank 0 writes
+    what one process would. Post-training (``moekit.train.post_train``) may give the model
+    ``weights`` to write instead of the model's state, more safetensors files to write
+    ``beside`` them (file name -> tensors), and a folder whose tokenizer files (chat template)
+    to copy, ``tokenizer_from``."""
     destination = checkpoint_folder(run, step)
-    weights = whole_expert_tensors(model.state_dict() if weights is None else weights, model,
-                                   mesh)
-    optimizer_tensors = whole_expert_tensors(_optimizer_tensors(model, optimizer, mesh), model,
-                                             mesh)
+    weights = whole_tensors(model.state_dict() if weights is None else weights, model, mesh)
+    optimizer_tensors = whole_tensors(_optimizer_tensors(model, optimizer, mesh), model, mesh)
     if not mesh.is_main:
         return destination
     try:
@@ -160,9 +162,8 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
     tensors = read_safetensors(folder / OPTIMIZER_FILE)
-    if len(state.get("param_groups", [])) != len(optimizer.param_groups):
-        raise CheckpointError(f"{folder / STATE_FILE}: its optimizer groups do not match the model")
-    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+    saved_groups = _saved_groups(optimizer, state.get("param_groups", []))
+    for group, saved in zip(optimizer.param_groups, saved_groups):
         group.update(saved)
     version = folder_format_version(folder)
     moments: dict[str, dict[str, torch.Tensor]] = {}
@@ -179,23 +180,40 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
         optimizer.load_state_dict({
             "state": {i: held[id(p)] for i, p in enumerate(parameters) if id(p) in held},
             "param_groups": [{**saved, "params": [position[id(p)] for p in group["params"]]}
-                             for group, saved in zip(optimizer.param_groups,
-                                                     state["param_groups"])]})
+                             for group, saved in zip(optimizer.param_groups, saved_groups)]})
     else:
         for parameter in model.parameters():
             if id(parameter) in held:
                 optimizer.state[parameter] = held[id(parameter)]
     per_rank = moments.get("rng.torch", {})
-    same_ranks = len(per_rank) == mesh.data_size > 1
-    torch.set_rng_state(per_rank[f"rank{mesh.data_rank}"] if same_ranks
+    same_ranks = len(per_rank) == mesh.world_size > 1
+    torch.set_rng_state(per_rank[f"rank{mesh.rank}"] if same_ranks
                         else moments["rng"]["torch"])
     return int(state["step"])
+
+
+def _group_key(group: dict) -> tuple:
+    return group.get("role"), group.get("lr_scale"), group.get("weight_decay")
+
+
+def _saved_groups(optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[dict]:
+    """The saved settings of each of the optimizer's groups, found by role, learning-rate
+    scale and decay: a pipeline stage holds only some of the groups (rank 0's stage wrote
+    its own), and one not saved keeps the settings it was built with, from the same config."""
+    by_key = {_group_key(group): group for group in saved}
+    return [by_key.get(_group_key(group), {key: value for key, value in group.items()
+                                           if key != "params"})
+            for group in optimizer.param_groups]
 
 
 def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
     if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
-    return whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    if is_sharded(parameter):  # a tensor-parallel parameter's moments are split as it is
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements)
+    return whole
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

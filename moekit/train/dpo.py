@@ -41,7 +41,8 @@ from moekit.train.chat_data import Preference
 from moekit.train.instructions import Instruction, exact_answer_reward
 from moekit.train.sft import ACCURACY_PROMPTS, answer_accuracy, answers
 from moekit.train.router_loss import StepRouterLoss, routing_totals
-from moekit.train.step import IGNORE_INDEX, _reduce, _sum_counts, autocast, moe_layers
+from moekit.train.step import (IGNORE_INDEX, _LayerStep, _step_figures, autocast,
+                               moe_layers)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -236,14 +237,14 @@ class DirectPreference:
         grad_norm = clip_gradients(model, clip, mesh)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        counts, sums = _reduce(_sum_counts([[s.counts for s in out.moe_stats]])
-                               if out.moe_stats else [],
-                               [figures[k].detach().double() for k in
-                                ("dpo_sum", "sft_sum", "chosen_reward_sum",
-                                 "rejected_reward_sum", "correct", "kl_sum",
-                                 "response_tokens", "router_share")],
-                               mesh)
-        for layer, layer_counts in zip(moe_layers(model), counts):
+        layers = moe_layers(unwrap(model))
+        layer_figures, sums = _step_figures(
+            unwrap(model).config, layers, [_LayerStep.of([s], device) for s in out.moe_stats],
+            [figures[k].detach().double() for k in
+             ("dpo_sum", "sft_sum", "chosen_reward_sum", "rejected_reward_sum", "correct",
+              "kl_sum", "response_tokens", "router_share")], mesh)
+        counts = [layer_counts for layer_counts, _, _ in layer_figures]
+        for layer, layer_counts in zip(layers, counts):
             layer.update_router_state(layer_counts)
         record = self._record(sums[:7], pair_count, chosen_tokens)
         return {**record, "loss": record["dpo_loss"] + self.sft_weight * record["sft_loss"],

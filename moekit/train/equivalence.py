@@ -16,8 +16,10 @@ import torch
 from moekit.config import ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.expert_parallel import whole_expert_tensors
-from moekit.parallel.parallelize import parallelize
+from moekit.parallel.parallelize import parallelize, whole_tensors
+from moekit.parallel.pipeline import check_pipeline_model
+from moekit.parallel.tensor_parallel import check_tensor_model
+from moekit.plan.training import Layout
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.step import IGNORE_INDEX, train_step
 
@@ -61,9 +63,10 @@ def step_outcome(model_config: ModelConfig, train_config: TrainConfig, inputs: t
     record = train_step(parallel_model, recorder, inputs, targets, train_config, mesh, mask)
     figures = {key: torch.tensor(record[key], dtype=torch.float64)
                for key in ("loss", "router_loss", "grad_norm", "drop_rate", "expert_load")}
-    # Each sharded expert gradient gathered whole, to compare with one process's.
-    return StepOutcome(figures=figures,
-                       gradients=whole_expert_tensors(recorder.gradients, model, mesh))
+    # Each sharded expert gradient gathered whole, and every stage's, to compare with one
+    # process's (on rank 0).
+    gradients = whole_tensors(recorder.gradients, model, mesh)
+    return StepOutcome(figures=figures, gradients=gradients)
 
 
 @dataclass
@@ -143,15 +146,21 @@ def shrink(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
 
 @dataclass
 class CheckLayout:
-    """One cut of the reference batch: ``ranks`` data-parallel processes, ``grad_accum``
-    micro-batches each, padded rows or not, recomputed layers or not."""
+    """One cut of the reference batch: ``ranks`` processes in ``pipeline`` stages,
+    ``grad_accum`` micro-batches each, padded rows or not, recomputed layers or not."""
 
     name: str
     ranks: int = 1
-    expert: int = 1  # of the ranks, how many share each layer's experts
+    expert: int = 1  # of a stage's ranks, how many share each layer's experts
     grad_accum: int = 1
     padded: bool = False
     recompute: bool = False
+    pipeline: int = 1  # stages, of the even split
+    tensor: int = 1  # EDP: expert = tensor ranks share their rows
+
+    def layout(self) -> Layout:
+        return Layout(data=self.ranks // (self.tensor * self.pipeline), tensor=self.tensor,
+                      pipeline=self.pipeline, expert=self.expert)
 
 
 LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
@@ -161,10 +170,19 @@ LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
            CheckLayout("data parallel 2 x accumulation 2", ranks=2, grad_accum=2),
            CheckLayout("expert parallel 2", ranks=2, expert=2),
            CheckLayout("expert parallel 2, padded", ranks=2, expert=2, padded=True),
+           CheckLayout("pipeline 2", ranks=2, pipeline=2),
+           CheckLayout("pipeline 2 x accumulation 2 (1F1B), padded", ranks=2, pipeline=2,
+                       grad_accum=2, padded=True),
            CheckLayout("data parallel 4", ranks=4),
            CheckLayout("expert parallel 4", ranks=4, expert=4),
-           CheckLayout("data 2 x expert 2", ranks=4, expert=2))
-NOT_YET = ("expert data parallel", "pipeline")
+           CheckLayout("data 2 x expert 2", ranks=4, expert=2),
+           CheckLayout("expert data parallel 2", ranks=2, expert=2, tensor=2),
+           CheckLayout("data 2 x pipeline 2", ranks=4, pipeline=2),
+           CheckLayout("pipeline 2 x expert 2", ranks=4, pipeline=2, expert=2),
+           CheckLayout("data 2 x expert data parallel 2, padded", ranks=4, expert=2, tensor=2,
+                       padded=True),
+           CheckLayout("pipeline 2 x expert data parallel 2", ranks=4, pipeline=2, expert=2,
+                       tensor=2))
 
 
 def reference_batch(config: ModelConfig, rows: int = 8, seq: int = 12, seed: int = 1):
@@ -220,9 +238,25 @@ def _layout_outcome(model_config, train_config, layout: CheckLayout, mesh: Mesh,
 
 def _ranks_outcomes(rank, world, model_config, train_config, layouts, dtype):
     from moekit.parallel.mesh import world_mesh
-    meshes = {expert: world_mesh(expert=expert) for expert in {l.expert for l in layouts}}
-    return [_layout_outcome(model_config, train_config, layout, meshes[layout.expert], dtype)
+    shapes = sorted({(layout.expert, layout.pipeline, layout.tensor) for layout in layouts})
+    meshes = {(expert, pipeline, tensor): world_mesh(
+        expert=expert, pipeline=pipeline, tensor=tensor,
+        stage_layers=Layout(pipeline=pipeline).stages(model_config) if pipeline > 1 else None)
+        for expert, pipeline, tensor in shapes}
+    return [_layout_outcome(model_config, train_config, layout,
+                            meshes[layout.expert, layout.pipeline, layout.tensor], dtype)
             for layout in layouts]
+
+
+def _unfit(config: ModelConfig, layout: CheckLayout) -> str | None:
+    """Why ``config`` cannot take ``layout`` (None when it can)."""
+    try:
+        layout.layout().stages(config)
+        check_pipeline_model(config, layout.pipeline)
+        check_tensor_model(config, layout.tensor)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def run_matrix(model_config: ModelConfig, nproc: int, dtype: torch.dtype = torch.float64,
@@ -235,15 +269,13 @@ def run_matrix(model_config: ModelConfig, nproc: int, dtype: torch.dtype = torch
     reference = _layout_outcome(model_config, train_config, CheckLayout("one process"), Mesh(), dtype)
     tolerance = TOLERANCES[dtype]
     rows = []
-    experts = model_config.moe.num_experts if model_config.moe is not None else 0
     for ranks in sorted({layout.ranks for layout in LAYOUTS}):
         layouts = [layout for layout in LAYOUTS if layout.ranks == ranks]
         if ranks > nproc:
             rows += [MatrixRow(layout.name, None, f"needs {ranks} processes") for layout in layouts]
             continue
-        unfit = [layout for layout in layouts if layout.expert > 1 and experts % layout.expert]
-        rows += [MatrixRow(layout.name, None, f"expert={layout.expert} does not divide "
-                                              f"num_experts={experts}") for layout in unfit]
+        unfit = [layout for layout in layouts if _unfit(model_config, layout)]
+        rows += [MatrixRow(layout.name, None, _unfit(model_config, layout)) for layout in unfit]
         layouts = [layout for layout in layouts if layout not in unfit]
         if ranks == 1:
             outcomes = [_layout_outcome(model_config, train_config, layout, Mesh(), dtype)
@@ -253,5 +285,4 @@ def run_matrix(model_config: ModelConfig, nproc: int, dtype: torch.dtype = torch
                                     dtype, timeout=timeout)[0]
         rows += [MatrixRow(layout.name, compare(outcome, reference, tolerance))
                  for layout, outcome in zip(layouts, outcomes)]
-    rows += [MatrixRow(name, None, "not in this version yet") for name in NOT_YET]
     return rows, changes + exact

@@ -33,11 +33,13 @@ from moekit.files import (CheckpointError, atomic_write_text, check_output, read
 from moekit.model.io import load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import parallelize
+from moekit.parallel.parallelize import parallelize, unwrap
+from moekit.parallel.pipeline import run_schedule, stage_module
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train.data import (check_length, check_long_documents, eval_batches,
                                long_windows, read_documents, split_tokens, train_batch)
+from moekit.train.health import expert_similarities
 from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
                                 set_learning_rate)
 from moekit.train.plots import plot_run
@@ -59,24 +61,44 @@ class TrainResult:
 
 
 @torch.no_grad()
-def validation_loss(model: Transformer, tokens: torch.Tensor, config: TrainConfig,
+def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, config: TrainConfig,
                     device: torch.device, mesh: Mesh = Mesh()) -> float:
     """Mean cross-entropy per token over the validation windows (dropless: eval mode); the
-    data-parallel ranks share the batches and sum their results."""
+    data-parallel ranks share the batches and sum their results. ``model``: the model as
+    ``parallelize`` returned it (of a pipeline, this rank's stage)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # cross-entropy, tokens
-    batches = eval_batches(tokens, config.micro_batch_size, config.seq_len, config.eval_batches)
-    for index, (inputs, targets) in enumerate(batches):
-        if index % mesh.data_size != mesh.data_rank:
-            continue
-        with autocast(config.precision, device):
-            logits = model(inputs.to(device)).logits
-        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+    batches = list(eval_batches(tokens, config.micro_batch_size, config.seq_len,
+                                config.eval_batches))
+    stage = stage_module(model)
+
+    def add(logits, targets):
+        sums[0] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                    reduction="sum")
         sums[1] += targets.numel()
+        return logits.new_zeros(())
+
+    # Under expert parallelism every rank of a group takes part in each forward's exchanges:
+    # all ranks run as many forwards, one past the end repeating a batch without counting it.
+    rounds = -(-len(batches) // mesh.data_size)
+    for index in range(mesh.data_rank, rounds * mesh.data_size, mesh.data_size):
+        if index >= len(batches) and mesh.expert_size == 1:
+            break
+        inputs, targets = (t.to(device) for t in batches[min(index, len(batches) - 1)])
+        counted = index < len(batches)
+        if stage is not None:
+            stage.after_layers = lambda hidden, stats: hidden
+            stage.loss = add if counted else (lambda logits, targets: logits.new_zeros(()))
+            stage.context = lambda: autocast(config.precision, device)
+            run_schedule(model, mesh, 1, inputs, targets, None, train=False)
+            continue
+        with autocast(config.precision, device):
+            logits = unwrap(model)(inputs).logits
+        if counted:
+            add(logits, targets)
     model.train(was_training)
-    total, count = mesh.sum_(sums).tolist()
+    total, count = mesh.sum_all_(sums.to(mesh.device)).tolist()
     return total / count
 
 
@@ -171,9 +193,9 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
 
 def _any_rank(flag: bool, mesh: Mesh) -> bool:
     """Whether ``flag`` is set on any rank: all ranks stop at the same step."""
-    if mesh.data_size == 1:
+    if mesh.world_size == 1:
         return flag
-    return bool(mesh.sum_(torch.tensor([int(flag)], device=mesh.device)).item())
+    return bool(mesh.sum_all_(torch.tensor([int(flag)], device=mesh.device)).item())
 
 
 @contextlib.contextmanager
@@ -186,7 +208,7 @@ def _all_ranks_or_none(mesh: Mesh):
         _any_rank(True, mesh)
         raise
     if _any_rank(False, mesh):
-        raise ValueError(f"rank 0 of {mesh.data_size} refused to start (its message says why)")
+        raise ValueError(f"rank 0 of {mesh.world_size} refused to start (its message says why)")
 
 
 class _StopOnCtrlC:
@@ -276,16 +298,21 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
                                     train_config.keep_checkpoints, mesh)
 
     def evaluate(at_step: int) -> dict:
-        val = validation_loss(model, splits.val, train_config, device, mesh)
+        val = validation_loss(parallel_model, splits.val, train_config, device, mesh)
         return {"val_loss": val, "val_ppl": math.exp(val)}
 
-    tokens_per_step = train_config.batch_size * train_config.seq_len
     long_starts = long_windows(splits.train_documents, train_config.seq_len)
+
+    def one_step(at: int) -> tuple[dict, int]:
+        record = _train_step(parallel_model, optimizer, splits, long_starts, at, train_config,
+                             mesh)
+        if train_config.similarity_every and (at + 1) % train_config.similarity_every == 0:
+            record["expert_similarity"] = expert_similarities(model, mesh)
+        return record, train_config.batch_size * train_config.seq_len
+
     return run_steps(StepLoop(
-        run, train_config, mesh,
-        step=lambda at: (_train_step(parallel_model, optimizer, splits, long_starts, at,
-                                     train_config, mesh), tokens_per_step),
-        evaluate=evaluate, save=save, write_new_run=None if resume else write_new_run,
+        run, train_config, mesh, step=one_step, evaluate=evaluate, save=save,
+        write_new_run=None if resume else write_new_run,
         flops_per_token=training_flops_per_token(model_config,
                                                  train_config.seq_len).model_flops,
         peak_flops=peak_flops), step, records, show_progress, on_step)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from moekit.config import TrainConfig
 from moekit.moe import MoELayer
+from moekit.parallel.tensor_parallel import is_sharded
 
 
 def _roles(model: nn.Module, rule: str) -> dict[int, tuple[str, float]]:
@@ -50,7 +51,9 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
             continue
         role, scale = roles.get(id(parameter), ("other", 1.0))
         decay = config.weight_decay if parameter.dim() >= 2 else 0.0
-        group = groups.setdefault((role, scale, decay), {
+        # AdamW's kernels take a group's tensors together: tensor-parallel (DTensor) ones and
+        # plain ones go in groups of their own.
+        group = groups.setdefault((role, scale, decay, is_sharded(parameter)), {
             "params": [], "role": role, "lr_scale": scale, "weight_decay": decay})
         group["params"].append(parameter)
     return list(groups.values())

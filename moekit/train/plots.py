@@ -1,6 +1,10 @@
-"""PNG plots of a run from its metrics: losses, per-layer drop rate, expert-load heatmap."""
+"""PNG plots of a run from its metrics: losses, per-layer drop rate, expert-load heatmap, and
+router health (per layer: expert load over steps, max1/max2 and max2/max3, imbalance, expert
+similarity). Drawn at the end of training and again at any time by `moekit plot RUN`."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 
@@ -11,9 +15,28 @@ def _pyplot():
     return plt
 
 
+def read_records(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line still being written is left out."""
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the trainer is appending it now
+                break
+            raise ValueError(f"{path}: line {number} is not JSON") from None
+        if not isinstance(record, dict) or "kind" not in record or "step" not in record:
+            raise ValueError(f"{path}: line {number} is not a moekit metrics record")
+        records.append(record)
+    return records
+
+
 def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
-    """Write loss.png, for MoE runs drop_rate.png and expert_load.png, and for DPO runs
-    dpo.png; returns the paths."""
+    """Write loss.png, for MoE runs drop_rate.png, expert_load.png and the router-health
+    plots (``plot_router_health``), and for DPO runs dpo.png; returns the paths."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,8 +70,54 @@ def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
                  title=f"Expert load, steps {window[0]['step']}-{window[-1]['step']}")
         figure.colorbar(image, ax=axes, label="share of routes")
         written.append(_save(plt, figure, folder / "expert_load.png"))
+        written += plot_router_health(train, folder)
     if train and "margin" in train[-1]:
         written.append(plot_preferences(records, folder))
+    return written
+
+
+def plot_router_health(train: list[dict], folder: Path) -> list[Path]:
+    """load_layer_N.png (share of routes per expert over steps), router_ratios.png,
+    imbalance.png and expert_similarity.png, from the keys a run logged (older runs lack some:
+    their plots are left out)."""
+    plt = _pyplot()
+    written = []
+    with_counts = [r for r in train if "tokens_per_expert" in r]
+    for layer in range(len(with_counts[0]["tokens_per_expert"]) if with_counts else 0):
+        shares_SE = [[count / max(sum(counts), 1) for count in counts]
+                     for counts in (r["tokens_per_expert"][layer] for r in with_counts)]
+        share_ES = [list(row) for row in zip(*shares_SE)]
+        steps = [r["step"] for r in with_counts]
+        figure, axes = plt.subplots(figsize=(7, 1.5 + 0.25 * len(share_ES)))
+        image = axes.imshow(share_ES, aspect="auto", cmap="viridis", interpolation="nearest",
+                            extent=(steps[0] - 0.5, steps[-1] + 0.5, len(share_ES) - 0.5, -0.5))
+        axes.set(xlabel="step", ylabel="expert", title=f"Expert load over steps, MoE layer {layer}")
+        figure.colorbar(image, ax=axes, label="share of routes")
+        written.append(_save(plt, figure, folder / f"load_layer_{layer}.png"))
+    panels = {"router_ratios.png": ("Router sharpness", [
+                  ("max1_over_max2", "mean top-1 / top-2 probability"),
+                  ("max2_over_max3", "mean top-2 / top-3 probability")]),
+              "imbalance.png": ("Load imbalance", [
+                  ("load_cv", "coefficient of variation of the load"),
+                  ("load_max_over_mean", "max load / mean load")]),
+              "expert_similarity.png": ("Expert similarity", [
+                  ("expert_similarity", "mean pairwise cosine of expert weights")])}
+    for name, (title, keys) in panels.items():
+        present = [(key, label) for key, label in keys if any(key in r for r in train)]
+        if not present:
+            continue
+        figure, axes_list = plt.subplots(len(present), 1, figsize=(6, 1 + 2.5 * len(present)),
+                                         squeeze=False)
+        for axes, (key, label) in zip(axes_list[:, 0], present):
+            logged = [r for r in train if key in r]
+            for layer in range(len(logged[0][key])):
+                points = [(r["step"], r[key][layer]) for r in logged if r[key][layer] is not None]
+                axes.plot([p[0] for p in points], [p[1] for p in points], ".-" if len(
+                    logged) < 30 else "-", lw=1, label=f"MoE layer {layer}")
+            axes.set(xlabel="step", ylabel=label)
+            axes.legend(fontsize="x-small")
+        axes_list[0, 0].set_title(title)
+        written.append(_save(plt, figure, folder / name))
     return written
 
 
@@ -72,7 +141,10 @@ def plot_preferences(records: list[dict], folder: str | Path) -> Path:
 
 
 def _save(plt, figure, path: Path) -> Path:
+    """Each PNG whole or not at all: written beside it, then renamed over it."""
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    partial = path.with_name(f".{path.name}.partial")
+    figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
+    os.replace(partial, path)
     return path

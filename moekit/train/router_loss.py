@@ -70,6 +70,27 @@ def reduce_totals(totals: list[LayerTotals], mesh: Mesh) -> list[LayerTotals]:
     return reduced
 
 
+class _LossThroughActivations(torch.autograd.Function):
+    """The identity on ``hidden``, whose backward also sends ``scale`` into ``loss``: so a
+    loss formed inside a pipeline stage gets its gradient when the stage's output does."""
+
+    @staticmethod
+    def forward(ctx, hidden, loss, scale: float):
+        ctx.scale = scale
+        ctx.save_for_backward(loss)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (loss,) = ctx.saved_tensors
+        return grad, torch.full_like(loss, ctx.scale), None
+
+
+def attach_loss(hidden: torch.Tensor, loss: torch.Tensor, scale: float) -> torch.Tensor:
+    """``hidden``, with ``scale * loss`` joining whatever loss ``hidden`` contributes to."""
+    return _LossThroughActivations.apply(hidden, loss, scale)
+
+
 def _with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
     """``value``'s value with ``surrogate``'s gradient."""
     return value.detach() + (surrogate - surrogate.detach())

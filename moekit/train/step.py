@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ from moekit.moe import MoELayer
 from moekit.moe.layer import RouterCounts
 from moekit.parallel.mesh import Mesh, collective
 from moekit.parallel.parallelize import clip_gradients, finish_gradients, unwrap
-from moekit.train.router_loss import StepRouterLoss, routing_totals
+from moekit.parallel.pipeline import run_schedule, stage_module
+from moekit.train.router_loss import (LayerTotals, StepRouterLoss, attach_loss, reduce_totals,
+                                      routing_totals)
 
 IGNORE_INDEX = -100  # a target that is not counted (padding, a prompt's tokens): PyTorch's
 
@@ -44,22 +47,16 @@ def moe_layers(model: torch.nn.Module) -> list[MoELayer]:
     return [module for module in model.modules() if isinstance(module, MoELayer)]
 
 
-def _sum_counts(per_micro_batch: list[list[RouterCounts]]) -> list[RouterCounts]:
-    totals = per_micro_batch[0]
-    for counts in per_micro_batch[1:]:
-        totals = [a + b for a, b in zip(totals, counts)]
-    return totals
-
-
-def _health_sums(stats) -> torch.Tensor:
+def _health_sums(stats, device: torch.device) -> torch.Tensor:
     """A layer's router-health sums of one forward (entropy, max1/max2, max2/max3), NaN where
-    the gate gives no probabilities."""
+    the gate gives no probabilities; kept on the device, so that a micro-batch waits for
+    nothing."""
     sums = (stats.entropy_sum, stats.top1_over_top2_sum, stats.top2_over_top3_sum)
-    return torch.stack([torch.tensor(float("nan")) if s is None else s.detach().double().cpu()
-                        for s in sums])
+    return torch.stack([torch.full((), math.nan, dtype=torch.float64, device=device)
+                        if s is None else s.detach().double().to(device) for s in sums])
 
 
-def _health(counts: RouterCounts, sums: list[float]) -> dict:
+def layer_health(counts: RouterCounts, sums: list[float]) -> dict:
     """Per-layer router health of the step (the issue's metrics keys), from summed counts."""
     tokens = max(int(counts.num_tokens), 1)
     means = [None if math.isnan(s) else s / tokens for s in sums]
@@ -67,18 +64,127 @@ def _health(counts: RouterCounts, sums: list[float]) -> dict:
             "router_entropy": means[0], "max1_over_max2": means[1], "max2_over_max3": means[2]}
 
 
-def _reduce(counts: list[RouterCounts], scalars: list[torch.Tensor], mesh: Mesh):
-    """Counts and float64 scalars summed over the ranks, in one collective."""
-    if mesh.data_size == 1:
-        return counts, [float(x) for x in scalars]
-    vectors = [c.as_vector().double() for c in counts]
-    flat = mesh.sum_(torch.cat(vectors + [torch.stack(scalars).double()]))
-    reduced, start = [], 0
-    for c, vector in zip(counts, vectors):
-        reduced.append(RouterCounts.from_vector(flat[start:start + len(vector)].round().long(),
-                                                c.top_k))
-        start += len(vector)
-    return reduced, flat[start:].tolist()
+@dataclass
+class _LayerStep:
+    """One MoE layer's figures of a step on this rank, summed over its micro-batches."""
+
+    counts: RouterCounts
+    health_sums: torch.Tensor  # float64 [3], on the device
+    aux_coef: float  # of the step's forwards
+
+    @classmethod
+    def of(cls, stats_per_micro_batch, device: torch.device) -> _LayerStep:
+        counts = stats_per_micro_batch[0].counts
+        for stats in stats_per_micro_batch[1:]:
+            counts = counts + stats.counts
+        return cls(counts, sum(_health_sums(s, device) for s in stats_per_micro_batch),
+                   stats_per_micro_batch[-1].aux_coef)
+
+
+def _step_figures(model_config, layers: list[MoELayer], steps: list[_LayerStep],
+                  scalars: list[torch.Tensor], mesh: Mesh):
+    """Every MoE layer's step figures (this rank holds ``layers``, a pipeline stage's or all
+    of them) and the float64 ``scalars``, summed over the run's ranks in one collective: a
+    layer's slot is filled by the ranks of the stage that holds it. The aux coefficient and k,
+    the same on those ranks, go in as shares of their ``data_size``."""
+    experts = model_config.moe.num_experts if model_config.moe is not None else 0
+    numbers = [i for i in range(model_config.num_layers) if model_config.is_moe_layer(i)]
+    width = 2 * experts + 3 + 3 + 2  # counts, health sums, aux coefficient, k
+    flat = torch.zeros(len(numbers) * width + len(scalars), dtype=torch.float64)
+    for layer, step in zip(layers, steps):
+        slot = numbers.index(layer.layer_index) * width
+        flat[slot:slot + width] = torch.cat([
+            step.counts.as_vector().double().cpu(), step.health_sums.cpu(),
+            torch.tensor([step.aux_coef, step.counts.top_k], dtype=torch.float64) / mesh.data_size])
+    flat[len(numbers) * width:] = torch.stack([x.double().cpu() for x in scalars])
+    if mesh.tensor_rank:
+        flat.zero_()  # the ranks of an EDP group computed the same: the first one counts
+    flat = mesh.sum_all_(flat.to(mesh.device)).cpu()
+    figures = []
+    for index in range(len(numbers)):
+        slot = flat[index * width:(index + 1) * width]
+        aux_coef, top_k = slot[-2:].tolist()
+        figures.append((RouterCounts.from_vector(slot[:2 * experts + 3].round().long(),
+                                                 round(top_k)),
+                        slot[2 * experts + 3:-2].tolist(), aux_coef))
+    return figures, flat[len(numbers) * width:].tolist()
+
+
+def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted, device):
+    """The step's forwards and backwards on one process or data-parallel ranks: the summed
+    cross-entropy and router-loss share of this rank, and each micro-batch's MoE statistics."""
+    cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
+    router_share = torch.zeros((), dtype=torch.float64, device=device)
+    stats = []
+    for index, (inputs, targets, mask, document_ids) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
+        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+            with autocast(config.precision, device):
+                out = model(inputs, mask, document_ids=document_ids)
+            nll = _summed_cross_entropy(out.logits, targets)
+            share = router_loss.share(out.moe_stats)
+            with collective("the backward's gradient all-reduce"):
+                (mesh.data_size * (nll / max(counted, 1) + share)).backward()
+        cross_entropy += nll.detach().double()
+        router_share += share.detach().to(device)
+        stats.append(out.moe_stats)
+    return cross_entropy, router_share, stats
+
+
+def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def _micro_batches_in_pipeline(model, local, config, mesh, router_loss, counted, device):
+    """The same, this rank running one stage of a pipeline schedule: the router-loss share of
+    the stage's layers joins the backward through the hidden states they return."""
+    stage = stage_module(model)
+    cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
+    router_share = torch.zeros((), dtype=torch.float64, device=device)
+    stats = []
+
+    def after_layers(hidden, layer_stats):
+        nonlocal router_share
+        stats.append(layer_stats)
+        if not layer_stats:
+            return hidden
+        share = router_loss.share(layer_stats)
+        router_share += share.detach().to(device)
+        return attach_loss(hidden, share, mesh.data_size)
+
+    def loss(logits, targets):
+        nonlocal cross_entropy
+        nll = _summed_cross_entropy(logits, targets)
+        cross_entropy += nll.detach().double()
+        return mesh.data_size * nll / max(counted, 1)
+
+    stage.after_layers, stage.loss = after_layers, loss
+    stage.context = lambda: autocast(config.precision, device)
+    run_schedule(model, mesh, config.grad_accum, *local, train=True)
+    return cross_entropy, router_share, stats
+
+
+def _pipeline_routing_totals(model, local, config, mesh, device):
+    """Scope "step"'s pre-pass through the pipeline: each of this stage's MoE layers' totals
+    over the global batch, the random state restored afterwards (as ``routing_totals``)."""
+    stage = stage_module(model)
+    totals = None
+
+    def collect(hidden, layer_stats):
+        nonlocal totals
+        now = [LayerTotals.of(s) for s in layer_stats]
+        totals = now if totals is None else [a + b for a, b in zip(totals, now)]
+        return hidden
+
+    stage.after_layers, stage.loss = collect, lambda logits, targets: logits.new_zeros(())
+    stage.context = lambda: autocast(config.precision, device)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        run_schedule(model, mesh, config.grad_accum, *local, train=False)
+    return reduce_totals(totals, mesh) if totals else []
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -87,16 +193,23 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                document_ids_BS: torch.Tensor | None = None) -> dict:
     """One optimizer step on the global batch (``inputs_BS``, ``targets_BS``, optional valid-token
     ``mask_BS``, optional ``document_ids_BS`` of packed rows: ``Transformer.forward``); this rank
-    computes its rows. Returns the step's record (every figure of the global batch)."""
+    computes its rows (of a pipeline, with its stage). Returns the step's record (every figure
+    of the global batch)."""
     device = next(model.parameters()).device
-    layers = moe_layers(model)
+    inner = unwrap(model)
+    layers = moe_layers(inner)
     counted = int((targets_BS != IGNORE_INDEX).sum())
     rows = mesh.rows(len(inputs_BS))
     local = [t[rows].to(device) if t is not None else None
-             for t in (inputs_BS, targets_BS, mask_BS, document_ids_BS)]
+             for t in (inputs_BS, targets_BS, mask_BS)]
+    documents = document_ids_BS[rows].to(device) if document_ids_BS is not None else None
+    pipelined = mesh.pipeline_size > 1
+    if pipelined and documents is not None:
+        raise ValueError("packed rows (document_ids) are not supported with pipeline "
+                         "parallelism in this version")
     per_micro = (rows.stop - rows.start) // config.grad_accum
     micro_batches = [tuple(t[m * per_micro:(m + 1) * per_micro] if t is not None else None
-                           for t in local) for m in range(config.grad_accum)]
+                           for t in (*local, documents)) for m in range(config.grad_accum)]
 
     def forward(module, batch):
         inputs, _, mask, document_ids = batch
@@ -104,47 +217,33 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             return module(inputs, mask, document_ids=document_ids)
 
     totals = None
-    if config.lb_scope == "step" and layers:
-        inner = unwrap(model)  # the pre-pass goes around DDP's hooks
-        totals = routing_totals(inner, micro_batches, mesh, forward)
+    if config.lb_scope == "step" and inner.config.moe is not None:
+        # the pre-pass goes around data parallelism's hooks (every stage joins it)
+        totals = (_pipeline_routing_totals(model, local, config, mesh, device) if pipelined
+                  else routing_totals(inner, micro_batches, mesh, forward))
     router_loss = StepRouterLoss(layers, config.lb_scope, config.grad_accum, mesh, totals)
-    ranks = mesh.data_size
-    cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
-    router_share = torch.zeros((), dtype=torch.float64, device=device)
-    counts, health = [], []
-    for index, batch in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
-        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
-            out = forward(model, batch)
-            logits = out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
-            nll = F.cross_entropy(logits.flatten(0, 1), batch[1].flatten(),
-                                  ignore_index=IGNORE_INDEX, reduction="sum")
-            share = router_loss.share(out.moe_stats)
-            with collective("the backward's gradient all-reduce"):
-                (ranks * (nll / max(counted, 1) + share)).backward()
-        cross_entropy += nll.detach().double()
-        router_share += share.detach().to(device)
-        counts.append([s.counts for s in out.moe_stats])
-        health.append([_health_sums(s) for s in out.moe_stats])
+    run = _micro_batches_in_pipeline if pipelined else _micro_batches_here
+    cross_entropy, router_share, stats = run(model, local if pipelined else micro_batches,
+                                             config, mesh, router_loss, counted, device)
     finish_gradients(model, mesh)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    health_sums = [sum(layer) for layer in zip(*health)]  # per layer, over micro-batches
+    steps = [_LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
     with collective("the all-reduce of the step's figures"):
-        step_counts, (nll_sum, router_value, *health_values) = _reduce(
-            _sum_counts(counts) if layers else [],
-            [cross_entropy, router_share, *(x.to(device) for sums in health_sums for x in sums)],
-            mesh)
-    for layer, layer_counts in zip(layers, step_counts):
-        layer.update_router_state(layer_counts)
-    per_layer = [_health(c, health_values[3 * i:3 * i + 3]) for i, c in enumerate(step_counts)]
+        figures, (nll_sum, router_value) = _step_figures(
+            inner.config, layers, steps, [cross_entropy, router_share], mesh)
+    held = {layer.layer_index for layer in layers}
+    numbers = [i for i in range(inner.config.num_layers) if inner.config.is_moe_layer(i)]
+    for number, (counts, _, _) in zip(numbers, figures):
+        if number in held:
+            next(l for l in layers if l.layer_index == number).update_router_state(counts)
+    per_layer = [layer_health(counts, sums) for counts, sums, _ in figures]
     return {"loss": nll_sum / max(counted, 1), "router_loss": router_value,
             "grad_norm": grad_norm.item(),
-            "drop_rate": [c.drop_rate for c in step_counts],
-            "expert_load": [c.expert_load.tolist() for c in step_counts],
-            "aux_coef": [s.aux_coef for s in out.moe_stats],
+            "drop_rate": [c.drop_rate for c, _, _ in figures],
+            "expert_load": [c.expert_load.tolist() for c, _, _ in figures],
+            "aux_coef": [coef for _, _, coef in figures],
             **{key: [layer[key] for layer in per_layer] for key in
                (per_layer[0] if per_layer else {})}}

@@ -1,0 +1,414 @@
+"""Continuous batching: one thread owns the model and decodes every running sequence in one
+batched forward per step.
+
+A request waits in a bounded queue (first come, first served) until its KV blocks and batch
+rows are free. Its blocks are reserved whole at admission, prompt + max_tokens - 1 positions
+per sequence, so a running sequence never runs out of cache and nothing is ever preempted.
+Admitted, it gets a prefill forward of its own (its prompts left-padded together, exactly as
+``moekit.model.generate`` does it alone), its keys and values are copied into its blocks, and
+its sequences join the next decoding step, where every running sequence advances one token in
+one forward over the paged cache. A sequence leaves when it ends (end of text, stop string,
+max_tokens) and its blocks return to the pool at once; a request leaves when its client is
+gone (``Ticket.cancel``) or its deadline passes.
+
+Why prefill is a forward of its own and not chunked into the decoding step: it is then the very
+forward ``generate`` runs (causal attention, no mask across requests), which is what makes a
+request's tokens those of ``generate`` alone; and on a CPU a prompt's tokens already fill the
+cores, so folding them into the step would lengthen that step for every running sequence
+without saving work. The cost is a pause of one prefill in the others' token stream, bounded
+by the longest prompt the server accepts.
+
+A seeded sampled request keeps all its rows in the batch until the last one ends, as
+``generate`` does, because its random numbers are drawn for the whole group at each step: the
+same seed then gives the same text as ``generate`` with that seed. Other rows leave alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from moekit.model.generate import prefill, sample_next
+from moekit.model.paged import KVBlockPool, PagedBatch
+from moekit.serve.metrics import ServeMetrics
+from moekit.serve.text import TextStream
+
+
+@dataclass
+class Sampling:
+    max_tokens: int | None = 16  # None: as many as the context and the server's limit allow
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    n: int = 1  # completions per prompt
+
+
+@dataclass
+class Piece:
+    """New text of one completion (``index``: prompt * n + j); ``finish_reason`` is set on its
+    last piece ("stop": end of text or a stop string, "length": max_tokens)."""
+    index: int
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestFailed(Exception):
+    """A request the server stopped: ``status`` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# Between two decoding steps, at most this many requests are admitted (each one prefill): a
+# burst of arrivals then delays the running streams by one prefill per token, not by all.
+PREFILLS_PER_STEP = 1
+
+_END = object()  # the last item of an outbox once a request has finished well
+
+
+class _Outbox:
+    """What the scheduler thread sends a request's reader: pieces, then _END or a
+    RequestFailed. Read by a thread (``get``) or on an event loop (``aget``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None):
+        self._loop = loop
+        self._queue = asyncio.Queue() if loop is not None else queue.Queue()
+
+    def put(self, item) -> None:
+        if self._loop is None:
+            self._queue.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is reading any more
+            pass
+
+    def get(self):
+        return self._queue.get()
+
+    async def aget(self):
+        return await self._queue.get()
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sequence: a prompt's j-th completion."""
+    ticket: Ticket
+    index: int
+    stream: TextStream
+    blocks: list[int]
+    length: int  # positions in the cache
+    next_token: int = -1
+    generated: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.stream.finish is not None
+
+
+_ids = itertools.count()
+
+
+class Ticket:
+    """A request in the scheduler: iterate it (from a thread) or await
+    ``ticket.next_piece()`` (on an event loop) to get its pieces; ``cancel()`` when the client
+    leaves. A RequestFailed ends the pieces when the server stopped the request."""
+
+    def __init__(self, prompt_ids: list[list[int]], sampling: Sampling,
+                 timeout: float | None, loop: asyncio.AbstractEventLoop | None = None):
+        self.id = next(_ids)
+        self.prompt_ids, self.sampling = prompt_ids, sampling
+        self.usage = Usage(prompt_tokens=sum(len(ids) for ids in prompt_ids))
+        self.submitted = time.monotonic()
+        self.deadline = None if timeout is None else self.submitted + timeout
+        self.rows: list[_Row] = []
+        self.cancelled = False
+        self.last_token_at: float | None = None
+        self.routed_LE: torch.Tensor | None = None  # expert counts, when routing is logged
+        self._outbox = _Outbox(loop)
+        self.keeps_all_rows = sampling.seed is not None and sampling.temperature > 0
+        self.generator: torch.Generator | None = None  # made on the model's device
+
+    def send(self, item) -> None:
+        """From the scheduler thread: a Piece, then _END or a RequestFailed."""
+        self._outbox.put(item)
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the scheduler thread at its next step
+
+    def __iter__(self):
+        while (item := self._outbox.get()) is not _END:
+            if isinstance(item, RequestFailed):
+                raise item
+            yield item
+
+    async def next_piece(self) -> Piece | None:
+        """The next piece, or None once the request has finished (on the event loop);
+        cancelling the wait loses nothing."""
+        item = await self._outbox.aget()
+        if isinstance(item, RequestFailed):
+            raise item
+        return None if item is _END else item
+
+    def decoding_rows(self) -> list[_Row]:
+        return list(self.rows) if self.keeps_all_rows else \
+            [row for row in self.rows if not row.finished]
+
+    @property
+    def done(self) -> bool:
+        return bool(self.rows) and all(row.finished for row in self.rows)
+
+
+class Scheduler:
+    """Owns ``model`` in a thread of its own from construction until ``close()``."""
+
+    def __init__(self, model, tokenizer, pool: KVBlockPool, *, max_batch: int,
+                 max_waiting: int, metrics: ServeMetrics, routing_log=None):
+        self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        self.max_batch, self.max_waiting = max_batch, max_waiting
+        self.metrics, self.routing_log = metrics, routing_log
+        self._condition = threading.Condition()
+        self._waiting: deque[Ticket] = deque()
+        self._running: list[Ticket] = []  # the scheduler thread's alone
+        self._admitting, self._closing = True, False
+        self._thread = threading.Thread(target=self._loop, name="moekit-scheduler",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- called from any thread --------------------------------------------------------------
+    def check_fits(self, prompt_ids: list[list[int]], sampling: Sampling) -> None:
+        rows = len(prompt_ids) * sampling.n
+        if rows > self.max_batch:
+            raise ValueError(f"this request decodes {rows} sequences (prompts x n); the "
+                             f"server's batch holds {self.max_batch}")
+        blocks = self._blocks_needed(prompt_ids, sampling)
+        if blocks > self.pool.num_blocks:
+            raise ValueError(f"this request needs {blocks} KV blocks; the server's whole pool "
+                             f"is {self.pool.num_blocks}: send fewer or shorter prompts")
+
+    def submit(self, ticket: Ticket) -> None:
+        with self._condition:
+            if not self._admitting:
+                raise RequestFailed(503, "the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                self.metrics.finished("overloaded")
+                raise Overloaded(f"the server is busy: {len(self._waiting)} requests are "
+                                 "waiting already; try again later", retry_after=1)
+            self._waiting.append(ticket)
+            self.metrics.queue_length.set(len(self._waiting))
+            self._condition.notify()
+
+    def stop_admitting(self) -> None:
+        with self._condition:
+            self._admitting = False
+
+    @property
+    def admitting(self) -> bool:
+        return self._admitting
+
+    def idle(self) -> bool:
+        with self._condition:
+            return not self._waiting and not self._running
+
+    def close(self) -> None:
+        """Stop the thread; every request still waiting or running ends with 503."""
+        with self._condition:
+            self._admitting, self._closing = False, True
+            self._condition.notify()
+        self._thread.join()
+
+    # -- the scheduler thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while self._turn():
+                pass
+        for ticket in [*self._waiting, *self._running]:
+            self._end(ticket, RequestFailed(503, "the server shut down before this request "
+                                                 "finished"))
+        self._waiting.clear()
+
+    def _turn(self) -> bool:
+        with self._condition:
+            while not (self._waiting or self._running or self._closing):
+                self._condition.wait()
+            if self._closing:
+                return False
+            self._expire_waiting()
+            admitted = self._admit()
+        self._running.extend(admitted)
+        try:
+            for ticket in admitted:
+                self._prefill(ticket)
+            if any(ticket.decoding_rows() for ticket in self._running):
+                self._step()
+            self._retire()
+        except Exception as error:  # a bug here must fail its requests, not the server
+            for ticket in list(self._running):
+                self._end(ticket, RequestFailed(500, f"the engine failed: {error!r}"))
+        self.metrics.update_load(len(self._waiting), sum(len(t.decoding_rows())
+                                                         for t in self._running),
+                                 self.pool.used_blocks)
+        return True
+
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for ticket in [t for t in self._waiting if t.cancelled or _late(t, now)]:
+            self._waiting.remove(ticket)
+            self._end(ticket, _failure(ticket))
+
+    def _admit(self) -> list[Ticket]:
+        admitted = []
+        rows_in_use = sum(len(t.decoding_rows()) for t in self._running)
+        free = self.pool.free_blocks
+        while self._waiting:
+            ticket = self._waiting[0]
+            rows = len(ticket.prompt_ids) * ticket.sampling.n
+            blocks = self._blocks_needed(ticket.prompt_ids, ticket.sampling)
+            if (rows_in_use + rows > self.max_batch or blocks > free
+                    or len(admitted) == PREFILLS_PER_STEP):
+                break  # first come, first served: no one overtakes the head of the queue
+            self._waiting.popleft()
+            rows_in_use, free = rows_in_use + rows, free - blocks
+            admitted.append(ticket)
+        return admitted
+
+    def _blocks_needed(self, prompt_ids, sampling: Sampling) -> int:
+        # The last token is sampled, never fed back: it needs no cache.
+        return sampling.n * sum(self.pool.blocks_for(len(ids) + sampling.max_tokens - 1)
+                                for ids in prompt_ids)
+
+    def _prefill(self, ticket: Ticket) -> None:
+        sampling = ticket.sampling
+        prompts = [ids for ids in ticket.prompt_ids for _ in range(sampling.n)]
+        longest = max(len(ids) for ids in prompts)
+        logits_B1V, cache = prefill(self.model, prompts, longest)
+        device = self.pool.keys[0].device
+        if ticket.keeps_all_rows:
+            ticket.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+        for index, ids in enumerate(prompts):
+            blocks = self.pool.allocate(
+                self.pool.blocks_for(len(ids) + sampling.max_tokens - 1))
+            ticket.rows.append(_Row(ticket, index, TextStream(self.tokenizer, sampling.stop),
+                                    blocks, len(ids)))  # first, so that _end frees them
+            for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+                self.pool.write(group, blocks, keys[index, :, longest - len(ids):],
+                                values[index, :, longest - len(ids):])
+        self._count_routing([(ticket, None)])
+        self._accept(ticket, ticket.rows, logits_B1V[:, -1])
+
+    def _step(self) -> None:
+        groups = [(ticket, ticket.decoding_rows()) for ticket in self._running]
+        groups = [(ticket, rows) for ticket, rows in groups if rows]
+        rows = [row for _, group in groups for row in group]
+        batch = PagedBatch(self.pool, [row.blocks for row in rows],
+                           [row.length for row in rows])
+        ids_B1 = torch.tensor([[row.next_token] for row in rows],
+                              device=self.pool.keys[0].device)
+        logits_BV = self.model(ids_B1, cache=batch).logits[:, -1]
+        for row in rows:
+            row.length += 1
+        self._count_routing(groups)
+        start = 0
+        for ticket, group in groups:
+            self._accept(ticket, group, logits_BV[start:start + len(group)])
+            start += len(group)
+
+    def _accept(self, ticket: Ticket, rows: list[_Row], logits_RV: torch.Tensor) -> None:
+        """Sample each row's next token and send the text that became final."""
+        sampling = ticket.sampling
+        tokens = sample_next(logits_RV, sampling.temperature, None, sampling.top_p,
+                             ticket.generator).tolist()
+        now = time.monotonic()
+        self.metrics.token_times(ticket.submitted, ticket.last_token_at, now)
+        ticket.last_token_at = now
+        for row, token in zip(rows, tokens):
+            row.next_token = token
+            if row.finished:
+                continue
+            ticket.usage.completion_tokens += 1
+            row.generated += 1
+            text = row.stream.add(token)
+            if not row.finished and row.generated == sampling.max_tokens:
+                text += row.stream.close("length")
+            if text or row.finished:
+                ticket.send(Piece(row.index, text, row.stream.finish))
+            if row.finished and not ticket.keeps_all_rows:
+                self._release(row)
+
+    def _count_routing(self, groups) -> None:
+        """Routed tokens per layer and expert of the last forward, into the metrics and,
+        when routing is logged, each request's counts (``groups``: (ticket, its rows in the
+        batch, in order) or (ticket, None) for a prefill, whose tokens are all its own)."""
+        counts = self.metrics.count_routing()
+        if self.routing_log is None:
+            return
+        start = 0
+        for ticket, rows in groups:
+            span = slice(None) if rows is None else slice(start, start + len(rows))
+            routed_LE = torch.stack([expert_ids.bincount(minlength=experts)
+                                     for expert_ids, experts in
+                                     ((ids_TK[span].flatten(), e) for ids_TK, e in counts)])
+            ticket.routed_LE = routed_LE if ticket.routed_LE is None else \
+                ticket.routed_LE + routed_LE
+            start += 0 if rows is None else len(rows)
+
+    def _release(self, row: _Row) -> None:
+        self.pool.release(row.blocks)
+        row.blocks = []
+
+    def _retire(self) -> None:
+        now = time.monotonic()
+        for ticket in [t for t in self._running if t.done or t.cancelled or _late(t, now)]:
+            self._end(ticket, _END if ticket.done else _failure(ticket))
+
+    def _end(self, ticket: Ticket, outcome) -> None:
+        """Take the request out, give its blocks back, and tell its reader ``outcome``."""
+        if ticket in self._running:
+            self._running.remove(ticket)
+        for row in ticket.rows:
+            if row.blocks:
+                self._release(row)
+        status = "ok" if outcome is _END else ("cancelled" if ticket.cancelled
+                                               else str(outcome.status))
+        self.metrics.finished(status, ticket.usage)
+        if self.routing_log is not None:
+            try:
+                self.routing_log.write(ticket, status)
+            except OSError as error:  # a full disk stops the log, not the serving
+                print(f"moekit serve: the routing log stopped: {error}", file=sys.stderr)
+                self.routing_log = None
+        ticket.send(outcome)
+
+
+def _late(ticket: Ticket, now: float) -> bool:
+    return ticket.deadline is not None and now > ticket.deadline
+
+
+def _failure(ticket: Ticket) -> RequestFailed:
+    if ticket.cancelled:
+        return RequestFailed(499, "the client went away")
+    return RequestFailed(504, "the request ran past the server's deadline of "
+                              f"{ticket.deadline - ticket.submitted:g} s")
