@@ -211,6 +211,10 @@ class ModelConfig(_FromDict):
     logits_scaling: float = 1.0
     moe: MoEConfig | None = None
     moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
+    # Dropout in training only (Hunyuan-Large's SFT: 0.1 and 0.2): of the attention
+    # probabilities, and of each attention and FFN output before it joins the residual stream.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
@@ -237,6 +241,10 @@ class ModelConfig(_FromDict):
             _positive_number(name, getattr(self, name))
         if self.attention_multiplier is not None:
             _positive_number("attention_multiplier", self.attention_multiplier)
+        for name in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and 0 <= value < 1, name, value,
+                     "expected a number in [0, 1)")
         _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
                  self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
@@ -338,6 +346,9 @@ class TrainConfig(_FromDict):
     # torch.use_deterministic_algorithms: bit-identical repeats on a GPU too (a CPU run of
     # moekit repeats bit for bit without it: stable sorts, no order-dependent scatter).
     deterministic: bool = False
+    # The long-context stage (Hunyuan-Large: 25%): this share of each step's windows comes
+    # from documents at least seq_len + 1 tokens long, the rest from anywhere as before.
+    long_fraction: float = 0.0
     eval_every: int = 50
     eval_batches: int = 8
     # Steps between measurements of expert_similarity (mean pairwise cosine similarity of each
@@ -382,6 +393,8 @@ class TrainConfig(_FromDict):
                  "expected true or false")
         _require(isinstance(self.recompute, bool), "recompute", self.recompute,
                  "expected true or false")
+        _require(isinstance(self.long_fraction, (int, float)) and 0 <= self.long_fraction <= 1,
+                 "long_fraction", self.long_fraction, "expected a number in [0, 1]")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
                  "expected an integer >= 0")
 

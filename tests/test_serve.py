@@ -16,7 +16,8 @@ from moekit.config import preset
 from moekit.model import Transformer, generate, save_model
 from moekit.serve import create_app, load_engine
 from moekit.serve.engine import Sampling
-from moekit.serve.text import TextStream, render_chat
+from moekit.serve.text import TextStream
+from moekit.train.chat import render_chat
 from moekit.train.tokenizer import train_tokenizer
 
 KEY = "test-key"

@@ -17,8 +17,8 @@ from moekit.cli.paths import check_paths, command_parsers
 from moekit.devices import retain_freed_cpu_memory
 
 # Modules of moekit.cli, one per command group, in the order `moekit --help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("train", "health", "check", "convert", "plan", "quantize",
-                                    "serve")
+COMMAND_MODULES: tuple[str, ...] = ("train", "post_train", "health", "check", "convert", "plan",
+                                    "quantize", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

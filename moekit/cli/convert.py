@@ -3,6 +3,7 @@ moekit folders and Hugging Face folders."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -71,13 +72,18 @@ def register(subcommands) -> None:
         subcommands, "export", "a moekit checkpoint or run folder", run_export,
         help="a moekit folder -> a Hugging Face folder transformers loads",
         description="Writes config.json, model.safetensors and the tokenizer files in the "
-                    "chosen layout; refuses a model feature the layout cannot hold.")
+                    "chosen layout; refuses a model feature the layout cannot hold. A LoRA run "
+                    "exports its base model and, in OUT/adapter/, a PEFT adapter.")
     export_parser.add_argument("--layout", required=True, choices=LAYOUTS)
     export_parser.add_argument("--max-shard-size", type=byte_size,
                                default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
                                help="split the weights into shards of at most SIZE (e.g. 5GB, "
                                "2GiB) with an index, as transformers does (default: 50GB, the "
                                "Hub's limit per file)")
+    export_parser.add_argument("--merge-lora", action="store_true",
+                               help="of a LoRA run (moekit sft/dpo --lora-rank): write the "
+                               "weights with the adapters merged in, instead of the base model "
+                               "plus a PEFT adapter in OUT/adapter/")
 
 
 def _print_advice(dense, moe_model, dense_tokens: float, moe_tokens: float) -> None:
@@ -124,9 +130,29 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from moekit.convert.peft_adapter import peft_tensors, write_peft_adapter
+    from moekit.files import read_safetensors
+    from moekit.model.io import read_config
+    from moekit.train.lora import ADAPTER_FILE
+    from moekit.train.post_train import SETTINGS_KEY
     source = resolve_checkpoint(args.source)
-    export_hf(load_model(source), args.out, args.layout, tokenizer_from=source,
-              max_shard_bytes=args.max_shard_size)
+    post_training = read_config(source).get(SETTINGS_KEY) or {}
+    lora = post_training.get("lora")
+    if args.merge_lora and lora is None:
+        raise ValueError(f"--merge-lora: {source} holds no LoRA adapters (its weights are "
+                         "written as they are without it)")
+    if lora is None or args.merge_lora:  # a LoRA checkpoint's model.safetensors is merged
+        export_hf(load_model(source), args.out, args.layout, tokenizer_from=source,
+                  max_shard_bytes=args.max_shard_size)
+    else:  # the base model, and the adapters as PEFT's
+        adapters = read_safetensors(source / ADAPTER_FILE)
+        peft_tensors(adapters, args.layout)  # refuses what PEFT cannot hold, before writing
+        export_hf(load_model(post_training["init_from"]), args.out, args.layout,
+                  tokenizer_from=source, max_shard_bytes=args.max_shard_size)
+        write_peft_adapter(adapters, lora["rank"], lora["alpha"] or 2 * lora["rank"],
+                           args.layout, Path(args.out) / "adapter", base_model=str(args.out))
+        print(f"wrote {Path(args.out) / 'adapter'}: peft.PeftModel.from_pretrained(model, "
+              f"{str(Path(args.out) / 'adapter')!r}) puts the LoRA adapters on it")
     print(f"wrote {args.out}: transformers.AutoModelForCausalLM.from_pretrained("
           f"{args.out!r}) loads it")
     return 0

@@ -48,6 +48,8 @@ TRAIN_FLAGS = {
     "checkpoint_every": (int, "steps between checkpoints"),
     "keep_checkpoints": (int, "how many checkpoints to keep"),
     "seed": (int, "seed of initialisation and batches"),
+    "long_fraction": (float, "share of each step's windows drawn from documents at least "
+                      "seq_len + 1 tokens long: the long-context stage (Hunyuan-Large: 0.25)"),
 }
 DATA_FLAGS = {
     "vocab_size": (int, "tokenizer vocabulary (257 = plain bytes)"),
@@ -85,6 +87,8 @@ def _configs(args) -> tuple[ModelConfig, TrainConfig, DataConfig]:
         model = model_config_of(args.preset, file)
         if args.dense:
             model = model.dense()
+        if args.rope_base:
+            model = replace(model, rope_base=args.rope_base)
     train = {**file.get("train", {}), **{key: getattr(args, key) for key in TRAIN_FLAGS
                                          if getattr(args, key) is not None}}
     data = {**file.get("data", {}), **{key: getattr(args, key) for key in DATA_FLAGS
@@ -151,11 +155,14 @@ def check_zero(zero: int, pipeline: int, expert: int, tensor: int) -> None:
 
 def run_train(args) -> int:
     from moekit.train.loop import train
+    from moekit.train.checkpoint import resolve_checkpoint
     retain_freed_cpu_memory(training=True)
     device = resolve_device(args.device)
+    if args.init_from:  # a run folder (a previous stage) starts from its newest checkpoint
+        args.init_from = str(resolve_checkpoint(args.init_from))
     if args.resume:
         # --steps may extend the run (moekit.train.optim.extend_schedule); nothing else changes
-        settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from",
+        settings = ["config", "preset", "corpus", "dense", "overwrite", "init_from", "rope_base",
                     *(key for key in TRAIN_FLAGS if key != "steps"), *DATA_FLAGS]
         given = [f"--{key.replace('_', '-')}" for key in settings
                  if getattr(args, key) not in (None, False)]
@@ -195,7 +202,9 @@ def run_train(args) -> int:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,
                        peak_flops=peak_flops, steps=args.steps if args.resume else None,
-                       show_progress=not args.quiet, mesh=mesh)
+                       show_progress=not args.quiet, mesh=mesh,
+                       model_overrides={"rope_base": args.rope_base}
+                       if args.rope_base and args.init_from else None)
     except KeyboardInterrupt as stop:
         if mesh.is_main:
             print(f"moekit train: {stop or 'interrupted'}; continue with: moekit train --out "
@@ -284,48 +293,29 @@ def _checkpoint_command(subcommands, name: str, run, **texts) -> argparse.Argume
     return parser
 
 
-def register(subcommands) -> None:
-    train = subcommands.add_parser(
-        "train", help="train a model (default: the tiny MoE on the embedded corpus)",
-        description="Train a decoder-only MoE (or dense) model. Settings come from a preset, "
-        "then a config file (TOML/YAML/JSON with sections preset, model, train, data), then "
-        "flags. The run folder gets run.json (resolved config, versions, git revision), "
-        "tokenizer.json, metrics.jsonl, plots/ and checkpoints/. Ctrl-C saves a checkpoint "
-        "and stops; --resume continues exactly where the last checkpoint left off.")
-    train.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default tiny)")
-    input_option(train, "--config", help="config file (.toml, .yaml, .json)")
-    output_option(train, "--out", in_place_when="resume",
-                  help="run folder (default runs/PRESET); an existing one only with --resume "
-                  "or --overwrite")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in --out (with --steps: extend it)")
-    input_option(train, "--init-from", metavar="DIR",
-                 help="start from this model folder's model, weights and tokenizer "
-                 "(e.g. the output of moekit upcycle)")
-    train.add_argument("--dense", action="store_true",
-                       help="train the dense variant of the model (every FFN dense)")
-    input_option(train, "--corpus", nargs="+", metavar="PATH",
-                 help="text/markdown/JSONL files or folders (default: the embedded corpus)")
-    for key, (kind, text) in {**TRAIN_FLAGS, **DATA_FLAGS}.items():
-        default = next(f.default for cls in (TrainConfig, DataConfig) for f in fields(cls)
-                       if f.name == key)
+def add_config_flags(parser: argparse.ArgumentParser, flags: dict,
+                     defaults: dict | None = None) -> None:
+    """Add the flags that override TrainConfig / DataConfig fields (``defaults``: the command's
+    own defaults where they differ from the configs')."""
+    for key, (kind, text) in flags.items():
+        default = (defaults or {}).get(key, next(
+            f.default for cls in (TrainConfig, DataConfig) for f in fields(cls) if f.name == key))
         flag = f"--{key.replace('_', '-')}"
         if kind is bool:
-            train.add_argument(flag, action="store_true", default=None, help=text)
+            parser.add_argument(flag, action="store_true", default=None, help=text)
             continue
         choices = {"expert_lr_rule": EXPERT_LR_RULES, "precision": PRECISIONS,
                    "optimizer_impl": OPTIMIZER_IMPLS, "lb_scope": LB_SCOPES}.get(key)
-        train.add_argument(flag, type=kind, choices=choices, help=f"{text} (default {default})")
-    peak = train.add_mutually_exclusive_group()
-    peak.add_argument("--peak-tflops", type=float,
-                      help="the device's peak TFLOP/s, to report MFU")
-    peak.add_argument("--peak-device", choices=sorted(DEVICES),
-                      help="report MFU against this device's dense BF16 peak")
-    train.add_argument("--quiet", action="store_true", help="no progress display")
-    parallel = train.add_argument_group(
+        parser.add_argument(flag, type=kind, choices=choices, help=f"{text} (default {default})")
+
+
+def add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """--nproc, --expert, --tensor, --pipeline, --stage-layers, --zero and
+    --collective-timeout."""
+    parallel = parser.add_argument_group(
         "several processes (data, expert, expert-data, pipeline parallel, ZeRO-1/2/3; "
         "docs/parallel.md)",
-        "torchrun --nproc-per-node N -m moekit train ... runs the same command on N processes "
+        "torchrun --nproc-per-node N -m moekit COMMAND ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
     parallel.add_argument("--nproc", type=positive_int, metavar="N",
@@ -374,6 +364,42 @@ def register(subcommands) -> None:
     parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
                           metavar="S", help="seconds a rank waits for the others in a collective "
                           "before it fails (default 600)")
+
+
+def register(subcommands) -> None:
+    train = subcommands.add_parser(
+        "train", help="train a model (default: the tiny MoE on the embedded corpus)",
+        description="Train a decoder-only MoE (or dense) model. Settings come from a preset, "
+        "then a config file (TOML/YAML/JSON with sections preset, model, train, data), then "
+        "flags. The run folder gets run.json (resolved config, versions, git revision), "
+        "tokenizer.json, metrics.jsonl, plots/ and checkpoints/. Ctrl-C saves a checkpoint "
+        "and stops; --resume continues exactly where the last checkpoint left off.")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default tiny)")
+    input_option(train, "--config", help="config file (.toml, .yaml, .json)")
+    output_option(train, "--out", in_place_when="resume",
+                  help="run folder (default runs/PRESET); an existing one only with --resume "
+                  "or --overwrite")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out (with --steps: extend it)")
+    input_option(train, "--init-from", metavar="DIR",
+                 help="start from this model folder's model, weights and tokenizer "
+                 "(e.g. the output of moekit upcycle), or a run folder's newest checkpoint")
+    train.add_argument("--rope-base", type=positive_float, metavar="B",
+                       help="RoPE base; with --init-from, the model continues with it: a "
+                       "long-context stage, with a longer --seq-len (which raises the model's "
+                       "context to it) and --long-fraction (docs/train.md)")
+    train.add_argument("--dense", action="store_true",
+                       help="train the dense variant of the model (every FFN dense)")
+    input_option(train, "--corpus", nargs="+", metavar="PATH",
+                 help="text/markdown/JSONL files or folders (default: the embedded corpus)")
+    add_config_flags(train, {**TRAIN_FLAGS, **DATA_FLAGS})
+    peak = train.add_mutually_exclusive_group()
+    peak.add_argument("--peak-tflops", type=float,
+                      help="the device's peak TFLOP/s, to report MFU")
+    peak.add_argument("--peak-device", choices=sorted(DEVICES),
+                      help="report MFU against this device's dense BF16 peak")
+    train.add_argument("--quiet", action="store_true", help="no progress display")
+    add_parallel_options(train)
     _common(train)
     train.set_defaults(run=run_train)
 

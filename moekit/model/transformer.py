@@ -130,6 +130,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * dh, d, bias=False)
         self.owns_kv = owns_kv
         self.score_scale = config.attention_multiplier  # None: sdpa's 1/sqrt(Dh)
+        self.dropout = config.attention_dropout
         if owns_kv:
             self.k_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
             self.v_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
@@ -171,6 +172,7 @@ class Attention(nn.Module):
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGPD, v_BGPD, attn_mask=attn_mask,
             is_causal=attn_mask is None and q_BHSD.shape[2] > 1, scale=self.score_scale,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.kv_heads != self.num_heads)
         batch, _, seq, _ = out_BHSD.shape
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq, -1)), shared_kv
@@ -183,19 +185,21 @@ class Block(nn.Module):
         self.attn = Attention(config, owns_kv=config.owns_kv(index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.residual_multiplier = config.residual_multiplier
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
         self.ffn = (MoELayer(config.moe, layer_index=index) if config.is_moe_layer(index)
                     else MLP(config.hidden_size, config.ffn_size, config.activation))
 
     def forward(self, x_BSD, rope, attn_mask, token_mask_BS, shared_kv, cache, group):
         attn_out, shared_kv = self.attn(self.attn_norm(x_BSD), rope, attn_mask, shared_kv,
                                         cache, group)
-        x_BSD = x_BSD + attn_out * self.residual_multiplier
+        x_BSD = x_BSD + self.hidden_dropout(attn_out) * self.residual_multiplier
         stats = None
         if isinstance(self.ffn, MoELayer):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), token_mask_BS)
         else:
             ffn_out = self.ffn(self.ffn_norm(x_BSD))
-        return x_BSD + ffn_out * self.residual_multiplier, shared_kv, stats
+        return (x_BSD + self.hidden_dropout(ffn_out) * self.residual_multiplier, shared_kv,
+                stats)
 
 
 class LayerStack(nn.ModuleDict):
@@ -223,6 +227,20 @@ class LayerStack(nn.ModuleDict):
             del self[name]
 
 
+def _document_positions_and_mask(document_ids_BS: torch.Tensor, mask_BS: torch.Tensor | None):
+    """Positions restarting at each packed document (counting its real tokens), and the
+    attention mask: causal within a document, never across one, never onto padding."""
+    seq = document_ids_BS.shape[1]
+    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BS.device).tril()
+    same_BSS = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
+    allowed_BSS = same_BSS & causal_SS
+    if mask_BS is not None:
+        allowed_BSS &= mask_BS[:, None, :]
+    positions_BS = (allowed_BSS.sum(-1) - 1).clamp(min=0)
+    allowed_BSS |= torch.eye(seq, dtype=torch.bool, device=document_ids_BS.device)  # no empty row
+    return positions_BS, allowed_BSS[:, None]
+
+
 @dataclass
 class TransformerOutput:
     logits: torch.Tensor  # [B, S, V]
@@ -231,13 +249,17 @@ class TransformerOutput:
 
 
 class Transformer(nn.Module):
-    """``forward(input_ids, mask=None, cache=None, last_only=False) -> TransformerOutput``.
+    """``forward(input_ids, mask=None, cache=None, last_only=False, document_ids=None)
+    -> TransformerOutput``.
 
     mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
     prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
     new positions are appended to it; positions count real tokens only. Any cache with the
     same four methods (``check_room``, ``positions_and_mask``, ``store``, ``advance``) works,
     such as ``moekit.model.paged.PagedBatch``, whose rows each sit at their own position.
+    ``document_ids`` [B, S] (integers; without a cache) packs several documents into a row: a
+    token attends only to the earlier tokens of its own document, and positions restart at
+    each document, so that every document computes as it would alone.
 
     ``recompute``: when gradients are recorded, each layer keeps only its input and computes
     its activations again in the backward (activation checkpointing), trading about one more
@@ -266,7 +288,7 @@ class Transformer(nn.Module):
             elif isinstance(module, GroupedExperts):
                 module.reset_parameters(std)
 
-    def _check(self, input_ids, mask, cache):
+    def _check(self, input_ids, mask, cache, document_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long,
                                                                              torch.int):
             raise ValueError("input_ids must be an integer tensor of shape [batch, seq]")
@@ -279,14 +301,21 @@ class Transformer(nn.Module):
                              f"model context ({self.config.max_seq_len})")
         if mask is not None and (mask.dtype != torch.bool or mask.shape != input_ids.shape):
             raise ValueError(f"mask must be a bool tensor of shape {tuple(input_ids.shape)}")
+        if document_ids is not None:
+            if cache is not None:
+                raise ValueError("document_ids is for training and scoring: not with a cache")
+            if document_ids.shape != input_ids.shape or document_ids.is_floating_point():
+                raise ValueError("document_ids must be an integer tensor of shape "
+                                 f"{tuple(input_ids.shape)}")
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> TransformerOutput:
+                cache: KVCache | None = None, last_only: bool = False,
+                document_ids: torch.Tensor | None = None) -> TransformerOutput:
         """``last_only``: logits of the last position only (all generation needs of a
         prompt; the output projection of the others would be wasted)."""
-        self._check(input_ids, mask, cache)
+        self._check(input_ids, mask, cache, document_ids)
         x_BSD = self.embed(input_ids)
-        x_BSD, all_stats = self.run_layers(x_BSD, mask, cache)
+        x_BSD, all_stats = self.run_layers(x_BSD, mask, cache, document_ids)
         if cache is not None:
             cache.advance(input_ids.shape[1])
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
@@ -301,14 +330,19 @@ class Transformer(nn.Module):
         return self.embed_tokens(input_ids) * self.config.embedding_multiplier
 
     def run_layers(self, x_BSD: torch.Tensor, mask: torch.Tensor | None = None,
-                   cache=None) -> tuple[torch.Tensor, list[MoEStats]]:
+                   cache=None, document_ids: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, list[MoEStats]]:
         """The blocks this model holds, in order, on hidden states ``x_BSD``; with the MoE
         layers' statistics. Positions and the attention mask follow from ``mask`` (and the
-        cache) alone, so that every stage of a pipeline derives the same ones."""
+        cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
+        the same ones."""
         batch, seq, _ = x_BSD.shape
-        positions_BS, attn_mask = (
-            positions_and_mask(mask, None, 0, batch, seq, x_BSD.device) if cache is None
-            else cache.positions_and_mask(mask, batch, seq, x_BSD.device))
+        if document_ids is not None:
+            positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask)
+        else:
+            positions_BS, attn_mask = (
+                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device) if cache is None
+                else cache.positions_and_mask(mask, batch, seq, x_BSD.device))
         rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
                             x_BSD.dtype)
         all_stats, shared_kv = [], None

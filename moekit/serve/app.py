@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from moekit.serve.engine import Engine, Overloaded, Piece, RequestFailed, Sampling, Usage
-from moekit.serve.text import render_chat
+from moekit.train.chat import render_chat
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 

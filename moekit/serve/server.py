@@ -11,7 +11,7 @@ from moekit.files import CheckpointError
 from moekit.quant import load_for_inference
 from moekit.serve.app import create_app
 from moekit.serve.engine import Engine
-from moekit.serve.text import read_chat_template
+from moekit.train.chat import read_chat_template
 from moekit.train.checkpoint import CHECKPOINTS, resolve_checkpoint
 from moekit.train.tokenizer import load_tokenizer
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from moekit.files import (CheckpointError, DiskFullError, atomic_directory, lock_folder,
-                          read_json, read_safetensors, remove_leftovers, write_json)
+from moekit.files import (CheckpointError, DiskFullError, atomic_directory,
+                          copy_tokenizer_files, lock_folder, read_json, read_safetensors,
+                          remove_leftovers, write_json)
 from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, folder_format_version,
                              upgrade_tensor, write_config, write_model)
 from moekit.model.transformer import Transformer
@@ -103,14 +104,20 @@ def checkpoint_folder(run: str | Path, step: int) -> Path:
 
 def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     optimizer: torch.optim.Optimizer, tokenizer: TextTokenizer, extra: dict,
-                    keep: int, mesh: Mesh = Mesh()) -> Path:
+                    keep: int, mesh: Mesh = Mesh(), *, weights: dict | None = None,
+                    beside: dict[str, dict[str, torch.Tensor]] | None = None,
+                    tokenizer_from: str | Path | None = None) -> Path:
     """Write the state after ``step`` completed optimizer steps; drop all but the newest
     ``keep`` checkpoints. Returns the new folder. On several ranks every rank calls it and
     writes the shards it holds (experts, pipeline stages, DTensor shards, ZeRO-1 partitions)
     into rank 0's staging folder (``save_sharded``: the folder must be on a file system every
-    rank reaches); the files hold what one process would write."""
+    rank reaches); the files hold what one process would write. Post-training
+    (``moekit.train.post_train``) may give the model ``weights`` to write instead of the
+    model's state, more safetensors files to write ``beside`` them (file name -> tensors, the
+    same on every rank: rank 0 writes them), and a folder whose tokenizer files (chat template)
+    to copy, ``tokenizer_from``."""
     destination = checkpoint_folder(run, step)
-    weights = model.state_dict()
+    weights = model.state_dict() if weights is None else weights
     optimizer_tensors = _optimizer_tensors(model, optimizer, mesh)
     try:
         with _staged(destination, mesh) as staging:
@@ -125,6 +132,10 @@ def save_checkpoint(run: str | Path, step: int, model: Transformer,
                     write_config(model, staging, {**extra, "step": step})
             if mesh.is_main:
                 tokenizer.save(staging)
+                if tokenizer_from is not None:  # the same tokenizer, with its chat template
+                    copy_tokenizer_files(tokenizer_from, staging)
+                for name, tensors in (beside or {}).items():
+                    save_file(tensors, str(staging / name))
                 groups = [{key: value for key, value in group.items() if key != "params"}
                           for group in optimizer.param_groups]
                 write_json(staging / STATE_FILE, {"step": step, "param_groups": groups})

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -33,15 +33,21 @@ def default_documents() -> list[str]:
     return [json.loads(line)["text"] for line in gzip.decompress(data).decode().splitlines()]
 
 
-def _jsonl_documents(path: Path) -> list[str]:
-    documents = []
+def jsonl_records(path: Path):
+    """(line number, value) of each non-empty line of a JSONL file; a line that is not JSON is
+    a ValueError naming the file and line."""
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    documents = []
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f'{path}:{number}: expected an object with a "text" string')
         documents.append(record["text"])
@@ -88,16 +94,36 @@ def read_documents(paths: tuple[str, ...] | list[str]) -> list[str]:
 class TokenSplits:
     train: torch.Tensor  # 1-D int64 token stream, documents joined by end-of-text
     val: torch.Tensor
+    # (start, length) in ``train`` of each document's training tokens (its end-of-text after)
+    train_documents: list[tuple[int, int]] = field(default_factory=list)
 
 
 def split_tokens(documents: list[str], tokenizer: TextTokenizer,
                  val_fraction: float) -> TokenSplits:
-    train, val = [], []
+    train, val, spans = [], [], []
     for ids in tokenizer.encode_batch(documents):
         held_out = max(1, round(len(ids) * val_fraction)) if len(ids) > 1 else 0
+        spans.append((len(train), len(ids) - held_out))
         train += ids[:len(ids) - held_out] + [tokenizer.eos_id]
         val += ids[len(ids) - held_out:] + [tokenizer.eos_id]
-    return TokenSplits(torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long))
+    return TokenSplits(torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long),
+                       spans)
+
+
+def long_windows(documents: list[tuple[int, int]], seq_len: int) -> torch.Tensor:
+    """Every start of a window of seq_len + 1 tokens inside one document: the long-context
+    stage's draws (``train_batch``)."""
+    starts = [torch.arange(start, start + length - seq_len) for start, length in documents
+              if length > seq_len]
+    return torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)
+
+
+def check_long_documents(splits: TokenSplits, seq_len: int, long_fraction: float) -> None:
+    if long_fraction > 0 and len(long_windows(splits.train_documents, seq_len)) == 0:
+        longest = max((length for _, length in splits.train_documents), default=0)
+        raise ValueError(f"long_fraction={long_fraction} needs documents of at least seq_len + "
+                         f"1 = {seq_len + 1} training tokens; the corpus's longest has "
+                         f"{longest}: use longer documents or a shorter seq_len")
 
 
 def check_length(tokens: torch.Tensor, seq_len: int, split: str) -> None:
@@ -107,10 +133,18 @@ def check_length(tokens: torch.Tensor, seq_len: int, split: str) -> None:
 
 
 def train_batch(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets [batch_size, seq_len] of training step ``step``: random windows."""
+                seed: int, long_starts: torch.Tensor | None = None,
+                long_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets [batch_size, seq_len] of training step ``step``: random windows, the
+    last round(long_fraction * batch_size) of them drawn uniformly from ``long_starts``
+    (``long_windows``: windows inside documents that long)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)
+    long_count = round(long_fraction * batch_size)
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size - long_count,),
+                           generator=generator)
+    if long_count:
+        picks = torch.randint(0, len(long_starts), (long_count,), generator=generator)
+        starts = torch.cat([starts, long_starts[picks]])
     windows = torch.stack([tokens[start:start + seq_len + 1] for start in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
 

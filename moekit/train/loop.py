@@ -19,6 +19,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -36,8 +37,8 @@ from moekit.parallel.parallelize import parallelize, unwrap
 from moekit.parallel.pipeline import run_schedule, stage_module
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
-from moekit.train.data import (check_length, eval_batches, read_documents, split_tokens,
-                               train_batch)
+from moekit.train.data import (check_length, check_long_documents, eval_batches,
+                               long_windows, read_documents, split_tokens, train_batch)
 from moekit.train.health import expert_similarities
 from moekit.train.optim import (build_optimizer, extend_schedule, implementation_of,
                                 set_learning_rate)
@@ -102,9 +103,10 @@ def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, config: TrainC
     return total / count
 
 
-def _train_step(model, optimizer, tokens, step, config, mesh) -> dict:
+def _train_step(model, optimizer, splits, long_starts, step, config, mesh) -> dict:
     lr = set_learning_rate(optimizer, step, config)
-    inputs, targets = train_batch(tokens, step, config.batch_size, config.seq_len, config.seed)
+    inputs, targets = train_batch(splits.train, step, config.batch_size, config.seq_len,
+                                  config.seed, long_starts, config.long_fraction)
     return {"kind": "train", "step": step + 1, "lr": lr,
             **train_step(model, optimizer, inputs, targets, config, mesh)}
 
@@ -157,7 +159,8 @@ def _open_metrics(run: Path, records: list[dict], train_config: TrainConfig):
 
 
 def _start(run: Path, model_config, train_config, data_config, resume: bool, overwrite: bool,
-           init_from: Path | None, steps: int | None, writes: bool):
+           init_from: Path | None, steps: int | None, writes: bool,
+           model_overrides: dict | None = None):
     """Resolve configs and tokenizer for a new or resumed run. Only the rank that ``writes``
     checks the output folder: the others read while it holds the folder."""
     if resume:
@@ -175,6 +178,11 @@ def _start(run: Path, model_config, train_config, data_config, resume: bool, ove
         if model_config is not None:
             raise ValueError("init_from brings its own model: leave the model config out")
         model_config, tokenizer = read_model_config(init_from), load_tokenizer(init_from)
+        # A stage continues it: a new RoPE base, and a longer context for a longer seq_len
+        # (RoPE has no learned positions); its checkpoints record both in config.json.
+        model_config = ModelConfig.from_dict({
+            **model_config.to_dict(), **(model_overrides or {}),
+            "max_seq_len": max(model_config.max_seq_len, train_config.seq_len)})
     else:
         tokenizer = train_tokenizer(read_documents(data_config.corpus), data_config.vocab_size)
         model_config = replace(model_config, vocab_size=tokenizer.vocab_size)
@@ -231,15 +239,18 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
           run: str | Path, *, resume: bool = False, overwrite: bool = False,
           init_from: str | Path | None = None, device: str | torch.device = "cpu",
           peak_flops: float | None = None, show_progress: bool = True,
-          on_step=None, steps: int | None = None, mesh: Mesh = Mesh()) -> TrainResult:
+          on_step=None, steps: int | None = None, mesh: Mesh = Mesh(),
+          model_overrides: dict | None = None) -> TrainResult:
     """Train a model from scratch into the folder ``run``, or continue it (``resume=True``: the
     configs are then those saved in the run, ``steps`` extends it as ``optim.extend_schedule``
     says; ``overwrite=True`` replaces an existing run folder instead, swapped in once the new
     run's settings are known to be good). While it writes, the run folder is claimed for this
     process (``checkpoint.claim_run``). ``init_from``: a model folder (with tokenizer.json)
     whose model, weights and tokenizer the run starts from, e.g. an upcycled checkpoint;
-    ``model_config`` is then None. Each step logs its model FLOP/s (from active parameters,
-    moekit.plan), and its MFU when the device's ``peak_flops`` is given. ``on_step(record)`` is
+    ``model_config`` is then None, and ``model_overrides`` (e.g. ``{"rope_base": B}``) set
+    fields of its config: a long-context stage (with ``train_config.long_fraction``). Each
+    step logs its model FLOP/s (from active parameters, moekit.plan), and its MFU when the
+    device's ``peak_flops`` is given. ``on_step(record)`` is
     called after each step. Ctrl-C finishes the current step, saves a checkpoint, and raises
     KeyboardInterrupt.
 
@@ -251,12 +262,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     with _all_ranks_or_none(mesh):
         model_config, train_config, data_config, tokenizer = _start(
             run, model_config, train_config, data_config, resume, overwrite, init_from, steps,
-            writes=mesh.is_main)
+            writes=mesh.is_main, model_overrides=model_overrides)
         check_batch_split(train_config, mesh.data_size)
         splits = split_tokens(read_documents(data_config.corpus), tokenizer,
                               data_config.val_fraction)
         check_length(splits.train, train_config.seq_len, "training")
         check_length(splits.val, train_config.seq_len, "validation")
+        check_long_documents(splits, train_config.seq_len, train_config.long_fraction)
 
     if train_config.deterministic:
         # cuBLAS needs a fixed workspace for repeatable results (set before its first use).
@@ -285,44 +297,78 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer, extra,
                                     train_config.keep_checkpoints, mesh)
 
-    flops_per_token = training_flops_per_token(model_config, train_config.seq_len).model_flops
+    def evaluate(at_step: int) -> dict:
+        val = validation_loss(parallel_model, splits.val, train_config, device, mesh)
+        return {"val_loss": val, "val_ppl": math.exp(val)}
+
+    long_starts = long_windows(splits.train_documents, train_config.seq_len)
+
+    def one_step(at: int) -> tuple[dict, int]:
+        record = _train_step(parallel_model, optimizer, splits, long_starts, at, train_config,
+                             mesh)
+        if train_config.similarity_every and (at + 1) % train_config.similarity_every == 0:
+            record["expert_similarity"] = expert_similarities(model, mesh)
+        return record, train_config.batch_size * train_config.seq_len
+
+    return run_steps(StepLoop(
+        run, train_config, mesh, step=one_step, evaluate=evaluate, save=save,
+        write_new_run=None if resume else write_new_run,
+        flops_per_token=training_flops_per_token(model_config,
+                                                 train_config.seq_len).model_flops,
+        peak_flops=peak_flops), step, records, show_progress, on_step)
+
+
+@dataclass
+class StepLoop:
+    """What the loop over a run folder's steps needs (pre-training's and post-training's):
+    ``step(index) -> (record, tokens trained on)``, ``evaluate(step) -> figures``,
+    ``save(step) -> checkpoint``, and ``write_new_run(folder)`` for a new run (None resumes)."""
+    run: Path
+    config: TrainConfig
+    mesh: Mesh
+    step: Callable[[int], tuple[dict, int]]
+    evaluate: Callable[[int], dict]
+    save: Callable[[int], Path]
+    write_new_run: Callable[[Path], None] | None
+    flops_per_token: float
+    peak_flops: float | None = None
+
+
+def run_steps(loop: StepLoop, step: int, records: list[dict], show_progress: bool = True,
+              on_step=None) -> TrainResult:
+    """Run the steps after ``step`` (records: those kept so far), logging each to
+    metrics.jsonl, evaluating every ``eval_every`` and checkpointing every
+    ``checkpoint_every`` steps; Ctrl-C finishes the step, saves and raises KeyboardInterrupt."""
+    run, config, mesh = loop.run, loop.config, loop.mesh
     checkpoint = None
     with contextlib.ExitStack() as files, _StopOnCtrlC() as stop, \
-            Progress(train_config.steps, step, show_progress and mesh.is_main) as progress:
+            Progress(config.steps, step, show_progress and mesh.is_main) as progress:
         if mesh.is_main:
-            files.enter_context(ckpt.claim_run(run, None if resume else write_new_run))
-            log = files.enter_context(_open_metrics(run, records, train_config))
+            files.enter_context(ckpt.claim_run(run, loop.write_new_run))
+            log = files.enter_context(_open_metrics(run, records, config))
         else:
             log = files.enter_context(open(os.devnull, "w"))
         stopping = False
-        while step < train_config.steps and not stopping:
+        while step < config.steps and not stopping:
             started = time.perf_counter()
-            record = _train_step(parallel_model, optimizer, splits.train, step, train_config,
-                                 mesh)
+            record, tokens = loop.step(step)
             step += 1
-            record["tokens_per_s"] = (train_config.batch_size * train_config.seq_len
-                                      / (time.perf_counter() - started))
-            record["model_flops_per_s"] = flops_per_token * record["tokens_per_s"]
-            if peak_flops:
-                record["mfu"] = record["model_flops_per_s"] / peak_flops
-            if train_config.similarity_every and step % train_config.similarity_every == 0:
-                record["expert_similarity"] = expert_similarities(model, mesh)
+            record["tokens_per_s"] = tokens / (time.perf_counter() - started)
+            record["model_flops_per_s"] = loop.flops_per_token * record["tokens_per_s"]
+            if loop.peak_flops:
+                record["mfu"] = record["model_flops_per_s"] / loop.peak_flops
             records.append(record)
             log.write(json.dumps(record) + "\n")
-            if step % train_config.eval_every == 0 or step == train_config.steps:
-                val = validation_loss(parallel_model, splits.val, train_config, device,
-                                      mesh)
-                records.append({"kind": "eval", "step": step, "val_loss": val,
-                                "val_ppl": math.exp(val)})
+            if step % config.eval_every == 0 or step == config.steps:
+                records.append({"kind": "eval", "step": step, **loop.evaluate(step)})
                 log.write(json.dumps(records[-1]) + "\n")
             log.flush()
             progress.update(step, record, records)
             if on_step is not None:
                 on_step(record)
             stopping = _any_rank(stop.requested, mesh)
-            if (step % train_config.checkpoint_every == 0 or step == train_config.steps
-                    or stopping):
-                checkpoint = save(step)
+            if step % config.checkpoint_every == 0 or step == config.steps or stopping:
+                checkpoint = loop.save(step)
     if mesh.is_main:
         plot_run(records, run / "plots")
     if stopping:

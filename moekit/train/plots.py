@@ -35,8 +35,8 @@ def read_records(path: str | Path) -> list[dict]:
 
 
 def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
-    """Write loss.png, and for MoE runs drop_rate.png, expert_load.png and the router-health
-    plots (``plot_router_health``); returns the paths."""
+    """Write loss.png, for MoE runs drop_rate.png, expert_load.png and the router-health
+    plots (``plot_router_health``), and for DPO runs dpo.png; returns the paths."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +71,8 @@ def plot_run(records: list[dict], folder: str | Path) -> list[Path]:
         figure.colorbar(image, ax=axes, label="share of routes")
         written.append(_save(plt, figure, folder / "expert_load.png"))
         written += plot_router_health(train, folder)
+    if train and "margin" in train[-1]:
+        written.append(plot_preferences(records, folder))
     return written
 
 
@@ -117,6 +119,25 @@ def plot_router_health(train: list[dict], folder: Path) -> list[Path]:
         axes_list[0, 0].set_title(title)
         written.append(_save(plt, figure, folder / name))
     return written
+
+
+def plot_preferences(records: list[dict], folder: str | Path) -> Path:
+    """dpo.png: a DPO run's chosen and rejected rewards, their margin, the preference accuracy
+    and the KL to the reference, per training step."""
+    plt = _pyplot()
+    train = [r for r in records if r["kind"] == "train"]
+    steps = [r["step"] for r in train]
+    figure, (rewards, accuracy, kl) = plt.subplots(1, 3, figsize=(12, 3.5))
+    for key in ("chosen_reward", "rejected_reward", "margin"):
+        rewards.plot(steps, [r[key] for r in train], label=key.replace("_", " "), lw=1)
+    rewards.set(xlabel="step", ylabel="beta * log-ratio", title="Rewards")
+    rewards.legend(fontsize="small")
+    accuracy.plot(steps, [r["accuracy"] for r in train], lw=1)
+    accuracy.set(xlabel="step", ylabel="chosen reward > rejected", title="Preference accuracy",
+                 ylim=(0, 1))
+    kl.plot(steps, [r["kl"] for r in train], lw=1)
+    kl.set(xlabel="step", ylabel="nats per response token", title="KL to the reference")
+    return _save(plt, figure, Path(folder) / "dpo.png")
 
 
 def _save(plt, figure, path: Path) -> Path:

@@ -116,12 +116,12 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
     cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
     router_share = torch.zeros((), dtype=torch.float64, device=device)
     stats = []
-    for index, (inputs, targets, mask) in enumerate(micro_batches):
+    for index, (inputs, targets, mask, document_ids) in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
         with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with autocast(config.precision, device):
-                out = model(inputs, mask)
+                out = model(inputs, mask, document_ids=document_ids)
             nll = _summed_cross_entropy(out.logits, targets)
             share = router_loss.share(out.moe_stats)
             with collective("the backward's gradient all-reduce"):
@@ -189,10 +189,12 @@ def _pipeline_routing_totals(model, local, config, mesh, device):
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                inputs_BS: torch.Tensor, targets_BS: torch.Tensor, config: TrainConfig,
-               mesh: Mesh, mask_BS: torch.Tensor | None = None) -> dict:
+               mesh: Mesh, mask_BS: torch.Tensor | None = None,
+               document_ids_BS: torch.Tensor | None = None) -> dict:
     """One optimizer step on the global batch (``inputs_BS``, ``targets_BS``, optional valid-token
-    ``mask_BS``); this rank computes its rows (of a pipeline, with its stage). Returns the
-    step's record (every figure of the global batch)."""
+    ``mask_BS``, optional ``document_ids_BS`` of packed rows: ``Transformer.forward``); this rank
+    computes its rows (of a pipeline, with its stage). Returns the step's record (every figure
+    of the global batch)."""
     device = next(model.parameters()).device
     inner = unwrap(model)
     layers = moe_layers(inner)
@@ -200,15 +202,19 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     rows = mesh.rows(len(inputs_BS))
     local = [t[rows].to(device) if t is not None else None
              for t in (inputs_BS, targets_BS, mask_BS)]
+    documents = document_ids_BS[rows].to(device) if document_ids_BS is not None else None
     pipelined = mesh.pipeline_size > 1
+    if pipelined and documents is not None:
+        raise ValueError("packed rows (document_ids) are not supported with pipeline "
+                         "parallelism in this version")
     per_micro = (rows.stop - rows.start) // config.grad_accum
     micro_batches = [tuple(t[m * per_micro:(m + 1) * per_micro] if t is not None else None
-                           for t in local) for m in range(config.grad_accum)]
+                           for t in (*local, documents)) for m in range(config.grad_accum)]
 
     def forward(module, batch):
-        inputs, _, mask = batch
+        inputs, _, mask, document_ids = batch
         with autocast(config.precision, device):
-            return module(inputs, mask)
+            return module(inputs, mask, document_ids=document_ids)
 
     totals = None
     if config.lb_scope == "step" and inner.config.moe is not None:

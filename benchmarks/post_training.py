@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Does post-training work? The tiny MoE pre-trained by ``moekit.train``, then SFT (full and
+LoRA), offline DPO, online DPO, with and without EMA, on the embedded instruction set, in one
+table; a LoRA step beside a full fine-tuning step, timed in turns in one run; and held-out
+perplexity by position at 4x the pre-training context, before and after a long-context stage
+(RoPE base x4, ``long_fraction`` 0.25), beside the same stage with the base unchanged.
+
+    python benchmarks/post_training.py                 # the figures of docs/post_training.md
+    python benchmarks/post_training.py --quick         # a smoke run in a minute or two
+    python benchmarks/post_training.py --pretrained runs/tiny/checkpoints/step-000300
+
+Columns: held-out exact-answer accuracy (greedy, the held-out instructions), reward (the mean
+exact-answer reward of 4 samples per held-out prompt at temperature 1), trainable parameters
+and their share, training-state bytes (trainable weights + gradients + AdamW's two moments:
+what full fine-tuning and LoRA differ by; computed from the shapes, not a measured peak), and
+the median step time. Then the LoRA/full step-time ratio, the steps taking turns (rank 8,
+experts included), with its range over rounds. Shared machines are noisy: the header prints
+the CPU and load; only ratios within one run compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moekit.config import DataConfig, TrainConfig, preset
+from moekit.model.io import load_model, load_weights, read_model_config
+from moekit.model.transformer import Transformer
+from moekit.parallel.mesh import Mesh
+from moekit.train import lora
+from moekit.train.dpo import DirectPreference
+from moekit.train.instructions import exact_answer_reward, instruction_set, preference_set
+from moekit.train.data import eval_batches, read_documents, split_tokens
+from moekit.train.loop import train
+from moekit.train.optim import build_optimizer
+from moekit.train.post_train import PostTrainSettings, load_chat_tokenizer, post_train
+from moekit.train.sft import SupervisedFineTuning, answer_accuracy, answers, batch_indices
+from moekit.train.step import train_step
+from moekit.train.tokenizer import load_tokenizer
+
+
+def _cpu() -> str:
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if "Model name" in line)
+    except (OSError, StopIteration):
+        return "unknown CPU"
+
+
+def _evaluate(folder: Path, held_out) -> tuple[float, float]:
+    model = load_model(folder)
+    tokenizer, template = load_chat_tokenizer(folder, model.config)
+    accuracy = answer_accuracy(model, held_out, template, tokenizer)
+    samples = answers(model, [x.messages(False) for x in held_out], template, tokenizer,
+                      samples=4, temperature=1.0, seed=0)
+    reward = statistics.mean(exact_answer_reward(x.prompt, text)
+                             for x, texts in zip(held_out, samples) for text in texts)
+    return accuracy, reward
+
+
+def _trainable(folder: Path, rank: int | None) -> int:
+    model = load_model(folder).train()
+    if rank is not None:
+        lora.add_adapters(model, lora.LoRAConfig(rank))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _step_times(base: Path, stage: SupervisedFineTuning, config: TrainConfig, rank: int,
+                rounds: int) -> tuple[list[float], list[float]]:
+    """Full and LoRA steps on the same batches, taking turns; the first round is warm-up."""
+    models = {"full": load_model(base).train(), "lora": load_model(base).train()}
+    lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
+    optimizers = {name: build_optimizer(m, config) for name, m in models.items()}
+    times = {"full": [], "lora": []}
+    for index in range(rounds + 1):
+        batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
+        for name, model in models.items():
+            started = time.perf_counter()
+            train_step(model, optimizers[name], batch[0], batch[1], config, Mesh(), batch[2],
+                       batch[3])
+            if index:
+                times[name].append(time.perf_counter() - started)
+    return times["full"], times["lora"]
+
+
+@torch.no_grad()
+def _loss_by_position(folder: Path, tokens: torch.Tensor, seq_len: int, buckets: int,
+                      batches: int) -> list[float]:
+    """Mean cross-entropy per position bucket of consecutive held-out windows of ``seq_len``."""
+    config = read_model_config(folder)
+    model = Transformer(replace(config, max_seq_len=max(config.max_seq_len, seq_len)))
+    load_weights(model, folder)
+    model.eval()
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    count = 0
+    for inputs, targets in eval_batches(tokens, 8, seq_len, batches):
+        losses = F.cross_entropy(model(inputs).logits.flatten(0, 1), targets.flatten(),
+                                 reduction="none").view(targets.shape)
+        sums += losses.double().sum(0)
+        count += len(inputs)
+    per_bucket = seq_len // buckets
+    return [float(sums[i * per_bucket:(i + 1) * per_bucket].mean()) / count
+            for i in range(buckets)]
+
+
+def long_context(pretrained: Path, work: Path, steps: int, original: int) -> None:
+    """Held-out perplexity by position at 4x the pre-training context, before and after a
+    long-context stage (RoPE base x4, a quarter of the windows from long documents), beside
+    the same stage with the base unchanged."""
+    length = 4 * original
+    config = read_model_config(pretrained)
+    stage = TrainConfig(steps=steps, seq_len=length, batch_size=8, lr=3e-4, warmup_steps=5,
+                        long_fraction=0.25, eval_every=10**6, checkpoint_every=10**6)
+    folders = {"pre-trained": pretrained}
+    for name, base in (("stage, RoPE base x4", 4 * config.rope_base),
+                       ("stage, base unchanged", config.rope_base)):
+        folders[name] = train(None, stage, DataConfig(), work / name.replace(" ", "-"),
+                              init_from=pretrained, model_overrides={"rope_base": base},
+                              show_progress=False).checkpoint
+    tokens = split_tokens(read_documents(()), load_tokenizer(pretrained),
+                          DataConfig().val_fraction).val
+    buckets = 4
+    edges = [f"{i * length // buckets}-{(i + 1) * length // buckets}" for i in range(buckets)]
+    print(f"\nheld-out perplexity by position at {length} tokens (4x the {original} of "
+          f"pre-training), {steps} stage steps:")
+    print(f"{'model':24}" + "".join(f"{edge:>10}" for edge in edges))
+    for name, folder in folders.items():
+        losses = _loss_by_position(folder, tokens, length, buckets, batches=4)
+        print(f"{name:24}" + "".join(f"{math.exp(loss):10.1f}" for loss in losses))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrained", type=Path,
+                        help="start from this checkpoint of the tiny preset (a moekit train "
+                        "run's) instead of pre-training one")
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--dpo-steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--long-steps", type=int, default=100)
+    parser.add_argument("--tables", default="post,long",
+                        help="post (post-training), long (long-context stage), or both")
+    args = parser.parse_args()
+    if args.quick:
+        args.pretrain_steps, args.sft_steps, args.dpo_steps, args.rounds = 20, 10, 4, 3
+        args.long_steps = 3
+    torch.manual_seed(0)
+    print(f"{_cpu()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    work = Path(tempfile.mkdtemp(prefix="moekit-post-training-"))
+    pretrain = TrainConfig(steps=args.pretrain_steps)
+    pretrained = args.pretrained or train(preset("tiny"), pretrain, DataConfig(),
+                                          work / "pretrain", show_progress=False).checkpoint
+    print(f"pre-trained model: {pretrained}")
+    if "post" in args.tables:
+        post_training(pretrained, work, args)
+    if "long" in args.tables:
+        long_context(pretrained, work, args.long_steps, pretrain.seq_len)
+    print(f"runs in {work}")
+
+
+def post_training(pretrained: Path, work: Path, args) -> None:
+    train_set, held_out = instruction_set()
+    held_out = held_out[:100]
+    sft_config = TrainConfig(steps=args.sft_steps, lr=1e-3, warmup_steps=10, eval_every=10**6,
+                             checkpoint_every=10**6, seq_len=128)
+    dpo_config = replace(sft_config, steps=args.dpo_steps, lr=1e-4, warmup_steps=0,
+                         batch_size=8)
+
+    def stage_run(name, stage, config, init_from, **settings) -> tuple[Path, float]:
+        """The run's last checkpoint and its median step time (from its metrics)."""
+        result = post_train(stage, PostTrainSettings(stage=stage.name,
+                                                     init_from=str(init_from), **settings),
+                            config, work / name, show_progress=False)
+        records = [json.loads(line) for line in (result.run / "metrics.jsonl").open()]
+        return result.checkpoint, statistics.median(
+            r["tokens"] / r["tokens_per_s"] for r in records if r["kind"] == "train")
+
+    def sft_stage():
+        return SupervisedFineTuning([x.messages() for x in train_set],
+                                    [x.messages() for x in held_out[:16]])
+
+    def dpo_stage(online: int):
+        return DirectPreference(preference_set(train_set), preference_set(held_out[:16]),
+                                sft_weight=0.1, prompts=[x.messages(False) for x in train_set],
+                                online_prompts=online)
+
+    results = [("pre-trained", pretrained, None, None)]
+    sft, seconds = stage_run("sft", sft_stage(), sft_config, pretrained)
+    results.append(("SFT", sft, None, seconds))
+    folder, seconds = stage_run("sft-lora", sft_stage(), sft_config, pretrained,
+                                lora=lora.LoRAConfig(8))
+    results.append(("SFT, LoRA rank 8", folder, 8, seconds))
+    for name, online, ema in (("offline DPO", 0, None), ("offline DPO + EMA 0.9", 0, 0.9),
+                              ("offline + online DPO", 4, None),
+                              ("offline + online DPO + EMA 0.9", 4, 0.9)):
+        folder, seconds = stage_run(name.replace(" ", "-"), dpo_stage(online), dpo_config, sft,
+                                    ema_decay=ema)
+        results.append((name, folder.parent.parent / "ema" if ema else folder, None, seconds))
+
+    full_params = _trainable(pretrained, None)
+    print(f"\n{'model':32} {'accuracy':>9} {'reward':>7} {'trainable':>12} {'share':>6} "
+          f"{'state MB':>9} {'s/step':>7}")
+    for name, folder, rank, seconds in results:
+        accuracy, reward = _evaluate(folder, held_out)
+        trainable = _trainable(pretrained, rank) if seconds else 0
+        state = trainable * 4 * 4 / 1e6  # fp32 weight, gradient, 2 moments
+        print(f"{name:32} {accuracy:9.1%} {reward:7.3f} {trainable:12,} "
+              f"{trainable / full_params:6.1%} {state:9.2f} "
+              f"{'' if seconds is None else f'{seconds:7.3f}'}")
+    print("(EMA rows evaluate RUN/ema/, the averaged weights; DPO rows start from the SFT row)")
+
+    stage = sft_stage()
+    model = load_model(pretrained)
+    stage.prepare(*load_chat_tokenizer(pretrained, model.config), sft_config)
+    full, adapted = _step_times(pretrained, stage, sft_config, 8, args.rounds)
+    ratios = [a / f for a, f in zip(adapted, full)]
+    print(f"\nLoRA rank 8 step / full fine-tuning step, {args.rounds} rounds in turns: "
+          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
+          f"(full {statistics.median(full) * 1e3:.0f} ms, LoRA "
+          f"{statistics.median(adapted) * 1e3:.0f} ms; trainable share "
+          f"{_trainable(pretrained, 8) / full_params:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""LoRA adapters that reach the experts (``--lora-rank R``).
+
+A low-rank update W + (alpha / R) * B A on: the attention projections (q, k, v, o), the routed
+experts, the shared experts, and with ``router=True`` the router. Everything
+else is frozen: the optimizer holds the adapters alone. B starts at zero, so an adapted model
+computes what its base does until it trains.
+
+Routed experts get per-expert factors beside ``GroupedExperts``' stacked weights: for the input
+projection [E, I, D] (I = 2F when gated: the gate's and the up projection's rows as one block,
+as PEFT's ``target_parameters`` sees the fused ``gate_up_proj``) A [E, R, D] and B [E, I, R], and
+for ``down_proj`` [E, D, F] A [E, R, F] and B [E, D, R]. They are applied with the same grouped
+matmul over the same ``tokens_per_expert_E`` (no Python loop over experts), in
+``LoRAExperts``, which keeps the experts contract and the base weights' names, so that
+``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does.
+
+Legend: N routed rows, D model dim, F expert FFN dim, I input projection's rows, E experts,
+R rank.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from moekit.model.transformer import Transformer
+from moekit.moe import GroupedExperts, MoELayer
+from moekit.moe.experts import expert_activation, grouped_linear
+
+ADAPTER_FILE = "adapter.safetensors"
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int
+    alpha: float | None = None  # default 2 * rank (a scale of 2)
+    router: bool = False  # adapt the router too
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"LoRA rank {self.rank!r} is not allowed: expected an integer >= 1")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float))
+                                           and self.alpha > 0):
+            raise ValueError(f"LoRA alpha {self.alpha!r} is not allowed: expected a number > 0")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else 2 * self.rank) / self.rank
+
+
+def _factors(*shape_pairs, dtype, device) -> list[nn.Parameter]:
+    """(A, B) per pair of shapes: A as nn.Linear initialises a weight (Kaiming uniform, as
+    PEFT), B zero."""
+    factors = []
+    for a_shape, b_shape in shape_pairs:
+        a = torch.empty(a_shape, dtype=dtype, device=device)
+        bound = a_shape[-1] ** -0.5
+        factors += [nn.Parameter(a.uniform_(-bound, bound)),
+                    nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))]
+    return factors
+
+
+class LoRALinear(nn.Linear):
+    """An ``nn.Linear`` with a low-rank update, holding the base layer's own weight and bias."""
+
+    @classmethod
+    def wrap(cls, base: nn.Linear, rank: int, scale: float) -> "LoRALinear":
+        layer = cls.__new__(cls)  # not __init__: the base's own parameters, not new ones
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = base.in_features, base.out_features
+        layer.weight, layer.bias = base.weight, base.bias
+        layer.lora_A, layer.lora_B = _factors(
+            ((rank, base.in_features), (base.out_features, rank)),
+            dtype=base.weight.dtype, device=base.weight.device)
+        layer.scale, layer.enabled = scale, True
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * self.lora_B @ self.lora_A
+
+    def merged(self) -> nn.Linear:
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(self.weight + self.delta())
+            if self.bias is not None:
+                plain.bias.copy_(self.bias)
+        return plain
+
+
+class LoRAExperts(GroupedExperts):
+    """``GroupedExperts`` with per-expert low-rank updates of both projections."""
+
+    @classmethod
+    def wrap(cls, base: GroupedExperts, rank: int, scale: float) -> "LoRAExperts":
+        experts = cls.__new__(cls)  # not __init__: the base's own weights, under their names
+        nn.Module.__init__(experts)
+        for name in ("num_experts", "hidden_size", "ffn_size", "activation", "gated"):
+            setattr(experts, name, getattr(base, name))
+        in_name = "gate_up_proj" if base.gated else "up_proj"
+        experts.register_parameter(in_name, base.in_proj)
+        experts.down_proj = base.down_proj
+        e, i, d = base.in_proj.shape
+        f = base.down_proj.shape[2]
+        (experts.in_lora_A, experts.in_lora_B, experts.down_lora_A,
+         experts.down_lora_B) = _factors(((e, rank, d), (e, i, rank)),
+                                         ((e, rank, f), (e, d, rank)),
+                                         dtype=base.in_proj.dtype, device=base.in_proj.device)
+        experts.scale, experts.enabled = scale, True
+        return experts
+
+    def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E):
+        y = grouped_linear(x_NX, weight, tokens_per_expert_E)
+        if not self.enabled:
+            return y
+        low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E)
+        return y + self.scale * grouped_linear(low_NR, lora_B, tokens_per_expert_E)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        h_NI = self._project(x_ND, self.in_proj, self.in_lora_A, self.in_lora_B,
+                             tokens_per_expert_E)
+        return self._project(expert_activation(h_NI, self.activation), self.down_proj,
+                             self.down_lora_A, self.down_lora_B, tokens_per_expert_E)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        in_name = "gate_up_proj" if self.gated else "up_proj"
+        return {in_name: self.scale * self.in_lora_B @ self.in_lora_A,
+                "down_proj": self.scale * self.down_lora_B @ self.down_lora_A}
+
+
+class _LowRankDelta(nn.Module):
+    """The router's update as a parametrization of its raw weight [E, D] (small: E rows)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float):
+        super().__init__()
+        self.lora_A, self.lora_B = _factors(((rank, weight.shape[1]), (weight.shape[0], rank)),
+                                            dtype=weight.dtype, device=weight.device)
+        self.scale, self.enabled = scale, True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * self.lora_B @ self.lora_A if self.enabled else weight
+
+
+def _check_rank(name: str, shape, rank: int) -> None:
+    if rank > min(shape[-2:]):
+        raise ValueError(f"LoRA rank {rank} is larger than the layer {name} allows: its matrices "
+                         f"are {shape[-2]} x {shape[-1]}, so the rank must be <= "
+                         f"{min(shape[-2:])}")
+
+
+def _targets(model: nn.Module, config: LoRAConfig):
+    """(parent module, attribute, module) of everything that gets an adapter."""
+    for module in model.modules():
+        if hasattr(module, "q_proj"):  # an attention block (later CLA layers have no k, v)
+            for name in ATTENTION:
+                if hasattr(module, name):
+                    yield module, name, getattr(module, name)
+        if not isinstance(module, MoELayer):
+            continue
+        if not isinstance(module.experts, GroupedExperts):
+            raise ValueError("LoRA reaches routed experts with stacked weights (GroupedExperts); "
+                             f"this layer's experts are {type(module.experts).__name__}")
+        yield module, "experts", module.experts
+        shared = module.shared_experts
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if shared is not None and getattr(shared, name) is not None:
+                yield shared, name, getattr(shared, name)
+        if config.router:
+            yield module, "router", module.router
+
+
+def add_adapters(model: Transformer, config: LoRAConfig) -> None:
+    """Put LoRA adapters on ``model`` (module docstring) and freeze everything else."""
+    targets = list(_targets(model, config))
+    for _, name, module in targets:
+        shapes = ([module.in_proj.shape, module.down_proj.shape] if name == "experts"
+                  else [module.weight.shape])
+        for shape in shapes:
+            _check_rank(name, shape, config.rank)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for parent, name, module in targets:
+        if name == "experts":
+            setattr(parent, name, LoRAExperts.wrap(module, config.rank, config.scale))
+        elif name == "router":
+            parametrize.register_parametrization(
+                module, "weight", _LowRankDelta(module.weight, config.rank, config.scale))
+        else:
+            setattr(parent, name, LoRALinear.wrap(module, config.rank, config.scale))
+
+
+def _adapted(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAExperts,
+                                                         _LowRankDelta))]
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return bool(_adapted(model))
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """The base model for the body (DPO's reference with LoRA: no second copy)."""
+    adapted = _adapted(model)
+    for module in adapted:
+        module.enabled = False
+    try:
+        yield
+    finally:
+        for module in adapted:
+            module.enabled = True
+
+
+def adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors, by their names in the adapted model."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters()
+            if "lora_" in name}
+
+
+def load_adapters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    own = dict(model.named_parameters())
+    if set(tensors) != {name for name in own if "lora_" in name}:
+        raise ValueError(f"{ADAPTER_FILE}: its adapters do not match the model's LoRA settings")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            own[name].copy_(tensor)
+
+
+@torch.no_grad()
+def merged_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model with every adapter merged into its weight."""
+    state = {}
+    for prefix, module in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        if isinstance(module, LoRALinear):
+            state[dot + "weight"] = module.weight + module.delta()
+        elif isinstance(module, LoRAExperts):
+            for name, delta in module.deltas().items():
+                state[dot + name] = getattr(module, name) + delta
+        elif parametrize.is_parametrized(module, "weight"):
+            state[dot + "weight"] = module.weight  # the parametrization computes it merged
+    for name, tensor in model.state_dict().items():
+        if "lora_" not in name and "parametrizations" not in name:
+            state.setdefault(name, tensor)
+    return {name: t.detach().contiguous() for name, t in state.items()}
+
+
+def merged_model(model: Transformer) -> Transformer:
+    """A plain ``Transformer`` with the adapters merged in (``--merge-lora``, export)."""
+    plain = Transformer(model.config).to(next(model.parameters()).device)
+    plain.load_state_dict(merged_weights(model), strict=True)
+    return plain.train(model.training)

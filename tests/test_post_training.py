@@ -1,0 +1,432 @@
+"""Post-training (docs/post_training.md): chat data, packing, SFT, DPO, EMA, LoRA, bad input.
+
+Every model here is tiny (D=32, 2 layers, byte tokenizer) and starts from random weights: the
+tests check what is computed, against references that share no code with it."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moekit.cli import main
+from moekit.config import ModelConfig, MoEConfig, TrainConfig
+from moekit.model.io import load_model, save_model
+from moekit.model.transformer import Transformer
+from moekit.parallel.mesh import Mesh, world_mesh
+from moekit.parallel.processes import run_on_ranks
+from moekit.train import lora
+from moekit.train.chat import chat_tokens, read_chat_template, render_chat
+from moekit.train.chat_data import read_preference_file
+from moekit.train.dpo import DirectPreference, dpo_loss, dropless, pair_rows
+from moekit.train.ema import WeightAverage
+from moekit.train.instructions import (expected_answer, exact_answer_reward, instruction_set,
+                                       preference_set)
+from moekit.train.optim import build_optimizer
+from moekit.train.post_train import PostTrainSettings, post_train
+from moekit.train.sft import SupervisedFineTuning, pack
+from moekit.train.step import IGNORE_INDEX, train_step
+from moekit.train.tokenizer import train_tokenizer
+
+CHATML = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_config(**moe) -> ModelConfig:
+    return ModelConfig(vocab_size=257, hidden_size=32, num_layers=2, num_heads=2, ffn_size=64,
+                       max_seq_len=128, moe=MoEConfig(hidden_size=32, ffn_size=32,
+                                                      num_experts=4, top_k=2, **moe))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([], 257)
+
+
+def _model_folder(folder, config, tokenizer):
+    torch.manual_seed(0)
+    save_model(Transformer(config), folder)
+    tokenizer.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tokenizer):
+    """A model folder (random weights, byte tokenizer) as moekit train writes one, with a
+    training capacity (the tiny preset's) and a shared expert."""
+    return _model_folder(tmp_path_factory.mktemp("base") / "model",
+                         tiny_config(capacity_factor=1.25, num_shared_experts=1,
+                                     shared_ffn_size=32), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def plain_base(tmp_path_factory, tokenizer):
+    """Dropless and without shared experts: what Mixtral holds, and what data parallelism
+    trains as one process does (a capacity counts each rank's tokens)."""
+    return _model_folder(tmp_path_factory.mktemp("plain") / "model", tiny_config(), tokenizer)
+
+
+def test_chat_template_jinja_is_read_before_tokenizer_config(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "old"}))
+    assert read_chat_template(tmp_path) == "old"
+    (tmp_path / "chat_template.jinja").write_text(CHATML)
+    assert read_chat_template(tmp_path) == CHATML  # where transformers 5 saves it
+
+
+@pytest.mark.parametrize("template", [None, CHATML])
+def test_training_form_marks_the_assistant_tokens(tokenizer, template):
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    tokens = chat_tokens(messages, template, tokenizer)
+    marked = tokenizer.decode([t for t, a in zip(tokens.ids, tokens.assistant) if a])
+    prompt = render_chat(messages[:1], template, "</s>")
+    if template is None:  # " 4\n" + end-of-text (decoded away), then " 6\n" + end-of-text
+        assert marked == " 4\n 6\n" and tokens.ids.count(tokenizer.eos_id) == 2
+        assert prompt == "user: 2+2?\nassistant:"
+    else:
+        assert marked == "4</s>6</s>"
+        assert tokenizer.decode(tokens.ids) == "<|user|>2+2?</s><|assistant|>4</s>" \
+            "<|user|>3+3?</s><|assistant|>6</s>"
+    # the prompt serve renders is where the first assistant turn starts
+    assert tokenizer.decode(tokens.ids[:tokens.assistant.index(True)]) == prompt
+
+
+def test_packed_documents_compute_as_they_would_alone():
+    model = Transformer(tiny_config()).eval()
+    first, second = torch.randint(0, 257, (1, 5)), torch.randint(0, 257, (1, 7))
+    ids = torch.cat([first, second, torch.zeros(1, 3, dtype=torch.long)], 1)
+    documents = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 3])
+    mask = torch.tensor([[True] * 12 + [False] * 3])
+    packed = model(ids, mask, document_ids=documents).logits
+    torch.testing.assert_close(packed[:, :5], model(first).logits)
+    torch.testing.assert_close(packed[:, 5:12], model(second).logits)
+
+
+def test_sft_step_loss_is_the_mean_over_assistant_tokens_of_conversations_run_alone(tokenizer):
+    train, _ = instruction_set(seed=3, size=12)
+    conversations = [x.messages() for x in train]
+    rows = pack(conversations, None, tokenizer, seq_len=96)
+    assert len(rows) < len(conversations)  # several conversations share a row
+    model = Transformer(tiny_config())
+    expected_sum, count = 0.0, 0
+    with torch.no_grad():
+        model.eval()
+        for messages in conversations:  # the reference: each conversation alone, by hand
+            tokens = chat_tokens(list(messages), None, tokenizer)
+            logits = model(torch.tensor([tokens.ids[:-1]])).logits[0].double()
+            logp = logits.log_softmax(-1)
+            for position, (target, trained) in enumerate(zip(tokens.ids[1:],
+                                                             tokens.assistant[1:])):
+                if trained:
+                    expected_sum -= logp[position, target].item()
+                    count += 1
+    config = TrainConfig(batch_size=len(rows), seq_len=96, lr=1e-9, grad_clip=None)
+    record = train_step(model, build_optimizer(model, config), rows.inputs, rows.targets,
+                        config, Mesh(), rows.mask, rows.document_ids)
+    assert (rows.targets != IGNORE_INDEX).sum() == count
+    assert record["loss"] == pytest.approx(expected_sum / count, rel=1e-5)
+    assert record["router_loss"] > 0  # the aux losses train alongside
+
+
+def test_dpo_loss_matches_a_hand_computation():
+    policy_chosen, policy_rejected = torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -0.5])
+    reference_chosen, reference_rejected = torch.tensor([-3.5, -1.2]), torch.tensor([-3.0, -1.5])
+    loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen,
+                                      reference_rejected, beta=0.5)
+    # pair 1: 0.5 * ((-3 + 3.5) - (-4 + 3)) = 0.75; pair 2: 0.5 * ((-1 + 1.2) - (-0.5 + 1.5)) = -0.4
+    expected = [math.log(1 + math.exp(-0.75)), math.log(1 + math.exp(0.4))]
+    assert loss.tolist() == pytest.approx(expected)
+    assert chosen.tolist() == pytest.approx([0.25, 0.1])
+    assert rejected.tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_dpo_log_probabilities_do_not_depend_on_the_batch(tokenizer):
+    """A training capacity would drop different tokens in different batches: DPO scores
+    dropless, so a pair's log-probabilities are the same alone or beside others."""
+    model = Transformer(tiny_config(capacity_factor=0.5)).train()
+    pairs = preference_set(instruction_set(seed=1, size=8)[0])
+
+    def logprobs(chosen_pairs):
+        inputs, targets, mask = pair_rows(chosen_pairs, None, tokenizer, 64)
+        with torch.no_grad(), dropless(model):
+            logits = model(inputs, mask).logits
+        picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (picked * (targets != IGNORE_INDEX)).sum(-1)[0]
+
+    torch.testing.assert_close(logprobs(pairs[:1]), logprobs(pairs))
+    assert model.training  # the policy still trains
+
+
+def test_instruction_set_is_seeded_split_and_checkable():
+    train, held_out = instruction_set(seed=5, size=100)
+    assert (train, held_out) == instruction_set(seed=5, size=100)
+    assert len(held_out) == 20 and not {x.prompt for x in train} & {x.prompt for x in held_out}
+    assert {x.kind for x in held_out} == {"arithmetic", "sorting", "reversal", "counting"}
+    assert expected_answer("What is 12 * 3?") == "36"
+    assert expected_answer("Sort these numbers: 10 2 7") == "2 7 10"
+    assert expected_answer("Reverse this word: abc") == "cba"
+    assert expected_answer("How many times does a appear in banana?") == "3"
+    for pair in preference_set(train):
+        prompt = pair.prompt[0]["content"]
+        assert exact_answer_reward(prompt, pair.chosen) == 1.0
+        assert exact_answer_reward(prompt, pair.rejected) == 0.0
+
+
+def test_lora_experts_match_a_per_expert_loop():
+    model = Transformer(tiny_config(num_shared_experts=1, shared_ffn_size=32)).eval()
+    ids = torch.randint(0, 257, (2, 9))
+    base = model(ids).logits
+    lora.add_adapters(model, lora.LoRAConfig(rank=4, router=True))
+    torch.testing.assert_close(model(ids).logits, base)  # B starts at zero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            torch.nn.init.normal_(parameter, std=0.1)
+    experts = model.layers[0].ffn.experts
+    counts = torch.tensor([3, 0, 4, 2])
+    x = torch.randn(9, 32)
+    reference, start = [], 0  # per expert, in float64, from the merged matrices by hand
+    for e, n in enumerate(counts.tolist()):
+        rows = x[start:start + n].double()
+        start += n
+        w_in = experts.gate_up_proj[e].double() + experts.scale * (
+            experts.in_lora_B[e].double() @ experts.in_lora_A[e].double())
+        w_down = experts.down_proj[e].double() + experts.scale * (
+            experts.down_lora_B[e].double() @ experts.down_lora_A[e].double())
+        gate, up = (rows @ w_in.T).chunk(2, dim=-1)
+        reference.append((F.silu(gate) * up) @ w_down.T)
+    torch.testing.assert_close(experts(x, counts).double(), torch.cat(reference),
+                               rtol=1e-4, atol=1e-5)
+    adapted = model(ids).logits
+    assert not torch.allclose(adapted, base)
+    with lora.adapters_off(model):
+        torch.testing.assert_close(model(ids).logits, base)
+    torch.testing.assert_close(lora.merged_model(model).eval()(ids).logits, adapted,
+                               rtol=1e-4, atol=1e-5)
+    optimizer = build_optimizer(model, TrainConfig())
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_ema_follows_its_formula():
+    layer = torch.nn.Linear(2, 2)
+    average = WeightAverage(layer, decay=0.75)
+    start = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    average.update()
+    torch.testing.assert_close(average.average["weight"], start + 0.25)
+    with average.applied():
+        torch.testing.assert_close(layer.weight, start + 0.25)
+    torch.testing.assert_close(layer.weight.detach(), start + 1.0)
+
+
+def _run(*args) -> int:
+    return main([*map(str, args), "--quiet", "--batch-size", "4", "--seq-len", "64",
+                 "--eval-every", "2", "--eval-batches", "1", "--warmup-steps", "0"])
+
+
+def _cut_after_step_2(run, copy):
+    """``copy``: the run folder as a run killed after its step-2 checkpoint would leave it."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints/step-000003")
+    shutil.rmtree(copy / "ema", ignore_errors=True)
+
+
+def test_sft_with_lora_runs_resumes_exactly_and_writes_a_plain_model(base, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert _run("sft", "--init-from", base, "--out", whole, "--steps", "3",
+                "--lora-rank", "4", "--checkpoint-every", "2") == 0
+    _cut_after_step_2(whole, cut)
+    assert main(["sft", "--out", str(cut), "--resume", "--quiet"]) == 0
+    final = [whole / "checkpoints/step-000003", cut / "checkpoints/step-000003"]
+    from safetensors.torch import load_file
+    adapters = [load_file(f / lora.ADAPTER_FILE) for f in final]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[0][name], adapters[1][name], rtol=0, atol=0)
+    merged = load_model(final[0])  # a plain model folder: generate, eval, export read it
+    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert all("accuracy" in r for r in records if r["kind"] == "eval")
+    assert merged.config == load_model(base).config
+
+
+def test_dpo_offline_and_online_with_ema_resumes_exactly(base, tmp_path):
+    assert _run("dpo", "--init-from", base, "--online", "--online-prompts", "2", "--samples",
+                "3", "--ema-decay", "0.5", "--sft-weight", "0.1", "--out", tmp_path / "whole",
+                "--steps", "3", "--checkpoint-every", "2") == 0
+    _cut_after_step_2(tmp_path / "whole", tmp_path / "cut")
+    assert main(["dpo", "--out", str(tmp_path / "cut"), "--resume", "--quiet"]) == 0
+    from safetensors.torch import load_file
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(tmp_path / run / "checkpoints/step-000003" / name)
+                for run in ("whole", "cut"))
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    records = [json.loads(line) for line in
+               (tmp_path / "whole/metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(r["online_pairs"] + r["skipped"] == 2 for r in train)
+    assert all(r["margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"])
+               for r in train)
+    assert train[0]["kl"] == pytest.approx(0, abs=1e-6)  # the first step: policy = reference
+    assert (tmp_path / "whole/ema/model.safetensors").is_file()
+    assert (tmp_path / "whole/plots/dpo.png").is_file()
+
+
+BAD = [
+    ("sft", "chat.jsonl", '{"messages": [{"role": "assistant", "content": "hi"}]}\nnot json\n',
+     [], "chat.jsonl:2: not valid JSON"),
+    ("sft", "chat.jsonl", '{"text": "x"}\n', [], 'chat.jsonl:1: missing field "messages"'),
+    ("dpo", "pairs.jsonl", '{"prompt": "p", "chosen": "a"}\n', [],
+     "pairs.jsonl:1: missing field 'rejected'"),
+    ("dpo", "pairs.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "a"}\n', [],
+     '"chosen" equals "rejected"'),
+    ("sft", None, None, ["--lora-rank", "0"], "LoRA rank 0 is not allowed"),
+    ("sft", None, None, ["--lora-rank", "40"], "LoRA rank 40 is larger than the layer"),
+    ("dpo", None, None, ["--ema-decay", "1.5"], "ema decay 1.5 is not allowed"),
+    ("dpo", None, None, ["--online", "--reward", "no_such_module:f"], "cannot be imported"),
+]
+
+
+@pytest.mark.parametrize("command, name, text, flags, message", BAD)
+def test_bad_input_is_one_line_and_writes_nothing(base, tmp_path, capsys, command, name, text,
+                                                  flags, message):
+    data = []
+    if name is not None:
+        (tmp_path / name).write_text(text)
+        data = ["--data", str(tmp_path / name)]
+    out = tmp_path / "run"
+    assert main([command, "--init-from", str(base), "--out", str(out), *data, *flags,
+                 "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert not out.exists()
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(base, tmp_path, capsys):
+    folder = tmp_path / "mismatch"
+    save_model(load_model(base), folder)
+    train_tokenizer(["some text to learn merges from " * 50], 300).save(folder)
+    assert main(["sft", "--init-from", str(folder), "--out", str(tmp_path / "run")]) == 2
+    assert "do not belong together" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_preference_file_takes_string_and_message_prompts(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n\n'
+                    '{"prompt": [{"role": "system", "content": "s"}, {"role": "user", '
+                    '"content": "q"}], "chosen": "c", "rejected": "d"}\n')
+    pairs = read_preference_file(path)
+    assert pairs[0].prompt == ({"role": "user", "content": "hi"},)
+    assert [m["role"] for m in pairs[1].prompt] == ["system", "user"]
+
+
+def test_hunyuan_schedule_sets_its_rates_dropout_and_three_epochs(base, tmp_path, tokenizer):
+    conversations = [[{"role": "user", "content": f"say {i}"},
+                      {"role": "assistant", "content": str(i)}] for i in range(20)]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    assert _run("sft", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                "--schedule", "hunyuan") == 0
+    record = json.loads((tmp_path / "run/run.json").read_text())
+    rows = len(pack(conversations[:18], None, tokenizer, 64))  # the last tenth validates
+    assert record["train"]["steps"] == math.ceil(3 * rows / 4)
+    assert (record["train"]["lr"], record["train"]["min_lr_ratio"]) == (2e-5, 0.1)
+    model = record["model"]
+    assert (model["attention_dropout"], model["hidden_dropout"]) == (0.1, 0.2)
+
+
+def test_dropout_is_active_in_training_only():
+    model = Transformer(ModelConfig.from_dict({**tiny_config().to_dict(),
+                                               "attention_dropout": 0.5,
+                                               "hidden_dropout": 0.5}))
+    ids = torch.randint(0, 257, (1, 8))
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits)
+    model.train()
+    assert not torch.allclose(model(ids).logits, model(ids).logits)
+
+
+def test_lora_run_exports_base_and_a_peft_adapter_that_gives_moekits_logits(plain_base,
+                                                                             tmp_path):
+    from peft import PeftModel  # in the test extra
+    from transformers import AutoModelForCausalLM
+    base = plain_base
+    assert _run("sft", "--init-from", base, "--out", tmp_path / "run", "--steps", "2",
+                "--lora-rank", "4", "--lr", "0.05") == 0
+    assert main(["export", "--from", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
+                 "--layout", "mixtral"]) == 0
+    assert main(["export", "--from", str(tmp_path / "run"), "--out",
+                 str(tmp_path / "merged"), "--layout", "mixtral", "--merge-lora"]) == 0
+    adapted = load_model(tmp_path / "run/checkpoints/step-000002")  # the merged weights
+    ids = torch.randint(0, 257, (2, 12))
+    with torch.no_grad():
+        expected = adapted(ids).logits
+        hf_base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        base_logits = hf_base(ids).logits
+        peft_model = PeftModel.from_pretrained(hf_base, tmp_path / "hf/adapter")
+        got = peft_model(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(base_logits, load_model(base)(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(base_logits, expected, atol=1e-3)  # the adapters changed it
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
+
+
+def _records_without_timings(run):
+    timings = {"tokens_per_s", "model_flops_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in timings}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _stage(command: str):
+    train, held_out = instruction_set(size=200)
+    if command == "sft":
+        return SupervisedFineTuning([x.messages() for x in train],
+                                    [x.messages() for x in held_out], held_out[:8])
+    return DirectPreference(preference_set(train), preference_set(held_out), sft_weight=0.1)
+
+
+def _post_train_on(rank, world, command, base, out):
+    config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
+                         eval_every=2, eval_batches=1, lb_scope="step")
+    post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base)), config,
+               out, mesh=world_mesh() if world > 1 else Mesh(), show_progress=False)
+    return rank
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_two_processes_post_train_the_one_process_run(plain_base, tmp_path, command):
+    """lb_scope "step": the router loss of the global batch however it is cut (rows hold
+    different numbers of real tokens, which "global" weighs per rank)."""
+    _post_train_on(0, 1, command, plain_base, tmp_path / "one")
+    assert run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "two") == [0, 1]
+    one, two = (_records_without_timings(tmp_path / run) for run in ("one", "two"))
+    for index, (a, b) in enumerate(zip(two, one)):
+        assert a.keys() == b.keys()
+        for key in ("loss", "router_loss", "grad_norm", "val_loss", "margin", "kl"):
+            if key in b:  # float32 sums in another order; Adam magnifies it after step 1
+                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2,
+                                               abs=1e-6), key
+
+
+def shortest_reward(prompt: str, response: str) -> float:
+    """A user reward for the test below: shorter is better."""
+    return -float(len(response))
+
+
+def test_online_pairs_from_a_data_file_ranked_by_a_user_reward(base, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"name {i}", "chosen": "a", "rejected": "bb"})
+                            + "\n" for i in range(12)))
+    assert _run("dpo", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                "--steps", "1", "--online", "--online-prompts", "2", "--samples", "3",
+                "--reward", "test_post_training:shortest_reward") == 0
+    record = next(json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()
+                  if json.loads(line)["kind"] == "train")
+    assert record["online_pairs"] + record["skipped"] == 2 and record["online_pairs"] >= 1
