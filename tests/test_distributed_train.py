@@ -40,6 +40,15 @@ def _moekit(*args, timeout=180):
                           text=True, timeout=timeout)
 
 
+def _assert_same_checkpoints(run_a, run_b, step_folder):
+    """The two runs' model and optimizer files of ``step_folder`` hold identical tensors."""
+    from safetensors.torch import load_file
+    for file in ("model.safetensors", "optimizer.safetensors"):
+        a, b = (load_file(run / "checkpoints" / step_folder / file) for run in (run_a, run_b))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[key], b[key]) for key in a), file
+
+
 def _records(run):
     timings = {"tokens_per_s", "model_flops_per_s"}
     return [{k: v for k, v in json.loads(line).items() if k not in timings}
@@ -232,7 +241,6 @@ def test_a_rank_that_fails_ends_every_rank_in_time(tmp_path, fault):
 
 @pytest.mark.parametrize("processes, expert", [(2, 2), (4, 2)])
 def test_deterministic_runs_repeat_bit_for_bit(tmp_path, processes, expert):
-    from safetensors.torch import load_file
     (tmp_path / "run.toml").write_text(CONFIG.replace("steps = 4", "steps = 2"))
     for name in ("first", "second"):
         result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
@@ -240,28 +248,19 @@ def test_deterministic_runs_repeat_bit_for_bit(tmp_path, processes, expert):
                          str(expert), "--deterministic")
         assert result.returncode == 0, result.stderr
     assert _records(tmp_path / "first") == _records(tmp_path / "second")
-    for file in ("model.safetensors", "optimizer.safetensors"):
-        first, second = (load_file(tmp_path / name / "checkpoints" / "step-000002" / file)
-                         for name in ("first", "second"))
-        assert first.keys() == second.keys()
-        assert all(torch.equal(first[key], second[key]) for key in first), file
+    _assert_same_checkpoints(tmp_path / "first", tmp_path / "second", "step-000002")
 
 
 def test_zero_1_trains_the_data_parallel_run_and_its_checkpoint_resumes_anywhere(tmp_path):
     """ZeRO-1 (optimizer state sharded over the ranks) makes the same updates as plain data
     parallelism, bit for bit, and writes the whole optimizer state."""
-    from safetensors.torch import load_file
     (tmp_path / "run.toml").write_text(CONFIG)
     for name, flags in (("plain", []), ("zero", ["--zero", "1"])):
         result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
                          str(tmp_path / name), "--quiet", "--nproc", "2", *flags)
         assert result.returncode == 0, result.stderr
     assert _records(tmp_path / "zero") == _records(tmp_path / "plain")
-    for file in ("model.safetensors", "optimizer.safetensors"):
-        plain, zero = (load_file(tmp_path / name / "checkpoints" / "step-000004" / file)
-                       for name in ("plain", "zero"))
-        assert plain.keys() == zero.keys()
-        assert all(torch.equal(plain[key], zero[key]) for key in plain), file
+    _assert_same_checkpoints(tmp_path / "plain", tmp_path / "zero", "step-000004")
     # ZeRO-1's step-2 checkpoint resumed with ZeRO-1 again ends where the plain run ended.
     shutil.copytree(tmp_path / "zero", tmp_path / "again")
     shutil.rmtree(tmp_path / "again" / "checkpoints" / "step-000004")

@@ -234,11 +234,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     with collective("the all-reduce of the step's figures"):
         figures, (nll_sum, router_value) = _step_figures(
             inner.config, layers, steps, [cross_entropy, router_share], mesh)
-    held = {layer.layer_index for layer in layers}
     numbers = [i for i in range(inner.config.num_layers) if inner.config.is_moe_layer(i)]
-    for number, (counts, _, _) in zip(numbers, figures):
-        if number in held:
-            next(l for l in layers if l.layer_index == number).update_router_state(counts)
+    for layer in layers:  # this rank's, from the counts of the whole run
+        layer.update_router_state(figures[numbers.index(layer.layer_index)][0])
     per_layer = [layer_health(counts, sums) for counts, sums, _ in figures]
     return {"loss": nll_sum / max(counted, 1), "router_loss": router_value,
             "grad_norm": grad_norm.item(),
