@@ -210,7 +210,10 @@ class ModelConfig(_FromDict):
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     moe: MoEConfig | None = None
-    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
+    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0 ...
+    # ... and i is not one of these dense layers (Qwen's mlp_only_layers, DeepSeek's first
+    # first_k_dense_replace layers); held sorted, without repeats.
+    dense_layers: tuple[int, ...] = ()
     # Dropout in training only (Hunyuan-Large's SFT: 0.1 and 0.2): of the attention
     # probabilities, and of each attention and FFN output before it joins the residual stream.
     attention_dropout: float = 0.0
@@ -247,6 +250,12 @@ class ModelConfig(_FromDict):
                      "expected a number in [0, 1)")
         _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
                  self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
+        _require(isinstance(self.dense_layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
+            for i in self.dense_layers), "dense_layers", self.dense_layers,
+            f"expected a list of layer indices in [0, {self.num_layers})")
+        # A list (as JSON gives it) becomes the hashable tuple the field holds.
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
                  None if self.moe is None else self.moe.hidden_size,
                  f"must equal hidden_size ({self.hidden_size})")
@@ -260,7 +269,8 @@ class ModelConfig(_FromDict):
         return self.head_dim or self.hidden_size // self.num_heads
 
     def is_moe_layer(self, index: int) -> bool:
-        return self.moe is not None and (index + 1) % self.moe_every == 0
+        return (self.moe is not None and (index + 1) % self.moe_every == 0
+                and index not in self.dense_layers)
 
     def owns_kv(self, index: int) -> bool:
         """Whether layer ``index`` computes K/V (the first of its CLA group) or reuses them."""

@@ -66,8 +66,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     family = family_of(values.get("model_type"))
     refuse_if(values.get("hidden_act", "silu") != "silu", "hidden_act", values,
               "expected 'silu' (SwiGLU feed-forward blocks)")
-    refuse_if(bool(values.get("mlp_only_layers")), "mlp_only_layers", values,
-              "moekit places MoE layers every n-th layer (decoder_sparse_step)")
+    refuse_if(bool(values.get("mlp_only_layers")) and "dense_layers" not in family.holds,
+              "mlp_only_layers", values, f"the {family.model_type} family has no dense layers")
     refuse_if(bool(values.get("mlp_bias")), "mlp_bias", values, "moekit's FFNs have no bias")
     # Llama's and Qwen3's attention_bias biases o_proj too, which moekit's attention lacks.
     refuse_if(bool(values.get("attention_bias")), "attention_bias", values,
@@ -115,6 +115,8 @@ FEATURES = (
     Feature("dense", "a dense model (moe=None)", lambda c: c.moe is None),
     Feature("moe_every", "dense layers between MoE layers (moe_every > 1)",
             lambda c: c.moe is not None and c.moe_every > 1),
+    Feature("dense_layers", "a list of dense layers (dense_layers)",
+            lambda c: c.moe is not None and bool(c.dense_layers)),
     Feature("cla", "cross-layer attention (cla_share > 1)", lambda c: c.cla_share > 1),
     Feature("head_dim", "a head_dim other than hidden_size / num_heads",
             lambda c: c.attention_head_dim * c.num_heads != c.hidden_size),

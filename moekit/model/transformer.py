@@ -4,7 +4,8 @@ RMSNorm, RoPE (configurable base), grouped-query attention (GQA), cross-layer at
 the first layer of every ``cla_share`` adjacent layers computes K/V, the others reuse them, and
 the KV cache holds one entry per group), optional QK-norm (per head before or after RoPE, or
 over the whole q/k projection) and QKV bias, and an MoE feed-forward
-block (routed + shared experts) in every ``moe_every``-th layer, a dense SwiGLU MLP elsewhere.
+block (routed + shared experts) in every ``moe_every``-th layer not in ``dense_layers``, a dense
+SwiGLU MLP elsewhere.
 Weight names follow Hugging Face's Llama/Mixtral family where they can.
 
 Shapes: B batch, S new positions, P positions in the cache (past + new), H query heads,

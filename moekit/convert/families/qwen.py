@@ -1,5 +1,5 @@
 """Qwen2-MoE (QKV bias, a shared expert behind a sigmoid gate) and Qwen3-MoE (QK-norm per
-head): dense layers between sparse ones every ``decoder_sparse_step``."""
+head): a sparse layer every ``decoder_sparse_step``, except the ``mlp_only_layers``."""
 from moekit.config import ModelConfig, MoEConfig
 from moekit.convert.families.family import (Family, num_experts, required, shared_width,
                                             weights_renormalised)
@@ -20,16 +20,21 @@ def _config_values(config: ModelConfig) -> dict:
     moe = config.moe
     return dict(moe_intermediate_size=moe.ffn_size, num_experts=moe.num_experts,
                 num_experts_per_tok=moe.top_k, norm_topk_prob=weights_renormalised(moe),
-                decoder_sparse_step=config.moe_every, mlp_only_layers=[])
+                decoder_sparse_step=config.moe_every, mlp_only_layers=list(config.dense_layers))
 
 
-QWEN_MOE = frozenset({"moe", "moe_every", "head_dim", "unnormalised_weights"})
+def _sparse_layers(values: dict) -> dict:
+    return dict(moe_every=values.get("decoder_sparse_step", 1),
+                dense_layers=values.get("mlp_only_layers") or ())
+
+
+QWEN_MOE = frozenset({"moe", "moe_every", "dense_layers", "head_dim", "unnormalised_weights"})
 
 QWEN2_MOE = Family(
     model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
     holds=QWEN_MOE | {"no_qk_norm", "qkv_bias", "no_qkv_bias", "gated_shared", "shared_width"},
     options=lambda values: dict(qkv_bias=bool(values.get("qkv_bias", True)),
-                                moe_every=values.get("decoder_sparse_step", 1)),
+                                **_sparse_layers(values)),
     moe=_moe,
     config_values=lambda config: {**_config_values(config), "qkv_bias": config.qkv_bias,
                                   "shared_expert_intermediate_size": shared_width(config.moe)},
@@ -40,5 +45,5 @@ QWEN3_MOE = Family(
     model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
     holds=QWEN_MOE | {"qk_norm_head", "no_qkv_bias", "no_shared"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head",
-                                moe_every=values.get("decoder_sparse_step", 1)),
+                                **_sparse_layers(values)),
     moe=_moe, config_values=_config_values)
