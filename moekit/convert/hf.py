@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families import (FAMILIES, GRANITE_SCALINGS, LAYOUTS, MOE_LAYOUTS,
+from moekit.convert.families import (FAMILIES, GRANITE_SCALINGS, LAYOUTS, MOE_LAYOUTS, Family,
                                      family_of)
-from moekit.convert.families.family import (refuse_if, required, shared_width,
+from moekit.convert.families.family import (refuse_if, required, rope_to_hf, shared_width,
                                             weights_renormalised)
 from moekit.model import Transformer
 from moekit.model.io import describe_mismatch
@@ -40,14 +40,31 @@ def _as_dict(hf_config) -> dict:
     return hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
 
 
-def _context_length(values: dict) -> int:
-    """The context moekit attends over: a sliding window shorter than the context becomes the
-    context, so that every position moekit accepts is attended to exactly as the source does."""
-    context = required(values, "max_position_embeddings")
+def _sliding_window(values: dict, family: Family) -> int | None:
+    """The window every layer attends within (None: none, or one no shorter than the
+    context); v5 configs say per layer (``layer_types``), older ones by a switch."""
+    layer_types = values.get("layer_types")
+    if layer_types:
+        refuse_if(len(set(layer_types)) > 1, "layer_types", values,
+                  "moekit's sliding window covers every layer or none")
+        used = layer_types[0] == "sliding_attention"
+    else:
+        used = values.get("use_sliding_window", family.window_by_default)
     window = values.get("sliding_window")
-    uses_window = values.get("use_sliding_window",
-                             family_of(values["model_type"]).window_by_default)
-    return min(context, window) if uses_window and window else context
+    if not used or not window or window >= required(values, "max_position_embeddings"):
+        return None
+    refuse_if("sliding_window" not in family.holds, "sliding_window", values,
+              f"moekit reads no sliding window for {family.model_type}")
+    return window
+
+
+def _context(values: dict, rope_scaling: dict | None) -> int:
+    """The positions moekit accepts: the config's, or ``factor`` times as many with dynamic
+    scaling, which exists to stretch RoPE past them."""
+    context = required(values, "max_position_embeddings")
+    if rope_scaling is not None and rope_scaling["rope_type"] == "dynamic":
+        return int(context * max(rope_scaling["factor"], 1))
+    return context
 
 
 def moe_config_from_hf(hf_config) -> MoEConfig:
@@ -69,22 +86,30 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     refuse_if(bool(values.get("mlp_only_layers")) and "dense_layers" not in family.holds,
               "mlp_only_layers", values, f"the {family.model_type} family has no dense layers")
     refuse_if(bool(values.get("mlp_bias")), "mlp_bias", values, "moekit's FFNs have no bias")
-    # Llama's and Qwen3's attention_bias biases o_proj too, which moekit's attention lacks.
-    refuse_if(bool(values.get("attention_bias")), "attention_bias", values,
-              "moekit biases q/k/v only (qkv_bias, the Qwen2 layouts)")
+    # transformers' attention_bias biases q, k, v and o_proj, in the families that read it.
+    attention_bias = bool(values.get("attention_bias"))
+    refuse_if(attention_bias and "attention_bias" not in family.holds, "attention_bias", values,
+              f"transformers' {family.model_type} reads no attention_bias")
     refuse_if(values.get("clip_qkv") is not None, "clip_qkv", values,
               "moekit does not clamp q/k/v")
-    refuse_if(bool(values.get("use_cla")), "use_cla", values,
-              "transformers' HunYuan-MoE-V1 computes K/V in every layer")
-    return ModelConfig(
+    refuse_if(bool(values.get("use_cla")) and "cla" not in family.holds, "use_cla", values,
+              f"transformers' {family.model_type} computes K/V in every layer")
+    rope_base, rope_scaling = family.rope(values)
+    refuse_if(rope_scaling is not None and "rope_scaling" not in family.holds, "rope_parameters",
+              values, f"moekit reads only plain RoPE for {family.model_type}")
+    fields = dict(
         vocab_size=required(values, "vocab_size"), hidden_size=required(values, "hidden_size"),
         num_layers=required(values, "num_hidden_layers"),
         num_heads=required(values, "num_attention_heads"),
         num_kv_heads=values.get("num_key_value_heads"), head_dim=values.get("head_dim"),
-        ffn_size=required(values, "intermediate_size"), max_seq_len=_context_length(values),
-        rope_base=family.rope_base(values), norm_eps=float(required(values, "rms_norm_eps")),
+        ffn_size=required(values, "intermediate_size"),
+        max_seq_len=_context(values, rope_scaling), rope_base=rope_base,
+        rope_scaling=rope_scaling, sliding_window=_sliding_window(values, family),
+        norm_eps=float(required(values, "rms_norm_eps")),
         tie_embeddings=bool(values.get("tie_word_embeddings", False)),
-        moe=None if family.moe is None else family.moe(values), **family.options(values))
+        qkv_bias=attention_bias, attention_out_bias=attention_bias,
+        moe=None if family.moe is None else family.moe(values))
+    return ModelConfig(**{**fields, **family.options(values)})
 
 
 # ---- What each layout can hold -------------------------------------------------------------
@@ -127,7 +152,15 @@ FEATURES = (
     Feature("granite_scalings", f"GraniteMoE's scalings ({', '.join(GRANITE_SCALINGS)})",
             lambda c: (c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier,
                        c.logits_scaling) != (1.0, 1.0, None, 1.0)),
-    Feature("qkv_bias", "QKV bias (qkv_bias=True)", lambda c: c.qkv_bias),
+    Feature("qkv_bias", "QKV bias without an o_proj bias (qkv_bias=True)",
+            lambda c: c.qkv_bias and not c.attention_out_bias),
+    Feature("attention_bias", "biases on q, k, v and o_proj (qkv_bias and attention_out_bias)",
+            lambda c: c.qkv_bias and c.attention_out_bias),
+    Feature("out_bias_only", "an o_proj bias without QKV bias (attention_out_bias=True)",
+            lambda c: c.attention_out_bias and not c.qkv_bias),
+    Feature("rope_scaling", "scaled RoPE (rope_scaling)", lambda c: c.rope_scaling is not None),
+    Feature("sliding_window", "a sliding window (sliding_window)",
+            lambda c: c.sliding_window is not None),
     Feature("no_qkv_bias", "attention without QKV bias (qkv_bias=False)",
             lambda c: not c.qkv_bias),
     Feature("activation", "an activation other than SwiGLU",
@@ -177,18 +210,19 @@ def hf_config_from_model(config: ModelConfig, layout: str) -> dict:
     """The ``config.json`` of ``layout`` for a model ``check_exportable`` accepts."""
     check_exportable(config, layout)
     family = FAMILIES[layout]
+    dynamic = config.rope_scaling is not None and config.rope_scaling["rope_type"] == "dynamic"
     return {
         "architectures": [family.architecture], "model_type": layout, "hidden_act": "silu",
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.kv_heads, "head_dim": config.attention_head_dim,
-        "intermediate_size": config.ffn_size, "max_position_embeddings": config.max_seq_len,
+        "intermediate_size": config.ffn_size,
+        "max_position_embeddings": (config.rope_scaling["original_max_position_embeddings"]
+                                    if dynamic else config.max_seq_len),
         "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
-        # v5 reads rope_parameters, v4 rope_theta: both, so that either loads the model.
-        "rope_theta": config.rope_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
-        "sliding_window": None, "use_sliding_window": False, "attention_bias": False,
-        **family.config_values(config),
+        **rope_to_hf(config), "sliding_window": config.sliding_window,
+        "use_sliding_window": config.sliding_window is not None,
+        "attention_bias": config.attention_out_bias, **family.config_values(config),
     }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moekit.config import ModelConfig, MoEConfig
+from moekit.config import ROPE_SCALING_TYPES, ModelConfig, MoEConfig
 
 
 def required(values: dict, key: str):
@@ -20,20 +20,35 @@ def refuse_if(condition: bool, key: str, values: dict, why: str) -> None:
         raise ValueError(f"{key}={values.get(key)!r} is not supported: {why}")
 
 
-def plain_rope_base(values: dict) -> float:
-    """RoPE base of a v5 (``rope_parameters``) or v4 (``rope_theta``, ``rope_scaling``) config;
-    scaled RoPE (YaRN, Llama 3's) is refused, as moekit rotates by the plain rule."""
-    parameters = values.get("rope_parameters") or {}
-    refuse_if(parameters.get("rope_type", "default") != "default", "rope_parameters", values,
-              "only plain RoPE (rope_type 'default') is supported")
-    refuse_if(values.get("rope_scaling") is not None, "rope_scaling", values,
-              "only plain RoPE (no scaling) is supported")
-    return rope_theta(values)
+def rope_from_hf(values: dict) -> tuple[float, dict | None]:
+    """RoPE base and scaling (ModelConfig.rope_base, rope_scaling) of a v5 (``rope_parameters``)
+    or v4 (``rope_theta``, ``rope_scaling``) config."""
+    parameters = dict(values.get("rope_parameters") or values.get("rope_scaling") or {})
+    base = float(parameters.pop("rope_theta", values.get("rope_theta", 10000.0)))
+    kind = parameters.pop("rope_type", parameters.pop("type", "default"))
+    if kind == "default":
+        return base, None
+    key = "rope_parameters" if "rope_parameters" in values else "rope_scaling"
+    refuse_if(kind not in ROPE_SCALING_TYPES, key, values,
+              f"rope_type one of default, {', '.join(ROPE_SCALING_TYPES)}")
+    refuse_if(parameters.get("partial_rotary_factor", 1.0) != 1.0, key, values,
+              "moekit rotates every dimension of a head (partial_rotary_factor 1)")
+    context = required(values, "max_position_embeddings")
+    # Dynamic scaling stretches past the model's context (transformers reads
+    # max_position_embeddings for it); the others name their original one.
+    original = (context if kind == "dynamic" else
+                parameters.get("original_max_position_embeddings",
+                               values.get("original_max_position_embeddings", context)))
+    return base, {**parameters, "rope_type": kind, "original_max_position_embeddings": original}
 
 
-def rope_theta(values: dict) -> float:
-    parameters = values.get("rope_parameters") or {}
-    return float(parameters.get("rope_theta", values.get("rope_theta", 10000.0)))
+def rope_to_hf(config: ModelConfig) -> dict:
+    """The config.json entries of a model's RoPE: v5 reads rope_parameters, v4 rope_theta and
+    rope_scaling; both, so that either loads the model."""
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    return {"rope_theta": config.rope_base,
+            "rope_parameters": {**scaling, "rope_theta": config.rope_base},
+            "rope_scaling": config.rope_scaling}
 
 
 def num_experts(values: dict) -> int:
@@ -76,12 +91,13 @@ class Family:
     options: Callable[[dict], dict] = lambda values: {}
     moe: Callable[[dict], MoEConfig] | None = None
     config_values: Callable[[ModelConfig], dict] = lambda config: {}
-    rope_base: Callable[[dict], float] = plain_rope_base
+    rope: Callable[[dict], tuple[float, dict | None]] = rope_from_hf
     layer_parts: tuple[tuple[str, str], ...] = ()
     expert_files: PerExpertFiles | None = PerExpertFiles()
     # Whether a config without use_sliding_window uses its sliding_window (Mistral's rule).
     window_by_default: bool = False
 
 
-# The features (hf.FEATURES keys) that most families hold.
-PLAIN_ATTENTION = frozenset({"head_dim", "no_qk_norm", "no_qkv_bias"})
+# The features (hf.FEATURES keys) that most families hold: transformers computes their
+# rotary embeddings with the shared ROPE_INIT_FUNCTIONS.
+MOST_FAMILIES = frozenset({"head_dim", "no_qk_norm", "no_qkv_bias", "rope_scaling"})

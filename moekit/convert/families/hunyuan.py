@@ -1,18 +1,19 @@
 """HunYuan-MoE-V1 (transformers' class): QK-norm per head after RoPE, one ungated shared
 expert, the top-k weights always renormalised, a fixed-alpha NTK RoPE."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import (Family, plain_rope_base, refuse_if, required,
-                                            rope_theta)
+from moekit.convert.families.family import Family, refuse_if, required, rope_from_hf
 
 
-def _rope_base(values: dict) -> float:
-    parameters = values.get("rope_parameters") or {}
-    if parameters.get("rope_type") == "dynamic" and parameters.get("alpha"):
-        # HunYuan's fixed-alpha NTK RoPE only stretches the base: the plain rule with
-        # base * alpha ** (Dh / (Dh - 2)), as transformers computes its frequencies.
-        head_dim = required(values, "head_dim")
-        return rope_theta(values) * parameters["alpha"] ** (head_dim / (head_dim - 2))
-    return plain_rope_base(values)
+def rope(values: dict) -> tuple[float, dict | None]:
+    """HunYuan's fixed-alpha NTK RoPE ("dynamic" with an ``alpha``) only stretches the base:
+    the plain rule with base * alpha ** (Dh / (Dh - 2)), as transformers and Hunyuan-Large's
+    own code compute their frequencies."""
+    base, scaling = rope_from_hf(values)
+    if scaling is None or not scaling.get("alpha"):
+        return base, scaling
+    head_dim = values.get("head_dim") or values.get("attention_head_dim") or (
+        required(values, "hidden_size") // required(values, "num_attention_heads"))
+    return base * scaling["alpha"] ** (head_dim / (head_dim - 2)), None
 
 
 def _same_in_every_layer(values: dict, key: str) -> int:
@@ -46,9 +47,9 @@ def _config_values(config: ModelConfig) -> dict:
 HUNYUAN_V1_MOE = Family(
     model_type="hunyuan_v1_moe", architecture="HunYuanMoEV1ForCausalLM",
     holds=frozenset({"moe", "head_dim", "qk_norm_head_after_rope", "no_qkv_bias",
-                     "ungated_shared"}),
+                     "ungated_shared", "attention_bias"}),
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head_after_rope"),
-    moe=_moe, config_values=_config_values, rope_base=_rope_base,
+    moe=_moe, config_values=_config_values, rope=rope,
     layer_parts=(("self_attn.query_layernorm.", "attn.q_norm."),
                  ("self_attn.key_layernorm.", "attn.k_norm."),
                  ("mlp.gate.wg.", "ffn.router."), ("mlp.shared_mlp.", "ffn.shared_experts.")))

@@ -24,6 +24,6 @@ OLMOE = Family(
     # Its config has no head_dim: transformers derives it, and the width of QK-norm, from
     # hidden_size / num_attention_heads.
     holds=frozenset({"moe", "qk_norm_projection", "no_qkv_bias", "unnormalised_weights",
-                     "no_shared"}),
+                     "no_shared", "rope_scaling", "attention_bias"}),
     options=lambda values: dict(qk_norm=True, qk_norm_placement="projection"),
     moe=_moe, config_values=_config_values)

@@ -28,7 +28,8 @@ def _sparse_layers(values: dict) -> dict:
                 dense_layers=values.get("mlp_only_layers") or ())
 
 
-QWEN_MOE = frozenset({"moe", "moe_every", "dense_layers", "head_dim", "unnormalised_weights"})
+QWEN_MOE = frozenset({"moe", "moe_every", "dense_layers", "head_dim", "unnormalised_weights",
+                      "rope_scaling"})
 
 QWEN2_MOE = Family(
     model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
@@ -43,7 +44,7 @@ QWEN2_MOE = Family(
 
 QWEN3_MOE = Family(
     model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM",
-    holds=QWEN_MOE | {"qk_norm_head", "no_qkv_bias", "no_shared"},
+    holds=QWEN_MOE | {"qk_norm_head", "no_qkv_bias", "no_shared", "attention_bias"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head",
                                 **_sparse_layers(values)),
     moe=_moe, config_values=_config_values)
