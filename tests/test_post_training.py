@@ -15,6 +15,7 @@ from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.model.io import load_model, save_model
 from moekit.model.transformer import Transformer
+from moekit.moe import MoELayer
 from moekit.parallel.mesh import Mesh, world_mesh
 from moekit.parallel.processes import run_on_ranks
 from moekit.train import lora
@@ -209,6 +210,24 @@ def test_lora_experts_match_a_per_expert_loop():
     optimizer = build_optimizer(model, TrainConfig())
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_lora_reaches_the_ffn_of_dense_layers():
+    config = replace(tiny_config(), moe_every=2)
+    model = Transformer(config).eval()
+    dense = [layer.ffn for layer in model.layers if not isinstance(layer.ffn, MoELayer)]
+    assert len(dense) == 1
+    ids = torch.randint(0, 257, (2, 9))
+    lora.add_adapters(model, lora.LoRAConfig(rank=4))
+    assert all(isinstance(getattr(dense[0], name), lora.LoRALinear)
+               for name in ("gate_proj", "up_proj", "down_proj"))
+    torch.nn.init.normal_(dense[0].down_proj.lora_B, std=0.1)
+    x = torch.randn(5, 64)  # the FFN's width
+    by_hand = dense[0].down_proj.weight + dense[0].down_proj.scale * (
+        dense[0].down_proj.lora_B @ dense[0].down_proj.lora_A)
+    torch.testing.assert_close(dense[0].down_proj(x), x @ by_hand.T)
+    torch.testing.assert_close(lora.merged_model(model).eval()(ids).logits, model(ids).logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_ema_follows_its_formula():
