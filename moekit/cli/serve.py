@@ -13,6 +13,16 @@ from moekit.cli.values import byte_size, positive_float, positive_int
 GIB = 1 << 30
 
 
+def expert_memory_option(parser) -> None:
+    """``--expert-memory SIZE``, for every command that generates from a checkpoint."""
+    parser.add_argument(
+        "--expert-memory", type=byte_size, metavar="SIZE",
+        help="keep the routed experts in the checkpoint file (memory-mapped) and at most SIZE "
+        "bytes of the most recently used ones in memory, loaded per layer on demand (GB = 10^9 "
+        "bytes, GiB = 2^30, e.g. 2GiB); attention, norms, routers and shared experts stay "
+        "resident. Default: the whole model resident")
+
+
 def register(subcommands) -> None:
     parser = subcommands.add_parser(
         "serve", help="serve a checkpoint over HTTP (OpenAI-compatible)",
@@ -60,6 +70,7 @@ def register(subcommands) -> None:
     safety.add_argument("--shutdown-timeout", type=positive_float, default=30.0, metavar="S",
                         help="on SIGTERM or Ctrl-C: stop admitting, let running requests "
                         "finish for up to S seconds, cancel the rest, exit 0 (default 30)")
+    expert_memory_option(parser)
     output_option(parser, "--log-routing", kind="file",
                   help="write one JSON line per finished request with its routed tokens per "
                   "MoE layer and expert (live totals are at /metrics)")
@@ -76,6 +87,7 @@ def _device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        from moekit.parallel import expert_cache
         from moekit.serve import load_engine, serve
     except ModuleNotFoundError as error:
         raise ValueError(f"serving needs the 'serve' extra ({error.name} is missing): "
@@ -87,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ValueError(f"--kv-cache-gib {args.kv_cache_gib} is not allowed: expected > 0")
     engine = load_engine(args.checkpoint, _device(args.device), args.name,
+                         expert_memory=args.expert_memory,
                          max_tokens_limit=args.max_tokens,
                          kv_cache_bytes=None if args.kv_cache_gib is None
                          else int(args.kv_cache_gib * GIB),
@@ -97,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"serving {engine.name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}; KV cache: {pool.num_blocks} "
           f"blocks of {pool.block_size} positions, batches of up to {args.max_batch_size}")
+    cache = expert_cache(engine.model)
+    if cache is not None:
+        print(f"experts offloaded: {cache.num_slots} of them in memory at once "
+              f"({cache.num_slots * cache.expert_bytes:,} bytes of --expert-memory "
+              f"{cache.budget_bytes:,})")
     serve(engine, args.host, args.port, args.api_key, args.max_request_bytes,
           max_streams_per_client=args.max_streams_per_client,
           shutdown_timeout=args.shutdown_timeout)

@@ -8,7 +8,7 @@ from pathlib import Path
 import uvicorn
 
 from moekit.files import CheckpointError
-from moekit.quant import load_for_inference
+from moekit.parallel import load_for_serving
 from moekit.serve.app import create_app
 from moekit.serve.engine import Engine
 from moekit.train.chat import read_chat_template
@@ -31,12 +31,13 @@ def served_names(path: Path, checkpoint: Path, name: str | None) -> tuple[str, .
 
 
 def load_engine(path: str | os.PathLike, device: str = "cpu", name: str | None = None,
-                **limits) -> Engine:
+                expert_memory: int | None = None, **limits) -> Engine:
     """An engine over a checkpoint folder (plain or quantized), or a run folder's newest, with
     its ``tokenizer.json`` (and chat template, where ``tokenizer_config.json`` has one), served
-    under ``served_names``; ``limits``: Engine's."""
+    under ``served_names``; its experts offloaded into a cache of ``expert_memory`` bytes when
+    that is given (``moekit.parallel.offload``); ``limits``: Engine's."""
     checkpoint = resolve_checkpoint(path)
-    model = load_for_inference(checkpoint, device)
+    model = load_for_serving(checkpoint, device, expert_memory)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens, "

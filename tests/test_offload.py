@@ -1,0 +1,144 @@
+"""Experts beyond memory (``--expert-memory``): the routed experts stay in the checkpoint file
+and an LRU cache of them within a byte budget is in memory. References: the same checkpoint
+fully resident (greedy tokens), /proc/self/status's RssAnon measured in a fresh process (the
+budget), the hand count of one expert's bytes (the cache's counters)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from prometheus_client import generate_latest
+
+from moekit.cli import main
+from moekit.config import preset
+from moekit.model import Transformer, generate, save_model
+from moekit.parallel import expert_cache, load_for_serving
+from moekit.quant import load_for_inference, quantize_model, save_quantized
+from moekit.serve import Engine
+from moekit.train.tokenizer import train_tokenizer
+
+BASE = preset("tiny")
+# Experts are most of this model: 4 layers x 8 experts of 3 * 256 * 512 float32 = 1.5 MiB each.
+CONFIG = replace(BASE, vocab_size=257, hidden_size=256, max_seq_len=64,
+                 moe=replace(BASE.moe, hidden_size=256, ffn_size=512))
+EXPERT_BYTES = 3 * 256 * 512 * 4
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]]
+# What RssAnon may grow past the budget and the resident weights (measured: 0.2-0.4 MiB, the
+# activations, the KV cache and torch's small allocations).
+MARGIN_BYTES = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    folder = tmp_path_factory.mktemp("offload") / "model"
+    save_model(model, folder)
+    train_tokenizer([], 257).save(folder)  # byte-level: any text, no download
+    return folder, model
+
+
+# Run in a fresh process: RssAnon is the process's. The baseline is taken once torch has loaded
+# its meta-device kernels (Python modules, ~70 MB, that building the unloaded model needs once).
+MEASURE = """
+import json, sys, torch
+from moekit.model import generate
+from moekit.parallel import expert_cache, load_for_serving
+from moekit.quant import load_for_inference
+def anon():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
+                if l.startswith("RssAnon:"))
+torch.empty(1, device="meta").normal_()
+folder, budget, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+start = anon()
+peak = [start]
+model = load_for_serving(folder, "cpu", budget)
+for block in model.layers.values():
+    block.register_forward_hook(lambda *args: peak.append(anon()))
+with torch.inference_mode():
+    tokens = generate(model, prompts, 10)
+cache = expert_cache(model)
+offloaded = max(peak) - start
+before = anon()
+with torch.inference_mode():
+    resident = load_for_inference(folder)
+print(json.dumps({"tokens": tokens, "growth": offloaded, "resident_growth": anon() - before,
+                  "hits": cache.hits, "misses": cache.misses, "loaded": cache.bytes_loaded,
+                  "slots": cache.num_slots}))
+"""
+
+
+def test_experts_four_times_the_budget_give_the_resident_tokens_within_the_budget(checkpoint):
+    folder, model = checkpoint
+    experts_bytes = sum(p.numel() * 4 for name, p in model.named_parameters()
+                        if ".experts." in name)
+    assert experts_bytes == 4 * 8 * EXPERT_BYTES
+    budget = experts_bytes // 4
+    resident_bytes = sum(p.numel() * 4 for name, p in model.named_parameters()
+                         if ".experts." not in name)
+    expected = generate(model, PROMPTS, 10)
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(folder), str(budget),
+                             json.dumps(PROMPTS)], capture_output=True, text=True, timeout=120,
+                            check=True)
+    measured = json.loads(result.stdout)
+    assert measured["tokens"] == expected
+    assert measured["slots"] == 8  # budget // one expert
+    assert measured["misses"] > 8 and measured["loaded"] == measured["misses"] * EXPERT_BYTES
+    assert measured["growth"] <= budget + resident_bytes + MARGIN_BYTES, measured
+    # The measurement sees expert memory: the same checkpoint resident grows by all experts.
+    assert measured["resident_growth"] >= experts_bytes, measured
+
+
+def test_cache_keeps_the_most_recently_used_experts(checkpoint):
+    folder, _ = checkpoint
+    model = load_for_serving(folder, "cpu", 2 * EXPERT_BYTES + 1)  # two slots
+    cache = expert_cache(model)
+    for expert in (0, 1, 0, 2, 0, 1):  # 0 is used again before each eviction, 1 is not
+        cache.expert("layers.0.ffn.experts", expert)
+    # misses: 0, 1, 2 (evicts 1, the least recently used), 1 (evicts 2); hits: 0, 0
+    assert (cache.hits, cache.misses) == (2, 4)
+    gate_up = cache.expert("layers.0.ffn.experts", 0)["gate_up_proj"]
+    assert cache.hits == 3
+    stored = checkpoint[1].layers[0].ffn.experts.gate_up_proj[0:1]
+    assert torch.equal(gate_up, stored)
+
+
+def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(checkpoint,
+                                                                               tmp_path):
+    folder, model = checkpoint
+    quantized = Transformer(CONFIG).eval()
+    quantized.load_state_dict(model.state_dict())
+    quantize_model(quantized, experts="int8", attention="fp8")
+    save_quantized(quantized, tmp_path / "q", tokenizer_from=folder)
+    expected = generate(load_for_inference(tmp_path / "q"), PROMPTS, 8)
+    offloaded = load_for_serving(tmp_path / "q", "cpu", 3 * (3 * 256 * 512 + 3 * 512 * 4))
+    assert generate(offloaded, PROMPTS, 8) == expected
+    cache = expert_cache(offloaded)
+    assert cache.num_slots == 3  # int8 weights plus their float32 scales, per expert
+    engine = Engine(offloaded, train_tokenizer([], 257), "q", max_tokens_limit=8)
+    try:
+        text = generate_latest(engine.metrics.registry).decode()
+    finally:
+        engine.close()
+    exported = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("moekit_expert_cache_")}
+    assert exported["moekit_expert_cache_misses_total"] == cache.misses > 0
+    assert exported["moekit_expert_cache_hits_total"] == cache.hits
+    assert exported["moekit_expert_cache_loaded_bytes_total"] == cache.bytes_loaded
+
+
+def test_generate_cli_offloaded_prints_the_resident_text(checkpoint, capsys):
+    folder, _ = checkpoint
+    command = ["generate", "--checkpoint", str(folder), "--prompt", "Hello", "--temperature",
+               "0", "--max-new-tokens", "6"]
+    assert main(command) == 0
+    resident = capsys.readouterr().out
+    assert main([*command, "--expert-memory", "3MiB"]) == 0  # 2 experts of 1.5 MiB
+    assert capsys.readouterr().out == resident
+    assert main([*command, "--expert-memory", "1MB"]) == 2
+    error = capsys.readouterr().err
+    assert "--expert-memory 1,000,000 bytes holds no expert" in error and error.count("\n") == 1
