@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict, fields, replace
 
 from moekit.cli.paths import input_option, output_option
-from moekit.cli.serve import expert_memory_option
+from moekit.cli.options import collective_timeout_option, expert_memory_option, nproc_option
 from moekit.cli.values import positive_float, positive_int
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
                            DataConfig, ExpertParallelConfig, ModelConfig, TrainConfig, preset,
@@ -321,8 +321,7 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
         "torchrun --nproc-per-node N -m moekit COMMAND ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
-    parallel.add_argument("--nproc", type=positive_int, metavar="N",
-                          help="run on N local processes (torch's elastic agent, as torchrun)")
+    nproc_option(parallel)
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the experts and a pipeline stage's "
@@ -364,9 +363,7 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
                           default=ExpertParallelConfig.expert_gflops, metavar="GFLOP/S",
                           help="shadowing's cost model: expert matmul rate of one rank "
                           f"(default {ExpertParallelConfig.expert_gflops})")
-    parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
-                          metavar="S", help="seconds a rank waits for the others in a collective "
-                          "before it fails (default 600)")
+    collective_timeout_option(parallel)
 
 
 def register(subcommands) -> None:

@@ -14,6 +14,11 @@ from moekit.model.paged import KVBlockPool, PagedBatch
 
 
 class ModelRunner:
+    """``idle_call_s``: how long the scheduler may stay idle before it calls ``idle()`` (None:
+    forever)."""
+
+    idle_call_s: float | None = None
+
     def __init__(self, model, pool: KVBlockPool):
         self.model, self.pool = model, pool
 
@@ -35,6 +40,9 @@ class ModelRunner:
         batch = PagedBatch(self.pool, tables, lengths)
         ids_B1 = torch.tensor([[token] for token in tokens], device=self.pool.keys[0].device)
         return self.model(ids_B1, cache=batch).logits[:, -1]
+
+    def idle(self) -> None:
+        """Called after ``idle_call_s`` without work: a split runner's keep-alive."""
 
     def close(self) -> None:
         """Nothing to release here; a split runner tells the other processes to stop."""

@@ -259,14 +259,17 @@ class Scheduler:
 
     def _turn(self) -> bool:
         with self._condition:
-            while not (self._waiting or self._running or self._closing):
-                self._condition.wait()
+            woken = True
+            while woken and not (self._waiting or self._running or self._closing):
+                woken = self._condition.wait(self.runner.idle_call_s)
             if self._closing:
                 return False
             self._expire_waiting()
             admitted = self._admit()
         self._running.extend(admitted)
         try:
+            if not woken:
+                self.runner.idle()
             for ticket in admitted:
                 self._prefill(ticket)
             if any(ticket.decoding_rows() for ticket in self._running):
