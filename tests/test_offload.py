@@ -107,18 +107,17 @@ def test_cache_keeps_the_most_recently_used_experts(checkpoint):
     assert torch.equal(gate_up, stored)
 
 
-def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(checkpoint,
-                                                                               tmp_path):
-    folder, model = checkpoint
-    quantized = Transformer(CONFIG).eval()
-    quantized.load_state_dict(model.state_dict())
-    quantize_model(quantized, experts="int8", attention="fp8")
-    save_quantized(quantized, tmp_path / "q", tokenizer_from=folder)
+def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(tmp_path):
+    torch.manual_seed(0)
+    config = replace(BASE, vocab_size=257)  # experts of 3 x 128 x 128
+    quantized = quantize_model(Transformer(config).eval(), experts="int8", attention=None)
+    save_quantized(quantized, tmp_path / "q")
     expected = generate(load_for_inference(tmp_path / "q"), PROMPTS, 8)
-    offloaded = load_for_serving(tmp_path / "q", "cpu", 3 * (3 * 256 * 512 + 3 * 512 * 4))
+    expert_bytes = 3 * 128 * 128 + 3 * 128 * 4  # int8 weights, a float32 scale per output row
+    offloaded = load_for_serving(tmp_path / "q", "cpu", 3 * expert_bytes)
     assert generate(offloaded, PROMPTS, 8) == expected
     cache = expert_cache(offloaded)
-    assert cache.num_slots == 3  # int8 weights plus their float32 scales, per expert
+    assert (cache.num_slots, cache.expert_bytes) == (3, expert_bytes)
     engine = Engine(offloaded, train_tokenizer([], 257), "q", max_tokens_limit=8)
     try:
         text = generate_latest(engine.metrics.registry).decode()
