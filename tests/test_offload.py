@@ -46,12 +46,10 @@ def checkpoint(tmp_path_factory):
 # its meta-device kernels (Python modules, ~70 MB, that building the unloaded model needs once).
 MEASURE = """
 import json, sys, torch
+from moekit.devices import anonymous_resident_bytes as anon
 from moekit.model import generate
 from moekit.parallel import expert_cache, load_for_serving
 from moekit.quant import load_for_inference
-def anon():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status")
-                if l.startswith("RssAnon:"))
 torch.empty(1, device="meta").normal_()
 folder, budget, prompts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 start = anon()
