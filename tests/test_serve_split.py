@@ -87,12 +87,14 @@ def test_split_server_gives_one_process_tokens_and_stops_when_a_rank_dies(quanti
             "prompt": "Hello", "max_tokens": 12, "temperature": 0}).json()
         assert answer["choices"][0]["text"] == expected
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
-                "prompt": "Hello", "max_tokens": 100, "temperature": 0,
+                "prompt": "Hello", "max_tokens": 120, "temperature": 0,
                 "stream": True}) as response, ThreadPoolExecutor(1) as pool:
             lines = response.iter_lines()
             next(lines)  # decoding on both ranks
             waiting = pool.submit(httpx.post, f"{url}/v1/completions", timeout=60, json={
                 "prompt": "Hi", "max_tokens": 100, "temperature": 0})
+            while "moekit_batch_size 2.0" not in httpx.get(f"{url}/metrics").text:
+                time.sleep(0.01)  # both decoding: the second one's answer not yet begun
             os.kill(_ranks(agent)[1], signal.SIGKILL)
             killed = time.monotonic()
             rest = [line for line in lines if line]
