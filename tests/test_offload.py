@@ -18,7 +18,7 @@ from moekit.config import preset
 from moekit.model import Transformer, generate, save_model
 from moekit.parallel import expert_cache, load_for_serving
 from moekit.quant import load_for_inference, quantize_model, save_quantized
-from moekit.serve import Engine
+from moekit.serve import Engine, Sampling
 from moekit.train.tokenizer import train_tokenizer
 
 BASE = preset("tiny")
@@ -116,11 +116,17 @@ def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(tm
     assert generate(offloaded, PROMPTS, 8) == expected
     cache = expert_cache(offloaded)
     assert (cache.num_slots, cache.expert_bytes) == (3, expert_bytes)
-    engine = Engine(offloaded, train_tokenizer([], 257), "q", max_tokens_limit=8)
+    tokenizer = train_tokenizer([], 257)
+    engine = Engine(offloaded, tokenizer, "q", max_tokens_limit=8)
     try:
+        pieces, _ = engine.complete(["Hello"], Sampling(max_tokens=8, temperature=0))
+        served = "".join(piece.text for piece in pieces)
         text = generate_latest(engine.metrics.registry).decode()
     finally:
         engine.close()
+    resident = generate(load_for_inference(tmp_path / "q"), [tokenizer.encode("Hello")], 8,
+                        eos_id=tokenizer.eos_id)[0]
+    assert served == tokenizer.decode(resident)
     exported = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                 if line.startswith("moekit_expert_cache_")}
     assert exported["moekit_expert_cache_misses_total"] == cache.misses > 0
