@@ -19,6 +19,8 @@ import torch
 from moekit.config import preset
 from moekit.model import Transformer, generate
 from moekit.quant import load_for_inference, quantize_model, save_quantized
+from moekit.serve import Engine, Sampling
+from moekit.serve.runner import ModelRunner
 from moekit.train.tokenizer import train_tokenizer
 
 CONFIG = replace(preset("tiny"), vocab_size=257, max_seq_len=128)
@@ -36,6 +38,37 @@ def quantized(tmp_path_factory):
     save_quantized(model, folder)
     train_tokenizer([], 257).save(folder)  # byte-level: any text, no download
     return folder
+
+
+def test_an_idle_scheduler_keeps_a_split_runner_alive_and_closes_it_once():
+    # A split runner's followers wait in a collective for the next call; while no request
+    # comes, the scheduler calls idle() every idle_call_s so that the wait never times out.
+    calls = []
+
+    class Recording(ModelRunner):
+        idle_call_s = 0.02
+
+        def idle(self):
+            calls.append("idle")
+
+        def close(self):
+            calls.append("close")
+
+    torch.manual_seed(0)
+    model = Transformer(CONFIG).eval()
+    tokenizer = train_tokenizer([], 257)
+    engine = Engine(model, tokenizer, "tiny", runner=Recording)
+    try:
+        deadline = time.monotonic() + 10
+        while calls.count("idle") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pieces, _ = engine.complete(["Hi"], Sampling(max_tokens=4, temperature=0))
+        text = "".join(piece.text for piece in pieces)
+    finally:
+        engine.close()
+    assert calls.count("idle") >= 3 and calls[-1] == "close" and calls.count("close") == 1
+    expected = generate(model, [tokenizer.encode("Hi")], 4, eos_id=tokenizer.eos_id)[0]
+    assert text == tokenizer.decode(expected)
 
 
 def _free_port() -> int:

@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         if args.split is None:
             raise ValueError(f"--nproc {args.nproc} serves one model over {args.nproc} "
                              "processes: add --split auto")
-        return launch(args.nproc, without_nproc(args.argv))
+        return launch(args.nproc, without_nproc(args.argv), stop_is_success=True)
     world = torchrun_world_size()
     if world > 1 and args.split is None:
         raise ValueError(f"{world} processes (torchrun) serve one model split over them: add "
