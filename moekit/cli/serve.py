@@ -142,13 +142,13 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, device: str, split_timeout: float | None) -> int:
     from moekit.parallel import expert_cache
     serving = _serving()
-    engine = serving.load_engine(args.checkpoint, device, args.name, expert_memory=args.expert_memory,
-                         split_timeout=split_timeout, max_tokens_limit=args.max_tokens,
-                         kv_cache_bytes=None if args.kv_cache_gib is None
-                         else int(args.kv_cache_gib * GIB),
-                         kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
-                         max_batch=args.max_batch_size, max_waiting=args.max_waiting,
-                         request_timeout=args.request_timeout, routing_log=args.log_routing)
+    engine = serving.load_engine(
+        args.checkpoint, device, args.name, expert_memory=args.expert_memory,
+        split_timeout=split_timeout, max_tokens_limit=args.max_tokens,
+        kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * GIB),
+        kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
+        max_batch=args.max_batch_size, max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout, routing_log=args.log_routing)
     pool = engine.pool
     print(f"serving {engine.name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}; KV cache: {pool.num_blocks} "

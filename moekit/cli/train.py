@@ -250,8 +250,7 @@ def _load(args, expert_memory: int | None = None):
     from moekit.train.checkpoint import resolve_checkpoint
     from moekit.train.tokenizer import load_tokenizer
     folder = resolve_checkpoint(args.checkpoint)
-    model = load_for_serving(folder, resolve_device(args.device),
-                             expert_memory)
+    model = load_for_serving(folder, resolve_device(args.device), expert_memory)
     return folder, model, load_tokenizer(folder)
 
 
