@@ -32,13 +32,26 @@ PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]]
 MARGIN_BYTES = 4 << 20
 
 
+SMALL = replace(BASE, vocab_size=257)  # experts of 3 x 128 x 128 float32: 192 KiB each
+SMALL_EXPERT_BYTES = 3 * 128 * 128 * 4
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval()
+    folder = tmp_path_factory.mktemp("offload") / "small"
+    save_model(model, folder)
+    train_tokenizer([], 257).save(folder)  # byte-level: any text, no download
+    return folder, model
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = Transformer(CONFIG).eval()
     folder = tmp_path_factory.mktemp("offload") / "model"
     save_model(model, folder)
-    train_tokenizer([], 257).save(folder)  # byte-level: any text, no download
     return folder, model
 
 
@@ -91,9 +104,9 @@ def test_experts_four_times_the_budget_give_the_resident_tokens_within_the_budge
     assert measured["resident_growth"] >= experts_bytes, measured
 
 
-def test_cache_keeps_the_most_recently_used_experts(checkpoint):
-    folder, _ = checkpoint
-    model = load_for_serving(folder, "cpu", 2 * EXPERT_BYTES + 1)  # two slots
+def test_cache_keeps_the_most_recently_used_experts(small):
+    folder, resident = small
+    model = load_for_serving(folder, "cpu", 2 * SMALL_EXPERT_BYTES + 1)  # two slots
     cache = expert_cache(model)
     for expert in (0, 1, 0, 2, 0, 1):  # 0 is used again before each eviction, 1 is not
         cache.expert("layers.0.ffn.experts", expert)
@@ -101,14 +114,13 @@ def test_cache_keeps_the_most_recently_used_experts(checkpoint):
     assert (cache.hits, cache.misses) == (2, 4)
     gate_up = cache.expert("layers.0.ffn.experts", 0)["gate_up_proj"]
     assert cache.hits == 3
-    stored = checkpoint[1].layers[0].ffn.experts.gate_up_proj[0:1]
+    stored = resident.layers[0].ffn.experts.gate_up_proj[0:1]
     assert torch.equal(gate_up, stored)
 
 
 def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(tmp_path):
     torch.manual_seed(0)
-    config = replace(BASE, vocab_size=257)  # experts of 3 x 128 x 128
-    quantized = quantize_model(Transformer(config).eval(), experts="int8", attention=None)
+    quantized = quantize_model(Transformer(SMALL).eval(), experts="int8", attention=None)
     save_quantized(quantized, tmp_path / "q")
     expected = generate(load_for_inference(tmp_path / "q"), PROMPTS, 8)
     expert_bytes = 3 * 128 * 128 + 3 * 128 * 4  # int8 weights, a float32 scale per output row
@@ -134,14 +146,14 @@ def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(tm
     assert exported["moekit_expert_cache_loaded_bytes_total"] == cache.bytes_loaded
 
 
-def test_generate_cli_offloaded_prints_the_resident_text(checkpoint, capsys):
-    folder, _ = checkpoint
+def test_generate_cli_offloaded_prints_the_resident_text(small, capsys):
+    folder, _ = small
     command = ["generate", "--checkpoint", str(folder), "--prompt", "Hello", "--temperature",
                "0", "--max-new-tokens", "6"]
     assert main(command) == 0
     resident = capsys.readouterr().out
-    assert main([*command, "--expert-memory", "3MiB"]) == 0  # 2 experts of 1.5 MiB
+    assert main([*command, "--expert-memory", "400KiB"]) == 0  # 2 experts of 192 KiB
     assert capsys.readouterr().out == resident
-    assert main([*command, "--expert-memory", "1MB"]) == 2
+    assert main([*command, "--expert-memory", "100KB"]) == 2
     error = capsys.readouterr().err
-    assert "--expert-memory 1,000,000 bytes holds no expert" in error and error.count("\n") == 1
+    assert "--expert-memory 100,000 bytes holds no expert" in error and error.count("\n") == 1

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+from moekit.cli import main
 from moekit.config import preset
 from moekit.model import Transformer, generate
 from moekit.quant import load_for_inference, quantize_model, save_quantized
@@ -69,6 +70,16 @@ def test_an_idle_scheduler_keeps_a_split_runner_alive_and_closes_it_once():
     assert calls.count("idle") >= 3 and calls[-1] == "close" and calls.count("close") == 1
     expected = generate(model, [tokenizer.encode("Hi")], 4, eos_id=tokenizer.eos_id)[0]
     assert text == tokenizer.decode(expected)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--nproc", "2"], "--nproc 2 serves one model over 2 processes: add --split auto"),
+    (["--split", "auto", "--expert-memory", "1GB"], "--split and --expert-memory do not go"),
+])
+def test_bad_process_flags_are_one_line_and_exit_code_2(quantized, capsys, flags, words):
+    assert main(["serve", "--checkpoint", str(quantized), *flags]) == 2
+    error = capsys.readouterr().err
+    assert words in error and error.count("\n") == 1
 
 
 def _free_port() -> int:
