@@ -118,6 +118,16 @@ def test_cache_keeps_the_most_recently_used_experts(small):
     assert torch.equal(gate_up, stored)
 
 
+def test_bf16_checkpoint_offloaded_keeps_bf16_experts(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(SMALL).eval().to(torch.bfloat16)
+    save_model(model, tmp_path / "bf16")
+    offloaded = load_for_serving(tmp_path / "bf16", "cpu", 4 * SMALL_EXPERT_BYTES // 2)
+    assert generate(offloaded, PROMPTS, 6) == generate(model, PROMPTS, 6)
+    cache = expert_cache(offloaded)
+    assert cache.num_slots == 4 and cache.slots["gate_up_proj"].dtype == torch.bfloat16
+
+
 def test_quantized_checkpoint_offloaded_gives_its_resident_tokens_and_metrics(tmp_path):
     torch.manual_seed(0)
     quantized = quantize_model(Transformer(SMALL).eval(), experts="int8", attention=None)

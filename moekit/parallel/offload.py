@@ -38,25 +38,49 @@ from moekit.quant import load_for_inference, model_structure
 
 
 class ExpertCache:
-    """The experts in memory: ``num_slots`` slots, each the tensors of one expert (``shapes``:
-    name -> (shape of one expert, dtype), as the stacked experts module names them), filled from
-    the safetensors file ``path`` and reused least recently used first. ``hits``, ``misses`` and
-    ``bytes_loaded`` count what ``expert`` did."""
+    """The experts in memory: ``num_slots`` slots, each the tensors of one expert, filled from
+    the safetensors file ``path`` and reused least recently used first. ``prefixes``: the
+    experts modules (``layers.3.ffn.experts``) it serves, whose tensors (``shapes``: name ->
+    stacked shape [E, ...]) the file must hold; each slot takes a tensor's type from the file.
+    ``hits``, ``misses`` and ``bytes_loaded`` count what ``expert`` did."""
 
-    def __init__(self, path: str | os.PathLike, shapes: dict[str, tuple[torch.Size, torch.dtype]],
-                 budget_bytes: int, device: str | torch.device, format_version: int):
-        from safetensors import safe_open
-        self.expert_bytes = sum(shape.numel() * dtype.itemsize for shape, dtype in shapes.values())
+    def __init__(self, path: str | os.PathLike, prefixes: list[str],
+                 shapes: dict[str, torch.Size], budget_bytes: int,
+                 device: str | torch.device, format_version: int):
+        from safetensors import SafetensorError, safe_open
+        self.format_version = format_version
+        self._file = safe_open(str(path), framework="pt")  # open (and mapped) while served
+        try:
+            for prefix in prefixes:
+                for name, shape in shapes.items():
+                    stored = self._stored_shape(f"{prefix}.{name}")
+                    if stored != shape:
+                        raise CheckpointError(f"{path}: {prefix}.{name} has shape "
+                                              f"{list(stored)}, the model needs {list(shape)}")
+            first = {name: self._read(prefixes[0], name, 0) for name in shapes}
+        except SafetensorError as error:
+            raise CheckpointError(f"{path}: not the experts of its config.json ({error})"
+                                  ) from None
+        self.expert_bytes = sum(t.numel() * t.element_size() for t in first.values())
         self.num_slots = budget_bytes // self.expert_bytes
         if self.num_slots < 1:
             raise ValueError(f"--expert-memory {budget_bytes:,} bytes holds no expert: one "
                              f"expert takes {self.expert_bytes:,} bytes")
-        self.budget_bytes, self.format_version = budget_bytes, format_version
-        self.slots = {name: torch.empty((self.num_slots, *shape), dtype=dtype, device=device)
-                      for name, (shape, dtype) in shapes.items()}
-        self._file = safe_open(str(path), framework="pt")  # open (and mapped) while served
+        self.budget_bytes = budget_bytes
+        self.slots = {name: torch.empty((self.num_slots, *t.shape[1:]), dtype=t.dtype,
+                                        device=device) for name, t in first.items()}
         self._slot_of: OrderedDict[tuple[str, int], int] = OrderedDict()  # oldest use first
         self.hits = self.misses = self.bytes_loaded = 0
+
+    def _stored_shape(self, name: str) -> torch.Size:
+        stored = torch.empty(self._file.get_slice(name).get_shape(), device="meta")
+        return upgrade_tensor(name, stored, self.format_version).shape
+
+    def _read(self, prefix: str, name: str, expert: int) -> torch.Tensor:
+        """One expert's tensor [1, ...] from the file, as this format version holds it."""
+        stored = f"{prefix}.{name}"
+        one = self._file.get_slice(stored)[expert:expert + 1]
+        return upgrade_tensor(stored, one, self.format_version)
 
     def expert(self, prefix: str, expert: int) -> dict[str, torch.Tensor]:
         """The tensors of ``expert`` of the experts module named ``prefix``, each [1, ...] as a
@@ -71,9 +95,7 @@ class ExpertCache:
             slot = (len(self._slot_of) if len(self._slot_of) < self.num_slots
                     else self._slot_of.popitem(last=False)[1])
             for name, slots in self.slots.items():
-                stored = f"{prefix}.{name}"
-                one = self._file.get_slice(stored)[expert:expert + 1]
-                slots[slot:slot + 1].copy_(upgrade_tensor(stored, one, self.format_version))
+                slots[slot:slot + 1].copy_(self._read(prefix, name, expert))
             self.bytes_loaded += self.expert_bytes
             self._slot_of[key] = slot
         return {name: slots[slot:slot + 1] for name, slots in self.slots.items()}
@@ -119,12 +141,12 @@ def load_offloaded(folder: str | os.PathLike, device: str | torch.device,
     for prefix, layer in layers:
         if isinstance(layer.experts, ModuleExperts):
             raise ValueError(f"{prefix} is a ModuleExperts: only stacked experts are offloaded")
-        shapes[prefix] = {name: (t.shape[1:], t.dtype)
-                          for name, t in layer.experts.state_dict().items()}
-    if any(layer_shapes != shapes[layers[0][0]] for layer_shapes in shapes.values()):
+        shapes[prefix] = {name: t.shape for name, t in layer.experts.state_dict().items()}
+    first = shapes[layers[0][0]]
+    if any(layer_shapes != first for layer_shapes in shapes.values()):
         raise ValueError(f"{folder}: the MoE layers' experts differ in shape; offloading "
                          "shares one cache of equal slots between them")
-    cache = ExpertCache(Path(folder) / WEIGHTS_FILE, shapes[layers[0][0]], expert_memory,
+    cache = ExpertCache(Path(folder) / WEIGHTS_FILE, list(shapes), first, expert_memory,
                         device, folder_format_version(folder))
     for prefix, layer in layers:
         layer.experts = OffloadedExperts(layer.experts, prefix, cache)
