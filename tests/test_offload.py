@@ -36,23 +36,22 @@ SMALL = replace(BASE, vocab_size=257)  # experts of 3 x 128 x 128 float32: 192 K
 SMALL_EXPERT_BYTES = 3 * 128 * 128 * 4
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def _saved(folder, config):
     torch.manual_seed(0)
-    model = Transformer(SMALL).eval()
-    folder = tmp_path_factory.mktemp("offload") / "small"
+    model = Transformer(config).eval()
     save_model(model, folder)
     train_tokenizer([], 257).save(folder)  # byte-level: any text, no download
     return folder, model
 
 
 @pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _saved(tmp_path_factory.mktemp("offload") / "small", SMALL)
+
+
+@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Transformer(CONFIG).eval()
-    folder = tmp_path_factory.mktemp("offload") / "model"
-    save_model(model, folder)
-    return folder, model
+    return _saved(tmp_path_factory.mktemp("offload") / "model", CONFIG)
 
 
 # Run in a fresh process: RssAnon is the process's. The baseline is taken once torch has loaded
