@@ -128,6 +128,22 @@ def _upgrade_state(tensors: dict, config: dict) -> dict:
     return state
 
 
+def read_weights(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                 keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder``'s weights file whose names ``keep`` accepts, as this format
+    version holds them; the others are never read (they stay on disk)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys() if keep(name)}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    return _upgrade_state(tensors, read_config(folder))
+
+
 def folder_format_version(folder: str | os.PathLike) -> int:
     return read_config(folder).get("format_version", 1)
 
