@@ -365,38 +365,44 @@ _MIXTRAL_EXPERT_NAMES = (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_pr
 _PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def stack_experts(file_state: dict, layout: str) -> dict:
-    """Hub naming (one tensor per expert) -> transformers' in-memory naming (stacked)."""
-    state, per_expert = {}, {}
-    for name, tensor in file_state.items():
+def stacking_plan(file_names, layout: str) -> dict[str, str | list[list[str]]]:
+    """Which file tensors (Hub naming) make each tensor of transformers' in-memory naming: the
+    one file tensor it is renamed from, or, for stacked experts, per expert the matrices
+    concatenated (gate then up), in expert order. A stacked tensor's bytes are those of its
+    matrices in this order, so it can be written without being built."""
+    plan, per_expert = {}, {}
+    for file_name in file_names:
+        name = file_name
         if layout == "mixtral":
             name = name.replace(".block_sparse_moe.", ".mlp.")
             for old, new in _MIXTRAL_EXPERT_NAMES:
                 name = re.sub(rf"(\.experts\.\d+)\.{old}\.", rf"\1.{new}.", name)
         match = _PER_EXPERT.fullmatch(name)
         if match is None:
-            state[name] = tensor
+            plan[name] = file_name
         else:
             prefix, expert, part = match.groups()
-            per_expert.setdefault(prefix, {})[(int(expert), part)] = tensor
+            per_expert.setdefault(prefix, {})[(int(expert), part)] = file_name
     for prefix, parts in per_expert.items():
         experts = sorted({expert for expert, _ in parts})
         if experts != list(range(len(experts))) or len(parts) != 3 * len(experts):
             raise ValueError(f"{prefix}: expected gate_proj, up_proj and down_proj for experts "
                              f"0..{len(experts) - 1}, found {len(parts)} tensors")
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in experts])
-        state[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in experts])
-    return state
+        plan[f"{prefix}.gate_up_proj"] = [[parts[(e, "gate_proj")], parts[(e, "up_proj")]]
+                                          for e in experts]
+        plan[f"{prefix}.down_proj"] = [[parts[(e, "down_proj")]] for e in experts]
+    return plan
 
 
-def _own(tensor: torch.Tensor) -> torch.Tensor:
-    # A fresh contiguous copy: safetensors refuses views and tensors that share memory.
-    return tensor.clone(memory_format=torch.contiguous_format)
+def stack_experts(file_state: dict, layout: str) -> dict:
+    """Hub naming (one tensor per expert) -> transformers' in-memory naming (stacked)."""
+    return {name: file_state[source] if isinstance(source, str) else torch.stack(
+                [torch.cat([file_state[part] for part in parts]) for parts in source])
+            for name, source in stacking_plan(file_state, layout).items()}
 
 
 def split_experts(hf_state: dict, layout: str) -> dict:
-    """The inverse of ``stack_experts``."""
+    """The inverse of ``stack_experts``: views of the stacked tensors, not copies."""
     mixtral = layout == "mixtral"
     mlp = ".block_sparse_moe." if mixtral else ".mlp."
     file_names = {new: old for old, new in _MIXTRAL_EXPERT_NAMES} if mixtral else {}
@@ -404,15 +410,14 @@ def split_experts(hf_state: dict, layout: str) -> dict:
     for name, tensor in hf_state.items():
         stacked = re.fullmatch(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
         if stacked is None:
-            files[name.replace(".mlp.", mlp)] = _own(tensor)
+            files[name.replace(".mlp.", mlp)] = tensor
             continue
         layer, kind = stacked.groups()
         for expert, weight in enumerate(tensor):
             parts = (zip(("gate_proj", "up_proj"), weight.chunk(2)) if kind == "gate_up_proj"
                      else [("down_proj", weight)])
             for part, matrix in parts:
-                files[f"{layer}{mlp}experts.{expert}.{file_names.get(part, part)}.weight"] = \
-                    _own(matrix)
+                files[f"{layer}{mlp}experts.{expert}.{file_names.get(part, part)}.weight"] = matrix
     return files
 
 

@@ -114,7 +114,7 @@ def upgrade_tensor(name: str, tensor: torch.Tensor, format_version: int) -> torc
     return tensor
 
 
-def _upgrade_state(tensors: dict, config: dict) -> dict:
+def upgrade_state(tensors: dict, config: dict) -> dict:
     """A format-1 state dict as this version holds it. Format 1 counted recycling forwards
     (``recycle_calls``); its successor ``router_step`` counts optimizer steps, which a
     training checkpoint records."""
@@ -143,7 +143,7 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
     version = config.get("format_version", 1)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stored = _upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
+            stored = upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
                                                        device="meta") for name in handle.keys()},
                                     config)
         problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in stored.items()})
@@ -154,7 +154,7 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
             load_into(model, str(path), strict=True, device=device)
         else:
             tensors = read_safetensors(path, device)
-            model.load_state_dict(_upgrade_state(tensors, config), strict=True)
+            model.load_state_dict(upgrade_state(tensors, config), strict=True)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     return model
