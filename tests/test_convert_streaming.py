@@ -183,7 +183,8 @@ def test_bad_checkpoints_are_one_line_naming_the_file_and_tensor(tmp_path, capsy
 @pytest.mark.parametrize("changes, message", [
     (dict(model_type="gpt2"), "config.json: model_type='gpt2' is not supported: expected one "
                               "of mixtral, "),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "config.json: rope_scaling="),
+    (dict(mlp_bias=True), "config.json: mlp_bias=True is not supported: moekit's FFNs have no "
+                          "bias"),
     (dict(hidden_act="gelu"), "config.json: hidden_act='gelu' is not supported: expected 'silu'"),
     (dict(model_type="deepseek_vl", auto_map={"AutoModelForCausalLM": "modeling.Model"}),
      "config.json: auto_map={'AutoModelForCausalLM': 'modeling.Model'} is not supported: the "

@@ -143,6 +143,35 @@ def model_skeleton(config: ModelConfig, dtype: torch.dtype | None = None) -> Tra
     return model if dtype is None else model.to(dtype)
 
 
+@dataclass(frozen=True)
+class Unread:
+    """A tensor of a folder, not read yet: the file tensor ``source`` or, for stacked experts,
+    per expert its matrices (``stacking_plan``); ``piece`` (k, n) is the k-th of n equal
+    chunks along dim 0, as ``hf_to_moekit_state`` splits a family's fused tensors (the one
+    tensor operation it applies, through ``chunk``)."""
+    source: str | list[list[str]]
+    piece: tuple[int, int] = (0, 1)
+
+    def chunk(self, chunks: int) -> list[Unread]:
+        return [Unread(self.source, (k, chunks)) for k in range(chunks)]
+
+    def shape(self, weights) -> tuple[int, ...]:
+        if isinstance(self.source, str):
+            shape = weights.shape(self.source)
+        else:
+            shape = _stacked_shape(weights, self.source)
+        return (shape[0] // self.piece[1], *shape[1:])
+
+    def parts(self, weights):
+        """The tensor's data in order: the file tensor's chunk, or each expert's matrices."""
+        if isinstance(self.source, str):
+            yield weights.get(self.source).chunk(self.piece[1])[self.piece[0]]
+            return
+        for parts in self.source:
+            for part in parts:
+                yield weights.get(part)
+
+
 def _stacked_shape(weights, experts: list[list[str]]) -> tuple[int, ...]:
     """[E, rows of one expert's matrices together, ...]; every expert's matrices must have
     expert 0's shapes, and one expert's matrices the same trailing dims."""
@@ -156,22 +185,14 @@ def _stacked_shape(weights, experts: list[list[str]]) -> tuple[int, ...]:
     return (len(experts), sum(shape[0] for shape in first), *first[0][1:])
 
 
-def _parts(weights, source: str | list[list[str]]):
-    if isinstance(source, str):
-        yield weights.get(source)
-        return
-    for parts in source:
-        for part in parts:
-            yield weights.get(part)
-
-
 def _moekit_tensors(weights, where: Path, layout: str, config: ModelConfig,
                     dtype: torch.dtype | None) -> tuple[Transformer, dict[str, PendingTensor]]:
     """The skeleton of the model and every tensor of its moekit folder, still unread: the
-    folder's tensors renamed and stacked, cast to ``dtype`` (default: the embedding's), and
-    moekit's own router state as a new model starts it."""
+    folder's tensors renamed, split and stacked, cast to ``dtype`` (default: the
+    embedding's), and moekit's own router state as a new model starts it."""
     try:
-        sources = hf_to_moekit_state(stacking_plan(weights.files, layout), layout)
+        sources = hf_to_moekit_state({name: Unread(source) for name, source in stacking_plan(
+            weights.files, layout).items()}, layout)
     except ValueError as error:
         raise CheckpointError(f"{where}: {error}") from None
     stored = weights.dtype("model.embed_tokens.weight" if "model.embed_tokens.weight"
@@ -179,16 +200,16 @@ def _moekit_tensors(weights, where: Path, layout: str, config: ModelConfig,
     skeleton = model_skeleton(config, dtype or stored)
     if config.tie_embeddings:
         sources.pop("lm_head.weight", None)
-    shapes = {name: weights.shape(source) if isinstance(source, str)
-              else _stacked_shape(weights, source) for name, source in sources.items()}
-    problem = describe_mismatch(skeleton, shapes, may_lack=MOEKIT_ONLY)
+    problem = describe_mismatch(skeleton, {name: unread.shape(weights)
+                                           for name, unread in sources.items()},
+                                may_lack=MOEKIT_ONLY)
     if problem:
         raise CheckpointError(f"{where}: weights do not fit the model of the config: {problem}")
     tensors = {}
     for name, tensor in skeleton.state_dict().items():
-        source = sources.get(name)
-        tensors[name] = (PendingTensor.of(tensor) if source is None else PendingTensor(
-            tensor.dtype, tuple(tensor.shape), lambda source=source: _parts(weights, source)))
+        unread = sources.get(name)
+        tensors[name] = (PendingTensor.of(tensor) if unread is None else PendingTensor(
+            tensor.dtype, tuple(tensor.shape), lambda unread=unread: unread.parts(weights)))
     return skeleton, tensors
 
 
