@@ -83,11 +83,12 @@ def register(subcommands) -> None:
     import_parser = _folder_command(
         subcommands, "import", "a local Hugging Face checkpoint folder", run_import,
         help="a local Hugging Face checkpoint -> a moekit folder",
-        description="Reads config.json and the safetensors weights (sharded too) of a folder of "
-                    f"one of the families {', '.join(LAYOUTS)}; the tokenizer and chat "
-                    "template come along. The weights stream: memory-mapped and written "
-                    "tensor by tensor (memory stays near one stacked expert tensor, whatever "
-                    "the checkpoint's size), with a progress bar on a terminal. Block-wise FP8 "
+        description="Reads config.json and the safetensors weights (sharded too) of a folder "
+                    f"whose model_type is one of {', '.join(LAYOUTS)} (docs/convert.md: what "
+                    "each holds, and the families refused); the tokenizer and chat template "
+                    "come along. The weights stream: memory-mapped and written tensor by "
+                    "tensor (memory stays near one stacked expert tensor, whatever the "
+                    "checkpoint's size), with a progress bar on a terminal. Block-wise FP8 "
                     "weights (DeepSeek-V3's weight_scale_inv) are dequantized; other "
                     "quantizations, configs that need trust_remote_code (auto_map) and "
                     "features the model cannot hold are refused in one line naming the key.")
