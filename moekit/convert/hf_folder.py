@@ -361,7 +361,8 @@ def export_hf_folder(source: str | os.PathLike, destination: str | os.PathLike, 
     source = Path(source)
     config = read_config(source)
     if "quantization" in config:
-        load_model(source)  # refuses it, saying how such a folder is loaded
+        raise CheckpointError(f"{source}: holds a quantized model; export writes full-precision "
+                              "weights: export the folder it was quantized from")
     skeleton = model_skeleton(read_model_config(source))
     with CheckpointFiles.of_files([source / WEIGHTS_FILE]) as weights:
         state = upgrade_state({name: weights.get(name) for name in weights.files}, config)
