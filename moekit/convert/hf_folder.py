@@ -38,7 +38,12 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Told the bytes just written and the total to write: a progress bar.
-Progress = Callable[[int, int], None]
+ProgressCallback = Callable[[int, int], None]
+
+
+def _per_part(progress: ProgressCallback | None, total: int) -> Callable[[int], None] | None:
+    """The writer's callback (bytes of each part written) for ``progress``."""
+    return None if progress is None else (lambda written: progress(written, total))
 
 
 def _require_folder(folder: Path) -> None:
@@ -236,7 +241,7 @@ class Imported:
 
 
 def import_hf(source: str | os.PathLike, destination: str | os.PathLike,
-              dtype: torch.dtype | None = None, progress: Progress | None = None) -> Imported:
+              dtype: torch.dtype | None = None, progress: ProgressCallback | None = None) -> Imported:
     """Write the model of the Hugging Face folder ``source`` as a moekit folder, with its
     tokenizer and chat template, one tensor at a time (never the whole model in memory); the
     same folder as building the model and ``save_model``, byte for byte."""
@@ -245,10 +250,9 @@ def import_hf(source: str | os.PathLike, destination: str | os.PathLike,
     values, config = read_hf_config(source)
     with hf_weights(source, values) as (weights, where):
         skeleton, tensors = _moekit_tensors(weights, where, values["model_type"], config, dtype)
-        total = total_bytes(tensors)
         with atomic_directory(destination) as staging:
-            write_safetensors(staging / WEIGHTS_FILE, tensors, on_bytes=progress and (
-                lambda written: progress(written, total)))
+            write_safetensors(staging / WEIGHTS_FILE, tensors,
+                              on_bytes=_per_part(progress, total_bytes(tensors)))
             write_config(skeleton, staging, extra={"imported_from": str(source)})
             copy_tokenizer_files(source, staging)
     return Imported(config, skeleton.embed_tokens.weight.dtype,
@@ -303,7 +307,7 @@ def shard_names(sizes: dict[str, int], max_shard_bytes: int) -> dict[str, str]:
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int,
-                   progress: Progress | None) -> None:
+                   progress: ProgressCallback | None) -> None:
     """The tensors as transformers writes them: one file, or shards and their index, each
     written tensor by tensor from ``tensors`` as they are (views of a mapped file, say)."""
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
@@ -311,7 +315,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byt
     for file in dict.fromkeys(files.values()):
         write_safetensors(folder / file, {name: PendingTensor.of(t) for name, t in tensors.items()
                                           if files[name] == file}, metadata={"format": "pt"},
-                          on_bytes=progress and (lambda written: progress(written, total)))
+                          on_bytes=_per_part(progress, total))
     if len(set(files.values())) > 1:
         write_json(folder / INDEX_FILE, {"metadata": {"total_size": total},
                                          "weight_map": files})
@@ -320,7 +324,7 @@ def _write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byt
 def _write_hf(config: ModelConfig, state: dict[str, torch.Tensor],
               destination: str | os.PathLike, layout: str,
               tokenizer_from: str | os.PathLike | None, max_shard_bytes: int,
-              progress: Progress | None) -> None:
+              progress: ProgressCallback | None) -> None:
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes={max_shard_bytes!r} is not allowed: expected a "
                          "positive number of bytes")
@@ -341,7 +345,7 @@ def _write_hf(config: ModelConfig, state: dict[str, torch.Tensor],
 def export_hf(model: Transformer, destination: str | os.PathLike, layout: str,
               tokenizer_from: str | os.PathLike | None = None,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-              progress: Progress | None = None) -> None:
+              progress: ProgressCallback | None = None) -> None:
     """Write ``model`` as a Hugging Face folder of ``layout`` that
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads, with the tokenizer files of
     ``tokenizer_from`` (and the end-of-text id in the configs) where given; weights above
@@ -354,7 +358,7 @@ def export_hf(model: Transformer, destination: str | os.PathLike, layout: str,
 def export_hf_folder(source: str | os.PathLike, destination: str | os.PathLike, layout: str,
                      tokenizer_from: str | os.PathLike | None = None,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     progress: Progress | None = None) -> None:
+                     progress: ProgressCallback | None = None) -> None:
     """``export_hf`` of the model of the moekit folder ``source``, without loading it: its
     weights are memory-mapped and written tensor by tensor (a format-1 folder's expert
     weights are transposed in memory first)."""

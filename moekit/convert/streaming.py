@@ -92,7 +92,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, PendingTensor]
         for name in order:
             tensor, written = tensors[name], 0
             for part in tensor.parts():
-                data = part.to(tensor.dtype).contiguous().reshape(-1).view(torch.uint8)
+                data = part.detach().to(tensor.dtype).contiguous().reshape(-1).view(torch.uint8)
                 handle.write(data.numpy())
                 written += data.numel()
                 if on_bytes is not None:
