@@ -273,10 +273,10 @@ class ModelConfig(_FromDict):
                      f"{kind} scaling needs {', '.join(ROPE_SCALING_TYPES[kind])}")
         _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
                  self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
-        _require(isinstance(self.dense_layers, (list, tuple)) and all(
+        _require(isinstance(self.dense_layers, (list, tuple, set, frozenset)) and all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
             for i in self.dense_layers), "dense_layers", self.dense_layers,
-            f"expected a list of layer indices in [0, {self.num_layers})")
+            f"expected a collection of layer indices in [0, {self.num_layers})")
         # A list (as JSON gives it) becomes the hashable tuple the field holds.
         object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",

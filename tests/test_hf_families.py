@@ -214,3 +214,15 @@ def test_phimoe_and_gpt_oss_are_refused_naming_the_missing_piece(tmp_path, model
                                               rf"{message}"):
         load_hf(tmp_path / "hf")
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_folder_imports_in_bf16_with_its_weights_split_as_stored(tmp_path):
+    hf_model = AutoModelForCausalLM.from_config(CASES["granitemoeshared"]()).to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    fused = hf_model.model.layers[1].shared_mlp.input_linear.weight
+    shared = model.layers[1].ffn.shared_experts
+    assert torch.equal(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]), fused)
+    assert torch.equal(model.layers[1].attn.o_proj.bias,
+                       hf_model.model.layers[1].self_attn.o_proj.bias)
