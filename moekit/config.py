@@ -28,6 +28,12 @@ AUX_LOSSES = ("switch", "skywork", "none")
 # Hunyuan-Large); "head_after_rope": each head after RoPE (transformers' HunYuan-MoE-V1);
 # "projection": the whole q and k projections before they are split into heads (OLMoE).
 QK_NORM_PLACEMENTS = ("head", "head_after_rope", "projection")
+# The scaled RoPE kinds, each with the keys its rope_scaling needs besides rope_type.
+ROPE_SCALING_TYPES = {"linear": ("factor",),
+                      "dynamic": ("factor", "original_max_position_embeddings"),
+                      "yarn": ("factor", "original_max_position_embeddings"),
+                      "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                                 "high_freq_factor")}
 
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
@@ -230,6 +236,13 @@ class ModelConfig(_FromDict):
     qk_norm: bool = False  # Qwen3-MoE, Hunyuan-Large: RMSNorm on each head's q and k
     qk_norm_placement: str = "head"  # one of QK_NORM_PLACEMENTS
     cla_share: int = 1  # CLA: every cla_share adjacent layers share one K/V (Hunyuan: 2)
+    # RoPE scaling as transformers' rope_parameters spell it (without rope_theta: rope_base),
+    # e.g. {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096};
+    # None: plain RoPE. moekit.model.rope computes each of ROPE_SCALING_TYPES.
+    rope_scaling: dict | None = None
+    attention_out_bias: bool = False  # a bias on the attention output projection (o_proj)
+    # Each query attends to at most this many positions, its own included (Mistral); None: all.
+    sliding_window: int | None = None
     # GraniteMoE's scalings (the defaults leave the model as it is): embeddings times
     # embedding_multiplier; each attention and FFN output times residual_multiplier before it is
     # added to the residual stream; attention scores times attention_multiplier (None:
@@ -239,9 +252,9 @@ class ModelConfig(_FromDict):
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     moe: MoEConfig | None = None
-    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
-    # Layers whose FFN is dense whatever moe_every says (DeepSeek's first_k_dense_replace: the
-    # first k; Qwen's mlp_only_layers), by number.
+    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0 ...
+    # ... and i is not one of these dense layers (Qwen's mlp_only_layers, DeepSeek's first
+    # first_k_dense_replace layers); held sorted, without repeats.
     dense_layers: tuple[int, ...] = ()
     # Multi-head latent attention instead of grouped-query attention (None: GQA); the GQA
     # fields num_kv_heads, head_dim, qkv_bias, qk_norm and cla_share then stay at their defaults.
@@ -267,15 +280,11 @@ class ModelConfig(_FromDict):
                      f"must divide hidden_size ({self.hidden_size}) unless head_dim is set")
         elif self.head_dim is not None:
             _positive_int("head_dim", self.head_dim)
-        _require(isinstance(self.dense_layers, (tuple, list)) and all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
-            for i in self.dense_layers), "dense_layers", self.dense_layers,
-            f"expected layer numbers in [0, {self.num_layers})")
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         if self.mla is not None:
             _require(isinstance(self.mla, MLAConfig), "mla", self.mla, "expected an MLAConfig")
             for name, default in (("num_kv_heads", None), ("head_dim", None), ("qkv_bias", False),
-                                  ("qk_norm", False), ("cla_share", 1), ("rotary_dim", None)):
+                                  ("qk_norm", False), ("cla_share", 1), ("rotary_dim", None),
+                                  ("attention_out_bias", False)):
                 _require(getattr(self, name) == default, name, getattr(self, name),
                          f"multi-head latent attention (mla) takes no {name}: leave it {default}")
         if self.rotary_dim is not None:
@@ -298,8 +307,23 @@ class ModelConfig(_FromDict):
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and 0 <= value < 1, name, value,
                      "expected a number in [0, 1)")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
+            _require(kind in ROPE_SCALING_TYPES, "rope_scaling", self.rope_scaling,
+                     f"a dict whose rope_type is one of {', '.join(ROPE_SCALING_TYPES)}")
+            absent = [key for key in ROPE_SCALING_TYPES[kind] if key not in self.rope_scaling]
+            _require(not absent, "rope_scaling", self.rope_scaling,
+                     f"{kind} scaling needs {', '.join(ROPE_SCALING_TYPES[kind])}")
         _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
                  self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
+        _require(isinstance(self.dense_layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
+            for i in self.dense_layers), "dense_layers", self.dense_layers,
+            f"expected a list of layer indices in [0, {self.num_layers})")
+        # A list (as JSON gives it) becomes the hashable tuple the field holds.
+        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
                  None if self.moe is None else self.moe.hidden_size,
                  f"must equal hidden_size ({self.hidden_size})")
@@ -340,6 +364,15 @@ class ModelConfig(_FromDict):
     def is_moe_layer(self, index: int) -> bool:
         return (self.moe is not None and (index + 1) % self.moe_every == 0
                 and index not in self.dense_layers)
+
+    @property
+    def normalises_shared_keys(self) -> bool:
+        """With QK-norm after RoPE and CLA, the layers of a group share their keys before the
+        norm and each normalises them with its own weights, as Hunyuan-Large does."""
+        return self.qk_norm and self.qk_norm_placement == "head_after_rope" and self.cla_share > 1
+
+    def has_k_norm(self, index: int) -> bool:
+        return self.qk_norm and (self.owns_kv(index) or self.normalises_shared_keys)
 
     def owns_kv(self, index: int) -> bool:
         """Whether layer ``index`` computes K/V (the first of its CLA group) or reuses them."""

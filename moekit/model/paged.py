@@ -91,7 +91,7 @@ class PagedBatch:
             raise ValueError(f"{seq} new positions do not fit a row's KV blocks "
                              f"(room for {min(self._room)})")
 
-    def positions_and_mask(self, mask_BS, batch: int, seq: int, device):
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
         if mask_BS is not None:
             raise ValueError("a paged batch takes no padding mask: its rows are not padded")
         positions_BS = self.length_B[:, None] + torch.arange(seq, device=device)
@@ -99,6 +99,8 @@ class PagedBatch:
         self._slots = (self.table_BN.gather(1, positions_BS // size), positions_BS % size)
         key_P = torch.arange(self.table_BN.shape[1] * size, device=device)
         allowed_BSP = key_P[None, None, :] <= positions_BS[:, :, None]
+        if window is not None:  # a row's positions are its keys' indices
+            allowed_BSP &= key_P[None, None, :] > positions_BS[:, :, None] - window
         return positions_BS, allowed_BSP[:, None]
 
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):

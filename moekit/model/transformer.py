@@ -1,12 +1,12 @@
 """A decoder-only MoE Transformer, readable top to bottom.
 
-RMSNorm, RoPE (configurable base, over the whole head or its first ``rotary_dim`` numbers),
-grouped-query attention (GQA), cross-layer attention (CLA: the first layer of every
+RMSNorm, RoPE (configurable base and scaling, over the whole head or its first ``rotary_dim``
+numbers), grouped-query attention (GQA), cross-layer attention (CLA: the first layer of every
 ``cla_share`` adjacent layers computes K/V, the others reuse them, and the KV cache holds one
 entry per group), optional QK-norm (per head before or after RoPE, or over the whole q/k
-projection) and QKV bias, or multi-head latent attention (MLA, DeepSeek), and an MoE feed-forward
-block (routed + shared experts) in every ``moe_every``-th layer but the ``dense_layers``, a
-dense SwiGLU MLP elsewhere.
+projection) and QKV bias, or multi-head latent attention (MLA, DeepSeek), and an MoE
+feed-forward block (routed + shared experts) in every ``moe_every``-th layer not in
+``dense_layers``, a dense SwiGLU MLP elsewhere.
 Weight names follow Hugging Face's Llama/Mixtral family where they can.
 
 Shapes: B batch, S new positions, P positions in the cache (past + new), H query heads,
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig
+from moekit.model.rope import apply_rope, rope_cos_sin
 from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
 
 
@@ -35,25 +36,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos and sin [B, 1, S, Dh] for rotary embeddings (the half-split convention of Llama)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions_BS.device,
-                                            dtype=torch.float32) / head_dim))
-    angles_BSh = positions_BS.float()[..., None] * inv_freq
-    angles_BSD = torch.cat([angles_BSh, angles_BSh], dim=-1)[:, None]
-    return angles_BSD.cos().to(dtype), angles_BSD.sin().to(dtype)
-
-
-def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` numbers of each head; the rest pass unchanged (partial
-    RoPE, GLM4-MoE)."""
-    rotary = cos.shape[-1]
-    if rotary < x_BHSD.shape[-1]:
-        return torch.cat([apply_rope(x_BHSD[..., :rotary], cos, sin), x_BHSD[..., rotary:]], -1)
-    first, second = x_BHSD.chunk(2, dim=-1)
-    return x_BHSD * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class KVCache:
@@ -93,12 +75,12 @@ class KVCache:
             raise ValueError(f"sequence of {self.length + seq} positions is longer than the "
                              f"cache ({self.max_len})")
 
-    def positions_and_mask(self, mask_BS, batch: int, seq: int, device):
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
         """Positions of the new tokens and the attention mask (see ``positions_and_mask``)."""
         past = self.length
         self.valid_BP[:, past:past + seq] = True if mask_BS is None else mask_BS
         return positions_and_mask(mask_BS, self.valid_BP[:, :past + seq], past, batch, seq,
-                                  device)
+                                  device, window)
 
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
         """Write the new positions of one group; return its keys and values so far."""
@@ -111,33 +93,42 @@ class KVCache:
         self.length += seq
 
 
-def positions_and_mask(mask_BS, valid_BP, past: int, batch: int, seq: int, device):
+def positions_and_mask(mask_BS, valid_BP, past: int, batch: int, seq: int, device,
+                       window: int | None = None):
     """Positions of ``seq`` new tokens after ``past`` cached ones, and the attention mask
     [B, 1, S, P] (None when plain causal attention is right). ``valid_BP`` marks the real
-    tokens among all P = past + seq positions (None without a cache: ``mask_BS`` then)."""
-    if mask_BS is None and (valid_BP is None or valid_BP[:, :past].all()):
+    tokens among all P = past + seq positions (None without a cache: ``mask_BS`` then).
+    With a sliding ``window``, a query sees the ``window`` last positions up to its own, as
+    transformers counts them (by index, which left padding does not change between real
+    tokens)."""
+    unpadded = mask_BS is None and (valid_BP is None or valid_BP[:, :past].all())
+    if unpadded and (window is None or past + seq <= window):
         positions_BS = torch.arange(past, past + seq, device=device).expand(batch, seq)
         if past == 0 or seq == 1:
             return positions_BS, None  # causal (or a single query seeing everything)
-    valid_BP = valid_BP if valid_BP is not None else mask_BS
+    if valid_BP is None:
+        valid_BP = (torch.ones(batch, seq, dtype=torch.bool, device=device) if mask_BS is None
+                    else mask_BS)
     positions_BS = (valid_BP.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
     query_SP = torch.arange(past, past + seq, device=device)[:, None]
     key_SP = torch.arange(past + seq, device=device)[None, :]
-    causal_SP = key_SP <= query_SP
-    allowed_BSP = causal_SP & valid_BP[:, None, :]
+    allowed_SP = key_SP <= query_SP
+    if window is not None:
+        allowed_SP = allowed_SP & (key_SP > query_SP - window)
+    allowed_BSP = allowed_SP & valid_BP[:, None, :]
     allowed_BSP |= key_SP == query_SP  # a padded query attends to itself: no empty rows
     return positions_BS, allowed_BSP[:, None]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, owns_kv: bool):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         d, h, g, dh = (config.hidden_size, config.num_heads, config.kv_heads,
                        config.attention_head_dim)
         self.num_heads, self.kv_heads, self.head_dim = h, g, dh
         self.q_proj = nn.Linear(d, h * dh, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(h * dh, d, bias=False)
-        self.owns_kv = owns_kv
+        self.o_proj = nn.Linear(h * dh, d, bias=config.attention_out_bias)
+        self.owns_kv = owns_kv = config.owns_kv(index)
         self.score_scale = config.attention_multiplier  # None: sdpa's 1/sqrt(Dh)
         self.dropout = config.attention_dropout
         if owns_kv:
@@ -148,7 +139,8 @@ class Attention(nn.Module):
         self.q_norm = (RMSNorm(h * dh if over_projection else dh, config.norm_eps)
                        if config.qk_norm else None)
         self.k_norm = (RMSNorm(g * dh if over_projection else dh, config.norm_eps)
-                       if config.qk_norm and owns_kv else None)
+                       if config.has_k_norm(index) else None)
+        self.normalises_shared_keys = config.normalises_shared_keys
 
     def _heads(self, x_BSX: torch.Tensor, heads: int) -> torch.Tensor:
         batch, seq, _ = x_BSX.shape
@@ -172,12 +164,16 @@ class Attention(nn.Module):
         the next layers of its CLA group reuse."""
         q_BHSD = self._rotated_heads(self.q_proj, self.q_norm, x_BSD, self.num_heads, rope)
         if self.owns_kv:
-            k_BGSD = self._rotated_heads(self.k_proj, self.k_norm, x_BSD, self.kv_heads, rope)
+            k_BGSD = self._rotated_heads(
+                self.k_proj, None if self.normalises_shared_keys else self.k_norm, x_BSD,
+                self.kv_heads, rope)
             v_BGSD = self._heads(self.v_proj(x_BSD), self.kv_heads)
             if cache is not None:
                 k_BGSD, v_BGSD = cache.store(group, k_BGSD, v_BGSD)
             shared_kv = (k_BGSD, v_BGSD)
         k_BGPD, v_BGPD = shared_kv
+        if self.normalises_shared_keys:
+            k_BGPD = self.k_norm(k_BGPD)
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGPD, v_BGPD, attn_mask=attn_mask,
             is_causal=attn_mask is None and q_BHSD.shape[2] > 1, scale=self.score_scale,
@@ -268,7 +264,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = (LatentAttention(config) if config.mla is not None
-                     else Attention(config, owns_kv=config.owns_kv(index)))
+                     else Attention(config, index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.residual_multiplier = config.residual_multiplier
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
@@ -313,11 +309,14 @@ class LayerStack(nn.ModuleDict):
             del self[name]
 
 
-def _document_positions_and_mask(document_ids_BS: torch.Tensor, mask_BS: torch.Tensor | None):
+def _document_positions_and_mask(document_ids_BS: torch.Tensor, mask_BS: torch.Tensor | None,
+                                 window: int | None):
     """Positions restarting at each packed document (counting its real tokens), and the
-    attention mask: causal within a document, never across one, never onto padding."""
+    attention mask: causal within a document (and the sliding ``window``), never across one,
+    never onto padding."""
     seq = document_ids_BS.shape[1]
-    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BS.device).tril()
+    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BS.device).tril(
+        ).triu(diagonal=1 - (window or seq))
     same_BSS = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
     allowed_BSS = same_BSS & causal_SS
     if mask_BS is not None:
@@ -423,14 +422,16 @@ class Transformer(nn.Module):
         cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
         the same ones."""
         batch, seq, _ = x_BSD.shape
+        window = self.config.sliding_window
         if document_ids is not None:
-            positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask)
+            positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask, window)
         else:
             positions_BS, attn_mask = (
-                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device) if cache is None
-                else cache.positions_and_mask(mask, batch, seq, x_BSD.device))
+                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device, window)
+                if cache is None
+                else cache.positions_and_mask(mask, batch, seq, x_BSD.device, window))
         rope = rope_cos_sin(positions_BS, self.config.rope_dim, self.config.rope_base,
-                            x_BSD.dtype)
+                            x_BSD.dtype, self.config.rope_scaling)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():
             group = index // self.config.cla_share

@@ -69,11 +69,13 @@ def attention_parameters(config: ModelConfig, index: int) -> tuple[int, int]:
     attention = 2 * d * q_width + (2 * d * kv_width if owns_kv else 0)
     if config.qkv_bias:
         attention += q_width + (2 * kv_width if owns_kv else 0)
+    if config.attention_out_bias:
+        attention += d
     norms = 0
     if config.qk_norm:
         over_projection = config.qk_norm_placement == "projection"
         q_norm, k_norm = (q_width, kv_width) if over_projection else (dh, dh)
-        norms += q_norm + (k_norm if owns_kv else 0)
+        norms += q_norm + (k_norm if config.has_k_norm(index) else 0)
     return attention, norms
 
 
