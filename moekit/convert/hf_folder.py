@@ -77,7 +77,7 @@ def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Tran
                                   next(iter(file_state.values()))).dtype
     try:
         model = Transformer(config).to(dtype or stored_dtype)
-        load_converted_state(model, import_weights(file_state, values["model_type"]))
+        load_converted_state(model, import_weights(file_state, values["model_type"], values))
     except ValueError as error:
         raise CheckpointError(f"{weights}: {error}") from None
     return model.eval()
@@ -169,7 +169,8 @@ def export_hf(model: Transformer, destination: str | os.PathLike, layout: str,
     values.update(dtype=dtype, torch_dtype=dtype)  # v5 and v4 names
     eos_id = None if tokenizer_from is None else _eos_token_id(Path(tokenizer_from))
     with atomic_directory(destination) as staging:
-        _write_weights(export_weights(model.state_dict(), layout), staging, max_shard_bytes)
+        _write_weights(export_weights(model.state_dict(), layout, values), staging,
+                       max_shard_bytes)
         if eos_id is not None:
             values["eos_token_id"] = eos_id
             write_json(staging / GENERATION_CONFIG_FILE, {"eos_token_id": eos_id})

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig
-from moekit.model.rope import apply_rope, rope_cos_sin
+from moekit.model.rope import apply_rope, latent_softmax_scale, rope_cos_sin
 from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
 
 
@@ -215,7 +215,8 @@ class LatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.rank, h * (self.nope_dim + self.value_dim), bias=False)
         self.o_proj = nn.Linear(h * self.value_dim, d, bias=False)
-        self.score_scale = config.attention_multiplier or mla.qk_head_dim ** -0.5
+        self.score_scale = (config.attention_multiplier
+                            or latent_softmax_scale(mla.qk_head_dim, config.rope_scaling))
         self.dropout = config.attention_dropout
 
     def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """HunYuan-MoE-V1 (transformers' class): QK-norm per head after RoPE, one ungated shared
 expert, the top-k weights always renormalised, a fixed-alpha NTK RoPE."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import Family, refuse_if, required, rope_from_hf
+from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, refuse_if, required,
+                                            rope_from_hf)
 
 
 def rope(values: dict) -> tuple[float, dict | None]:
@@ -46,8 +47,8 @@ def _config_values(config: ModelConfig) -> dict:
 
 HUNYUAN_V1_MOE = Family(
     model_type="hunyuan_v1_moe", architecture="HunYuanMoEV1ForCausalLM",
-    holds=frozenset({"moe", "head_dim", "qk_norm_head_after_rope", "no_qkv_bias",
-                     "ungated_shared", "attention_bias"}),
+    holds=SOFTMAX_TOP_K | {"moe", "head_dim", "qk_norm_head_after_rope", "no_qkv_bias",
+                           "ungated_shared", "attention_bias", "gqa"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head_after_rope"),
     moe=_moe, config_values=_config_values, rope=rope,
     layer_parts=(("self_attn.query_layernorm.", "attn.q_norm."),
