@@ -147,8 +147,9 @@ def adapt_mla_weights(state: dict, values: dict, to_moekit: bool) -> dict:
 
 
 # The features both DeepSeek families hold.
-DEEPSEEK = (MOST_FAMILIES - {"head_dim"}) | {"moe", "mla", "dense_layers", "ungated_shared",
-                                             "shared_width", "router_groups", "routed_scaling"}
+DEEPSEEK = (MOST_FAMILIES - {"head_dim", "gqa"}) | {
+    "moe", "mla", "dense_layers", "ungated_shared", "shared_width", "router_groups",
+    "routed_scaling"}
 # The correction bias is the sigmoid gate's balancing bias.
 CORRECTION_BIAS = (("mlp.gate.e_score_correction_bias", "ffn.router.balance_bias"),)
 
