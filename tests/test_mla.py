@@ -130,3 +130,12 @@ def test_attention_flops_count_the_score_and_value_widths():
     # Per layer and head, forward: 2 * S * (Dqk + Dv) multiply-adds' FLOPs; x3 with backward.
     assert flops.attention == 3 * 2 * 3 * 4 * (12 + 6) * 64
     assert flops.model_flops == 6 * (flops.active_params + 50 * 32) + flops.attention
+
+
+def test_layouts_that_split_heads_refuse_latent_attention():
+    from moekit.parallel import plan_split
+    from moekit.parallel.tensor_parallel import check_tensor_model
+    with pytest.raises(ValueError, match="tensor=2 is not allowed with multi-head latent"):
+        check_tensor_model(_config(), 2)
+    with pytest.raises(ValueError, match="multi-head latent attention .* is not split"):
+        plan_split(Transformer(_config()), [2**30, 2**30])
