@@ -30,6 +30,26 @@ FAMILIES = {
     "granitemoe": lambda: transformers.GraniteMoeConfig(
         num_local_experts=8, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=0.015625, logits_scaling=6.0, **COMMON),
+    "granitemoeshared": lambda: transformers.GraniteMoeSharedConfig(
+        num_local_experts=8, shared_intermediate_size=256, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=6.0, **COMMON),
+    # Scaled RoPE and attention biases (q, k, v and o_proj) on Llama; 128 positions run past
+    # the original contexts these scalings name.
+    **{f"llama, {kind} RoPE": (lambda parameters=parameters: transformers.LlamaConfig(
+        attention_bias=True, rope_parameters={**parameters, "rope_theta": 1e4}, **{
+            **COMMON, "max_position_embeddings": 64 if kind == "dynamic" else 256}))
+       for kind, parameters in {
+           "linear": {"rope_type": "linear", "factor": 4.0},
+           "dynamic": {"rope_type": "dynamic", "factor": 4.0},
+           "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+           "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+       }.items()},
+    "mistral, sliding window 32": lambda: transformers.MistralConfig(sliding_window=32,
+                                                                     **COMMON),
+    "qwen3_moe, mlp_only_layers [0, 2]": lambda: transformers.Qwen3MoeConfig(
+        moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0, 2],
+        **COMMON),
 }
 
 
@@ -61,7 +81,7 @@ def measure(family: str, seed: int = 0) -> str:
     imported = (model(ids).logits - expected).abs().max().item()
     same_tokens = generate(model, ids[:, :16].tolist(), 16) == _greedy(hf_model, ids[:, :16], 16)
     with tempfile.TemporaryDirectory() as folder:
-        export_hf(model, folder, family)
+        export_hf(model, folder, hf_model.config.model_type)
         exported = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
         back = (exported(ids).logits - model(ids).logits).abs().max().item()
     return (f"{family}: import max |logit diff| {imported:.1e} (logit std "

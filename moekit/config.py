@@ -310,7 +310,8 @@ class ModelConfig(_FromDict):
         if self.sliding_window is not None:
             _positive_int("sliding_window", self.sliding_window)
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
+            kind = (self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict)
+                    else None)
             _require(kind in ROPE_SCALING_TYPES, "rope_scaling", self.rope_scaling,
                      f"a dict whose rope_type is one of {', '.join(ROPE_SCALING_TYPES)}")
             absent = [key for key in ROPE_SCALING_TYPES[kind] if key not in self.rope_scaling]

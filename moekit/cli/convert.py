@@ -62,9 +62,10 @@ def register(subcommands) -> None:
     import_parser = _folder_command(
         subcommands, "import", "a local Hugging Face checkpoint folder", run_import,
         help="a local Hugging Face checkpoint -> a moekit folder",
-        description="Reads config.json and the safetensors weights (sharded too) of a Mixtral, "
-                    "Qwen2-MoE, Qwen3-MoE, Llama, Mistral or Qwen2 folder; the tokenizer and "
-                    "chat template come along.")
+        description="Reads config.json and the safetensors weights (sharded too) of a folder "
+                    f"whose model_type is one of {', '.join(LAYOUTS)} (docs/convert.md: what "
+                    "each holds, and the families refused); the tokenizer and chat template "
+                    "come along.")
     import_parser.add_argument("--dtype", choices=DTYPES, default=None,
                                help="default: the dtype of the stored weights")
 

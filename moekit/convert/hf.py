@@ -276,8 +276,19 @@ def _rename(name: str, layout: str, to_moekit: bool) -> str:
 
 
 def hf_to_moekit_state(hf_state: dict, layout: str) -> dict:
-    """Rename a state dict of ``layout`` in transformers' in-memory naming."""
-    return {_rename(name, layout, to_moekit=True): tensor for name, tensor in hf_state.items()}
+    """Rename a state dict of ``layout`` in transformers' in-memory naming, splitting the
+    family's fused tensors."""
+    fused = dict(family_of(layout).fused)
+    state = {}
+    for name, tensor in hf_state.items():
+        layer = re.match(r"(model\.)?layers\.(\d+)\.", name)
+        parts = fused.get(name[layer.end():]) if layer else None
+        if parts is None:
+            state[_rename(name, layout, to_moekit=True)] = tensor
+            continue
+        for part, piece in zip(parts, tensor.chunk(len(parts))):
+            state[f"layers.{layer.group(2)}.{part}"] = piece
+    return state
 
 
 def _stored(name: str, family: Family) -> bool:
@@ -290,8 +301,21 @@ def _stored(name: str, family: Family) -> bool:
 def moekit_to_hf_state(state: dict, layout: str) -> dict:
     """The inverse of ``hf_to_moekit_state``, leaving out moekit's training state."""
     family = family_of(layout)
-    return {_rename(name, layout, to_moekit=False): tensor for name, tensor in state.items()
-            if _stored(name, family)}
+    fused_as = {part: (name, index) for name, parts in family.fused
+                for index, part in enumerate(parts)}
+    hf_state, pieces = {}, {}
+    for name, tensor in state.items():
+        if not _stored(name, family):
+            continue
+        layer = re.match(r"layers\.(\d+)\.", name)
+        fused = fused_as.get(name[layer.end():]) if layer else None
+        if fused is None:
+            hf_state[_rename(name, layout, to_moekit=False)] = tensor
+        else:
+            pieces.setdefault(f"model.layers.{layer.group(1)}.{fused[0]}", {})[fused[1]] = tensor
+    for name, by_index in pieces.items():
+        hf_state[name] = torch.cat([by_index[index] for index in sorted(by_index)])
+    return hf_state
 
 
 def _own(tensor: torch.Tensor) -> torch.Tensor:

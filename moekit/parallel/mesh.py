@@ -127,6 +127,17 @@ class Mesh:
         per_rank = batch_size // self.data_size
         return slice(self.data_rank * per_rank, (self.data_rank + 1) * per_rank)
 
+    def shared_batches(self, count: int) -> list[tuple[int, bool]]:
+        """The batches this rank evaluates of ``count`` that the data-parallel ranks share,
+        each as (index, counted). Under expert parallelism (and ZeRO-2/3's gathers) every rank
+        of a group takes part in each forward's exchanges, so all ranks run as many forwards:
+        one past the end repeats the last batch without counting it."""
+        rounds = -(-count // self.data_size)
+        every_rank_runs = self.expert_size > 1 or self.zero >= 2
+        return [(min(index, count - 1), index < count)
+                for index in range(self.data_rank, rounds * self.data_size, self.data_size)
+                if index < count or every_rank_runs]
+
     def close(self) -> None:
         """End this process's part in the group (nothing on one process)."""
         if self.device_mesh is not None:

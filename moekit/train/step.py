@@ -65,7 +65,7 @@ def layer_health(counts: RouterCounts, sums: list[float]) -> dict:
 
 
 @dataclass
-class _LayerStep:
+class LayerStep:
     """One MoE layer's figures of a step on this rank, summed over its micro-batches."""
 
     counts: RouterCounts
@@ -73,7 +73,7 @@ class _LayerStep:
     aux_coef: float  # of the step's forwards
 
     @classmethod
-    def of(cls, stats_per_micro_batch, device: torch.device) -> _LayerStep:
+    def of(cls, stats_per_micro_batch, device: torch.device) -> LayerStep:
         counts = stats_per_micro_batch[0].counts
         for stats in stats_per_micro_batch[1:]:
             counts = counts + stats.counts
@@ -81,7 +81,7 @@ class _LayerStep:
                    stats_per_micro_batch[-1].aux_coef)
 
 
-def _step_figures(model_config, layers: list[MoELayer], steps: list[_LayerStep],
+def step_figures(model_config, layers: list[MoELayer], steps: list[LayerStep],
                   scalars: list[torch.Tensor], mesh: Mesh):
     """Every MoE layer's step figures (this rank holds ``layers``, a pipeline stage's or all
     of them) and the float64 ``scalars``, summed over the run's ranks in one collective: a
@@ -230,9 +230,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    steps = [_LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
+    steps = [LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
     with collective("the all-reduce of the step's figures"):
-        figures, (nll_sum, router_value) = _step_figures(
+        figures, (nll_sum, router_value) = step_figures(
             inner.config, layers, steps, [cross_entropy, router_share], mesh)
     numbers = [i for i in range(inner.config.num_layers) if inner.config.is_moe_layer(i)]
     for layer in layers:  # this rank's, from the counts of the whole run

@@ -39,16 +39,20 @@ def rope_from_hf(values: dict) -> tuple[float, dict | None]:
     original = (context if kind == "dynamic" else
                 parameters.get("original_max_position_embeddings",
                                values.get("original_max_position_embeddings", context)))
-    return base, {**parameters, "rope_type": kind, "original_max_position_embeddings": original}
+    needs_original = "original_max_position_embeddings" in ROPE_SCALING_TYPES[kind]
+    return base, {**parameters, "rope_type": kind,
+                  **({"original_max_position_embeddings": original} if needs_original else {})}
 
 
 def rope_to_hf(config: ModelConfig) -> dict:
     """The config.json entries of a model's RoPE: v5 reads rope_parameters, v4 rope_theta and
     rope_scaling; both, so that either loads the model."""
-    scaling = config.rope_scaling or {"rope_type": "default"}
+    scaling = dict(config.rope_scaling or {"rope_type": "default"})
+    if scaling["rope_type"] == "dynamic":  # transformers takes it from max_position_embeddings
+        scaling.pop("original_max_position_embeddings")
     return {"rope_theta": config.rope_base,
             "rope_parameters": {**scaling, "rope_theta": config.rope_base},
-            "rope_scaling": config.rope_scaling}
+            "rope_scaling": config.rope_scaling and scaling}
 
 
 def num_experts(values: dict) -> int:
@@ -84,6 +88,7 @@ class Family:
     shared ones for a ModelConfig. ``layer_parts`` are its own weight-name prefixes inside a
     layer (Hugging Face's, moekit's), tried before the shared ones; ``expert_files`` says how
     its files store the experts (None: stacked already, under ``layer_parts`` names).
+    ``fused`` names the tensors of a layer it stores as one, that moekit keeps apart.
     ``holds`` names the features (``hf.FEATURES`` keys) it can hold."""
     model_type: str
     architecture: str
@@ -93,6 +98,9 @@ class Family:
     config_values: Callable[[ModelConfig], dict] = lambda config: {}
     rope: Callable[[dict], tuple[float, dict | None]] = rope_from_hf
     layer_parts: tuple[tuple[str, str], ...] = ()
+    # Tensors of a layer its files hold as one and moekit as several (split evenly along the
+    # first dimension): Hugging Face's name, moekit's names.
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
     expert_files: PerExpertFiles | None = PerExpertFiles()
     # Whether a config without use_sliding_window uses its sliding_window (Mistral's rule).
     window_by_default: bool = False

@@ -1,8 +1,9 @@
 """HunYuan-MoE-V1 (transformers' class): QK-norm per head after RoPE, one ungated shared
-expert, the top-k weights always renormalised, a fixed-alpha NTK RoPE."""
+expert, the top-k weights always renormalised, a fixed-alpha NTK RoPE. And Hunyuan-Large in
+the layout of its own modeling code (``HunYuanForCausalLM``), with cross-layer attention."""
 from moekit.config import ModelConfig, MoEConfig
 from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, refuse_if, required,
-                                            rope_from_hf)
+                                            rope_from_hf, shared_width, weights_renormalised)
 
 
 def rope(values: dict) -> tuple[float, dict | None]:
@@ -54,3 +55,50 @@ HUNYUAN_V1_MOE = Family(
     layer_parts=(("self_attn.query_layernorm.", "attn.q_norm."),
                  ("self_attn.key_layernorm.", "attn.k_norm."),
                  ("mlp.gate.wg.", "ffn.router."), ("mlp.shared_mlp.", "ffn.shared_experts.")))
+
+
+def _large_moe(values: dict) -> MoEConfig:
+    # Its own code: the top-1 gate value multiplies the expert output as it is; top-k > 1
+    # weights are renormalised. The shared expert is num_shared_expert routed widths wide.
+    top_k = _same_in_every_layer(values, "moe_topk")
+    shared = _same_in_every_layer(values, "num_shared_expert") if values.get(
+        "use_mixed_mlp_moe") else 0
+    width = required(values, "intermediate_size")
+    return MoEConfig(hidden_size=required(values, "hidden_size"),
+                     ffn_size=values.get("moe_intermediate_size") or width,
+                     num_experts=_same_in_every_layer(values, "num_experts"), top_k=top_k,
+                     normalize_weights=top_k > 1, num_shared_experts=1 if shared else 0,
+                     shared_ffn_size=shared * width or None)
+
+
+def _large_options(values: dict) -> dict:
+    cla = bool(values.get("use_cla"))
+    return dict(head_dim=values.get("attention_head_dim") or values.get("head_dim"),
+                qk_norm=bool(values.get("use_qk_norm")), qk_norm_placement="head_after_rope",
+                cla_share=values.get("cla_share_factor", 1) if cla else 1)
+
+
+def _large_values(config: ModelConfig) -> dict:
+    moe = config.moe
+    if (moe.top_k > 1) != weights_renormalised(moe):
+        raise ValueError("the hunyuan layout renormalises the top-k weights exactly when k > 1 "
+                         f"(top_k={moe.top_k}, normalize_weights={moe.normalize_weights})")
+    shared = moe.num_shared_experts > 0
+    return dict(moe_intermediate_size=moe.ffn_size, num_experts=moe.num_experts,
+                moe_topk=moe.top_k, use_mixed_mlp_moe=shared, num_shared_expert=1,
+                # One shared expert of the dense width, as the file names it.
+                intermediate_size=shared_width(moe) if shared else config.ffn_size,
+                use_qk_norm=config.qk_norm, use_cla=config.cla_share > 1,
+                cla_share_factor=config.cla_share,
+                attention_head_dim=config.attention_head_dim)
+
+
+# Hunyuan-Large (Tencent's own modeling code, not in transformers): CLA with keys shared
+# after RoPE and before QK-norm, each layer normalising them with its own key_layernorm.
+HUNYUAN = Family(
+    model_type="hunyuan", architecture="HunYuanForCausalLM",
+    holds=SOFTMAX_TOP_K | {"moe", "head_dim", "qk_norm_head_after_rope", "no_qk_norm",
+                           "no_qkv_bias", "ungated_shared", "no_shared", "shared_width",
+                           "attention_bias", "cla", "unnormalised_weights", "gqa"},
+    moe=_large_moe, options=_large_options, config_values=_large_values, rope=rope,
+    layer_parts=HUNYUAN_V1_MOE.layer_parts)
