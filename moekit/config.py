@@ -579,6 +579,24 @@ def _fastmoe_transformer_xl() -> ModelConfig:
                                      activation="relu", normalize_weights=False))
 
 
+def _deepseek_v3_671b() -> ModelConfig:
+    # DeepSeek-V3's config.json (the base model; its multi-token-prediction layer not counted):
+    # MLA, 3 dense layers, then 256 routed experts top-8 in 8 groups (4 eligible) + 1 shared,
+    # YaRN x40 over an original 4K context.
+    return ModelConfig(vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
+                       ffn_size=18432, max_seq_len=163840, norm_eps=1e-6,
+                       rope_scaling={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32,
+                                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                     "original_max_position_embeddings": 4096},
+                       mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128,
+                                     qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536),
+                       dense_layers=(0, 1, 2),
+                       moe=MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8,
+                                     router="sigmoid", aux_loss="none", num_shared_experts=1,
+                                     router_options={"n_group": 8, "topk_group": 4,
+                                                     "routed_scaling_factor": 2.5}))
+
+
 def _tiny() -> ModelConfig:
     # Trains on a 2-core CPU in minutes.
     return ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4,
@@ -593,6 +611,7 @@ PRESETS = {
     "hunyuan-large-389b": _hunyuan_large_389b,
     "mixtral-8x7b": _mixtral_8x7b,
     "fastmoe-transformer-xl": _fastmoe_transformer_xl,
+    "deepseek-v3-671b": _deepseek_v3_671b,
 }
 
 

@@ -139,3 +139,19 @@ def test_layouts_that_split_heads_refuse_latent_attention():
         check_tensor_model(_config(), 2)
     with pytest.raises(ValueError, match="multi-head latent attention .* is not split"):
         plan_split(Transformer(_config()), [2**30, 2**30])
+
+
+def test_deepseek_v3_preset_counts_as_transformers_and_its_report():
+    """671B total as transformers' DeepseekV3ForCausalLM on the meta device (its defaults are
+    V3's shapes); 37B active per token as DeepSeek publishes it (with the embedding and output
+    matrices); the cache 61 x 576 numbers per token."""
+    from moekit.config import preset
+    config = preset("deepseek-v3-671b")
+    with torch.device("meta"):
+        hf_model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config())
+        model = Transformer(config)
+    params = count_parameters(config)
+    assert params.total == sum(p.numel() for p in hf_model.parameters())
+    assert params.total == sum(p.numel() for p in model.parameters())
+    assert params.active_with_embeddings == pytest.approx(37e9, rel=0.02)
+    assert kv_cache_plan(config).bytes_per_token == 61 * (512 + 64) * 2
