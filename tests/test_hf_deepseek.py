@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from hf_checks import assert_left_padded_logits_equal  # noqa: E402
 from moekit.config import MLAConfig, ModelConfig, MoEConfig  # noqa: E402
 from moekit.convert import export_hf, load_hf  # noqa: E402
 from moekit.files import CheckpointError  # noqa: E402
@@ -70,13 +71,7 @@ def test_import_and_export_agree_with_transformers(tmp_path, family):
     model = load_hf(tmp_path / "hf")
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
     assert generate(model, ids[:, :5].tolist(), 8) == _greedy(hf_model, ids[:, :5], 8)
-    # Padded: transformers with its attention mask, moekit with its token mask.
-    mask = torch.ones(2, 13, dtype=torch.bool)
-    mask[1, :4] = False
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    padded = hf_model(ids, attention_mask=mask.long(), position_ids=positions).logits
-    torch.testing.assert_close(model(ids, mask=mask).logits[mask], padded[mask],
-                               rtol=1e-4, atol=1e-5)
+    assert_left_padded_logits_equal(model, hf_model, ids)
 
     export_hf(model, tmp_path / "back", family)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
