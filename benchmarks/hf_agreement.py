@@ -65,6 +65,10 @@ FAMILIES = {
         q_lora_rank=96, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                          "mscale": 1.0, "mscale_all_dim": 1.0,
                                          "original_max_position_embeddings": 64}, **DEEPSEEK),
+    # DeepSeek-V3's architecture with GLM's per-layer list of dense layers.
+    "glm4_moe_lite": lambda: transformers.Glm4MoeLiteConfig(
+        q_lora_rank=96, mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+        **{key: value for key, value in DEEPSEEK.items() if key != "first_k_dense_replace"}),
     # Partial RoPE (half of each head), QK-norm, q/k/v biases, sigmoid routing in groups.
     "glm4_moe": lambda: transformers.Glm4MoeConfig(
         use_qk_norm=True, attention_bias=True, head_dim=32,

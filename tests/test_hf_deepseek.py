@@ -1,4 +1,4 @@
-"""DeepSeek-V2, DeepSeek-V3 and GLM4-MoE folders, both ways, against transformers: a folder
+"""DeepSeek-V2, DeepSeek-V3, GLM4-MoE-Lite and GLM4-MoE folders, both ways, against transformers: a folder
 transformers saved (fp32; bf16 in shards) imports with its logits and greedy tokens; the export
 loads with AutoModelForCausalLM and gives them again, in the very tensors of the source files
 (DeepSeek's interleaved RoPE rows put back)."""
@@ -35,6 +35,9 @@ CONFIGS = {
         **MLA, **COMMON),
     "deepseek_v3": lambda: transformers.DeepseekV3Config(
         q_lora_rank=12, n_group=4, topk_group=2, rope_parameters=YARN, **MLA, **COMMON),
+    "glm4_moe_lite": lambda: transformers.Glm4MoeLiteConfig(
+        q_lora_rank=12, n_group=4, topk_group=2, mlp_layer_types=["sparse", "dense", "sparse"],
+        **MLA, **{key: value for key, value in COMMON.items() if key != "first_k_dense_replace"}),
     "glm4_moe": lambda: transformers.Glm4MoeConfig(
         num_key_value_heads=2, head_dim=8, use_qk_norm=True, attention_bias=True, n_group=2,
         topk_group=1, **COMMON),

@@ -1,4 +1,5 @@
-"""DeepSeek-V2 and DeepSeek-V3 (transformers' classes), and what they share with GLM4-MoE.
+"""DeepSeek-V2 and DeepSeek-V3 (transformers' classes), GLM4-MoE-Lite (V3's architecture), and
+what they share with GLM4-MoE.
 
 Both: multi-head latent attention (``ModelConfig.mla``), the first ``first_k_dense_replace``
 layers dense, ``n_shared_experts`` ungated shared experts (one MLP of their summed width),
@@ -159,9 +160,34 @@ DEEPSEEK_V2 = Family(
     options=_mla_options, moe=_v2_moe, config_values=_v2_values,
     adapt_weights=adapt_mla_weights)
 
+def _lite_options(values: dict) -> dict:
+    kinds = values.get("mlp_layer_types") or (
+        ["dense"] + ["sparse"] * (required(values, "num_hidden_layers") - 1))
+    refuse_if(set(kinds) - {"dense", "sparse"}, "mlp_layer_types", values,
+              "expected 'dense' or 'sparse' for each layer")
+    return {**_mla_options(values),
+            "dense_layers": tuple(i for i, kind in enumerate(kinds) if kind == "dense")}
+
+
+def _lite_values(config: ModelConfig) -> dict:
+    values = {**_mla_values(config), "rope_interleave": True}
+    del values["first_k_dense_replace"], values["num_nextn_predict_layers"]
+    values["mlp_layer_types"] = ["dense" if i in config.dense_layers else "sparse"
+                                 for i in range(config.num_layers)]
+    return values
+
+
 DEEPSEEK_V3 = Family(
     model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM",
     holds=DEEPSEEK | {"sigmoid_router", "unnormalised_weights", "renormalised_weights"},
     options=_mla_options, moe=sigmoid_moe,
     config_values=lambda config: {**_mla_values(config), "rope_interleave": True},
     layer_parts=CORRECTION_BIAS, adapt_weights=adapt_mla_weights)
+
+# GLM-4.7-Flash's layout: DeepSeek-V3's architecture, its dense layers listed per layer
+# (``mlp_layer_types``) rather than counted.
+GLM4_MOE_LITE = Family(
+    model_type="glm4_moe_lite", architecture="Glm4MoeLiteForCausalLM",
+    holds=DEEPSEEK_V3.holds | {"dense_layers_not_first"}, options=_lite_options,
+    moe=sigmoid_moe, config_values=_lite_values, layer_parts=CORRECTION_BIAS,
+    adapt_weights=adapt_mla_weights)
