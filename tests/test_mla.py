@@ -155,3 +155,13 @@ def test_deepseek_v3_preset_counts_as_transformers_and_its_report():
     assert params.total == sum(p.numel() for p in model.parameters())
     assert params.active_with_embeddings == pytest.approx(37e9, rel=0.02)
     assert kv_cache_plan(config).bytes_per_token == 61 * (512 + 64) * 2
+
+
+def test_moekit_check_shrinks_a_latent_attention_model():
+    from moekit.config import preset
+    from moekit.train.equivalence import shrink
+    config, changes = shrink(preset("deepseek-v3-671b"))
+    assert config.mla.kv_lora_rank == 16 and config.num_kv_heads is None
+    assert config.dense_layers == (0,) and config.is_moe_layer(1)
+    assert any("latent attention 512 -> 16" in change for change in changes)
+    Transformer(config)(torch.randint(0, config.vocab_size, (1, 5)))
