@@ -21,7 +21,14 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
              max_position_embeddings=64, num_local_experts=EXPERTS, num_experts=EXPERTS,
              num_experts_per_tok=TOP_K, moe_topk=TOP_K, moe_intermediate_size=16,
-             shared_expert_intermediate_size=24, tie_word_embeddings=False)
+             shared_expert_intermediate_size=24, tie_word_embeddings=False,
+             n_routed_experts=EXPERTS, n_shared_experts=1, n_group=2, topk_group=1,
+             first_k_dense_replace=1, q_lora_rank=12, kv_lora_rank=16, qk_nope_head_dim=8,
+             qk_rope_head_dim=4, v_head_dim=6)
+# Multi-head latent attention has a key and a value per head, and its RoPE part is as wide as
+# the shared RoPE key (transformers' DeepSeek-V3 reads head_dim as that width).
+MLA_SMALL = dict(num_key_value_heads=SMALL["num_attention_heads"],
+                 head_dim=SMALL["qk_rope_head_dim"])
 # The registry's families that transformers has a class for (Hunyuan-Large's own layout,
 # "hunyuan", shipped its modeling code with its checkpoints instead).
 IN_TRANSFORMERS = [model_type for model_type in FAMILIES if model_type in CONFIG_MAPPING]
@@ -35,7 +42,8 @@ def _plan(capsys, path) -> dict:
 
 @pytest.mark.parametrize("model_type", IN_TRANSFORMERS)
 def test_plan_of_a_hugging_face_config_matches_transformers(tmp_path, capsys, model_type):
-    config = AutoConfig.for_model(model_type, **SMALL)
+    mla = "mla" in FAMILIES[model_type].holds
+    config = AutoConfig.for_model(model_type, **{**SMALL, **(MLA_SMALL if mla else {})})
     config.save_pretrained(tmp_path)
     with torch.device("meta"):
         parameters = dict(AutoModelForCausalLM.from_config(config).named_parameters())
@@ -50,6 +58,10 @@ def test_plan_of_a_hugging_face_config_matches_transformers(tmp_path, capsys, mo
     with torch.no_grad():
         cache = model(torch.randint(0, VOCAB, (1, TOKENS)), use_cache=True).past_key_values
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) // TOKENS
+    if mla:  # transformers caches the decompressed keys and values; moekit the latent and the
+        # shared RoPE key, as DeepSeek's own inference does
+        kv_bytes = 4 * SMALL["num_hidden_layers"] * (SMALL["kv_lora_rank"]
+                                                     + SMALL["qk_rope_head_dim"])
 
     for path in (tmp_path, tmp_path / "config.json"):  # a folder, or the file itself
         plan = _plan(capsys, path)

@@ -15,14 +15,15 @@ import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from moekit.config import ModelConfig
-from moekit.convert.hf import (LAYOUTS, MOEKIT_ONLY, export_weights, hf_config_from_model,
-                               hf_to_moekit_state, model_config_from_hf, stacking_plan)
+from moekit.convert.hf import (LAYOUTS, MOEKIT_ONLY, export_weights, from_stacked,
+                               hf_config_from_model, model_config_from_hf, stacking_plan)
 from moekit.convert.quantized import DequantizedFP8, block_fp8_size
 from moekit.convert.streaming import (CheckpointFiles, PendingTensor, total_bytes,
                                       write_safetensors)
@@ -149,32 +150,24 @@ def model_skeleton(config: ModelConfig, dtype: torch.dtype | None = None) -> Tra
 
 
 @dataclass(frozen=True)
-class Unread:
-    """A tensor of a folder, not read yet: the file tensor ``source`` or, for stacked experts,
-    per expert its matrices (``stacking_plan``); ``piece`` (k, n) is the k-th of n equal
-    chunks along dim 0, as ``hf_to_moekit_state`` splits a family's fused tensors (the one
-    tensor operation it applies, through ``chunk``)."""
-    source: str | list[list[str]]
-    piece: tuple[int, int] = (0, 1)
-
-    def chunk(self, chunks: int) -> list[Unread]:
-        return [Unread(self.source, (k, chunks)) for k in range(chunks)]
-
-    def shape(self, weights) -> tuple[int, ...]:
-        if isinstance(self.source, str):
-            shape = weights.shape(self.source)
-        else:
-            shape = _stacked_shape(weights, self.source)
-        return (shape[0] // self.piece[1], *shape[1:])
+class Stacked:
+    """A layer's experts stacked, not read yet: per expert its matrices (``stacking_plan``).
+    The families' conversions rename stacked experts and transform nothing of them, so this
+    stand-in goes through ``from_stacked`` as it is."""
+    experts: list[list[str]]
 
     def parts(self, weights):
-        """The tensor's data in order: the file tensor's chunk, or each expert's matrices."""
-        if isinstance(self.source, str):
-            yield weights.get(self.source).chunk(self.piece[1])[self.piece[0]]
-            return
-        for parts in self.source:
+        """Its data in order: each expert's matrices in turn."""
+        for parts in self.experts:
             for part in parts:
                 yield weights.get(part)
+
+
+def _converted_alone(weights, name: str, source: str, layout: str, values: dict,
+                     moekit_name: str):
+    """The moekit tensor ``moekit_name`` made of the file tensor ``source`` alone (in
+    transformers' naming ``name``): renamed, adapted or split as the family converts it."""
+    yield from_stacked({name: weights.get(source)}, layout, values)[moekit_name]
 
 
 def _stacked_shape(weights, experts: list[list[str]]) -> tuple[int, ...]:
@@ -190,14 +183,33 @@ def _stacked_shape(weights, experts: list[list[str]]) -> tuple[int, ...]:
     return (len(experts), sum(shape[0] for shape in first), *first[0][1:])
 
 
-def _moekit_tensors(weights, where: Path, layout: str, config: ModelConfig,
+def _sources(weights, layout: str, values: dict) -> dict[str, tuple[tuple[int, ...], Callable]]:
+    """Each moekit tensor the folder's tensors make: its shape, and a function that yields its
+    data. A file tensor is converted alone (on the meta device first, for the shapes);
+    stacked experts are written from their matrices."""
+    sources = {}
+    for name, source in stacking_plan(weights.files, layout).items():
+        if isinstance(source, str):
+            shapes = torch.empty(weights.shape(source), dtype=weights.dtype(source),
+                                 device="meta")
+            for moekit_name, tensor in from_stacked({name: shapes}, layout, values).items():
+                sources[moekit_name] = (tuple(tensor.shape), partial(
+                    _converted_alone, weights, name, source, layout, values, moekit_name))
+        else:
+            stacked = Stacked(source)
+            for moekit_name in from_stacked({name: stacked}, layout, values):
+                sources[moekit_name] = (_stacked_shape(weights, source),
+                                        partial(stacked.parts, weights))
+    return sources
+
+
+def _moekit_tensors(weights, where: Path, values: dict, config: ModelConfig,
                     dtype: torch.dtype | None) -> tuple[Transformer, dict[str, PendingTensor]]:
     """The skeleton of the model and every tensor of its moekit folder, still unread: the
-    folder's tensors renamed, split and stacked, cast to ``dtype`` (default: the
-    embedding's), and moekit's own router state as a new model starts it."""
+    folder's tensors converted, cast to ``dtype`` (default: the embedding's), and moekit's
+    own router state as a new model starts it."""
     try:
-        sources = hf_to_moekit_state({name: Unread(source) for name, source in stacking_plan(
-            weights.files, layout).items()}, layout)
+        sources = _sources(weights, values["model_type"], values)
     except ValueError as error:
         raise CheckpointError(f"{where}: {error}") from None
     stored = weights.dtype("model.embed_tokens.weight" if "model.embed_tokens.weight"
@@ -205,16 +217,15 @@ def _moekit_tensors(weights, where: Path, layout: str, config: ModelConfig,
     skeleton = model_skeleton(config, dtype or stored)
     if config.tie_embeddings:
         sources.pop("lm_head.weight", None)
-    problem = describe_mismatch(skeleton, {name: unread.shape(weights)
-                                           for name, unread in sources.items()},
+    problem = describe_mismatch(skeleton, {name: shape for name, (shape, _) in sources.items()},
                                 may_lack=MOEKIT_ONLY)
     if problem:
         raise CheckpointError(f"{where}: weights do not fit the model of the config: {problem}")
     tensors = {}
     for name, tensor in skeleton.state_dict().items():
-        unread = sources.get(name)
-        tensors[name] = (PendingTensor.of(tensor) if unread is None else PendingTensor(
-            tensor.dtype, tuple(tensor.shape), lambda unread=unread: unread.parts(weights)))
+        source = sources.get(name)
+        tensors[name] = (PendingTensor.of(tensor) if source is None
+                         else PendingTensor(tensor.dtype, tuple(tensor.shape), source[1]))
     return skeleton, tensors
 
 
@@ -226,7 +237,7 @@ def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Tran
     _require_folder(folder)
     values, config = read_hf_config(folder)
     with hf_weights(folder, values) as (weights, where):
-        skeleton, tensors = _moekit_tensors(weights, where, values["model_type"], config, dtype)
+        skeleton, tensors = _moekit_tensors(weights, where, values, config, dtype)
         model = Transformer(config).to(skeleton.embed_tokens.weight.dtype)
         model.load_state_dict({name: tensor.materialize() for name, tensor in tensors.items()})
     return model.eval()
@@ -249,7 +260,7 @@ def import_hf(source: str | os.PathLike, destination: str | os.PathLike,
     _require_folder(source)
     values, config = read_hf_config(source)
     with hf_weights(source, values) as (weights, where):
-        skeleton, tensors = _moekit_tensors(weights, where, values["model_type"], config, dtype)
+        skeleton, tensors = _moekit_tensors(weights, where, values, config, dtype)
         with atomic_directory(destination) as staging:
             write_safetensors(staging / WEIGHTS_FILE, tensors,
                               on_bytes=_per_part(progress, total_bytes(tensors)))
@@ -333,7 +344,8 @@ def _write_hf(config: ModelConfig, state: dict[str, torch.Tensor],
     values.update(dtype=dtype, torch_dtype=dtype)  # v5 and v4 names
     eos_id = None if tokenizer_from is None else _eos_token_id(Path(tokenizer_from))
     with atomic_directory(destination) as staging:
-        _write_weights(export_weights(state, layout), staging, max_shard_bytes, progress)
+        _write_weights(export_weights(state, layout, values), staging, max_shard_bytes,
+                       progress)
         if eos_id is not None:
             values["eos_token_id"] = eos_id
             write_json(staging / GENERATION_CONFIG_FILE, {"eos_token_id": eos_id})

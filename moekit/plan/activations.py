@@ -38,7 +38,21 @@ def ffn_inner_bytes(width: int, activation: str, b: int) -> int:
     return b * width * (4 if activation in GATED_ACTIVATIONS else 2)
 
 
+def latent_attention_bytes(config: ModelConfig, b: int) -> float:
+    """Multi-head latent attention, from its shapes (not yet held to autograd's count): the
+    query and KV latents with their norms, the expanded keys and values, q, k, v as attention
+    gets them and its output, the log-sum-exp."""
+    mla, heads = config.mla, config.num_heads
+    latents = (norm_bytes(mla.kv_lora_rank, b) + b * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+               + (norm_bytes(mla.q_lora_rank, b) if mla.q_lora_rank else 0))
+    expanded = b * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+    attention = b * heads * (2 * mla.qk_head_dim + 2 * mla.v_head_dim) + 4 * heads
+    return latents + expanded + attention
+
+
 def attention_bytes(config: ModelConfig, index: int, b: int, tensor: int = 1) -> float:
+    if config.mla is not None:
+        return norm_bytes(config.hidden_size, b) + latent_attention_bytes(config, b) / tensor
     heads, dh = config.num_heads, config.attention_head_dim
     kv_heads = config.kv_heads if config.owns_kv(index) else 0
     inner = b * dh * (2 * heads + 2 * kv_heads) + 4 * heads
@@ -73,7 +87,7 @@ def layer_bytes(config: ModelConfig, index: int, b: int, tensor: int = 1,
 
 
 def first_stage_bytes(config: ModelConfig, b: int) -> int:
-    return 2 * b * config.attention_head_dim + 8
+    return 2 * b * config.rope_dim + 8
 
 
 def last_stage_bytes(config: ModelConfig, b: int, tensor: int = 1) -> float:

@@ -1,8 +1,8 @@
 """Qwen2-MoE (QKV bias, a shared expert behind a sigmoid gate) and Qwen3-MoE (QK-norm per
 head): a sparse layer every ``decoder_sparse_step``, except the ``mlp_only_layers``."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import (Family, num_experts, required, shared_width,
-                                            weights_renormalised)
+from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, num_experts, required,
+                                            shared_width, weights_renormalised)
 
 
 def _moe(values: dict, with_shared: bool = True) -> MoEConfig:
@@ -29,8 +29,8 @@ def _sparse_layers(values: dict) -> dict:
                 dense_layers=values.get("mlp_only_layers") or ())
 
 
-QWEN_MOE = frozenset({"moe", "moe_every", "dense_layers", "head_dim", "unnormalised_weights",
-                      "rope_scaling"})
+QWEN_MOE = SOFTMAX_TOP_K | {"moe", "moe_every", "dense_layers", "dense_layers_not_first",
+                           "head_dim", "unnormalised_weights", "rope_scaling", "gqa"}
 
 QWEN2_MOE = Family(
     model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
