@@ -140,17 +140,16 @@ def _expert_options(args) -> ExpertParallelConfig:
     return options
 
 
-def check_zero(zero: int, pipeline: int, expert: int, tensor: int) -> None:
-    """The layouts each ZeRO level has been built and tested with."""
-    if zero and tensor > 1:
-        raise ValueError(f"--zero {zero} with --tensor is not supported yet: ZeRO does not "
-                         "shard tensor-parallel (DTensor) parameters; drop one of them")
+def check_zero(zero: int, pipeline: int, tensor: int) -> None:
+    """The layouts each ZeRO level has been built and tested with: ZeRO-1 with every layout,
+    ZeRO-2/3 with data and expert parallelism."""
+    if zero >= 2 and tensor > 1:
+        raise ValueError(f"--zero {zero} with --tensor is not supported yet: FSDP2 does not "
+                         "shard tensor-parallel (DTensor) parameters here; use --zero 1 with "
+                         "expert data parallelism")
     if zero >= 2 and pipeline > 1:
         raise ValueError(f"--zero {zero} with --pipeline is not supported yet: FSDP2 shards "
                          "over every rank here; use --zero 1 with a pipeline")
-    if zero == 1 and pipeline > 1 and expert > 1:
-        raise ValueError("--zero 1 with --pipeline and --expert together is not supported yet "
-                         "(each works with --zero 1 alone)")
 
 
 @dataclass(frozen=True)
@@ -165,7 +164,7 @@ class ParallelLayout:
     def from_args(cls, args, world: int, configs) -> "ParallelLayout":
         """``configs()`` gives the (model, train) configs, read only when a layout of several
         processes needs checking against them."""
-        check_zero(args.zero, args.pipeline, args.expert, args.tensor)
+        check_zero(args.zero, args.pipeline, args.tensor)
         expert_options = _expert_options(args)
         if args.stage_layers and len(args.stage_layers) != args.pipeline:
             raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "

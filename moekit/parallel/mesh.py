@@ -118,6 +118,12 @@ class Mesh:
         return None if self.device_mesh is None else self.device_mesh.get_group("ep")
 
     @property
+    def expert_replicas(self) -> int:
+        """How many ranks hold the same experts: under EDP the ``dp`` group's, else the stage's
+        ranks over the expert groups."""
+        return self.data_size // (1 if self.tensor_size > 1 else self.expert_size)
+
+    @property
     def expert_replica_group(self):
         """The ranks that hold the same experts (and sum those experts' gradients)."""
         return None if self.device_mesh is None else self.device_mesh.get_group("dp")
