@@ -165,3 +165,26 @@ def test_moekit_check_shrinks_a_latent_attention_model():
     assert config.dense_layers == (0,) and config.is_moe_layer(1)
     assert any("latent attention 512 -> 16" in change for change in changes)
     Transformer(config)(torch.randint(0, config.vocab_size, (1, 5)))
+
+
+def test_the_serving_engine_decodes_latent_attention_as_generate():
+    """Continuous batching over paged latent blocks: requests decoded together get what
+    generate gives each alone."""
+    from moekit.serve import Engine
+    from moekit.serve.engine import Sampling
+    from moekit.train.tokenizer import train_tokenizer
+    torch.manual_seed(3)
+    model = Transformer(_config(vocab_size=257, max_seq_len=64)).eval()
+    tokenizer = train_tokenizer([], 257)
+    engine = Engine(model, tokenizer, "mla", max_tokens_limit=16, block_size=4, max_batch=8)
+    prompts = ["a", "a longer prompt than that", "third"]
+    try:
+        with engine.scheduler._condition:  # all queued before the scheduler takes the first
+            tickets = [engine.submit([prompt], Sampling(max_tokens=10, temperature=0))
+                       for prompt in prompts]
+        texts = ["".join(piece.text for piece in ticket) for ticket in tickets]
+    finally:
+        engine.close()
+    for prompt, text in zip(prompts, texts):
+        alone = generate(model, [tokenizer.encode(prompt)], 10, eos_id=tokenizer.eos_id)[0]
+        assert text == tokenizer.decode(alone)

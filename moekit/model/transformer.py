@@ -226,10 +226,16 @@ class LatentAttention(nn.Module):
         return q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
 
     def _attend(self, q, k, v, attn_mask):
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q.shape[2] > 1,
-            scale=self.score_scale, dropout_p=self.dropout if self.training else 0.0,
+        # Values padded with zeros to the queries' width: sdpa's fused kernels need it, and
+        # without them it falls back to the math path, which keeps every head's S x S
+        # probabilities for the backward.
+        width = v.shape[-1]
+        out = F.scaled_dot_product_attention(
+            q, k, F.pad(v, (0, q.shape[-1] - width)), attn_mask=attn_mask,
+            is_causal=attn_mask is None and q.shape[2] > 1, scale=self.score_scale,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=k.shape[1] != q.shape[1])
+        return out[..., :width]
 
     def forward(self, x_BSD, rope, attn_mask, shared_kv=None, cache=None, group=0):
         batch, seq, _ = x_BSD.shape

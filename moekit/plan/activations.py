@@ -10,6 +10,9 @@ vocabulary, b bytes per number of the activation dtype; 4 for the float32 parts.
 - attention: q, k, v after RoPE and the attention output (b(2 H Dh + 2 G Dh)), the softmax's
   log-sum-exp (4H); CLA layers that reuse K/V keep no k, v of their own; QK-norm adds, per
   head, a float32 copy of its input, its rsqrt and the normalised value (4 Dh + 4 + b Dh).
+  Multi-head latent attention: its latents' norms, q, k and v (values padded to the queries'
+  width Dqk for sdpa's fused kernels) and the output, the log-sum-exp, the output projection's
+  input (``latent_attention_bytes``).
 - dense FFN: gate and up outputs, the activation, and their product (4bF; 2bF ungated).
 - MoE FFN: the router's probabilities (4E), the routing bookkeeping (top-k ids, weights, the
   permutation's indices: 4 + 28K + bK), and per route the permuted input, the expert's four
@@ -39,15 +42,15 @@ def ffn_inner_bytes(width: int, activation: str, b: int) -> int:
 
 
 def latent_attention_bytes(config: ModelConfig, b: int) -> float:
-    """Multi-head latent attention, from its shapes (not yet held to autograd's count): the
-    query and KV latents with their norms, the expanded keys and values, q, k, v as attention
-    gets them and its output, the log-sum-exp."""
+    """Multi-head latent attention: the KV latent's norm (in float32 its input is the
+    projection's output itself, the RoPE key's numbers included), the query latent's norm,
+    q, k and the zero-padded v (each H Dqk wide) and attention's output, the log-sum-exp, and
+    the output projection's input (H Dv)."""
     mla, heads = config.mla, config.num_heads
-    latents = (norm_bytes(mla.kv_lora_rank, b) + b * (mla.kv_lora_rank + mla.qk_rope_head_dim)
-               + (norm_bytes(mla.q_lora_rank, b) if mla.q_lora_rank else 0))
-    expanded = b * heads * (mla.qk_nope_head_dim + mla.v_head_dim)
-    attention = b * heads * (2 * mla.qk_head_dim + 2 * mla.v_head_dim) + 4 * heads
-    return latents + expanded + attention
+    latents = norm_bytes(mla.kv_lora_rank, b) + (4 * mla.qk_rope_head_dim if b == 4 else 0)
+    if mla.q_lora_rank:
+        latents += norm_bytes(mla.q_lora_rank, b)
+    return (latents + b * heads * (4 * mla.qk_head_dim + mla.v_head_dim) + 4 * heads)
 
 
 def attention_bytes(config: ModelConfig, index: int, b: int, tensor: int = 1) -> float:

@@ -48,8 +48,10 @@ def shared_routed_moe(values: dict, **routing) -> MoEConfig:
 
 
 def sigmoid_moe(values: dict) -> MoEConfig:
-    """DeepSeek-V3's and GLM4-MoE's routing: sigmoid scores, the correction bias."""
-    return shared_routed_moe(values, router="sigmoid",
+    """DeepSeek-V3's and GLM4-MoE's routing: sigmoid scores, the correction bias, which
+    balances the load in training in place of a balancing loss (V3's auxiliary-loss-free
+    balancing; moekit's default step, 1e-3, is V3's)."""
+    return shared_routed_moe(values, router="sigmoid", aux_loss="none",
                              normalize_weights=bool(values.get("norm_topk_prob", True)),
                              router_options=router_options(values))
 
