@@ -230,16 +230,19 @@ def _moekit_tensors(weights, where: Path, values: dict, config: ModelConfig,
 
 
 def load_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> Transformer:
-    """The model of a local Hugging Face folder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-    HunYuan-MoE-V1, GraniteMoE, Llama, Mistral, Qwen2 layouts), in eval mode, in the weights'
-    dtype unless ``dtype`` is given."""
+    """The model of a local Hugging Face folder of one of ``LAYOUTS``, in eval mode, in the
+    weights' dtype unless ``dtype`` is given. Its memory is the model's and one tensor more:
+    the model is allocated in its dtype, uninitialised, and filled tensor by tensor."""
     folder = Path(folder)
     _require_folder(folder)
     values, config = read_hf_config(folder)
     with hf_weights(folder, values) as (weights, where):
         skeleton, tensors = _moekit_tensors(weights, where, values, config, dtype)
-        model = Transformer(config).to(skeleton.embed_tokens.weight.dtype)
-        model.load_state_dict({name: tensor.materialize() for name, tensor in tensors.items()})
+        model = skeleton.to_empty(device="cpu")
+        targets = model.state_dict()  # the model's own tensors (the skeleton's are in tensors)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                targets[name].copy_(tensor.materialize())
     return model.eval()
 
 
