@@ -198,6 +198,8 @@ class LatentAttention(nn.Module):
     instead (DeepSeek-V2, section 2.1.2): q_nope . (W_uk c) = (W_uk^T q_nope) . c, so attention
     runs over the latent itself and the P cached positions are never expanded."""
 
+    absorb = True  # False only to measure what absorbing saves (benchmarks/mla_decode.py)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         mla, d, h = config.mla, config.hidden_size, config.num_heads
@@ -249,7 +251,7 @@ class LatentAttention(nn.Module):
                                     else cache.store(group, latent_B1SL, k_rope_B1SR))
         positions = latent_B1PL.shape[2]
         # A quantized kv_b_proj multiplies through its own kernels: expanded, never absorbed.
-        if positions > seq and type(self.kv_b_proj) is nn.Linear:
+        if self.absorb and positions > seq and type(self.kv_b_proj) is nn.Linear:
             w_up_HXL = self.kv_b_proj.weight.view(self.num_heads, -1, self.rank)
             w_key_HNL, w_value_HVL = w_up_HXL.split([self.nope_dim, self.value_dim], 1)
             q_BHSX = torch.cat([q_nope_BHSN @ w_key_HNL, q_rope_BHSR], -1)
