@@ -30,17 +30,21 @@ def _train(mesh, run, steps=range(STEPS), resume_from=None):
     """Train ``MODEL`` in float64 under ``mesh`` for ``steps``, writing a checkpoint after each
     into ``run``; returns the steps' records."""
     from moekit.model import Transformer
-    from moekit.model.io import load_weights
+    from moekit.model.io import check_weights_fit
     from moekit.parallel.parallelize import parallelize
     from moekit.train import checkpoint as ckpt
     from moekit.train.optim import build_optimizer, set_learning_rate
     from moekit.train.step import train_step
     from moekit.train.tokenizer import train_tokenizer
     torch.manual_seed(0)
-    model = Transformer(MODEL).double().train()
-    if resume_from is not None:
-        load_weights(model, resume_from)
-    parallel_model = parallelize(model, mesh)
+    if resume_from is None:
+        model = Transformer(MODEL).double().train()
+        parallel_model = parallelize(model, mesh)
+    else:  # as moekit train resumes: each rank reads only what it holds into a meta model
+        with torch.device("meta"):
+            model = Transformer(MODEL).double().train()
+        check_weights_fit(model, resume_from)
+        parallel_model = parallelize(model, mesh, resume_from, torch.device("cpu"))
     optimizer = build_optimizer(model, TRAIN, mesh)
     if resume_from is not None:
         ckpt.restore_optimizer_state(resume_from, model, optimizer, mesh)

@@ -132,23 +132,34 @@ def folder_format_version(folder: str | os.PathLike) -> int:
     return read_config(folder).get("format_version", 1)
 
 
-def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
-    """Load ``model.safetensors`` of ``folder`` into ``model``; names and shapes must match."""
+def check_weights_fit(model: Transformer, folder: str | os.PathLike) -> None:
+    """A CheckpointError unless ``model.safetensors`` of ``folder`` holds every tensor of
+    ``model`` (which may be on the meta device) under its name and shape."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model as load_into
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    config = read_config(folder)
-    version = config.get("format_version", 1)
     try:
         with safe_open(str(path), framework="pt") as handle:
             stored = _upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
                                                        device="meta") for name in handle.keys()},
-                                    config)
-        problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in stored.items()})
-        if problem:
-            raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
+                                    read_config(folder))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in stored.items()})
+    if problem:
+        raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
+
+
+def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
+    """Load ``model.safetensors`` of ``folder`` into ``model``; names and shapes must match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as load_into
+    check_weights_fit(model, folder)
+    path = Path(folder) / WEIGHTS_FILE
+    config = read_config(folder)
+    version = config.get("format_version", 1)
+    try:
         device = str(next(model.parameters()).device)
         if version == FORMAT_VERSION:
             load_into(model, str(path), strict=True, device=device)
