@@ -44,8 +44,8 @@ CASES = {
     **{f"llama {kind} RoPE": (lambda kind=kind: _rope_config(kind, attention_bias=True))
        for kind in ROPE},
     "mistral sliding window": lambda: transformers.MistralConfig(sliding_window=5, **COMMON),
-    "qwen2 sliding window": lambda: transformers.Qwen2Config(
-        use_sliding_window=True, sliding_window=4, max_window_layers=0, **COMMON),
+    "qwen2 sliding window from layer 1 on": lambda: transformers.Qwen2Config(
+        use_sliding_window=True, sliding_window=4, max_window_layers=1, **COMMON),
     "qwen3_moe mlp_only_layers": lambda: transformers.Qwen3MoeConfig(
         moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=16,
         mlp_only_layers=[0], **{**COMMON, "num_hidden_layers": 3}),
@@ -212,3 +212,15 @@ def test_phimoe_and_gpt_oss_are_refused_naming_the_missing_piece(tmp_path, model
                                               rf"{message}"):
         load_hf(tmp_path / "hf")
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_folder_imports_in_bf16_with_its_weights_split_as_stored(tmp_path):
+    hf_model = AutoModelForCausalLM.from_config(CASES["granitemoeshared"]()).to(torch.bfloat16)
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = load_hf(tmp_path / "hf")
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    fused = hf_model.model.layers[1].shared_mlp.input_linear.weight
+    shared = model.layers[1].ffn.shared_experts
+    assert torch.equal(torch.cat([shared.gate_proj.weight, shared.up_proj.weight]), fused)
+    assert torch.equal(model.layers[1].attn.o_proj.bias,
+                       hf_model.model.layers[1].self_attn.o_proj.bias)

@@ -430,20 +430,18 @@ class Transformer(nn.Module):
         layers' statistics. Positions and the attention mask follow from ``mask`` (and the
         cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
         the same ones."""
-        batch, seq, _ = x_BSD.shape
         window = self.config.sliding_window
-        if document_ids is not None:
-            positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask, window)
-        else:
-            positions_BS, attn_mask = (
-                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device, window)
-                if cache is None
-                else cache.positions_and_mask(mask, batch, seq, x_BSD.device, window))
+        positions_BS, window_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids,
+                                                             window)
+        full_mask = window_mask
+        if window is not None and self.config.full_attention_layers:
+            _, full_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids, None)
         rope = rope_cos_sin(positions_BS, self.config.rope_dim, self.config.rope_base,
                             x_BSD.dtype, self.config.rope_scaling)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():
             group = index // self.config.cla_share
+            attn_mask = window_mask if self.config.uses_window(index) else full_mask
             inputs = (x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
             if self.recompute and torch.is_grad_enabled():
                 x_BSD, shared_kv, stats = checkpoint(layer, *inputs, use_reentrant=False)
@@ -452,6 +450,15 @@ class Transformer(nn.Module):
             if stats is not None:
                 all_stats.append(stats)
         return x_BSD, all_stats
+
+    @staticmethod
+    def _positions_and_mask(x_BSD, mask, cache, document_ids, window):
+        batch, seq, _ = x_BSD.shape
+        if document_ids is not None:
+            return _document_positions_and_mask(document_ids, mask, window)
+        if cache is None:
+            return positions_and_mask(mask, None, 0, batch, seq, x_BSD.device, window)
+        return cache.positions_and_mask(mask, batch, seq, x_BSD.device, window)
 
     def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of the last hidden states."""

@@ -85,7 +85,9 @@ class Family:
     ``options`` gives the ModelConfig fields of its config.json beyond the ones all families
     share (``hf.model_config_from_hf`` reads those), ``moe`` the MoEConfig of its sparse
     blocks (None: a dense family), ``config_values`` the config.json entries beyond the
-    shared ones for a ModelConfig. ``layer_parts`` are its own weight-name prefixes inside a
+    shared ones for a ModelConfig, ``rope`` the RoPE base and scaling of its config.json
+    (``config_values`` may refuse a ModelConfig no ``holds`` entry rules out, with a
+    ValueError). ``layer_parts`` are its own weight-name prefixes inside a
     layer (Hugging Face's, moekit's), tried before the shared ones; ``expert_files`` says how
     its files store the experts (None: stacked already, under ``layer_parts`` names).
     ``fused`` names the tensors of a layer it stores as one, that moekit keeps apart.
