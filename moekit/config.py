@@ -244,6 +244,7 @@ class ModelConfig(_FromDict):
     attention_out_bias: bool = False  # a bias on the attention output projection (o_proj)
     # Each query attends to at most this many positions, its own included (Mistral); None: all.
     sliding_window: int | None = None
+    full_attention_layers: tuple[int, ...] = ()  # layers that attend past sliding_window
     # GraniteMoE's scalings (the defaults leave the model as it is): embeddings times
     # embedding_multiplier; each attention and FFN output times residual_multiplier before it is
     # added to the residual stream; attention scores times attention_multiplier (None:
@@ -320,15 +321,23 @@ class ModelConfig(_FromDict):
                      f"{kind} scaling needs {', '.join(ROPE_SCALING_TYPES[kind])}")
         _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
                  self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
-        _require(isinstance(self.dense_layers, (list, tuple, set, frozenset)) and all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
-            for i in self.dense_layers), "dense_layers", self.dense_layers,
-            f"expected a collection of layer indices in [0, {self.num_layers})")
-        # A list (as JSON gives it) becomes the hashable tuple the field holds.
-        object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
+        for name in ("dense_layers", "full_attention_layers"):
+            self._hold_layer_indices(name)
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
                  None if self.moe is None else self.moe.hidden_size,
                  f"must equal hidden_size ({self.hidden_size})")
+
+    def _hold_layer_indices(self, name: str) -> None:
+        value = getattr(self, name)
+        _require(isinstance(value, (list, tuple, set, frozenset)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
+            for i in value), name, value,
+            f"expected a collection of layer indices in [0, {self.num_layers})")
+        # A list (as JSON gives it) becomes the sorted, hashable tuple the field holds.
+        object.__setattr__(self, name, tuple(sorted(set(value))))
+
+    def uses_window(self, index: int) -> bool:
+        return self.sliding_window is not None and index not in self.full_attention_layers
 
     @property
     def kv_heads(self) -> int:

@@ -190,7 +190,8 @@ def test_imported_tokenizer_keeps_its_own_end_of_text_token(tmp_path):
 
 
 @pytest.mark.parametrize("change, layout, message", [
-    (dict(cla_share=2), "qwen3_moe", "cannot hold cross-layer attention .* that can: hunyuan"),
+    (dict(cla_share=2), "qwen3_moe",
+     "cannot hold cross-layer attention .* layouts that can: hunyuan$"),
     (dict(qk_norm=True), "mixtral", "cannot hold QK-norm .* layouts that can: qwen3_moe"),
     (dict(moe=MoEConfig(hidden_size=32, ffn_size=16, num_experts=4, num_shared_experts=1,
                         shared_expert_gate=True)), "mixtral",

@@ -44,8 +44,8 @@ CASES = {
     **{f"llama {kind} RoPE": (lambda kind=kind: _rope_config(kind, attention_bias=True))
        for kind in ROPE},
     "mistral sliding window": lambda: transformers.MistralConfig(sliding_window=5, **COMMON),
-    "qwen2 sliding window": lambda: transformers.Qwen2Config(
-        use_sliding_window=True, sliding_window=4, max_window_layers=0, **COMMON),
+    "qwen2 sliding window from layer 1 on": lambda: transformers.Qwen2Config(
+        use_sliding_window=True, sliding_window=4, max_window_layers=1, **COMMON),
     "qwen3_moe mlp_only_layers": lambda: transformers.Qwen3MoeConfig(
         moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=16,
         mlp_only_layers=[0], **{**COMMON, "num_hidden_layers": 3}),

@@ -41,22 +41,24 @@ def _as_dict(hf_config) -> dict:
     return hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
 
 
-def _sliding_window(values: dict, family: Family, context: int) -> int | None:
-    """The window every layer attends within (None: none, or one no shorter than the
-    ``context``); v5 configs say per layer (``layer_types``), older ones by a switch."""
+def _sliding_window(values: dict, family: Family, context: int) -> dict:
+    """ModelConfig's sliding_window (None: none, or one no shorter than the ``context``) and
+    full_attention_layers; v5 configs say per layer (``layer_types``), older ones by a switch
+    for every layer."""
     layer_types = values.get("layer_types")
     if layer_types:
-        refuse_if(len(set(layer_types)) > 1, "layer_types", values,
-                  "moekit's sliding window covers every layer or none")
-        used = layer_types[0] == "sliding_attention"
+        full = [index for index, kind in enumerate(layer_types) if kind != "sliding_attention"]
+        used = len(full) < len(layer_types)
     else:
-        used = values.get("use_sliding_window", family.window_by_default)
+        full, used = [], values.get("use_sliding_window", family.window_by_default)
     window = values.get("sliding_window")
     if not used or not window or window >= context:
-        return None
+        return dict(sliding_window=None)
     refuse_if("sliding_window" not in family.holds, "sliding_window", values,
               f"moekit reads no sliding window for {family.model_type}")
-    return window
+    refuse_if(bool(full) and "full_attention_layers" not in family.holds, "layer_types", values,
+              f"moekit reads a window in every layer of {family.model_type} or none")
+    return dict(sliding_window=window, full_attention_layers=full)
 
 
 def _context(values: dict, rope_scaling: dict | None) -> int:
@@ -109,7 +111,7 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         num_kv_heads=values.get("num_key_value_heads"), head_dim=values.get("head_dim"),
         ffn_size=required(values, "intermediate_size"),
         max_seq_len=context, rope_base=rope_base, rope_scaling=rope_scaling,
-        sliding_window=_sliding_window(values, family, context),
+        **_sliding_window(values, family, context),
         norm_eps=float(required(values, "rms_norm_eps")),
         tie_embeddings=bool(values.get("tie_word_embeddings", False)),
         qkv_bias=attention_bias, attention_out_bias=attention_bias,
@@ -172,6 +174,9 @@ FEATURES = (
     Feature("rope_scaling", "scaled RoPE (rope_scaling)", lambda c: c.rope_scaling is not None),
     Feature("sliding_window", "a sliding window (sliding_window)",
             lambda c: c.sliding_window is not None),
+    Feature("full_attention_layers", "a sliding window in some layers only "
+            "(full_attention_layers)",
+            lambda c: c.sliding_window is not None and bool(c.full_attention_layers)),
     Feature("no_qkv_bias", "attention without QKV bias (qkv_bias=False)",
             lambda c: not c.qkv_bias),
     Feature("activation", "an activation other than SwiGLU",

@@ -198,6 +198,8 @@ class LatentAttention(nn.Module):
     instead (DeepSeek-V2, section 2.1.2): q_nope . (W_uk c) = (W_uk^T q_nope) . c, so attention
     runs over the latent itself and the P cached positions are never expanded."""
 
+    absorb = True  # False only to measure what absorbing saves (benchmarks/mla_decode.py)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         mla, d, h = config.mla, config.hidden_size, config.num_heads
@@ -249,7 +251,7 @@ class LatentAttention(nn.Module):
                                     else cache.store(group, latent_B1SL, k_rope_B1SR))
         positions = latent_B1PL.shape[2]
         # A quantized kv_b_proj multiplies through its own kernels: expanded, never absorbed.
-        if positions > seq and type(self.kv_b_proj) is nn.Linear:
+        if self.absorb and positions > seq and type(self.kv_b_proj) is nn.Linear:
             w_up_HXL = self.kv_b_proj.weight.view(self.num_heads, -1, self.rank)
             w_key_HNL, w_value_HVL = w_up_HXL.split([self.nope_dim, self.value_dim], 1)
             q_BHSX = torch.cat([q_nope_BHSN @ w_key_HNL, q_rope_BHSR], -1)
@@ -428,20 +430,18 @@ class Transformer(nn.Module):
         layers' statistics. Positions and the attention mask follow from ``mask`` (and the
         cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
         the same ones."""
-        batch, seq, _ = x_BSD.shape
         window = self.config.sliding_window
-        if document_ids is not None:
-            positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask, window)
-        else:
-            positions_BS, attn_mask = (
-                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device, window)
-                if cache is None
-                else cache.positions_and_mask(mask, batch, seq, x_BSD.device, window))
+        positions_BS, window_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids,
+                                                             window)
+        full_mask = window_mask
+        if window is not None and self.config.full_attention_layers:
+            _, full_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids, None)
         rope = rope_cos_sin(positions_BS, self.config.rope_dim, self.config.rope_base,
                             x_BSD.dtype, self.config.rope_scaling)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():
             group = index // self.config.cla_share
+            attn_mask = window_mask if self.config.uses_window(index) else full_mask
             inputs = (x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
             if self.recompute and torch.is_grad_enabled():
                 x_BSD, shared_kv, stats = checkpoint(layer, *inputs, use_reentrant=False)
@@ -450,6 +450,15 @@ class Transformer(nn.Module):
             if stats is not None:
                 all_stats.append(stats)
         return x_BSD, all_stats
+
+    @staticmethod
+    def _positions_and_mask(x_BSD, mask, cache, document_ids, window):
+        batch, seq, _ = x_BSD.shape
+        if document_ids is not None:
+            return _document_positions_and_mask(document_ids, mask, window)
+        if cache is None:
+            return positions_and_mask(mask, None, 0, batch, seq, x_BSD.device, window)
+        return cache.positions_and_mask(mask, batch, seq, x_BSD.device, window)
 
     def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of the last hidden states."""
