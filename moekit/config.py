@@ -186,6 +186,35 @@ class MoEConfig(_FromDict):
 
 
 @dataclass(frozen=True)
+class MLAConfig(_FromDict):
+    """Multi-head latent attention (MLA, DeepSeek-V2/V3): keys and values of every head come
+    from one low-rank latent of ``kv_lora_rank`` numbers per token (RMS-normed, then expanded by
+    ``kv_b_proj``), and one RoPE key of ``qk_rope_head_dim`` numbers is shared over all heads
+    (the "decoupled" RoPE part). Each head's query and key are its ``qk_nope_head_dim``
+    position-free numbers followed by ``qk_rope_head_dim`` rotated ones; its value has
+    ``v_head_dim``. Queries come from a latent of ``q_lora_rank`` too, or (None) straight from
+    the hidden state. The KV cache holds the latent and the RoPE key only."""
+
+    _kind = "MLA"
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int(name, getattr(self, name))
+        if self.q_lora_rank is not None:
+            _positive_int("q_lora_rank", self.q_lora_rank)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig(_FromDict):
     """A decoder-only Transformer: RMSNorm, RoPE, grouped-query attention, cross-layer
     attention (CLA), and MoE feed-forward blocks (``moe``; None gives the dense model)."""
@@ -229,6 +258,12 @@ class ModelConfig(_FromDict):
     # ... and i is not one of these dense layers (Qwen's mlp_only_layers, DeepSeek's first
     # first_k_dense_replace layers); held sorted, without repeats.
     dense_layers: tuple[int, ...] = ()
+    # Multi-head latent attention instead of grouped-query attention (None: GQA); the GQA
+    # fields num_kv_heads, head_dim, qkv_bias, qk_norm and cla_share then stay at their defaults.
+    mla: MLAConfig | None = None
+    # RoPE rotates the first rotary_dim numbers of each head and leaves the rest as they are
+    # (GLM4-MoE: half); None: the whole head (MLA: its qk_rope_head_dim part).
+    rotary_dim: int | None = None
     # Dropout in training only (Hunyuan-Large's SFT: 0.1 and 0.2): of the attention
     # probabilities, and of each attention and FFN output before it joins the residual stream.
     attention_dropout: float = 0.0
@@ -242,13 +277,24 @@ class ModelConfig(_FromDict):
             _positive_int("num_kv_heads", self.num_kv_heads)
             _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                      f"must divide num_heads ({self.num_heads})")
-        if self.head_dim is None:
+        if self.head_dim is None and self.mla is None:
             _require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
                      f"must divide hidden_size ({self.hidden_size}) unless head_dim is set")
-        else:
+        elif self.head_dim is not None:
             _positive_int("head_dim", self.head_dim)
-        _require(self.attention_head_dim % 2 == 0, "head_dim", self.attention_head_dim,
-                 "must be even (RoPE rotates pairs)")
+        if self.mla is not None:
+            _require(isinstance(self.mla, MLAConfig), "mla", self.mla, "expected an MLAConfig")
+            for name, default in (("num_kv_heads", None), ("head_dim", None), ("qkv_bias", False),
+                                  ("qk_norm", False), ("cla_share", 1), ("rotary_dim", None),
+                                  ("attention_out_bias", False)):
+                _require(getattr(self, name) == default, name, getattr(self, name),
+                         f"multi-head latent attention (mla) takes no {name}: leave it {default}")
+        if self.rotary_dim is not None:
+            _positive_int("rotary_dim", self.rotary_dim)
+            _require(self.rotary_dim <= self.attention_head_dim, "rotary_dim", self.rotary_dim,
+                     f"must be <= the head dim ({self.attention_head_dim})")
+        _require(self.rope_dim % 2 == 0, "rotary_dim" if self.mla is None else "qk_rope_head_dim",
+                 self.rope_dim, "must be even (RoPE rotates pairs)")
         _require(isinstance(self.rope_base, (int, float)) and self.rope_base > 1, "rope_base",
                  self.rope_base, "expected a number > 1")
         _require(isinstance(self.norm_eps, float) and self.norm_eps > 0, "norm_eps",
@@ -301,6 +347,31 @@ class ModelConfig(_FromDict):
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def rope_dim(self) -> int:
+        """How many numbers of each query and key head RoPE rotates."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return self.rotary_dim or self.attention_head_dim
+
+    @property
+    def kv_groups(self) -> int:
+        """The layers that compute and cache K/V: one per CLA group."""
+        return -(-self.num_layers // self.cla_share)
+
+    @property
+    def kv_cache_entry(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """What one KV-owning layer caches per position, as (heads, numbers per head) of its two
+        cached tensors: keys and values (GQA), or the latent and the shared RoPE key (MLA)."""
+        if self.mla is not None:
+            return (1, self.mla.kv_lora_rank), (1, self.mla.qk_rope_head_dim)
+        return (self.kv_heads, self.attention_head_dim), (self.kv_heads, self.attention_head_dim)
+
+    @property
+    def kv_numbers_per_token(self) -> int:
+        """Numbers the KV cache holds per token, over all layers."""
+        return self.kv_groups * sum(heads * width for heads, width in self.kv_cache_entry)
+
     def is_moe_layer(self, index: int) -> bool:
         return (self.moe is not None and (index + 1) % self.moe_every == 0
                 and index not in self.dense_layers)
@@ -330,6 +401,8 @@ class ModelConfig(_FromDict):
         values = dict(values)
         if isinstance(values.get("moe"), dict):
             values["moe"] = MoEConfig.from_dict(values["moe"])
+        if isinstance(values.get("mla"), dict):
+            values["mla"] = MLAConfig.from_dict(values["mla"])
         return super().from_dict(values)
 
 
@@ -516,6 +589,24 @@ def _fastmoe_transformer_xl() -> ModelConfig:
                                      activation="relu", normalize_weights=False))
 
 
+def _deepseek_v3_671b() -> ModelConfig:
+    # DeepSeek-V3's config.json (the base model; its multi-token-prediction layer not counted):
+    # MLA, 3 dense layers, then 256 routed experts top-8 in 8 groups (4 eligible) + 1 shared,
+    # YaRN x40 over an original 4K context.
+    return ModelConfig(vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
+                       ffn_size=18432, max_seq_len=163840, norm_eps=1e-6,
+                       rope_scaling={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32,
+                                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                     "original_max_position_embeddings": 4096},
+                       mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128,
+                                     qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536),
+                       dense_layers=(0, 1, 2),
+                       moe=MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8,
+                                     router="sigmoid", aux_loss="none", num_shared_experts=1,
+                                     router_options={"n_group": 8, "topk_group": 4,
+                                                     "routed_scaling_factor": 2.5}))
+
+
 def _tiny() -> ModelConfig:
     # Trains on a 2-core CPU in minutes.
     return ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4,
@@ -530,6 +621,7 @@ PRESETS = {
     "hunyuan-large-389b": _hunyuan_large_389b,
     "mixtral-8x7b": _mixtral_8x7b,
     "fastmoe-transformer-xl": _fastmoe_transformer_xl,
+    "deepseek-v3-671b": _deepseek_v3_671b,
 }
 
 

@@ -13,6 +13,7 @@ import os
 
 from moekit.cli.values import byte_size
 from moekit.config import ModelConfig, MoEConfig, preset, read_config_file
+from moekit.convert.hf_folder import read_hf_config
 from moekit.model import read_model_config
 from moekit.plan import (GIB, INFERENCE_DTYPES, Layout, Precision, budget_plan,
                          count_parameters, device, inference_memory, kv_cache_plan,
@@ -72,6 +73,10 @@ def register(subcommands) -> None:
     source.add_argument("--preset", help="a model preset (e.g. skywork-moe-146b)")
     source.add_argument("--config", help="a JSON/TOML/YAML file holding a model config, or a "
                                          "moekit checkpoint folder")
+    source.add_argument("--hf-config", metavar="PATH",
+                        help="a Hugging Face config.json, or a folder holding one: the model "
+                        "`moekit import` maps it onto (a family or feature moekit cannot hold "
+                        "is refused naming the key)")
     overrides = parser.add_argument_group(
         "model fields", "override a field of the model (or, with --moe-*, of its MoE layers)")
     _override_flags(overrides, ModelConfig, "", MODEL_FIELD)
@@ -157,11 +162,13 @@ def register(subcommands) -> None:
 
 
 def model_config(args) -> ModelConfig:
-    """The model of --preset or --config, with the field flags applied."""
+    """The model of --preset, --config or --hf-config, with the field flags applied."""
     if args.preset:
         values = preset(args.preset).to_dict()
     elif args.config:
         values = _config_from_path(args.config)
+    elif args.hf_config:
+        values = read_hf_config(args.hf_config)[1].to_dict()
     else:
         values = {}
     moe = dict(values.get("moe") or {})

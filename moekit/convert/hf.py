@@ -29,6 +29,7 @@ import torch.nn as nn
 from moekit.config import ModelConfig, MoEConfig
 from moekit.convert.families import (FAMILIES, GRANITE_SCALINGS, LAYOUTS, MOE_LAYOUTS, Family,
                                      family_of)
+from moekit.convert.families.deepseek import GROUP_OPTIONS
 from moekit.convert.families.family import (refuse_if, required, rope_to_hf, shared_width,
                                             weights_renormalised)
 from moekit.model import Transformer
@@ -88,9 +89,12 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     refuse_if(bool(values.get("mlp_only_layers")) and "dense_layers" not in family.holds,
               "mlp_only_layers", values, f"the {family.model_type} family has no dense layers")
     refuse_if(bool(values.get("mlp_bias")), "mlp_bias", values, "moekit's FFNs have no bias")
-    # transformers' attention_bias biases q, k, v and o_proj, in the families that read it.
+    # transformers' attention_bias biases q, k, v and o_proj, in the families that read it and
+    # do not say otherwise (their options set attention_out_bias).
     attention_bias = bool(values.get("attention_bias"))
-    refuse_if(attention_bias and "attention_bias" not in family.holds, "attention_bias", values,
+    options = family.options(values)
+    refuse_if(attention_bias and "attention_bias" not in family.holds
+              and "attention_out_bias" not in options, "attention_bias", values,
               f"transformers' {family.model_type} reads no attention_bias")
     refuse_if(values.get("clip_qkv") is not None, "clip_qkv", values,
               "moekit does not clamp q/k/v")
@@ -112,7 +116,7 @@ def model_config_from_hf(hf_config) -> ModelConfig:
         tie_embeddings=bool(values.get("tie_word_embeddings", False)),
         qkv_bias=attention_bias, attention_out_bias=attention_bias,
         moe=None if family.moe is None else family.moe(values))
-    return ModelConfig(**{**fields, **family.options(values)})
+    return ModelConfig(**{**fields, **options})
 
 
 # ---- What each layout can hold -------------------------------------------------------------
@@ -145,9 +149,15 @@ FEATURES = (
             lambda c: c.moe is not None and c.moe_every > 1),
     Feature("dense_layers", "a list of dense layers (dense_layers)",
             lambda c: c.moe is not None and bool(c.dense_layers)),
+    Feature("dense_layers_not_first", "dense layers other than the first k (dense_layers)",
+            lambda c: c.moe is not None and c.dense_layers != tuple(range(len(c.dense_layers)))),
+    Feature("gqa", "grouped-query attention (mla=None)", lambda c: c.mla is None),
+    Feature("mla", "multi-head latent attention (mla)", lambda c: c.mla is not None),
+    Feature("partial_rope", "RoPE over part of each head (rotary_dim)",
+            lambda c: c.rotary_dim not in (None, c.attention_head_dim)),
     Feature("cla", "cross-layer attention (cla_share > 1)", lambda c: c.cla_share > 1),
     Feature("head_dim", "a head_dim other than hidden_size / num_heads",
-            lambda c: c.attention_head_dim * c.num_heads != c.hidden_size),
+            lambda c: c.mla is None and c.attention_head_dim * c.num_heads != c.hidden_size),
     _qk_norm_feature("head", "per head before RoPE"),
     _qk_norm_feature("head_after_rope", "per head after RoPE"),
     _qk_norm_feature("projection", "over the whole q/k projection"),
@@ -171,12 +181,19 @@ FEATURES = (
             lambda c: not c.qkv_bias),
     Feature("activation", "an activation other than SwiGLU",
             lambda c: c.activation != "swiglu" or _moe(c, lambda m: m.activation != "swiglu")),
+    Feature("softmax_router", "the softmax or switch router",
+            lambda c: _moe(c, lambda m: m.router in ("softmax", "switch"))),
     Feature("sigmoid_router", "the sigmoid router",
             lambda c: _moe(c, lambda m: m.router == "sigmoid")),
     Feature("fastmoe_router", "FastMoE's zero, noisy or gshard router",
             lambda c: _moe(c, lambda m: m.router in ("zero", "noisy", "gshard"))),
-    Feature("router_options", "router_options (a gate bias, say)",
-            lambda c: _moe(c, lambda m: m.router_options)),
+    Feature("router_groups", "group-limited routing (router_options n_group > 1)",
+            lambda c: _moe(c, lambda m: m.router_options.get("n_group", 1) > 1)),
+    Feature("routed_scaling", "a routed scaling factor (router_options routed_scaling_factor)",
+            lambda c: _moe(c, lambda m: m.router_options.get("routed_scaling_factor", 1) != 1)),
+    Feature("router_options", "router_options other than n_group, topk_group and "
+            "routed_scaling_factor (a gate bias, say)",
+            lambda c: _moe(c, lambda m: set(m.router_options) - set(GROUP_OPTIONS))),
     Feature("logit_norm", "gating-logit normalization (logit_norm_scale)",
             lambda c: _moe(c, lambda m: m.logit_norm_scale is not None)),
     Feature("eval_capacity", "token dropping in evaluation (eval_capacity_factor)",
@@ -184,6 +201,8 @@ FEATURES = (
     Feature("unnormalised_weights",
             "top-k weights not renormalised (normalize_weights=False or router='switch')",
             lambda c: _moe(c, lambda m: not weights_renormalised(m))),
+    Feature("renormalised_weights", "top-k weights renormalised (normalize_weights=True)",
+            lambda c: _moe(c, weights_renormalised)),
     Feature("gated_shared", "shared experts with a sigmoid gate (shared_expert_gate=True)",
             lambda c: _moe(c, lambda m: m.num_shared_experts > 0 and m.shared_expert_gate)),
     Feature("ungated_shared", "shared experts without a gate (shared_expert_gate=False)",
@@ -278,13 +297,21 @@ def hf_to_moekit_state(hf_state: dict, layout: str) -> dict:
     return state
 
 
+def _stored(name: str, family: Family) -> bool:
+    """Whether a layout stores the tensor: all but moekit's training state, unless the family
+    names it (DeepSeek-V3's correction bias is the sigmoid gate's balancing bias)."""
+    return (not name.endswith(MOEKIT_ONLY)
+            or any(name.endswith(moekit.rstrip(".")) for _, moekit in family.layer_parts))
+
+
 def moekit_to_hf_state(state: dict, layout: str) -> dict:
     """The inverse of ``hf_to_moekit_state``, leaving out moekit's training state."""
-    fused_as = {part: (name, index) for name, parts in family_of(layout).fused
+    family = family_of(layout)
+    fused_as = {part: (name, index) for name, parts in family.fused
                 for index, part in enumerate(parts)}
     hf_state, pieces = {}, {}
     for name, tensor in state.items():
-        if name.endswith(MOEKIT_ONLY):
+        if not _stored(name, family):
             continue
         layer = re.match(r"layers\.(\d+)\.", name)
         fused = fused_as.get(name[layer.end():]) if layer else None
@@ -297,69 +324,93 @@ def moekit_to_hf_state(state: dict, layout: str) -> dict:
     return hf_state
 
 
-def _own(tensor: torch.Tensor) -> torch.Tensor:
-    # A fresh contiguous copy: safetensors refuses views and tensors that share memory.
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def stack_experts(file_state: dict, layout: str) -> dict:
-    """Hub naming (one tensor per expert, as the family's ``expert_files`` says) ->
-    transformers' in-memory naming (stacked, under ``mlp``)."""
+def stacking_plan(file_names, layout: str) -> dict[str, str | list[list[str]]]:
+    """Which file tensors (Hub naming, one tensor per expert as the family's ``expert_files``
+    says) make each tensor of transformers' in-memory naming (stacked, under ``mlp``): the one
+    file tensor it is renamed from, or, for stacked experts, per expert the matrices
+    concatenated (gate then up), in expert order. A stacked tensor's bytes are those of its
+    matrices in this order, so it can be written without being built."""
     files = family_of(layout).expert_files
     if files is None:
-        return dict(file_state)
+        return {name: name for name in file_names}
     block = f".{files.block}."
     roles = {files.gate: "gate_proj", files.up: "up_proj", files.down: "down_proj"}
     one_expert = re.compile(rf"(.*){re.escape(block)}experts\.(\d+)\."
                             rf"({'|'.join(map(re.escape, roles))})\.weight")
-    state, per_expert = {}, {}
-    for name, tensor in file_state.items():
+    plan, per_expert = {}, {}
+    for name in file_names:
         match = one_expert.fullmatch(name)
         if match is None:
-            state[name.replace(block, ".mlp.")] = tensor
+            plan[name.replace(block, ".mlp.")] = name
         else:
             layer, expert, part = match.groups()
-            per_expert.setdefault(f"{layer}.mlp.experts", {})[(int(expert), roles[part])] = tensor
+            per_expert.setdefault(f"{layer}.mlp.experts", {})[(int(expert), roles[part])] = name
     for prefix, parts in per_expert.items():
         experts = sorted({expert for expert, _ in parts})
         if experts != list(range(len(experts))) or len(parts) != 3 * len(experts):
             raise ValueError(f"{prefix}: expected gate_proj, up_proj and down_proj for experts "
                              f"0..{len(experts) - 1}, found {len(parts)} tensors")
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in experts])
-        state[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in experts])
-    return state
+        plan[f"{prefix}.gate_up_proj"] = [[parts[(e, "gate_proj")], parts[(e, "up_proj")]]
+                                          for e in experts]
+        plan[f"{prefix}.down_proj"] = [[parts[(e, "down_proj")]] for e in experts]
+    return plan
+
+
+def stack_experts(file_state: dict, layout: str) -> dict:
+    """Hub naming -> transformers' in-memory naming (``stacking_plan``)."""
+    return {name: file_state[source] if isinstance(source, str) else torch.stack(
+                [torch.cat([file_state[part] for part in parts]) for parts in source])
+            for name, source in stacking_plan(file_state, layout).items()}
 
 
 def split_experts(hf_state: dict, layout: str) -> dict:
-    """The inverse of ``stack_experts``."""
+    """The inverse of ``stack_experts``: views of the stacked tensors, not copies."""
     files = family_of(layout).expert_files
     if files is None:
-        return {name: _own(tensor) for name, tensor in hf_state.items()}
+        return dict(hf_state)
     block = f".{files.block}."
     written = {}
     for name, tensor in hf_state.items():
         stacked = re.fullmatch(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
         if stacked is None:
-            written[name.replace(".mlp.", block)] = _own(tensor)
+            written[name.replace(".mlp.", block)] = tensor
             continue
         layer, kind = stacked.groups()
         for expert, weight in enumerate(tensor):
             parts = (zip((files.gate, files.up), weight.chunk(2)) if kind == "gate_up_proj"
                      else [(files.down, weight)])
             for part, matrix in parts:
-                written[f"{layer}{block}experts.{expert}.{part}.weight"] = _own(matrix)
+                written[f"{layer}{block}experts.{expert}.{part}.weight"] = matrix
     return written
 
 
-def import_weights(file_state: dict, layout: str) -> dict:
-    """Tensors as a Hugging Face folder of ``layout`` stores them -> moekit's state dict."""
-    return hf_to_moekit_state(stack_experts(file_state, layout), layout)
+def _adapted(hf_state: dict, layout: str, values: dict | None, to_moekit: bool) -> dict:
+    adapt = family_of(layout).adapt_weights
+    if adapt is None:
+        return hf_state
+    if values is None:
+        raise ValueError(f"the {layout} layout's weights need its config.json values to convert")
+    return adapt(hf_state, values, to_moekit)
 
 
-def export_weights(state: dict, layout: str) -> dict:
-    """moekit's state dict -> tensors as a Hugging Face folder of ``layout`` stores them."""
-    return split_experts(moekit_to_hf_state(state, layout), layout)
+def from_stacked(hf_state: dict, layout: str, values: dict | None = None) -> dict:
+    """transformers' in-memory naming (experts stacked) -> moekit's state dict: the family's
+    adaptation, then the renames and splits. Tensor by tensor: any part of a state dict
+    converts on its own."""
+    return hf_to_moekit_state(_adapted(hf_state, layout, values, True), layout)
+
+
+def import_weights(file_state: dict, layout: str, values: dict | None = None) -> dict:
+    """Tensors as a Hugging Face folder of ``layout`` stores them -> moekit's state dict;
+    ``values`` (the folder's config.json) for the families that adapt their tensors."""
+    return from_stacked(stack_experts(file_state, layout), layout, values)
+
+
+def export_weights(state: dict, layout: str, values: dict | None = None) -> dict:
+    """moekit's state dict -> tensors as a Hugging Face folder of ``layout`` stores them;
+    ``values``: the config.json written beside them."""
+    return split_experts(_adapted(moekit_to_hf_state(state, layout), layout, values, False),
+                         layout)
 
 
 # ---- Models and blocks in memory (transformers objects) ------------------------------------
@@ -400,6 +451,8 @@ def load_converted_state(model: Transformer, state: dict) -> Transformer:
 
 def transformer_from_hf(hf_model) -> Transformer:
     """A moekit Transformer with the weights of a transformers model of one of ``LAYOUTS``."""
-    model = Transformer(model_config_from_hf(hf_model.config)).to(hf_model.dtype)
-    return load_converted_state(model, hf_to_moekit_state(hf_model.state_dict(),
-                                                          hf_model.config.model_type))
+    values = hf_model.config.to_dict()
+    model = Transformer(model_config_from_hf(values)).to(hf_model.dtype)
+    return load_converted_state(model, hf_to_moekit_state(
+        _adapted(hf_model.state_dict(), values["model_type"], values, True),
+        values["model_type"]))

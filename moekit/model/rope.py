@@ -27,7 +27,7 @@ def _plain(head_dim: int, base: float, device=None) -> torch.Tensor:
     return 1.0 / _base_powers(head_dim, base, device)
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -36,8 +36,8 @@ def _yarn(head_dim: int, base: float, scaling: dict, device) -> tuple[torch.Tens
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     attention_factor = scaling.get("attention_factor")
     if attention_factor is None:
-        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
-                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+        attention_factor = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else yarn_mscale(factor))
 
     def dimension_of(rotations: float) -> float:
         # The dimension whose wavelength fits ``rotations`` times in the original context.
@@ -70,6 +70,16 @@ def _llama3(head_dim: int, base: float, scaling: dict, device) -> torch.Tensor:
     long_waves = wavelength > original / low_factor
     short_waves = wavelength < original / high_factor
     return torch.where(long_waves, inv_freq / factor, torch.where(short_waves, inv_freq, blended))
+
+
+def latent_softmax_scale(qk_head_dim: int, scaling: dict | None) -> float:
+    """DeepSeek's softmax scale of multi-head latent attention: 1 / sqrt(qk_head_dim), times
+    yarn_mscale(factor, mscale_all_dim) squared when a scaled RoPE sets ``mscale_all_dim`` (its
+    YaRN configs), as transformers' and DeepSeek's own code compute it."""
+    scale = qk_head_dim ** -0.5
+    if scaling is not None and scaling.get("mscale_all_dim"):
+        scale *= yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
+    return scale
 
 
 def inverse_frequencies(head_dim: int, base: float, scaling: dict | None = None,
@@ -107,5 +117,10 @@ def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, base: float, dtype: 
 
 
 def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` numbers of each head; the rest pass unchanged (partial
+    RoPE, GLM4-MoE)."""
+    rotary = cos.shape[-1]
+    if rotary < x_BHSD.shape[-1]:
+        return torch.cat([apply_rope(x_BHSD[..., :rotary], cos, sin), x_BHSD[..., rotary:]], -1)
     first, second = x_BHSD.chunk(2, dim=-1)
     return x_BHSD * cos + torch.cat([-second, first], dim=-1) * sin

@@ -1,11 +1,12 @@
 """A decoder-only MoE Transformer, readable top to bottom.
 
-RMSNorm, RoPE (configurable base), grouped-query attention (GQA), cross-layer attention (CLA:
-the first layer of every ``cla_share`` adjacent layers computes K/V, the others reuse them, and
-the KV cache holds one entry per group), optional QK-norm (per head before or after RoPE, or
-over the whole q/k projection) and QKV bias, and an MoE feed-forward
-block (routed + shared experts) in every ``moe_every``-th layer not in ``dense_layers``, a dense
-SwiGLU MLP elsewhere.
+RMSNorm, RoPE (configurable base and scaling, over the whole head or its first ``rotary_dim``
+numbers), grouped-query attention (GQA), cross-layer attention (CLA: the first layer of every
+``cla_share`` adjacent layers computes K/V, the others reuse them, and the KV cache holds one
+entry per group), optional QK-norm (per head before or after RoPE, or over the whole q/k
+projection) and QKV bias, or multi-head latent attention (MLA, DeepSeek), and an MoE
+feed-forward block (routed + shared experts) in every ``moe_every``-th layer not in
+``dense_layers``, a dense SwiGLU MLP elsewhere.
 Weight names follow Hugging Face's Llama/Mixtral family where they can.
 
 Shapes: B batch, S new positions, P positions in the cache (past + new), H query heads,
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig
-from moekit.model.rope import apply_rope, rope_cos_sin
+from moekit.model.rope import apply_rope, latent_softmax_scale, rope_cos_sin
 from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
 
 
@@ -39,14 +40,17 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """Preallocated keys and values, one pair per CLA group: [B, G, max_len, Dh] each, plus which
-    cached positions are real tokens (left padding is not)."""
+    cached positions are real tokens (left padding is not). With multi-head latent attention
+    the pair is the latent [B, 1, max_len, kv_lora_rank] and the shared RoPE key [B, 1,
+    max_len, qk_rope_head_dim] (``ModelConfig.kv_cache_entry``)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device=None, dtype=torch.float32):
-        groups = -(-config.num_layers // config.cla_share)
-        shape = (batch_size, config.kv_heads, max_len, config.attention_head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
+        (key_heads, key_width), (value_heads, value_width) = config.kv_cache_entry
+        self.keys = [torch.zeros(batch_size, key_heads, max_len, key_width, device=device,
+                                 dtype=dtype) for _ in range(config.kv_groups)]
+        self.values = [torch.zeros(batch_size, value_heads, max_len, value_width, device=device,
+                                   dtype=dtype) for _ in range(config.kv_groups)]
         self.valid_BP = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # positions filled so far
@@ -57,9 +61,8 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, itemsize: int) -> int:
-        """K and V of one position in every CLA group, ``itemsize`` bytes per number."""
-        groups = -(-config.num_layers // config.cla_share)
-        return 2 * groups * config.kv_heads * config.attention_head_dim * itemsize
+        """What one position caches in every CLA group, ``itemsize`` bytes per number."""
+        return config.kv_numbers_per_token * itemsize
 
     @staticmethod
     def bytes_needed(config: ModelConfig, batch_size: int, max_len: int,
@@ -180,11 +183,97 @@ class Attention(nn.Module):
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq, -1)), shared_kv
 
 
+# DeepSeek's code norms both latents with its RMSNorm's default eps, whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3; ``ModelConfig.mla``), with transformers'
+    weight names. Shapes as above, plus L the KV latent (kv_lora_rank); N, R and V the
+    position-free, rotated and value numbers of a head; X a concatenation of two of these.
+
+    The cache holds the latent and the shared RoPE key (one "head" each). Without past
+    positions (training, a first prefill) the latent is expanded into each head's keys and
+    values; with them (decoding) the expansion is absorbed into the queries and the output
+    instead (DeepSeek-V2, section 2.1.2): q_nope . (W_uk c) = (W_uk^T q_nope) . c, so attention
+    runs over the latent itself and the P cached positions are never expanded."""
+
+    absorb = True  # False only to measure what absorbing saves (benchmarks/mla_decode.py)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        mla, d, h = config.mla, config.hidden_size, config.num_heads
+        self.num_heads, self.rank = h, mla.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.value_dim = (mla.qk_nope_head_dim,
+                                                        mla.qk_rope_head_dim, mla.v_head_dim)
+        self.query_rank = mla.q_lora_rank
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * mla.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, mla.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, h * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, h * (self.nope_dim + self.value_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.value_dim, d, bias=False)
+        self.score_scale = (config.attention_multiplier
+                            or latent_softmax_scale(mla.qk_head_dim, config.rope_scaling))
+        self.dropout = config.attention_dropout
+
+    def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        q = (self.q_proj(x_BSD) if self.query_rank is None
+             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))))
+        batch, seq, _ = x_BSD.shape
+        return q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
+
+    def _attend(self, q, k, v, attn_mask):
+        # Values padded with zeros to the queries' width: sdpa's fused kernels need it, and
+        # without them it falls back to the math path, which keeps every head's S x S
+        # probabilities for the backward.
+        width = v.shape[-1]
+        out = F.scaled_dot_product_attention(
+            q, k, F.pad(v, (0, q.shape[-1] - width)), attn_mask=attn_mask,
+            is_causal=attn_mask is None and q.shape[2] > 1, scale=self.score_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1])
+        return out[..., :width]
+
+    def forward(self, x_BSD, rope, attn_mask, shared_kv=None, cache=None, group=0):
+        batch, seq, _ = x_BSD.shape
+        q_nope_BHSN, q_rope_BHSR = self._queries(x_BSD).split([self.nope_dim, self.rope_dim], -1)
+        q_rope_BHSR = apply_rope(q_rope_BHSR, *rope)
+        latent_BSL, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.rank, self.rope_dim],
+                                                                      -1)
+        latent_B1SL = self.kv_a_layernorm(latent_BSL)[:, None]
+        k_rope_B1SR = apply_rope(k_rope_BSR[:, None], *rope)
+        latent_B1PL, k_rope_B1PR = ((latent_B1SL, k_rope_B1SR) if cache is None
+                                    else cache.store(group, latent_B1SL, k_rope_B1SR))
+        positions = latent_B1PL.shape[2]
+        # A quantized kv_b_proj multiplies through its own kernels: expanded, never absorbed.
+        if self.absorb and positions > seq and type(self.kv_b_proj) is nn.Linear:
+            w_up_HXL = self.kv_b_proj.weight.view(self.num_heads, -1, self.rank)
+            w_key_HNL, w_value_HVL = w_up_HXL.split([self.nope_dim, self.value_dim], 1)
+            q_BHSX = torch.cat([q_nope_BHSN @ w_key_HNL, q_rope_BHSR], -1)
+            k_B1PX = torch.cat([latent_B1PL, k_rope_B1PR], -1)
+            out_BHSL = self._attend(q_BHSX, k_B1PX, latent_B1PL, attn_mask)
+            out_BHSV = out_BHSL @ w_value_HVL.transpose(1, 2)
+        else:
+            kv_BPHX = self.kv_b_proj(latent_B1PL[:, 0]).view(batch, positions, self.num_heads, -1)
+            k_nope_BHPN, v_BHPV = kv_BPHX.transpose(1, 2).split([self.nope_dim, self.value_dim],
+                                                                -1)
+            k_BHPX = torch.cat([k_nope_BHPN, k_rope_B1PR.expand(-1, self.num_heads, -1, -1)], -1)
+            out_BHSV = self._attend(torch.cat([q_nope_BHSN, q_rope_BHSR], -1), k_BHPX, v_BHPV,
+                                    attn_mask)
+        return self.o_proj(out_BHSV.transpose(1, 2).reshape(batch, seq, -1)), None
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attn = Attention(config, index)
+        self.attn = (LatentAttention(config) if config.mla is not None
+                     else Attention(config, index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.residual_multiplier = config.residual_multiplier
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
@@ -347,7 +436,7 @@ class Transformer(nn.Module):
         full_mask = window_mask
         if window is not None and self.config.full_attention_layers:
             _, full_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids, None)
-        rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
+        rope = rope_cos_sin(positions_BS, self.config.rope_dim, self.config.rope_base,
                             x_BSD.dtype, self.config.rope_scaling)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():

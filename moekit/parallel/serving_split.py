@@ -71,6 +71,9 @@ def plan_split(model: Transformer, free_bytes: list[int]) -> SplitPlan:
     if not free_bytes or any(not isinstance(b, int) or b <= 0 for b in free_bytes):
         raise ValueError(f"free_bytes={free_bytes!r} is not allowed: expected one positive "
                          "integer per device")
+    if config.mla is not None:
+        raise ValueError("a model with multi-head latent attention (mla) is not split over "
+                         "devices in this version: its heads share one latent cache")
     if config.kv_heads < len(free_bytes):
         raise ValueError(f"{len(free_bytes)} devices but only {config.kv_heads} key/value "
                          "heads: every device needs at least one")

@@ -106,8 +106,14 @@ class Family:
     expert_files: PerExpertFiles | None = PerExpertFiles()
     # Whether a config without use_sliding_window uses its sliding_window (Mistral's rule).
     window_by_default: bool = False
+    # (tensors in transformers' naming, the config.json values, to_moekit) -> the tensors as
+    # moekit computes with them (import) or as the family stores them (export), for a family
+    # whose tensors are more than renamed (DeepSeek's interleaved RoPE rows).
+    adapt_weights: Callable[[dict, dict, bool], dict] | None = None
 
 
 # The features (hf.FEATURES keys) that most families hold: transformers computes their
 # rotary embeddings with the shared ROPE_INIT_FUNCTIONS.
-MOST_FAMILIES = frozenset({"head_dim", "no_qk_norm", "no_qkv_bias", "rope_scaling"})
+MOST_FAMILIES = frozenset({"head_dim", "no_qk_norm", "no_qkv_bias", "rope_scaling", "gqa"})
+# What the families with softmax top-k routing hold (all MoE families but DeepSeek-V3's kin).
+SOFTMAX_TOP_K = frozenset({"softmax_router", "renormalised_weights"})

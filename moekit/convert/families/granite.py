@@ -4,7 +4,8 @@ adds one ungated shared expert, its gate and up projections fused into one matri
 from dataclasses import replace
 
 from moekit.config import ModelConfig
-from moekit.convert.families.family import MOST_FAMILIES, Family, required, shared_width
+from moekit.convert.families.family import (MOST_FAMILIES, SOFTMAX_TOP_K, Family, required,
+                                            shared_width)
 from moekit.convert.families.mixtral import routed_moe, routed_moe_values
 
 # Its scalings, under the same names in its config.json and in ModelConfig.
@@ -21,7 +22,8 @@ def _config_values(config: ModelConfig) -> dict:
 
 GRANITEMOE = Family(
     model_type="granitemoe", architecture="GraniteMoeForCausalLM",
-    holds=MOST_FAMILIES | {"moe", "no_shared", "granite_scalings", "attention_bias"},
+    holds=MOST_FAMILIES | SOFTMAX_TOP_K | {"moe", "no_shared", "granite_scalings",
+                                          "attention_bias"},
     options=lambda values: {key: float(required(values, key)) for key in GRANITE_SCALINGS},
     moe=routed_moe, config_values=_config_values,
     layer_parts=(("block_sparse_moe.router.layer.", "ffn.router."),

@@ -2,8 +2,8 @@
 expert, the top-k weights always renormalised, a fixed-alpha NTK RoPE. And Hunyuan-Large in
 the layout of its own modeling code (``HunYuanForCausalLM``), with cross-layer attention."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import (Family, refuse_if, required, rope_from_hf,
-                                            shared_width, weights_renormalised)
+from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, refuse_if, required,
+                                            rope_from_hf, shared_width, weights_renormalised)
 
 
 def rope(values: dict) -> tuple[float, dict | None]:
@@ -48,8 +48,8 @@ def _config_values(config: ModelConfig) -> dict:
 
 HUNYUAN_V1_MOE = Family(
     model_type="hunyuan_v1_moe", architecture="HunYuanMoEV1ForCausalLM",
-    holds=frozenset({"moe", "head_dim", "qk_norm_head_after_rope", "no_qkv_bias",
-                     "ungated_shared", "attention_bias"}),
+    holds=SOFTMAX_TOP_K | {"moe", "head_dim", "qk_norm_head_after_rope", "no_qkv_bias",
+                           "ungated_shared", "attention_bias", "gqa"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head_after_rope"),
     moe=_moe, config_values=_config_values, rope=rope,
     layer_parts=(("self_attn.query_layernorm.", "attn.q_norm."),
@@ -97,8 +97,8 @@ def _large_values(config: ModelConfig) -> dict:
 # after RoPE and before QK-norm, each layer normalising them with its own key_layernorm.
 HUNYUAN = Family(
     model_type="hunyuan", architecture="HunYuanForCausalLM",
-    holds=frozenset({"moe", "head_dim", "qk_norm_head_after_rope", "no_qk_norm", "no_qkv_bias",
-                     "ungated_shared", "no_shared", "shared_width", "attention_bias", "cla",
-                     "unnormalised_weights"}),
+    holds=SOFTMAX_TOP_K | {"moe", "head_dim", "qk_norm_head_after_rope", "no_qk_norm",
+                           "no_qkv_bias", "ungated_shared", "no_shared", "shared_width",
+                           "attention_bias", "cla", "unnormalised_weights", "gqa"},
     moe=_large_moe, options=_large_options, config_values=_large_values, rope=rope,
     layer_parts=HUNYUAN_V1_MOE.layer_parts)

@@ -1,7 +1,8 @@
 """Mixtral: routed experts only, every layer sparse, experts stored as w1 (gate), w3 (up) and
 w2 (down) under ``block_sparse_moe``."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import MOST_FAMILIES, Family, PerExpertFiles, required
+from moekit.convert.families.family import (MOST_FAMILIES, SOFTMAX_TOP_K, Family,
+                                            PerExpertFiles, required)
 
 
 def routed_moe(values: dict) -> MoEConfig:
@@ -20,7 +21,7 @@ def routed_moe_values(config: ModelConfig) -> dict:
 
 MIXTRAL = Family(
     model_type="mixtral", architecture="MixtralForCausalLM",
-    holds=MOST_FAMILIES | {"moe", "no_shared", "sliding_window"}, moe=routed_moe,
+    holds=MOST_FAMILIES | SOFTMAX_TOP_K | {"moe", "no_shared", "sliding_window"}, moe=routed_moe,
     config_values=routed_moe_values,
     expert_files=PerExpertFiles(block="block_sparse_moe", gate="w1", up="w3", down="w2"),
     window_by_default=True)

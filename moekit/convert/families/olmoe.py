@@ -1,6 +1,6 @@
 """OLMoE: QK-norm over the whole q/k projection, top-k weights renormalised or not."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import (Family, num_experts, required,
+from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, num_experts, required,
                                             weights_renormalised)
 
 
@@ -23,7 +23,7 @@ OLMOE = Family(
     model_type="olmoe", architecture="OlmoeForCausalLM",
     # Its config has no head_dim: transformers derives it, and the width of QK-norm, from
     # hidden_size / num_attention_heads.
-    holds=frozenset({"moe", "qk_norm_projection", "no_qkv_bias", "unnormalised_weights",
-                     "no_shared", "rope_scaling", "attention_bias"}),
+    holds=SOFTMAX_TOP_K | {"moe", "qk_norm_projection", "no_qkv_bias", "unnormalised_weights",
+                           "no_shared", "rope_scaling", "attention_bias", "gqa"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="projection"),
     moe=_moe, config_values=_config_values)

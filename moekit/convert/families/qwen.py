@@ -1,12 +1,13 @@
 """Qwen2-MoE (QKV bias, a shared expert behind a sigmoid gate) and Qwen3-MoE (QK-norm per
 head): a sparse layer every ``decoder_sparse_step``, except the ``mlp_only_layers``."""
 from moekit.config import ModelConfig, MoEConfig
-from moekit.convert.families.family import (Family, num_experts, required, shared_width,
-                                            weights_renormalised)
+from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, num_experts, required,
+                                            shared_width, weights_renormalised)
 
 
-def _moe(values: dict) -> MoEConfig:
-    shared = values.get("shared_expert_intermediate_size") or 0
+def _moe(values: dict, with_shared: bool = True) -> MoEConfig:
+    # Qwen3-MoE has no shared expert: its class ignores a shared_expert_intermediate_size.
+    shared = (values.get("shared_expert_intermediate_size") or 0) if with_shared else 0
     return MoEConfig(hidden_size=required(values, "hidden_size"),
                      ffn_size=required(values, "moe_intermediate_size"),
                      num_experts=num_experts(values),
@@ -28,8 +29,8 @@ def _sparse_layers(values: dict) -> dict:
                 dense_layers=values.get("mlp_only_layers") or ())
 
 
-QWEN_MOE = frozenset({"moe", "moe_every", "dense_layers", "head_dim", "unnormalised_weights",
-                      "rope_scaling"})
+QWEN_MOE = SOFTMAX_TOP_K | {"moe", "moe_every", "dense_layers", "dense_layers_not_first",
+                           "head_dim", "unnormalised_weights", "rope_scaling", "gqa"}
 
 QWEN2_MOE = Family(
     model_type="qwen2_moe", architecture="Qwen2MoeForCausalLM",
@@ -47,4 +48,4 @@ QWEN3_MOE = Family(
     holds=QWEN_MOE | {"qk_norm_head", "no_qkv_bias", "no_shared", "attention_bias"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head",
                                 **_sparse_layers(values)),
-    moe=_moe, config_values=_config_values)
+    moe=lambda values: _moe(values, with_shared=False), config_values=_config_values)
