@@ -324,58 +324,63 @@ def moekit_to_hf_state(state: dict, layout: str) -> dict:
     return hf_state
 
 
-def _own(tensor: torch.Tensor) -> torch.Tensor:
-    # A fresh contiguous copy: safetensors refuses views and tensors that share memory.
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def stack_experts(file_state: dict, layout: str) -> dict:
-    """Hub naming (one tensor per expert, as the family's ``expert_files`` says) ->
-    transformers' in-memory naming (stacked, under ``mlp``)."""
+def stacking_plan(file_names, layout: str) -> dict[str, str | list[list[str]]]:
+    """Which file tensors (Hub naming, one tensor per expert as the family's ``expert_files``
+    says) make each tensor of transformers' in-memory naming (stacked, under ``mlp``): the one
+    file tensor it is renamed from, or, for stacked experts, per expert the matrices
+    concatenated (gate then up), in expert order. A stacked tensor's bytes are those of its
+    matrices in this order, so it can be written without being built."""
     files = family_of(layout).expert_files
     if files is None:
-        return dict(file_state)
+        return {name: name for name in file_names}
     block = f".{files.block}."
     roles = {files.gate: "gate_proj", files.up: "up_proj", files.down: "down_proj"}
     one_expert = re.compile(rf"(.*){re.escape(block)}experts\.(\d+)\."
                             rf"({'|'.join(map(re.escape, roles))})\.weight")
-    state, per_expert = {}, {}
-    for name, tensor in file_state.items():
+    plan, per_expert = {}, {}
+    for name in file_names:
         match = one_expert.fullmatch(name)
         if match is None:
-            state[name.replace(block, ".mlp.")] = tensor
+            plan[name.replace(block, ".mlp.")] = name
         else:
             layer, expert, part = match.groups()
-            per_expert.setdefault(f"{layer}.mlp.experts", {})[(int(expert), roles[part])] = tensor
+            per_expert.setdefault(f"{layer}.mlp.experts", {})[(int(expert), roles[part])] = name
     for prefix, parts in per_expert.items():
         experts = sorted({expert for expert, _ in parts})
         if experts != list(range(len(experts))) or len(parts) != 3 * len(experts):
             raise ValueError(f"{prefix}: expected gate_proj, up_proj and down_proj for experts "
                              f"0..{len(experts) - 1}, found {len(parts)} tensors")
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in experts])
-        state[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in experts])
-    return state
+        plan[f"{prefix}.gate_up_proj"] = [[parts[(e, "gate_proj")], parts[(e, "up_proj")]]
+                                          for e in experts]
+        plan[f"{prefix}.down_proj"] = [[parts[(e, "down_proj")]] for e in experts]
+    return plan
+
+
+def stack_experts(file_state: dict, layout: str) -> dict:
+    """Hub naming -> transformers' in-memory naming (``stacking_plan``)."""
+    return {name: file_state[source] if isinstance(source, str) else torch.stack(
+                [torch.cat([file_state[part] for part in parts]) for parts in source])
+            for name, source in stacking_plan(file_state, layout).items()}
 
 
 def split_experts(hf_state: dict, layout: str) -> dict:
-    """The inverse of ``stack_experts``."""
+    """The inverse of ``stack_experts``: views of the stacked tensors, not copies."""
     files = family_of(layout).expert_files
     if files is None:
-        return {name: _own(tensor) for name, tensor in hf_state.items()}
+        return dict(hf_state)
     block = f".{files.block}."
     written = {}
     for name, tensor in hf_state.items():
         stacked = re.fullmatch(r"(.*)\.mlp\.experts\.(gate_up_proj|down_proj)", name)
         if stacked is None:
-            written[name.replace(".mlp.", block)] = _own(tensor)
+            written[name.replace(".mlp.", block)] = tensor
             continue
         layer, kind = stacked.groups()
         for expert, weight in enumerate(tensor):
             parts = (zip((files.gate, files.up), weight.chunk(2)) if kind == "gate_up_proj"
                      else [(files.down, weight)])
             for part, matrix in parts:
-                written[f"{layer}{block}experts.{expert}.{part}.weight"] = _own(matrix)
+                written[f"{layer}{block}experts.{expert}.{part}.weight"] = matrix
     return written
 
 
@@ -388,11 +393,17 @@ def _adapted(hf_state: dict, layout: str, values: dict | None, to_moekit: bool) 
     return adapt(hf_state, values, to_moekit)
 
 
+def from_stacked(hf_state: dict, layout: str, values: dict | None = None) -> dict:
+    """transformers' in-memory naming (experts stacked) -> moekit's state dict: the family's
+    adaptation, then the renames and splits. Tensor by tensor: any part of a state dict
+    converts on its own."""
+    return hf_to_moekit_state(_adapted(hf_state, layout, values, True), layout)
+
+
 def import_weights(file_state: dict, layout: str, values: dict | None = None) -> dict:
     """Tensors as a Hugging Face folder of ``layout`` stores them -> moekit's state dict;
     ``values`` (the folder's config.json) for the families that adapt their tensors."""
-    return hf_to_moekit_state(_adapted(stack_experts(file_state, layout), layout, values, True),
-                              layout)
+    return from_stacked(stack_experts(file_state, layout), layout, values)
 
 
 def export_weights(state: dict, layout: str, values: dict | None = None) -> dict:

@@ -114,7 +114,7 @@ def upgrade_tensor(name: str, tensor: torch.Tensor, format_version: int) -> torc
     return tensor
 
 
-def _upgrade_state(tensors: dict, config: dict) -> dict:
+def upgrade_state(tensors: dict, config: dict) -> dict:
     """A format-1 state dict as this version holds it. Format 1 counted recycling forwards
     (``recycle_calls``); its successor ``router_step`` counts optimizer steps, which a
     training checkpoint records."""
@@ -126,6 +126,22 @@ def _upgrade_state(tensors: dict, config: dict) -> dict:
                             torch.tensor(int(config.get("step", 0))))
         state[name] = upgrade_tensor(name, tensor, version)
     return state
+
+
+def read_weights(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                 keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder``'s weights file whose names ``keep`` accepts, as this format
+    version holds them; the others are never read (they stay on disk)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys() if keep(name)}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    return _upgrade_state(tensors, read_config(folder))
 
 
 def folder_format_version(folder: str | os.PathLike) -> int:
@@ -141,7 +157,7 @@ def check_weights_fit(model: Transformer, folder: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: no such file")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stored = _upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
+            stored = upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
                                                        device="meta") for name in handle.keys()},
                                     read_config(folder))
     except (SafetensorError, OSError) as error:
@@ -165,7 +181,7 @@ def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
             load_into(model, str(path), strict=True, device=device)
         else:
             tensors = read_safetensors(path, device)
-            model.load_state_dict(_upgrade_state(tensors, config), strict=True)
+            model.load_state_dict(upgrade_state(tensors, config), strict=True)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     return model

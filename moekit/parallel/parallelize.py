@@ -88,18 +88,20 @@ def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
 
 
 def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """ZeRO 2/3 with FSDP2 over the data-parallel ranks (every rank: the CLI refuses ZeRO 2/3
-    with a pipeline or tensor parallelism): each block one unit (its parameters gathered
+    """ZeRO 2/3 with FSDP2 over the data-parallel ranks, a stage's under a pipeline (the CLI
+    refuses ZeRO 2/3 with tensor parallelism): each block one unit (its parameters gathered
     together), the embeddings, final norm and output layer the root's; experts left out."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
+    stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
+    data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
     experts = {p for _, p in expert_parameters(model)}
-    options = dict(mesh=DeviceMesh(mesh.device.type, list(range(mesh.data_size))),
-                   reshard_after_forward=mesh.zero == 3, ignored_params=experts or None)
+    options = dict(mesh=data_ranks, reshard_after_forward=mesh.zero == 3,
+                   ignored_params=experts or None)
     # FSDP2 warns, at every forward, that a block returns a view (its K/V, which CLA shares
     # with the next block): nothing writes into them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    for block in getattr(model, "layers", ()):
+    for block in getattr(unwrap(model), "layers", ()):
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model

@@ -5,8 +5,9 @@ from moekit.convert.families.family import (SOFTMAX_TOP_K, Family, num_experts, 
                                             shared_width, weights_renormalised)
 
 
-def _moe(values: dict) -> MoEConfig:
-    shared = values.get("shared_expert_intermediate_size") or 0
+def _moe(values: dict, with_shared: bool = True) -> MoEConfig:
+    # Qwen3-MoE has no shared expert: its class ignores a shared_expert_intermediate_size.
+    shared = (values.get("shared_expert_intermediate_size") or 0) if with_shared else 0
     return MoEConfig(hidden_size=required(values, "hidden_size"),
                      ffn_size=required(values, "moe_intermediate_size"),
                      num_experts=num_experts(values),
@@ -47,4 +48,4 @@ QWEN3_MOE = Family(
     holds=QWEN_MOE | {"qk_norm_head", "no_qkv_bias", "no_shared", "attention_bias"},
     options=lambda values: dict(qk_norm=True, qk_norm_placement="head",
                                 **_sparse_layers(values)),
-    moe=_moe, config_values=_config_values)
+    moe=lambda values: _moe(values, with_shared=False), config_values=_config_values)
