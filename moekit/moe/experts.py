@@ -1,6 +1,7 @@
 """Experts: the dense MLP, many MLPs with stacked weights (the fast path), or any modules.
 
-Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, E experts.
+Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, E experts; T tokens
+and K routes per token for the routes taken one by one (``routed_expert_mlp``).
 
 Every experts module maps ``(x_ND, tokens_per_expert_E) -> y_ND``: the rows of expert 0 come
 first, then those of expert 1, and so on, ``tokens_per_expert_E`` rows each.
@@ -128,6 +129,13 @@ class GroupedExperts(nn.Module):
         return expert_mlp(x_ND, self.in_proj, self.down_proj, tokens_per_expert_E,
                           self.activation)
 
+    def forward_routes(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                       weights_TK: torch.Tensor) -> torch.Tensor:
+        """y_TD = sum over k of weights_TK[t, k] * expert expert_ids_TK[t, k](x_t), each route
+        through its own expert's weights: the small-batch path (see ``routed_expert_mlp``)."""
+        return routed_expert_mlp(x_TD, expert_ids_TK, weights_TK, self.in_proj,
+                                 self.down_proj, self.activation)
+
 
 def expert_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
     """The activation between an expert's two projections; gated ones read the gate's F
@@ -153,6 +161,33 @@ def expert_mlp(x_ND: torch.Tensor, in_proj_EID: torch.Tensor, down_proj_EDF: tor
     y_ND = grouped_linear(expert_activation(h_NI, activation), down_proj_EDF,
                           tokens_per_expert_E)
     return y_ND if down_scale_ND is None else y_ND * down_scale_ND
+
+
+def routed_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      in_proj_EID: torch.Tensor, down_proj_EDF: torch.Tensor,
+                      activation: str) -> torch.Tensor:
+    """Each token's K routes through their experts' weights one by one, gate-weighted and
+    summed: the same function as the grouped path, for a handful of routes (decoding a few
+    tokens), where sorting routes into groups costs more than the products themselves.
+
+    Only the routed experts' weights are read. Eagerly, each route is one ``F.linear`` on its
+    expert's [out, in] matrix, a view (gathering the matrices first would copy them). Under
+    ``torch.compile`` the products are written as gathers multiplied and summed, which
+    inductor fuses into one pass over the routed weights, with no Python number read from a
+    tensor: the step keeps one graph."""
+    num_tokens, top_k = expert_ids_TK.shape
+    if torch.compiler.is_compiling():
+        ids_N = expert_ids_TK.flatten()
+        x_ND = x_TD.repeat_interleave(top_k, dim=0)
+        h_NI = (in_proj_EID[ids_N] * x_ND[:, None, :]).sum(-1)
+        y_ND = (down_proj_EDF[ids_N] * expert_activation(h_NI, activation)[:, None, :]).sum(-1)
+    else:
+        y_ND = torch.stack([
+            F.linear(expert_activation(F.linear(x_TD[route // top_k], in_proj_EID[expert]),
+                                       activation), down_proj_EDF[expert])
+            for route, expert in enumerate(expert_ids_TK.flatten().tolist())])
+    y_TKD = y_ND.view(num_tokens, top_k, -1)
+    return (y_TKD * weights_TK.to(y_TKD.dtype)[..., None]).sum(1)
 
 
 class ModuleExperts(nn.Module):
