@@ -77,19 +77,21 @@ def _step_logits(model: Transformer, ids_B1: torch.Tensor,
 
 
 @functools.cache
-def _compiled_step_logits():
+def _compiled_step_logits(backend: str):
     # Made on first use: importing moekit does not load the compiler. Static shapes: a new
     # batch size or cache length compiles a graph of its own rather than a slower dynamic one.
-    return torch.compile(_step_logits, dynamic=False)
+    return torch.compile(_step_logits, dynamic=False, backend=backend)
 
 
 class DecodeStep:
     """``step(ids_B1, cache) -> logits_BV``: one token per row through ``model`` over a
-    ``StaticDecodeCache``, compiled when ``compile`` is True."""
+    ``StaticDecodeCache``, compiled when ``compile`` is True, with torch.compile's
+    ``backend`` ("inductor" generates fused kernels; "aot_eager" only traces, in seconds,
+    which checks that the step traces as one graph without paying for code generation)."""
 
-    def __init__(self, model: Transformer, compile: bool = False):
+    def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
-        self._run = _compiled_step_logits() if compile else _step_logits
+        self._run = _compiled_step_logits(backend) if compile else _step_logits
 
     def __call__(self, ids_B1: torch.Tensor, cache: StaticDecodeCache) -> torch.Tensor:
         return self._run(self.model, ids_B1, cache)

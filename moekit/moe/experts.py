@@ -73,12 +73,19 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
         # every step, so bf16 experts train slower than fp32 ones there (docs/moe.md, Speed).
         dtype = w_EOI.dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
         x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
+    if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
+        # torch 2.13's grouped_mm traces in bf16 only (its fake kernel refuses the fp32 that
+        # its CPU kernel takes): compiled code calls it eagerly, between two graphs.
+        return _grouped_linear_eagerly(x_NI, w_EOI, tokens_per_expert_E)
     w_EIO = w_EOI.transpose(1, 2)  # a view: grouped_mm reads the [out, in] memory as it is
     if _grouped_mm_supported(x_NI, w_EIO):
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
     blocks = x_NI.split(tokens_per_expert_E.tolist())
     return torch.cat([block @ w_IO for block, w_IO in zip(blocks, w_EIO.unbind(0))])
+
+
+_grouped_linear_eagerly = torch.compiler.disable(grouped_linear)
 
 
 class GroupedExperts(nn.Module):
