@@ -75,7 +75,7 @@ def test_a_step_for_another_model_is_refused():
         generate(_model(), [[1, 2]], 2, step=DecodeStep(_model()))
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # the small-batch experts' path, the grouped one
+@pytest.mark.parametrize("batch", [1, 3])  # the small-batch experts' path, the grouped one
 def test_the_traced_step_gives_the_eager_tokens_and_traces_once(batch):
     # Inductor's code generation takes minutes on 2 cores: benchmarks/generate.py checks the
     # inductor-compiled tokens; here the step is traced (dynamo + AOT autograd, no codegen).
@@ -85,7 +85,7 @@ def test_the_traced_step_gives_the_eager_tokens_and_traces_once(batch):
     assert step.prepare(batch_size=batch, cache_len=40) > 0
     graphs = counters["stats"]["unique_graphs"]
     for prompt, new_tokens in (([7, 3, 9, 4], 10), ([2], 30)):  # both in one cache length
-        prompts = [prompt, prompt[::-1] + [1]][:batch]
+        prompts = [prompt, prompt[::-1] + [1], [9] + prompt][:batch]
         assert generate(model, prompts, new_tokens, step=step) == \
             generate(model, prompts, new_tokens)
     assert counters["stats"]["unique_graphs"] == graphs  # the prepared graphs served
