@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 ROUTERS = ("softmax", "switch", "sigmoid", "zero", "noisy", "gshard", "base", "sinkhorn",
            "swipe", "topology")  # the last two route over ranks (moe/gates_distributed.py)
 # How far a capacity counts: this rank's batch, or every rank's (moekit/moe/route_groups.py).
-CAPACITY_SCOPES = ("local", "ranks")
+CAPACITY_SCOPES = ("local", "ranks", "step")
 # Gates that form a balancing loss of their own: the layer's aux_loss would count it twice.
 ROUTERS_WITH_OWN_LOSS = ("noisy", "gshard")
 # Gates that balance by the assignment itself (BASE layers, S-BASE) and take no balancing loss.
@@ -105,7 +105,8 @@ class MoEConfig(_FromDict):
     eval_capacity_factor: float | None = None  # evaluation and generation are dropless by default
     overflow: str = "drop"  # what happens to an assignment over capacity
     # Over which batch a capacity counts: "local" this rank's, "ranks" every data- and
-    # expert-parallel rank's micro-batch together (FastMoE's DCGate; drops only).
+    # expert-parallel rank's micro-batch together (FastMoE's DCGate; drops only), "step" the
+    # training step's global batch (moekit.train.step_capacity; drops only).
     capacity_scope: str = "local"
     seed: int = 0  # seeds recycle_random, so that a run can be repeated exactly
     # Losses: aux_loss picks the load-balancing form; its coefficient is fixed unless adaptive.

@@ -11,7 +11,9 @@ from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.processes import run_on_ranks
 from moekit.train.equivalence import compare, left_padded, step_outcome
-from moekit.train.step import IGNORE_INDEX
+from moekit.moe.capacity import expert_capacity
+from moekit.parallel.mesh import Mesh
+from moekit.train.step import IGNORE_INDEX, train_step
 
 TOLERANCE = 1e-9
 MODEL = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -55,6 +57,69 @@ def test_micro_scope_changes_with_the_cut_and_step_scope_does_not():
     assert float(step) == pytest.approx(float(one), rel=1e-12)  # one micro-batch: the same
 
 
+# Capacities that drop routes (factor 0.75): with capacity_scope "step" the kept routes are
+# those of the whole batch, whoever computes which rows (gshard's choice-major queues too; its
+# own balance loss is one per forward, as any gate's own loss: off here).
+CAPACITY_MODELS = {
+    "layer's capacity": replace(MODEL, moe=replace(MODEL.moe, capacity_factor=0.75,
+                                                   capacity_scope="step")),
+    "gshard": replace(MODEL, moe=replace(MODEL.moe, router="gshard", aux_loss="none",
+                                         router_options={"random_routing": False,
+                                                         "balance_weight": 0.0},
+                                         capacity_factor=0.75, capacity_scope="step")),
+}
+
+
+@pytest.mark.parametrize("name", CAPACITY_MODELS)
+def test_step_capacity_keeps_the_routes_of_the_whole_batch_however_it_is_cut(name):
+    model = CAPACITY_MODELS[name]
+    inputs, targets = _batch()
+    whole = step_outcome(model, STEP, inputs, targets)
+    assert float(whole.figures["drop_rate"].max()) > 0.05  # the capacity binds
+    for accum in (2, 4):
+        _assert_equal_outcomes(step_outcome(model, replace(STEP, grad_accum=accum), inputs,
+                                            targets), whole)
+    padded = left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
+    _assert_equal_outcomes(step_outcome(model, replace(STEP, grad_accum=2), *padded), whole)
+    # The same cut with each micro-batch's own capacity keeps other routes.
+    local = replace(model, moe=replace(model.moe, capacity_scope="local"))
+    cut = step_outcome(local, replace(STEP, grad_accum=4), inputs, targets)
+    assert not all(check.passed for check in compare(cut, whole, TOLERANCE))
+
+
+def test_step_capacity_is_refused_with_a_pipeline():
+    from moekit.parallel.pipeline import check_pipeline_model
+    with pytest.raises(ValueError, match='pipeline=2 is not allowed with capacity_scope="step"'):
+        check_pipeline_model(CAPACITY_MODELS["layer's capacity"], 2)
+
+
+def test_step_capacity_plans_with_the_random_numbers_of_the_training_forwards():
+    """Jitter draws random numbers in every forward (and a cut draws them in another order,
+    so no two cuts compare): the plan's pre-passes must draw the training forwards' own, or
+    an expert would keep other than its first routes of the step, min(routed, capacity)."""
+    model_config = replace(CAPACITY_MODELS["layer's capacity"],
+                           moe=replace(MODEL.moe, capacity_factor=0.75, capacity_scope="step",
+                                       jitter=0.5))
+    torch.manual_seed(0)
+    model = Transformer(model_config).to(torch.float64).train()
+    counts = {}
+
+    def record(layer, inputs, output):
+        if torch.is_grad_enabled():  # the training forwards, not the pre-passes
+            counts[layer] = counts[layer] + output[1].counts if layer in counts else \
+                output[1].counts
+    for block in model.layers:
+        block.ffn.register_forward_hook(record)
+    inputs, targets = _batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model, optimizer, inputs, targets, replace(STEP, grad_accum=4), Mesh())
+    capacity = expert_capacity(inputs.numel(), 2, 4, 0.75)
+    for layer_counts in counts.values():
+        assert int(layer_counts.dropped) > 0
+        assert layer_counts.tokens_per_expert_E.tolist() == \
+            layer_counts.routed_per_expert_E.clamp(max=capacity).tolist()
+
+
 @pytest.mark.parametrize("lb_scope", ["micro", "global", "step"])
 def test_padding_never_counts(lb_scope):
     config = replace(STEP, lb_scope=lb_scope)
@@ -92,7 +157,9 @@ def _cases():
             ("step, skywork", skywork, STEP, (inputs, targets)),
             ("step, padded", MODEL, STEP, padded),
             ("micro", MODEL, replace(STEP, lb_scope="micro"), (inputs, targets)),
-            ("global", MODEL, replace(STEP, lb_scope="global"), (inputs, targets))]
+            ("global", MODEL, replace(STEP, lb_scope="global"), (inputs, targets)),
+            *((f"step capacity, {name}, accum 2", model, replace(STEP, grad_accum=2),
+               (inputs, targets)) for name, model in CAPACITY_MODELS.items())]
 
 
 def _single_process_reference(name, model, config, batch, ranks):
@@ -159,7 +226,9 @@ def _awkward_cases():
              None),
             ("every token to expert 0", sigmoid, STEP, (inputs, targets, None),
              _everything_to_expert_zero),
-            ("k equal to E", every_expert, STEP, (inputs, targets, None), None)]
+            ("k equal to E", every_expert, STEP, (inputs, targets, None), None),
+            ("step capacity, accum 2", CAPACITY_MODELS["layer's capacity"],
+             replace(STEP, grad_accum=2), (inputs, targets, None), None)]
 
 
 @pytest.mark.parametrize("world, expert", [(2, 2), (4, 4), (4, 2)])

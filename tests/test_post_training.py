@@ -5,6 +5,7 @@ tests check what is computed, against references that share no code with it."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.model.io import load_model, save_model
 from moekit.model.transformer import Transformer
+from moekit.moe import MoELayer
 from moekit.parallel.mesh import Mesh, world_mesh
 from moekit.parallel.processes import run_on_ranks
 from moekit.train import lora
@@ -210,6 +212,24 @@ def test_lora_experts_match_a_per_expert_loop():
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
 
 
+def test_lora_reaches_the_ffn_of_dense_layers():
+    config = replace(tiny_config(), moe_every=2)
+    model = Transformer(config).eval()
+    dense = [layer.ffn for layer in model.layers if not isinstance(layer.ffn, MoELayer)]
+    assert len(dense) == 1
+    ids = torch.randint(0, 257, (2, 9))
+    lora.add_adapters(model, lora.LoRAConfig(rank=4))
+    assert all(isinstance(getattr(dense[0], name), lora.LoRALinear)
+               for name in ("gate_proj", "up_proj", "down_proj"))
+    torch.nn.init.normal_(dense[0].down_proj.lora_B, std=0.1)
+    x = torch.randn(5, 64)  # the FFN's width
+    by_hand = dense[0].down_proj.weight + dense[0].down_proj.scale * (
+        dense[0].down_proj.lora_B @ dense[0].down_proj.lora_A)
+    torch.testing.assert_close(dense[0].down_proj(x), x @ by_hand.T)
+    torch.testing.assert_close(lora.merged_model(model).eval()(ids).logits, model(ids).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_ema_follows_its_formula():
     layer = torch.nn.Linear(2, 2)
     average = WeightAverage(layer, decay=0.75)
@@ -289,6 +309,13 @@ BAD = [
     ("sft", None, None, ["--lora-rank", "40"], "LoRA rank 40 is larger than the layer"),
     ("dpo", None, None, ["--ema-decay", "1.5"], "ema decay 1.5 is not allowed"),
     ("dpo", None, None, ["--online", "--reward", "no_such_module:f"], "cannot be imported"),
+    ("dpo", None, None, ["--online", "--precompute-reference"],
+     "precompute_reference is not allowed online"),
+    ("sft", None, None, ["--pipeline", "2"], "--pipeline 2 is not supported by moekit sft"),
+    ("dpo", None, None, ["--tensor", "2", "--expert", "2"],
+     "--tensor 2 is not supported by moekit dpo"),
+    ("sft", None, None, ["--lora-rank", "4", "--expert", "2"],
+     "--lora-rank with --expert is not supported"),
 ]
 
 
@@ -392,27 +419,79 @@ def _stage(command: str):
     return DirectPreference(preference_set(train), preference_set(held_out), sft_weight=0.1)
 
 
-def _post_train_on(rank, world, command, base, out):
+def _post_train_on(rank, world, command, base, out, expert=1, zero=0):
     config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
                          eval_every=2, eval_batches=1, lb_scope="step")
+    mesh = replace(world_mesh("cpu", expert), zero=zero) if world > 1 else Mesh()
     post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base)), config,
-               out, mesh=world_mesh() if world > 1 else Mesh(), show_progress=False)
+               out, mesh=mesh, show_progress=False)
     return rank
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo"])
-def test_two_processes_post_train_the_one_process_run(plain_base, tmp_path, command):
+@pytest.fixture(scope="module")
+def one_process_runs(plain_base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("one-process")
+    for command in ("sft", "dpo"):
+        _post_train_on(0, 1, command, plain_base, folder / command)
+    return folder
+
+
+# Each stage under data parallelism, and the layouts that change how its step computes:
+# experts spread over the ranks (EP), the parameters sharded (FSDP2's ZeRO-3), the optimizer
+# state sharded (ZeRO-1).
+LAYOUTS = [("sft", {}), ("dpo", {}), ("sft", {"expert": 2}), ("dpo", {"expert": 2}),
+           ("sft", {"zero": 3}), ("dpo", {"zero": 1})]
+
+
+@pytest.mark.parametrize("command, layout", LAYOUTS,
+                         ids=[f"{c}-{'-'.join(f'{k}{v}' for k, v in l.items()) or 'dp'}"
+                              for c, l in LAYOUTS])
+def test_two_processes_post_train_the_one_process_run(plain_base, one_process_runs, tmp_path,
+                                                      command, layout):
     """lb_scope "step": the router loss of the global batch however it is cut (rows hold
     different numbers of real tokens, which "global" weighs per rank)."""
-    _post_train_on(0, 1, command, plain_base, tmp_path / "one")
-    assert run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "two") == [0, 1]
-    one, two = (_records_without_timings(tmp_path / run) for run in ("one", "two"))
-    for index, (a, b) in enumerate(zip(two, one)):
-        assert a.keys() == b.keys()
-        for key in ("loss", "router_loss", "grad_norm", "val_loss", "margin", "kl"):
+    assert run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "two",
+                        layout.get("expert", 1), layout.get("zero", 0)) == [0, 1]
+    one = _records_without_timings(one_process_runs / command)
+    assert [r.keys() for r in _records_without_timings(tmp_path / "two")] == \
+        [r.keys() for r in one]
+    _same_figures(tmp_path / "two", one_process_runs / command)
+
+
+def _same_figures(run, reference_run, keys=("loss", "router_loss", "grad_norm", "val_loss",
+                                              "margin", "accuracy", "kl")):
+    one, other = (_records_without_timings(r) for r in (reference_run, run))
+    assert len(one) == len(other)
+    for index, (a, b) in enumerate(zip(other, one)):
+        for key in keys:
             if key in b:  # float32 sums in another order; Adam magnifies it after step 1
                 assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2,
                                                abs=1e-6), key
+
+
+def test_dpo_in_micro_batches_trains_the_one_forward_step(plain_base, one_process_runs,
+                                                          tmp_path):
+    config = TrainConfig(steps=2, batch_size=4, grad_accum=2, seq_len=64, lr=1e-3,
+                         warmup_steps=0, eval_every=2, eval_batches=1, lb_scope="step")
+    post_train(_stage("dpo"), PostTrainSettings(stage="dpo", init_from=str(plain_base)),
+               config, tmp_path / "run", show_progress=False)
+    _same_figures(tmp_path / "run", one_process_runs / "dpo")
+
+
+def test_precomputed_reference_log_probabilities_train_as_the_reference_model(
+        plain_base, one_process_runs, tmp_path):
+    stage = _stage("dpo")
+    stage.precompute_reference = True
+    config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
+                         eval_every=2, eval_batches=1, lb_scope="step")
+    post_train(stage, PostTrainSettings(stage="dpo", init_from=str(plain_base)), config,
+               tmp_path / "run", show_progress=False)
+    assert stage.reference is None  # freed once the pairs were scored
+    assert stage.reference_of_pairs.shape == (len(stage.pairs), 2)
+    _same_figures(tmp_path / "run", one_process_runs / "dpo",
+                  ("loss", "router_loss", "grad_norm", "val_loss", "margin", "accuracy"))
+    train = [r for r in _records_without_timings(tmp_path / "run") if r["kind"] == "train"]
+    assert all("kl" not in r for r in train)
 
 
 def shortest_reward(prompt: str, response: str) -> float:

@@ -162,6 +162,52 @@ def test_zero_2_and_3_take_the_one_process_steps_and_checkpoints_move_between_la
         _assert_equal(_state(out / layout, 2), _state(tmp_path / "ep2-zero3", 2))
 
 
+def _zero_1_layouts(rank, world, out):
+    """ZeRO-1 with Skywork-MoE's parts on 4 ranks: DP 2 x EDP 2 (the tensor-parallel weights'
+    moments kept whole, the rest over the dp group) and PP 2 x EP 2; each run, and each resumed
+    from its first checkpoint."""
+    from moekit.parallel.mesh import world_mesh
+    layouts = {"dp2-edp2": dict(expert=2, tensor=2),
+               "pp2-ep2": dict(expert=2, pipeline=2, stage_layers=(1, 1))}
+    from moekit.model import Transformer
+    from moekit.parallel.parallelize import parallelize
+    from moekit.train.optim import build_optimizer, optimizer_parts
+    records = {}
+    for name, layout in layouts.items():
+        model = Transformer(MODEL).double()
+        mesh = replace(world_mesh(**layout), zero=1)
+        parallelize(model, mesh)
+        records[name, "parts"] = sorted(type(part).__name__ for part in
+                                        optimizer_parts(build_optimizer(model, TRAIN, mesh)))
+        for zero in (0, 1):
+            run = out / f"{name}-zero{zero}"
+            records[name, zero] = _train(replace(world_mesh(**layout), zero=zero), run)
+            records[name, zero, "resumed"] = _train(
+                replace(world_mesh(**layout), zero=zero), out / f"{name}-zero{zero}-resumed",
+                range(1, STEPS), resume_from=run / "checkpoints" / "step-000001")
+    return records
+
+
+def test_zero_1_with_expert_data_and_pipeline_parallelism(tmp_path):
+    from moekit.parallel.mesh import Mesh
+    reference = _train(Mesh(), tmp_path / "one")
+    records = run_on_ranks(_zero_1_layouts, 4, tmp_path, timeout=240)[0]
+    # Under EDP the tensor-parallel weights' moments stay whole, the rest are sharded; a
+    # pipeline stage shards its replicated parameters' over its 2 ranks, its experts have one
+    # replica each.
+    assert records["dp2-edp2", "parts"] == ["AdamW", "ZeroRedundancyOptimizer"]
+    assert records["pp2-ep2", "parts"] == ["AdamW", "ZeroRedundancyOptimizer"]
+    for name in ("dp2-edp2", "pp2-ep2"):
+        for step in range(1, STEPS + 1):
+            zero = _state(tmp_path / f"{name}-zero1", step)
+            _assert_close(zero, _state(tmp_path / f"{name}-zero0", step))
+            _assert_close(zero, _state(tmp_path / "one", step))
+        _assert_records_close(records[name, 1], reference)
+        _assert_close(_state(tmp_path / f"{name}-zero1-resumed", STEPS),
+                      _state(tmp_path / f"{name}-zero1", STEPS))
+        _assert_records_close(records[name, 1, "resumed"], records[name, 1][1:])
+
+
 def test_moekit_train_with_zero_3_and_expert_parallelism(tmp_path):
     """The command: ``--nproc 2 --expert 2 --zero 3`` trains the one-process run (float32
     rounding, as test_distributed_train's data-parallel run), validating on 3 batches that the

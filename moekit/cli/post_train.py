@@ -6,13 +6,13 @@ import sys
 from dataclasses import replace
 
 from moekit.cli.paths import input_option, output_option
-from moekit.cli.train import TRAIN_FLAGS, _common, add_config_flags, add_parallel_options
+from moekit.cli.train import (TRAIN_FLAGS, ParallelLayout, _common, add_config_flags,
+                              add_parallel_options)
 from moekit.cli.values import positive_float, positive_int
 from moekit.config import TrainConfig
 from moekit.devices import resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
-from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_from_environment,
-                                  torchrun_world_size)
+from moekit.parallel.mesh import CollectiveError, launched_by_torchrun, torchrun_world_size
 
 # Fine-tuning defaults where they differ from pre-training's (TrainConfig).
 DEFAULTS = {"steps": 200, "lr": 1e-3, "warmup_steps": 10, "eval_every": 50,
@@ -36,7 +36,8 @@ def _settings(args):
              if getattr(args, key) is not None}
     options = {key: getattr(args, key) for key in
                ("schedule", "beta", "sft_weight", "online", "online_prompts", "samples",
-                "reward", "temperature") if getattr(args, key, None) is not None}
+                "reward", "temperature", "precompute_reference")
+               if getattr(args, key, None) not in (None, False)}
     return PostTrainSettings(
         stage=args.command, init_from=str(resolve_checkpoint(args.init_from)), data=args.data,
         lora=LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_router)
@@ -88,7 +89,8 @@ def _dpo_stage(settings):
                             sft_weight=options.get("sft_weight", 0.0), prompts=prompts,
                             online_prompts=online, samples=options.get("samples", 4),
                             reward=reward, temperature=options.get("temperature", 1.0),
-                            instructions=instructions)
+                            instructions=instructions,
+                            precompute_reference=options.get("precompute_reference", False))
 
 
 def _with_schedule(settings, train_config: TrainConfig, args) -> tuple:
@@ -105,13 +107,33 @@ def _with_schedule(settings, train_config: TrainConfig, args) -> tuple:
     return settings, train_config, None if args.steps is not None else preset["epochs"]
 
 
+def check_post_training_layout(args, settings) -> None:
+    """The parallel layouts sft and dpo run: data and expert parallel and ZeRO. Not a
+    pipeline (SFT's packed rows carry document ids, DPO's step is one forward of its pairs),
+    not expert data parallelism (their evaluations and online samples generate, and the KV
+    cache does not take tensor-parallel attention), and LoRA adapters only where no layout
+    shards the weights they sit on."""
+    for flag, value, given in (("--pipeline", args.pipeline, args.pipeline > 1 or
+                                args.stage_layers), ("--tensor", args.tensor, args.tensor > 1)):
+        if given:
+            raise ValueError(f"{flag} {value} is not supported by moekit {args.command}: "
+                             "data and expert parallelism (--expert) and --zero are")
+    sharded = [flag for flag, on in (("--expert", args.expert > 1),
+                                     (f"--zero {args.zero}", args.zero >= 2)) if on]
+    if settings.lora is not None and sharded:
+        raise ValueError(f"--lora-rank with {' '.join(sharded)} is not supported: the adapters "
+                         "are not sharded with the weights they sit on (LoRA runs with data "
+                         "parallelism and --zero 1)")
+
+
 def run_post_train(args) -> int:
     from moekit.train.ema import check_decay
-    from moekit.train.post_train import post_train, read_settings
+    from moekit.train.post_train import model_config_for, post_train, read_settings
     retain_freed_cpu_memory(training=True)
     if args.resume:
         given = [f"--{key.replace('_', '-')}" for key in
                  ("init_from", "data", "lora_rank", "ema_decay", "schedule", "online",
+                  "precompute_reference",
                   *(k for k in FLAGS if k != "steps"))
                  if getattr(args, key, None) not in (None, False)]
         if given:
@@ -128,28 +150,28 @@ def run_post_train(args) -> int:
         if args.ema_decay is not None:
             check_decay(args.ema_decay)
         settings, train_config = _settings(args), _train_config(args)
-    if args.expert > 1 or args.tensor > 1 or args.pipeline > 1 or args.stage_layers or \
-            args.zero:
-        raise ValueError("sft and dpo run data-parallel only in this version: drop --expert, "
-                         "--tensor, --pipeline, --stage-layers and --zero")
+    check_post_training_layout(args, settings)
     epochs = None
     if not args.resume:
         settings, train_config, epochs = _with_schedule(settings, train_config, args)
     # The data is read and checked here, before any model loads.
     stage = _sft_stage(settings, epochs) if args.command == "sft" else _dpo_stage(settings)
     world = args.nproc if args.nproc is not None else torchrun_world_size()
+    layout = ParallelLayout.from_args(args, world, lambda: (model_config_for(settings),
+                                                            train_config))
     if train_config.batch_size % world:  # refused before any process starts
         raise ValueError(f"batch_size={train_config.batch_size} is not allowed on {world} "
                          f"processes: it must be a multiple of {world}")
-    if args.command == "dpo" and train_config.batch_size - stage.online_prompts < world:
+    micro_batches = world * train_config.grad_accum
+    if args.command == "dpo" and train_config.batch_size - stage.online_prompts < micro_batches:
         raise ValueError(f"--online-prompts {stage.online_prompts} leaves fewer offline pairs "
-                         f"per step than the {world} processes (each needs one): lower it or "
-                         "raise --batch-size")
+                         f"per step than the {world} processes x {train_config.grad_accum} "
+                         "micro-batches (each needs one): lower it or raise --batch-size")
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it")
         return launch(args.nproc, without_nproc(args.argv))
-    mesh = mesh_from_environment(resolve_device(args.device), args.collective_timeout, 1)
+    mesh = layout.mesh(resolve_device(args.device))
     try:
         result = post_train(stage, settings, train_config, args.out, resume=args.resume,
                             overwrite=args.overwrite, device=resolve_device(args.device),
@@ -248,4 +270,8 @@ def register(subcommands) -> None:
                      help=f"reward(prompt, response) -> float for online pairs, called with "
                      f"the last user message (default {REWARD_DEFAULT}, the embedded set's "
                      "exact-answer check); with --data the online prompts are its prompts")
+    dpo.add_argument("--precompute-reference", action="store_true",
+                     help="score every pair with the reference once before training and free "
+                     "the reference model (its memory back; no KL figure is logged then); "
+                     "offline only")
     _add_common(dpo)

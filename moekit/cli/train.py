@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from moekit.cli.paths import input_option, output_option
 from moekit.cli.values import positive_float, positive_int
@@ -14,8 +14,8 @@ from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIO
 from moekit.devices import DEVICE_CHOICES, resolve_device, retain_freed_cpu_memory
 from moekit.parallel.launch import launch, without_nproc
 from moekit.model.io import read_model_config
-from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_from_environment,
-                                  torchrun_world_size)
+from moekit.parallel.mesh import (CollectiveError, Mesh, launched_by_torchrun,
+                                  mesh_from_environment, torchrun_world_size)
 from moekit.plan import DEVICES
 from moekit.plan import device as plan_device
 
@@ -140,17 +140,43 @@ def _expert_options(args) -> ExpertParallelConfig:
     return options
 
 
-def check_zero(zero: int, pipeline: int, expert: int, tensor: int) -> None:
-    """The layouts each ZeRO level has been built and tested with."""
-    if zero and tensor > 1:
-        raise ValueError(f"--zero {zero} with --tensor is not supported yet: ZeRO does not "
-                         "shard tensor-parallel (DTensor) parameters; drop one of them")
+def check_zero(zero: int, pipeline: int, tensor: int) -> None:
+    """The layouts each ZeRO level has been built and tested with: ZeRO-1 with every layout,
+    ZeRO-2/3 with data and expert parallelism."""
+    if zero >= 2 and tensor > 1:
+        raise ValueError(f"--zero {zero} with --tensor is not supported yet: FSDP2 does not "
+                         "shard tensor-parallel (DTensor) parameters here; use --zero 1 with "
+                         "expert data parallelism")
     if zero >= 2 and pipeline > 1:
         raise ValueError(f"--zero {zero} with --pipeline is not supported yet: FSDP2 shards "
                          "over every rank here; use --zero 1 with a pipeline")
-    if zero == 1 and pipeline > 1 and expert > 1:
-        raise ValueError("--zero 1 with --pipeline and --expert together is not supported yet "
-                         "(each works with --zero 1 alone)")
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """The processes' layout the parallel flags ask for (add_parallel_options), checked before
+    any process or file exists; ``mesh(device)`` makes it in each process."""
+    args: argparse.Namespace
+    stages: tuple | None
+    expert_options: ExpertParallelConfig
+
+    @classmethod
+    def from_args(cls, args, world: int, configs) -> "ParallelLayout":
+        """``configs()`` gives the (model, train) configs, read only when a layout of several
+        processes needs checking against them."""
+        check_zero(args.zero, args.pipeline, args.tensor)
+        expert_options = _expert_options(args)
+        if args.stage_layers and len(args.stage_layers) != args.pipeline:
+            raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
+                             f"allowed: expected {args.pipeline} layer counts, one per stage "
+                             f"of --pipeline {args.pipeline}")
+        return cls(args, check_layout(configs, world, args), expert_options)
+
+    def mesh(self, device) -> Mesh:
+        args = self.args
+        return replace(mesh_from_environment(device, args.collective_timeout, args.expert,
+                                             args.pipeline, self.stages, args.tensor),
+                       zero=args.zero, expert_options=self.expert_options)
 
 
 def run_train(args) -> int:
@@ -174,20 +200,14 @@ def run_train(args) -> int:
         model, train_config, data = _configs(args)
     out = args.out or f"runs/{args.preset or 'tiny'}"
     world = args.nproc if args.nproc is not None else torchrun_world_size()
-    check_zero(args.zero, args.pipeline, args.expert, args.tensor)
-    expert_options = _expert_options(args)
-    if args.stage_layers and len(args.stage_layers) != args.pipeline:
-        raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
-                         f"allowed: expected {args.pipeline} layer counts, one per stage of "
-                         f"--pipeline {args.pipeline}")
+
     def configs_for_layout():
         if args.resume:
             from moekit.train.loop import read_run
             return read_run(out)[:2]
         return (model if model is not None else read_model_config(args.init_from)), train_config
 
-    # A layout the batch or model cannot take is refused before any process starts.
-    stages = check_layout(configs_for_layout, world, args)
+    layout = ParallelLayout.from_args(args, world, configs_for_layout)
     if args.nproc is not None:
         if launched_by_torchrun():
             raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
@@ -195,9 +215,7 @@ def run_train(args) -> int:
         return launch(args.nproc, without_nproc(args.argv))
     peak_flops = args.peak_tflops * 1e12 if args.peak_tflops else (
         plan_device(args.peak_device).peak_tflops * 1e12 if args.peak_device else None)
-    mesh = replace(mesh_from_environment(device, args.collective_timeout, args.expert,
-                                         args.pipeline, stages, args.tensor), zero=args.zero,
-                   expert_options=expert_options)
+    mesh = layout.mesh(device)
     try:
         result = train(model, train_config, data, out, resume=args.resume,
                        overwrite=args.overwrite, init_from=args.init_from, device=device,

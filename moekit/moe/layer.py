@@ -259,7 +259,8 @@ class MoELayer(nn.Module):
         num_experts, top_k = self.config.num_experts, expert_ids_TK.shape[1]
         capacity = cap.expert_capacity(num_tokens, top_k, num_experts, factor)
         within_TK = capacity_keep(expert_ids_TK, keep_TK, factor, num_experts,
-                                  self.config.capacity_scope, self.router.route_groups)
+                                  self.config.capacity_scope, self.router.route_groups,
+                                  queues=self.router.step_queues)
         overflow_TK = keep_TK & ~within_TK
         overflowed = int(overflow_TK.sum())
         if overflowed == 0 or self.config.overflow == "drop":

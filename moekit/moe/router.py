@@ -34,7 +34,7 @@ from moekit.config import MoEConfig
 from moekit.moe.assignment import balanced_assignment, sinkhorn
 from moekit.moe.dispatch import count_per_expert
 from moekit.moe.losses import switch_balance_loss
-from moekit.moe.route_groups import RouteGroups, capacity_keep
+from moekit.moe.route_groups import RouteGroups, StepQueues, capacity_keep
 
 LOGIT_NORM_EPS = 1e-6
 
@@ -79,6 +79,8 @@ class Gate(nn.Module):
     """
 
     route_groups: RouteGroups | None = None
+    # capacity_scope="step": set by the training step's capacity pre-pass, for its forwards.
+    step_queues: StepQueues | None = None
 
     def __init__(self, num_experts: int, top_k: int):
         super().__init__()
@@ -279,7 +281,8 @@ class GShardGate(LinearGate):
             if keep_TK is None:
                 keep_TK = torch.ones_like(expert_ids_TK, dtype=torch.bool)
             within_TK = capacity_keep(expert_ids_TK, keep_TK, factor, self.num_experts,
-                                      self.capacity_scope, self.route_groups, priority="choice")
+                                      self.capacity_scope, self.route_groups, priority="choice",
+                                      queues=self.step_queues)
             keep_TK, over_capacity_TK = within_TK, keep_TK & ~within_TK
         first_choices_E = count_per_expert(expert_ids_TK[:, 0], self.num_experts)
         aux_loss = self.balance_weight * switch_balance_loss(

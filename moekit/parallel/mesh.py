@@ -118,6 +118,12 @@ class Mesh:
         return None if self.device_mesh is None else self.device_mesh.get_group("ep")
 
     @property
+    def expert_replicas(self) -> int:
+        """How many ranks hold the same experts: under EDP the ``dp`` group's, else the stage's
+        ranks over the expert groups."""
+        return self.data_size // (1 if self.tensor_size > 1 else self.expert_size)
+
+    @property
     def expert_replica_group(self):
         """The ranks that hold the same experts (and sum those experts' gradients)."""
         return None if self.device_mesh is None else self.device_mesh.get_group("dp")
@@ -126,6 +132,17 @@ class Mesh:
         """This rank's contiguous share of a global batch of ``batch_size`` rows."""
         per_rank = batch_size // self.data_size
         return slice(self.data_rank * per_rank, (self.data_rank + 1) * per_rank)
+
+    def shared_batches(self, count: int) -> list[tuple[int, bool]]:
+        """The batches this rank evaluates of ``count`` that the data-parallel ranks share,
+        each as (index, counted). Under expert parallelism (and ZeRO-2/3's gathers) every rank
+        of a group takes part in each forward's exchanges, so all ranks run as many forwards:
+        one past the end repeats the last batch without counting it."""
+        rounds = -(-count // self.data_size)
+        every_rank_runs = self.expert_size > 1 or self.zero >= 2
+        return [(min(index, count - 1), index < count)
+                for index in range(self.data_rank, rounds * self.data_size, self.data_size)
+                if index < count or every_rank_runs]
 
     def close(self) -> None:
         """End this process's part in the group (nothing on one process)."""

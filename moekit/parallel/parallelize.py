@@ -130,13 +130,12 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
     for parameter in partial_over_tensor(unwrap(model)):
         if parameter.grad is not None:
             dist.all_reduce(parameter.grad, group=mesh.expert_group)
-    replicas = mesh.data_size // (1 if mesh.tensor_size > 1 else mesh.expert_size)
     # Under FSDP2 its DTensors are its shards, reduced by its reduce-scatter: experts only.
     by_hand = (expert_parameters if mesh.zero >= 2 else reduced_by_hand)(unwrap(model))
     for _, parameter in by_hand:
         if parameter.grad is not None:
             gradient = local(parameter.grad)
-            if replicas > 1:
+            if mesh.expert_replicas > 1:
                 dist.all_reduce(gradient, group=mesh.expert_replica_group)
             gradient.div_(mesh.data_size)
 

@@ -37,6 +37,11 @@ def check_pipeline_model(config, pipeline: int) -> None:
                          "and last stages would each hold the one matrix, which moekit's "
                          "pipeline does not keep in step; expected pipeline=1 or untied "
                          "embeddings")
+    if pipeline > 1 and config.moe is not None and config.moe.capacity_scope == "step":
+        raise ValueError(f"pipeline={pipeline} is not allowed with capacity_scope=\"step\": its "
+                         "pre-pass plans the layers one after another over the whole batch, "
+                         "which a pipeline's stages do not hold; expected pipeline=1, or "
+                         "capacity_scope \"local\" or \"ranks\"")
 
 
 def cut_into_stage(model: nn.Module, stage_layers: tuple[int, ...], stage: int) -> nn.Module:

@@ -41,8 +41,12 @@ from moekit.train.chat_data import Preference
 from moekit.train.instructions import Instruction, exact_answer_reward
 from moekit.train.sft import ACCURACY_PROMPTS, answer_accuracy, answers
 from moekit.train.router_loss import StepRouterLoss, routing_totals
-from moekit.train.step import (IGNORE_INDEX, _LayerStep, _step_figures, autocast,
-                               moe_layers)
+from moekit.train.step import IGNORE_INDEX, LayerStep, autocast, moe_layers, step_figures
+
+
+# The step's summed figures, in the order the step's reduction carries them.
+FIGURE_KEYS = ("dpo_sum", "sft_sum", "chosen_reward_sum", "rejected_reward_sum", "correct",
+               "kl_sum", "response_tokens")
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
@@ -127,7 +131,8 @@ class DirectPreference:
                  prompts: list[tuple[dict, ...]] = (), online_prompts: int = 0,
                  samples: int = 4,
                  reward=exact_answer_reward, temperature: float = 1.0,
-                 max_new_tokens: int = 16, instructions: list[Instruction] = ()):
+                 max_new_tokens: int = 16, instructions: list[Instruction] = (),
+                 precompute_reference: bool = False):
         if not (isinstance(beta, (int, float)) and beta > 0):
             raise ValueError(f"beta={beta!r} is not allowed: expected a number > 0")
         if not (isinstance(sft_weight, (int, float)) and sft_weight >= 0):
@@ -137,11 +142,15 @@ class DirectPreference:
                              "per prompt to rank")
         if online_prompts and not prompts:
             raise ValueError("online DPO needs prompts to sample responses to")
+        if online_prompts and precompute_reference:
+            raise ValueError("precompute_reference is not allowed online: the policy's new "
+                             "samples need the reference model at every step")
         self.pairs, self.held_out = list(pairs), list(held_out)
         self.beta, self.sft_weight = beta, sft_weight
         self.prompts, self.online_prompts, self.samples = list(prompts), online_prompts, samples
         self.reward, self.temperature, self.max_new_tokens = reward, temperature, max_new_tokens
         self.instructions = list(instructions)[:ACCURACY_PROMPTS]
+        self.precompute_reference = precompute_reference
 
     def prepare(self, tokenizer, template, config: TrainConfig) -> TrainConfig:
         self.tokenizer, self.template, self.seq_len = tokenizer, template, config.seq_len
@@ -149,9 +158,12 @@ class DirectPreference:
         if offline < 0 or (offline == 0 and not self.online_prompts):
             raise ValueError(f"online_prompts={self.online_prompts} is more than batch_size="
                              f"{config.batch_size} pairs per step")
+        if offline and offline < config.grad_accum:
+            raise ValueError(f"{offline} offline pairs per step cannot fill grad_accum="
+                             f"{config.grad_accum} micro-batches: lower online_prompts or "
+                             "grad_accum")
         self.offline_per_step = offline
-        if config.grad_accum != 1:
-            raise ValueError("dpo takes grad_accum=1 (its step is one forward of the pairs)")
+        self.micro_batch_size, self.precision = config.micro_batch_size, config.precision
         return config
 
     def attach(self, model, base: str) -> None:
@@ -159,6 +171,26 @@ class DirectPreference:
         if not lora.has_adapters(model):
             self.reference = load_model(base, next(model.parameters()).device)
             self.reference.requires_grad_(False)
+        # Precomputed: each pair's reference log-probabilities [N, 2] (chosen, rejected).
+        self.reference_of_pairs = self.reference_of_held_out = None
+        if self.precompute_reference:
+            self.reference_of_pairs = self._reference_logprobs(model, self.pairs)
+            self.reference_of_held_out = self._reference_logprobs(model, self.held_out)
+            self.reference = None  # its memory back before training starts
+
+    @torch.no_grad()
+    def _reference_logprobs(self, model, pairs: list[Preference]) -> torch.Tensor:
+        device = next(model.parameters()).device
+        scores = []
+        for first in range(0, len(pairs), self.micro_batch_size):
+            batch = pairs[first:first + self.micro_batch_size]
+            inputs, targets, mask = (t.to(device) for t in pair_rows(
+                batch, self.template, self.tokenizer, self.seq_len))
+            with autocast(self.precision, device):
+                logits = self._reference_logits(model, inputs, mask)
+            summed = _token_logprobs(logits, targets).sum(-1)
+            scores.append(summed.view(2, len(batch)).T)
+        return torch.cat(scores).cpu()
 
     def _reference_logits(self, model, inputs, mask):
         with torch.no_grad():
@@ -185,95 +217,137 @@ class DirectPreference:
             pairs.append(Preference(messages, texts[best], texts[worst]))
         return pairs, skipped
 
-    def _figures(self, model, pairs, config: TrainConfig, device, mesh: Mesh):
-        """The loss and figures of ``pairs`` (with grad when enabled), and this rank's share of
-        the router loss (``StepRouterLoss``, over the pairs of all ranks)."""
-        inputs, targets, mask = (t.to(device) for t in pair_rows(pairs, self.template,
-                                                                 self.tokenizer, self.seq_len))
-        layers = moe_layers(model)
-        with autocast(config.precision, device), dropless(model):
-            totals = None
-            if config.lb_scope == "step" and layers:
-                totals = routing_totals(unwrap(model), [(inputs, mask)], mesh,
-                                        lambda module, batch: module(*batch))
-            out = model(inputs, mask)
-            reference_logits = self._reference_logits(model, inputs, mask)
-        router_share = StepRouterLoss(layers, config.lb_scope, 1, mesh, totals).share(
-            out.moe_stats) if layers else out.router_loss.double()
-        logprobs = _token_logprobs(out.logits, targets).sum(-1)
-        reference = _token_logprobs(reference_logits, targets).sum(-1)
-        count = len(pairs)
-        losses, chosen, rejected = dpo_loss(logprobs[:count], logprobs[count:],
-                                            reference[:count], reference[count:], self.beta)
-        counted = targets != IGNORE_INDEX
-        chosen_tokens = counted[:count].sum()
-        sft = -logprobs[:count].sum()
-        return {"dpo_sum": losses.sum(), "sft_sum": sft, "chosen_tokens": chosen_tokens,
-                "chosen_reward_sum": chosen.detach().sum(),
-                "rejected_reward_sum": rejected.detach().sum(),
-                "correct": (chosen > rejected).sum(),
-                "kl_sum": _kl_sum(out.logits.detach(), reference_logits, counted),
-                "response_tokens": counted.sum(), "router_share": router_share}, out
+    def _rows(self, pairs: list[Preference], device) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device) for t in pair_rows(pairs, self.template, self.tokenizer,
+                                                     self.seq_len))
 
-    def step(self, model, optimizer, step: int, config: TrainConfig, mesh: Mesh) -> dict:
-        device = next(model.parameters()).device
+    def _figures(self, model, pairs, rows, reference, router_loss):
+        """The loss sums and figures of ``pairs`` (their ``rows``; with grad when enabled), and
+        this rank's share of the router loss (``router_loss``: a ``StepRouterLoss``, or None
+        in evaluation). ``reference``: the pairs' precomputed reference log-probabilities
+        [P, 2], or None to compute them (and the KL to the reference) here."""
+        inputs, targets, mask = rows
+        with autocast(self.precision, inputs.device), dropless(model):
+            out = model(inputs, mask)
+            reference_logits = (self._reference_logits(model, inputs, mask) if reference is None
+                                else None)
+        router_share = (router_loss.share(out.moe_stats) if router_loss is not None
+                        else torch.zeros((), dtype=torch.float64))
+        logprobs = _token_logprobs(out.logits, targets).sum(-1)
+        count = len(pairs)
+        if reference is None:
+            reference = _token_logprobs(reference_logits, targets).sum(-1).view(2, count).T
+        reference = reference.to(logprobs.device)
+        losses, chosen, rejected = dpo_loss(logprobs[:count], logprobs[count:],
+                                            reference[:, 0], reference[:, 1], self.beta)
+        counted = targets != IGNORE_INDEX
+        figures = {"dpo_sum": losses.sum(), "sft_sum": -logprobs[:count].sum(),
+                   "chosen_reward_sum": chosen.detach().sum(),
+                   "rejected_reward_sum": rejected.detach().sum(),
+                   "correct": (chosen > rejected).sum(), "response_tokens": counted.sum(),
+                   "router_share": router_share}
+        if reference_logits is not None:
+            figures["kl_sum"] = _kl_sum(out.logits.detach(), reference_logits, counted)
+        return figures, out
+
+    def _step_pairs(self, model, step: int, config: TrainConfig) -> tuple[list, list, int]:
+        """The step's pairs, the indices of the offline ones (into ``pairs``), and the
+        count of online prompts skipped."""
         rng = random.Random(config.seed * 1_000_003 + step)
-        pairs = [self.pairs[i] for i in rng.sample(range(len(self.pairs)),
-                                                   min(self.offline_per_step, len(self.pairs)))]
-        skipped = 0
+        chosen = rng.sample(range(len(self.pairs)), min(self.offline_per_step, len(self.pairs)))
+        pairs, skipped = [self.pairs[i] for i in chosen], 0
         if self.online_prompts:
             online, skipped = self._online_pairs(model, step, config)
             pairs += online
-        mine = pairs[mesh.data_rank::mesh.data_size]  # online pairs may not split evenly
-        figures, out = self._figures(model, mine, config, device, mesh)
-        # DDP averages the ranks' gradients: each rank's loss is R times its share.
-        total = torch.tensor([float(figures["chosen_tokens"]), float(len(mine))], device=device)
+        return pairs, chosen, skipped
+
+    def step(self, model, optimizer, step: int, config: TrainConfig, mesh: Mesh) -> dict:
+        device = next(model.parameters()).device
+        pairs, offline, skipped = self._step_pairs(model, step, config)
+        # This rank's pairs (online ones may not split evenly), in grad_accum micro-batches.
+        mine = list(range(mesh.data_rank, len(pairs), mesh.data_size))
+        micro = [mine[m::config.grad_accum] for m in range(config.grad_accum)]
+        micro_pairs = [[pairs[i] for i in indices] for indices in micro]
+        rows = [self._rows(batch, device) for batch in micro_pairs]
+        references = [None if self.reference_of_pairs is None else
+                      self.reference_of_pairs[[offline[i] for i in indices]]
+                      for indices in micro]
+        chosen_here = sum(int((targets[:len(batch)] != IGNORE_INDEX).sum())
+                          for batch, (_, targets, _) in zip(micro_pairs, rows))
+        total = torch.tensor([float(chosen_here), float(len(mine))], device=device)
         chosen_tokens, pair_count = mesh.sum_(total).tolist()
-        loss = (figures["dpo_sum"] / pair_count
-                + self.sft_weight * figures["sft_sum"] / max(chosen_tokens, 1)) * mesh.data_size
-        (loss + mesh.data_size * figures["router_share"]).backward()
+        layers = moe_layers(model)
+        totals = None
+        if config.lb_scope == "step" and layers:
+            with autocast(config.precision, device), dropless(model):
+                totals = routing_totals(unwrap(model), [(inputs, mask) for inputs, _, mask in rows],
+                                        mesh, lambda module, batch: module(*batch))
+        router_loss = StepRouterLoss(layers, config.lb_scope, config.grad_accum, mesh, totals)
+        sums, stats = {}, []
+        for index, (batch, batch_rows, reference) in enumerate(zip(micro_pairs, rows,
+                                                                   references)):
+            last = index == len(rows) - 1
+            # Data parallelism reduces the gradients once, in the last micro-batch's backward.
+            with (model.no_sync() if hasattr(model, "no_sync") and not last
+                  else contextlib.nullcontext()):
+                figures, out = self._figures(model, batch, batch_rows, reference, router_loss)
+                # DDP averages the ranks' gradients: each rank's loss is R times its share.
+                loss = (figures["dpo_sum"] / pair_count + self.sft_weight * figures["sft_sum"]
+                        / max(chosen_tokens, 1) + figures["router_share"]) * mesh.data_size
+                loss.backward()
+            for key, value in figures.items():
+                sums[key] = sums.get(key, 0) + value.detach().double().to(device)
+            stats.append(out.moe_stats)
         finish_gradients(model, mesh)
         clip = config.grad_clip if config.grad_clip is not None else float("inf")
         grad_norm = clip_gradients(model, clip, mesh)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         layers = moe_layers(unwrap(model))
-        layer_figures, sums = _step_figures(
-            unwrap(model).config, layers, [_LayerStep.of([s], device) for s in out.moe_stats],
-            [figures[k].detach().double() for k in
-             ("dpo_sum", "sft_sum", "chosen_reward_sum", "rejected_reward_sum", "correct",
-              "kl_sum", "response_tokens", "router_share")], mesh)
+        keys = [key for key in FIGURE_KEYS if key in sums] + ["router_share"]
+        layer_figures, summed = step_figures(
+            unwrap(model).config, layers, [LayerStep.of(per_layer, device)
+                                           for per_layer in zip(*stats)] if layers else [],
+            [sums[key] for key in keys], mesh)
+        summed = dict(zip(keys, summed))
         counts = [layer_counts for layer_counts, _, _ in layer_figures]
         for layer, layer_counts in zip(layers, counts):
             layer.update_router_state(layer_counts)
-        record = self._record(sums[:7], pair_count, chosen_tokens)
+        record = self._record(summed, pair_count, chosen_tokens)
         return {**record, "loss": record["dpo_loss"] + self.sft_weight * record["sft_loss"],
-                "router_loss": sums[7], "grad_norm": grad_norm.item(),
-                "online_pairs": len(pairs) - min(self.offline_per_step, len(self.pairs)),
-                "skipped": skipped, "tokens": int(sums[6]),
+                "router_loss": summed["router_share"], "grad_norm": grad_norm.item(),
+                "online_pairs": len(pairs) - len(offline),
+                "skipped": skipped, "tokens": int(summed["response_tokens"]),
                 "drop_rate": [c.drop_rate for c in counts],
                 "expert_load": [c.expert_load.tolist() for c in counts]}
 
     @staticmethod
-    def _record(sums, pairs: float, chosen_tokens: float) -> dict:
-        dpo, sft, chosen, rejected, correct, kl, tokens = sums
-        return {"dpo_loss": dpo / pairs, "sft_loss": sft / max(chosen_tokens, 1),
-                "chosen_reward": chosen / pairs, "rejected_reward": rejected / pairs,
-                "margin": (chosen - rejected) / pairs, "accuracy": correct / pairs,
-                "kl": kl / max(tokens, 1)}
+    def _record(sums: dict, pairs: float, chosen_tokens: float) -> dict:
+        record = {"dpo_loss": sums["dpo_sum"] / pairs,
+                  "sft_loss": sums["sft_sum"] / max(chosen_tokens, 1),
+                  "chosen_reward": sums["chosen_reward_sum"] / pairs,
+                  "rejected_reward": sums["rejected_reward_sum"] / pairs,
+                  "margin": (sums["chosen_reward_sum"] - sums["rejected_reward_sum"]) / pairs,
+                  "accuracy": sums["correct"] / pairs}
+        if "kl_sum" in sums:  # not with precomputed reference log-probabilities
+            record["kl"] = sums["kl_sum"] / max(sums["response_tokens"], 1)
+        return record
 
     @torch.no_grad()
     def evaluate(self, model, config: TrainConfig, mesh: Mesh) -> dict:
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
-        pairs = self.held_out[:config.micro_batch_size * config.eval_batches]
-        figures, _ = self._figures(model, pairs, config, device, Mesh())  # on each rank
+        count = min(len(self.held_out), config.micro_batch_size * config.eval_batches)
+        pairs = self.held_out[:count]
+        rows = self._rows(pairs, device)
+        reference = (None if self.reference_of_held_out is None
+                     else self.reference_of_held_out[:count])
+        figures, _ = self._figures(model, pairs, rows, reference, None)  # on each rank
         model.train(was_training)
-        keys = ("dpo_sum", "sft_sum", "chosen_reward_sum", "rejected_reward_sum", "correct",
-                "kl_sum", "response_tokens")
-        record = self._record([float(figures[k]) for k in keys], len(pairs),
-                              float(figures["chosen_tokens"]))
+        chosen_tokens = float((rows[1][:count] != IGNORE_INDEX).sum())
+        record = self._record({key: float(value) for key, value in figures.items()},
+                              len(pairs), chosen_tokens)
         record = {"val_loss": record.pop("dpo_loss"),
                   **{f"val_{key}": value for key, value in record.items()}}
         if self.instructions:

@@ -79,15 +79,8 @@ def validation_loss(model: torch.nn.Module, tokens: torch.Tensor, config: TrainC
         sums[1] += targets.numel()
         return logits.new_zeros(())
 
-    # Under expert parallelism (and ZeRO-2/3's gathers) every rank of a group takes part in
-    # each forward's exchanges: all ranks run as many forwards, one past the end repeating a
-    # batch without counting it.
-    rounds = -(-len(batches) // mesh.data_size)
-    for index in range(mesh.data_rank, rounds * mesh.data_size, mesh.data_size):
-        if index >= len(batches) and mesh.expert_size == 1 and mesh.zero < 2:
-            break
-        inputs, targets = (t.to(device) for t in batches[min(index, len(batches) - 1)])
-        counted = index < len(batches)
+    for index, counted in mesh.shared_batches(len(batches)):
+        inputs, targets = (t.to(device) for t in batches[index])
         if stage is not None:
             stage.after_layers = lambda hidden, stats: hidden
             stage.loss = add if counted else (lambda logits, targets: logits.new_zeros(()))
@@ -120,7 +113,7 @@ def _git_revision() -> str | None:
         return None
 
 
-def _run_record(model_config, train_config, data_config) -> dict:
+def run_record(model_config, train_config, data_config) -> dict:
     import tokenizers
     return {"model": model_config.to_dict(), "train": asdict(train_config),
             "data": asdict(data_config), "seed": train_config.seed,
@@ -139,7 +132,7 @@ def read_run(run: str | Path) -> tuple[ModelConfig, TrainConfig, DataConfig]:
         raise CheckpointError(f"{Path(run) / RUN_FILE}: not a moekit run ({error})") from None
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+def read_metrics(path: Path, up_to_step: int) -> list[dict]:
     """The metrics a resumed run keeps: those of the steps its checkpoint had completed."""
     if not path.is_file():
         return []
@@ -200,7 +193,7 @@ def _any_rank(flag: bool, mesh: Mesh) -> bool:
 
 
 @contextlib.contextmanager
-def _all_ranks_or_none(mesh: Mesh):
+def all_ranks_or_none(mesh: Mesh):
     """Every rank goes on, or every rank raises: a rank that finds a bad setting (rank 0 alone
     checks the run folder) must not leave the others waiting in their first collective."""
     try:
@@ -259,7 +252,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     every figure it logs being of the global batch."""
     run, device = Path(run), torch.device(device)
     init_from = Path(init_from) if init_from is not None else None
-    with _all_ranks_or_none(mesh):
+    with all_ranks_or_none(mesh):
         model_config, train_config, data_config, tokenizer = _start(
             run, model_config, train_config, data_config, resume, overwrite, init_from, steps,
             writes=mesh.is_main, model_overrides=model_overrides)
@@ -285,12 +278,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
 
     def write_new_run(folder: Path) -> None:
-        write_json(folder / RUN_FILE, {**_run_record(model_config, train_config, data_config),
+        write_json(folder / RUN_FILE, {**run_record(model_config, train_config, data_config),
                                        "init_from": None if init_from is None else str(init_from),
                                        "optimizer_impl": implementation_of(optimizer)})
         tokenizer.save(folder)
 
-    records = _read_metrics(run / METRICS_FILE, step) if resume else []
+    records = read_metrics(run / METRICS_FILE, step) if resume else []
     extra = {"train": asdict(train_config), "data": asdict(data_config)}
 
     def save(at_step: int) -> Path:

@@ -1,7 +1,8 @@
 """LoRA adapters that reach the experts (``--lora-rank R``).
 
 A low-rank update W + (alpha / R) * B A on: the attention projections (q, k, v, o), the routed
-experts, the shared experts, and with ``router=True`` the router. Everything
+experts, the shared experts, the dense layers' FFNs (a model with ``moe_every`` > 1), and with
+``router=True`` the router. Everything
 else is frozen: the optimizer holds the adapters alone. B starts at zero, so an adapted model
 computes what its base does until it trains.
 
@@ -28,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
-from moekit.moe.experts import expert_activation, grouped_linear
+from moekit.moe.experts import MLP, expert_activation, grouped_linear
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -165,16 +166,16 @@ def _targets(model: nn.Module, config: LoRAConfig):
             for name in ATTENTION:
                 if hasattr(module, name):
                     yield module, name, getattr(module, name)
+        if isinstance(module, MLP):  # a dense layer's FFN, or an MoE layer's shared experts
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                if getattr(module, name) is not None:
+                    yield module, name, getattr(module, name)
         if not isinstance(module, MoELayer):
             continue
         if not isinstance(module.experts, GroupedExperts):
             raise ValueError("LoRA reaches routed experts with stacked weights (GroupedExperts); "
                              f"this layer's experts are {type(module.experts).__name__}")
         yield module, "experts", module.experts
-        shared = module.shared_experts
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if shared is not None and getattr(shared, name) is not None:
-                yield shared, name, getattr(shared, name)
         if config.router:
             yield module, "router", module.router
 

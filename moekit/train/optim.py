@@ -92,6 +92,20 @@ def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "parts", [optimizer]))
 
 
+def _moments_sharded_over(parameters: list[nn.Parameter], mesh: Mesh):
+    """The ranks over which ZeRO shards the AdamW moments of a group's ``parameters`` (None:
+    kept whole on this rank)."""
+    if any(is_sharded(p) for p in parameters):
+        # Tensor-parallel (DTensor) weights: already 1/T per rank, and ZeroRedundancyOptimizer
+        # broadcasts plain tensors only.
+        return None
+    if mesh.expert_size > 1 and all(getattr(p, "expert_parallel", False) for p in parameters):
+        # Kept out of FSDP2 (ZeRO-2/3), experts have their moments sharded as under ZeRO-1.
+        return mesh.expert_replica_group if mesh.zero >= 1 and mesh.expert_replicas > 1 else None
+    # Under ZeRO-2/3 the parameters are shards already.
+    return mesh.data_group if mesh.zero == 1 and mesh.data_size > 1 else None
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig, mesh: Mesh = Mesh()):
     """AdamW over ``parameter_groups``, implemented as ``config.optimizer_impl`` says
     (``implementation_of`` tells what "auto" chose).
@@ -100,23 +114,19 @@ def build_optimizer(model: nn.Module, config: TrainConfig, mesh: Mesh = Mesh()):
     (docs/train.md, Speed). The three keep the same state under the same names, so a
     checkpoint written with one resumes with another. With ``mesh.zero == 1`` on several ranks
     the state is sharded (ZeRO-1, as Skywork-MoE trained: ``ZeroRedundancyOptimizer``, each
-    rank updating its share and broadcasting it): over every rank, and under expert
-    parallelism the experts' over the ranks holding the same experts (kept whole where each
-    expert has one replica), in a ``SplitOptimizer``. Under ZeRO-2/3 the parameters are
-    already shards (``DTensor``), and so are the moments AdamW makes of them; the experts,
-    which expert parallelism keeps out of FSDP2, have their moments sharded as under ZeRO-1."""
+    rank updating its share and broadcasting it): over every rank of the stage (of the ``dp``
+    group under EDP), and under expert parallelism the experts' over the ranks holding the
+    same experts (kept whole where each expert has one replica), in a ``SplitOptimizer``;
+    EDP's tensor-parallel weights keep their moments whole (1/T of the model's already).
+    Under ZeRO-2/3 the parameters are already shards (``DTensor``), and so are the moments
+    AdamW makes of them; the experts, which expert parallelism keeps out of FSDP2, have their
+    moments sharded as under ZeRO-1."""
     groups = parameter_groups(model, config)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
-    # ZeRO 2, 3: the parameters are shards already.
-    shard_replicated = mesh.data_group if mesh.zero == 1 and mesh.data_size > 1 else None
-    parts = [(list(range(len(groups))), shard_replicated)]
-    if mesh.zero >= 1 and mesh.expert_size > 1:
-        of_experts = [all(getattr(p, "expert_parallel", False) for p in group["params"])
-                      for group in groups]
-        replicas = (mesh.expert_replica_group if mesh.data_size > mesh.expert_size else None)
-        parts = [([i for i, expert in enumerate(of_experts) if not expert], shard_replicated),
-                 ([i for i, expert in enumerate(of_experts) if expert], replicas)]
-        parts = [(where, group) for where, group in parts if where]
+    parts: dict = {}  # the process group a group's moments are sharded over -> its positions
+    for position, group in enumerate(groups):
+        parts.setdefault(_moments_sharded_over(group["params"], mesh), []).append(position)
+    parts = [(positions, shard_over) for shard_over, positions in parts.items()]
 
     def adamw(positions: list[int], shard_over, **kind):
         chosen = [groups[i] for i in positions]

@@ -123,7 +123,7 @@ def plot_router_health(train: list[dict], folder: Path) -> list[Path]:
 
 def plot_preferences(records: list[dict], folder: str | Path) -> Path:
     """dpo.png: a DPO run's chosen and rejected rewards, their margin, the preference accuracy
-    and the KL to the reference, per training step."""
+    and the KL to the reference (where logged), per training step."""
     plt = _pyplot()
     train = [r for r in records if r["kind"] == "train"]
     steps = [r["step"] for r in train]
@@ -135,7 +135,8 @@ def plot_preferences(records: list[dict], folder: str | Path) -> Path:
     accuracy.plot(steps, [r["accuracy"] for r in train], lw=1)
     accuracy.set(xlabel="step", ylabel="chosen reward > rejected", title="Preference accuracy",
                  ylim=(0, 1))
-    kl.plot(steps, [r["kl"] for r in train], lw=1)
+    if all("kl" in r for r in train):  # not logged with precomputed reference log-probs
+        kl.plot(steps, [r["kl"] for r in train], lw=1)
     kl.set(xlabel="step", ylabel="nats per response token", title="KL to the reference")
     return _save(plt, figure, Path(folder) / "dpo.png")
 

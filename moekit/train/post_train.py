@@ -36,7 +36,7 @@ from moekit.train import lora
 from moekit.train.chat import read_chat_template
 from moekit.train.ema import EMA_FILE, WeightAverage
 from moekit.train.loop import (METRICS_FILE, RUN_FILE, StepLoop, TrainResult,
-                               _all_ranks_or_none, _read_metrics, _run_record, run_steps)
+                               all_ranks_or_none, read_metrics, run_record, run_steps)
 from moekit.train.optim import build_optimizer, extend_schedule, set_learning_rate
 from moekit.train.tokenizer import load_tokenizer
 
@@ -127,7 +127,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
     docstring); ``resume``, ``overwrite``, ``steps`` and ``mesh`` as ``moekit.train.train``'s.
     The stage's data has been read and checked already (it fails before any model loads)."""
     run, device = Path(run), torch.device(device)
-    with _all_ranks_or_none(mesh):
+    with all_ranks_or_none(mesh):
         if resume:
             if mesh.is_main:
                 refuse_if_being_written(run)
@@ -146,7 +146,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
         model = _build_model(settings, model_config, train_config.seed, device, run, resume)
     stage.attach(model, settings.init_from)
     parallel_model = parallelize(model, mesh)
-    optimizer = build_optimizer(model, train_config)
+    optimizer = build_optimizer(model, train_config, mesh)
     latest = ckpt.latest_checkpoint(run) if resume else None
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
     average = None
@@ -156,7 +156,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
             average.load(read_safetensors(latest / EMA_FILE, device))
 
     def write_new_run(folder: Path) -> None:
-        write_json(folder / RUN_FILE, {**_run_record(model_config, train_config, DataConfig()),
+        write_json(folder / RUN_FILE, {**run_record(model_config, train_config, DataConfig()),
                                        "data": None, SETTINGS_KEY: settings.to_dict()})
         tokenizer.save(folder)
 
@@ -184,7 +184,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
     result = run_steps(StepLoop(run, train_config, mesh, step=one_step, evaluate=evaluate,
                                 save=save, write_new_run=None if resume else write_new_run,
                                 flops_per_token=flops_per_token),
-                       step, _read_metrics(run / METRICS_FILE, step) if resume else [],
+                       step, read_metrics(run / METRICS_FILE, step) if resume else [],
                        show_progress, on_step)
     if average is not None and mesh.is_main:
         with average.applied():

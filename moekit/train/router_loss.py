@@ -162,14 +162,19 @@ class StepRouterLoss:
 
 
 @torch.no_grad()
-def routing_totals(model, micro_batches, mesh: Mesh, forward) -> list[LayerTotals]:
+def routing_totals(model, micro_batches, mesh: Mesh, forward,
+                   select=None) -> list[LayerTotals]:
     """Scope "step"'s pre-pass: each MoE layer's totals over the global batch, from a forward
     of every micro-batch without gradients. The random-number state is restored afterwards,
-    so that the training forwards draw the same jitter and route exactly as the pre-pass."""
+    so that the training forwards draw the same jitter and route exactly as the pre-pass.
+    ``select(m)``, when given, is called before micro-batch m's forward (the step's capacity
+    plan, ``moekit.train.step_capacity``)."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     totals = None
     with torch.random.fork_rng(devices=devices):
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            if select is not None:
+                select(index)
             layer_totals = [LayerTotals.of(s) for s in forward(model, batch).moe_stats]
             totals = layer_totals if totals is None else [
                 a + b for a, b in zip(totals, layer_totals)]

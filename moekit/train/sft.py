@@ -99,16 +99,18 @@ def assistant_loss(model, rows: PackedRows, config: TrainConfig, mesh: Mesh) -> 
     device = next(model.parameters()).device
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     size = config.micro_batch_size
-    for index, first in enumerate(range(0, min(len(rows), size * config.eval_batches), size)):
-        if index % mesh.data_size != mesh.data_rank:
-            continue
+    firsts = range(0, min(len(rows), size * config.eval_batches), size)
+    for index, counted in mesh.shared_batches(len(firsts)):
+        first = firsts[index]
         inputs, targets, mask, documents = (t.to(device) for t in
                                             rows.take(torch.arange(first, min(first + size,
                                                                               len(rows)))))
         logits = model(inputs, mask, document_ids=documents).logits.float()
-        sums[0] += torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        sums[1] += (targets != IGNORE_INDEX).sum()
+        if counted:
+            sums[0] += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                reduction="sum")
+            sums[1] += (targets != IGNORE_INDEX).sum()
     model.train(was_training)
     total, count = mesh.sum_(sums).tolist()
     return total / max(count, 1)

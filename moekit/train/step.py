@@ -24,6 +24,7 @@ from moekit.parallel.parallelize import clip_gradients, finish_gradients, unwrap
 from moekit.parallel.pipeline import run_schedule, stage_module
 from moekit.train.router_loss import (LayerTotals, StepRouterLoss, attach_loss, reduce_totals,
                                       routing_totals)
+from moekit.train.step_capacity import StepCapacity
 
 IGNORE_INDEX = -100  # a target that is not counted (padding, a prompt's tokens): PyTorch's
 
@@ -65,7 +66,7 @@ def layer_health(counts: RouterCounts, sums: list[float]) -> dict:
 
 
 @dataclass
-class _LayerStep:
+class LayerStep:
     """One MoE layer's figures of a step on this rank, summed over its micro-batches."""
 
     counts: RouterCounts
@@ -73,7 +74,7 @@ class _LayerStep:
     aux_coef: float  # of the step's forwards
 
     @classmethod
-    def of(cls, stats_per_micro_batch, device: torch.device) -> _LayerStep:
+    def of(cls, stats_per_micro_batch, device: torch.device) -> LayerStep:
         counts = stats_per_micro_batch[0].counts
         for stats in stats_per_micro_batch[1:]:
             counts = counts + stats.counts
@@ -81,7 +82,7 @@ class _LayerStep:
                    stats_per_micro_batch[-1].aux_coef)
 
 
-def _step_figures(model_config, layers: list[MoELayer], steps: list[_LayerStep],
+def step_figures(model_config, layers: list[MoELayer], steps: list[LayerStep],
                   scalars: list[torch.Tensor], mesh: Mesh):
     """Every MoE layer's step figures (this rank holds ``layers``, a pipeline stage's or all
     of them) and the float64 ``scalars``, summed over the run's ranks in one collective: a
@@ -110,13 +111,17 @@ def _step_figures(model_config, layers: list[MoELayer], steps: list[_LayerStep],
     return figures, flat[len(numbers) * width:].tolist()
 
 
-def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted, device):
+def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted, device,
+                        capacity: StepCapacity | None):
     """The step's forwards and backwards on one process or data-parallel ranks: the summed
-    cross-entropy and router-loss share of this rank, and each micro-batch's MoE statistics."""
+    cross-entropy and router-loss share of this rank, and each micro-batch's MoE statistics.
+    ``capacity``: the step's capacity plan (``capacity_scope="step"``), or None."""
     cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
     router_share = torch.zeros((), dtype=torch.float64, device=device)
     stats = []
     for index, (inputs, targets, mask, document_ids) in enumerate(micro_batches):
+        if capacity is not None:
+            capacity.select(index)
         last = index == len(micro_batches) - 1
         # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
         with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
@@ -216,23 +221,32 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         with autocast(config.precision, device):
             return module(inputs, mask, document_ids=document_ids)
 
-    totals = None
-    if config.lb_scope == "step" and inner.config.moe is not None:
-        # the pre-pass goes around data parallelism's hooks (every stage joins it)
-        totals = (_pipeline_routing_totals(model, local, config, mesh, device) if pipelined
-                  else routing_totals(inner, micro_batches, mesh, forward))
-    router_loss = StepRouterLoss(layers, config.lb_scope, config.grad_accum, mesh, totals)
-    run = _micro_batches_in_pipeline if pipelined else _micro_batches_here
-    cross_entropy, router_share, stats = run(model, local if pipelined else micro_batches,
-                                             config, mesh, router_loss, counted, device)
+    # The pre-passes go around data parallelism's hooks (under a pipeline every stage joins).
+    capacity = None if pipelined else StepCapacity.plan(inner, micro_batches, forward)
+    try:
+        totals = None
+        if config.lb_scope == "step" and inner.config.moe is not None:
+            totals = (_pipeline_routing_totals(model, local, config, mesh, device) if pipelined
+                      else routing_totals(inner, micro_batches, mesh, forward,
+                                          capacity.select if capacity is not None else None))
+        router_loss = StepRouterLoss(layers, config.lb_scope, config.grad_accum, mesh, totals)
+        if pipelined:
+            cross_entropy, router_share, stats = _micro_batches_in_pipeline(
+                model, local, config, mesh, router_loss, counted, device)
+        else:
+            cross_entropy, router_share, stats = _micro_batches_here(
+                model, micro_batches, config, mesh, router_loss, counted, device, capacity)
+    finally:
+        if capacity is not None:
+            capacity.close()
     finish_gradients(model, mesh)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
     grad_norm = clip_gradients(model, clip, mesh)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    steps = [_LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
+    steps = [LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
     with collective("the all-reduce of the step's figures"):
-        figures, (nll_sum, router_value) = _step_figures(
+        figures, (nll_sum, router_value) = step_figures(
             inner.config, layers, steps, [cross_entropy, router_share], mesh)
     numbers = [i for i in range(inner.config.num_layers) if inner.config.is_moe_layer(i)]
     for layer in layers:  # this rank's, from the counts of the whole run
