@@ -336,7 +336,7 @@ class MoELayer(nn.Module):
         kept, all experts on this process, grouped experts, and no autocast (whose casts the
         grouped path makes its own way). Eagerly, only on a CPU: the path reads the expert ids
         on the host, which costs nothing there and a wait for the device elsewhere."""
-        return (expert_ids_TK.numel() <= SMALL_BATCH_ROUTES and keep_TK is None
+        return (0 < expert_ids_TK.numel() <= SMALL_BATCH_ROUTES and keep_TK is None
                 and (x_TD.device.type == "cpu" or torch.compiler.is_compiling())
                 and type(self.dispatcher) is LocalDispatcher
                 and isinstance(self.experts, GroupedExperts)
