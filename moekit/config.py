@@ -28,6 +28,12 @@ AUX_LOSSES = ("switch", "skywork", "none")
 # Hunyuan-Large); "head_after_rope": each head after RoPE (transformers' HunYuan-MoE-V1);
 # "projection": the whole q and k projections before they are split into heads (OLMoE).
 QK_NORM_PLACEMENTS = ("head", "head_after_rope", "projection")
+# The scaled RoPE kinds, each with the keys its rope_scaling needs besides rope_type.
+ROPE_SCALING_TYPES = {"linear": ("factor",),
+                      "dynamic": ("factor", "original_max_position_embeddings"),
+                      "yarn": ("factor", "original_max_position_embeddings"),
+                      "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                                 "high_freq_factor")}
 
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
@@ -180,6 +186,35 @@ class MoEConfig(_FromDict):
 
 
 @dataclass(frozen=True)
+class MLAConfig(_FromDict):
+    """Multi-head latent attention (MLA, DeepSeek-V2/V3): keys and values of every head come
+    from one low-rank latent of ``kv_lora_rank`` numbers per token (RMS-normed, then expanded by
+    ``kv_b_proj``), and one RoPE key of ``qk_rope_head_dim`` numbers is shared over all heads
+    (the "decoupled" RoPE part). Each head's query and key are its ``qk_nope_head_dim``
+    position-free numbers followed by ``qk_rope_head_dim`` rotated ones; its value has
+    ``v_head_dim``. Queries come from a latent of ``q_lora_rank`` too, or (None) straight from
+    the hidden state. The KV cache holds the latent and the RoPE key only."""
+
+    _kind = "MLA"
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int(name, getattr(self, name))
+        if self.q_lora_rank is not None:
+            _positive_int("q_lora_rank", self.q_lora_rank)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig(_FromDict):
     """A decoder-only Transformer: RMSNorm, RoPE, grouped-query attention, cross-layer
     attention (CLA), and MoE feed-forward blocks (``moe``; None gives the dense model)."""
@@ -202,6 +237,14 @@ class ModelConfig(_FromDict):
     qk_norm: bool = False  # Qwen3-MoE, Hunyuan-Large: RMSNorm on each head's q and k
     qk_norm_placement: str = "head"  # one of QK_NORM_PLACEMENTS
     cla_share: int = 1  # CLA: every cla_share adjacent layers share one K/V (Hunyuan: 2)
+    # RoPE scaling as transformers' rope_parameters spell it (without rope_theta: rope_base),
+    # e.g. {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096};
+    # None: plain RoPE. moekit.model.rope computes each of ROPE_SCALING_TYPES.
+    rope_scaling: dict | None = None
+    attention_out_bias: bool = False  # a bias on the attention output projection (o_proj)
+    # Each query attends to at most this many positions, its own included (Mistral); None: all.
+    sliding_window: int | None = None
+    full_attention_layers: tuple[int, ...] = ()  # layers that attend past sliding_window
     # GraniteMoE's scalings (the defaults leave the model as it is): embeddings times
     # embedding_multiplier; each attention and FFN output times residual_multiplier before it is
     # added to the residual stream; attention scores times attention_multiplier (None:
@@ -211,7 +254,16 @@ class ModelConfig(_FromDict):
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     moe: MoEConfig | None = None
-    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0
+    moe_every: int = 1  # layer i has an MoE FFN when (i + 1) % moe_every == 0 ...
+    # ... and i is not one of these dense layers (Qwen's mlp_only_layers, DeepSeek's first
+    # first_k_dense_replace layers); held sorted, without repeats.
+    dense_layers: tuple[int, ...] = ()
+    # Multi-head latent attention instead of grouped-query attention (None: GQA); the GQA
+    # fields num_kv_heads, head_dim, qkv_bias, qk_norm and cla_share then stay at their defaults.
+    mla: MLAConfig | None = None
+    # RoPE rotates the first rotary_dim numbers of each head and leaves the rest as they are
+    # (GLM4-MoE: half); None: the whole head (MLA: its qk_rope_head_dim part).
+    rotary_dim: int | None = None
     # Dropout in training only (Hunyuan-Large's SFT: 0.1 and 0.2): of the attention
     # probabilities, and of each attention and FFN output before it joins the residual stream.
     attention_dropout: float = 0.0
@@ -225,13 +277,24 @@ class ModelConfig(_FromDict):
             _positive_int("num_kv_heads", self.num_kv_heads)
             _require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", self.num_kv_heads,
                      f"must divide num_heads ({self.num_heads})")
-        if self.head_dim is None:
+        if self.head_dim is None and self.mla is None:
             _require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
                      f"must divide hidden_size ({self.hidden_size}) unless head_dim is set")
-        else:
+        elif self.head_dim is not None:
             _positive_int("head_dim", self.head_dim)
-        _require(self.attention_head_dim % 2 == 0, "head_dim", self.attention_head_dim,
-                 "must be even (RoPE rotates pairs)")
+        if self.mla is not None:
+            _require(isinstance(self.mla, MLAConfig), "mla", self.mla, "expected an MLAConfig")
+            for name, default in (("num_kv_heads", None), ("head_dim", None), ("qkv_bias", False),
+                                  ("qk_norm", False), ("cla_share", 1), ("rotary_dim", None),
+                                  ("attention_out_bias", False)):
+                _require(getattr(self, name) == default, name, getattr(self, name),
+                         f"multi-head latent attention (mla) takes no {name}: leave it {default}")
+        if self.rotary_dim is not None:
+            _positive_int("rotary_dim", self.rotary_dim)
+            _require(self.rotary_dim <= self.attention_head_dim, "rotary_dim", self.rotary_dim,
+                     f"must be <= the head dim ({self.attention_head_dim})")
+        _require(self.rope_dim % 2 == 0, "rotary_dim" if self.mla is None else "qk_rope_head_dim",
+                 self.rope_dim, "must be even (RoPE rotates pairs)")
         _require(isinstance(self.rope_base, (int, float)) and self.rope_base > 1, "rope_base",
                  self.rope_base, "expected a number > 1")
         _require(isinstance(self.norm_eps, float) and self.norm_eps > 0, "norm_eps",
@@ -246,11 +309,35 @@ class ModelConfig(_FromDict):
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and 0 <= value < 1, name, value,
                      "expected a number in [0, 1)")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        if self.rope_scaling is not None:
+            kind = (self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict)
+                    else None)
+            _require(kind in ROPE_SCALING_TYPES, "rope_scaling", self.rope_scaling,
+                     f"a dict whose rope_type is one of {', '.join(ROPE_SCALING_TYPES)}")
+            absent = [key for key in ROPE_SCALING_TYPES[kind] if key not in self.rope_scaling]
+            _require(not absent, "rope_scaling", self.rope_scaling,
+                     f"{kind} scaling needs {', '.join(ROPE_SCALING_TYPES[kind])}")
         _require(self.qk_norm_placement in QK_NORM_PLACEMENTS, "qk_norm_placement",
                  self.qk_norm_placement, f"one of {', '.join(QK_NORM_PLACEMENTS)}")
+        for name in ("dense_layers", "full_attention_layers"):
+            self._hold_layer_indices(name)
         _require(self.moe is None or self.moe.hidden_size == self.hidden_size, "moe.hidden_size",
                  None if self.moe is None else self.moe.hidden_size,
                  f"must equal hidden_size ({self.hidden_size})")
+
+    def _hold_layer_indices(self, name: str) -> None:
+        value = getattr(self, name)
+        _require(isinstance(value, (list, tuple, set, frozenset)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers
+            for i in value), name, value,
+            f"expected a collection of layer indices in [0, {self.num_layers})")
+        # A list (as JSON gives it) becomes the sorted, hashable tuple the field holds.
+        object.__setattr__(self, name, tuple(sorted(set(value))))
+
+    def uses_window(self, index: int) -> bool:
+        return self.sliding_window is not None and index not in self.full_attention_layers
 
     @property
     def kv_heads(self) -> int:
@@ -260,8 +347,43 @@ class ModelConfig(_FromDict):
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    @property
+    def rope_dim(self) -> int:
+        """How many numbers of each query and key head RoPE rotates."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return self.rotary_dim or self.attention_head_dim
+
+    @property
+    def kv_groups(self) -> int:
+        """The layers that compute and cache K/V: one per CLA group."""
+        return -(-self.num_layers // self.cla_share)
+
+    @property
+    def kv_cache_entry(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """What one KV-owning layer caches per position, as (heads, numbers per head) of its two
+        cached tensors: keys and values (GQA), or the latent and the shared RoPE key (MLA)."""
+        if self.mla is not None:
+            return (1, self.mla.kv_lora_rank), (1, self.mla.qk_rope_head_dim)
+        return (self.kv_heads, self.attention_head_dim), (self.kv_heads, self.attention_head_dim)
+
+    @property
+    def kv_numbers_per_token(self) -> int:
+        """Numbers the KV cache holds per token, over all layers."""
+        return self.kv_groups * sum(heads * width for heads, width in self.kv_cache_entry)
+
     def is_moe_layer(self, index: int) -> bool:
-        return self.moe is not None and (index + 1) % self.moe_every == 0
+        return (self.moe is not None and (index + 1) % self.moe_every == 0
+                and index not in self.dense_layers)
+
+    @property
+    def normalises_shared_keys(self) -> bool:
+        """With QK-norm after RoPE and CLA, the layers of a group share their keys before the
+        norm and each normalises them with its own weights, as Hunyuan-Large does."""
+        return self.qk_norm and self.qk_norm_placement == "head_after_rope" and self.cla_share > 1
+
+    def has_k_norm(self, index: int) -> bool:
+        return self.qk_norm and (self.owns_kv(index) or self.normalises_shared_keys)
 
     def owns_kv(self, index: int) -> bool:
         """Whether layer ``index`` computes K/V (the first of its CLA group) or reuses them."""
@@ -279,6 +401,8 @@ class ModelConfig(_FromDict):
         values = dict(values)
         if isinstance(values.get("moe"), dict):
             values["moe"] = MoEConfig.from_dict(values["moe"])
+        if isinstance(values.get("mla"), dict):
+            values["mla"] = MLAConfig.from_dict(values["mla"])
         return super().from_dict(values)
 
 
@@ -465,6 +589,24 @@ def _fastmoe_transformer_xl() -> ModelConfig:
                                      activation="relu", normalize_weights=False))
 
 
+def _deepseek_v3_671b() -> ModelConfig:
+    # DeepSeek-V3's config.json (the base model; its multi-token-prediction layer not counted):
+    # MLA, 3 dense layers, then 256 routed experts top-8 in 8 groups (4 eligible) + 1 shared,
+    # YaRN x40 over an original 4K context.
+    return ModelConfig(vocab_size=129280, hidden_size=7168, num_layers=61, num_heads=128,
+                       ffn_size=18432, max_seq_len=163840, norm_eps=1e-6,
+                       rope_scaling={"rope_type": "yarn", "factor": 40.0, "beta_fast": 32,
+                                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                     "original_max_position_embeddings": 4096},
+                       mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128,
+                                     qk_rope_head_dim=64, v_head_dim=128, q_lora_rank=1536),
+                       dense_layers=(0, 1, 2),
+                       moe=MoEConfig(hidden_size=7168, ffn_size=2048, num_experts=256, top_k=8,
+                                     router="sigmoid", aux_loss="none", num_shared_experts=1,
+                                     router_options={"n_group": 8, "topk_group": 4,
+                                                     "routed_scaling_factor": 2.5}))
+
+
 def _tiny() -> ModelConfig:
     # Trains on a 2-core CPU in minutes.
     return ModelConfig(vocab_size=2048, hidden_size=128, num_layers=4, num_heads=4,
@@ -479,6 +621,7 @@ PRESETS = {
     "hunyuan-large-389b": _hunyuan_large_389b,
     "mixtral-8x7b": _mixtral_8x7b,
     "fastmoe-transformer-xl": _fastmoe_transformer_xl,
+    "deepseek-v3-671b": _deepseek_v3_671b,
 }
 
 

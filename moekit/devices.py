@@ -57,6 +57,17 @@ def retain_freed_cpu_memory(training: bool = False) -> bool:
                 and set_option(m_trim_threshold, never if training else 1 << 30))
 
 
+def anonymous_resident_bytes() -> int | None:
+    """This process's anonymous resident memory (RssAnon of /proc/self/status: what it holds
+    itself, not the file pages it maps, which the OS may drop); None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status
+                        if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def free_memory_bytes(device: torch.device) -> int:
     """Memory the device has free now: CUDA's own count, else the host's MemAvailable (what
     Linux can hand out without swapping; the whole of physical memory where /proc is absent)."""

@@ -33,7 +33,7 @@ def test_every_config_router_name_has_a_gate():
 
 
 @pytest.mark.parametrize("router, options, words", [
-    ("softmax", {"temperature": 2.0}, ["['temperature']", "'softmax'", "allowed: ['bias']"]),
+    ("softmax", {"temperature": 2.0}, ["['temperature']", "'softmax'", "allowed: ['bias', 'n_group',"]),
     ("zero", {"bias": True}, ["['bias']", "'zero'", "allowed: none"]),
     ("softmax", {"bias": 1}, ["bias=1", "true or false"]),
     ("noisy", {"load_weight": -1.0}, ["load_weight=-1.0", "finite number >= 0"]),

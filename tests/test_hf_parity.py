@@ -8,6 +8,7 @@ from transformers import MixtralConfig, Qwen2MoeConfig  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 
+from hf_checks import assert_left_padded_logits_equal  # noqa: E402
 from moekit.convert.hf import moe_layer_from_hf_block  # noqa: E402
 
 
@@ -106,10 +107,4 @@ def test_whole_model_logits_equal_hugging_face(index):
     ids = torch.randint(0, 61, (2, 13))
     expected = hf_model(ids).logits
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
-    # Padded batches: HF with an attention mask, moekit with its token mask.
-    mask = torch.ones(2, 13, dtype=torch.bool)
-    mask[1, :4] = False
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    expected = hf_model(ids, attention_mask=mask.long(), position_ids=positions).logits
-    torch.testing.assert_close(model(ids, mask=mask).logits[mask], expected[mask],
-                               rtol=1e-4, atol=1e-5)
+    assert_left_padded_logits_equal(model, hf_model, ids)

@@ -106,7 +106,7 @@ def test_generation_stops_at_eos_and_is_seeded():
 
 
 @pytest.mark.parametrize("name", ["skywork-moe-146b", "hunyuan-large-389b", "mixtral-8x7b",
-                                  "fastmoe-transformer-xl"])
+                                  "fastmoe-transformer-xl", "deepseek-v3-671b"])
 def test_published_presets_build_on_meta(name):
     with torch.device("meta"):
         model = Transformer(preset(name))

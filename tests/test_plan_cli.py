@@ -33,6 +33,27 @@ def test_skywork_on_eight_rtx_4090_in_fp8(capsys):
     assert fp8["free_bytes_per_device"] == pytest.approx(24 * 2**30 - fp8["weight_bytes"] / 8)
 
 
+def test_mixtral_on_one_24_gib_device_needs_offloading(capsys):
+    plan = plan_json(capsys, "--preset", "mixtral-8x7b", "--device-memory-gib", "24",
+                     "--infer-dtype", "bf16", "--hit-rate", "0.5")
+    bf16, = plan["offload"]
+    # By hand: one expert is 3 matrices of 4096 x 14336 in bf16; 8 experts x 32 layers; each
+    # token takes 2 routes in each of 32 layers, half of them missing the cache.
+    expert = 3 * 4096 * 14336 * 2
+    assert bf16["expert_bytes"] == expert and bf16["experts"] == 256
+    assert bf16["resident_bytes"] == bf16["weight_bytes"] - 256 * expert
+    assert not bf16["fits_resident"] and bf16["fits_offloaded"]
+    assert bf16["cache_bytes"] == 24 * 2**30 - bf16["resident_bytes"]
+    assert bf16["cached_experts"] == (24 * 2**30 - bf16["resident_bytes"]) // expert
+    assert bf16["bytes_per_token"] == 0.5 * 2 * 32 * expert
+    # Without --hit-rate: uniform routing, each route hits with cached / all experts.
+    uniform, = plan_json(capsys, "--preset", "mixtral-8x7b", "--expert-memory", "16GiB",
+                         "--infer-dtype", "bf16")["offload"]
+    cached = 16 * 2**30 // expert
+    assert uniform["cached_experts"] == cached and uniform["fits_resident"] is None
+    assert uniform["bytes_per_token"] == pytest.approx((1 - cached / 256) * 64 * expert)
+
+
 def test_tables_show_every_section(capsys):
     assert main(["plan", "--preset", "hunyuan-large-389b", "--seq-len", "4096",
                  "--tokens", "7e12", "--budget-flops", "1e24", "--device", "h800",
@@ -92,6 +113,9 @@ def test_config_file_and_checkpoint_folder(capsys, tmp_path):
     (["--preset", "tiny", "--tokens-per-second", "100"], "needs --device or --peak-tflops"),
     (["--preset", "tiny", "--upcycle"], "needs --dense-tokens and --moe-tokens"),
     (["--num-layers", "2"], "the model is incomplete"),
+    (["--preset", "tiny", "--hit-rate", "1.5", "--expert-memory", "1GB"],
+     "hit rate 1.5 is not allowed: expected a share from 0 to 1"),
+    (["--preset", "tiny", "--hit-rate", "0.5"], "need an MoE model, and --device"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, args, words):
     assert main(["plan", *args]) == 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moekit.config import ModelConfig, MoEConfig, preset
+from moekit.config import MLAConfig, ModelConfig, MoEConfig, preset
 from moekit.model import KVCache, Transformer
 from moekit.plan import (GIB, Layout, Precision, inference_memory, kv_cache_bytes_per_token,
                          kv_cache_plan, training_memory)
@@ -20,6 +20,11 @@ CONFIGS = {
     "gqa-cla": ModelConfig(**SMALL, num_kv_heads=2, cla_share=2),
     "qk-norm": ModelConfig(**SMALL, qk_norm=True),
     "moe": ModelConfig(**SMALL, moe=SMALL_MOE),
+    "mla": ModelConfig(**SMALL, mla=MLAConfig(kv_lora_rank=32, qk_nope_head_dim=16,
+                                              qk_rope_head_dim=8, v_head_dim=12)),
+    "mla-query-latent": ModelConfig(**SMALL, mla=MLAConfig(
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+        q_lora_rank=24)),
     "hunyuan-like": ModelConfig(**SMALL, num_kv_heads=2, cla_share=2, qk_norm=True,
                                 moe=MoEConfig(hidden_size=64, ffn_size=96, num_experts=4,
                                               top_k=1, router="switch", num_shared_experts=1)),

@@ -87,8 +87,8 @@ def model_configs(draw):
         tie_embeddings=draw(st.booleans()), qkv_bias=draw(st.booleans()),
         qk_norm=draw(st.booleans()),
         qk_norm_placement=draw(st.sampled_from(["head", "head_after_rope", "projection"])),
-        cla_share=draw(st.integers(1, 3)),
-        moe=moe, moe_every=draw(st.integers(1, 3)))
+        cla_share=draw(st.integers(1, 3)), attention_out_bias=draw(st.booleans()),
+        moe=moe, moe_every=draw(st.integers(1, 3)), dense_layers=draw(st.sets(st.integers(0, 0))))
 
 
 @settings(max_examples=80, deadline=None)

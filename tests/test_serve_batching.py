@@ -87,8 +87,10 @@ def _metric(text, name, **labels):
     return 0.0
 
 
-def test_paged_rows_at_different_positions_decode_as_each_alone():
-    model = _model()
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_rows_at_different_positions_decode_as_each_alone(window):
+    torch.manual_seed(0)
+    model = Transformer(replace(CONFIG, sliding_window=window)).eval()
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [5] * 11]
     pool = KVBlockPool(CONFIG, num_blocks=20, block_size=4)
     tables, lengths, tokens = [], [], []

@@ -30,17 +30,21 @@ def _train(mesh, run, steps=range(STEPS), resume_from=None):
     """Train ``MODEL`` in float64 under ``mesh`` for ``steps``, writing a checkpoint after each
     into ``run``; returns the steps' records."""
     from moekit.model import Transformer
-    from moekit.model.io import load_weights
+    from moekit.model.io import check_weights_fit
     from moekit.parallel.parallelize import parallelize
     from moekit.train import checkpoint as ckpt
     from moekit.train.optim import build_optimizer, set_learning_rate
     from moekit.train.step import train_step
     from moekit.train.tokenizer import train_tokenizer
     torch.manual_seed(0)
-    model = Transformer(MODEL).double().train()
-    if resume_from is not None:
-        load_weights(model, resume_from)
-    parallel_model = parallelize(model, mesh)
+    if resume_from is None:
+        model = Transformer(MODEL).double().train()
+        parallel_model = parallelize(model, mesh)
+    else:  # as moekit train resumes: each rank reads only what it holds into a meta model
+        with torch.device("meta"):
+            model = Transformer(MODEL).double().train()
+        check_weights_fit(model, resume_from)
+        parallel_model = parallelize(model, mesh, resume_from, torch.device("cpu"))
     optimizer = build_optimizer(model, TRAIN, mesh)
     if resume_from is not None:
         ckpt.restore_optimizer_state(resume_from, model, optimizer, mesh)
@@ -162,24 +166,28 @@ def test_zero_2_and_3_take_the_one_process_steps_and_checkpoints_move_between_la
         _assert_equal(_state(out / layout, 2), _state(tmp_path / "ep2-zero3", 2))
 
 
-def _zero_1_layouts(rank, world, out):
-    """ZeRO-1 with Skywork-MoE's parts on 4 ranks: DP 2 x EDP 2 (the tensor-parallel weights'
-    moments kept whole, the rest over the dp group) and PP 2 x EP 2; each run, and each resumed
-    from its first checkpoint."""
-    from moekit.parallel.mesh import world_mesh
-    layouts = {"dp2-edp2": dict(expert=2, tensor=2),
-               "pp2-ep2": dict(expert=2, pipeline=2, stage_layers=(1, 1))}
+# Skywork-MoE's parts with ZeRO on 4 ranks: name -> (layout, ZeRO levels).
+ZERO_LAYOUTS = {"dp2-edp2": (dict(expert=2, tensor=2), (0, 1)),
+                "pp2-ep2": (dict(expert=2, pipeline=2, stage_layers=(1, 1)), (0, 1, 3)),
+                "pp2-dp2": (dict(pipeline=2, stage_layers=(1, 1)), (2,))}
+
+
+def _layouts_with_zero(rank, world, out):
+    """Each layout at each of its ZeRO levels: the run, and the run resumed from its first
+    checkpoint; and the kinds of optimizer ZeRO-1 builds."""
     from moekit.model import Transformer
+    from moekit.parallel.mesh import world_mesh
     from moekit.parallel.parallelize import parallelize
     from moekit.train.optim import build_optimizer, optimizer_parts
     records = {}
-    for name, layout in layouts.items():
-        model = Transformer(MODEL).double()
-        mesh = replace(world_mesh(**layout), zero=1)
-        parallelize(model, mesh)
-        records[name, "parts"] = sorted(type(part).__name__ for part in
-                                        optimizer_parts(build_optimizer(model, TRAIN, mesh)))
-        for zero in (0, 1):
+    for name, (layout, zeros) in ZERO_LAYOUTS.items():
+        if 1 in zeros:
+            model = Transformer(MODEL).double()
+            mesh = replace(world_mesh(**layout), zero=1)
+            parallelize(model, mesh)
+            records[name, "parts"] = sorted(type(part).__name__ for part in
+                                            optimizer_parts(build_optimizer(model, TRAIN, mesh)))
+        for zero in zeros:
             run = out / f"{name}-zero{zero}"
             records[name, zero] = _train(replace(world_mesh(**layout), zero=zero), run)
             records[name, zero, "resumed"] = _train(
@@ -188,24 +196,28 @@ def _zero_1_layouts(rank, world, out):
     return records
 
 
-def test_zero_1_with_expert_data_and_pipeline_parallelism(tmp_path):
+def test_zero_with_expert_data_and_pipeline_parallelism(tmp_path):
+    """ZeRO-1 with DP 2 x EDP 2 (the tensor-parallel weights' moments kept whole, the rest
+    sharded over the dp group) and with PP 2 x EP 2; ZeRO-2/3 (FSDP2 over a stage's ranks)
+    under a pipeline: each takes the one-process steps, and a run resumed from its first
+    checkpoint continues as the uninterrupted one."""
     from moekit.parallel.mesh import Mesh
     reference = _train(Mesh(), tmp_path / "one")
-    records = run_on_ranks(_zero_1_layouts, 4, tmp_path, timeout=240)[0]
+    records = run_on_ranks(_layouts_with_zero, 4, tmp_path, timeout=240)[0]
     # Under EDP the tensor-parallel weights' moments stay whole, the rest are sharded; a
     # pipeline stage shards its replicated parameters' over its 2 ranks, its experts have one
     # replica each.
     assert records["dp2-edp2", "parts"] == ["AdamW", "ZeroRedundancyOptimizer"]
     assert records["pp2-ep2", "parts"] == ["AdamW", "ZeroRedundancyOptimizer"]
-    for name in ("dp2-edp2", "pp2-ep2"):
-        for step in range(1, STEPS + 1):
-            zero = _state(tmp_path / f"{name}-zero1", step)
-            _assert_close(zero, _state(tmp_path / f"{name}-zero0", step))
-            _assert_close(zero, _state(tmp_path / "one", step))
-        _assert_records_close(records[name, 1], reference)
-        _assert_close(_state(tmp_path / f"{name}-zero1-resumed", STEPS),
-                      _state(tmp_path / f"{name}-zero1", STEPS))
-        _assert_records_close(records[name, 1, "resumed"], records[name, 1][1:])
+    for name, (_, zeros) in ZERO_LAYOUTS.items():
+        for zero in zeros:
+            run = tmp_path / f"{name}-zero{zero}"
+            for step in range(1, STEPS + 1):
+                _assert_close(_state(run, step), _state(tmp_path / "one", step))
+            _assert_records_close(records[name, zero], reference)
+            _assert_close(_state(tmp_path / f"{name}-zero{zero}-resumed", STEPS),
+                          _state(run, STEPS))
+            _assert_records_close(records[name, zero, "resumed"], records[name, zero][1:])
 
 
 def test_moekit_train_with_zero_3_and_expert_parallelism(tmp_path):

@@ -3,6 +3,7 @@ moekit folders and Hugging Face folders."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -10,13 +11,33 @@ import torch
 from moekit.cli.paths import input_option, output_option
 from moekit.cli.values import byte_size
 from moekit.config import MoEConfig
-from moekit.convert import LAYOUTS, export_hf, import_hf, upcycle
-from moekit.convert.hf_folder import DEFAULT_MAX_SHARD_BYTES, load_moekit_or_hf
-from moekit.model import load_model, save_model
+from moekit.convert import LAYOUTS, import_hf, upcycle
+from moekit.convert.hf_folder import DEFAULT_MAX_SHARD_BYTES, export_hf_folder, load_moekit_or_hf
+from moekit.model import save_model
 from moekit.plan import upcycle_or_scratch
 from moekit.train.checkpoint import resolve_checkpoint
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Each dtype under torch's name and under the short one `train --precision` uses.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def _byte_bar(description: str):
+    """Yield a progress callback (bytes written, total) that draws a bar on a terminal's
+    stderr; elsewhere it draws nothing."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                               TimeRemainingColumn, TransferSpeedColumn)
+    console = Console(stderr=True)
+    with Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=None)
+
+        def advance(written: int, total: int) -> None:
+            bar.update(task, advance=written, total=total)
+        yield advance
 
 
 def _folder_command(subcommands, name: str, source: str, run, **texts):
@@ -62,18 +83,28 @@ def register(subcommands) -> None:
     import_parser = _folder_command(
         subcommands, "import", "a local Hugging Face checkpoint folder", run_import,
         help="a local Hugging Face checkpoint -> a moekit folder",
-        description="Reads config.json and the safetensors weights (sharded too) of a Mixtral, "
-                    "Qwen2-MoE, Qwen3-MoE, Llama, Mistral or Qwen2 folder; the tokenizer and "
-                    "chat template come along.")
+        description="Reads config.json and the safetensors weights (sharded too) of a folder "
+                    f"whose model_type is one of {', '.join(LAYOUTS)} (docs/convert.md: what "
+                    "each holds, and the families refused); the tokenizer and chat template "
+                    "come along. The weights stream: memory-mapped and written tensor by "
+                    "tensor (memory stays near one stacked expert tensor, whatever the "
+                    "checkpoint's size), with a progress bar on a terminal. Block-wise FP8 "
+                    "weights (DeepSeek-V3's weight_scale_inv) are dequantized; other "
+                    "quantizations, configs that need trust_remote_code (auto_map) and "
+                    "features the model cannot hold are refused in one line naming the key.")
     import_parser.add_argument("--dtype", choices=DTYPES, default=None,
-                               help="default: the dtype of the stored weights")
+                               help="the dtype to write: bfloat16 (bf16) keeps a bf16 "
+                               "checkpoint as it is (default: the dtype of the stored "
+                               "embedding)")
 
     export_parser = _folder_command(
         subcommands, "export", "a moekit checkpoint or run folder", run_export,
         help="a moekit folder -> a Hugging Face folder transformers loads",
         description="Writes config.json, model.safetensors and the tokenizer files in the "
-                    "chosen layout; refuses a model feature the layout cannot hold. A LoRA run "
-                    "exports its base model and, in OUT/adapter/, a PEFT adapter.")
+                    "chosen layout; refuses a model feature the layout cannot hold. The "
+                    "weights stream from the memory-mapped folder, tensor by tensor, shard by "
+                    "shard. A LoRA run exports its base model and, in OUT/adapter/, a PEFT "
+                    "adapter.")
     export_parser.add_argument("--layout", required=True, choices=LAYOUTS)
     export_parser.add_argument("--max-shard-size", type=byte_size,
                                default=DEFAULT_MAX_SHARD_BYTES, metavar="SIZE",
@@ -123,9 +154,10 @@ def run_upcycle(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    model = import_hf(args.source, args.out, DTYPES.get(args.dtype))
-    print(f"wrote {args.out}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{str(model.embed_tokens.weight.dtype).removeprefix('torch.')}")
+    with _byte_bar("import") as progress:
+        imported = import_hf(args.source, args.out, DTYPES.get(args.dtype), progress)
+    print(f"wrote {args.out}: {imported.parameters:,} parameters, "
+          f"{str(imported.dtype).removeprefix('torch.')}")
     return 0
 
 
@@ -141,14 +173,15 @@ def run_export(args: argparse.Namespace) -> int:
     if args.merge_lora and lora is None:
         raise ValueError(f"--merge-lora: {source} holds no LoRA adapters (its weights are "
                          "written as they are without it)")
-    if lora is None or args.merge_lora:  # a LoRA checkpoint's model.safetensors is merged
-        export_hf(load_model(source), args.out, args.layout, tokenizer_from=source,
-                  max_shard_bytes=args.max_shard_size)
-    else:  # the base model, and the adapters as PEFT's
+    # A LoRA checkpoint's model.safetensors is merged; unmerged, the base model is exported.
+    base_and_adapter = lora is not None and not args.merge_lora
+    if base_and_adapter:
         adapters = read_safetensors(source / ADAPTER_FILE)
         peft_tensors(adapters, args.layout)  # refuses what PEFT cannot hold, before writing
-        export_hf(load_model(post_training["init_from"]), args.out, args.layout,
-                  tokenizer_from=source, max_shard_bytes=args.max_shard_size)
+    with _byte_bar("export") as progress:
+        export_hf_folder(post_training["init_from"] if base_and_adapter else source, args.out, args.layout, tokenizer_from=source,
+                         max_shard_bytes=args.max_shard_size, progress=progress)
+    if base_and_adapter:  # the adapters as PEFT's
         write_peft_adapter(adapters, lora["rank"], lora["alpha"] or 2 * lora["rank"],
                            args.layout, Path(args.out) / "adapter", base_model=str(args.out))
         print(f"wrote {Path(args.out) / 'adapter'}: peft.PeftModel.from_pretrained(model, "

@@ -11,10 +11,13 @@ import dataclasses
 import json
 import os
 
+from moekit.cli.values import byte_size
 from moekit.config import ModelConfig, MoEConfig, preset, read_config_file
+from moekit.convert.hf_folder import read_hf_config
 from moekit.model import read_model_config
 from moekit.plan import (GIB, INFERENCE_DTYPES, Layout, Precision, budget_plan,
                          count_parameters, device, inference_memory, kv_cache_plan,
+                         offload_plan,
                          plan_stages, training_compute, training_flops_per_token,
                          training_memory, uniform_stages, upcycle_or_scratch, utilisation)
 from moekit.plan.inference import inference_weight_bytes
@@ -70,6 +73,10 @@ def register(subcommands) -> None:
     source.add_argument("--preset", help="a model preset (e.g. skywork-moe-146b)")
     source.add_argument("--config", help="a JSON/TOML/YAML file holding a model config, or a "
                                          "moekit checkpoint folder")
+    source.add_argument("--hf-config", metavar="PATH",
+                        help="a Hugging Face config.json, or a folder holding one: the model "
+                        "`moekit import` maps it onto (a family or feature moekit cannot hold "
+                        "is refused naming the key)")
     overrides = parser.add_argument_group(
         "model fields", "override a field of the model (or, with --moe-*, of its MoE layers)")
     _override_flags(overrides, ModelConfig, "", MODEL_FIELD)
@@ -134,6 +141,14 @@ def register(subcommands) -> None:
     serve.add_argument("--kv-dtype", choices=tuple(DTYPE_BYTES), default="bf16")
     serve.add_argument("--kv-batch", type=int, default=1, help="sequences in the KV cache")
     serve.add_argument("--kv-context", type=int, help="tokens per sequence (default: seq len)")
+    serve.add_argument("--expert-memory", type=byte_size, metavar="SIZE",
+                       help="plan serving on one device with the routed experts offloaded and "
+                       "a cache of SIZE bytes of them (GB = 10^9, GiB = 2^30); default, with "
+                       "--device: the memory the resident part leaves")
+    serve.add_argument("--hit-rate", type=float, metavar="H",
+                       help="share of routes the expert cache serves, 0 to 1, for the bytes "
+                       "moved per token (default: the uniform-routing estimate, cached / all "
+                       "experts)")
 
     upcycle = parser.add_argument_group("upcycle or train from scratch (Skywork-MoE)")
     upcycle.add_argument("--upcycle", action="store_true",
@@ -147,11 +162,13 @@ def register(subcommands) -> None:
 
 
 def model_config(args) -> ModelConfig:
-    """The model of --preset or --config, with the field flags applied."""
+    """The model of --preset, --config or --hf-config, with the field flags applied."""
     if args.preset:
         values = preset(args.preset).to_dict()
     elif args.config:
         values = _config_from_path(args.config)
+    elif args.hf_config:
+        values = read_hf_config(args.hf_config)[1].to_dict()
     else:
         values = {}
     moe = dict(values.get("moe") or {})
@@ -227,6 +244,13 @@ def build_plan(args) -> dict:
          for dtype in args.infer_dtype] if memory_gib is not None
         else [{"dtype": dtype, "weight_bytes": inference_weight_bytes(config, dtype),
                "devices": args.world_size} for dtype in args.infer_dtype])
+    if config.moe is not None and (memory_gib is not None or args.expert_memory is not None):
+        plan["offload"] = [offload_plan(config, dtype, memory_gib, args.expert_memory,
+                                        args.hit_rate) for dtype in args.infer_dtype]
+    elif args.expert_memory is not None or args.hit_rate is not None:
+        raise ValueError("--expert-memory and --hit-rate plan offloaded routed experts: they "
+                         "need an MoE model, and --device, --device-memory-gib or "
+                         "--expert-memory for the cache")
     if args.simulate:
         plan["simulation"] = _simulation(config, layout, args, seq_len, peak_flops)
     if args.upcycle:
@@ -367,6 +391,7 @@ def _tables(plan: dict):
                       [f"{_count(law.published_optimal_active_params)} (Hunyuan's published "
                        "optimum)", f"{law.tokens_at_published_optimum:.3e}"]])
     yield from _memory_tables(plan)
+    yield from _offload_table(plan)
     yield from _pipeline_table(plan)
     yield from _simulation_table(plan)
     yield from _upcycle_table(plan)
@@ -415,6 +440,27 @@ def _memory_tables(plan: dict):
                  [[row.dtype, _gib(row.weight_bytes), _gib(row.weight_bytes_per_device),
                    "yes" if row.fits else "no", _gib(row.free_bytes_per_device),
                    f"{row.kv_cache_tokens:,}"] for row in inference])
+
+
+def _offload_table(plan: dict):
+    if "offload" not in plan:
+        return
+    offload = plan["offload"]
+    answers = {None: "-", True: "yes", False: "no"}
+    rows = [["fits resident", *(answers[row.fits_resident] for row in offload)],
+            ["resident part (all but routed experts)",
+             *(_gib(row.resident_bytes) for row in offload)],
+            ["one routed expert", *(f"{row.expert_bytes / 2**20:,.1f} MiB" for row in offload)],
+            ["expert cache", *(_gib(max(row.cache_bytes, 0)) for row in offload)],
+            ["experts cached", *(f"{row.cached_experts:,} of {row.experts:,}"
+                                 for row in offload)],
+            ["fits offloaded", *(answers[row.fits_offloaded] for row in offload)],
+            ["hit rate" + (" (uniform routing)" if offload[0].given_hit_rate is None else ""),
+             *(f"{row.hit_rate:.1%}" for row in offload)],
+            ["expert bytes moved per token", *(f"{row.bytes_per_token / 2**20:,.1f} MiB"
+                                               for row in offload)]]
+    yield _table("Serving on one device with offloaded experts (moekit serve --expert-memory)",
+                 ["", *(row.dtype for row in offload)], rows)
 
 
 def _pipeline_table(plan: dict):

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from moekit.cli.paths import input_option, output_option
+from moekit.cli.options import collective_timeout_option, expert_memory_option, nproc_option
 from moekit.cli.values import byte_size, positive_float, positive_int
+from moekit.parallel.launch import launch, without_nproc
+from moekit.parallel.mesh import (CollectiveError, launched_by_torchrun, mesh_from_environment,
+                                  torchrun_world_size)
 
 GIB = 1 << 30
 
@@ -60,6 +65,17 @@ def register(subcommands) -> None:
     safety.add_argument("--shutdown-timeout", type=positive_float, default=30.0, metavar="S",
                         help="on SIGTERM or Ctrl-C: stop admitting, let running requests "
                         "finish for up to S seconds, cancel the rest, exit 0 (default 30)")
+    expert_memory_option(parser)
+    processes = parser.add_argument_group(
+        "several processes (docs/inference.md)",
+        "torchrun --nproc-per-node N -m moekit serve --split auto ... (or --nproc N here) "
+        "serves one model split over N processes: rank 0 answers HTTP and schedules, the "
+        "others run its steps with it. gloo on CPU, NCCL with one process per GPU.")
+    processes.add_argument("--split", choices=("auto",),
+                           help="auto: Skywork-MoE's non-uniform split, experts and key/value "
+                           "heads in proportion to each process's free device memory")
+    nproc_option(processes, "serve")
+    collective_timeout_option(processes)
     output_option(parser, "--log-routing", kind="file",
                   help="write one JSON line per finished request with its routed tokens per "
                   "MoE layer and expert (live totals are at /metrics)")
@@ -74,30 +90,79 @@ def _device(name: str) -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
-def run(args: argparse.Namespace) -> int:
+def _serving():
+    """``moekit.serve``, which needs the serve extra."""
     try:
-        from moekit.serve import load_engine, serve
+        import moekit.serve
     except ModuleNotFoundError as error:
         raise ValueError(f"serving needs the 'serve' extra ({error.name} is missing): "
                          "pip install 'moekit[serve]'") from None
+    return moekit.serve
+
+
+def run(args: argparse.Namespace) -> int:
+    serving = _serving()
     for flag, value in (("--port", args.port), ("--max-tokens", args.max_tokens),
                         ("--max-request-bytes", args.max_request_bytes)):
         if value < (0 if flag == "--port" else 1):
             raise ValueError(f"{flag} {value} is not allowed: expected a positive integer")
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ValueError(f"--kv-cache-gib {args.kv_cache_gib} is not allowed: expected > 0")
-    engine = load_engine(args.checkpoint, _device(args.device), args.name,
-                         max_tokens_limit=args.max_tokens,
-                         kv_cache_bytes=None if args.kv_cache_gib is None
-                         else int(args.kv_cache_gib * GIB),
-                         kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
-                         max_batch=args.max_batch_size, max_waiting=args.max_waiting,
-                         request_timeout=args.request_timeout, routing_log=args.log_routing)
+    if args.split is not None and args.expert_memory is not None:
+        raise ValueError("--split and --expert-memory do not go together: a split model holds "
+                         "its experts in memory, spread over the processes")
+    if args.nproc is not None:
+        if launched_by_torchrun():
+            raise ValueError("--nproc starts the processes itself: under torchrun, drop it "
+                             "(torchrun's --nproc-per-node sets them)")
+        if args.split is None:
+            raise ValueError(f"--nproc {args.nproc} serves one model over {args.nproc} "
+                             "processes: add --split auto")
+        return launch(args.nproc, without_nproc(args.argv), stop_is_success=True)
+    world = torchrun_world_size()
+    if world > 1 and args.split is None:
+        raise ValueError(f"{world} processes (torchrun) serve one model split over them: add "
+                         "--split auto")
+    device = _device(args.device)
+    if world == 1:  # --split over one process: the whole model
+        return _serve(args, device, split_timeout=None)
+    mesh = mesh_from_environment(torch.device(device), args.collective_timeout)
+    try:
+        if not mesh.is_main:
+            serving.follow_checkpoint(args.checkpoint, device)
+            return 0
+        return _serve(args, device, split_timeout=args.collective_timeout)
+    except CollectiveError as error:
+        print(f"moekit serve: {error}", file=sys.stderr)
+        return 1
+    finally:
+        mesh.close()
+
+
+def _serve(args: argparse.Namespace, device: str, split_timeout: float | None) -> int:
+    from moekit.parallel import expert_cache
+    serving = _serving()
+    engine = serving.load_engine(
+        args.checkpoint, device, args.name, expert_memory=args.expert_memory,
+        split_timeout=split_timeout, max_tokens_limit=args.max_tokens,
+        kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * GIB),
+        kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
+        max_batch=args.max_batch_size, max_waiting=args.max_waiting,
+        request_timeout=args.request_timeout, routing_log=args.log_routing)
     pool = engine.pool
     print(f"serving {engine.name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}; KV cache: {pool.num_blocks} "
-          f"blocks of {pool.block_size} positions, batches of up to {args.max_batch_size}")
-    serve(engine, args.host, args.port, args.api_key, args.max_request_bytes,
-          max_streams_per_client=args.max_streams_per_client,
-          shutdown_timeout=args.shutdown_timeout)
+          f"blocks of {pool.block_size} positions, batches of up to {args.max_batch_size}",
+          flush=True)
+    cache = expert_cache(engine.model)
+    if cache is not None:
+        print(f"experts offloaded: {cache.num_slots} of them in memory at once "
+              f"({cache.num_slots * cache.expert_bytes:,} bytes of --expert-memory "
+              f"{cache.budget_bytes:,})", flush=True)
+    serving.serve(engine, args.host, args.port, args.api_key, args.max_request_bytes,
+                  max_streams_per_client=args.max_streams_per_client,
+                  shutdown_timeout=args.shutdown_timeout)
+    if engine.scheduler.failure is not None:
+        print(f"moekit serve: stopped: {engine.scheduler.failure}", file=sys.stderr)
+        return 1
     return 0

@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict, dataclass, fields, replace
 
 from moekit.cli.paths import input_option, output_option
+from moekit.cli.options import collective_timeout_option, expert_memory_option, nproc_option
 from moekit.cli.values import positive_float, positive_int
 from moekit.config import (EXPERT_LR_RULES, LB_SCOPES, OPTIMIZER_IMPLS, PRECISIONS, PRESETS,
                            DataConfig, ExpertParallelConfig, ModelConfig, TrainConfig, preset,
@@ -140,16 +141,13 @@ def _expert_options(args) -> ExpertParallelConfig:
     return options
 
 
-def check_zero(zero: int, pipeline: int, tensor: int) -> None:
+def check_zero(zero: int, tensor: int) -> None:
     """The layouts each ZeRO level has been built and tested with: ZeRO-1 with every layout,
-    ZeRO-2/3 with data and expert parallelism."""
+    ZeRO-2/3 with data, expert and pipeline parallelism."""
     if zero >= 2 and tensor > 1:
         raise ValueError(f"--zero {zero} with --tensor is not supported yet: FSDP2 does not "
                          "shard tensor-parallel (DTensor) parameters here; use --zero 1 with "
                          "expert data parallelism")
-    if zero >= 2 and pipeline > 1:
-        raise ValueError(f"--zero {zero} with --pipeline is not supported yet: FSDP2 shards "
-                         "over every rank here; use --zero 1 with a pipeline")
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,7 @@ class ParallelLayout:
     def from_args(cls, args, world: int, configs) -> "ParallelLayout":
         """``configs()`` gives the (model, train) configs, read only when a layout of several
         processes needs checking against them."""
-        check_zero(args.zero, args.pipeline, args.tensor)
+        check_zero(args.zero, args.tensor)
         expert_options = _expert_options(args)
         if args.stage_layers and len(args.stage_layers) != args.pipeline:
             raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
@@ -241,20 +239,21 @@ def run_train(args) -> int:
     return 0
 
 
-def _load(args):
-    """The checkpoint folder (quantized or not), its model and its tokenizer."""
-    from moekit.quant import load_for_inference
+def _load(args, expert_memory: int | None = None):
+    """The checkpoint folder (quantized or not), its model (its experts offloaded where the
+    command has --expert-memory) and its tokenizer."""
+    from moekit.parallel import load_for_serving
     from moekit.train.checkpoint import resolve_checkpoint
     from moekit.train.tokenizer import load_tokenizer
     folder = resolve_checkpoint(args.checkpoint)
-    model = load_for_inference(folder, device=resolve_device(args.device))
+    model = load_for_serving(folder, resolve_device(args.device), expert_memory)
     return folder, model, load_tokenizer(folder)
 
 
 def run_generate(args) -> int:
     from moekit.model.decode_step import DecodeStep
     from moekit.model.generate import generate
-    _, model, tokenizer = _load(args)
+    _, model, tokenizer = _load(args, args.expert_memory)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     if any(not ids for ids in prompts):
         raise ValueError("--prompt must not be empty")
@@ -342,8 +341,7 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
         "torchrun --nproc-per-node N -m moekit COMMAND ... runs the same command on N processes "
         "(several machines: torchrun's --nnodes and --rdzv-endpoint); --nproc N starts them "
         "here. gloo on CPU, NCCL with one process per GPU.")
-    parallel.add_argument("--nproc", type=positive_int, metavar="N",
-                          help="run on N local processes (torch's elastic agent, as torchrun)")
+    nproc_option(parallel)
     parallel.add_argument("--expert", type=positive_int, default=1, metavar="E",
                           help="expert parallelism: each MoE layer's experts spread over groups "
                           "of E processes (E divides the experts and a pipeline stage's "
@@ -366,8 +364,8 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
                           "(ZeRO-1, as Skywork-MoE trained: ZeroRedundancyOptimizer over DDP; "
                           "with --expert each expert's over its replicas), 2 the gradients and "
                           "optimizer state (a block's parameters whole from its forward to its "
-                          "backward), 3 the parameters too (FSDP2's fully_shard; experts stay "
-                          "on the --expert path; not with --pipeline). Default 0: plain DDP; "
+                          "backward), 3 the parameters too (FSDP2's fully_shard over a stage's "
+                          "ranks; experts stay on the --expert path). Default 0: plain DDP; "
                           "docs/parallel.md")
     parallel.add_argument("--ep-overlap", action="store_true",
                           help="FasterMoE's smart schedule: the expert-parallel exchange in "
@@ -385,9 +383,7 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
                           default=ExpertParallelConfig.expert_gflops, metavar="GFLOP/S",
                           help="shadowing's cost model: expert matmul rate of one rank "
                           f"(default {ExpertParallelConfig.expert_gflops})")
-    parallel.add_argument("--collective-timeout", type=positive_float, default=600.0,
-                          metavar="S", help="seconds a rank waits for the others in a collective "
-                          "before it fails (default 600)")
+    collective_timeout_option(parallel)
 
 
 def register(subcommands) -> None:
@@ -442,6 +438,7 @@ def register(subcommands) -> None:
                           "a fixed-size KV cache) before generating; the compilation, timed "
                           "on stderr, takes tens of seconds to minutes on a CPU, so it pays "
                           "for long generations only (docs/inference.md, Speed; default off)")
+    expert_memory_option(generate)
 
     evaluate = _checkpoint_command(
         subcommands, "eval", run_eval, help="perplexity of a checkpoint",

@@ -114,7 +114,7 @@ def upgrade_tensor(name: str, tensor: torch.Tensor, format_version: int) -> torc
     return tensor
 
 
-def _upgrade_state(tensors: dict, config: dict) -> dict:
+def upgrade_state(tensors: dict, config: dict) -> dict:
     """A format-1 state dict as this version holds it. Format 1 counted recycling forwards
     (``recycle_calls``); its successor ``router_step`` counts optimizer steps, which a
     training checkpoint records."""
@@ -128,33 +128,60 @@ def _upgrade_state(tensors: dict, config: dict) -> dict:
     return state
 
 
+def read_weights(folder: str | os.PathLike, device: str | torch.device = "cpu",
+                 keep=lambda name: True) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder``'s weights file whose names ``keep`` accepts, as this format
+    version holds them; the others are never read (they stay on disk)."""
+    from safetensors import SafetensorError, safe_open
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys() if keep(name)}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    return _upgrade_state(tensors, read_config(folder))
+
+
 def folder_format_version(folder: str | os.PathLike) -> int:
     return read_config(folder).get("format_version", 1)
 
 
-def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
-    """Load ``model.safetensors`` of ``folder`` into ``model``; names and shapes must match."""
+def check_weights_fit(model: Transformer, folder: str | os.PathLike) -> None:
+    """A CheckpointError unless ``model.safetensors`` of ``folder`` holds every tensor of
+    ``model`` (which may be on the meta device) under its name and shape."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model as load_into
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
+                                                       device="meta") for name in handle.keys()},
+                                    read_config(folder))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+    problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in stored.items()})
+    if problem:
+        raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
+
+
+def load_weights(model: Transformer, folder: str | os.PathLike) -> Transformer:
+    """Load ``model.safetensors`` of ``folder`` into ``model``; names and shapes must match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model as load_into
+    check_weights_fit(model, folder)
+    path = Path(folder) / WEIGHTS_FILE
     config = read_config(folder)
     version = config.get("format_version", 1)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            stored = _upgrade_state({name: torch.empty(handle.get_slice(name).get_shape(),
-                                                       device="meta") for name in handle.keys()},
-                                    config)
-        problem = describe_mismatch(model, {name: tuple(t.shape) for name, t in stored.items()})
-        if problem:
-            raise CheckpointError(f"{path}: does not fit the model of {CONFIG_FILE}: {problem}")
         device = str(next(model.parameters()).device)
         if version == FORMAT_VERSION:
             load_into(model, str(path), strict=True, device=device)
         else:
             tensors = read_safetensors(path, device)
-            model.load_state_dict(_upgrade_state(tensors, config), strict=True)
+            model.load_state_dict(upgrade_state(tensors, config), strict=True)
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
     return model

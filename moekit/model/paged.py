@@ -2,9 +2,10 @@
 
 Continuous batching decodes sequences that started at different times, so each row of a batch
 sits at its own position. ``KVBlockPool`` holds every sequence's cache in blocks of
-``block_size`` positions ([N blocks, G, block_size, Dh] per CLA group), handed out from one
-budget and given back when a sequence ends. ``PagedBatch`` is one forward's view of some
-sequences (their block tables and lengths); it is passed to ``Transformer.forward`` as its
+``block_size`` positions ([N blocks, G, block_size, Dh] per CLA group; with multi-head latent
+attention the latent and the shared RoPE key instead, ``ModelConfig.kv_cache_entry``), handed
+out from one budget and given back when a sequence ends. ``PagedBatch`` is one forward's view
+of some sequences (their block tables and lengths); it is passed to ``Transformer.forward`` as its
 ``cache``: new keys and values go into each row's next free slots, and attention reads each
 row's blocks gathered in order, the positions past a row's length masked out. There is no
 left padding inside a sequence's blocks, so a row's positions are 0, 1, 2, ... as when it
@@ -28,18 +29,17 @@ class KVBlockPool:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a KV block pool needs at least one block of at least one "
                              f"position (got {num_blocks} blocks of {block_size})")
-        groups = -(-config.num_layers // config.cla_share)
-        shape = (num_blocks, config.kv_heads, block_size, config.attention_head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
+        (key_heads, key_width), (value_heads, value_width) = config.kv_cache_entry
+        self.keys = [torch.zeros(num_blocks, key_heads, block_size, key_width, device=device,
+                                 dtype=dtype) for _ in range(config.kv_groups)]
+        self.values = [torch.zeros(num_blocks, value_heads, block_size, value_width,
+                                   device=device, dtype=dtype) for _ in range(config.kv_groups)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes the lowest
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-        groups = -(-config.num_layers // config.cla_share)
-        return 2 * groups * config.kv_heads * config.attention_head_dim * block_size * \
-            dtype.itemsize
+        return config.kv_numbers_per_token * block_size * dtype.itemsize
 
     def blocks_for(self, positions: int) -> int:
         return -(-positions // self.block_size)
@@ -91,7 +91,7 @@ class PagedBatch:
             raise ValueError(f"{seq} new positions do not fit a row's KV blocks "
                              f"(room for {min(self._room)})")
 
-    def positions_and_mask(self, mask_BS, batch: int, seq: int, device):
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
         if mask_BS is not None:
             raise ValueError("a paged batch takes no padding mask: its rows are not padded")
         positions_BS = self.length_B[:, None] + torch.arange(seq, device=device)
@@ -99,6 +99,8 @@ class PagedBatch:
         self._slots = (self.table_BN.gather(1, positions_BS // size), positions_BS % size)
         key_P = torch.arange(self.table_BN.shape[1] * size, device=device)
         allowed_BSP = key_P[None, None, :] <= positions_BS[:, :, None]
+        if window is not None:  # a row's positions are its keys' indices
+            allowed_BSP &= key_P[None, None, :] > positions_BS[:, :, None] - window
         return positions_BS, allowed_BSP[:, None]
 
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):

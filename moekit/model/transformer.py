@@ -1,10 +1,12 @@
 """A decoder-only MoE Transformer, readable top to bottom.
 
-RMSNorm, RoPE (configurable base), grouped-query attention (GQA), cross-layer attention (CLA:
-the first layer of every ``cla_share`` adjacent layers computes K/V, the others reuse them, and
-the KV cache holds one entry per group), optional QK-norm (per head before or after RoPE, or
-over the whole q/k projection) and QKV bias, and an MoE feed-forward
-block (routed + shared experts) in every ``moe_every``-th layer, a dense SwiGLU MLP elsewhere.
+RMSNorm, RoPE (configurable base and scaling, over the whole head or its first ``rotary_dim``
+numbers), grouped-query attention (GQA), cross-layer attention (CLA: the first layer of every
+``cla_share`` adjacent layers computes K/V, the others reuse them, and the KV cache holds one
+entry per group), optional QK-norm (per head before or after RoPE, or over the whole q/k
+projection) and QKV bias, or multi-head latent attention (MLA, DeepSeek), and an MoE
+feed-forward block (routed + shared experts) in every ``moe_every``-th layer not in
+``dense_layers``, a dense SwiGLU MLP elsewhere.
 Weight names follow Hugging Face's Llama/Mixtral family where they can.
 
 Shapes: B batch, S new positions, P positions in the cache (past + new), H query heads,
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from moekit.config import ModelConfig
+from moekit.model.rope import apply_rope, latent_softmax_scale, rope_cos_sin
 from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
 
 
@@ -35,30 +38,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos and sin [B, 1, S, Dh] for rotary embeddings (the half-split convention of Llama)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions_BS.device,
-                                            dtype=torch.float32) / head_dim))
-    angles_BSh = positions_BS.float()[..., None] * inv_freq
-    angles_BSD = torch.cat([angles_BSh, angles_BSh], dim=-1)[:, None]
-    return angles_BSD.cos().to(dtype), angles_BSD.sin().to(dtype)
-
-
-def apply_rope(x_BHSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    first, second = x_BHSD.chunk(2, dim=-1)
-    return x_BHSD * cos + torch.cat([-second, first], dim=-1) * sin
-
-
 class KVCache:
     """Preallocated keys and values, one pair per CLA group: [B, G, max_len, Dh] each, plus which
-    cached positions are real tokens (left padding is not)."""
+    cached positions are real tokens (left padding is not). With multi-head latent attention
+    the pair is the latent [B, 1, max_len, kv_lora_rank] and the shared RoPE key [B, 1,
+    max_len, qk_rope_head_dim] (``ModelConfig.kv_cache_entry``)."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device=None, dtype=torch.float32):
-        groups = -(-config.num_layers // config.cla_share)
-        shape = (batch_size, config.kv_heads, max_len, config.attention_head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(groups)]
+        (key_heads, key_width), (value_heads, value_width) = config.kv_cache_entry
+        self.keys = [torch.zeros(batch_size, key_heads, max_len, key_width, device=device,
+                                 dtype=dtype) for _ in range(config.kv_groups)]
+        self.values = [torch.zeros(batch_size, value_heads, max_len, value_width, device=device,
+                                   dtype=dtype) for _ in range(config.kv_groups)]
         self.valid_BP = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0  # positions filled so far
@@ -69,9 +61,8 @@ class KVCache:
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, itemsize: int) -> int:
-        """K and V of one position in every CLA group, ``itemsize`` bytes per number."""
-        groups = -(-config.num_layers // config.cla_share)
-        return 2 * groups * config.kv_heads * config.attention_head_dim * itemsize
+        """What one position caches in every CLA group, ``itemsize`` bytes per number."""
+        return config.kv_numbers_per_token * itemsize
 
     @staticmethod
     def bytes_needed(config: ModelConfig, batch_size: int, max_len: int,
@@ -84,12 +75,12 @@ class KVCache:
             raise ValueError(f"sequence of {self.length + seq} positions is longer than the "
                              f"cache ({self.max_len})")
 
-    def positions_and_mask(self, mask_BS, batch: int, seq: int, device):
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
         """Positions of the new tokens and the attention mask (see ``positions_and_mask``)."""
         past = self.length
         self.valid_BP[:, past:past + seq] = True if mask_BS is None else mask_BS
         return positions_and_mask(mask_BS, self.valid_BP[:, :past + seq], past, batch, seq,
-                                  device)
+                                  device, window)
 
     def store(self, group: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor):
         """Write the new positions of one group; return its keys and values so far."""
@@ -102,33 +93,42 @@ class KVCache:
         self.length += seq
 
 
-def positions_and_mask(mask_BS, valid_BP, past: int, batch: int, seq: int, device):
+def positions_and_mask(mask_BS, valid_BP, past: int, batch: int, seq: int, device,
+                       window: int | None = None):
     """Positions of ``seq`` new tokens after ``past`` cached ones, and the attention mask
     [B, 1, S, P] (None when plain causal attention is right). ``valid_BP`` marks the real
-    tokens among all P = past + seq positions (None without a cache: ``mask_BS`` then)."""
-    if mask_BS is None and (valid_BP is None or valid_BP[:, :past].all()):
+    tokens among all P = past + seq positions (None without a cache: ``mask_BS`` then).
+    With a sliding ``window``, a query sees the ``window`` last positions up to its own, as
+    transformers counts them (by index, which left padding does not change between real
+    tokens)."""
+    unpadded = mask_BS is None and (valid_BP is None or valid_BP[:, :past].all())
+    if unpadded and (window is None or past + seq <= window):
         positions_BS = torch.arange(past, past + seq, device=device).expand(batch, seq)
         if past == 0 or seq == 1:
             return positions_BS, None  # causal (or a single query seeing everything)
-    valid_BP = valid_BP if valid_BP is not None else mask_BS
+    if valid_BP is None:
+        valid_BP = (torch.ones(batch, seq, dtype=torch.bool, device=device) if mask_BS is None
+                    else mask_BS)
     positions_BS = (valid_BP.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
     query_SP = torch.arange(past, past + seq, device=device)[:, None]
     key_SP = torch.arange(past + seq, device=device)[None, :]
-    causal_SP = key_SP <= query_SP
-    allowed_BSP = causal_SP & valid_BP[:, None, :]
+    allowed_SP = key_SP <= query_SP
+    if window is not None:
+        allowed_SP = allowed_SP & (key_SP > query_SP - window)
+    allowed_BSP = allowed_SP & valid_BP[:, None, :]
     allowed_BSP |= key_SP == query_SP  # a padded query attends to itself: no empty rows
     return positions_BS, allowed_BSP[:, None]
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, owns_kv: bool):
+    def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         d, h, g, dh = (config.hidden_size, config.num_heads, config.kv_heads,
                        config.attention_head_dim)
         self.num_heads, self.kv_heads, self.head_dim = h, g, dh
         self.q_proj = nn.Linear(d, h * dh, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(h * dh, d, bias=False)
-        self.owns_kv = owns_kv
+        self.o_proj = nn.Linear(h * dh, d, bias=config.attention_out_bias)
+        self.owns_kv = owns_kv = config.owns_kv(index)
         self.score_scale = config.attention_multiplier  # None: sdpa's 1/sqrt(Dh)
         self.dropout = config.attention_dropout
         if owns_kv:
@@ -139,7 +139,8 @@ class Attention(nn.Module):
         self.q_norm = (RMSNorm(h * dh if over_projection else dh, config.norm_eps)
                        if config.qk_norm else None)
         self.k_norm = (RMSNorm(g * dh if over_projection else dh, config.norm_eps)
-                       if config.qk_norm and owns_kv else None)
+                       if config.has_k_norm(index) else None)
+        self.normalises_shared_keys = config.normalises_shared_keys
 
     def _heads(self, x_BSX: torch.Tensor, heads: int) -> torch.Tensor:
         batch, seq, _ = x_BSX.shape
@@ -163,12 +164,16 @@ class Attention(nn.Module):
         the next layers of its CLA group reuse."""
         q_BHSD = self._rotated_heads(self.q_proj, self.q_norm, x_BSD, self.num_heads, rope)
         if self.owns_kv:
-            k_BGSD = self._rotated_heads(self.k_proj, self.k_norm, x_BSD, self.kv_heads, rope)
+            k_BGSD = self._rotated_heads(
+                self.k_proj, None if self.normalises_shared_keys else self.k_norm, x_BSD,
+                self.kv_heads, rope)
             v_BGSD = self._heads(self.v_proj(x_BSD), self.kv_heads)
             if cache is not None:
                 k_BGSD, v_BGSD = cache.store(group, k_BGSD, v_BGSD)
             shared_kv = (k_BGSD, v_BGSD)
         k_BGPD, v_BGPD = shared_kv
+        if self.normalises_shared_keys:
+            k_BGPD = self.k_norm(k_BGPD)
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BGPD, v_BGPD, attn_mask=attn_mask,
             is_causal=attn_mask is None and q_BHSD.shape[2] > 1, scale=self.score_scale,
@@ -178,11 +183,97 @@ class Attention(nn.Module):
         return self.o_proj(out_BHSD.transpose(1, 2).reshape(batch, seq, -1)), shared_kv
 
 
+# DeepSeek's code norms both latents with its RMSNorm's default eps, whatever rms_norm_eps says.
+LATENT_NORM_EPS = 1e-6
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3; ``ModelConfig.mla``), with transformers'
+    weight names. Shapes as above, plus L the KV latent (kv_lora_rank); N, R and V the
+    position-free, rotated and value numbers of a head; X a concatenation of two of these.
+
+    The cache holds the latent and the shared RoPE key (one "head" each). Without past
+    positions (training, a first prefill) the latent is expanded into each head's keys and
+    values; with them (decoding) the expansion is absorbed into the queries and the output
+    instead (DeepSeek-V2, section 2.1.2): q_nope . (W_uk c) = (W_uk^T q_nope) . c, so attention
+    runs over the latent itself and the P cached positions are never expanded."""
+
+    absorb = True  # False only to measure what absorbing saves (benchmarks/mla_decode.py)
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        mla, d, h = config.mla, config.hidden_size, config.num_heads
+        self.num_heads, self.rank = h, mla.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.value_dim = (mla.qk_nope_head_dim,
+                                                        mla.qk_rope_head_dim, mla.v_head_dim)
+        self.query_rank = mla.q_lora_rank
+        if mla.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * mla.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, mla.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, h * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(self.rank, h * (self.nope_dim + self.value_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.value_dim, d, bias=False)
+        self.score_scale = (config.attention_multiplier
+                            or latent_softmax_scale(mla.qk_head_dim, config.rope_scaling))
+        self.dropout = config.attention_dropout
+
+    def _queries(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        q = (self.q_proj(x_BSD) if self.query_rank is None
+             else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD))))
+        batch, seq, _ = x_BSD.shape
+        return q.view(batch, seq, self.num_heads, -1).transpose(1, 2)
+
+    def _attend(self, q, k, v, attn_mask):
+        # Values padded with zeros to the queries' width: sdpa's fused kernels need it, and
+        # without them it falls back to the math path, which keeps every head's S x S
+        # probabilities for the backward.
+        width = v.shape[-1]
+        out = F.scaled_dot_product_attention(
+            q, k, F.pad(v, (0, q.shape[-1] - width)), attn_mask=attn_mask,
+            is_causal=attn_mask is None and q.shape[2] > 1, scale=self.score_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=k.shape[1] != q.shape[1])
+        return out[..., :width]
+
+    def forward(self, x_BSD, rope, attn_mask, shared_kv=None, cache=None, group=0):
+        batch, seq, _ = x_BSD.shape
+        q_nope_BHSN, q_rope_BHSR = self._queries(x_BSD).split([self.nope_dim, self.rope_dim], -1)
+        q_rope_BHSR = apply_rope(q_rope_BHSR, *rope)
+        latent_BSL, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.rank, self.rope_dim],
+                                                                      -1)
+        latent_B1SL = self.kv_a_layernorm(latent_BSL)[:, None]
+        k_rope_B1SR = apply_rope(k_rope_BSR[:, None], *rope)
+        latent_B1PL, k_rope_B1PR = ((latent_B1SL, k_rope_B1SR) if cache is None
+                                    else cache.store(group, latent_B1SL, k_rope_B1SR))
+        positions = latent_B1PL.shape[2]
+        # A quantized kv_b_proj multiplies through its own kernels: expanded, never absorbed.
+        if self.absorb and positions > seq and type(self.kv_b_proj) is nn.Linear:
+            w_up_HXL = self.kv_b_proj.weight.view(self.num_heads, -1, self.rank)
+            w_key_HNL, w_value_HVL = w_up_HXL.split([self.nope_dim, self.value_dim], 1)
+            q_BHSX = torch.cat([q_nope_BHSN @ w_key_HNL, q_rope_BHSR], -1)
+            k_B1PX = torch.cat([latent_B1PL, k_rope_B1PR], -1)
+            out_BHSL = self._attend(q_BHSX, k_B1PX, latent_B1PL, attn_mask)
+            out_BHSV = out_BHSL @ w_value_HVL.transpose(1, 2)
+        else:
+            kv_BPHX = self.kv_b_proj(latent_B1PL[:, 0]).view(batch, positions, self.num_heads, -1)
+            k_nope_BHPN, v_BHPV = kv_BPHX.transpose(1, 2).split([self.nope_dim, self.value_dim],
+                                                                -1)
+            k_BHPX = torch.cat([k_nope_BHPN, k_rope_B1PR.expand(-1, self.num_heads, -1, -1)], -1)
+            out_BHSV = self._attend(torch.cat([q_nope_BHSN, q_rope_BHSR], -1), k_BHPX, v_BHPV,
+                                    attn_mask)
+        return self.o_proj(out_BHSV.transpose(1, 2).reshape(batch, seq, -1)), None
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.attn = Attention(config, owns_kv=config.owns_kv(index))
+        self.attn = (LatentAttention(config) if config.mla is not None
+                     else Attention(config, index))
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.residual_multiplier = config.residual_multiplier
         self.hidden_dropout = nn.Dropout(config.hidden_dropout)
@@ -227,11 +318,14 @@ class LayerStack(nn.ModuleDict):
             del self[name]
 
 
-def _document_positions_and_mask(document_ids_BS: torch.Tensor, mask_BS: torch.Tensor | None):
+def _document_positions_and_mask(document_ids_BS: torch.Tensor, mask_BS: torch.Tensor | None,
+                                 window: int | None):
     """Positions restarting at each packed document (counting its real tokens), and the
-    attention mask: causal within a document, never across one, never onto padding."""
+    attention mask: causal within a document (and the sliding ``window``), never across one,
+    never onto padding."""
     seq = document_ids_BS.shape[1]
-    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BS.device).tril()
+    causal_SS = torch.ones(seq, seq, dtype=torch.bool, device=document_ids_BS.device).tril(
+        ).triu(diagonal=1 - (window or seq))
     same_BSS = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
     allowed_BSS = same_BSS & causal_SS
     if mask_BS is not None:
@@ -336,18 +430,18 @@ class Transformer(nn.Module):
         layers' statistics. Positions and the attention mask follow from ``mask`` (and the
         cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
         the same ones."""
-        batch, seq, _ = x_BSD.shape
-        if document_ids is not None:
-            positions_BS, attn_mask = _document_positions_and_mask(document_ids, mask)
-        else:
-            positions_BS, attn_mask = (
-                positions_and_mask(mask, None, 0, batch, seq, x_BSD.device) if cache is None
-                else cache.positions_and_mask(mask, batch, seq, x_BSD.device))
-        rope = rope_cos_sin(positions_BS, self.config.attention_head_dim, self.config.rope_base,
-                            x_BSD.dtype)
+        window = self.config.sliding_window
+        positions_BS, window_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids,
+                                                             window)
+        full_mask = window_mask
+        if window is not None and self.config.full_attention_layers:
+            _, full_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids, None)
+        rope = rope_cos_sin(positions_BS, self.config.rope_dim, self.config.rope_base,
+                            x_BSD.dtype, self.config.rope_scaling)
         all_stats, shared_kv = [], None
         for index, layer in self.layers.numbered():
             group = index // self.config.cla_share
+            attn_mask = window_mask if self.config.uses_window(index) else full_mask
             inputs = (x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
             if self.recompute and torch.is_grad_enabled():
                 x_BSD, shared_kv, stats = checkpoint(layer, *inputs, use_reentrant=False)
@@ -356,6 +450,15 @@ class Transformer(nn.Module):
             if stats is not None:
                 all_stats.append(stats)
         return x_BSD, all_stats
+
+    @staticmethod
+    def _positions_and_mask(x_BSD, mask, cache, document_ids, window):
+        batch, seq, _ = x_BSD.shape
+        if document_ids is not None:
+            return _document_positions_and_mask(document_ids, mask, window)
+        if cache is None:
+            return positions_and_mask(mask, None, 0, batch, seq, x_BSD.device, window)
+        return cache.positions_and_mask(mask, batch, seq, x_BSD.device, window)
 
     def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of the last hidden states."""

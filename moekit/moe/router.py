@@ -123,44 +123,89 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+@dataclass(frozen=True)
+class GroupLimit:
+    """Group-limited routing (DeepSeek-V2/V3): the E experts form ``n_group`` groups of
+    consecutive experts; each token may only choose among the experts of its ``topk_group``
+    best groups. A group's score is the largest of its experts' scores (``"max"``, V2) or the
+    sum of its two largest (``"top2_sum"``, V3). ``n_group=1``: no limit."""
+
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "max"
+
+    def eligible(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The bool mask [T, E] of the experts in each token's best groups."""
+        grouped_TGM = scores_TE.view(len(scores_TE), self.n_group, -1)  # M experts per group
+        group_TG = (grouped_TGM.max(-1).values if self.group_score == "max"
+                    else grouped_TGM.topk(2, dim=-1).values.sum(-1))
+        best_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
+            1, group_TG.topk(self.topk_group, dim=-1).indices, True)
+        return best_TG[:, :, None].expand_as(grouped_TGM).reshape_as(scores_TE)
+
+
+def top_k_within_groups(choice_TE: torch.Tensor, top_k: int, limit: GroupLimit) -> torch.Tensor:
+    """The ids [T, K] of each token's K best experts by ``choice_TE`` among the eligible ones."""
+    if limit.n_group == 1:
+        return choice_TE.topk(top_k, dim=-1).indices
+    eligible_TE = limit.eligible(choice_TE)
+    return choice_TE.masked_fill(~eligible_TE, -torch.inf).topk(top_k, dim=-1).indices
+
+
 class SoftmaxTopKGate(LinearGate):
-    """Softmax over all experts, then the top K; with ``normalize_weights`` the K weights are
-    rescaled to sum to 1 (Mixtral, Skywork-MoE), without it they are the raw probabilities
-    (Switch Transformer's top-1, Qwen2-MoE's default)."""
+    """Softmax over all experts, then the top K (among the experts ``group_limit`` leaves
+    eligible); with ``normalize_weights`` the K weights are rescaled to sum to 1 (Mixtral,
+    Skywork-MoE), without it they are the raw probabilities (Switch Transformer's top-1,
+    Qwen2-MoE's default); then multiplied by ``routed_scaling_factor`` (DeepSeek)."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
-                 normalize_weights: bool = True, **kwargs):
+                 normalize_weights: bool = True, group_limit: GroupLimit = GroupLimit(),
+                 routed_scaling_factor: float = 1.0, **kwargs):
         super().__init__(hidden_size, num_experts, top_k, **kwargs)
         self.normalize_weights = normalize_weights
+        self.group_limit = group_limit
+        self.routed_scaling_factor = routed_scaling_factor
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
-        weights_TK, expert_ids_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.normalize_weights:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        expert_ids_TK = top_k_within_groups(probs_TE.detach(), self.top_k, self.group_limit)
+        weights_TK = _scaled(probs_TE.gather(-1, expert_ids_TK), self.normalize_weights,
+                             self.routed_scaling_factor)
         return Routing(expert_ids_TK, weights_TK, probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+def _scaled(weights_TK: torch.Tensor, normalize: bool, factor: float) -> torch.Tensor:
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return weights_TK * factor if factor != 1.0 else weights_TK
 
 
 class SigmoidBiasGate(LinearGate):
     """DeepSeek-V3's auxiliary-loss-free balancing: scores s = sigmoid(z); the top K are chosen
-    by s + b, where b is a per-expert bias that is not trained by gradients but nudged after each
-    training forward (b_i += rate * sign(mean load - load_i)); the weights come from s alone."""
+    by s + b (and the groups of ``group_limit`` scored by it), where b is a per-expert bias
+    that is not trained by gradients but nudged once per optimizer step (b_i += rate *
+    sign(mean load - load_i)): V3's ``e_score_correction_bias``. The weights come from s alone
+    (renormalised with ``normalize_weights``), times ``routed_scaling_factor``."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *,
-                 normalize_weights: bool = True, bias_update_rate: float = 1e-3, **kwargs):
+                 normalize_weights: bool = True, bias_update_rate: float = 1e-3,
+                 group_limit: GroupLimit = GroupLimit(), routed_scaling_factor: float = 1.0,
+                 **kwargs):
         super().__init__(hidden_size, num_experts, top_k, **kwargs)
         self.normalize_weights = normalize_weights
         self.bias_update_rate = bias_update_rate
+        self.group_limit = group_limit
+        self.routed_scaling_factor = routed_scaling_factor
         self.register_buffer("balance_bias", torch.zeros(num_experts))
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.logits(x_TD)
         scores_TE = logits_TE.sigmoid()
-        expert_ids_TK = (scores_TE.detach() + self.balance_bias).topk(self.top_k, dim=-1).indices
-        weights_TK = scores_TE.gather(-1, expert_ids_TK)
-        if self.normalize_weights:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        expert_ids_TK = top_k_within_groups(scores_TE.detach() + self.balance_bias, self.top_k,
+                                            self.group_limit)
+        weights_TK = _scaled(scores_TE.gather(-1, expert_ids_TK), self.normalize_weights,
+                             self.routed_scaling_factor)
         # The scores normalised per token serve as the distribution for statistics and losses.
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         return Routing(expert_ids_TK, weights_TK, probs_TE=probs_TE, logits_TE=logits_TE)
@@ -359,17 +404,52 @@ def _linear_options(config: MoEConfig, options: dict) -> dict:
                 bias=options["bias"])
 
 
+# The options of the top-k gates (softmax, switch, sigmoid) beyond the bias: group-limited
+# routing and DeepSeek's scaling of the routed output.
+TOP_K_OPTIONS = {"bias": False, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 1.0}
+
+
+def _top_k_options(config: MoEConfig, options: dict, group_score: str) -> dict:
+    """The group limit and scaling factor of ``options``, checked against the config."""
+    n_group, topk_group = options["n_group"], options["topk_group"]
+    for name in ("n_group", "topk_group"):
+        if not isinstance(options[name], int) or options[name] < 1:
+            raise ValueError(f"router_options {name}={options[name]!r} is not allowed: "
+                             "expected an integer >= 1")
+    if config.num_experts % n_group:
+        raise ValueError(f"router_options n_group={n_group} is not allowed: it must divide "
+                         f"num_experts ({config.num_experts})")
+    if topk_group > n_group:
+        raise ValueError(f"router_options topk_group={topk_group} is not allowed: at most "
+                         f"n_group ({n_group})")
+    if config.top_k > topk_group * (config.num_experts // n_group):
+        raise ValueError(f"top_k={config.top_k} is not allowed with router_options "
+                         f"topk_group={topk_group} of n_group={n_group}: the eligible groups "
+                         f"hold {topk_group * (config.num_experts // n_group)} experts")
+    if group_score == "top2_sum" and n_group > 1 and config.num_experts // n_group < 2:
+        raise ValueError(f"router_options n_group={n_group} is not allowed for the sigmoid "
+                         "router: its group score sums each group's two best experts")
+    if options["routed_scaling_factor"] <= 0:
+        raise ValueError(f"router_options routed_scaling_factor="
+                         f"{options['routed_scaling_factor']!r} is not allowed: expected a "
+                         "number > 0")
+    return dict(group_limit=GroupLimit(n_group, topk_group, group_score),
+                routed_scaling_factor=float(options["routed_scaling_factor"]))
+
+
 def _softmax(config: MoEConfig, options: dict) -> Gate:
     # Switch Transformer: top-1, and the gate value is the probability itself.
     normalize = config.normalize_weights and config.router == "softmax"
     return SoftmaxTopKGate(config.hidden_size, config.num_experts, config.top_k,
-                           normalize_weights=normalize, **_linear_options(config, options))
+                           normalize_weights=normalize, **_top_k_options(config, options, "max"),
+                           **_linear_options(config, options))
 
 
 def _sigmoid(config: MoEConfig, options: dict) -> Gate:
     return SigmoidBiasGate(config.hidden_size, config.num_experts, config.top_k,
                            normalize_weights=config.normalize_weights,
                            bias_update_rate=config.bias_update_rate,
+                           **_top_k_options(config, options, "top2_sum"),
                            **_linear_options(config, options))
 
 
@@ -399,9 +479,11 @@ def _sinkhorn(config: MoEConfig, options: dict) -> Gate:
 
 
 GATES = {
-    "softmax": RegisteredGate(_softmax, {"bias": False}),
-    "switch": RegisteredGate(_softmax, {"bias": False}),
-    "sigmoid": RegisteredGate(_sigmoid, {"bias": False}),
+    # Group scores as DeepSeek defines them: V2's softmax gate by each group's best expert,
+    # V3's sigmoid gate by the sum of each group's two best (bias included).
+    "softmax": RegisteredGate(_softmax, TOP_K_OPTIONS),
+    "switch": RegisteredGate(_softmax, TOP_K_OPTIONS),
+    "sigmoid": RegisteredGate(_sigmoid, TOP_K_OPTIONS),
     "zero": RegisteredGate(lambda config, options: ZeroGate(config.num_experts, config.top_k), {}),
     "noisy": RegisteredGate(_noisy, {"bias": False, "noise_epsilon": 0.0,
                                      "importance_weight": 0.1, "load_weight": 0.1}),

@@ -16,9 +16,13 @@ def without_nproc(argv: list[str]) -> list[str]:
     return kept
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], stop_is_success: bool = False) -> int:
     """Run ``moekit *argv`` on ``nproc`` processes of this machine; the exit code is the first
-    failed process's (0 when all succeed). Their output goes straight through."""
+    failed process's (0 when all succeed). Their output goes straight through. On SIGTERM or
+    SIGINT the agent passes the signal to the processes and waits for them; the exit code is
+    then 0 for a command whose way to stop that is (``stop_is_success``: a server, which drains
+    its requests), else 128 + the signal's number, as a shell reports it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}",
@@ -28,4 +32,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as error:
         codes = [failure.exitcode for failure in error.failures.values()]
         return next((code for code in codes if code > 0), 1)
+    except SignalException as stop:
+        return 0 if stop_is_success else 128 + int(stop.sigval)
     return 0

@@ -29,14 +29,20 @@ from moekit.parallel.tensor_parallel import (ReplicatedTokensDispatcher, full_te
                                              shard_blocks)
 
 
-def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
+def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None) -> nn.Module:
     """The model as ``mesh`` runs it: itself on one process; otherwise cut to this rank's
     pipeline stage (``model`` itself keeps only the stage's parts, and a ``StageModule`` runs
     them), with this rank's experts only (``expert_size`` > 1), inside a
     ``DistributedDataParallel`` wrapper whose gradient all-reduce runs in buckets overlapped
     with the backward. Buffers are not broadcast: the router state in them moves identically
-    on every rank (``MoELayer.update_router_state``)."""
+    on every rank (``MoELayer.update_router_state``).
+
+    ``weights``: for a ``model`` built on the meta device, the model or checkpoint folder
+    (current format) that fills it: each rank materialises on ``device`` only what it holds
+    once the layout is applied (its stage, experts, shards) and reads only that from the
+    folder (``load_sharded``, DCP), so no rank ever holds the whole model."""
     if mesh.world_size == 1:
+        _materialise(model, weights, device, mesh)
         return model
     if mesh.tensor_size > 1:  # EDP: the group shares its tokens
         shard_blocks(model, mesh.tensor_mesh, mesh.tensor_size)
@@ -52,10 +58,11 @@ def parallelize(model: nn.Module, mesh: Mesh) -> nn.Module:
     if mesh.pipeline_size > 1:
         cut_into_stage(model, mesh.stage_layers, mesh.pipeline_rank)
         model = StageModule(model, mesh.pipeline_rank, mesh.pipeline_size)
-    if mesh.data_size == 1:
+    if mesh.zero >= 2 and mesh.data_size > 1:  # FSDP2 shards the meta model as it is
+        model = _fully_shard(model, mesh)
+    _materialise(model, weights, device, mesh)
+    if mesh.data_size == 1 or mesh.zero >= 2:
         return model
-    if mesh.zero >= 2:
-        return _fully_shard(model, mesh)
     from torch.nn.parallel import DistributedDataParallel
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
         model, [name for name, _ in reduced_by_hand(model)])
@@ -81,21 +88,46 @@ def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
 
 
 def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """ZeRO 2/3 with FSDP2 over the data-parallel ranks (every rank: the CLI refuses ZeRO 2/3
-    with a pipeline or tensor parallelism): each block one unit (its parameters gathered
+    """ZeRO 2/3 with FSDP2 over the data-parallel ranks, a stage's under a pipeline (the CLI
+    refuses ZeRO 2/3 with tensor parallelism): each block one unit (its parameters gathered
     together), the embeddings, final norm and output layer the root's; experts left out."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
+    stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
+    data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
     experts = {p for _, p in expert_parameters(model)}
-    options = dict(mesh=DeviceMesh(mesh.device.type, list(range(mesh.data_size))),
-                   reshard_after_forward=mesh.zero == 3, ignored_params=experts or None)
+    options = dict(mesh=data_ranks, reshard_after_forward=mesh.zero == 3,
+                   ignored_params=experts or None)
     # FSDP2 warns, at every forward, that a block returns a view (its K/V, which CLA shares
     # with the next block): nothing writes into them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    for block in getattr(model, "layers", ()):
+    for block in getattr(unwrap(model), "layers", ()):
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
+
+
+@torch.no_grad()
+def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
+    """This rank's parameters and buffers of a meta ``model`` on ``device``, read from the
+    folder ``weights`` (nothing to do without one)."""
+    if weights is None:
+        return
+    from moekit.model.io import WEIGHTS_FILE, load_weights
+    from moekit.parallel.sharded_checkpoint import load_sharded
+    # to_empty makes new Parameter objects (a meta tensor's storage cannot be swapped for
+    # another device's): the marks the layout put on them (expert_parallel) go over too.
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for name, parameter in model.named_parameters():
+        vars(parameter).update(marks[name])
+    plain = unwrap(model)
+    if mesh.world_size == 1:
+        load_weights(plain, weights)
+        return
+    held = load_sharded(weights, WEIGHTS_FILE, plain, mesh)
+    for name, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
+        tensor.copy_(held[name])
 
 
 def whole_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh: Mesh) -> dict:

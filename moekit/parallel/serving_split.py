@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moekit.model import Transformer
-from moekit.moe import GroupedExperts, MoELayer, expert_mlp
+from moekit.moe import MoELayer
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,14 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 def plan_split(model: Transformer, free_bytes: list[int]) -> SplitPlan:
     """Where each expert and attention head goes, given each device's free memory in bytes.
     Only sizes are read: the model may be built on the meta device, and quantized (the plan
-    then counts its quantized bytes; ``split_model`` itself takes unquantized models)."""
+    then counts its quantized bytes, and ``split_model`` splits it as it is)."""
     config = model.config
     if not free_bytes or any(not isinstance(b, int) or b <= 0 for b in free_bytes):
         raise ValueError(f"free_bytes={free_bytes!r} is not allowed: expected one positive "
                          "integer per device")
+    if config.mla is not None:
+        raise ValueError("a model with multi-head latent attention (mla) is not split over "
+                         "devices in this version: its heads share one latent cache")
     if config.kv_heads < len(free_bytes):
         raise ValueError(f"{len(free_bytes)} devices but only {config.kv_heads} key/value "
                          "heads: every device needs at least one")
@@ -103,16 +106,31 @@ def plan_split(model: Transformer, free_bytes: list[int]) -> SplitPlan:
     return SplitPlan(expert_ranges, kv_ranges, used)
 
 
-class LocalExperts(nn.Module):
-    """Experts [start, end) of a GroupedExperts; the other experts' rows are left zero on this
-    device and filled by the all-reduce over ``group``."""
+def _narrow_tensors(module: nn.Module, dim: int, part: slice, names=None) -> nn.Module:
+    """Keep ``part`` of ``module``'s own tensors (those in ``names``, or all) along ``dim``, in
+    place: rows of a linear layer's output (nn.Linear or QuantLinear, whose weight, scale and
+    bias all have one row per output), its input columns (the weight alone), or experts of a
+    stacked experts module (plain or quantized: every tensor has one entry per expert)."""
+    for name, tensor in [*module.named_parameters(recurse=False),
+                         *module.named_buffers(recurse=False)]:
+        if names is None or name in names:
+            kept = tensor.data.narrow(dim, part.start, part.stop - part.start).clone()
+            setattr(module, name, nn.Parameter(kept, requires_grad=False)
+                    if isinstance(tensor, nn.Parameter) else kept)
+    return module
 
-    def __init__(self, experts: GroupedExperts, start: int, end: int, group):
+
+class LocalExperts(nn.Module):
+    """Experts [start, end) of a stacked experts module (GroupedExperts or its quantized
+    form); the other experts' rows are left zero on this device and filled by the all-reduce
+    over ``group``."""
+
+    def __init__(self, experts: nn.Module, start: int, end: int, group):
         super().__init__()
-        self.num_experts, self.activation = experts.num_experts, experts.activation
+        self.num_experts = experts.num_experts
         self.start, self.end, self.group = start, end, group
-        self.in_proj = nn.Parameter(experts.in_proj.data[start:end].clone())
-        self.down_proj = nn.Parameter(experts.down_proj.data[start:end].clone())
+        self.local = _narrow_tensors(experts, 0, slice(start, end))
+        self.local.num_experts = end - start
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         first_row = int(tokens_per_expert_E[:self.start].sum())
@@ -120,41 +138,32 @@ class LocalExperts(nn.Module):
         rows = slice(first_row, first_row + int(local_E.sum()))
         y_ND = x_ND.new_zeros(x_ND.shape)
         if self.end > self.start:
-            y_ND[rows] = expert_mlp(x_ND[rows], self.in_proj, self.down_proj, local_E,
-                                    self.activation)
+            y_ND[rows] = self.local(x_ND[rows], local_E)
         dist.all_reduce(y_ND, group=self.group)
         return y_ND
 
 
 class SummedLinear(nn.Module):
-    """A slice of a linear layer's input columns; the partial products of all devices are
-    summed by an all-reduce (tensor parallelism's row-parallel linear)."""
+    """A slice of a linear layer's input columns (nn.Linear or QuantLinear, without bias); the
+    partial products of all devices are summed by an all-reduce (tensor parallelism's
+    row-parallel linear)."""
 
-    def __init__(self, linear: nn.Linear, columns: slice, group):
+    def __init__(self, linear: nn.Module, columns: slice, group):
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.data[:, columns].clone())
+        if getattr(linear, "bias", None) is not None:
+            raise ValueError("a summed linear layer takes no bias: every device would add it")
+        self.linear = _narrow_tensors(linear, 1, columns, names=("weight",))
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight.T
+        y = self.linear(x)
         dist.all_reduce(y, group=self.group)
         return y
-
-
-def _rows(linear: nn.Linear, rows: slice) -> nn.Linear:
-    part = nn.Linear(linear.in_features, rows.stop - rows.start, bias=linear.bias is not None)
-    part.weight.data = linear.weight.data[rows].clone()
-    if linear.bias is not None:
-        part.bias.data = linear.bias.data[rows].clone()
-    return part
 
 
 def split_model(model: Transformer, plan: SplitPlan, rank: int, group=None) -> Transformer:
     """Keep on this rank only its share of ``plan`` (in place); the ranks of ``group`` then
     run the model together and each gets the full output."""
-    if getattr(model, "quantization", None) is not None:
-        raise ValueError("split_model takes an unquantized model (plan_split can plan a "
-                         "quantized one)")
     start, end = plan.kv_head_ranges[rank]
     config, per_group = model.config, model.config.num_heads // model.config.kv_heads
     head_dim = config.attention_head_dim
@@ -162,11 +171,12 @@ def split_model(model: Transformer, plan: SplitPlan, rank: int, group=None) -> T
     for block in model.layers:
         attn = block.attn
         q_rows = slice(start * per_group * head_dim, end * per_group * head_dim)
-        attn.q_proj, attn.o_proj = _rows(attn.q_proj, q_rows), SummedLinear(attn.o_proj,
-                                                                             q_rows, group)
+        _narrow_tensors(attn.q_proj, 0, q_rows)
+        attn.o_proj = SummedLinear(attn.o_proj, q_rows, group)
         if attn.owns_kv:
             kv_rows = slice(start * head_dim, end * head_dim)
-            attn.k_proj, attn.v_proj = _rows(attn.k_proj, kv_rows), _rows(attn.v_proj, kv_rows)
+            _narrow_tensors(attn.k_proj, 0, kv_rows)
+            _narrow_tensors(attn.v_proj, 0, kv_rows)
         attn.num_heads, attn.kv_heads = (end - start) * per_group, end - start
         if isinstance(block.ffn, MoELayer):
             block.ffn.experts = LocalExperts(block.ffn.experts,

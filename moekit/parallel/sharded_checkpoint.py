@@ -96,13 +96,13 @@ def _stored_by_dcp(handle, key: str) -> bool:
 
 
 def load_sharded(folder: str | Path, file: str, model: nn.Module, mesh: Mesh) -> dict:
-    """The tensors of ``folder / file`` named by ``model``'s parameters (``NAME`` or
-    ``NAME.KEY``, an optimizer moment) as this rank holds them, each rank reading only its part
-    (DCP's ``HuggingFaceStorageReader``); the small ones (step counts, random states) whole.
-    A collective: every rank calls it."""
+    """The tensors of ``folder / file`` named by ``model``'s parameters and buffers (``NAME``
+    or ``NAME.KEY``, an optimizer moment) as this rank holds them, each rank reading only its
+    part (DCP's ``HuggingFaceStorageReader``); the small ones (step counts, random states)
+    whole. A collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
-    parameters = dict(model.named_parameters())
+    parameters = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     experts = {name for name, _ in expert_parameters(model)}
     tensors, parts = {}, {}
     with safe_open(str(Path(folder) / file), framework="pt") as handle:

@@ -72,6 +72,10 @@ def check_tensor_model(config, tensor: int) -> None:
         raise ValueError(f"tensor={tensor} is not allowed with qk_norm_placement='projection': "
                          "that norm spans every head, which tensor parallelism splits; "
                          "expected tensor=1, or a per-head QK-norm")
+    if tensor > 1 and config.mla is not None:
+        raise ValueError(f"tensor={tensor} is not allowed with multi-head latent attention "
+                         "(mla): its latent projections are not split over ranks in this "
+                         "version; expected tensor=1")
 
 
 def shard_blocks(model: nn.Module, mesh, size: int) -> None:

@@ -6,7 +6,8 @@ from moekit.plan.advice import UpcycleAdvice, upcycle_advice, upcycle_or_scratch
 from moekit.plan.devices import DEVICES, Device, device
 from moekit.plan.flops import (TrainingCompute, TrainingFlops, Utilisation, training_compute,
                                 training_flops_per_token, utilisation)
-from moekit.plan.inference import INFERENCE_DTYPES, InferenceMemory, inference_memory
+from moekit.plan.inference import (INFERENCE_DTYPES, InferenceMemory, OffloadPlan,
+                                   inference_memory, offload_plan)
 from moekit.plan.kv_cache import KVCachePlan, kv_cache_bytes_per_token, kv_cache_plan
 from moekit.plan.params import ParameterCount, count_parameters
 from moekit.plan.pipeline import StagePlan, plan_stages, uniform_stages
@@ -16,10 +17,10 @@ from moekit.plan.training import Layout, Precision, TrainingMemory, training_mem
 from moekit.plan.units import GIB
 
 __all__ = ["DEVICES", "GIB", "INFERENCE_DTYPES", "BudgetPlan", "Device", "InferenceMemory",
-           "StagePlan", "plan_stages", "uniform_stages",
+           "OffloadPlan", "StagePlan", "plan_stages", "uniform_stages",
            "KVCachePlan", "Layout", "ParameterCount", "Precision", "TrainingCompute",
            "TrainingFlops", "TrainingMemory", "UpcycleAdvice", "Utilisation",
            "active_params_for_budget", "budget_plan", "count_parameters", "device",
            "hunyuan_compute", "inference_memory", "kv_cache_bytes_per_token", "kv_cache_plan",
-           "tokens_for_budget", "training_compute", "training_flops_per_token",
+           "offload_plan", "tokens_for_budget", "training_compute", "training_flops_per_token",
            "training_memory", "upcycle_advice", "upcycle_or_scratch", "utilisation"]

@@ -10,6 +10,9 @@ vocabulary, b bytes per number of the activation dtype; 4 for the float32 parts.
 - attention: q, k, v after RoPE and the attention output (b(2 H Dh + 2 G Dh)), the softmax's
   log-sum-exp (4H); CLA layers that reuse K/V keep no k, v of their own; QK-norm adds, per
   head, a float32 copy of its input, its rsqrt and the normalised value (4 Dh + 4 + b Dh).
+  Multi-head latent attention: its latents' norms, q, k and v (values padded to the queries'
+  width Dqk for sdpa's fused kernels) and the output, the log-sum-exp, the output projection's
+  input (``latent_attention_bytes``).
 - dense FFN: gate and up outputs, the activation, and their product (4bF; 2bF ungated).
 - MoE FFN: the router's probabilities (4E), the routing bookkeeping (top-k ids, weights, the
   permutation's indices: 4 + 28K + bK), and per route the permuted input, the expert's four
@@ -38,7 +41,21 @@ def ffn_inner_bytes(width: int, activation: str, b: int) -> int:
     return b * width * (4 if activation in GATED_ACTIVATIONS else 2)
 
 
+def latent_attention_bytes(config: ModelConfig, b: int) -> float:
+    """Multi-head latent attention: the KV latent's norm (in float32 its input is the
+    projection's output itself, the RoPE key's numbers included), the query latent's norm,
+    q, k and the zero-padded v (each H Dqk wide) and attention's output, the log-sum-exp, and
+    the output projection's input (H Dv)."""
+    mla, heads = config.mla, config.num_heads
+    latents = norm_bytes(mla.kv_lora_rank, b) + (4 * mla.qk_rope_head_dim if b == 4 else 0)
+    if mla.q_lora_rank:
+        latents += norm_bytes(mla.q_lora_rank, b)
+    return (latents + b * heads * (4 * mla.qk_head_dim + mla.v_head_dim) + 4 * heads)
+
+
 def attention_bytes(config: ModelConfig, index: int, b: int, tensor: int = 1) -> float:
+    if config.mla is not None:
+        return norm_bytes(config.hidden_size, b) + latent_attention_bytes(config, b) / tensor
     heads, dh = config.num_heads, config.attention_head_dim
     kv_heads = config.kv_heads if config.owns_kv(index) else 0
     inner = b * dh * (2 * heads + 2 * kv_heads) + 4 * heads
@@ -73,7 +90,7 @@ def layer_bytes(config: ModelConfig, index: int, b: int, tensor: int = 1,
 
 
 def first_stage_bytes(config: ModelConfig, b: int) -> int:
-    return 2 * b * config.attention_head_dim + 8
+    return 2 * b * config.rope_dim + 8
 
 
 def last_stage_bytes(config: ModelConfig, b: int, tensor: int = 1) -> float:

@@ -7,7 +7,10 @@ Three figures side by side, all with N = active parameters without embeddings:
   2022, appendix B) defines it: the output projection (V D) multiplies although it is an
   embedding-sized matrix, and the attention scores and weighted sum cost 2 * 2 * S * H * Dh per
   layer forward over a sequence of S (causal masking not subtracted, as in PaLM), times 3 with
-  the backward. The input embedding is a lookup: no FLOPs.
+  the backward. The input embedding is a lookup: no FLOPs. With multi-head latent attention a
+  head's scores are qk_nope_head_dim + qk_rope_head_dim wide and its values v_head_dim:
+  6 L H (Dqk + Dv) S in place of 12 L H Dh S (training expands the latent; N counts the
+  expansion kv_b_proj, which the cached decoding absorbs instead).
 """
 from __future__ import annotations
 
@@ -20,7 +23,10 @@ from moekit.plan.units import require_positive
 
 
 def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    return 12.0 * config.num_layers * config.num_heads * config.attention_head_dim * seq_len
+    score_dim = value_dim = config.attention_head_dim
+    if config.mla is not None:
+        score_dim, value_dim = config.mla.qk_head_dim, config.mla.v_head_dim
+    return 6.0 * config.num_layers * config.num_heads * (score_dim + value_dim) * seq_len
 
 
 @dataclass(frozen=True)

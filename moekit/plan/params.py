@@ -45,18 +45,44 @@ class LayerParameters:
         return self.total - self.routed_experts + self.routed_experts_active
 
 
-def layer_parameters(config: ModelConfig, index: int) -> LayerParameters:
+def latent_attention_parameters(config: ModelConfig) -> tuple[int, int]:
+    """(projections, norms) of one multi-head latent attention block: queries straight or
+    through their latent (q_a, its norm, q_b), the KV latent with the shared RoPE key
+    (kv_a_proj_with_mqa), its norm, the expansion into each head's keys and values (kv_b) and
+    the output."""
+    mla, d, h = config.mla, config.hidden_size, config.num_heads
+    query = (d * h * mla.qk_head_dim if mla.q_lora_rank is None
+             else mla.q_lora_rank * (d + h * mla.qk_head_dim))
+    projections = (query + d * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+                   + mla.kv_lora_rank * h * (mla.qk_nope_head_dim + mla.v_head_dim)
+                   + h * mla.v_head_dim * d)
+    return projections, mla.kv_lora_rank + (mla.q_lora_rank or 0)
+
+
+def attention_parameters(config: ModelConfig, index: int) -> tuple[int, int]:
+    """(projections and biases, QK- or latent norms) of layer ``index``'s attention."""
+    if config.mla is not None:
+        return latent_attention_parameters(config)
     d, dh = config.hidden_size, config.attention_head_dim
     q_width, kv_width = config.num_heads * dh, config.kv_heads * dh
     owns_kv = config.owns_kv(index)
     attention = 2 * d * q_width + (2 * d * kv_width if owns_kv else 0)
     if config.qkv_bias:
         attention += q_width + (2 * kv_width if owns_kv else 0)
-    norms = 2 * d  # before attention and before the FFN
+    if config.attention_out_bias:
+        attention += d
+    norms = 0
     if config.qk_norm:
         over_projection = config.qk_norm_placement == "projection"
         q_norm, k_norm = (q_width, kv_width) if over_projection else (dh, dh)
-        norms += q_norm + (k_norm if owns_kv else 0)
+        norms += q_norm + (k_norm if config.has_k_norm(index) else 0)
+    return attention, norms
+
+
+def layer_parameters(config: ModelConfig, index: int) -> LayerParameters:
+    d = config.hidden_size
+    attention, attention_norms = attention_parameters(config, index)
+    norms = 2 * d + attention_norms  # before attention and before the FFN, + QK/latent norms
     if not config.is_moe_layer(index):
         return LayerParameters(attention=attention, norms=norms,
                                dense_ffn=mlp_parameters(d, config.ffn_size, config.activation))

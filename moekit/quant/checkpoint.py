@@ -35,7 +35,9 @@ def save_quantized(model: Transformer, folder: str | os.PathLike,
             copy_tokenizer_files(tokenizer_from, staging)
 
 
-def _quantization(folder: str | os.PathLike) -> dict | None:
+def quantization_spec(folder: str | os.PathLike) -> dict | None:
+    """The quantization of the model in ``folder`` ({part: "fp8" | "int8" | None, "dtype": its
+    compute dtype}), or None for an unquantized one."""
     spec = read_config(folder).get(QUANTIZATION_KEY)
     if spec is None:
         return None
@@ -49,14 +51,24 @@ def _quantization(folder: str | os.PathLike) -> dict | None:
 def load_for_inference(folder: str | os.PathLike,
                        device: str | torch.device = "cpu") -> Transformer:
     """The model saved in ``folder`` (quantized or not), in eval mode."""
-    spec = _quantization(folder)
-    if spec is None:
+    if quantization_spec(folder) is None:
         return load_model(folder, device)
-    model, dtype = Transformer(read_model_config(folder)), spec.pop("dtype")
-    if dtype != torch.float32:  # it is built in float32; .to would also cast its float64 buffers
-        model.to(dtype)
-    quantize_model(model, **spec)  # the quantized modules, filled below
-    return load_weights(model.to(device), folder).eval()
+    return load_weights(model_structure(folder).to(device), folder).eval()
+
+
+def model_structure(folder: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> Transformer:
+    """The model of ``folder``'s config, quantized as its weights are, with unloaded weights;
+    on the meta device it holds no memory (the weights are then assigned)."""
+    spec = quantization_spec(folder)
+    with torch.device(device):
+        model = Transformer(read_model_config(folder))
+    if spec is not None:
+        dtype = spec.pop("dtype")
+        if dtype != torch.float32:  # built in float32; .to would also cast float64 buffers
+            model.to(dtype)
+        quantize_model(model, **spec)  # the quantized modules, filled by the caller
+    return model
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:

@@ -14,6 +14,7 @@ from moekit.devices import free_memory_bytes
 from moekit.model import KVCache, Transformer
 from moekit.model.paged import KVBlockPool
 from moekit.serve.metrics import RoutingLog, ServeMetrics
+from moekit.serve.runner import ModelRunner
 from moekit.serve.scheduler import (Overloaded, Piece, RequestFailed, Sampling, Scheduler,
                                     Ticket, Usage)
 
@@ -39,14 +40,16 @@ class Engine:
     ``kv_cache_bytes`` of cache per request, ``kv_cache_memory`` bytes of cache for all (in
     blocks of ``block_size`` positions), ``max_batch`` sequences decoding at once,
     ``max_waiting`` requests queued (more: ``Overloaded``), ``request_timeout`` seconds from
-    arrival to the last token; ``routing_log``: a file path for the per-request routing log."""
+    arrival to the last token; ``routing_log``: a file path for the per-request routing log;
+    ``runner``: makes the scheduler's forwards from the model and the pool (a split model's
+    runs them on all its processes, ``moekit/serve/split.py``)."""
 
     def __init__(self, model: Transformer, tokenizer, name: str, *, max_tokens_limit: int = 1024,
                  max_n: int = 8, kv_cache_bytes: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, max_batch: int = 32,
                  max_waiting: int = 64, request_timeout: float | None = None,
                  routing_log=None, chat_template: str | None = None,
-                 aliases: tuple[str, ...] = ()):
+                 aliases: tuple[str, ...] = (), runner=ModelRunner):
         # ``name`` is the one /v1/models lists and responses carry; requests may also use aliases
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.aliases = aliases
@@ -66,7 +69,7 @@ class Engine:
         self.metrics.kv_blocks_total.set(self.pool.num_blocks)
         self.routing_log = (None if routing_log is None
                             else RoutingLog(routing_log, self.metrics.moe_layers))
-        self.scheduler = Scheduler(model, tokenizer, self.pool, max_batch=max_batch,
+        self.scheduler = Scheduler(runner(model, self.pool), tokenizer, max_batch=max_batch,
                                    max_waiting=max_waiting, metrics=self.metrics,
                                    routing_log=self.routing_log)
 

@@ -4,6 +4,8 @@ and the per-request routing log (``--log-routing FILE``, JSON lines).
 Routed tokens are counted per MoE layer and expert from the routers' own decisions (a forward
 hook on each layer's gate records its expert ids), so an operator sees hot and cold experts
 under real traffic; every (layer, expert) pair is exported from the start, at 0 until used.
+A model served with offloaded experts (``--expert-memory``) also exports its expert cache's
+hits, misses and bytes loaded, read from the cache at each scrape.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from pathlib import Path
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moekit.moe import MoELayer
+from moekit.parallel import ExpertCache, expert_cache
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -60,6 +64,9 @@ class ServeMetrics:
                                                  for e in range(experts)]
                 self._hooks.append(
                     block.ffn.router.register_forward_hook(self._recorder(number)))
+        cache = expert_cache(model)
+        if cache is not None:
+            registry.register(ExpertCacheCollector(cache))
 
     def _recorder(self, number: int):
         def record(module, inputs, routing):
@@ -104,6 +111,25 @@ class ServeMetrics:
         if usage is not None:
             self.prompt_tokens.inc(usage.prompt_tokens)
             self.generation_tokens.inc(usage.completion_tokens)
+
+
+class ExpertCacheCollector:
+    """The offloaded experts' cache, as Prometheus metrics: counters of hits, misses (experts
+    loaded from the file) and bytes loaded, and the cache's size."""
+
+    def __init__(self, cache: ExpertCache):
+        self.cache = cache
+
+    def collect(self):
+        cache = self.cache
+        for name, text, value in (
+                ("hits", "Expert lookups served from memory", cache.hits),
+                ("misses", "Expert lookups that loaded the expert from the file", cache.misses),
+                ("loaded_bytes", "Bytes of expert weights loaded from the file",
+                 cache.bytes_loaded)):
+            yield CounterMetricFamily(f"moekit_expert_cache_{name}", text, value=value)
+        yield GaugeMetricFamily("moekit_expert_cache_slots", "Experts the cache holds at once "
+                                "(--expert-memory // bytes of one expert)", value=cache.num_slots)
 
 
 class RoutingLog:

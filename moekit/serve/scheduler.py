@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moekit.model.generate import prefill, sample_next
-from moekit.model.paged import KVBlockPool, PagedBatch
+from moekit.model.generate import sample_next
+from moekit.parallel.mesh import CollectiveError
 from moekit.serve.metrics import ServeMetrics
+from moekit.serve.runner import ModelRunner
 from moekit.serve.text import TextStream
 
 
@@ -183,11 +184,14 @@ class Ticket:
 
 
 class Scheduler:
-    """Owns ``model`` in a thread of its own from construction until ``close()``."""
+    """Owns ``runner`` (the model and its KV block pool) in a thread of its own from
+    construction until ``close()``. ``failure``: the error that stopped it, when the processes
+    of a split model lost each other (every request then ends with 503; the server exits)."""
 
-    def __init__(self, model, tokenizer, pool: KVBlockPool, *, max_batch: int,
-                 max_waiting: int, metrics: ServeMetrics, routing_log=None):
-        self.model, self.tokenizer, self.pool = model, tokenizer, pool
+    def __init__(self, runner: ModelRunner, tokenizer, *, max_batch: int, max_waiting: int,
+                 metrics: ServeMetrics, routing_log=None):
+        self.runner, self.tokenizer, self.pool = runner, tokenizer, runner.pool
+        self.failure: CollectiveError | None = None
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.metrics, self.routing_log = metrics, routing_log
         self._condition = threading.Condition()
@@ -245,26 +249,36 @@ class Scheduler:
         with torch.inference_mode():
             while self._turn():
                 pass
+        reason = ("the server shut down before this request finished" if self.failure is None
+                  else f"a serving process failed: {self.failure}")
         for ticket in [*self._waiting, *self._running]:
-            self._end(ticket, RequestFailed(503, "the server shut down before this request "
-                                                 "finished"))
+            self._end(ticket, RequestFailed(503, reason))
         self._waiting.clear()
+        if self.failure is None:
+            self.runner.close()  # from this thread: a split runner's last collective
 
     def _turn(self) -> bool:
         with self._condition:
-            while not (self._waiting or self._running or self._closing):
-                self._condition.wait()
+            woken = True
+            while woken and not (self._waiting or self._running or self._closing):
+                woken = self._condition.wait(self.runner.idle_call_s)
             if self._closing:
                 return False
             self._expire_waiting()
             admitted = self._admit()
         self._running.extend(admitted)
         try:
+            if not woken:
+                self.runner.idle()
             for ticket in admitted:
                 self._prefill(ticket)
             if any(ticket.decoding_rows() for ticket in self._running):
                 self._step()
             self._retire()
+        except CollectiveError as error:  # the model's processes lost each other: stop
+            with self._condition:
+                self.failure, self._admitting, self._closing = error, False, True
+            return False
         except Exception as error:  # a bug here must fail its requests, not the server
             for ticket in list(self._running):
                 self._end(ticket, RequestFailed(500, f"the engine failed: {error!r}"))
@@ -303,8 +317,6 @@ class Scheduler:
     def _prefill(self, ticket: Ticket) -> None:
         sampling = ticket.sampling
         prompts = [ids for ids in ticket.prompt_ids for _ in range(sampling.n)]
-        longest = max(len(ids) for ids in prompts)
-        logits_B1V, cache = prefill(self.model, prompts, longest)
         device = self.pool.keys[0].device
         if ticket.keeps_all_rows:
             ticket.generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -313,9 +325,7 @@ class Scheduler:
                 self.pool.blocks_for(len(ids) + sampling.max_tokens - 1))
             ticket.rows.append(_Row(ticket, index, TextStream(self.tokenizer, sampling.stop),
                                     blocks, len(ids)))  # first, so that _end frees them
-            for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-                self.pool.write(group, blocks, keys[index, :, longest - len(ids):],
-                                values[index, :, longest - len(ids):])
+        logits_B1V = self.runner.prefill(prompts, [row.blocks for row in ticket.rows])
         self._count_routing([(ticket, None)])
         self._accept(ticket, ticket.rows, logits_B1V[:, -1])
 
@@ -323,11 +333,9 @@ class Scheduler:
         groups = [(ticket, ticket.decoding_rows()) for ticket in self._running]
         groups = [(ticket, rows) for ticket, rows in groups if rows]
         rows = [row for _, group in groups for row in group]
-        batch = PagedBatch(self.pool, [row.blocks for row in rows],
-                           [row.length for row in rows])
-        ids_B1 = torch.tensor([[row.next_token] for row in rows],
-                              device=self.pool.keys[0].device)
-        logits_BV = self.model(ids_B1, cache=batch).logits[:, -1]
+        logits_BV = self.runner.decode([row.next_token for row in rows],
+                                       [row.blocks for row in rows],
+                                       [row.length for row in rows])
         for row in rows:
             row.length += 1
         self._count_routing(groups)

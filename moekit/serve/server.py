@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import os
 import signal
+from functools import partial
 from pathlib import Path
 
 import uvicorn
 
 from moekit.files import CheckpointError
+from moekit.parallel import load_for_serving
 from moekit.quant import load_for_inference
 from moekit.serve.app import create_app
 from moekit.serve.engine import Engine
+from moekit.serve.split import LeaderRunner, follow, split_across_processes
 from moekit.train.chat import read_chat_template
 from moekit.train.checkpoint import CHECKPOINTS, resolve_checkpoint
 from moekit.train.tokenizer import load_tokenizer
@@ -31,12 +34,19 @@ def served_names(path: Path, checkpoint: Path, name: str | None) -> tuple[str, .
 
 
 def load_engine(path: str | os.PathLike, device: str = "cpu", name: str | None = None,
+                expert_memory: int | None = None, split_timeout: float | None = None,
                 **limits) -> Engine:
     """An engine over a checkpoint folder (plain or quantized), or a run folder's newest, with
     its ``tokenizer.json`` (and chat template, where ``tokenizer_config.json`` has one), served
-    under ``served_names``; ``limits``: Engine's."""
+    under ``served_names``; its experts offloaded into a cache of ``expert_memory`` bytes when
+    that is given (``moekit.parallel.offload``), or split over the processes of the default
+    group when ``split_timeout`` (their collective timeout) is given: this is rank 0, the
+    others ``follow_checkpoint`` (``moekit.serve.split``); ``limits``: Engine's."""
     checkpoint = resolve_checkpoint(path)
-    model = load_for_inference(checkpoint, device)
+    model = load_for_serving(checkpoint, device, expert_memory)
+    if split_timeout is not None:
+        model = split_across_processes(model, device)
+        limits["runner"] = partial(LeaderRunner, collective_timeout=split_timeout)
     tokenizer = load_tokenizer(checkpoint)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{checkpoint}: the tokenizer has {tokenizer.vocab_size} tokens, "
@@ -44,6 +54,13 @@ def load_engine(path: str | os.PathLike, device: str = "cpu", name: str | None =
     served, *aliases = served_names(Path(path), checkpoint, name)
     return Engine(model, tokenizer, served, aliases=tuple(aliases),
                   chat_template=read_chat_template(checkpoint), **limits)
+
+
+def follow_checkpoint(path: str | os.PathLike, device: str = "cpu") -> None:
+    """A follower rank of a split server: its part of the checkpoint, running rank 0's calls
+    until rank 0 stops."""
+    model = load_for_inference(resolve_checkpoint(path), device)
+    follow(split_across_processes(model, device))
 
 
 class DrainingServer(uvicorn.Server):
@@ -54,6 +71,11 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine: Engine):
         super().__init__(config)
         self.engine = engine
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.engine.scheduler.failure is not None:
+            self.should_exit = True  # the split model's processes lost each other
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig, frame) -> None:
         self.engine.scheduler.stop_admitting()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from moekit.config import ModelConfig, TrainConfig
+from moekit.config import MLAConfig, ModelConfig, TrainConfig
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize, whole_tensors
@@ -121,8 +121,8 @@ def shrink(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
         heads = min(config.num_heads, 4)
         grouping = max(1, round(heads * config.kv_heads / config.num_heads))  # GQA kept
         kv_heads = next(g for g in range(grouping, 0, -1) if heads % g == 0)
-        fields.update(hidden_size=heads * 8, num_heads=heads, num_kv_heads=kv_heads,
-                      head_dim=None)
+        fields.update(hidden_size=heads * 8, num_heads=heads, head_dim=None,
+                      num_kv_heads=None if config.mla is not None else kv_heads)
         changes.append(f"hidden_size {config.hidden_size} -> {heads * 8}" + (
             f", heads {config.num_heads}/{config.kv_heads} -> {heads}/{kv_heads}"
             if (heads, kv_heads) != (config.num_heads, config.kv_heads) else ""))
@@ -132,6 +132,16 @@ def shrink(config: ModelConfig) -> tuple[ModelConfig, list[str]]:
         if getattr(config, name) > limit:
             fields[name] = limit
             changes.append(f"{name} {getattr(config, name)} -> {limit}")
+    if config.mla is not None and config.mla.kv_lora_rank > MAX_WIDTH // 4:
+        fields["mla"] = MLAConfig(kv_lora_rank=MAX_WIDTH // 4, qk_nope_head_dim=8,
+                                  qk_rope_head_dim=4, v_head_dim=8,
+                                  q_lora_rank=config.mla.q_lora_rank and MAX_WIDTH // 4)
+        changes.append(f"latent attention {config.mla.kv_lora_rank} -> {MAX_WIDTH // 4} "
+                       "(heads 8 + 4, values 8)")
+    layers = fields.get("num_layers", config.num_layers)
+    if any(index >= layers - 1 for index in config.dense_layers):
+        # Kept below the last layer, so that the shrunk model still has an MoE layer.
+        fields["dense_layers"] = tuple(i for i in config.dense_layers if i < layers - 1)
     if config.moe is not None:
         moe = config.moe
         widths = dict(hidden_size=fields.get("hidden_size", config.hidden_size),

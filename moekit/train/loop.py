@@ -30,7 +30,8 @@ from moekit import __version__
 from moekit.config import DataConfig, ModelConfig, TrainConfig
 from moekit.files import (CheckpointError, atomic_write_text, check_output, read_json,
                            refuse_if_being_written, write_json)
-from moekit.model.io import load_weights, read_model_config
+from moekit.model.io import (FORMAT_VERSION, check_weights_fit, folder_format_version,
+                             load_weights, read_model_config)
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize, unwrap
@@ -268,12 +269,21 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(train_config.seed)
-    model = Transformer(model_config).to(device).train()
-    model.recompute = train_config.recompute
     latest = ckpt.latest_checkpoint(run) if resume else init_from
+    # On several ranks a folder's weights are read as each rank holds them (no rank builds
+    # the whole model); an older format's folder is read whole and upgraded.
+    read_sharded = (latest is not None and mesh.world_size > 1
+                    and folder_format_version(latest) == FORMAT_VERSION)
+    with torch.device("meta") if read_sharded else contextlib.nullcontext():
+        model = Transformer(model_config)
+    model = (model if read_sharded else model.to(device)).train()
+    model.recompute = train_config.recompute
     if latest is not None:
-        load_weights(model, latest)  # whole, before the layout takes this rank's part
-    parallel_model = parallelize(model, mesh)
+        (check_weights_fit if read_sharded else load_weights)(model, latest)
+    parallel_model = parallelize(model, mesh, latest if read_sharded else None, device)
+    # Training's random draws (dropout, jitter) start from the seed however the weights came
+    # to be: drawn, read whole, or read in parts on a meta model (which draws nothing).
+    torch.manual_seed(train_config.seed)
     optimizer = build_optimizer(model, train_config, mesh)
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
 

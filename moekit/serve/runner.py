@@ -1,0 +1,48 @@
+"""The scheduler's two forwards over its model and KV block pool: a prefill that writes the
+prompts' keys and values into their blocks, and a decoding step over the paged cache.
+
+They are one narrow interface so that a model split over several processes runs them on every
+process alike (``moekit/serve/split.py``: rank 0 says which call, with its arguments, and all
+ranks make it): their arguments are plain lists, the same on every rank.
+"""
+from __future__ import annotations
+
+import torch
+
+from moekit.model.generate import prefill
+from moekit.model.paged import KVBlockPool, PagedBatch
+
+
+class ModelRunner:
+    """``idle_call_s``: how long the scheduler may stay idle before it calls ``idle()`` (None:
+    forever)."""
+
+    idle_call_s: float | None = None
+
+    def __init__(self, model, pool: KVBlockPool):
+        self.model, self.pool = model, pool
+
+    def prefill(self, prompts: list[list[int]], row_blocks: list[list[int]]) -> torch.Tensor:
+        """The prompts left-padded into one forward (as ``generate`` runs them alone), each
+        row's keys and values then copied into its blocks; the last position's logits
+        [B, 1, V]."""
+        longest = max(len(ids) for ids in prompts)
+        logits_B1V, cache = prefill(self.model, prompts, longest)
+        for index, (ids, blocks) in enumerate(zip(prompts, row_blocks)):
+            for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+                self.pool.write(group, blocks, keys[index, :, longest - len(ids):],
+                                values[index, :, longest - len(ids):])
+        return logits_B1V
+
+    def decode(self, tokens: list[int], tables: list[list[int]],
+               lengths: list[int]) -> torch.Tensor:
+        """One step: each row's token at its own position over its blocks; logits [B, V]."""
+        batch = PagedBatch(self.pool, tables, lengths)
+        ids_B1 = torch.tensor([[token] for token in tokens], device=self.pool.keys[0].device)
+        return self.model(ids_B1, cache=batch).logits[:, -1]
+
+    def idle(self) -> None:
+        """Called after ``idle_call_s`` without work: a split runner's keep-alive."""
+
+    def close(self) -> None:
+        """Nothing to release here; a split runner tells the other processes to stop."""
