@@ -30,8 +30,10 @@ def _greedy_by_recomputation(model, prompt, new_tokens):
     return ids[len(prompt):]
 
 
-def test_decoding_over_the_fixed_size_cache_equals_recomputation():
-    model = _model(cla_share=2, num_layers=4, qk_norm=True)
+@pytest.mark.parametrize("kw", [dict(cla_share=2, qk_norm=True),
+                                dict(sliding_window=5, full_attention_layers=(1,))])
+def test_decoding_over_the_fixed_size_cache_equals_recomputation(kw):
+    model = _model(num_layers=4, **kw)
     prompts = [[5, 9, 2, 7, 1, 3, 8], [4], [6, 6, 1]]  # left-padded together
     outputs = generate(model, prompts, 12)
     assert outputs == [_greedy_by_recomputation(model, p, 12) for p in prompts]

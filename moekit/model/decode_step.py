@@ -46,8 +46,10 @@ class StaticDecodeCache:
     def __init__(self, cache: KVCache, next_position_B: torch.Tensor):
         self.keys, self.values, self.valid_BP = cache.keys, cache.values, cache.valid_BP
         self.max_len = cache.max_len
-        self.slot_1 = torch.tensor([cache.length], device=cache.valid_BP.device)
-        self.position_B1 = next_position_B.to(cache.valid_BP.device).view(-1, 1).clone()
+        device = cache.valid_BP.device
+        self.slot_1 = torch.tensor([cache.length], device=device)
+        self.position_B1 = next_position_B.to(device).view(-1, 1).clone()
+        self.key_P = torch.arange(self.max_len, device=device)
 
     def check_room(self, seq: int) -> None:
         if seq != 1:
@@ -55,11 +57,14 @@ class StaticDecodeCache:
         # The room itself is the caller's to check once, before the steps: reading the slot
         # here would wait for the device.
 
-    def positions_and_mask(self, mask_BS, batch: int, seq: int, device):
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
         if mask_BS is not None:
             raise ValueError("a static decoding step takes no padding mask")
         self.valid_BP.index_fill_(1, self.slot_1, True)
-        return self.position_B1, self.valid_BP[:, None, None, :]
+        allowed_BP = self.valid_BP
+        if window is not None:  # the last ``window`` slots, counted by index as KVCache does
+            allowed_BP = allowed_BP & (self.key_P > self.slot_1 - window)
+        return self.position_B1, allowed_BP[:, None, None, :]
 
     def store(self, group: int, k_BG1D: torch.Tensor, v_BG1D: torch.Tensor):
         self.keys[group].index_copy_(2, self.slot_1, k_BG1D)
