@@ -141,7 +141,7 @@ def read_weights(folder: str | os.PathLike, device: str | torch.device = "cpu",
             tensors = {name: handle.get_tensor(name) for name in handle.keys() if keep(name)}
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
-    return _upgrade_state(tensors, read_config(folder))
+    return upgrade_state(tensors, read_config(folder))
 
 
 def folder_format_version(folder: str | os.PathLike) -> int:
