@@ -28,7 +28,7 @@ from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_r
 
 # At most this many routes (tokens x top_k) in a forward take the small-batch path, each route
 # through its own expert's weights (``GroupedExperts.forward_routes``) instead of the sorted,
-# grouped one. Measured by benchmarks/decode_moe.py (docs/inference.md, Speed).
+# grouped one. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
 SMALL_BATCH_ROUTES = 4
 
 
