@@ -1,29 +1,42 @@
 #!/usr/bin/env python3
-"""Generation speed of moekit beside Hugging Face transformers' ``generate`` on the same model,
-as ratios measured in one run.
+"""Generation speed of moekit beside Hugging Face transformers' ``generate`` and llama.cpp on the
+same model, as ratios measured in one run.
 
-    python benchmarks/generate.py                         # fp32, bf16 and quantized; batch 1, 16
-    python benchmarks/generate.py --reps 5 --batches 1 4 16 --new-tokens 64
+    python benchmarks/generate.py                         # fp32 and bf16; batch 1, 16
+    python benchmarks/generate.py --reps 5 --batches 1 4 16 --new-tokens 64 --quant int8
 
 The model is a tiny Mixtral built by transformers from a config (H 512, F 1024, 8 experts top-2,
 4 layers, GQA 8/2 heads, vocabulary 8000: 61M parameters, as in ../shared/docs/performance.md)
 and imported into moekit with ``transformer_from_hf``, so both hold the same weights. Greedy,
 random 32-token prompts, no end-of-text; tokens/s = batch * new tokens / the whole call
-(prefill included). Before timing, both must produce the same tokens in fp32, and every
-engine is warmed up once. Engines take turns within each repetition; figures are medians. The quantized rows run moekit with
-weight-only quantized experts and attention (compute in bf16) against HF in bf16.
+(prefill included). moekit runs eagerly and with its decoding step compiled (``--compile``;
+the compilation is done and timed before the runs, once per batch size, as a server start pays
+it). llama.cpp gets the GGUF its own converter makes from ``moekit export --layout mixtral``
+(``benchmarks/llama_cpp_engine.py``; the column is left out, with the reason, where
+llama-cpp-python or the converter is missing); llama-cpp-python decodes one sequence at a
+time, so its batch of 16 is 16 generations one after another. Before timing, every engine
+must agree with transformers' tokens (moekit exactly in fp32; the agreement is printed
+for every engine), and every engine is
+warmed up once. Engines take turns within each repetition; figures are medians. The quantized
+rows run moekit with weight-only quantized experts and attention (compute in bf16) against HF
+in bf16.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+import llama_cpp_engine
 from moekit.convert.hf import transformer_from_hf
+from moekit.convert.hf_folder import export_hf
 from moekit.model import generate
+from moekit.model.decode_step import DecodeStep
 from moekit.quant import quantize_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,8 +64,46 @@ def hf_generate(model, prompts_BS: torch.Tensor, new_tokens: int) -> torch.Tenso
     return out[:, prompts_BS.shape[1]:]
 
 
-def moekit_generate(model, prompts_BS: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    return torch.tensor(generate(model, prompts_BS.tolist(), new_tokens))
+def moekit_generate(model, step=None):
+    return lambda prompts_BS, new_tokens: torch.tensor(
+        generate(model, prompts_BS.tolist(), new_tokens, step=step))
+
+
+def llama_cpp_engines(ours, dtypes, threads: int, folder: Path) -> dict:
+    """llama.cpp on the GGUF of each dtype, or nothing (with the reason printed)."""
+    reason = llama_cpp_engine.missing()
+    if reason is not None:
+        print(f"llama.cpp left out: {reason}")
+        return {}
+    export_hf(ours, folder / "exported", "mixtral")
+    engines = {}
+    for name in dtypes:
+        model = llama_cpp_engine.LlamaCpp(
+            llama_cpp_engine.write_gguf(folder / "exported", folder / f"{name}.gguf", name),
+            threads)
+        engines[("llama.cpp", name)] = lambda prompts_BS, new_tokens, model=model: \
+            torch.tensor(model.generate(prompts_BS.tolist(), new_tokens))
+    return engines
+
+
+def check_tokens(engines: dict, prompts_BS: torch.Tensor, new_tokens: int) -> None:
+    """Every engine's greedy tokens beside transformers' in the same dtype, as the share that
+    agree and the first step where a row differs. moekit's fp32 rows must agree exactly (the
+    same products in the same order); llama.cpp rounds in another order, and a near-tie in
+    this random model's logits may then go the other way, after which the row diverges."""
+    expected = {dtype: run(prompts_BS, new_tokens) for (label, dtype), run in engines.items()
+                if label == "transformers"}
+    for (label, dtype), run in engines.items():
+        if label == "transformers":
+            continue
+        same_BN = run(prompts_BS, new_tokens) == expected[dtype]
+        differs = (~same_BN).any(0).nonzero()
+        first = "none" if len(differs) == 0 else int(differs[0]) + 1
+        print(f"{label:22} {dtype}: {same_BN.float().mean().item():6.1%} of transformers' "
+              f"greedy tokens (batch {len(prompts_BS)}, {new_tokens} tokens; first step "
+              f"that differs: {first})", flush=True)
+        if dtype == "fp32" and label.startswith("moekit") and not same_BN.all():
+            raise SystemExit(f"{label} and transformers disagree in fp32: fix that first")
 
 
 def main() -> None:
@@ -63,7 +114,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quant", nargs="*", default=["fp8", "int8"], choices=["fp8", "int8"],
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out moekit's compiled rows (their compilation takes "
+                        "minutes on 2 cores)")
+    parser.add_argument("--quant", nargs="*", default=[], choices=["fp8", "int8"],
                         help="weight-only quantized moekit rows (bf16 compute)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,31 +131,40 @@ def main() -> None:
     prompts = {b: torch.randint(0, vocab, (b, args.prompt_tokens), generator=generator)
                for b in args.batches}
 
-    check = prompts[max(args.batches)]
-    same = torch.equal(hf_generate(hf, check, 16), moekit_generate(ours, check, 16))
-    print(f"fp32 greedy tokens identical (batch {len(check)}, 16 tokens): {same}")
-    if not same:
-        raise SystemExit("moekit and transformers disagree in fp32: fix that before timing")
-
-    engines = {}  # (label, dtype name) -> (generate function, model)
-    for name, dtype in DTYPES.items():
-        engines[("transformers", name)] = (hf_generate, copy.deepcopy(hf).to(dtype))
-        engines[("moekit", name)] = (moekit_generate, copy.deepcopy(ours).to(dtype))
+    engines = {}  # (label, dtype name) -> run(prompts_BS, new_tokens) -> tokens_BN
+    for name in args.dtypes:
+        hf_copy = copy.deepcopy(hf).to(DTYPES[name])
+        ours_copy = copy.deepcopy(ours).to(DTYPES[name])
+        engines[("transformers", name)] = lambda p, n, model=hf_copy: hf_generate(model, p, n)
+        engines[("moekit", name)] = moekit_generate(ours_copy)
+        if args.compile:
+            step = DecodeStep(ours_copy, compile=True)
+            for batch in args.batches:
+                seconds = step.prepare(batch, args.prompt_tokens + args.new_tokens)
+                print(f"moekit --compile {name}, batch {batch}: compiled in {seconds:.0f} s",
+                      flush=True)
+            engines[("moekit --compile", name)] = moekit_generate(ours_copy, step)
     for quant in args.quant:
         quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=quant,
                                    attention=quant)
-        engines[(f"moekit {quant}", "bf16")] = (moekit_generate, quantized)
+        engines[(f"moekit {quant}", "bf16")] = moekit_generate(quantized)
+    with tempfile.TemporaryDirectory() as scratch:
+        engines.update(llama_cpp_engines(ours, args.dtypes, args.threads, Path(scratch)))
+        check_tokens(engines, prompts[max(args.batches)], args.new_tokens)
+        time_engines(engines, prompts, args)
 
-    for batch in args.batches:  # warm-up: first calls of a shape pay one-off costs
-        for run, model in engines.values():
-            run(model, prompts[batch], 4)
+
+def time_engines(engines: dict, prompts: dict, args) -> None:
     times = {(key, b): [] for key in engines for b in args.batches}
+    for batch in args.batches:  # warm-up: first calls of a shape pay one-off costs
+        for run in engines.values():
+            run(prompts[batch], args.new_tokens)
     for rep in range(args.reps):
         print(f"repetition {rep + 1} of {args.reps}", flush=True)
         for batch in args.batches:
-            for key, (run, model) in engines.items():
+            for key, run in engines.items():
                 start = time.perf_counter()
-                run(model, prompts[batch], args.new_tokens)
+                run(prompts[batch], args.new_tokens)
                 times[key, batch].append(time.perf_counter() - start)
 
     print(f"\ntokens/s (batch x {args.new_tokens} new tokens / median seconds of "

@@ -251,14 +251,20 @@ def _load(args, expert_memory: int | None = None):
 
 
 def run_generate(args) -> int:
+    from moekit.model.decode_step import DecodeStep
     from moekit.model.generate import generate
     _, model, tokenizer = _load(args, args.expert_memory)
     prompts = [tokenizer.encode(text) for text in args.prompt]
     if any(not ids for ids in prompts):
         raise ValueError("--prompt must not be empty")
+    step = DecodeStep(model, compile=args.compile)
+    if args.compile:
+        longest = max(len(ids) for ids in prompts)
+        seconds = step.prepare(len(prompts), longest + args.max_new_tokens)
+        print(f"compiled the decoding step in {seconds:.1f} s", file=sys.stderr)
     outputs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.eos_id,
-                       seed=args.seed)
+                       seed=args.seed, step=step)
     for text, ids in zip(args.prompt, outputs):
         print(text + tokenizer.decode(ids))
         if len(args.prompt) > 1:
@@ -427,6 +433,11 @@ def register(subcommands) -> None:
     generate.add_argument("--top-k", type=positive_int, default=None)
     generate.add_argument("--top-p", type=float, default=0.95)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                          help="compile the decoding step with torch.compile (static shapes, "
+                          "a fixed-size KV cache) before generating; the compilation, timed "
+                          "on stderr, takes tens of seconds to minutes on a CPU, so it pays "
+                          "for long generations only (docs/inference.md, Speed; default off)")
     expert_memory_option(generate)
 
     evaluate = _checkpoint_command(

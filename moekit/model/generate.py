@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import torch
 
+from moekit.model.decode_step import DecodeStep, StaticDecodeCache, cache_length
 from moekit.model.transformer import Transformer
 
 
@@ -43,12 +44,16 @@ def sample_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_k: int | 
 def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
                   temperature: float = 0.0, top_k: int | None = None,
                   top_p: float | None = None, eos_id: int | None = None,
-                  seed: int | None = None) -> Iterator[list[int | None]]:
+                  seed: int | None = None, step: DecodeStep | None = None
+                  ) -> Iterator[list[int | None]]:
     """Decode the prompts together and yield, at each step, every prompt's new token (None for
     a prompt that has already emitted eos_id), for up to max_new_tokens steps.
 
     Prompts of different lengths are left-padded into one batch; padding is masked out of
-    attention and routing. The arguments are checked here, before the first step."""
+    attention and routing. The decoding steps run over a fixed-size cache
+    (``moekit.model.decode_step``) through ``step`` (default: an eager ``DecodeStep``; pass
+    ``DecodeStep(model, compile=True)`` for the compiled one, made once and reused). The
+    arguments are checked here, before the first step."""
     _check_sampling(temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -63,7 +68,10 @@ def stream_tokens(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} "
                          f"exceeds the model context ({model.config.max_seq_len})")
-    return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    if step is not None and step.model is not model:
+        raise ValueError("step was made for another model: DecodeStep(model) of this one")
+    return _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed,
+                   step or DecodeStep(model))
 
 
 def prefill(model: Transformer, prompts: list[list[int]], cache_len: int):
@@ -84,36 +92,40 @@ def prefill(model: Transformer, prompts: list[list[int]], cache_len: int):
 
 
 @torch.inference_mode()  # lighter than no_grad: no view or version tracking per op
-def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed):
+def _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, step):
     was_training = model.training
     model.eval()
     try:
         device = model.norm.weight.device
         longest = max(len(p) for p in prompts)
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        logits, cache = prefill(model, prompts, longest + max_new_tokens)
+        logits_B1V, cache = prefill(model, prompts, cache_length(longest + max_new_tokens,
+                                                                 model.config.max_seq_len))
+        logits_BV = logits_B1V[:, -1]
+        cache = StaticDecodeCache(cache, torch.tensor([len(p) for p in prompts]))
         finished = [False] * len(prompts)
-        for step in range(max_new_tokens):
-            next_B = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        for index in range(max_new_tokens):
+            next_B = sample_next(logits_BV, temperature, top_k, top_p, generator)
             tokens = next_B.tolist()
             yield [None if done else token for done, token in zip(finished, tokens)]
             finished = [done or token == eos_id for done, token in zip(finished, tokens)]
-            if all(finished) or step == max_new_tokens - 1:
+            if all(finished) or index == max_new_tokens - 1:
                 break
-            logits = model(next_B[:, None], cache=cache).logits
+            logits_BV = step(next_B[:, None], cache)
     finally:
         model.train(was_training)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+             eos_id: int | None = None, seed: int | None = None,
+             step: DecodeStep | None = None) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens (fewer once it emits eos_id, which
     is kept). Returns the new tokens of each prompt; see ``stream_tokens``."""
     outputs = [[] for _ in prompts]
-    for step in stream_tokens(model, prompts, max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed):
-        for output, token in zip(outputs, step):
+    for tokens in stream_tokens(model, prompts, max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed, step=step):
+        for output, token in zip(outputs, tokens):
             if token is not None:
                 output.append(token)
     return outputs

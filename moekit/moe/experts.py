@@ -1,6 +1,7 @@
 """Experts: the dense MLP, many MLPs with stacked weights (the fast path), or any modules.
 
-Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, E experts.
+Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, E experts; T tokens
+and K routes per token for the routes taken one by one (``routed_expert_mlp``).
 
 Every experts module maps ``(x_ND, tokens_per_expert_E) -> y_ND``: the rows of expert 0 come
 first, then those of expert 1, and so on, ``tokens_per_expert_E`` rows each.
@@ -72,12 +73,19 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
         # every step, so bf16 experts train slower than fp32 ones there (docs/moe.md, Speed).
         dtype = w_EOI.dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
         x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
+    if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
+        # torch 2.13's grouped_mm traces in bf16 only (its fake kernel refuses the fp32 that
+        # its CPU kernel takes): compiled code calls it eagerly, between two graphs.
+        return _grouped_linear_eagerly(x_NI, w_EOI, tokens_per_expert_E)
     w_EIO = w_EOI.transpose(1, 2)  # a view: grouped_mm reads the [out, in] memory as it is
     if _grouped_mm_supported(x_NI, w_EIO):
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
     blocks = x_NI.split(tokens_per_expert_E.tolist())
     return torch.cat([block @ w_IO for block, w_IO in zip(blocks, w_EIO.unbind(0))])
+
+
+_grouped_linear_eagerly = torch.compiler.disable(grouped_linear)
 
 
 class GroupedExperts(nn.Module):
@@ -128,6 +136,13 @@ class GroupedExperts(nn.Module):
         return expert_mlp(x_ND, self.in_proj, self.down_proj, tokens_per_expert_E,
                           self.activation)
 
+    def forward_routes(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                       weights_TK: torch.Tensor) -> torch.Tensor:
+        """y_TD = sum over k of weights_TK[t, k] * expert expert_ids_TK[t, k](x_t), each route
+        through its own expert's weights: the small-batch path (see ``routed_expert_mlp``)."""
+        return routed_expert_mlp(x_TD, expert_ids_TK, weights_TK, self.in_proj,
+                                 self.down_proj, self.activation)
+
 
 def expert_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
     """The activation between an expert's two projections; gated ones read the gate's F
@@ -153,6 +168,33 @@ def expert_mlp(x_ND: torch.Tensor, in_proj_EID: torch.Tensor, down_proj_EDF: tor
     y_ND = grouped_linear(expert_activation(h_NI, activation), down_proj_EDF,
                           tokens_per_expert_E)
     return y_ND if down_scale_ND is None else y_ND * down_scale_ND
+
+
+def routed_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                      in_proj_EID: torch.Tensor, down_proj_EDF: torch.Tensor,
+                      activation: str) -> torch.Tensor:
+    """Each token's K routes through their experts' weights one by one, gate-weighted and
+    summed: the same function as the grouped path, for a handful of routes (decoding a few
+    tokens), where sorting routes into groups costs more than the products themselves.
+
+    Only the routed experts' weights are read. Eagerly, each route is one ``F.linear`` on its
+    expert's [out, in] matrix, a view (gathering the matrices first would copy them). Under
+    ``torch.compile`` the products are written as gathers multiplied and summed, which
+    inductor fuses into one pass over the routed weights, with no Python number read from a
+    tensor: the step keeps one graph."""
+    num_tokens, top_k = expert_ids_TK.shape
+    if torch.compiler.is_compiling():
+        ids_N = expert_ids_TK.flatten()
+        x_ND = x_TD.repeat_interleave(top_k, dim=0)
+        h_NI = (in_proj_EID[ids_N] * x_ND[:, None, :]).sum(-1)
+        y_ND = (down_proj_EDF[ids_N] * expert_activation(h_NI, activation)[:, None, :]).sum(-1)
+    else:
+        y_ND = torch.stack([
+            F.linear(expert_activation(F.linear(x_TD[route // top_k], in_proj_EID[expert]),
+                                       activation), down_proj_EDF[expert])
+            for route, expert in enumerate(expert_ids_TK.flatten().tolist())])
+    y_TKD = y_ND.view(num_tokens, top_k, -1)
+    return (y_TKD * weights_TK.to(y_TKD.dtype)[..., None]).sum(1)
 
 
 class ModuleExperts(nn.Module):

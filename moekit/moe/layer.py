@@ -17,13 +17,19 @@ import torch.nn as nn
 
 from moekit.config import MoEConfig
 from moekit.moe import capacity as cap
-from moekit.moe.dispatch import DispatchPlan, LocalDispatcher, count_per_expert
+from moekit.moe.dispatch import LocalDispatcher, count_per_expert
 from moekit.moe.experts import MLP, GroupedExperts
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
 from moekit.moe.gates_distributed import DISTRIBUTED_GATES
 from moekit.moe.route_groups import capacity_keep
 from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_routing
+
+
+# At most this many routes (tokens x top_k) in a forward take the small-batch path, each route
+# through its own expert's weights (``GroupedExperts.forward_routes``) instead of the sorted,
+# grouped one. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
+SMALL_BATCH_ROUTES = 4
 
 
 @dataclass
@@ -301,8 +307,14 @@ class MoELayer(nn.Module):
         check_routing(routing, num_tokens, self.config.num_experts,
                       read_values=type(self.router) not in BUILT_IN_GATES + DISTRIBUTED_GATES)
         expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
-        y_TD, plan = self.dispatcher.run(x_TD, expert_ids_TK, keep_TK, routing.weights_TK,
-                                         self.experts)
+        if self._routes_one_by_one(x_TD, expert_ids_TK, keep_TK):
+            y_TD = self.experts.forward_routes(x_TD, expert_ids_TK, routing.weights_TK)
+            tokens_per_expert_E = count_per_expert(expert_ids_TK, self.config.num_experts)
+            computed_routes = expert_ids_TK.numel()
+        else:
+            y_TD, plan = self.dispatcher.run(x_TD, expert_ids_TK, keep_TK, routing.weights_TK,
+                                             self.experts)
+            tokens_per_expert_E, computed_routes = plan.tokens_per_expert_E, len(plan.slots_N)
         if routing.input_weights_T is not None:
             y_TD = y_TD + (routing.input_weights_T[:, None] * x_TD).to(y_TD.dtype)
         if self.shared_experts is not None:
@@ -311,20 +323,32 @@ class MoELayer(nn.Module):
                 shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD + shared_TD
 
-        stats = self._stats(routing, plan, num_tokens, overflowed)
+        stats = self._stats(routing, tokens_per_expert_E, computed_routes, num_tokens,
+                            overflowed)
         if valid_rows is not None:
             y_TD = y_TD.new_zeros(hidden.numel() // hidden.shape[-1], y_TD.shape[-1]).index_copy(
                 0, valid_rows, y_TD)
         return y_TD.view(hidden.shape), stats
 
-    def _stats(self, routing: Routing, plan: DispatchPlan, num_tokens: int,
-               overflowed: int) -> MoEStats:
+    def _routes_one_by_one(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                           keep_TK: torch.Tensor | None) -> bool:
+        """Whether this forward takes the small-batch path: a few routes (decoding), all
+        kept, all experts on this process, grouped experts, and no autocast (whose casts the
+        grouped path makes its own way). Eagerly, only on a CPU: the path reads the expert ids
+        on the host, which costs nothing there and a wait for the device elsewhere."""
+        return (0 < expert_ids_TK.numel() <= SMALL_BATCH_ROUTES and keep_TK is None
+                and (x_TD.device.type == "cpu" or torch.compiler.is_compiling())
+                and type(self.dispatcher) is LocalDispatcher
+                and isinstance(self.experts, GroupedExperts)
+                and not torch.is_autocast_enabled(x_TD.device.type))
+
+    def _stats(self, routing: Routing, tokens_per_expert_E: torch.Tensor, computed_routes: int,
+               num_tokens: int, overflowed: int) -> MoEStats:
         config = self.config
         routed_per_expert_E = count_per_expert(routing.expert_ids_TK, config.num_experts,
                                                routing.keep_TK)
         top_k = routing.expert_ids_TK.shape[1]
-        tokens_per_expert_E = plan.tokens_per_expert_E
-        dropped = top_k * num_tokens - len(plan.slots_N)  # a shape: no wait for the device
+        dropped = top_k * num_tokens - computed_routes  # a shape: no wait for the device
         zero = tokens_per_expert_E.new_zeros((), dtype=torch.float32)
         prob_sum_E = z_sum = None
         aux_loss = z_loss = zero

@@ -1,0 +1,126 @@
+"""A decoding step whose shapes never change, so that ``torch.compile`` traces it once.
+
+``KVCache`` hands attention the positions filled so far (``keys[:, :, :length]``), one more at
+every step: a new shape each token, which a compiled step would have to retrace. A
+``StaticDecodeCache`` takes over a ``KVCache`` after prefill and always hands attention the
+whole preallocated buffer, the positions not yet written (and the left padding) masked out.
+The position it writes next is a tensor, not a Python number, so nothing the compiled code
+reads changes between steps but tensor values: the same graph serves every step of a
+generation, and every generation of the same batch size and cache length.
+
+``DecodeStep`` runs that step, eagerly or compiled (``compile=True``). Eager, it gives the
+tokens of recomputing each sequence whole (tested); compiled, inductor fuses the norms, RoPE,
+the activations and the small-batch experts' gathers, and the step runs without Python between
+its kernels (one graph, where the experts take the small-batch path or run in bf16; in fp32
+the grouped matmul runs eagerly between graphs). The first step of a new batch size or cache
+length pays the compilation (minutes on a 2-core CPU the first time, seconds from inductor's
+on-disk cache); ``DecodeStep.prepare`` pays it ahead, on scratch buffers, so that a server
+or a benchmark pays it once at start, not in a request. Cache lengths are rounded up to a
+multiple of ``CACHE_LENGTH_STEP`` so that prompts of different lengths share a graph.
+
+Shapes: B rows, G key/value heads, P cache positions (the buffer's whole length), Dh head dim,
+V vocabulary.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+from moekit.model.transformer import KVCache, Transformer
+
+# Cache lengths are multiples of this (up to the model's context): one compiled graph serves
+# every generation whose prompt + new tokens round up to the same length.
+CACHE_LENGTH_STEP = 128
+
+
+def cache_length(needed: int, max_seq_len: int) -> int:
+    """``needed`` positions rounded up to a multiple of CACHE_LENGTH_STEP, within the context."""
+    return min(-(-needed // CACHE_LENGTH_STEP) * CACHE_LENGTH_STEP, max_seq_len)
+
+
+class StaticDecodeCache:
+    """One new position per row and step, at the same slot for every row (rows are
+    left-padded together). A cache for ``Transformer.forward`` (the four methods of its
+    docstring) that only takes single-token steps."""
+
+    def __init__(self, cache: KVCache, next_position_B: torch.Tensor):
+        self.keys, self.values, self.valid_BP = cache.keys, cache.values, cache.valid_BP
+        self.max_len = cache.max_len
+        device = cache.valid_BP.device
+        self.slot_1 = torch.tensor([cache.length], device=device)
+        self.position_B1 = next_position_B.to(device).view(-1, 1).clone()
+        self.key_P = torch.arange(self.max_len, device=device)
+
+    def check_room(self, seq: int) -> None:
+        if seq != 1:
+            raise ValueError(f"a static decoding cache takes one token per row, not {seq}")
+        # The room itself is the caller's to check once, before the steps: reading the slot
+        # here would wait for the device.
+
+    def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
+        if mask_BS is not None:
+            raise ValueError("a static decoding step takes no padding mask")
+        self.valid_BP.index_fill_(1, self.slot_1, True)
+        allowed_BP = self.valid_BP
+        if window is not None:  # the last ``window`` slots, counted by index as KVCache does
+            allowed_BP = allowed_BP & (self.key_P > self.slot_1 - window)
+        return self.position_B1, allowed_BP[:, None, None, :]
+
+    def store(self, group: int, k_BG1D: torch.Tensor, v_BG1D: torch.Tensor):
+        self.keys[group].index_copy_(2, self.slot_1, k_BG1D)
+        self.values[group].index_copy_(2, self.slot_1, v_BG1D)
+        return self.keys[group], self.values[group]
+
+    def advance(self, seq: int) -> None:
+        self.slot_1 += seq
+        self.position_B1 += seq
+
+
+def _step_logits(model: Transformer, ids_B1: torch.Tensor,
+                 cache: StaticDecodeCache) -> torch.Tensor:
+    return model(ids_B1, cache=cache).logits[:, -1]
+
+
+@functools.cache
+def _compiled_step_logits(backend: str):
+    # Made on first use: importing moekit does not load the compiler. Static shapes: a new
+    # batch size or cache length compiles a graph of its own rather than a slower dynamic one.
+    return torch.compile(_step_logits, dynamic=False, backend=backend)
+
+
+class DecodeStep:
+    """``step(ids_B1, cache) -> logits_BV``: one token per row through ``model`` over a
+    ``StaticDecodeCache``, compiled when ``compile`` is True, with torch.compile's
+    ``backend`` ("inductor" generates fused kernels; "aot_eager" only traces, in seconds,
+    which checks that the step traces as one graph without paying for code generation)."""
+
+    def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
+        self.model, self.compile = model, compile
+        self._run = _compiled_step_logits(backend) if compile else _step_logits
+
+    def __call__(self, ids_B1: torch.Tensor, cache: StaticDecodeCache) -> torch.Tensor:
+        return self._run(self.model, ids_B1, cache)
+
+    @torch.inference_mode()
+    def prepare(self, batch_size: int, cache_len: int) -> float:
+        """Run one step on scratch buffers of this shape, so that the graph of this batch size
+        and (rounded) cache length is compiled before any request needs it; return the
+        seconds it took (0.0 when not compiled)."""
+        if not self.compile:
+            return 0.0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            start = time.perf_counter()
+            length = cache_length(cache_len, self.model.config.max_seq_len)
+            scratch = self.model.new_cache(batch_size, length)
+            scratch.advance(1)  # one position already written, as after a prefill
+            scratch.valid_BP[:, 0] = True
+            device = scratch.valid_BP.device
+            ids_B1 = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self(ids_B1, StaticDecodeCache(scratch, torch.ones(batch_size, dtype=torch.long)))
+            return time.perf_counter() - start
+        finally:
+            self.model.train(was_training)

@@ -1,0 +1,93 @@
+"""Fast decoding: the fixed-size cache step equals recomputing the whole sequence, the
+small-batch MoE path equals the grouped one, and the compiled step gives the eager tokens."""
+import pytest
+import torch
+
+from moekit import MoEConfig, MoELayer
+from moekit.config import ModelConfig
+from moekit.model import Transformer, generate
+from moekit.model.decode_step import CACHE_LENGTH_STEP, DecodeStep, cache_length
+from moekit.moe import layer as moe_layer
+from reference import moe_forward
+
+
+def _model(dtype=torch.float64, **kw):
+    base = dict(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                ffn_size=48, max_seq_len=256,
+                moe=MoEConfig(hidden_size=32, ffn_size=16, num_experts=4, top_k=2))
+    base.update(kw)
+    model = Transformer(ModelConfig(**base)).to(dtype).eval()
+    model.reset_parameters(std=0.3)  # sharp logits: greedy tokens vary from step to step
+    return model
+
+
+def _greedy_by_recomputation(model, prompt, new_tokens):
+    """Each next token from a forward over the whole sequence so far, without a cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("kw", [dict(cla_share=2, qk_norm=True),
+                                dict(sliding_window=5, full_attention_layers=(1,))])
+def test_decoding_over_the_fixed_size_cache_equals_recomputation(kw):
+    model = _model(num_layers=4, **kw)
+    prompts = [[5, 9, 2, 7, 1, 3, 8], [4], [6, 6, 1]]  # left-padded together
+    outputs = generate(model, prompts, 12)
+    assert outputs == [_greedy_by_recomputation(model, p, 12) for p in prompts]
+    assert len({token for output in outputs for token in output}) > 6  # not one token repeated
+
+
+def test_cache_lengths_round_up_within_the_context():
+    assert cache_length(1, 1000) == CACHE_LENGTH_STEP
+    assert cache_length(CACHE_LENGTH_STEP + 1, 1000) == 2 * CACHE_LENGTH_STEP
+    assert cache_length(300, 300) == 300
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_small_batch_path_equals_the_grouped_path_and_a_loop(tokens, monkeypatch):
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=24, num_experts=5, top_k=2))
+    x = torch.randn(tokens, 16)
+    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", 2 * tokens)
+    routed, routed_stats = layer(x)
+    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", 0)
+    grouped, grouped_stats = layer(x)
+    torch.testing.assert_close(routed, grouped, rtol=1e-6, atol=1e-7)  # float32 rounding
+    routing = layer.router(x)
+    with torch.no_grad():
+        loop = moe_forward(layer.double(), x.double(), routing.expert_ids_TK,
+                           routing.weights_TK.double())
+    torch.testing.assert_close(routed.double(), loop, rtol=1e-5, atol=1e-6)
+    assert torch.equal(routed_stats.tokens_per_expert_E, grouped_stats.tokens_per_expert_E)
+    assert routed_stats.dropped == grouped_stats.dropped == 0
+
+
+def test_small_batch_path_gives_the_grouped_paths_greedy_tokens(monkeypatch):
+    model = _model(torch.float32)
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    routed = generate(model, prompt, 24)
+    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", 0)
+    assert generate(model, prompt, 24) == routed
+
+
+def test_a_step_for_another_model_is_refused():
+    with pytest.raises(ValueError, match="another model"):
+        generate(_model(), [[1, 2]], 2, step=DecodeStep(_model()))
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # the small-batch experts' path, the grouped one
+def test_the_traced_step_gives_the_eager_tokens_and_traces_once(batch):
+    # Inductor's code generation takes minutes on 2 cores: benchmarks/generate.py checks the
+    # inductor-compiled tokens; here the step is traced (dynamo + AOT autograd, no codegen).
+    from torch._dynamo.utils import counters
+    model = _model(torch.float32, num_layers=2)
+    step = DecodeStep(model, compile=True, backend="aot_eager")
+    assert step.prepare(batch_size=batch, cache_len=40) > 0
+    graphs = counters["stats"]["unique_graphs"]
+    for prompt, new_tokens in (([7, 3, 9, 4], 10), ([2], 30)):  # both in one cache length
+        prompts = [prompt, prompt[::-1] + [1], [9] + prompt][:batch]
+        assert generate(model, prompts, new_tokens, step=step) == \
+            generate(model, prompts, new_tokens)
+    assert counters["stats"]["unique_graphs"] == graphs  # the prepared graphs served
