@@ -151,7 +151,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--long-steps", type=int, default=100)
     parser.add_argument("--tables", default="post,long",
-                        help="post (post-training), long (long-context stage), or both")
+                        help="post (post-training, ending with the step times), steps (the "
+                        "LoRA and full step times alone), long (long-context stage), or "
+                        "several, comma-separated")
     args = parser.parse_args()
     if args.quick:
         args.pretrain_steps, args.sft_steps, args.dpo_steps, args.rounds = 20, 10, 4, 3
@@ -166,6 +168,8 @@ def main() -> None:
     print(f"pre-trained model: {pretrained}")
     if "post" in args.tables:
         post_training(pretrained, work, args)
+    if "steps" in args.tables and "post" not in args.tables:  # the post table ends with it
+        step_times(pretrained, args.rounds)
     if "long" in args.tables:
         long_context(pretrained, work, args.long_steps, pretrain.seq_len)
     print(f"runs in {work}")
@@ -174,8 +178,7 @@ def main() -> None:
 def post_training(pretrained: Path, work: Path, args) -> None:
     train_set, held_out = instruction_set()
     held_out = held_out[:100]
-    sft_config = TrainConfig(steps=args.sft_steps, lr=1e-3, warmup_steps=10, eval_every=10**6,
-                             checkpoint_every=10**6, seq_len=128)
+    sft_config = _sft_config(args.sft_steps)
     dpo_config = replace(sft_config, steps=args.dpo_steps, lr=1e-4, warmup_steps=0,
                          batch_size=8)
 
@@ -221,13 +224,26 @@ def post_training(pretrained: Path, work: Path, args) -> None:
               f"{trainable / full_params:6.1%} {state:9.2f} "
               f"{'' if seconds is None else f'{seconds:7.3f}'}")
     print("(EMA rows evaluate RUN/ema/, the averaged weights; DPO rows start from the SFT row)")
+    step_times(pretrained, args.rounds)
 
-    stage = sft_stage()
+
+def _sft_config(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, lr=1e-3, warmup_steps=10, eval_every=10**6,
+                       checkpoint_every=10**6, seq_len=128)
+
+
+def step_times(pretrained: Path, rounds: int) -> None:
+    """A LoRA rank-8 step (experts included) beside a full fine-tuning step, in turns."""
+    train_set, held_out = instruction_set()
+    stage = SupervisedFineTuning([x.messages() for x in train_set],
+                                 [x.messages() for x in held_out[:16]])
     model = load_model(pretrained)
+    sft_config = _sft_config(rounds + 1)
     stage.prepare(*load_chat_tokenizer(pretrained, model.config), sft_config)
-    full, adapted = _step_times(pretrained, stage, sft_config, 8, args.rounds)
+    full_params = _trainable(pretrained, None)
+    full, adapted = _step_times(pretrained, stage, sft_config, 8, rounds)
     ratios = [a / f for a, f in zip(adapted, full)]
-    print(f"\nLoRA rank 8 step / full fine-tuning step, {args.rounds} rounds in turns: "
+    print(f"\nLoRA rank 8 step / full fine-tuning step, {rounds} rounds in turns: "
           f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
           f"(full {statistics.median(full) * 1e3:.0f} ms, LoRA "
           f"{statistics.median(adapted) * 1e3:.0f} ms; trainable share "
