@@ -14,9 +14,11 @@ rank that computed it, which backpropagates through that chunk alone (its graph,
 the forward) while the next chunk's gradient travels.
 
 Each row meets the same expert weights as in one exchange, so outputs and gradients equal the
-unsplit exchange's up to the grouped matmul's blocking (float64: within 1e-12, tested). On a
-GPU the chunks' compute would run on their own CUDA stream; here the overlap is gloo's
-transport threads against the compute thread (docs/parallel.md says where it pays).
+unsplit exchange's up to the grouped matmul's blocking (float64: within 1e-12, tested). With
+NCCL the messages run on NCCL's own CUDA stream, so a chunk's compute on the current stream
+overlaps the next chunk's transfer without a stream of ours (``wait`` orders the current
+stream after the message); with gloo the overlap is its transport threads against the
+compute thread (docs/parallel.md says where it pays).
 """
 from __future__ import annotations
 
