@@ -41,7 +41,8 @@ from moekit.train.chat_data import Preference
 from moekit.train.instructions import Instruction, exact_answer_reward
 from moekit.train.sft import ACCURACY_PROMPTS, answer_accuracy, answers
 from moekit.train.router_loss import StepRouterLoss, routing_totals
-from moekit.train.step import IGNORE_INDEX, LayerStep, autocast, moe_layers, step_figures
+from moekit.train.step import (IGNORE_INDEX, LayerStep, autocast, gradients_reduced_if,
+                               moe_layers, step_figures)
 
 
 # The step's summed figures, in the order the step's reduction carries them.
@@ -286,10 +287,7 @@ class DirectPreference:
         sums, stats = {}, []
         for index, (batch, batch_rows, reference) in enumerate(zip(micro_pairs, rows,
                                                                    references)):
-            last = index == len(rows) - 1
-            # Data parallelism reduces the gradients once, in the last micro-batch's backward.
-            with (model.no_sync() if hasattr(model, "no_sync") and not last
-                  else contextlib.nullcontext()):
+            with gradients_reduced_if(index == len(rows) - 1, model):
                 figures, out = self._figures(model, batch, batch_rows, reference, router_loss)
                 # DDP averages the ranks' gradients: each rank's loss is R times its share.
                 loss = (figures["dpo_sum"] / pair_count + self.sft_weight * figures["sft_sum"]
@@ -303,7 +301,6 @@ class DirectPreference:
         grad_norm = clip_gradients(model, clip, mesh)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        layers = moe_layers(unwrap(model))
         keys = [key for key in FIGURE_KEYS if key in sums] + ["router_share"]
         layer_figures, summed = step_figures(
             unwrap(model).config, layers, [LayerStep.of(per_layer, device)

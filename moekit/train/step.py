@@ -83,7 +83,7 @@ class LayerStep:
 
 
 def step_figures(model_config, layers: list[MoELayer], steps: list[LayerStep],
-                  scalars: list[torch.Tensor], mesh: Mesh):
+                 scalars: list[torch.Tensor], mesh: Mesh):
     """Every MoE layer's step figures (this rank holds ``layers``, a pipeline stage's or all
     of them) and the float64 ``scalars``, summed over the run's ranks in one collective: a
     layer's slot is filled by the ranks of the stage that holds it. The aux coefficient and k,
@@ -111,6 +111,12 @@ def step_figures(model_config, layers: list[MoELayer], steps: list[LayerStep],
     return figures, flat[len(numbers) * width:].tolist()
 
 
+def gradients_reduced_if(last: bool, model: torch.nn.Module):
+    """The context of a micro-batch's backward: data parallelism reduces the gradients once,
+    in the backward of the step's last micro-batch (DDP's ``no_sync`` before it)."""
+    return model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+
+
 def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted, device,
                         capacity: StepCapacity | None):
     """The step's forwards and backwards on one process or data-parallel ranks: the summed
@@ -123,8 +129,7 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
         if capacity is not None:
             capacity.select(index)
         last = index == len(micro_batches) - 1
-        # Data parallelism reduces the gradients once, in the backward of the last micro-batch.
-        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+        with gradients_reduced_if(last, model):
             with autocast(config.precision, device):
                 out = model(inputs, mask, document_ids=document_ids)
             nll = _summed_cross_entropy(out.logits, targets)
