@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """The MoE layer at decoding sizes: the small-batch path (each route through its own
-expert's weights) beside the grouped path (sort, grouped matmul, un-permute), as ratios
-measured in one run. It sets ``moekit.moe.layer.SMALL_BATCH_ROUTES``.
+expert's weights) and the mid-batch path (every expert on every token) beside the grouped
+path (sort, grouped matmul, un-permute), as ratios measured in one run. It sets
+``moekit.moe.layer.SMALL_BATCH_ROUTES`` and ``DENSE_BATCH_ROWS``.
 
-    python benchmarks/decode_moe.py                  # 1 to 8 tokens, fp32 and bf16
-    python benchmarks/decode_moe.py --threads 1 --reps 300
+    python benchmarks/decode_moe.py                  # 1 to 64 tokens, fp32 and bf16
+    python benchmarks/decode_moe.py --threads 1 --reps 300 --experts 64
 
 The layer is the one of benchmarks/generate.py's model (H 512, F 1024, 8 experts top-2), in
-eval mode under inference_mode, weights N(0, 0.02); the paths take turns call by call and
-each figure is the median of ``--reps`` calls.
+eval mode under inference_mode, weights N(0, 0.02). As in the model, ``--layers`` such layers
+(4) run one after another, so that each layer's weights have left the caches by its next
+call (one layer's 48 MB in fp32 stay in this CPU's L3 when called alone, and decoding then
+looks faster than it is); a figure is per layer, the median over ``--reps`` passes, the paths
+taking turns pass by pass. A path is shown only for the sizes it takes
+(by route: at least one route; dense: routes reaching every expert).
 """
 from __future__ import annotations
 
@@ -22,36 +27,51 @@ from moekit import MoEConfig, MoELayer
 from moekit.moe import layer as moe_layer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (SMALL_BATCH_ROUTES, DENSE_BATCH_ROWS) that send a forward down each path.
+EVERYTHING = 2**62
+PATHS = {"grouped": (0, 0), "by route": (EVERYTHING, 0), "dense": (0, EVERYTHING)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 4, 8])
-    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; median ms per "
-          "forward, and the small-batch path's time over the grouped path's")
-    print(f"{'dtype':5} {'tokens':>6} {'routes':>6} {'grouped':>9} {'by route':>9} {'ratio':>6}")
+    top_k = 2
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.experts} "
+          "experts top-2; median ms per forward, and each path's time over the grouped path's")
+    print(f"{'dtype':5} {'tokens':>6} {'grouped':>8} " +
+          " ".join(f"{p:>16}" for p in PATHS if p != "grouped"))
+    saved = moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS
     for name, dtype in DTYPES.items():
-        layer = MoELayer(MoEConfig(hidden_size=512, ffn_size=1024, num_experts=8, top_k=2))
-        layer.experts.reset_parameters(0.02)
-        layer = layer.to(dtype).eval()
+        layers = [MoELayer(MoEConfig(hidden_size=512, ffn_size=1024,
+                                     num_experts=args.experts, top_k=top_k)).to(dtype).eval()
+                  for _ in range(args.layers)]
+        for layer in layers:
+            layer.experts.reset_parameters(0.02)
         for tokens in args.tokens:
             x_TD = torch.randn(tokens, 512, dtype=dtype)
-            times = {"grouped": [], "by route": []}
+            paths = [p for p in PATHS if p != "dense" or tokens * top_k >= args.experts]
+            times = {path: [] for path in paths}
             with torch.inference_mode():
                 for _ in range(args.reps):
-                    for path, limit in (("grouped", 0), ("by route", 2 * tokens)):
-                        moe_layer.SMALL_BATCH_ROUTES = limit
+                    for path in paths:
+                        moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS = PATHS[path]
                         start = time.perf_counter()
-                        layer(x_TD)
+                        for layer in layers:
+                            layer(x_TD)
                         times[path].append(time.perf_counter() - start)
-            grouped, by_route = (statistics.median(times[p]) * 1e3 for p in times)
-            print(f"{name:5} {tokens:6} {2 * tokens:6} {grouped:9.3f} {by_route:9.3f} "
-                  f"{by_route / grouped:6.2f}", flush=True)
+            ms = {path: statistics.median(times[path]) * 1e3 / len(layers) for path in paths}
+            cells = [f"{ms[p]:7.3f} ({ms[p] / ms['grouped']:4.2f}x)" if p in ms else "-"
+                     for p in PATHS if p != "grouped"]
+            print(f"{name:5} {tokens:6} {ms['grouped']:8.3f} " +
+                  " ".join(f"{c:>16}" for c in cells), flush=True)
+    moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS = saved
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Fast decoding: the fixed-size cache step equals recomputing the whole sequence, the
-small-batch MoE path equals the grouped one, and the compiled step gives the eager tokens."""
+small-batch and mid-batch MoE paths equal the grouped one, and the compiled step gives the
+eager tokens."""
 import pytest
 import torch
 
@@ -46,30 +47,61 @@ def test_cache_lengths_round_up_within_the_context():
     assert cache_length(300, 300) == 300
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_small_batch_path_equals_the_grouped_path_and_a_loop(tokens, monkeypatch):
+# (SMALL_BATCH_ROUTES, DENSE_BATCH_ROWS) that send every forward down one path.
+EVERY = 2**62
+PATHS = {"grouped": (0, 0), "routes": (EVERY, 0), "dense": (0, EVERY)}
+
+
+def _use_path(monkeypatch, path):
+    routes, rows = PATHS[path]
+    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", routes)
+    monkeypatch.setattr(moe_layer, "DENSE_BATCH_ROWS", rows)
+
+
+@pytest.mark.parametrize("path,tokens", [("routes", 1), ("routes", 3), ("dense", 3),
+                                         ("dense", 16)])
+def test_decoding_paths_equal_the_grouped_path_and_a_loop(path, tokens, monkeypatch):
     layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=24, num_experts=5, top_k=2))
     x = torch.randn(tokens, 16)
-    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", 2 * tokens)
-    routed, routed_stats = layer(x)
-    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", 0)
+    _use_path(monkeypatch, path)
+    decoded, decoded_stats = layer(x)
+    _use_path(monkeypatch, "grouped")
     grouped, grouped_stats = layer(x)
-    torch.testing.assert_close(routed, grouped, rtol=1e-6, atol=1e-7)  # float32 rounding
+    torch.testing.assert_close(decoded, grouped, rtol=1e-6, atol=1e-7)  # float32 rounding
     routing = layer.router(x)
     with torch.no_grad():
         loop = moe_forward(layer.double(), x.double(), routing.expert_ids_TK,
                            routing.weights_TK.double())
-    torch.testing.assert_close(routed.double(), loop, rtol=1e-5, atol=1e-6)
-    assert torch.equal(routed_stats.tokens_per_expert_E, grouped_stats.tokens_per_expert_E)
-    assert routed_stats.dropped == grouped_stats.dropped == 0
+    torch.testing.assert_close(decoded.double(), loop, rtol=1e-5, atol=1e-6)
+    assert torch.equal(decoded_stats.tokens_per_expert_E, grouped_stats.tokens_per_expert_E)
+    assert decoded_stats.dropped == grouped_stats.dropped == 0
 
 
-def test_small_batch_path_gives_the_grouped_paths_greedy_tokens(monkeypatch):
+def test_the_layer_picks_the_decoding_paths_by_size():
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=24, num_experts=8, top_k=2))
+    chosen = []
+    for name in ("forward_routes", "forward_dense", "forward"):
+        method = getattr(layer.experts, name)
+        setattr(layer.experts, name, lambda *a, name=name, method=method:
+                chosen.append(name) or method(*a))
+    for tokens in (1, 2, 3, 4, moe_layer.DENSE_BATCH_ROWS // 8, moe_layer.DENSE_BATCH_ROWS):
+        chosen.clear()
+        layer(torch.randn(tokens, 16))
+        routes = 2 * tokens
+        expected = ("forward_routes" if routes <= moe_layer.SMALL_BATCH_ROUTES else
+                    "forward_dense" if routes >= 8 and tokens * 8 <= moe_layer.DENSE_BATCH_ROWS
+                    else "forward")
+        assert chosen == [expected], tokens
+
+
+@pytest.mark.parametrize("path", ["routes", "dense"])
+def test_decoding_paths_give_the_grouped_paths_greedy_tokens(path, monkeypatch):
     model = _model(torch.float32)
-    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
-    routed = generate(model, prompt, 24)
-    monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", 0)
-    assert generate(model, prompt, 24) == routed
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [1, 8, 2, 8, 1], [8]][:1 if path == "routes" else 4]
+    _use_path(monkeypatch, path)
+    decoded = generate(model, prompts, 24)
+    _use_path(monkeypatch, "grouped")
+    assert generate(model, prompts, 24) == decoded
 
 
 def test_a_step_for_another_model_is_refused():
@@ -77,14 +109,18 @@ def test_a_step_for_another_model_is_refused():
         generate(_model(), [[1, 2]], 2, step=DecodeStep(_model()))
 
 
-@pytest.mark.parametrize("batch", [1, 3])  # the small-batch experts' path, the grouped one
-def test_the_traced_step_gives_the_eager_tokens_and_traces_once(batch):
+@pytest.mark.parametrize("path,batch", [("routes", 1), ("dense", 3), ("grouped", 3)])
+def test_the_traced_step_gives_the_eager_tokens_and_traces_once(path, batch, monkeypatch):
     # Inductor's code generation takes minutes on 2 cores: benchmarks/generate.py checks the
     # inductor-compiled tokens; here the step is traced (dynamo + AOT autograd, no codegen).
     from torch._dynamo.utils import counters
+    _use_path(monkeypatch, path)
     model = _model(torch.float32, num_layers=2)
     step = DecodeStep(model, compile=True, backend="aot_eager")
+    graphs = counters["stats"]["unique_graphs"]
     assert step.prepare(batch_size=batch, cache_len=40) > 0
+    if path != "grouped":  # fp32's grouped matmul runs eagerly, between graphs
+        assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, no break
     graphs = counters["stats"]["unique_graphs"]
     for prompt, new_tokens in (([7, 3, 9, 4], 10), ([2], 30)):  # both in one cache length
         prompts = [prompt, prompt[::-1] + [1], [9] + prompt][:batch]

@@ -1,7 +1,8 @@
 """Experts: the dense MLP, many MLPs with stacked weights (the fast path), or any modules.
 
-Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, E experts; T tokens
-and K routes per token for the routes taken one by one (``routed_expert_mlp``).
+Legend: N routed rows (grouped by expert), D model dim, F expert FFN dim, I the input
+projection's width (2F when gated, F otherwise), E experts; T tokens and K routes per token
+for the decoding paths (``routed_expert_mlp``, ``dense_expert_mlp``).
 
 Every experts module maps ``(x_ND, tokens_per_expert_E) -> y_ND``: the rows of expert 0 come
 first, then those of expert 1, and so on, ``tokens_per_expert_E`` rows each.
@@ -143,6 +144,13 @@ class GroupedExperts(nn.Module):
         return routed_expert_mlp(x_TD, expert_ids_TK, weights_TK, self.in_proj,
                                  self.down_proj, self.activation)
 
+    def forward_dense(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                      weights_TK: torch.Tensor) -> torch.Tensor:
+        """The same sum as ``forward_routes``, every expert computed on every token and the
+        routed products picked out: the mid-batch path (see ``dense_expert_mlp``)."""
+        return dense_expert_mlp(x_TD, expert_ids_TK, weights_TK, self.in_proj, self.down_proj,
+                                self.activation)
+
 
 def expert_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
     """The activation between an expert's two projections; gated ones read the gate's F
@@ -193,7 +201,34 @@ def routed_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_T
             F.linear(expert_activation(F.linear(x_TD[route // top_k], in_proj_EID[expert]),
                                        activation), down_proj_EDF[expert])
             for route, expert in enumerate(expert_ids_TK.flatten().tolist())])
-    y_TKD = y_ND.view(num_tokens, top_k, -1)
+    return weighted_route_sum(y_ND.view(num_tokens, top_k, -1), weights_TK)
+
+
+def dense_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                     in_proj_EID: torch.Tensor, down_proj_EDF: torch.Tensor,
+                     activation: str) -> torch.Tensor:
+    """Every expert on every token, then each token's K routed outputs picked out,
+    gate-weighted and summed: the same function as the grouped path, for a few dozen tokens
+    (decoding a batch of sequences) whose routes reach every expert anyway.
+
+    Each expert's weights are read once, as at the grouped path, but in two products whose
+    shapes depend on T alone: the input projection of all experts as one matrix [E * I, D]
+    (a view), the output projections as one batched product. No sort, no per-expert row
+    counts: nothing is read back to the host and a compiled step keeps one graph in every
+    dtype (the grouped matmul traces in bf16 only). The products of the (token, expert) pairs
+    that were not routed, E / K - 1 times the routed work, are the price; while T is small the
+    weights' memory traffic, the same on both paths, hides them (``MoELayer``'s
+    ``DENSE_BATCH_ROWS``)."""
+    num_tokens, num_experts = x_TD.shape[0], in_proj_EID.shape[0]
+    h_TEI = F.linear(x_TD, in_proj_EID.flatten(0, 1)).view(num_tokens, num_experts, -1)
+    a_ETF = expert_activation(h_TEI, activation).transpose(0, 1)
+    y_ETD = torch.bmm(a_ETF, down_proj_EDF.transpose(1, 2))
+    token_T1 = torch.arange(num_tokens, device=x_TD.device)[:, None]
+    return weighted_route_sum(y_ETD[expert_ids_TK, token_T1], weights_TK)
+
+
+def weighted_route_sum(y_TKD: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TD: each token's K route outputs times their gate weights, summed in route order."""
     return (y_TKD * weights_TK.to(y_TKD.dtype)[..., None]).sum(1)
 
 

@@ -30,6 +30,11 @@ from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_r
 # through its own expert's weights (``GroupedExperts.forward_routes``) instead of the sorted,
 # grouped one. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
 SMALL_BATCH_ROUTES = 4
+# A forward whose routes reach every expert (tokens x top_k >= E) and whose tokens x E dense
+# products number at most this many takes the mid-batch path, every expert on every token
+# (``GroupedExperts.forward_dense``), instead of the grouped one: decoding a batch of
+# sequences. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
+DENSE_BATCH_ROWS = 256
 
 
 @dataclass
@@ -307,8 +312,11 @@ class MoELayer(nn.Module):
         check_routing(routing, num_tokens, self.config.num_experts,
                       read_values=type(self.router) not in BUILT_IN_GATES + DISTRIBUTED_GATES)
         expert_ids_TK, keep_TK, overflowed = self._apply_capacity(routing, num_tokens)
-        if self._routes_one_by_one(x_TD, expert_ids_TK, keep_TK):
-            y_TD = self.experts.forward_routes(x_TD, expert_ids_TK, routing.weights_TK)
+        path = self._decoding_path(x_TD, expert_ids_TK, keep_TK)
+        if path is not None:
+            run = (self.experts.forward_routes if path == "routes"
+                   else self.experts.forward_dense)
+            y_TD = run(x_TD, expert_ids_TK, routing.weights_TK)
             tokens_per_expert_E = count_per_expert(expert_ids_TK, self.config.num_experts)
             computed_routes = expert_ids_TK.numel()
         else:
@@ -330,17 +338,25 @@ class MoELayer(nn.Module):
                 0, valid_rows, y_TD)
         return y_TD.view(hidden.shape), stats
 
-    def _routes_one_by_one(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
-                           keep_TK: torch.Tensor | None) -> bool:
-        """Whether this forward takes the small-batch path: a few routes (decoding), all
-        kept, all experts on this process, grouped experts, and no autocast (whose casts the
-        grouped path makes its own way). Eagerly, only on a CPU: the path reads the expert ids
-        on the host, which costs nothing there and a wait for the device elsewhere."""
-        return (0 < expert_ids_TK.numel() <= SMALL_BATCH_ROUTES and keep_TK is None
-                and (x_TD.device.type == "cpu" or torch.compiler.is_compiling())
-                and type(self.dispatcher) is LocalDispatcher
+    def _decoding_path(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                       keep_TK: torch.Tensor | None) -> str | None:
+        """The path of a decoding-sized forward: "routes" (a few routes, each through its
+        expert's weights), "dense" (every expert on every token of a small batch), or None
+        for the grouped path. Both decoding paths need every route kept, all experts on this
+        process, grouped experts, and no autocast (whose casts the grouped path makes its own
+        way). Eagerly, "routes" runs only on a CPU: it reads the expert ids on the host, which
+        costs nothing there and a wait for the device elsewhere; "dense" reads nothing."""
+        if not (keep_TK is None and type(self.dispatcher) is LocalDispatcher
                 and isinstance(self.experts, GroupedExperts)
-                and not torch.is_autocast_enabled(x_TD.device.type))
+                and not torch.is_autocast_enabled(x_TD.device.type)):
+            return None
+        routes, num_experts = expert_ids_TK.numel(), self.config.num_experts
+        if 0 < routes <= SMALL_BATCH_ROUTES and (x_TD.device.type == "cpu"
+                                                 or torch.compiler.is_compiling()):
+            return "routes"
+        if routes >= num_experts and x_TD.shape[0] * num_experts <= DENSE_BATCH_ROWS:
+            return "dense"
+        return None
 
     def _stats(self, routing: Routing, tokens_per_expert_E: torch.Tensor, computed_routes: int,
                num_tokens: int, overflowed: int) -> MoEStats:
