@@ -2,7 +2,8 @@
 """The MoE layer at decoding sizes: the small-batch path (each route through its own
 expert's weights) and the mid-batch path (every expert on every token) beside the grouped
 path (sort, grouped matmul, un-permute), as ratios measured in one run. It sets
-``moekit.moe.layer.SMALL_BATCH_ROUTES`` and ``DENSE_BATCH_ROWS``.
+``moekit.moe.layer.SMALL_BATCH_ROUTES``, ``DENSE_BATCH_ROWS`` and ``DENSE_BATCH_DTYPES``
+(the dense path is timed in float32 too, where the layer does not take it).
 
     python benchmarks/decode_moe.py                  # 1 to 64 tokens, fp32 and bf16
     python benchmarks/decode_moe.py --threads 1 --reps 300 --experts 64
@@ -47,7 +48,8 @@ def main() -> None:
           "experts top-2; median ms per forward, and each path's time over the grouped path's")
     print(f"{'dtype':5} {'tokens':>6} {'grouped':>8} " +
           " ".join(f"{p:>16}" for p in PATHS if p != "grouped"))
-    saved = moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS
+    saved = (moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS,
+             moe_layer.DENSE_BATCH_DTYPES)
     for name, dtype in DTYPES.items():
         layers = [MoELayer(MoEConfig(hidden_size=512, ffn_size=1024,
                                      num_experts=args.experts, top_k=top_k)).to(dtype).eval()
@@ -62,6 +64,7 @@ def main() -> None:
                 for _ in range(args.reps):
                     for path in paths:
                         moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS = PATHS[path]
+                        moe_layer.DENSE_BATCH_DTYPES = (dtype,)
                         start = time.perf_counter()
                         for layer in layers:
                             layer(x_TD)
@@ -71,7 +74,8 @@ def main() -> None:
                      for p in PATHS if p != "grouped"]
             print(f"{name:5} {tokens:6} {ms['grouped']:8.3f} " +
                   " ".join(f"{c:>16}" for c in cells), flush=True)
-    moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS = saved
+    (moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS,
+     moe_layer.DENSE_BATCH_DTYPES) = saved
 
 
 if __name__ == "__main__":

@@ -53,9 +53,11 @@ PATHS = {"grouped": (0, 0), "routes": (EVERY, 0), "dense": (0, EVERY)}
 
 
 def _use_path(monkeypatch, path):
+    """Send every forward down ``path``, the dense one in float32 too (exact references)."""
     routes, rows = PATHS[path]
     monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", routes)
     monkeypatch.setattr(moe_layer, "DENSE_BATCH_ROWS", rows)
+    monkeypatch.setattr(moe_layer, "DENSE_BATCH_DTYPES", (torch.float32, torch.bfloat16))
 
 
 @pytest.mark.parametrize("path,tokens", [("routes", 1), ("routes", 3), ("dense", 3),
@@ -77,8 +79,9 @@ def test_decoding_paths_equal_the_grouped_path_and_a_loop(path, tokens, monkeypa
     assert decoded_stats.dropped == grouped_stats.dropped == 0
 
 
-def test_the_layer_picks_the_decoding_paths_by_size():
-    layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=24, num_experts=8, top_k=2))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_picks_the_decoding_paths_by_size_and_type(dtype):
+    layer = MoELayer(MoEConfig(hidden_size=16, ffn_size=24, num_experts=8, top_k=2)).to(dtype)
     chosen = []
     for name in ("forward_routes", "forward_dense", "forward"):
         method = getattr(layer.experts, name)
@@ -86,12 +89,27 @@ def test_the_layer_picks_the_decoding_paths_by_size():
                 chosen.append(name) or method(*a))
     for tokens in (1, 2, 3, 4, moe_layer.DENSE_BATCH_ROWS // 8, moe_layer.DENSE_BATCH_ROWS):
         chosen.clear()
-        layer(torch.randn(tokens, 16))
-        routes = 2 * tokens
+        layer(torch.randn(tokens, 16, dtype=dtype))
+        routes, dense_rows = 2 * tokens, 8 * tokens
         expected = ("forward_routes" if routes <= moe_layer.SMALL_BATCH_ROUTES else
-                    "forward_dense" if routes >= 8 and tokens * 8 <= moe_layer.DENSE_BATCH_ROWS
-                    else "forward")
+                    "forward_dense" if (dtype == torch.bfloat16 and routes >= 8
+                                        and dense_rows <= moe_layer.DENSE_BATCH_ROWS)
+                    else "forward")  # float32: the grouped path (docs/inference.md)
         assert chosen == [expected], tokens
+
+
+def test_the_dense_path_in_bfloat16_stays_within_its_rounding_of_the_grouped_one(monkeypatch):
+    layer = MoELayer(MoEConfig(hidden_size=64, ffn_size=96, num_experts=8, top_k=2))
+    layer.experts.reset_parameters(0.1)
+    x = torch.randn(16, 64)
+    _use_path(monkeypatch, "grouped")
+    exact = layer.double()(x.double())[0]
+    layer = layer.to(torch.bfloat16)
+    grouped = layer(x.bfloat16())[0].double()
+    _use_path(monkeypatch, "dense")
+    dense = layer(x.bfloat16())[0].double()
+    assert (dense - exact).abs().max() <= 2 * (grouped - exact).abs().max()
+    torch.testing.assert_close(dense, grouped, rtol=0.05, atol=0.02 * float(exact.abs().max()))
 
 
 @pytest.mark.parametrize("path", ["routes", "dense"])

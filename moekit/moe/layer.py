@@ -30,11 +30,13 @@ from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_r
 # through its own expert's weights (``GroupedExperts.forward_routes``) instead of the sorted,
 # grouped one. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
 SMALL_BATCH_ROUTES = 4
-# A forward whose routes reach every expert (tokens x top_k >= E) and whose tokens x E dense
-# products number at most this many takes the mid-batch path, every expert on every token
-# (``GroupedExperts.forward_dense``), instead of the grouped one: decoding a batch of
-# sequences. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
+# A forward in a 16-bit type whose routes reach every expert (tokens x top_k >= E) and whose
+# tokens x E dense products number at most this many takes the mid-batch path, every expert
+# on every token (``GroupedExperts.forward_dense``), instead of the grouped one: decoding a
+# batch of sequences. In float32 the E / K times more products cost more than the sort saves
+# on a CPU. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
 DENSE_BATCH_ROWS = 256
+DENSE_BATCH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -341,8 +343,8 @@ class MoELayer(nn.Module):
     def _decoding_path(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                        keep_TK: torch.Tensor | None) -> str | None:
         """The path of a decoding-sized forward: "routes" (a few routes, each through its
-        expert's weights), "dense" (every expert on every token of a small batch), or None
-        for the grouped path. Both decoding paths need every route kept, all experts on this
+        expert's weights), "dense" (every expert on every token of a small batch, in a 16-bit
+        type), or None for the grouped path. Both decoding paths need every route kept, all experts on this
         process, grouped experts, and no autocast (whose casts the grouped path makes its own
         way). Eagerly, "routes" runs only on a CPU: it reads the expert ids on the host, which
         costs nothing there and a wait for the device elsewhere; "dense" reads nothing."""
@@ -354,7 +356,8 @@ class MoELayer(nn.Module):
         if 0 < routes <= SMALL_BATCH_ROUTES and (x_TD.device.type == "cpu"
                                                  or torch.compiler.is_compiling()):
             return "routes"
-        if routes >= num_experts and x_TD.shape[0] * num_experts <= DENSE_BATCH_ROWS:
+        if (x_TD.dtype in DENSE_BATCH_DTYPES and routes >= num_experts
+                and x_TD.shape[0] * num_experts <= DENSE_BATCH_ROWS):
             return "dense"
         return None
 
