@@ -2,8 +2,8 @@
 """The MoE layer at decoding sizes: the small-batch path (each route through its own
 expert's weights) and the mid-batch path (every expert on every token) beside the grouped
 path (sort, grouped matmul, un-permute), as ratios measured in one run. It sets
-``moekit.moe.layer.SMALL_BATCH_ROUTES``, ``DENSE_BATCH_ROWS`` and ``DENSE_BATCH_DTYPES``
-(the dense path is timed in float32 too, where the layer does not take it).
+``moekit.moe.layer.SMALL_BATCH_ROUTES`` and the ``DENSE_BATCH_*`` limits (the dense path is
+timed in float32 too, and from one route per expert, where the layer does not take it).
 
     python benchmarks/decode_moe.py                  # 1 to 64 tokens, fp32 and bf16
     python benchmarks/decode_moe.py --threads 1 --reps 300 --experts 64
@@ -12,8 +12,10 @@ The layer is the one of benchmarks/generate.py's model (H 512, F 1024, 8 experts
 eval mode under inference_mode, weights N(0, 0.02). As in the model, ``--layers`` such layers
 (4) run one after another, so that each layer's weights have left the caches by its next
 call (one layer's 48 MB in fp32 stay in this CPU's L3 when called alone, and decoding then
-looks faster than it is); a figure is per layer, the median over ``--reps`` passes, the paths
-taking turns pass by pass. A path is shown only for the sizes it takes
+looks faster than it is). Every pass has new tokens, so that the routes, and with them the
+grouped path's rows per expert, change from pass to pass as they do from one decoding step to
+the next (oneDNN prepares a bf16 product per shape). A figure is per layer, the median over
+``--reps`` passes, the paths taking turns pass by pass. A path is shown only for the sizes it takes
 (by route: at least one route; dense: routes reaching every expert).
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main() -> None:
     print(f"{'dtype':5} {'tokens':>6} {'grouped':>8} " +
           " ".join(f"{p:>16}" for p in PATHS if p != "grouped"))
     saved = (moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS,
-             moe_layer.DENSE_BATCH_DTYPES)
+             moe_layer.DENSE_BATCH_DTYPES, moe_layer.DENSE_BATCH_ROUTES_PER_EXPERT)
     for name, dtype in DTYPES.items():
         layers = [MoELayer(MoEConfig(hidden_size=512, ffn_size=1024,
                                      num_experts=args.experts, top_k=top_k)).to(dtype).eval()
@@ -57,14 +59,15 @@ def main() -> None:
         for layer in layers:
             layer.experts.reset_parameters(0.02)
         for tokens in args.tokens:
-            x_TD = torch.randn(tokens, 512, dtype=dtype)
+            inputs = [torch.randn(tokens, 512, dtype=dtype) for _ in range(args.reps)]
             paths = [p for p in PATHS if p != "dense" or tokens * top_k >= args.experts]
             times = {path: [] for path in paths}
             with torch.inference_mode():
-                for _ in range(args.reps):
+                for x_TD in inputs:
                     for path in paths:
                         moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS = PATHS[path]
                         moe_layer.DENSE_BATCH_DTYPES = (dtype,)
+                        moe_layer.DENSE_BATCH_ROUTES_PER_EXPERT = 1
                         start = time.perf_counter()
                         for layer in layers:
                             layer(x_TD)
@@ -75,7 +78,7 @@ def main() -> None:
             print(f"{name:5} {tokens:6} {ms['grouped']:8.3f} " +
                   " ".join(f"{c:>16}" for c in cells), flush=True)
     (moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS,
-     moe_layer.DENSE_BATCH_DTYPES) = saved
+     moe_layer.DENSE_BATCH_DTYPES, moe_layer.DENSE_BATCH_ROUTES_PER_EXPERT) = saved
 
 
 if __name__ == "__main__":

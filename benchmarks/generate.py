@@ -4,6 +4,7 @@ same model, as ratios measured in one run.
 
     python benchmarks/generate.py                         # fp32 and bf16; batch 1, 16
     python benchmarks/generate.py --reps 5 --batches 1 4 16 --new-tokens 64 --quant int8
+    python benchmarks/generate.py --no-compile --grouped-row     # what the mid-batch path gives
 
 The model is a tiny Mixtral built by transformers from a config (H 512, F 1024, 8 experts top-2,
 4 layers, GQA 8/2 heads, vocabulary 8000: 61M parameters, as in ../shared/docs/performance.md)
@@ -19,7 +20,8 @@ must agree with transformers' tokens (moekit exactly in fp32; the agreement is p
 for every engine), and every engine is
 warmed up once. Engines take turns within each repetition; figures are medians. The quantized
 rows run moekit with weight-only quantized experts and attention (compute in bf16) against HF
-in bf16.
+in bf16. ``--grouped-row`` adds eager moekit rows with the mid-batch experts' path off
+(``moekit.moe.layer.DENSE_BATCH_ROWS = 0``), so that its effect is measured in the same run.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from moekit.convert.hf import transformer_from_hf
 from moekit.convert.hf_folder import export_hf
 from moekit.model import generate
 from moekit.model.decode_step import DecodeStep
+from moekit.moe import layer as moe_layer
 from moekit.quant import quantize_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,6 +72,17 @@ def moekit_generate(model, step=None):
         generate(model, prompts_BS.tolist(), new_tokens, step=step))
 
 
+def without_mid_batch_path(run):
+    """``run`` with every MoE forward beyond the small-batch path taking the grouped path."""
+    def grouped_run(prompts_BS, new_tokens):
+        saved, moe_layer.DENSE_BATCH_ROWS = moe_layer.DENSE_BATCH_ROWS, 0
+        try:
+            return run(prompts_BS, new_tokens)
+        finally:
+            moe_layer.DENSE_BATCH_ROWS = saved
+    return grouped_run
+
+
 def llama_cpp_engines(ours, dtypes, threads: int, folder: Path) -> dict:
     """llama.cpp on the GGUF of each dtype, or nothing (with the reason printed)."""
     reason = llama_cpp_engine.missing()
@@ -99,7 +113,7 @@ def check_tokens(engines: dict, prompts_BS: torch.Tensor, new_tokens: int) -> No
         same_BN = run(prompts_BS, new_tokens) == expected[dtype]
         differs = (~same_BN).any(0).nonzero()
         first = "none" if len(differs) == 0 else int(differs[0]) + 1
-        print(f"{label:22} {dtype}: {same_BN.float().mean().item():6.1%} of transformers' "
+        print(f"{label:24} {dtype}: {same_BN.float().mean().item():6.1%} of transformers' "
               f"greedy tokens (batch {len(prompts_BS)}, {new_tokens} tokens; first step "
               f"that differs: {first})", flush=True)
         if dtype == "fp32" and label.startswith("moekit") and not same_BN.all():
@@ -118,6 +132,8 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="leave out moekit's compiled rows (their compilation takes "
                         "minutes on 2 cores)")
+    parser.add_argument("--grouped-row", action="store_true",
+                        help="also time eager moekit with the mid-batch experts' path off")
     parser.add_argument("--quant", nargs="*", default=[], choices=["fp8", "int8"],
                         help="weight-only quantized moekit rows (bf16 compute)")
     args = parser.parse_args()
@@ -137,6 +153,9 @@ def main() -> None:
         ours_copy = copy.deepcopy(ours).to(DTYPES[name])
         engines[("transformers", name)] = lambda p, n, model=hf_copy: hf_generate(model, p, n)
         engines[("moekit", name)] = moekit_generate(ours_copy)
+        if args.grouped_row:
+            engines[("moekit, grouped experts", name)] = without_mid_batch_path(
+                moekit_generate(ours_copy))
         if args.compile:
             step = DecodeStep(ours_copy, compile=True)
             for batch in args.batches:
@@ -169,7 +188,7 @@ def time_engines(engines: dict, prompts: dict, args) -> None:
 
     print(f"\ntokens/s (batch x {args.new_tokens} new tokens / median seconds of "
           f"{args.reps}), and the ratio to transformers in the same dtype")
-    print(f"{'engine':22} {'dtype':5} " + " ".join(f"{'batch ' + str(b):>20}"
+    print(f"{'engine':24} {'dtype':5} " + " ".join(f"{'batch ' + str(b):>20}"
                                                    for b in args.batches))
     for (label, dtype) in engines:
         cells = []
@@ -178,7 +197,7 @@ def time_engines(engines: dict, prompts: dict, args) -> None:
             peer = batch * args.new_tokens / statistics.median(
                 times[("transformers", dtype), batch])
             cells.append(f"{rate:10.0f} ({rate / peer:5.2f}x)")
-        print(f"{label:22} {dtype:5} " + " ".join(f"{c:>20}" for c in cells))
+        print(f"{label:24} {dtype:5} " + " ".join(f"{c:>20}" for c in cells))
 
 
 if __name__ == "__main__":

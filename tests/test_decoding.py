@@ -57,6 +57,7 @@ def _use_path(monkeypatch, path):
     routes, rows = PATHS[path]
     monkeypatch.setattr(moe_layer, "SMALL_BATCH_ROUTES", routes)
     monkeypatch.setattr(moe_layer, "DENSE_BATCH_ROWS", rows)
+    monkeypatch.setattr(moe_layer, "DENSE_BATCH_ROUTES_PER_EXPERT", 0)
     monkeypatch.setattr(moe_layer, "DENSE_BATCH_DTYPES", (torch.float32, torch.bfloat16))
 
 
@@ -87,12 +88,12 @@ def test_the_layer_picks_the_decoding_paths_by_size_and_type(dtype):
         method = getattr(layer.experts, name)
         setattr(layer.experts, name, lambda *a, name=name, method=method:
                 chosen.append(name) or method(*a))
-    for tokens in (1, 2, 3, 4, moe_layer.DENSE_BATCH_ROWS // 8, moe_layer.DENSE_BATCH_ROWS):
+    for tokens in (1, 2, 3, 4, 8, moe_layer.DENSE_BATCH_ROWS // 8, moe_layer.DENSE_BATCH_ROWS):
         chosen.clear()
         layer(torch.randn(tokens, 16, dtype=dtype))
         routes, dense_rows = 2 * tokens, 8 * tokens
         expected = ("forward_routes" if routes <= moe_layer.SMALL_BATCH_ROUTES else
-                    "forward_dense" if (dtype == torch.bfloat16 and routes >= 8
+                    "forward_dense" if (dtype == torch.bfloat16 and routes >= 2 * 8
                                         and dense_rows <= moe_layer.DENSE_BATCH_ROWS)
                     else "forward")  # float32: the grouped path (docs/inference.md)
         assert chosen == [expected], tokens

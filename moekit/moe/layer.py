@@ -30,11 +30,14 @@ from moekit.moe.router import BUILT_IN_GATES, Gate, Routing, build_gate, check_r
 # through its own expert's weights (``GroupedExperts.forward_routes``) instead of the sorted,
 # grouped one. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
 SMALL_BATCH_ROUTES = 4
-# A forward in a 16-bit type whose routes reach every expert (tokens x top_k >= E) and whose
-# tokens x E dense products number at most this many takes the mid-batch path, every expert
+# A forward in a 16-bit type with at least DENSE_BATCH_ROUTES_PER_EXPERT routes per expert
+# (fewer leave experts unrouted, whose weights the dense products would read for nothing) and
+# at most DENSE_BATCH_ROWS dense products (tokens x E) takes the mid-batch path, every expert
 # on every token (``GroupedExperts.forward_dense``), instead of the grouped one: decoding a
 # batch of sequences. In float32 the E / K times more products cost more than the sort saves
-# on a CPU. Measured by benchmarks/decode_moe.py (docs/inference.md, Fast decoding).
+# on a CPU. Measured by benchmarks/decode_moe.py and generate.py (docs/inference.md, Fast
+# decoding).
+DENSE_BATCH_ROUTES_PER_EXPERT = 2
 DENSE_BATCH_ROWS = 256
 DENSE_BATCH_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -356,7 +359,8 @@ class MoELayer(nn.Module):
         if 0 < routes <= SMALL_BATCH_ROUTES and (x_TD.device.type == "cpu"
                                                  or torch.compiler.is_compiling()):
             return "routes"
-        if (x_TD.dtype in DENSE_BATCH_DTYPES and routes >= num_experts
+        if (x_TD.dtype in DENSE_BATCH_DTYPES
+                and routes >= DENSE_BATCH_ROUTES_PER_EXPERT * num_experts
                 and x_TD.shape[0] * num_experts <= DENSE_BATCH_ROWS):
             return "dense"
         return None
