@@ -57,8 +57,7 @@ from moekit.convert.hf import hf_config_from_model, moekit_to_hf_state
 from moekit.devices import retain_freed_cpu_memory
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import clip_gradients
-from moekit.train.optim import build_optimizer, implementation_of
+from moekit.train.optim import build_optimizer, clipped_step, implementation_of
 
 MOEKIT, MOEKIT_FOREACH, MOEKIT_LOOP = "moekit", "moekit foreach", "moekit loop"
 MOEKIT_DENSE_EXPERT_MM = "moekit dense expert mm"
@@ -70,7 +69,7 @@ COLUMNS = (MOEKIT, MOEKIT_FOREACH, MOEKIT_LOOP, MOEKIT_DENSE_EXPERT_MM, HF_DEFAU
 RATIOS = {"moekit / HF AdamW": (MOEKIT, HF_DEFAULT_ADAMW),
           "moekit / HF fused AdamW": (MOEKIT, HF_FUSED_ADAMW),
           "moekit / dense": (MOEKIT, DENSE)}
-PHASES = ("forward+loss", "backward", "clip", "AdamW+zero_grad")
+PHASES = ("forward+loss", "backward", "clip+AdamW+zero_grad")
 MALLOC_SETTINGS = {
     "training": "retain_freed_cpu_memory(training=True): freed memory never trimmed",
     "inference": "retain_freed_cpu_memory(): trimmed above 1 GiB",
@@ -222,15 +221,12 @@ def train_step(column: Column, inputs: torch.Tensor, targets: torch.Tensor) -> S
         forward_done = time.perf_counter()
         loss.backward()
         backward_done = time.perf_counter()
-        # moekit's clipping for every column (moekit/train/step.py clips so)
-        clip_gradients(column.model, TRAIN.grad_clip, Mesh())
-        clip_done = time.perf_counter()
-        column.optimizer.step()
-        column.optimizer.zero_grad(set_to_none=True)
+        # moekit's clipping and update for every column (moekit/train/step.py steps so)
+        clipped_step(column.optimizer, column.model, TRAIN.grad_clip, Mesh())
         optimizer_done = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
     return StepTimes((forward_done - start, backward_done - forward_done,
-                      clip_done - backward_done, optimizer_done - clip_done),
+                      optimizer_done - backward_done),
                      after.ru_minflt - before.ru_minflt, after.ru_nivcsw - before.ru_nivcsw)
 
 
