@@ -99,6 +99,7 @@ def test_the_layer_picks_the_decoding_paths_by_size_and_type(dtype):
         assert chosen == [expected], tokens
 
 
+@torch.no_grad()
 def test_the_dense_path_in_bfloat16_stays_within_its_rounding_of_the_grouped_one(monkeypatch):
     layer = MoELayer(MoEConfig(hidden_size=64, ffn_size=96, num_experts=8, top_k=2))
     layer.experts.reset_parameters(0.1)
