@@ -179,19 +179,37 @@ def test_zero_2_and_3_take_the_one_process_steps_and_checkpoints_move_between_la
 
 
 # Skywork-MoE's parts with ZeRO on 4 ranks: name -> (layout, ZeRO levels).
-ZERO_LAYOUTS = {"dp2-edp2": (dict(expert=2, tensor=2), (0, 1)),
+ZERO_LAYOUTS = {"dp2-edp2": (dict(expert=2, tensor=2), (0, 1, 2, 3)),
                 "pp2-ep2": (dict(expert=2, pipeline=2, stage_layers=(1, 1)), (0, 1, 3)),
                 "pp2-dp2": (dict(pipeline=2, stage_layers=(1, 1)), (2,))}
 
 
+# What a rank holds under ZeRO-3 (name -> layout): FSDP2 over the replicas of its experts.
+HELD_LAYOUTS = {"dp2-edp2": dict(expert=2, tensor=2), "dp2-ep2": dict(expert=2),
+                "pp2-ep2": dict(expert=2, pipeline=2, stage_layers=(1, 1))}
+
+
+def _held_shapes(layout: dict) -> dict:
+    """The shapes of this rank's parts of some of layer 0's parameters under ZeRO-3."""
+    from moekit.model import Transformer
+    from moekit.parallel.mesh import world_mesh
+    from moekit.parallel.parallelize import parallelize
+    from moekit.parallel.tensor_parallel import local
+    model = Transformer(MODEL).double()
+    parallelize(model, replace(world_mesh(**layout), zero=3))
+    names = ("layers.0.ffn.experts.gate_up_proj", "layers.0.ffn.experts.down_proj",
+             "layers.0.attn.q_proj.weight", "layers.0.ffn.router.weight")
+    return {name: tuple(local(p).shape) for name, p in model.named_parameters() if name in names}
+
+
 def _layouts_with_zero(rank, world, out):
     """Each layout at each of its ZeRO levels: the run, and the run resumed from its first
-    checkpoint; and the kinds of optimizer ZeRO-1 builds."""
+    checkpoint; the kinds of optimizer ZeRO-1 builds; what ZeRO-3 leaves on each rank."""
     from moekit.model import Transformer
     from moekit.parallel.mesh import world_mesh
     from moekit.parallel.parallelize import parallelize
     from moekit.train.optim import build_optimizer, optimizer_parts
-    records = {}
+    records = {(name, "held"): _held_shapes(layout) for name, layout in HELD_LAYOUTS.items()}
     for name, (layout, zeros) in ZERO_LAYOUTS.items():
         if 1 in zeros:
             model = Transformer(MODEL).double()
@@ -210,12 +228,32 @@ def _layouts_with_zero(rank, world, out):
 
 def test_zero_with_expert_data_and_pipeline_parallelism(tmp_path):
     """ZeRO-1 with DP 2 x EDP 2 (the tensor-parallel weights' moments kept whole, the rest
-    sharded over the dp group) and with PP 2 x EP 2; ZeRO-2/3 (FSDP2 over a stage's ranks)
-    under a pipeline: each takes the one-process steps, and a run resumed from its first
-    checkpoint continues as the uninterrupted one."""
+    sharded over the dp group) and with PP 2 x EP 2; ZeRO-2/3 with DP 2 x EDP 2 (FSDP2 over
+    the dp group, the tensor-parallel weights 2-D) and under a pipeline (over a stage's
+    ranks): each takes the one-process steps, and a run resumed from its first checkpoint
+    continues as the uninterrupted one. ZeRO-3 shards each expert group's experts over
+    their replicas, and keeps them whole where there is one replica."""
     from moekit.parallel.mesh import Mesh
     reference = _train(Mesh(), tmp_path / "one")
     records = run_on_ranks(_layouts_with_zero, 4, tmp_path, timeout=240)[0]
+    # Layer 0: 4 experts (gate_up [4, 48, 32], down [4, 32, 24]), q_proj [32, 32], router
+    # [4, 32]. DP 2 x EDP 2: 2 experts per group, over 2 replicas; q_proj's columns over the
+    # group, then over dp; the router over dp.
+    assert records["dp2-edp2", "held"] == {
+        "layers.0.ffn.experts.gate_up_proj": (1, 48, 32),
+        "layers.0.ffn.experts.down_proj": (1, 32, 24),
+        "layers.0.attn.q_proj.weight": (8, 32), "layers.0.ffn.router.weight": (2, 32)}
+    # DP 2 x EP 2: the experts as above; the rest over all 4 ranks.
+    assert records["dp2-ep2", "held"] == {
+        "layers.0.ffn.experts.gate_up_proj": (1, 48, 32),
+        "layers.0.ffn.experts.down_proj": (1, 32, 24),
+        "layers.0.attn.q_proj.weight": (8, 32), "layers.0.ffn.router.weight": (1, 32)}
+    # PP 2 x EP 2 (rank 0 holds stage 0): the stage's 2 ranks are one expert group, each
+    # expert has one replica and stays whole.
+    assert records["pp2-ep2", "held"] == {
+        "layers.0.ffn.experts.gate_up_proj": (2, 48, 32),
+        "layers.0.ffn.experts.down_proj": (2, 32, 24),
+        "layers.0.attn.q_proj.weight": (16, 32), "layers.0.ffn.router.weight": (2, 32)}
     # Under EDP the tensor-parallel weights' moments stay whole, the rest are sharded; a
     # pipeline stage shards its replicated parameters' over its 2 ranks, its experts have one
     # replica each.

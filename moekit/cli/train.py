@@ -141,15 +141,6 @@ def _expert_options(args) -> ExpertParallelConfig:
     return options
 
 
-def check_zero(zero: int, tensor: int) -> None:
-    """The layouts each ZeRO level has been built and tested with: ZeRO-1 with every layout,
-    ZeRO-2/3 with data, expert and pipeline parallelism."""
-    if zero >= 2 and tensor > 1:
-        raise ValueError(f"--zero {zero} with --tensor is not supported yet: FSDP2 does not "
-                         "shard tensor-parallel (DTensor) parameters here; use --zero 1 with "
-                         "expert data parallelism")
-
-
 @dataclass(frozen=True)
 class ParallelLayout:
     """The processes' layout the parallel flags ask for (add_parallel_options), checked before
@@ -162,7 +153,6 @@ class ParallelLayout:
     def from_args(cls, args, world: int, configs) -> "ParallelLayout":
         """``configs()`` gives the (model, train) configs, read only when a layout of several
         processes needs checking against them."""
-        check_zero(args.zero, args.tensor)
         expert_options = _expert_options(args)
         if args.stage_layers and len(args.stage_layers) != args.pipeline:
             raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "

@@ -12,6 +12,7 @@ measures the global norm with every parameter counted once (FSDP2's shards by DT
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -88,23 +89,51 @@ def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
 
 
 def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """ZeRO 2/3 with FSDP2 over the data-parallel ranks, a stage's under a pipeline (the CLI
-    refuses ZeRO 2/3 with tensor parallelism): each block one unit (its parameters gathered
-    together), the embeddings, final norm and output layer the root's; experts left out."""
+    """ZeRO 2/3 with FSDP2 over the data-parallel ranks (a stage's under a pipeline, the
+    ``dp`` group's under EDP): each block one unit (its parameters gathered together), the
+    embeddings, final norm and output layer the root's. EDP's tensor-parallel weights are
+    DTensors on the ``ep`` dimension of the same device mesh already: FSDP2 shards them over
+    ``dp`` too, making them 2-D (as torchtitan composes FSDP with TP). Under expert
+    parallelism each layer's built-in experts are a unit of their own over their replicas
+    (the ranks holding the same experts), their gradients summed over those replicas and
+    divided by all the data-parallel ranks, as ``finish_gradients`` does for whole ones;
+    with one replica there is nothing to shard, and experts stay whole, out of FSDP2."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
-    stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
-    data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
-    experts = {p for _, p in expert_parameters(model)}
-    options = dict(mesh=data_ranks, reshard_after_forward=mesh.zero == 3,
-                   ignored_params=experts or None)
+    from moekit.moe import GroupedExperts, MoELayer
+    if mesh.tensor_size > 1:
+        data_ranks = mesh.device_mesh["dp"]
+    else:
+        stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
+        data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
+    options = dict(reshard_after_forward=mesh.zero == 3)
     # FSDP2 warns, at every forward, that a block returns a view (its K/V, which CLA shares
     # with the next block): nothing writes into them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    for block in getattr(unwrap(model), "layers", ()):
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+    whole_experts = set()
+    with marks_kept(model):  # FSDP2 makes new parameters
+        for layer in unwrap(model).modules():
+            if not isinstance(layer, MoELayer) or mesh.expert_size == 1:
+                continue
+            if mesh.expert_replicas > 1 and isinstance(layer.experts, GroupedExperts):
+                fully_shard(layer.experts, mesh=mesh.expert_shard_mesh["dp"], **options)
+                layer.experts.set_gradient_divide_factor(mesh.data_size)
+            else:
+                whole_experts.update(layer.experts.parameters())
+        for block in getattr(unwrap(model), "layers", ()):
+            fully_shard(block, mesh=data_ranks, ignored_params=whole_experts or None, **options)
+        fully_shard(model, mesh=data_ranks, ignored_params=whole_experts or None, **options)
     return model
+
+
+@contextlib.contextmanager
+def marks_kept(model: nn.Module):
+    """The marks a layout puts on parameters (``expert_parallel``, ``partial_over_tensor``),
+    carried by name over code that replaces the Parameter objects (FSDP2, ``to_empty``)."""
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    yield
+    for name, parameter in model.named_parameters():
+        vars(parameter).update(marks[name])
 
 
 @torch.no_grad()
@@ -116,11 +145,9 @@ def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
     from moekit.model.io import WEIGHTS_FILE, load_weights
     from moekit.parallel.sharded_checkpoint import load_sharded
     # to_empty makes new Parameter objects (a meta tensor's storage cannot be swapped for
-    # another device's): the marks the layout put on them (expert_parallel) go over too.
-    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
-    model.to_empty(device=device)
-    for name, parameter in model.named_parameters():
-        vars(parameter).update(marks[name])
+    # another device's).
+    with marks_kept(model):
+        model.to_empty(device=device)
     plain = unwrap(model)
     if mesh.world_size == 1:
         load_weights(plain, weights)
@@ -160,12 +187,13 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
     if mesh.expert_size == 1 and mesh.tensor_size == 1:
         return
     for parameter in partial_over_tensor(unwrap(model)):
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad, group=mesh.expert_group)
-    # Under FSDP2 its DTensors are its shards, reduced by its reduce-scatter: experts only.
+        if parameter.grad is not None:  # (under FSDP2, each rank's shard of the sum)
+            dist.all_reduce(local(parameter.grad), group=mesh.expert_group)
+    # Under FSDP2 its DTensors are its shards, reduced by its reduce-scatter: the experts it
+    # leaves whole only.
     by_hand = (expert_parameters if mesh.zero >= 2 else reduced_by_hand)(unwrap(model))
     for _, parameter in by_hand:
-        if parameter.grad is not None:
+        if parameter.grad is not None and not (mesh.zero >= 2 and is_sharded(parameter)):
             gradient = local(parameter.grad)
             if mesh.expert_replicas > 1:
                 dist.all_reduce(gradient, group=mesh.expert_replica_group)
