@@ -266,24 +266,27 @@ def test_zero_with_expert_data_and_pipeline_parallelism(tmp_path):
 
 
 def test_moekit_train_with_zero_3_and_expert_parallelism(tmp_path):
-    """The command: ``--nproc 2 --expert 2 --zero 3`` trains the one-process run (float32
+    """The command: ``--nproc 4 --expert 2 --zero 3`` (each expert sharded over its 2
+    replicas, its gradient divided by all 4 ranks) trains the one-process run (float32
     rounding, as test_distributed_train's data-parallel run), validating on 3 batches that the
-    2 ranks share unevenly; its checkpoint is a model folder that ``load_model`` reads."""
+    4 ranks share unevenly; its checkpoint is a model folder that ``load_model`` reads."""
     from test_distributed_train import CONFIG, _moekit, _records
 
     from moekit.model import load_model
     (tmp_path / "run.toml").write_text(CONFIG.replace("eval_batches = 2", "eval_batches = 3"))
-    runs = {"one": [], "sharded": ["--nproc", "2", "--expert", "2", "--zero", "3"]}
+    runs = {"one": [], "sharded": ["--nproc", "4", "--expert", "2", "--zero", "3"]}
     for name, flags in runs.items():
         result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
                          str(tmp_path / name), "--quiet", *flags)
         assert result.returncode == 0, result.stderr
     got, want = _records(tmp_path / "sharded"), _records(tmp_path / "one")
     assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    # The first step to 2e-4: plain data parallelism on 4 ranks (--nproc 4) takes a first
+    # gradient norm 1.1e-4 from one process's in float32 on this model.
     for index, (a, b) in enumerate(zip(got, want)):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2), key
+                assert a[key] == pytest.approx(b[key], rel=2e-4 if index == 0 else 1e-2), key
     model = load_model(tmp_path / "sharded" / "checkpoints" / "step-000004")
     assert model.layers[1].ffn.experts.gate_up_proj.shape[0] == 4
 

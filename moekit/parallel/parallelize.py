@@ -103,6 +103,9 @@ def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
     from moekit.moe import GroupedExperts, MoELayer
     if mesh.tensor_size > 1:
         data_ranks = mesh.device_mesh["dp"]
+        # A 2-D shard's norm (the gradient clipping's) then takes one all-reduce over the
+        # flattened dimensions, not one per dimension (DTensor looks for this mesh).
+        mesh.device_mesh["dp", "ep"]._flatten()
     else:
         stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
         data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
@@ -118,6 +121,8 @@ def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
             if mesh.expert_replicas > 1 and isinstance(layer.experts, GroupedExperts):
                 fully_shard(layer.experts, mesh=mesh.expert_shard_mesh["dp"], **options)
                 layer.experts.set_gradient_divide_factor(mesh.data_size)
+                # A sum, then the division: gloo has no pre-multiplied sum (NCCL's PreMulSum).
+                layer.experts.set_force_sum_reduction_for_comms(True)
             else:
                 whole_experts.update(layer.experts.parameters())
         for block in getattr(unwrap(model), "layers", ()):
