@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moekit.parallel.expert_parallel import (expert_parameters, shard_experts,
+from moekit.parallel.expert_parallel import (expert_parameters, local_part, shard_experts,
                                              whole_expert_tensors)
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.pipeline import StageModule, cut_into_stage, gather_stages
@@ -38,10 +38,13 @@ def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None) -> nn.M
     with the backward. Buffers are not broadcast: the router state in them moves identically
     on every rank (``MoELayer.update_router_state``).
 
-    ``weights``: for a ``model`` built on the meta device, the model or checkpoint folder
-    (current format) that fills it: each rank materialises on ``device`` only what it holds
-    once the layout is applied (its stage, experts, shards) and reads only that from the
-    folder (``load_sharded``, DCP), so no rank ever holds the whole model."""
+    A ``model`` built on the meta device (a ``Transformer``) is materialised on ``device``,
+    each rank only what it holds once the layout is applied (its stage, experts, shards), so
+    no rank ever holds the whole model: read from ``weights``, a model or checkpoint folder
+    (current format; each rank reads only its parts, ``load_sharded``, DCP), or without one
+    drawn as ``Transformer(model.config)`` would be from the current random state, the same
+    values as one process (``init_in_parts``: every rank draws each part of the model whole
+    in turn, keeps its part and drops the rest)."""
     if mesh.world_size == 1:
         _materialise(model, weights, device, mesh)
         return model
@@ -143,23 +146,47 @@ def marks_kept(model: nn.Module):
 
 @torch.no_grad()
 def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
-    """This rank's parameters and buffers of a meta ``model`` on ``device``, read from the
-    folder ``weights`` (nothing to do without one)."""
-    if weights is None:
+    """This rank's parameters and buffers of a meta ``model`` on ``device``: read from the
+    folder ``weights``, or without one drawn as ``Transformer(model.config)`` draws them from
+    the current random state (nothing to do for a model that is not on the meta device)."""
+    if weights is None and not any(local(p).is_meta for p in model.parameters()):
         return
     from moekit.model.io import WEIGHTS_FILE, load_weights
+    from moekit.model.transformer import init_in_parts
     from moekit.parallel.sharded_checkpoint import load_sharded
     # to_empty makes new Parameter objects (a meta tensor's storage cannot be swapped for
     # another device's).
     with marks_kept(model):
         model.to_empty(device=device)
     plain = unwrap(model)
+    if weights is None:  # the one-process values, each part whole only while it is drawn
+        held = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+        for name, whole in init_in_parts(plain.config):
+            if name in held:
+                local(held[name]).copy_(local(held_part(whole, held[name], mesh)))
+        return
     if mesh.world_size == 1:
         load_weights(plain, weights)
         return
     held = load_sharded(weights, WEIGHTS_FILE, plain, mesh)
     for name, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
         tensor.copy_(held[name])
+
+
+def held_part(whole: torch.Tensor, parameter: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """A whole tensor of ``parameter``'s (one process's shape) as this rank holds it: its
+    experts' rows, its DTensor shard (FSDP2's, tensor parallelism's), or itself; each rank
+    takes its part of its own copy, with no communication."""
+    if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
+        return whole
+    if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
+        whole = local_part(whole, mesh)
+    whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    if is_sharded(parameter):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements,
+                                 src_data_rank=None)
+    return whole
 
 
 def whole_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh: Mesh) -> dict:
