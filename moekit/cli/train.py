@@ -355,8 +355,9 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
                           "with --expert each expert's over its replicas), 2 the gradients and "
                           "optimizer state (a block's parameters whole from its forward to its "
                           "backward), 3 the parameters too (FSDP2's fully_shard over a stage's "
-                          "ranks; experts stay on the --expert path). Default 0: plain DDP; "
-                          "docs/parallel.md")
+                          "data-parallel ranks; with --expert each layer's experts over the "
+                          "ranks holding them, with --tensor the tensor-parallel weights over "
+                          "their replicas too). Default 0: plain DDP; docs/parallel.md")
     parallel.add_argument("--ep-overlap", action="store_true",
                           help="FasterMoE's smart schedule: the expert-parallel exchange in "
                           "chunks per peer, in ring order, the experts computing on each arrived "

@@ -5,10 +5,12 @@ pipeline stage of the model (when the mesh has stages), shards the experts over 
 ``ep`` groups (when it has them) and makes the rest data parallel over the ranks of the stage: ``DistributedDataParallel`` (ZeRO 0 and 1), or
 FSDP2's ``fully_shard`` per block and at the root (ZeRO 2: gradients and, through them, the
 optimizer state sharded; ZeRO 3: the parameters too, gathered for each block's forward and
-again for its backward), the experts left on the expert-parallel path (docs/parallel.md says
-why). After a step's backward, ``finish_gradients`` sums each expert's gradient over the ranks
-that hold that expert (DDP averages only the replicated parameters), and ``clip_gradients``
-measures the global norm with every parameter counted once (FSDP2's shards by DTensor norms).
+again for its backward), each layer's experts a unit of their own over the ranks that hold
+them. After a step's backward, ``finish_gradients`` sums each whole expert's gradient over the
+ranks that hold that expert (DDP averages only the replicated parameters), and
+``clip_gradients`` measures the global norm with every parameter counted once (FSDP2's shards
+by DTensor norms). A model built on the meta device is materialised with only what the rank
+holds, read from a folder or drawn as one process draws it.
 """
 from __future__ import annotations
 
