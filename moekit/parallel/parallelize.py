@@ -163,9 +163,15 @@ def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
     plain = unwrap(model)
     if weights is None:  # the one-process values, each part whole only while it is drawn
         held = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+        undrawn = set(held)
         for name, whole in init_in_parts(plain.config):
             if name in held:
                 local(held[name]).copy_(local(held_part(whole, held[name], mesh)))
+                undrawn.discard(name)
+        if undrawn:
+            raise ValueError(f"{sorted(undrawn)[0]} (of {len(undrawn)} tensors) is not one "
+                             "that Transformer(config) draws: a meta model without weights "
+                             "must be a plain Transformer")
         return
     if mesh.world_size == 1:
         load_weights(plain, weights)
