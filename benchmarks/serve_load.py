@@ -165,19 +165,28 @@ class Server:
         raise SystemExit(f"{self.name} {state}; the end of its log:\n" + "\n".join(tail))
 
     def stop(self) -> None:
-        """SIGTERM (both servers drain and exit on it), then SIGKILL to whatever of its
-        session is left, the server itself after 60 s."""
+        """SIGTERM (both servers drain and exit on it), SIGKILL after 60 s; then whatever of
+        its session outlives it (vLLM's engine processes end a moment later) gets as long
+        before a SIGKILL, so that none is left."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
         try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        deadline = time.monotonic() + 60
+        while self._session_left() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self._session_left():
             os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:  # the session has no process left
-            pass
-        self.process.wait()
+
+    def _session_left(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)  # signal 0: is anyone of the session still there?
+            return True
+        except ProcessLookupError:
+            return False
 
 
 def moekit_server(folder: Path, log: Path, max_batch: int) -> Server:
