@@ -164,18 +164,18 @@ class Server:
                  else f"did not start within {self.start_seconds:.0f} s")
         raise SystemExit(f"{self.name} {state}; the end of its log:\n" + "\n".join(tail))
 
-    def stop(self) -> None:
-        """SIGTERM (both servers drain and exit on it), SIGKILL after 60 s; then whatever of
-        its session outlives it (vLLM's engine processes end a moment later) gets as long
-        before a SIGKILL, so that none is left."""
+    def stop(self, grace: float = 60) -> None:
+        """SIGTERM (both servers drain and exit on it), SIGKILL after ``grace`` seconds; then
+        whatever of its session outlives it (vLLM's engine processes end a moment later) gets
+        as long before a SIGKILL, so that none is left."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(60)
+            self.process.wait(grace)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + grace
         while self._session_left() and time.monotonic() < deadline:
             time.sleep(0.2)
         if self._session_left():
