@@ -14,8 +14,8 @@ file runs again in that interpreter, with ``LLM.generate`` in its process on the
 (float32, prefix caching off); a step is the difference between generating ``--steps`` + 2
 tokens and 2 tokens for all rows, over ``--steps`` (its prefill cancels out); median of 3.
 ``--threads``: torch's threads for both (default 1, what vLLM's CPU set-up picks on 2 cores,
-leaving the other core to its front end). moekit is measured before and after vLLM, which shows how much
-the machine's other load moved in between.
+leaving the other core to its front end). moekit is measured before and after vLLM, which shows
+how much the machine's other load moved in between.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -102,7 +101,8 @@ def vllm_step(folder: str, rows: int, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=16, help="sequences decoding together")
-    parser.add_argument("--steps", type=int, default=160)
+    parser.add_argument("--steps", type=int, default=160,
+                        help="decoding steps timed with every row in the batch")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch's threads for both engines (default 1: vLLM's own choice on "
                         "2 cores)")
