@@ -117,7 +117,8 @@ def test_the_dense_path_in_bfloat16_stays_within_its_rounding_of_the_grouped_one
 @pytest.mark.parametrize("path", ["routes", "dense"])
 def test_decoding_paths_give_the_grouped_paths_greedy_tokens(path, monkeypatch):
     model = _model(torch.float32)
-    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [1, 8, 2, 8, 1], [8]][:1 if path == "routes" else 4]
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7], [1, 8, 2, 8, 1], [8]]
+    prompts = prompts[:1] if path == "routes" else prompts  # one route pair, or four tokens
     _use_path(monkeypatch, path)
     decoded = generate(model, prompts, 24)
     _use_path(monkeypatch, "grouped")

@@ -12,11 +12,12 @@ generation, and every generation of the same batch size and cache length.
 tokens of recomputing each sequence whole (tested); compiled, inductor fuses the norms, RoPE,
 the activations and the small-batch experts' gathers, and the step runs without Python between
 its kernels (one graph, where the experts take the small-batch or the mid-batch path or run
-in bf16; in fp32 the grouped matmul runs eagerly between graphs). The first step of a new batch size or cache
-length pays the compilation (minutes on a 2-core CPU the first time, seconds from inductor's
-on-disk cache); ``DecodeStep.prepare`` pays it ahead, on scratch buffers, so that a server
-or a benchmark pays it once at start, not in a request. Cache lengths are rounded up to a
-multiple of ``CACHE_LENGTH_STEP`` so that prompts of different lengths share a graph.
+in bf16; in fp32 the grouped matmul runs eagerly between graphs). The first step of a new
+batch size or cache length pays the compilation (minutes on a 2-core CPU the first time,
+seconds from inductor's on-disk cache); ``DecodeStep.prepare`` pays it ahead, on scratch
+buffers, so that a server or a benchmark pays it once at start, not in a request. Cache
+lengths are rounded up to a multiple of ``CACHE_LENGTH_STEP`` so that prompts of different
+lengths share a graph.
 
 Shapes: B rows, G key/value heads, P cache positions (the buffer's whole length), Dh head dim,
 V vocabulary.

@@ -347,10 +347,11 @@ class MoELayer(nn.Module):
                        keep_TK: torch.Tensor | None) -> str | None:
         """The path of a decoding-sized forward: "routes" (a few routes, each through its
         expert's weights), "dense" (every expert on every token of a small batch, in a 16-bit
-        type), or None for the grouped path. Both decoding paths need every route kept, all experts on this
-        process, grouped experts, and no autocast (whose casts the grouped path makes its own
-        way). Eagerly, "routes" runs only on a CPU: it reads the expert ids on the host, which
-        costs nothing there and a wait for the device elsewhere; "dense" reads nothing."""
+        type), or None for the grouped path. Both decoding paths need every route kept, all
+        experts on this process, grouped experts, and no autocast (whose casts the grouped
+        path makes its own way). Eagerly, "routes" runs only on a CPU: it reads the expert ids
+        on the host, which costs nothing there and a wait for the device elsewhere; "dense"
+        reads nothing."""
         if not (keep_TK is None and type(self.dispatcher) is LocalDispatcher
                 and isinstance(self.experts, GroupedExperts)
                 and not torch.is_autocast_enabled(x_TD.device.type)):
