@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 
 from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
-from moekit.moe.experts import MLP, expert_activation, grouped_linear
+from moekit.moe.experts import (MLP, autocast_grouped_operands, expert_activation,
+                                 grouped_linear, grouped_mm_supported)
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -65,6 +66,45 @@ def _factors(*shape_pairs, dtype, device) -> list[nn.Parameter]:
     return factors
 
 
+class _LowRankLinear(torch.autograd.Function):
+    """y = x W^T + b + scale * (x A^T) B^T as one autograd step (Legend: N rows, I in, O out).
+
+    Composed of autograd's ops, the low-rank branch costs what full fine-tuning's weight
+    gradient does on a small model: its output and the input gradient's second term are each
+    a new [N, O] or [N, I] tensor added to the base's, and the scale a pass over one of them.
+    Here both products accumulate into the base's result in place (``addmm_``), and the scale
+    rides on the rank-R tensors. Gradients of the base weight and bias only where they are
+    trained (LoRA freezes them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_OI, bias_O, lora_A_RI, lora_B_OR, scale):
+        x_NI = x.reshape(-1, x.shape[-1])
+        low_NR = x_NI @ lora_A_RI.t()
+        y_NO = x_NI @ weight_OI.t() if bias_O is None else torch.addmm(bias_O, x_NI,
+                                                                       weight_OI.t())
+        y_NO.addmm_(low_NR, lora_B_OR.t(), alpha=scale)
+        ctx.save_for_backward(x_NI, weight_OI, lora_A_RI, lora_B_OR, low_NR)
+        ctx.scale = scale
+        return y_NO.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_NI, weight_OI, lora_A_RI, lora_B_OR, low_NR = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, needs_A, needs_B, _ = ctx.needs_input_grad
+        grad_NO = grad.reshape(-1, grad.shape[-1])
+        grad_low_NR = (grad_NO @ lora_B_OR).mul_(ctx.scale)
+        grad_x = None
+        if needs_x:
+            grad_x = (grad_NO @ weight_OI).addmm_(grad_low_NR, lora_A_RI)
+            grad_x = grad_x.view(*grad.shape[:-1], -1)
+        return (grad_x,
+                grad_NO.t() @ x_NI if needs_weight else None,
+                grad_NO.sum(0) if needs_bias else None,
+                grad_low_NR.t() @ x_NI if needs_A else None,
+                (grad_NO.t() @ low_NR).mul_(ctx.scale) if needs_B else None,
+                None)
+
+
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` with a low-rank update, holding the base layer's own weight and bias."""
 
@@ -81,10 +121,17 @@ class LoRALinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
-            return y
-        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            return F.linear(x, self.weight, self.bias)
+        operands = (x, self.weight, self.bias, self.lora_A, self.lora_B)
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return _LowRankLinear.apply(*operands, self.scale)
+        # Autocast has no rule for a custom function: cast its operands as it casts a linear's.
+        dtype = torch.get_autocast_dtype(device_type)
+        operands = [None if t is None else t.to(dtype) for t in operands]
+        with torch.autocast(device_type, enabled=False):
+            return _LowRankLinear.apply(*operands, self.scale)
 
     def delta(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
@@ -97,6 +144,40 @@ class LoRALinear(nn.Linear):
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
         return plain
+
+
+class _LowRankGroupedLinear(torch.autograd.Function):
+    """``_LowRankLinear`` per expert: y_NO = x W_e^T + scale * (x A_e^T) B_e^T for each block
+    of rows (expert e's, ``offsets_E`` ending each block), every product one grouped matmul,
+    the low-rank output and the input gradient's second term accumulated in place. The
+    factors' gradients are the grouped weight-gradient products that grouped_mm's own
+    backward uses (two 2-D operands split along the rows). Only for operands that
+    ``grouped_mm_supported``; X is the input width (D or F)."""
+
+    @staticmethod
+    def forward(ctx, x_NX, weight_EOX, lora_A_ERX, lora_B_EOR, offsets_E, scale):
+        low_NR = F.grouped_mm(x_NX, lora_A_ERX.transpose(1, 2), offs=offsets_E).mul_(scale)
+        y_NO = F.grouped_mm(x_NX, weight_EOX.transpose(1, 2), offs=offsets_E)
+        y_NO += F.grouped_mm(low_NR, lora_B_EOR.transpose(1, 2), offs=offsets_E)
+        ctx.save_for_backward(x_NX, weight_EOX, lora_A_ERX, lora_B_EOR, offsets_E, low_NR)
+        ctx.scale = scale
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        x_NX, weight_EOX, lora_A_ERX, lora_B_EOR, offsets_E, low_NR = ctx.saved_tensors
+        needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
+        grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
+        grad_low_NR = F.grouped_mm(grad_NO, lora_B_EOR, offs=offsets_E).mul_(ctx.scale)
+        grad_x = None
+        if needs_x:
+            grad_x = F.grouped_mm(grad_NO, weight_EOX, offs=offsets_E)
+            grad_x += F.grouped_mm(grad_low_NR, lora_A_ERX, offs=offsets_E)
+        return (grad_x,
+                F.grouped_mm(grad_NO.t(), x_NX, offs=offsets_E) if needs_weight else None,
+                F.grouped_mm(grad_low_NR.t(), x_NX, offs=offsets_E) if needs_A else None,
+                F.grouped_mm(grad_NO.t(), low_NR, offs=offsets_E) if needs_B else None,
+                None, None)
 
 
 class LoRAExperts(GroupedExperts):
@@ -120,18 +201,25 @@ class LoRAExperts(GroupedExperts):
         experts.scale, experts.enabled = scale, True
         return experts
 
-    def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E):
-        y = grouped_linear(x_NX, weight, tokens_per_expert_E)
+    def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E, offsets_E):
         if not self.enabled:
-            return y
-        low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E)
-        return y + self.scale * grouped_linear(low_NR, lora_B, tokens_per_expert_E)
+            return grouped_linear(x_NX, weight, tokens_per_expert_E)
+        x_NX, weight, lora_A, lora_B = autocast_grouped_operands(x_NX, weight, lora_A, lora_B)
+        if grouped_mm_supported(x_NX, weight, lora_A, lora_B) and not (
+                torch.compiler.is_compiling()):  # (grouped_linear calls it eagerly there)
+            return _LowRankGroupedLinear.apply(x_NX, weight, lora_A, lora_B, offsets_E,
+                                               self.scale)
+        low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E) * self.scale
+        return (grouped_linear(x_NX, weight, tokens_per_expert_E)
+                + grouped_linear(low_NR, lora_B, tokens_per_expert_E))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         h_NI = self._project(x_ND, self.in_proj, self.in_lora_A, self.in_lora_B,
-                             tokens_per_expert_E)
+                             tokens_per_expert_E, offsets_E)
         return self._project(expert_activation(h_NI, self.activation), self.down_proj,
-                             self.down_lora_A, self.down_lora_B, tokens_per_expert_E)
+                             self.down_lora_A, self.down_lora_B, tokens_per_expert_E,
+                             offsets_E)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         in_name = "gate_up_proj" if self.gated else "up_proj"
