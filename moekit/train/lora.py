@@ -66,43 +66,97 @@ def _factors(*shape_pairs, dtype, device) -> list[nn.Parameter]:
     return factors
 
 
-class _LowRankLinear(torch.autograd.Function):
-    """y = x W^T + b + scale * (x A^T) B^T as one autograd step (Legend: N rows, I in, O out).
+# A merged weight W + scale B A costs about three passes over the weights (formed in the forward,
+# read again in the backward); the factors applied to the rows cost about four extra passes
+# over the rows' inputs and outputs, in small rank-R matmuls. Merging pays where the rows
+# outweigh the weights by this factor (benchmarks/post_training.py --tables steps: on the tiny
+# preset both attention and experts merge, and a LoRA step is faster that way).
+MERGE_WHEN_ROWS_OUTWEIGH = 3
 
-    Composed of autograd's ops, the low-rank branch costs what full fine-tuning's weight
-    gradient does on a small model: its output and the input gradient's second term are each
-    a new [N, O] or [N, I] tensor added to the base's, and the scale a pass over one of them.
-    Here both products accumulate into the base's result in place (``addmm_``), and the scale
-    rides on the rank-R tensors. Gradients of the base weight and bias only where they are
-    trained (LoRA freezes them)."""
+
+def merging_pays(rows: int, matrices: int, out_features: int, in_features: int) -> bool:
+    """Whether ``rows`` rows, split over ``matrices`` [out, in] weights, multiply their base
+    weights more cheaply merged with the low-rank update than beside it."""
+    return (rows * (in_features + out_features)
+            >= MERGE_WHEN_ROWS_OUTWEIGH * matrices * out_features * in_features)
+
+
+def _rows_times_transposed(x_NX, w_OX, offsets_E):
+    """x w^T: one weight [O, X] (``offsets_E`` None), or [E, O, X] per block of rows."""
+    if offsets_E is None:
+        return x_NX @ w_OX.t()
+    return F.grouped_mm(x_NX, w_OX.transpose(1, 2), offs=offsets_E)
+
+
+def _rows_times(g_NO, w_OX, offsets_E):
+    """g w (the input gradient of ``_rows_times_transposed``)."""
+    return g_NO @ w_OX if offsets_E is None else F.grouped_mm(g_NO, w_OX, offs=offsets_E)
+
+
+def _weight_gradient(g_NO, x_NX, offsets_E):
+    """g^T x: [O, X], or [E, O, X], one matrix per block of rows."""
+    if offsets_E is None:
+        return g_NO.t() @ x_NX
+    return F.grouped_mm(g_NO.t(), x_NX, offs=offsets_E)
+
+
+class _LowRankProduct(torch.autograd.Function):
+    """y_NO = x W^T + scale (x A^T) B^T, for one weight W [O, X] with A [R, X], B [O, R]
+    (``offsets_E`` None), or for stacked ones [E, O, X], [E, R, X], [E, O, R], block e of the
+    rows through expert e's (``offsets_E[e]`` ends it): as one autograd step, because composed
+    of autograd's ops the low-rank branch costs a small model more than full fine-tuning's
+    weight gradient (each of its products a new [N, O] or [N, X] tensor added to the base's,
+    the scale a pass over one of them, the grouped ones one small matmul per expert).
+
+    ``merge``: the base products (output, input gradient) use W + scale B A, so the branch
+    costs the forward nothing and the backward only the factors' own gradients; otherwise the
+    low-rank output is added to the base's (``merging_pays`` chooses). The base weight gets a
+    gradient only where it trains (LoRA freezes it). Legend: N rows, X in, O out, R rank."""
 
     @staticmethod
-    def forward(ctx, x, weight_OI, bias_O, lora_A_RI, lora_B_OR, scale):
-        x_NI = x.reshape(-1, x.shape[-1])
-        low_NR = x_NI @ lora_A_RI.t()
-        y_NO = x_NI @ weight_OI.t() if bias_O is None else torch.addmm(bias_O, x_NI,
-                                                                       weight_OI.t())
-        y_NO.addmm_(low_NR, lora_B_OR.t(), alpha=scale)
-        ctx.save_for_backward(x_NI, weight_OI, lora_A_RI, lora_B_OR, low_NR)
-        ctx.scale = scale
-        return y_NO.view(*x.shape[:-1], -1)
+    def forward(ctx, x_NX, weight, lora_A, lora_B, offsets_E, scale, merge):
+        if merge:
+            add_product = torch.addmm if weight.dim() == 2 else torch.baddbmm
+            product_weight = add_product(weight, lora_B, lora_A, alpha=scale)
+            y_NO = _rows_times_transposed(x_NX, product_weight, offsets_E)
+        else:
+            product_weight = weight
+            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E).mul_(scale)
+            y_NO = _rows_times_transposed(x_NX, weight, offsets_E)
+            y_NO += _rows_times_transposed(low_NR, lora_B, offsets_E)
+        ctx.save_for_backward(x_NX, product_weight, lora_A, lora_B, offsets_E)
+        ctx.scale, ctx.merge = scale, merge
+        return y_NO
 
     @staticmethod
-    def backward(ctx, grad):
-        x_NI, weight_OI, lora_A_RI, lora_B_OR, low_NR = ctx.saved_tensors
-        needs_x, needs_weight, needs_bias, needs_A, needs_B, _ = ctx.needs_input_grad
-        grad_NO = grad.reshape(-1, grad.shape[-1])
-        grad_low_NR = (grad_NO @ lora_B_OR).mul_(ctx.scale)
+    def backward(ctx, grad_NO):
+        x_NX, product_weight, lora_A, lora_B, offsets_E = ctx.saved_tensors
+        needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
+        grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
+        grad_low_NR = _rows_times(grad_NO, lora_B, offsets_E).mul_(ctx.scale)
         grad_x = None
         if needs_x:
-            grad_x = (grad_NO @ weight_OI).addmm_(grad_low_NR, lora_A_RI)
-            grad_x = grad_x.view(*grad.shape[:-1], -1)
+            grad_x = _rows_times(grad_NO, product_weight, offsets_E)
+            if not ctx.merge:
+                grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
+        grad_B = None
+        if needs_B:
+            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
+            grad_B = _weight_gradient(grad_NO, low_NR, offsets_E).mul_(ctx.scale)
         return (grad_x,
-                grad_NO.t() @ x_NI if needs_weight else None,
-                grad_NO.sum(0) if needs_bias else None,
-                grad_low_NR.t() @ x_NI if needs_A else None,
-                (grad_NO.t() @ low_NR).mul_(ctx.scale) if needs_B else None,
-                None)
+                _weight_gradient(grad_NO, x_NX, offsets_E) if needs_weight else None,
+                _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None,
+                grad_B, None, None, None)
+
+
+def _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, scale):
+    """``_LowRankProduct`` of operands already in their compute dtype (autocast has no rule
+    for a custom function: the callers cast as autocast casts their products)."""
+    rows, (out_features, in_features) = x_NX.shape[0], weight.shape[-2:]
+    matrices = 1 if offsets_E is None else weight.shape[0]
+    merge = merging_pays(rows, matrices, out_features, in_features)
+    with torch.autocast(x_NX.device.type, enabled=False):
+        return _LowRankProduct.apply(x_NX, weight, lora_A, lora_B, offsets_E, scale, merge)
 
 
 class LoRALinear(nn.Linear):
@@ -123,15 +177,12 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
-        operands = (x, self.weight, self.bias, self.lora_A, self.lora_B)
-        device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return _LowRankLinear.apply(*operands, self.scale)
-        # Autocast has no rule for a custom function: cast its operands as it casts a linear's.
-        dtype = torch.get_autocast_dtype(device_type)
-        operands = [None if t is None else t.to(dtype) for t in operands]
-        with torch.autocast(device_type, enabled=False):
-            return _LowRankLinear.apply(*operands, self.scale)
+        operands = (x.reshape(-1, x.shape[-1]), self.weight, self.lora_A, self.lora_B)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            operands = [t.to(dtype) for t in operands]
+        y_NO = _low_rank_product(*operands, None, self.scale).view(*x.shape[:-1], -1)
+        return y_NO if self.bias is None else y_NO + self.bias.to(y_NO.dtype)
 
     def delta(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
@@ -144,40 +195,6 @@ class LoRALinear(nn.Linear):
             if self.bias is not None:
                 plain.bias.copy_(self.bias)
         return plain
-
-
-class _LowRankGroupedLinear(torch.autograd.Function):
-    """``_LowRankLinear`` per expert: y_NO = x W_e^T + scale * (x A_e^T) B_e^T for each block
-    of rows (expert e's, ``offsets_E`` ending each block), every product one grouped matmul,
-    the low-rank output and the input gradient's second term accumulated in place. The
-    factors' gradients are the grouped weight-gradient products that grouped_mm's own
-    backward uses (two 2-D operands split along the rows). Only for operands that
-    ``grouped_mm_supported``; X is the input width (D or F)."""
-
-    @staticmethod
-    def forward(ctx, x_NX, weight_EOX, lora_A_ERX, lora_B_EOR, offsets_E, scale):
-        low_NR = F.grouped_mm(x_NX, lora_A_ERX.transpose(1, 2), offs=offsets_E).mul_(scale)
-        y_NO = F.grouped_mm(x_NX, weight_EOX.transpose(1, 2), offs=offsets_E)
-        y_NO += F.grouped_mm(low_NR, lora_B_EOR.transpose(1, 2), offs=offsets_E)
-        ctx.save_for_backward(x_NX, weight_EOX, lora_A_ERX, lora_B_EOR, offsets_E, low_NR)
-        ctx.scale = scale
-        return y_NO
-
-    @staticmethod
-    def backward(ctx, grad_NO):
-        x_NX, weight_EOX, lora_A_ERX, lora_B_EOR, offsets_E, low_NR = ctx.saved_tensors
-        needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
-        grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
-        grad_low_NR = F.grouped_mm(grad_NO, lora_B_EOR, offs=offsets_E).mul_(ctx.scale)
-        grad_x = None
-        if needs_x:
-            grad_x = F.grouped_mm(grad_NO, weight_EOX, offs=offsets_E)
-            grad_x += F.grouped_mm(grad_low_NR, lora_A_ERX, offs=offsets_E)
-        return (grad_x,
-                F.grouped_mm(grad_NO.t(), x_NX, offs=offsets_E) if needs_weight else None,
-                F.grouped_mm(grad_low_NR.t(), x_NX, offs=offsets_E) if needs_A else None,
-                F.grouped_mm(grad_NO.t(), low_NR, offs=offsets_E) if needs_B else None,
-                None, None)
 
 
 class LoRAExperts(GroupedExperts):
@@ -207,8 +224,7 @@ class LoRAExperts(GroupedExperts):
         x_NX, weight, lora_A, lora_B = autocast_grouped_operands(x_NX, weight, lora_A, lora_B)
         if grouped_mm_supported(x_NX, weight, lora_A, lora_B) and not (
                 torch.compiler.is_compiling()):  # (grouped_linear calls it eagerly there)
-            return _LowRankGroupedLinear.apply(x_NX, weight, lora_A, lora_B, offsets_E,
-                                               self.scale)
+            return _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, self.scale)
         low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E) * self.scale
         return (grouped_linear(x_NX, weight, tokens_per_expert_E)
                 + grouped_linear(low_NR, lora_B, tokens_per_expert_E))
