@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
 from moekit.moe.experts import (MLP, autocast_grouped_operands, expert_activation,
-                                 grouped_linear, grouped_mm_supported)
+                                 grouped_linear, grouped_mm_supported, routed_expert_mlp)
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -236,6 +236,19 @@ class LoRAExperts(GroupedExperts):
         return self._project(expert_activation(h_NI, self.activation), self.down_proj,
                              self.down_lora_A, self.down_lora_B, tokens_per_expert_E,
                              offsets_E)
+
+    def forward_routes(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                       weights_TK: torch.Tensor) -> torch.Tensor:
+        """The small-batch path (decoding a few tokens), each route through its expert's
+        weights merged with its update; only the routed experts' are merged."""
+        if not self.enabled:
+            return super().forward_routes(x_TD, expert_ids_TK, weights_TK)
+        used_U, routes_TK = expert_ids_TK.unique(return_inverse=True)
+        in_UID, down_UDF = (
+            torch.baddbmm(weight[used_U], lora_B[used_U], lora_A[used_U], alpha=self.scale)
+            for weight, lora_A, lora_B in ((self.in_proj, self.in_lora_A, self.in_lora_B),
+                                           (self.down_proj, self.down_lora_A, self.down_lora_B)))
+        return routed_expert_mlp(x_TD, routes_TK, weights_TK, in_UID, down_UDF, self.activation)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         in_name = "gate_up_proj" if self.gated else "up_proj"
