@@ -76,21 +76,24 @@ def _trainable(folder: Path, rank: int | None) -> int:
 
 
 def _step_times(base: Path, stage: SupervisedFineTuning, config: TrainConfig, rank: int,
-                rounds: int) -> tuple[list[float], list[float]]:
-    """Full and LoRA steps on the same batches, taking turns; the first round is warm-up."""
+                rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Full and LoRA steps on the same batches, taking turns; the first round is warm-up.
+    Each step's wall time and this process's CPU time (all its threads): on a shared machine
+    the second counts less of the other jobs' time (a thread waiting for a core uses none)."""
     models = {"full": load_model(base).train(), "lora": load_model(base).train()}
     lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
     optimizers = {name: build_optimizer(m, config) for name, m in models.items()}
-    times = {"full": [], "lora": []}
+    times = {clock: {"full": [], "lora": []} for clock in ("wall", "cpu")}
     for index in range(rounds + 1):
         batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
         for name, model in models.items():
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             train_step(model, optimizers[name], batch[0], batch[1], config, Mesh(), batch[2],
                        batch[3])
             if index:
-                times[name].append(time.perf_counter() - started)
-    return times["full"], times["lora"]
+                times["wall"][name].append(time.perf_counter() - wall)
+                times["cpu"][name].append(time.process_time() - cpu)
+    return times
 
 
 @torch.no_grad()
@@ -241,13 +244,16 @@ def step_times(pretrained: Path, rounds: int) -> None:
     sft_config = _sft_config(rounds + 1)
     stage.prepare(*load_chat_tokenizer(pretrained, model.config), sft_config)
     full_params = _trainable(pretrained, None)
-    full, adapted = _step_times(pretrained, stage, sft_config, 8, rounds)
-    ratios = [a / f for a, f in zip(adapted, full)]
-    print(f"\nLoRA rank 8 step / full fine-tuning step, {rounds} rounds in turns: "
-          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
-          f"(full {statistics.median(full) * 1e3:.0f} ms, LoRA "
-          f"{statistics.median(adapted) * 1e3:.0f} ms; trainable share "
-          f"{_trainable(pretrained, 8) / full_params:.1%})")
+    times = _step_times(pretrained, stage, sft_config, 8, rounds)
+    print(f"\nLoRA rank 8 step / full fine-tuning step, {rounds} rounds in turns (trainable "
+          f"share {_trainable(pretrained, 8) / full_params:.1%}; load average now "
+          f"{os.getloadavg()[0]:.1f}):")
+    for clock, label in (("wall", "wall time"), ("cpu", "CPU time")):
+        full, adapted = times[clock]["full"], times[clock]["lora"]
+        ratios = [a / f for a, f in zip(adapted, full)]
+        print(f"  {label:9}  {statistics.median(ratios):.2f}x [{min(ratios):.2f}-"
+              f"{max(ratios):.2f}] (full {statistics.median(full) * 1e3:.0f} ms, LoRA "
+              f"{statistics.median(adapted) * 1e3:.0f} ms)")
 
 
 if __name__ == "__main__":
