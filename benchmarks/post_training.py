@@ -14,7 +14,9 @@ exact-answer reward of 4 samples per held-out prompt at temperature 1), trainabl
 and their share, training-state bytes (trainable weights + gradients + AdamW's two moments:
 what full fine-tuning and LoRA differ by; computed from the shapes, not a measured peak), and
 the median step time. Then the LoRA/full step-time ratio, the steps taking turns (rank 8,
-experts included), with its range over rounds. Shared machines are noisy: the header prints
+experts included), with its range over rounds, in wall time and in CPU time, beside the
+frozen floor's (a step with no adapters that runs the backward LoRA needs: what no adapter
+implementation can beat). Shared machines are noisy: the header prints
 the CPU and load; only ratios within one run compare.
 """
 from __future__ import annotations
@@ -75,15 +77,29 @@ def _trainable(folder: Path, rank: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# The backward a LoRA step cannot skip: every layer's input gradient, down to the first
+# layer's attention (whose adapters need it), and no adapters. One weight there trains so that
+# the backward runs; a LoRA step's time above this floor is its adapters'.
+FLOOR_WEIGHT = "layers.0.attn.q_proj.weight"
+
+
+def _step_models(base: Path, rank: int) -> dict[str, torch.nn.Module]:
+    models = {name: load_model(base).train() for name in ("full", "lora", "floor")}
+    lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
+    for name, parameter in models["floor"].named_parameters():
+        parameter.requires_grad_(name == FLOOR_WEIGHT)
+    return models
+
+
 def _step_times(base: Path, stage: SupervisedFineTuning, config: TrainConfig, rank: int,
                 rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Full and LoRA steps on the same batches, taking turns; the first round is warm-up.
-    Each step's wall time and this process's CPU time (all its threads): on a shared machine
-    the second counts less of the other jobs' time (a thread waiting for a core uses none)."""
-    models = {"full": load_model(base).train(), "lora": load_model(base).train()}
-    lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
+    """Full, LoRA and floor steps on the same batches, taking turns; the first round is
+    warm-up. Each step's wall time and this process's CPU time (all its threads): on a shared
+    machine the second counts less of the other jobs' time (a thread waiting for a core uses
+    none)."""
+    models = _step_models(base, rank)
     optimizers = {name: build_optimizer(m, config) for name, m in models.items()}
-    times = {clock: {"full": [], "lora": []} for clock in ("wall", "cpu")}
+    times = {clock: {name: [] for name in models} for clock in ("wall", "cpu")}
     for index in range(rounds + 1):
         batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
         for name, model in models.items():
@@ -245,16 +261,18 @@ def step_times(pretrained: Path, rounds: int) -> None:
     stage.prepare(*load_chat_tokenizer(pretrained, model.config), sft_config)
     full_params = _trainable(pretrained, None)
     times = _step_times(pretrained, stage, sft_config, 8, rounds)
-    print(f"\nLoRA rank 8 step / full fine-tuning step, {rounds} rounds in turns (trainable "
-          f"share {_trainable(pretrained, 8) / full_params:.1%}; load average now "
-          f"{os.getloadavg()[0]:.1f}):")
+    print(f"\nLoRA rank 8 step (trainable share {_trainable(pretrained, 8) / full_params:.1%}) "
+          f"and the frozen floor (no adapters, the backward LoRA needs) / full fine-tuning "
+          f"step, {rounds} rounds in turns (load average now {os.getloadavg()[0]:.1f}):")
     for clock, label in (("wall", "wall time"), ("cpu", "CPU time")):
-        full, adapted = times[clock]["full"], times[clock]["lora"]
-        ratios = [a / f for a, f in zip(adapted, full)]
-        print(f"  {label:9}  {statistics.median(ratios):.2f}x [{min(ratios):.2f}-"
-              f"{max(ratios):.2f}] (full {statistics.median(full) * 1e3:.0f} ms, LoRA "
-              f"{statistics.median(adapted) * 1e3:.0f} ms)")
-
+        full = times[clock]["full"]
+        cells = []
+        for name in ("lora", "floor"):
+            ratios = [t / f for t, f in zip(times[clock][name], full)]
+            cells.append(f"{name} {statistics.median(ratios):.2f}x [{min(ratios):.2f}-"
+                         f"{max(ratios):.2f}] ({statistics.median(times[clock][name]) * 1e3:.0f}"
+                         f" ms)")
+        print(f"  {label:9}  full {statistics.median(full) * 1e3:.0f} ms; " + "; ".join(cells))
 
 if __name__ == "__main__":
     main()
