@@ -13,7 +13,8 @@ Columns (real gloo processes, forked; each process 1 thread unless said):
 With --pipeline-split, the columns are instead two pipelines of 2 stages (1 thread each) on
 the tiny preset at 8 layers and a vocabulary of 8,192, over 8 micro-batches (1F1B): the even
 split (4 + 4 layers) and ``moekit.plan.plan_stages``' split, whose last stage, which also
-computes the output projection and the loss, holds fewer layers.
+computes the output projection and the loss, holds fewer layers: planned from FLOPs, and (a
+third column where it differs) from times measured here first, a layer's and the rest's.
 The columns take turns within each round (one column after another gave figures that depend
 on the order on these machines); figures are medians over rounds of the mean step time of
 ``--steps`` steps after one warm-up step. Bytes per step and rank: what the all-to-alls send
@@ -161,10 +162,19 @@ def main() -> None:
     columns, accumulation = COLUMNS, 1
     if args.pipeline_split:
         model_config = replace(model_config, num_layers=8, vocab_size=8192)
+        accumulation = 8
         planned = plan_stages(model_config, 2, args.seq_len).stage_layers
+        layer_s, head_s = _measured_costs(model_config, args.batch_size // accumulation,
+                                          args.seq_len)
+        timed = plan_stages(model_config, 2, args.seq_len, layer_times=[layer_s] * 8,
+                            head_time=head_s).stage_layers
+        print(f"timed on 1 thread, forward + backward of a micro-batch: a layer {layer_s * 1e3:.1f}"
+              f" ms, the rest (embedding, output projection, loss) {head_s * 1e3:.1f} ms "
+              f"({head_s / layer_s:.1f} layers)")
         columns = {"PP 2 even (4 + 4)": (2, 1, 1, (4, 4)),
                    f"PP 2 planned ({planned[0]} + {planned[1]})": (2, 1, 1, planned)}
-        accumulation = 8
+        if timed != planned:
+            columns[f"PP 2 timed ({timed[0]} + {timed[1]})"] = (2, 1, 1, timed)
     config = {"model": model_config,
               "train": TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                                    grad_accum=accumulation, lb_scope="global")}
@@ -211,8 +221,34 @@ def main() -> None:
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
+def _measured_costs(model_config, micro_batch: int, seq_len: int, reps: int = 5):
+    """Seconds of one forward + backward on one thread: per layer, and of the rest of the
+    model (the embedding, the output projection and the loss), from the model at its depth and
+    at half of it (medians of ``reps``)."""
+    torch.set_num_threads(1)
+    ids = torch.randint(0, model_config.vocab_size, (micro_batch, seq_len + 1),
+                        generator=torch.Generator().manual_seed(2))
+    seconds = {}
+    for layers in (model_config.num_layers, model_config.num_layers // 2):
+        model = Transformer(replace(model_config, num_layers=layers)).train()
+
+        def step():
+            logits = model(ids[:, :-1]).logits
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        step()
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        seconds[layers] = statistics.median(times)
+    full, half = model_config.num_layers, model_config.num_layers // 2
+    layer = (seconds[full] - seconds[half]) / (full - half)
+    return layer, seconds[full] - full * layer
+
+
 def _print_split(results: dict, tokens: int) -> None:
-    even_name, planned_name = results
+    even_name = next(iter(results))
     even = statistics.median(r["step_s"] for r in results[even_name])
     print(f"{'column':24} {'step s (median)':>16} {'tokens/s':>10} {'vs even':>8}")
     for name, runs in results.items():

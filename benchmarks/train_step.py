@@ -20,9 +20,13 @@ backward; global-norm clipping at 1.0; AdamW step; ``zero_grad(set_to_none=True)
                             moekit and dense it says how much of the gap to the dense model the
                             expert matmuls are.
   HF AdamW, HF fused AdamW  transformers' MixtralForCausalLM (experts grouped_mm where it can),
-                            the same weights, its load-balancing loss with moekit's coefficient,
+     (own process)          the same weights, its load-balancing loss with moekit's coefficient,
                             torch's default AdamW (a per-tensor loop on CPU) and fused AdamW,
-                            both with moekit's lr, betas and weight decay (matrices only)
+                            both with moekit's lr, betas and weight decay (matrices only).
+                            "(own process)" (the default): stepped in a spawned process of its
+                            own, with glibc's malloc defaults, as a Hugging Face training
+                            process runs; without it (--columns "HF AdamW,..."), in this
+                            process, with the memory retention --malloc sets for moekit
   dense                     ``config.dense()`` with FFN width top_k * expert FFN: the same active
                             FLOPs per token
 
@@ -57,20 +61,22 @@ from moekit.convert.hf import hf_config_from_model, moekit_to_hf_state
 from moekit.devices import retain_freed_cpu_memory
 from moekit.model import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import clip_gradients
-from moekit.train.optim import build_optimizer, implementation_of
+from moekit.train.optim import build_optimizer, clipped_step, implementation_of
 
 MOEKIT, MOEKIT_FOREACH, MOEKIT_LOOP = "moekit", "moekit foreach", "moekit loop"
 MOEKIT_DENSE_EXPERT_MM = "moekit dense expert mm"
 HF_DEFAULT_ADAMW, HF_FUSED_ADAMW = "HF AdamW", "HF fused AdamW"
+OWN_PROCESS = " (own process)"
 DENSE = "dense"
 COLUMNS = (MOEKIT, MOEKIT_FOREACH, MOEKIT_LOOP, MOEKIT_DENSE_EXPERT_MM, HF_DEFAULT_ADAMW,
-           HF_FUSED_ADAMW, DENSE)
+           HF_FUSED_ADAMW, HF_DEFAULT_ADAMW + OWN_PROCESS, HF_FUSED_ADAMW + OWN_PROCESS, DENSE)
+DEFAULT_COLUMNS = tuple(name for name in COLUMNS if name not in (HF_DEFAULT_ADAMW,
+                                                                 HF_FUSED_ADAMW))
 # name: (numerator, denominator) of a tokens/s ratio
-RATIOS = {"moekit / HF AdamW": (MOEKIT, HF_DEFAULT_ADAMW),
-          "moekit / HF fused AdamW": (MOEKIT, HF_FUSED_ADAMW),
-          "moekit / dense": (MOEKIT, DENSE)}
-PHASES = ("forward+loss", "backward", "clip", "AdamW+zero_grad")
+RATIOS = {f"moekit / {hf}": (MOEKIT, hf) for hf in COLUMNS if hf.startswith("HF")}
+RATIOS["moekit / dense"] = (MOEKIT, DENSE)
+LABEL = max(map(len, RATIOS))  # width of the labels of the lines under the table
+PHASES = ("forward+loss", "backward", "clip+AdamW+zero_grad")
 MALLOC_SETTINGS = {
     "training": "retain_freed_cpu_memory(training=True): freed memory never trimmed",
     "inference": "retain_freed_cpu_memory(): trimmed above 1 GiB",
@@ -85,6 +91,13 @@ class Column:
     optimizer: torch.optim.Optimizer
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # ids -> logits, router loss
     patch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    @property
+    def implementation(self) -> str:
+        return implementation_of(self.optimizer)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> "StepTimes":
+        return train_step(self, inputs, targets)
 
 
 @dataclass
@@ -114,9 +127,9 @@ def moekit_forward(model: Transformer):
     return forward
 
 
-def hf_mixtral(config: ModelConfig, weights_from: Transformer):
-    """MixtralForCausalLM with the weights of ``weights_from``; experts grouped_mm where
-    transformers can dispatch it, else its default."""
+def hf_mixtral(config: ModelConfig, hf_state: dict[str, torch.Tensor]):
+    """MixtralForCausalLM with the weights ``hf_state`` (moekit's, renamed); experts grouped_mm
+    where transformers can dispatch it, else its default."""
     from transformers import MixtralConfig, MixtralForCausalLM
     values = hf_config_from_model(config, "mixtral")
     values.pop("model_type")
@@ -124,7 +137,7 @@ def hf_mixtral(config: ModelConfig, weights_from: Transformer):
                               router_aux_loss_coef=config.moe.aux_loss_coef)
     hf_config._experts_implementation = None  # transformers picks grouped_mm if it can
     model = MixtralForCausalLM(hf_config)
-    model.load_state_dict(moekit_to_hf_state(weights_from.state_dict(), "mixtral"))
+    model.load_state_dict(hf_state)
     return model.train()
 
 
@@ -150,6 +163,76 @@ def moekit_adamw(model: Transformer, impl: str) -> torch.optim.AdamW:
     return build_optimizer(model, replace(TRAIN, optimizer_impl=impl))
 
 
+def hf_columns(config: ModelConfig, hf_state: dict, names: list[str]) -> dict[str, Column]:
+    """The Hugging Face columns ``names``: one model, and AdamW moments shared."""
+    model = hf_mixtral(config, hf_state)
+    optimizers = sharing_state([hf_adamw(model, fused=True if name == HF_FUSED_ADAMW else None)
+                                for name in names])
+    return {name: Column(model, optimizer, hf_forward(model))
+            for name, optimizer in zip(names, optimizers)}
+
+
+class OwnProcessColumn:
+    """A Hugging Face column stepped in a process of its own, spawned, so with glibc's malloc
+    defaults as a Hugging Face training process has them (this process keeps freed memory as
+    ``--malloc`` says, which spares the others' steps the page faults a fresh process takes).
+    It takes its turn like the others: each ``step`` runs one step there and returns its times."""
+
+    def __init__(self, connection, name: str, implementation: str):
+        self.connection, self.name, self.implementation = connection, name, implementation
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> "StepTimes":
+        self.connection.send((self.name, inputs, targets))
+        return self.connection.recv()
+
+
+def own_process_worker(connection, config: ModelConfig, weights_file: str, names: list[str],
+                       threads: int, check: tuple[torch.Tensor, torch.Tensor]) -> None:
+    from safetensors.torch import load_file
+    torch.set_num_threads(threads)
+    columns = hf_columns(config, load_file(weights_file), names)
+    first = next(iter(columns.values()))
+    check_same_logits(first, *check)
+    connection.send(({name: column.implementation for name, column in columns.items()},
+                     hf_implementations(first.model)))
+    while (message := connection.recv()) is not None:
+        name, inputs, targets = message
+        connection.send(columns[name].step(inputs, targets))
+
+
+@contextlib.contextmanager
+def own_process_columns(config: ModelConfig, hf_state: dict, names: list[str], check):
+    """``OwnProcessColumn``s of ``names``, in one spawned process ended on leaving; ``check``:
+    token ids and moekit's logits for them, which the process's model must give."""
+    import multiprocessing
+    import tempfile
+
+    from safetensors.torch import save_file
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    with tempfile.TemporaryDirectory() as folder:
+        weights_file = f"{folder}/hf.safetensors"
+        save_file({name: t.contiguous() for name, t in hf_state.items()}, weights_file)
+        process = context.Process(target=own_process_worker, daemon=True, args=(
+            there, config, weights_file, names, torch.get_num_threads(), check))
+        process.start()
+        try:
+            try:
+                implementations, hf = here.recv()
+            except EOFError:
+                raise SystemExit("the Hugging Face process ended before its first step "
+                                 "(its error is above)") from None
+            yield hf, {f"{name}{OWN_PROCESS}": OwnProcessColumn(here, name, implementations[name])
+                       for name in names}
+        finally:
+            if process.is_alive():
+                here.send(None)
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
 def sharing_state(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
     """The optimizers, all reading and writing the first one's moments."""
     for optimizer in optimizers[1:]:
@@ -171,9 +254,16 @@ def dense_expert_matmuls():
         experts_module.grouped_linear = grouped_linear
 
 
-def build_columns(config: ModelConfig, wanted: list[str]) -> dict[str, Column]:
+def build_columns(config: ModelConfig, wanted: list[str], stack: contextlib.ExitStack,
+                  check_ids: torch.Tensor) -> tuple[dict, str | None]:
+    """The columns ``wanted``, in COLUMNS' order (own-process ones live as long as ``stack``),
+    and how transformers computes (None without a Hugging Face column). The Hugging Face
+    models must give moekit's logits for ``check_ids``."""
     torch.manual_seed(0)
     moe_model = Transformer(config).train()
+    with torch.no_grad():
+        expected = moe_model(check_ids).logits
+    hf = None
     columns = {}
     moekit_impls = {MOEKIT: "auto", MOEKIT_FOREACH: "foreach", MOEKIT_LOOP: "loop"}
     moekit_names = [name for name in moekit_impls if name in wanted]
@@ -185,31 +275,36 @@ def build_columns(config: ModelConfig, wanted: list[str]) -> dict[str, Column]:
         columns[name] = Column(moe_model, optimizer, moekit_forward(moe_model))
     if MOEKIT_DENSE_EXPERT_MM in wanted:
         columns[MOEKIT_DENSE_EXPERT_MM] = replace(columns[MOEKIT], patch=dense_expert_matmuls)
+    hf_state = moekit_to_hf_state(moe_model.state_dict(), "mixtral")
     hf_names = [name for name in (HF_DEFAULT_ADAMW, HF_FUSED_ADAMW) if name in wanted]
     if hf_names:
-        hf_model = hf_mixtral(config, moe_model)
-        optimizers = sharing_state([hf_adamw(hf_model, fused=True if name == HF_FUSED_ADAMW
-                                             else None) for name in hf_names])
-        for name, optimizer in zip(hf_names, optimizers):
-            columns[name] = Column(hf_model, optimizer, hf_forward(hf_model))
+        columns.update(hf_columns(config, hf_state, hf_names))
+        check_same_logits(columns[hf_names[0]], check_ids, expected)
+        hf = hf_implementations(columns[hf_names[0]].model)
+    elsewhere = [name.removesuffix(OWN_PROCESS) for name in wanted if name.endswith(OWN_PROCESS)]
+    if elsewhere:
+        hf, more = stack.enter_context(own_process_columns(config, hf_state, elsewhere,
+                                                           (check_ids, expected)))
+        columns.update(more)
     if DENSE in wanted:
         dense_model = Transformer(config.dense()).train()
         columns[DENSE] = Column(dense_model, moekit_adamw(dense_model, "auto"),
                                 moekit_forward(dense_model))
-    return {name: columns[name] for name in COLUMNS if name in wanted}
+    return {name: columns[name] for name in COLUMNS if name in wanted}, hf
 
 
-def check_same_logits(columns: dict[str, Column], ids: torch.Tensor) -> None:
+def check_same_logits(column: Column, ids: torch.Tensor, expected: torch.Tensor) -> None:
     """moekit and Hugging Face start from the same weights: their logits must agree."""
-    if MOEKIT not in columns or not any(name.startswith("HF") for name in columns):
-        return
-    hf_name = next(name for name in columns if name.startswith("HF"))
     with torch.no_grad():
-        expected, _ = columns[MOEKIT].forward(ids[:1])
-        got, _ = columns[hf_name].forward(ids[:1])
+        got, _ = column.forward(ids)
     error = float((got - expected).abs().max() / expected.abs().max())
     if error > 1e-4:
         raise SystemExit(f"Hugging Face's logits differ from moekit's: max rel err {error:.1e}")
+
+
+def hf_implementations(model) -> str:
+    return (f"experts {model.config._experts_implementation}, attention "
+            f"{model.config._attn_implementation}")
 
 
 def train_step(column: Column, inputs: torch.Tensor, targets: torch.Tensor) -> StepTimes:
@@ -222,15 +317,12 @@ def train_step(column: Column, inputs: torch.Tensor, targets: torch.Tensor) -> S
         forward_done = time.perf_counter()
         loss.backward()
         backward_done = time.perf_counter()
-        # moekit's clipping for every column (moekit/train/step.py clips so)
-        clip_gradients(column.model, TRAIN.grad_clip, Mesh())
-        clip_done = time.perf_counter()
-        column.optimizer.step()
-        column.optimizer.zero_grad(set_to_none=True)
+        # moekit's clipping and update for every column (moekit/train/step.py steps so)
+        clipped_step(column.optimizer, column.model, TRAIN.grad_clip, Mesh())
         optimizer_done = time.perf_counter()
     after = resource.getrusage(resource.RUSAGE_SELF)
     return StepTimes((forward_done - start, backward_done - forward_done,
-                      clip_done - backward_done, optimizer_done - clip_done),
+                      optimizer_done - backward_done),
                      after.ru_minflt - before.ru_minflt, after.ru_nivcsw - before.ru_nivcsw)
 
 
@@ -240,7 +332,7 @@ def time_interleaved(columns: dict[str, Column], inputs, targets, reps: int,
     steps = {name: [] for name in columns}
     for round_index in range(warmup + reps):
         for name, column in columns.items():
-            measured = train_step(column, inputs, targets)
+            measured = column.step(inputs, targets)
             if round_index >= warmup:
                 steps[name].append(measured)
     return steps
@@ -291,24 +383,24 @@ def report(console: Console, title: str, columns: dict[str, Column],
         table.add_row(name, median_and_range([tokens / s for s in seconds], 0),
                       f"{statistics.median(seconds):.3f}", *(f"{share:.0%}" for share in shares),
                       f"{faults:,.0f}", f"{preemptions:,.0f}",
-                      implementation_of(columns[name].optimizer))
+                      columns[name].implementation)
     console.print(table)
 
     def per_round(numerator: str, denominator: str) -> list[float]:
         return [b.seconds / a.seconds for a, b in zip(steps[numerator], steps[denominator])]
 
     quietest = least_contended_round(steps)
-    console.print(f"{'ratio':26s} median (range) over rounds; in the least preempted round "
+    console.print(f"{'ratio':{LABEL}s} median (range) over rounds; in the least preempted round "
                   f"({preemptions_per_second(steps, quietest):.0f} preemptions/s)")
     for label, (numerator, denominator) in RATIOS.items():
         if numerator in steps and denominator in steps:
             ratios = per_round(numerator, denominator)
-            console.print(f"{label:26s} {median_and_range(ratios, 2)}; {ratios[quietest]:.2f}")
+            console.print(f"{label:{LABEL}s} {median_and_range(ratios, 2)}; {ratios[quietest]:.2f}")
     if all(name in steps for name in (MOEKIT, MOEKIT_DENSE_EXPERT_MM, DENSE)):
         shares = [(moe.seconds - variant.seconds) / (moe.seconds - dense.seconds)
                   for moe, variant, dense in zip(steps[MOEKIT], steps[MOEKIT_DENSE_EXPERT_MM],
                                                  steps[DENSE])]
-        console.print(f"{'gap to dense in expert mm':26s} {median_and_range(shares, 2)}; "
+        console.print(f"{'gap to dense in expert mm':{LABEL}s} {median_and_range(shares, 2)}; "
                       f"{shares[quietest]:.2f}  (moekit - dense expert mm) / (moekit - dense), "
                       "seconds per step")
 
@@ -348,7 +440,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="8,64", help="numbers of experts, comma-separated")
-    parser.add_argument("--columns", default=",".join(COLUMNS),
+    parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
                         help=f"comma-separated from: {', '.join(COLUMNS)}")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--expert-ffn", type=int, default=1024)
@@ -386,26 +478,24 @@ def main():
     wanted = args.columns.split(",")
     for num_experts in (int(e) for e in args.shapes.split(",")):
         config = model_config(args, num_experts)
-        columns = build_columns(config, wanted)
         batch = torch.randint(config.vocab_size, (args.batch, args.seq + 1),
                               generator=torch.Generator().manual_seed(0))
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        check_same_logits(columns, inputs)
+        stack = contextlib.ExitStack()
+        columns, hf = build_columns(config, wanted, stack, inputs[:1])
         steps = time_interleaved(columns, inputs, targets, args.reps, args.warmup)
         title = (f"E={num_experts} top-{args.top_k} H={args.hidden} F={args.expert_ffn} "
                  f"L={args.layers} GQA {args.heads}/{args.kv_heads} V={args.vocab} "
                  f"batch {args.batch}x{args.seq}, {args.reps} rounds after {args.warmup} warm-up")
         report(console, title, columns, steps, args.batch * args.seq)
-        hf_model = next((columns[name].model for name in columns if name.startswith("HF")), None)
-        if hf_model is not None:
-            console.print(f"{'HF implementations':26s} experts "
-                          f"{hf_model.config._experts_implementation}, attention "
-                          f"{hf_model.config._attn_implementation}")
+        if hf is not None:
+            console.print(f"{'HF implementations':{LABEL}s} {hf}")
         if MOEKIT in columns:
             share = grouped_mm_share(columns[MOEKIT], inputs, targets)
-            console.print(f"{'expert mm in moekit step':26s} {share:.0%}  "
+            console.print(f"{'expert mm in moekit step':{LABEL}s} {share:.0%}  "
                           "(aten::_grouped_mm in one profiled step)")
         console.print(uptime())
+        stack.close()
         del columns
 
 

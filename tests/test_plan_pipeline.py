@@ -49,11 +49,23 @@ def test_a_heavy_output_projection_moves_layers_off_the_last_stage():
     assert planned.bubble(8) < uniform.bubble(8)
 
 
+def test_measured_times_plan_the_split_by_hand():
+    # 8 layers of 1.0 and a head of 4.7: 6 + 2 gives stages of 6.0 and 6.7, 7 + 1 of 7.0 and
+    # 5.7, 5 + 3 of 5.0 and 7.7: 6 + 2 is the fastest. By FLOPs the head is heavier (7 + 1).
+    config = replace(preset("tiny"), num_layers=8, vocab_size=8192)
+    planned = plan_stages(config, 2, 128, layer_times=[1.0] * 8, head_time=4.7)
+    assert planned.stage_layers == (6, 2)
+    assert planned.stage_costs == pytest.approx((6.0, 6.7))
+    assert plan_stages(config, 2, 128, layer_times=[1.0] * 8).stage_layers == (7, 1)
+
+
 def test_bad_pipelines_are_refused():
     with pytest.raises(ValueError, match="pipeline=9 is not allowed: more stages"):
         plan_stages(preset("tiny"), 9, 128)
     with pytest.raises(ValueError, match="layer_times has 3 entries"):
         plan_stages(preset("tiny"), 2, 128, layer_times=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="head_time is not allowed without layer_times"):
+        plan_stages(preset("tiny"), 2, 128, head_time=3.0)
 
 
 def test_plan_prints_the_split_beside_the_uniform_one(capsys):

@@ -462,6 +462,18 @@ def test_lora_run_exports_base_and_a_peft_adapter_that_gives_moekits_logits(plai
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("adapter, layout, why", [
+    ("layers.0.ffn.shared_experts.gate_proj.lora_A", "granitemoeshared",
+     "is one part of a matrix that granitemoeshared holds fused"),
+    ("layers.0.ffn.experts.in_lora_A", "granitemoe", "its experts are not the fused"),
+    ("layers.0.ffn.router.lora_A", "mixtral", "they include the router's")])
+def test_peft_export_refuses_adapters_it_would_misname(adapter, layout, why):
+    from moekit.convert.peft_adapter import peft_tensors
+    factor = torch.zeros(2, 4, 8) if ".experts." in adapter else torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=f"{why}.*export with --merge-lora"):
+        peft_tensors({adapter: factor}, layout)
+
+
 def _records_without_timings(run):
     timings = {"tokens_per_s", "model_flops_per_s"}
     return [{k: v for k, v in json.loads(line).items() if k not in timings}

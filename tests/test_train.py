@@ -294,6 +294,40 @@ def test_fused_foreach_and_loop_adamw_train_alike(tmp_path):
     assert json.loads((auto / "run.json").read_text())["optimizer_impl"] == "fused"  # on a CPU
 
 
+@pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
+def test_clipped_step_is_clip_grad_norm_then_adamw(impl):
+    # Fused AdamW takes the clip factor as its grad_scale; the others get scaled gradients.
+    import copy
+    from moekit.parallel.mesh import Mesh
+    from moekit.train.optim import clipped_step
+    torch.manual_seed(0)
+    model = Transformer(SMALL_MODEL)
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(model, replace(SMALL_TRAIN, optimizer_impl=impl, weight_decay=0.0,
+                                                expert_lr_rule="same"))
+    expected = torch.optim.AdamW(reference.parameters(), lr=SMALL_TRAIN.lr, foreach=False,
+                                 betas=(SMALL_TRAIN.beta1, SMALL_TRAIN.beta2), weight_decay=0.0)
+    for max_norm in (1e-3, math.inf, 1e9):  # clipped (the norm is about 0.03), never, under
+        ids = torch.randint(0, SMALL_MODEL.vocab_size, (2, 16))
+        for module in (model, reference):
+            torch.manual_seed(1)  # the same router jitter
+            module(ids).logits.square().mean().backward()
+        want = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, foreach=False)
+        expected.step()
+        expected.zero_grad()
+        got = clipped_step(optimizer, model, max_norm, Mesh())
+        torch.testing.assert_close(got.float(), want, rtol=1e-6, atol=0)
+        assert all(p.grad is None for p in model.parameters())
+        for name, parameter in reference.named_parameters():
+            torch.testing.assert_close(model.get_parameter(name), parameter, rtol=0, atol=1e-6,
+                                       msg=name)
+            # AdamW's update hardly depends on a constant gradient scale; its moments do.
+            torch.testing.assert_close(
+                optimizer.state[model.get_parameter(name)]["exp_avg"],
+                expected.state[parameter]["exp_avg"], rtol=1e-5, atol=1e-9, msg=name)
+    assert not hasattr(optimizer, "grad_scale")
+
+
 def test_a_checkpoint_of_one_adamw_resumes_with_another(tmp_path):
     config = replace(SMALL_TRAIN, steps=6, checkpoint_every=3, optimizer_impl="fused")
     train(SMALL_MODEL, config, SMALL_DATA, tmp_path / "whole", show_progress=False)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from moekit.convert.families import family_of
 from moekit.convert.hf import moekit_to_hf_state
 from moekit.files import atomic_directory, write_json
 
@@ -40,21 +41,32 @@ def _expert_factor(factor: str, tensor_EXY: torch.Tensor) -> torch.Tensor:
     return tensor_EXY.permute(1, 2, 0).reshape(rows, columns * experts)  # -> [out, R * E]
 
 
+def _unheld(layout: str, why: str) -> ValueError:
+    return ValueError(f"a PEFT adapter of the {layout} export cannot hold these LoRA adapters "
+                      f"({why}): export with --merge-lora")
+
+
 def peft_tensors(adapters: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """moekit's adapter tensors (``adapter_weights``) under PEFT's names for ``layout``."""
     if any("router" in name for name in adapters):
-        raise ValueError("the adapters include the router's, which a PEFT adapter of this "
-                         "export cannot hold: export with --merge-lora")
+        raise _unheld(layout, "they include the router's")
+    fused = {part for _, parts in family_of(layout).fused for part in parts}
     tensors = {}
     for name, tensor in adapters.items():
         expert = _EXPERT_FACTOR.fullmatch(name)
         if expert is None:  # layers.N.attn.q_proj.lora_A -> ...self_attn.q_proj.lora_A.weight
             module, factor = name.rsplit(".lora_", 1)
+            if module.split(".", 2)[2] + ".weight" in fused:
+                raise _unheld(layout, f"{module} is one part of a matrix that {layout} "
+                              "holds fused with another")
             hf = next(iter(moekit_to_hf_state({f"{module}.weight": tensor}, layout)))
             tensors[f"base_model.model.{hf[:-len('.weight')]}.lora_{factor}.weight"] = tensor
             continue
         module, projection, factor = expert.groups()
         hf = next(iter(moekit_to_hf_state({f"{module}.down_proj": tensor}, layout)))
+        if not hf.endswith(EXPERT_TARGETS[1]):
+            raise _unheld(layout, f"its experts are not the fused {', '.join(EXPERT_TARGETS)} "
+                          "parameters that the adapter's target_parameters name")
         wrapper = ".base_layer" if projection == "in" else ""
         tensors[f"base_model.model.{hf[:-len('.down_proj')]}{wrapper}.lora_{factor}.weight"] = \
             _expert_factor(factor, tensor)

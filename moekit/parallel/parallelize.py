@@ -7,13 +7,12 @@ FSDP2's ``fully_shard`` per block and at the root (ZeRO 2: gradients and, throug
 optimizer state sharded; ZeRO 3: the parameters too, gathered for each block's forward and
 again for its backward), the experts left on the expert-parallel path (docs/parallel.md says
 why). After a step's backward, ``finish_gradients`` sums each expert's gradient over the ranks
-that hold that expert (DDP averages only the replicated parameters), and ``clip_gradients``
+that hold that expert (DDP averages only the replicated parameters), and ``gradient_norm``
 measures the global norm with every parameter counted once (FSDP2's shards by DTensor norms).
 """
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 
 import torch
@@ -173,19 +172,21 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
 
 
 @torch.no_grad()
-def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tensor:
-    """Scale every gradient so that their global norm is at most ``max_norm`` (as
-    ``torch.nn.utils.clip_grad_norm_``); returns the norm before. Replicated parameters count
-    once; an expert's gradient, held by one rank of each expert group, counts once; a
-    tensor-parallel one counts its shards once each (DTensor's norm sums them)."""
+def gradient_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
+    """The global norm of every gradient (float64), as ``torch.nn.utils.clip_grad_norm_``
+    measures it, with each parameter counted once: a replicated one once, an expert's gradient,
+    held by one rank of each expert group, once, a tensor-parallel one its shards once each
+    (DTensor's norm sums them). ``moekit.train.optim.clipped_step`` clips by it."""
     sharded = {id(p) for _, p in expert_parameters(unwrap(model))}
-    gradients = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    squares = torch.zeros(2, dtype=torch.float64, device=gradients[0].device)  # replicated, sharded
+    squares = [[], []]  # replicated, sharded
     for parameter in model.parameters():
         if parameter.grad is not None:  # each tensor's norm in its own dtype: no gradient copy
             norm = torch.linalg.vector_norm(parameter.grad)
             norm = (norm.full_tensor() if is_sharded(norm) else norm).double()
-            squares[int(id(parameter) in sharded)] += norm * norm
+            squares[int(id(parameter) in sharded)].append(norm * norm)
+    device = (squares[0] or squares[1])[0].device
+    squares = torch.stack([sum(kind, torch.zeros((), dtype=torch.float64, device=device))
+                           for kind in squares])
     if sharded and mesh.expert_size > 1:
         expert_squares = squares[1:].to(mesh.device)
         dist.all_reduce(expert_squares, group=mesh.expert_group)
@@ -194,9 +195,4 @@ def clip_gradients(model: nn.Module, max_norm: float, mesh: Mesh) -> torch.Tenso
         stage_squares = squares.to(mesh.device)
         dist.all_reduce(stage_squares, group=mesh.pipeline_group)
         squares = stage_squares.to(squares.device)
-    norm = squares.sum().sqrt()
-    # Read on the host: the step logs the norm anyway, and a norm under the limit then costs
-    # no pass over the gradients (at 64 experts that pass was a tenth of the step).
-    if math.isfinite(max_norm) and float(norm) + 1e-6 > max_norm:
-        torch._foreach_mul_(gradients, (max_norm / (norm + 1e-6)).to(gradients[0].dtype))
-    return norm
+    return squares.sum().sqrt()

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from moekit.config import TrainConfig
 from moekit.model.io import load_model
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import clip_gradients, finish_gradients, unwrap
+from moekit.parallel.parallelize import finish_gradients, unwrap
 from moekit.train import lora
 from moekit.train.chat import chat_tokens
 from moekit.train.chat_data import Preference
 from moekit.train.instructions import Instruction, exact_answer_reward
+from moekit.train.optim import clipped_step
 from moekit.train.sft import ACCURACY_PROMPTS, answer_accuracy, answers
 from moekit.train.router_loss import StepRouterLoss, routing_totals
 from moekit.train.step import (IGNORE_INDEX, LayerStep, autocast, gradients_reduced_if,
@@ -298,9 +299,7 @@ class DirectPreference:
             stats.append(out.moe_stats)
         finish_gradients(model, mesh)
         clip = config.grad_clip if config.grad_clip is not None else float("inf")
-        grad_norm = clip_gradients(model, clip, mesh)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clipped_step(optimizer, model, clip, mesh)
         keys = [key for key in FIGURE_KEYS if key in sums] + ["router_share"]
         layer_figures, summed = step_figures(
             unwrap(model).config, layers, [LayerStep.of(per_layer, device)

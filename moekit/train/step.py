@@ -20,10 +20,11 @@ from moekit.config import TrainConfig
 from moekit.moe import MoELayer
 from moekit.moe.layer import RouterCounts
 from moekit.parallel.mesh import Mesh, collective
-from moekit.parallel.parallelize import clip_gradients, finish_gradients, unwrap
+from moekit.parallel.parallelize import finish_gradients, unwrap
 from moekit.parallel.pipeline import run_schedule, stage_module
 from moekit.train.router_loss import (LayerTotals, StepRouterLoss, attach_loss, reduce_totals,
                                       routing_totals)
+from moekit.train.optim import clipped_step
 from moekit.train.step_capacity import StepCapacity
 
 IGNORE_INDEX = -100  # a target that is not counted (padding, a prompt's tokens): PyTorch's
@@ -246,9 +247,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
             capacity.close()
     finish_gradients(model, mesh)
     clip = config.grad_clip if config.grad_clip is not None else math.inf
-    grad_norm = clip_gradients(model, clip, mesh)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = clipped_step(optimizer, model, clip, mesh)
     steps = [LayerStep.of(per_layer, device) for per_layer in zip(*stats)] if layers else []
     with collective("the all-reduce of the step's figures"):
         figures, (nll_sum, router_value) = step_figures(
