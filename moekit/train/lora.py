@@ -12,7 +12,9 @@ as PEFT's ``target_parameters`` sees the fused ``gate_up_proj``) A [E, R, D] and
 for ``down_proj`` [E, D, F] A [E, R, F] and B [E, D, R]. They are applied with the same grouped
 matmul over the same ``tokens_per_expert_E`` (no Python loop over experts), in
 ``LoRAExperts``, which keeps the experts contract and the base weights' names, so that
-``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does.
+``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does. Every
+adapted product, dense or grouped, is one autograd step (``_LowRankProduct``), with the update
+merged into the base weight where that is cheaper (``merging_pays``).
 
 Legend: N routed rows, D model dim, F expert FFN dim, I input projection's rows, E experts,
 R rank.
@@ -66,11 +68,10 @@ def _factors(*shape_pairs, dtype, device) -> list[nn.Parameter]:
     return factors
 
 
-# A merged weight W + scale B A costs about three passes over the weights (formed in the forward,
-# read again in the backward); the factors applied to the rows cost about four extra passes
-# over the rows' inputs and outputs, in small rank-R matmuls. Merging pays where the rows
-# outweigh the weights by this factor (benchmarks/post_training.py --tables steps: on the tiny
-# preset both attention and experts merge, and a LoRA step is faster that way).
+# A merged weight W + scale B A costs about three passes over the weights (formed in the
+# forward, read again in the backward); the factors applied beside the base weight cost about
+# four more passes over the rows' inputs and outputs, in small rank-R matmuls. Merging pays
+# where the rows outweigh the weights by this factor.
 MERGE_WHEN_ROWS_OUTWEIGH = 3
 
 
@@ -101,17 +102,18 @@ def _weight_gradient(g_NO, x_NX, offsets_E):
 
 
 class _LowRankProduct(torch.autograd.Function):
-    """y_NO = x W^T + scale (x A^T) B^T, for one weight W [O, X] with A [R, X], B [O, R]
+    """y_NO = x W^T + scale (x A^T) B^T for one weight W [O, X], A [R, X], B [O, R]
     (``offsets_E`` None), or for stacked ones [E, O, X], [E, R, X], [E, O, R], block e of the
-    rows through expert e's (``offsets_E[e]`` ends it): as one autograd step, because composed
-    of autograd's ops the low-rank branch costs a small model more than full fine-tuning's
-    weight gradient (each of its products a new [N, O] or [N, X] tensor added to the base's,
-    the scale a pass over one of them, the grouped ones one small matmul per expert).
+    rows through expert e's (``offsets_E[e]`` ends it). Legend: N rows, X in, O out, R rank.
 
-    ``merge``: the base products (output, input gradient) use W + scale B A, so the branch
-    costs the forward nothing and the backward only the factors' own gradients; otherwise the
-    low-rank output is added to the base's (``merging_pays`` chooses). The base weight gets a
-    gradient only where it trains (LoRA freezes it). Legend: N rows, X in, O out, R rank."""
+    One autograd step: composed of autograd's ops, the low-rank branch cost the tiny preset
+    more than full fine-tuning's weight gradient did (three products per projection each way,
+    each output a new [N, O] or [N, X] tensor added to the base's, the scale one more pass).
+    With ``merge`` (``merging_pays``) the base products, output and input gradient, use
+    W + scale B A: the forward costs what the frozen one does and the backward adds only the
+    factors' own gradients. Otherwise the low-rank output is added to the base's. The scale
+    costs no pass over the rows' outputs; the base weight gets a gradient only where it
+    trains."""
 
     @staticmethod
     def forward(ctx, x_NX, weight, lora_A, lora_B, offsets_E, scale, merge):
@@ -133,7 +135,8 @@ class _LowRankProduct(torch.autograd.Function):
         x_NX, product_weight, lora_A, lora_B, offsets_E = ctx.saved_tensors
         needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
         grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
-        grad_low_NR = _rows_times(grad_NO, lora_B, offsets_E).mul_(ctx.scale)
+        grad_low_NR = (_rows_times(grad_NO, lora_B, offsets_E).mul_(ctx.scale)
+                       if needs_A or (needs_x and not ctx.merge) else None)
         grad_x = None
         if needs_x:
             grad_x = _rows_times(grad_NO, product_weight, offsets_E)
