@@ -173,7 +173,12 @@ def main() -> None:
                         help="post (post-training, ending with the step times), steps (the "
                         "LoRA and full step times alone), long (long-context stage), or "
                         "several, comma-separated")
+    parser.add_argument("--threads", type=int,
+                        help="torch's CPU threads (default: torch's own choice); with 1, CPU "
+                        "time counts less of other jobs on a shared machine")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.pretrain_steps, args.sft_steps, args.dpo_steps, args.rounds = 20, 10, 4, 3
         args.long_steps = 3
