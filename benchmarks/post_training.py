@@ -84,6 +84,7 @@ FLOOR_WEIGHT = "layers.0.attn.q_proj.weight"
 
 
 def _step_models(base: Path, rank: int) -> dict[str, torch.nn.Module]:
+    """Full fine-tuning, LoRA rank ``rank`` and the floor, from the same weights."""
     models = {name: load_model(base).train() for name in ("full", "lora", "floor")}
     lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
     for name, parameter in models["floor"].named_parameters():
@@ -91,25 +92,44 @@ def _step_models(base: Path, rank: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def _step_times(base: Path, stage: SupervisedFineTuning, config: TrainConfig, rank: int,
+def _step(model, optimizer, stage: SupervisedFineTuning, config: TrainConfig, index: int):
+    batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
+    train_step(model, optimizer, batch[0], batch[1], config, Mesh(), batch[2], batch[3])
+
+
+def _step_times(models, optimizers, stage: SupervisedFineTuning, config: TrainConfig,
                 rounds: int) -> dict[str, dict[str, list[float]]]:
-    """Full, LoRA and floor steps on the same batches, taking turns; the first round is
-    warm-up. Each step's wall time and this process's CPU time (all its threads): on a shared
-    machine the second counts less of the other jobs' time (a thread waiting for a core uses
-    none)."""
-    models = _step_models(base, rank)
-    optimizers = {name: build_optimizer(m, config) for name, m in models.items()}
+    """The models' steps on the same batches, taking turns; the first round is warm-up. Each
+    step's wall time and this process's CPU time (all its threads): on a shared machine the
+    second counts less of the other jobs' time (a thread waiting for a core uses none)."""
     times = {clock: {name: [] for name in models} for clock in ("wall", "cpu")}
     for index in range(rounds + 1):
-        batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
         for name, model in models.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            train_step(model, optimizers[name], batch[0], batch[1], config, Mesh(), batch[2],
-                       batch[3])
+            _step(model, optimizers[name], stage, config, index)
             if index:
                 times["wall"][name].append(time.perf_counter() - wall)
                 times["cpu"][name].append(time.process_time() - cpu)
     return times
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # on a CPU, grouped_mm's too
+
+
+def _matmul_profile(models, optimizers, stage, config, steps: int = 5) -> dict[str, tuple]:
+    """Per model, one step's matmul calls, their self CPU ms and all operators' (the least of
+    ``steps`` profiled steps, taking turns: the least is the one least slowed by other jobs)."""
+    found = {name: [] for name in models}
+    for index in range(steps):
+        for name, model in models.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as run:
+                _step(model, optimizers[name], stage, config, index)
+            events = run.key_averages()
+            matmuls = [e for e in events if e.key in MATMULS]
+            found[name].append((sum(e.count for e in matmuls),
+                                sum(e.self_cpu_time_total for e in matmuls) / 1e3,
+                                sum(e.self_cpu_time_total for e in events) / 1e3))
+    return {name: min(runs, key=lambda r: r[2]) for name, runs in found.items()}
 
 
 @torch.no_grad()
@@ -265,7 +285,9 @@ def step_times(pretrained: Path, rounds: int) -> None:
     sft_config = _sft_config(rounds + 1)
     stage.prepare(*load_chat_tokenizer(pretrained, model.config), sft_config)
     full_params = _trainable(pretrained, None)
-    times = _step_times(pretrained, stage, sft_config, 8, rounds)
+    models = _step_models(pretrained, 8)
+    optimizers = {name: build_optimizer(m, sft_config) for name, m in models.items()}
+    times = _step_times(models, optimizers, stage, sft_config, rounds)
     print(f"\nLoRA rank 8 step (trainable share {_trainable(pretrained, 8) / full_params:.1%}) "
           f"and the frozen floor (no adapters, the backward LoRA needs) / full fine-tuning "
           f"step, {rounds} rounds in turns (load average now {os.getloadavg()[0]:.1f}):")
@@ -278,6 +300,10 @@ def step_times(pretrained: Path, rounds: int) -> None:
                          f"{max(ratios):.2f}] ({statistics.median(times[clock][name]) * 1e3:.0f}"
                          f" ms)")
         print(f"  {label:9}  full {statistics.median(full) * 1e3:.0f} ms; " + "; ".join(cells))
+    print("  one step profiled (the least of 5): matmul calls, their self CPU ms, all ops' ms")
+    for name, (calls, matmul_ms, total_ms) in _matmul_profile(models, optimizers, stage,
+                                                               sft_config).items():
+        print(f"    {name:6} {calls:5} matmuls {matmul_ms:7.1f} ms of {total_ms:7.1f} ms")
 
 if __name__ == "__main__":
     main()
