@@ -16,8 +16,8 @@ what full fine-tuning and LoRA differ by; computed from the shapes, not a measur
 the median step time. Then the LoRA/full step-time ratio, the steps taking turns (rank 8,
 experts included), with its range over rounds, in wall time and in CPU time, beside the
 frozen floor's (a step with no adapters that runs the backward LoRA needs: what no adapter
-implementation can beat). Shared machines are noisy: the header prints
-the CPU and load; only ratios within one run compare.
+implementation can beat), and one profiled step of each. Shared machines are noisy: the
+header prints the CPU and load; only ratios within one run compare.
 """
 from __future__ import annotations
 
@@ -304,6 +304,7 @@ def step_times(pretrained: Path, rounds: int) -> None:
     for name, (calls, matmul_ms, total_ms) in _matmul_profile(models, optimizers, stage,
                                                                sft_config).items():
         print(f"    {name:6} {calls:5} matmuls {matmul_ms:7.1f} ms of {total_ms:7.1f} ms")
+
 
 if __name__ == "__main__":
     main()
