@@ -277,7 +277,8 @@ def _sft_config(steps: int) -> TrainConfig:
 
 
 def step_times(pretrained: Path, rounds: int) -> None:
-    """A LoRA rank-8 step (experts included) beside a full fine-tuning step, in turns."""
+    """A LoRA rank-8 step (experts included) and the floor beside a full fine-tuning step, in
+    turns, then one profiled step of each."""
     train_set, held_out = instruction_set()
     stage = SupervisedFineTuning([x.messages() for x in train_set],
                                  [x.messages() for x in held_out[:16]])
