@@ -31,8 +31,9 @@ from moekit.train.checkpoint import _held_optimizer_state
 from moekit.train.optim import build_optimizer
 from moekit.train.step import train_step
 
-LAYOUTS = [(1, zero) for zero in (0, 1, 2, 3)] + [(2, zero) for zero in (0, 1, 2, 3)] + [
-    (4, zero) for zero in (0, 1, 3)]
+# (expert degree, ZeRO level, tensor degree: EDP when > 1)
+LAYOUTS = ([(1, zero, 1) for zero in (0, 1, 2, 3)] + [(2, zero, 1) for zero in (0, 1, 2, 3)]
+           + [(4, zero, 1) for zero in (0, 1, 3)] + [(2, zero, 2) for zero in (0, 1, 2, 3)])
 TRAIN = TrainConfig(batch_size=8, seq_len=64, lb_scope="step")
 
 
@@ -42,8 +43,8 @@ def _bytes(tensors) -> int:
 
 def _held(rank, world, layouts):
     held = []
-    for expert, zero in layouts:
-        mesh = replace(world_mesh(expert=expert), zero=zero)
+    for expert, zero, tensor in layouts:
+        mesh = replace(world_mesh(expert=expert, tensor=tensor), zero=zero)
         torch.manual_seed(0)
         model = Transformer(preset("tiny")).train()
         parallel_model = parallelize(model, mesh)
@@ -76,15 +77,18 @@ def main() -> None:
     print(f"tiny preset, {args.processes} gloo processes, float32; MiB per rank (largest rank), "
           "measured / planned")
     print(f"{'layout':<22}{'weights':>16}{'gradients':>16}{'optimizer':>16}{'total':>16}")
-    for index, (expert, zero) in enumerate(LAYOUTS):
+    for index, (expert, zero, tensor) in enumerate(LAYOUTS):
         measured = {key: max(rank[index][key] for rank in ranks) for key in ranks[0][index]}
-        plan = training_memory(config, Layout(data=args.processes, expert=expert),
-                               Precision(4, 4, 8, "fp32", zero), 1, TRAIN.seq_len).stages[0]
+        layout = Layout(data=args.processes // tensor, tensor=tensor, expert=expert)
+        plan = training_memory(config, layout, Precision(4, 4, 8, "fp32", zero), 1,
+                               TRAIN.seq_len).stages[0]
         planned = {key: getattr(plan, key) for key in measured}
         cells = [f"{measured[k] / mib:6.2f} / {planned[k] / mib:6.2f}" for k in measured]
         total = f"{sum(measured.values()) / mib:6.2f} / {sum(planned.values()) / mib:6.2f}"
-        name = (f"DP {args.processes}" if expert == 1 else f"EP {expert}" if
-                expert == args.processes else f"DP {args.processes // expert} x EP {expert}")
+        name = (f"DP {args.processes}" if expert == 1 else
+                f"DP {args.processes // tensor} x EDP {tensor}" if tensor > 1 else
+                f"EP {expert}" if expert == args.processes else
+                f"DP {args.processes // expert} x EP {expert}")
         row = "".join(f"{cell:>16}" for cell in [*cells, total])
         print(f"{name + f', ZeRO-{zero}':<22}{row}")
 

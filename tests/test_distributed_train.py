@@ -82,8 +82,6 @@ def test_two_processes_train_the_one_process_run(tmp_path):
     (["--nproc", "3"], "batch_size=4 is not allowed with 3 data-parallel ranks"),
     (["--nproc", "2", "--collective-timeout", "0"], "--collective-timeout: 0.0 is not allowed"),
     (["--nproc", "2", "--zero", "4"], "--zero: invalid choice: 4"),
-    (["--nproc", "2", "--tensor", "2", "--expert", "2", "--zero", "3"],
-     "--zero 3 with --tensor is not supported"),
     (["--nproc", "2", "--expert", "3"], "expert=3 does not divide num_experts=4"),
     (["--nproc", "4", "--pipeline", "3"], "world_size=4 is not allowed"),
     (["--nproc", "3", "--pipeline", "3"], "pipeline=3 is not allowed: more stages than the "

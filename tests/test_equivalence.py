@@ -284,30 +284,38 @@ def test_pipeline_equals_one_process(world, expert):
 
 def _edp_outcomes(rank, world, cases):
     from moekit.parallel.mesh import world_mesh
-    return [step_outcome(model, config, *batch, mesh=world_mesh(expert=2, tensor=2))
-            for model, config, batch in cases]
+    return [step_outcome(model, config, *batch,
+                         mesh=replace(world_mesh(expert=2, tensor=2), zero=zero))
+            for model, config, batch, zero in cases]
 
 
-def _edp_cases():
+def _edp_cases(world):
     """Expert data parallelism over pairs of ranks: tensor-parallel attention (GQA, QK-norm,
-    CLA pairs), dense and shared-expert MLPs, the experts split between the pair."""
+    CLA pairs), dense and shared-expert MLPs, the experts split between the pair; on 4 ranks
+    (2 pairs) also with ZeRO-2 and ZeRO-3 (FSDP2 over the pairs' replicas: the
+    tensor-parallel weights 2-D, the experts sharded over their 2 replicas)."""
     inputs, targets = _batch()
     padded = left_padded(inputs, targets, [0, 3, 1, 5, 2, 0, 4, 1])
     rich = replace(MODEL, num_layers=4, moe_every=2, qk_norm=True, cla_share=2, qkv_bias=True,
                    moe=replace(MODEL.moe, num_shared_experts=1, shared_expert_gate=True,
                                aux_loss="skywork"))
-    return [("step", MODEL, STEP, (inputs, targets, None)),
-            ("padded, accum 2, clipped", MODEL, replace(STEP, grad_accum=2, grad_clip=0.05),
-             padded),
-            ("shared experts, dense layers, QK-norm, CLA, bias", rich,
-             replace(STEP, recompute=True), (inputs, targets, None))]
+    clipped = replace(STEP, grad_accum=2, grad_clip=0.05)
+    cases = [("step", MODEL, STEP, (inputs, targets, None), 0),
+             ("padded, accum 2, clipped", MODEL, clipped, padded, 0),
+             ("shared experts, dense layers, QK-norm, CLA, bias", rich,
+              replace(STEP, recompute=True), (inputs, targets, None), 0)]
+    if world == 4:
+        cases += [("padded, accum 2, clipped, ZeRO-2", MODEL, clipped, padded, 2),
+                  ("shared experts, dense layers, QK-norm, CLA, bias, ZeRO-3", rich,
+                   replace(STEP, recompute=True), (inputs, targets, None), 3)]
+    return cases
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_data_parallel_equals_one_process(world):
-    cases = _edp_cases()
+    cases = _edp_cases(world)
     outcomes = run_on_ranks(_edp_outcomes, world, [case[1:] for case in cases])[0]
-    for (name, model, config, batch), got in zip(cases, outcomes):
+    for (name, model, config, batch, _), got in zip(cases, outcomes):
         want = step_outcome(model, config, *batch)
         failed = [check for check in compare(got, want, TOLERANCE) if not check.passed]
         assert not failed, (name, failed)

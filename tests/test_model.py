@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moekit import MoEConfig
-from moekit.config import ModelConfig, preset
+from moekit.config import MLAConfig, ModelConfig, preset
 from moekit.model import KVCache, Transformer, generate
 from moekit.model.generate import sample_next
 
@@ -192,3 +192,32 @@ def test_a_stage_keeps_its_layers_under_their_own_names():
     assert model.layers[2] is list(model.layers)[0]
     assert names == {name for name in model.state_dict() if name.startswith("layers.2.")}
     assert not any(name.startswith(("layers.0.", "layers.1.")) for name in model.state_dict())
+
+
+@pytest.mark.parametrize("kw", [{}, dict(tie_embeddings=True, qkv_bias=True),
+                                dict(moe=MoEConfig(hidden_size=32, ffn_size=16, num_experts=4,
+                                                   top_k=1, router="noisy", aux_loss="none",
+                                                   activation="gelu")),
+                                dict(moe=MoEConfig(hidden_size=32, ffn_size=16, num_experts=4,
+                                                   top_k=2, router="sigmoid",
+                                                   num_shared_experts=1,
+                                                   shared_expert_gate=True)),
+                                dict(mla=MLAConfig(q_lora_rank=8, kv_lora_rank=16,
+                                                   qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                   v_head_dim=6), cla_share=1, qk_norm=False,
+                                     num_kv_heads=None)])
+def test_init_in_parts_draws_the_constructors_values(kw):
+    """A sharded run's ranks read a new model from ``init_in_parts``: a part at a time, it
+    gives every tensor of ``Transformer(config)`` from the same random state, bit for bit, and
+    leaves the generator where the constructor leaves it."""
+    from moekit.model.transformer import init_in_parts
+    config = _config(**kw)
+    torch.manual_seed(7)
+    model = Transformer(config)
+    after = torch.rand(4)
+    torch.manual_seed(7)
+    drawn = dict(init_in_parts(config))  # a later value of a name replaces the earlier
+    assert torch.equal(torch.rand(4), after)
+    want = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert drawn.keys() == want.keys()
+    assert [name for name in want if not torch.equal(drawn[name], want[name])] == []

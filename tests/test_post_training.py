@@ -489,12 +489,24 @@ def _stage(command: str):
 
 
 def _post_train_on(rank, world, command, base, out, expert=1, zero=0):
+    """Post-train on this rank; returns whether the model came to ``parallelize`` on the meta
+    device with its folder, to be read in parts."""
+    from unittest import mock
+
+    import moekit.train.post_train as post_training
     config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
                          eval_every=2, eval_batches=1, lb_scope="step")
     mesh = replace(world_mesh("cpu", expert), zero=zero) if world > 1 else Mesh()
-    post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base)), config,
-               out, mesh=mesh, show_progress=False)
-    return rank
+    in_parts, original = [], post_training.parallelize
+
+    def parallelize(model, mesh, weights=None, device=None):
+        in_parts.append(weights is not None and all(p.is_meta for p in model.parameters()))
+        return original(model, mesh, weights, device)
+
+    with mock.patch.object(post_training, "parallelize", parallelize):
+        post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base)),
+                   config, out, mesh=mesh, show_progress=False)
+    return in_parts == [True]
 
 
 @pytest.fixture(scope="module")
@@ -519,8 +531,9 @@ def test_two_processes_post_train_the_one_process_run(plain_base, one_process_ru
                                                       command, layout):
     """lb_scope "step": the router loss of the global batch however it is cut (rows hold
     different numbers of real tokens, which "global" weighs per rank)."""
+    # Each rank read the model in parts (a meta model filled from the folder).
     assert run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "two",
-                        layout.get("expert", 1), layout.get("zero", 0)) == [0, 1]
+                        layout.get("expert", 1), layout.get("zero", 0)) == [True, True]
     one = _records_without_timings(one_process_runs / command)
     assert [r.keys() for r in _records_without_timings(tmp_path / "two")] == \
         [r.keys() for r in one]

@@ -37,13 +37,14 @@ def _train(mesh, run, steps=range(STEPS), resume_from=None):
     from moekit.train.step import train_step
     from moekit.train.tokenizer import train_tokenizer
     torch.manual_seed(0)
-    if resume_from is None:
+    if mesh.world_size == 1:
         model = Transformer(MODEL).double().train()
         parallel_model = parallelize(model, mesh)
-    else:  # as moekit train resumes: each rank reads only what it holds into a meta model
+    else:  # as moekit train starts: each rank draws, or reads, only what it holds
         with torch.device("meta"):
             model = Transformer(MODEL).double().train()
-        check_weights_fit(model, resume_from)
+        if resume_from is not None:
+            check_weights_fit(model, resume_from)
         parallel_model = parallelize(model, mesh, resume_from, torch.device("cpu"))
     optimizer = build_optimizer(model, TRAIN, mesh)
     if resume_from is not None:
@@ -179,19 +180,44 @@ def test_zero_2_and_3_take_the_one_process_steps_and_checkpoints_move_between_la
 
 
 # Skywork-MoE's parts with ZeRO on 4 ranks: name -> (layout, ZeRO levels).
-ZERO_LAYOUTS = {"dp2-edp2": (dict(expert=2, tensor=2), (0, 1)),
+ZERO_LAYOUTS = {"dp2-edp2": (dict(expert=2, tensor=2), (0, 1, 2, 3)),
                 "pp2-ep2": (dict(expert=2, pipeline=2, stage_layers=(1, 1)), (0, 1, 3)),
                 "pp2-dp2": (dict(pipeline=2, stage_layers=(1, 1)), (2,))}
 
 
+# New models drawn in parts under ZeRO-3 (name -> layout): FSDP2 over the replicas of the
+# experts, and over the dp group of EDP's tensor-parallel weights.
+HELD_LAYOUTS = {"dp2-edp2": dict(expert=2, tensor=2), "dp2-ep2": dict(expert=2),
+                "pp2-ep2": dict(expert=2, pipeline=2, stage_layers=(1, 1))}
+
+
+def _drawn_in_parts(layout: dict) -> tuple[dict, dict]:
+    """A new model drawn in parts under ``layout`` with ZeRO-3: the shapes of this rank's
+    parts of some of layer 0's parameters, and every tensor gathered whole (on rank 0)."""
+    from moekit.model import Transformer
+    from moekit.parallel.mesh import world_mesh
+    from moekit.parallel.parallelize import parallelize, whole_tensors
+    from moekit.parallel.tensor_parallel import local
+    torch.manual_seed(5)
+    with torch.device("meta"):
+        model = Transformer(MODEL).double()
+    mesh = replace(world_mesh(**layout), zero=3)
+    parallelize(model, mesh, device=torch.device("cpu"))
+    names = ("layers.0.ffn.experts.gate_up_proj", "layers.0.ffn.experts.down_proj",
+             "layers.0.attn.q_proj.weight", "layers.0.ffn.router.weight")
+    held = {name: tuple(local(p).shape) for name, p in model.named_parameters() if name in names}
+    return held, whole_tensors({**dict(model.named_parameters()), **dict(model.named_buffers())},
+                               model, mesh)
+
+
 def _layouts_with_zero(rank, world, out):
     """Each layout at each of its ZeRO levels: the run, and the run resumed from its first
-    checkpoint; and the kinds of optimizer ZeRO-1 builds."""
+    checkpoint; the kinds of optimizer ZeRO-1 builds; what ZeRO-3 leaves on each rank."""
     from moekit.model import Transformer
     from moekit.parallel.mesh import world_mesh
     from moekit.parallel.parallelize import parallelize
     from moekit.train.optim import build_optimizer, optimizer_parts
-    records = {}
+    records = {(name, "drawn"): _drawn_in_parts(layout) for name, layout in HELD_LAYOUTS.items()}
     for name, (layout, zeros) in ZERO_LAYOUTS.items():
         if 1 in zeros:
             model = Transformer(MODEL).double()
@@ -210,12 +236,39 @@ def _layouts_with_zero(rank, world, out):
 
 def test_zero_with_expert_data_and_pipeline_parallelism(tmp_path):
     """ZeRO-1 with DP 2 x EDP 2 (the tensor-parallel weights' moments kept whole, the rest
-    sharded over the dp group) and with PP 2 x EP 2; ZeRO-2/3 (FSDP2 over a stage's ranks)
-    under a pipeline: each takes the one-process steps, and a run resumed from its first
-    checkpoint continues as the uninterrupted one."""
+    sharded over the dp group) and with PP 2 x EP 2; ZeRO-2/3 with DP 2 x EDP 2 (FSDP2 over
+    the dp group, the tensor-parallel weights 2-D) and under a pipeline (over a stage's
+    ranks): each takes the one-process steps, and a run resumed from its first checkpoint
+    continues as the uninterrupted one. ZeRO-3 shards each expert group's experts over
+    their replicas, and keeps them whole where there is one replica."""
+    from moekit.model import Transformer
     from moekit.parallel.mesh import Mesh
     reference = _train(Mesh(), tmp_path / "one")
     records = run_on_ranks(_layouts_with_zero, 4, tmp_path, timeout=240)[0]
+    # A new model drawn in parts has the one-process model's values, bit for bit.
+    torch.manual_seed(5)
+    one = Transformer(MODEL).double()
+    for name in HELD_LAYOUTS:  # (rank 0 gathers every stage's tensors)
+        _assert_equal(records[name, "drawn"][1],
+                      {**dict(one.named_parameters()), **dict(one.named_buffers())})
+    # Layer 0: 4 experts (gate_up [4, 48, 32], down [4, 32, 24]), q_proj [32, 32], router
+    # [4, 32]. DP 2 x EDP 2: 2 experts per group, over 2 replicas; q_proj's columns over the
+    # group, then over dp; the router over dp.
+    assert records["dp2-edp2", "drawn"][0] == {
+        "layers.0.ffn.experts.gate_up_proj": (1, 48, 32),
+        "layers.0.ffn.experts.down_proj": (1, 32, 24),
+        "layers.0.attn.q_proj.weight": (8, 32), "layers.0.ffn.router.weight": (2, 32)}
+    # DP 2 x EP 2: the experts as above; the rest over all 4 ranks.
+    assert records["dp2-ep2", "drawn"][0] == {
+        "layers.0.ffn.experts.gate_up_proj": (1, 48, 32),
+        "layers.0.ffn.experts.down_proj": (1, 32, 24),
+        "layers.0.attn.q_proj.weight": (8, 32), "layers.0.ffn.router.weight": (1, 32)}
+    # PP 2 x EP 2 (rank 0 holds stage 0): the stage's 2 ranks are one expert group, each
+    # expert has one replica and stays whole.
+    assert records["pp2-ep2", "drawn"][0] == {
+        "layers.0.ffn.experts.gate_up_proj": (2, 48, 32),
+        "layers.0.ffn.experts.down_proj": (2, 32, 24),
+        "layers.0.attn.q_proj.weight": (16, 32), "layers.0.ffn.router.weight": (2, 32)}
     # Under EDP the tensor-parallel weights' moments stay whole, the rest are sharded; a
     # pipeline stage shards its replicated parameters' over its 2 ranks, its experts have one
     # replica each.
@@ -228,24 +281,27 @@ def test_zero_with_expert_data_and_pipeline_parallelism(tmp_path):
 
 
 def test_moekit_train_with_zero_3_and_expert_parallelism(tmp_path):
-    """The command: ``--nproc 2 --expert 2 --zero 3`` trains the one-process run (float32
+    """The command: ``--nproc 4 --expert 2 --zero 3`` (each expert sharded over its 2
+    replicas, its gradient divided by all 4 ranks) trains the one-process run (float32
     rounding, as test_distributed_train's data-parallel run), validating on 3 batches that the
-    2 ranks share unevenly; its checkpoint is a model folder that ``load_model`` reads."""
+    4 ranks share unevenly; its checkpoint is a model folder that ``load_model`` reads."""
     from test_distributed_train import CONFIG, _moekit, _records
 
     from moekit.model import load_model
     (tmp_path / "run.toml").write_text(CONFIG.replace("eval_batches = 2", "eval_batches = 3"))
-    runs = {"one": [], "sharded": ["--nproc", "2", "--expert", "2", "--zero", "3"]}
+    runs = {"one": [], "sharded": ["--nproc", "4", "--expert", "2", "--zero", "3"]}
     for name, flags in runs.items():
         result = _moekit("train", "--config", str(tmp_path / "run.toml"), "--out",
                          str(tmp_path / name), "--quiet", *flags)
         assert result.returncode == 0, result.stderr
     got, want = _records(tmp_path / "sharded"), _records(tmp_path / "one")
     assert [r["kind"] for r in got] == [r["kind"] for r in want]
+    # The first step to 2e-4: plain data parallelism on 4 ranks (--nproc 4) takes a first
+    # gradient norm 1.1e-4 from one process's in float32 on this model.
     for index, (a, b) in enumerate(zip(got, want)):
         for key in ("loss", "grad_norm", "val_loss"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=1e-4 if index == 0 else 1e-2), key
+                assert a[key] == pytest.approx(b[key], rel=2e-4 if index == 0 else 1e-2), key
     model = load_model(tmp_path / "sharded" / "checkpoints" / "step-000004")
     assert model.layers[1].ffn.experts.gate_up_proj.shape[0] == 4
 

@@ -141,15 +141,6 @@ def _expert_options(args) -> ExpertParallelConfig:
     return options
 
 
-def check_zero(zero: int, tensor: int) -> None:
-    """The layouts each ZeRO level has been built and tested with: ZeRO-1 with every layout,
-    ZeRO-2/3 with data, expert and pipeline parallelism."""
-    if zero >= 2 and tensor > 1:
-        raise ValueError(f"--zero {zero} with --tensor is not supported yet: FSDP2 does not "
-                         "shard tensor-parallel (DTensor) parameters here; use --zero 1 with "
-                         "expert data parallelism")
-
-
 @dataclass(frozen=True)
 class ParallelLayout:
     """The processes' layout the parallel flags ask for (add_parallel_options), checked before
@@ -162,7 +153,6 @@ class ParallelLayout:
     def from_args(cls, args, world: int, configs) -> "ParallelLayout":
         """``configs()`` gives the (model, train) configs, read only when a layout of several
         processes needs checking against them."""
-        check_zero(args.zero, args.tensor)
         expert_options = _expert_options(args)
         if args.stage_layers and len(args.stage_layers) != args.pipeline:
             raise ValueError(f"--stage-layers {' '.join(map(str, args.stage_layers))} is not "
@@ -365,8 +355,9 @@ def add_parallel_options(parser: argparse.ArgumentParser) -> None:
                           "with --expert each expert's over its replicas), 2 the gradients and "
                           "optimizer state (a block's parameters whole from its forward to its "
                           "backward), 3 the parameters too (FSDP2's fully_shard over a stage's "
-                          "ranks; experts stay on the --expert path). Default 0: plain DDP; "
-                          "docs/parallel.md")
+                          "data-parallel ranks; with --expert each layer's experts over the "
+                          "ranks holding them, with --tensor the tensor-parallel weights over "
+                          "their replicas too). Default 0: plain DDP; docs/parallel.md")
     parallel.add_argument("--ep-overlap", action="store_true",
                           help="FasterMoE's smart schedule: the expert-parallel exchange in "
                           "chunks per peer, in ring order, the experts computing on each arrived "

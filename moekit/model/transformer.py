@@ -14,6 +14,7 @@ G key/value heads, Dh head dim, D model dim, V vocabulary.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -293,6 +294,60 @@ class Block(nn.Module):
                 stats)
 
 
+INIT_STD = 0.02  # of every matrix that Transformer.reset_parameters draws
+
+
+def _part_builders(config: ModelConfig) -> list[tuple[str, Callable[[], nn.Module]]]:
+    """The model's top-level parts by name, in the order ``Transformer`` builds them."""
+    parts = [("embed_tokens", lambda: nn.Embedding(config.vocab_size, config.hidden_size))]
+    parts += [(f"layers.{i}", lambda i=i: Block(config, i)) for i in range(config.num_layers)]
+    parts.append(("norm", lambda: RMSNorm(config.hidden_size, config.norm_eps)))
+    if not config.tie_embeddings:
+        parts.append(("lm_head", lambda: nn.Linear(config.hidden_size, config.vocab_size,
+                                                    bias=False)))
+    return parts
+
+
+def _redraws(module: nn.Module) -> bool:
+    """Whether ``Transformer.reset_parameters`` draws ``module``'s own parameters again."""
+    return isinstance(module, (nn.Linear, nn.Embedding, GroupedExperts))
+
+
+@torch.no_grad()
+def _redraw(module: nn.Module, std: float) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, GroupedExperts):
+        module.reset_parameters(std)
+
+
+def init_in_parts(config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of ``Transformer(config)`` built from the current random state, by name,
+    one top-level part (the embedding, a block, ...) whole at a time, each dropped before the
+    next is drawn: what a rank of a sharded run reads its parts from, so that it holds the
+    one-process model's values without ever holding that model. The CPU generator (mt19937)
+    cannot skip ahead, so every number the constructor draws is drawn again, in its order:
+    first each part as constructed (every parameter and buffer), then each part's
+    ``reset_parameters`` draws (its matrices again: a name comes twice, the later value is
+    the model's)."""
+    builders = _part_builders(config)
+    for prefix, build in builders:
+        part = build()
+        yield from ((f"{prefix}.{name}", tensor) for name, tensor in
+                    [*part.named_parameters(), *part.named_buffers()])
+    for prefix, build in builders:
+        with torch.device("meta"):  # built without a draw: only the redraws count
+            part = build()
+        part.to_empty(device="cpu")
+        for path, module in part.named_modules():
+            if _redraws(module):
+                _redraw(module, INIT_STD)
+                yield from ((".".join(filter(None, (prefix, path, name))), tensor)
+                            for name, tensor in module.named_parameters(recurse=False))
+
+
 class LayerStack(nn.ModuleDict):
     """The model's blocks by their number, ``layers.N`` in every weight name. A pipeline stage
     keeps some of them (``keep``) without renumbering the others, as a ``ModuleList`` would, so
@@ -366,21 +421,16 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = LayerStack(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.lm_head = None if config.tie_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+        parts = dict(_part_builders(config))  # built in this order: init_in_parts replays it
+        self.embed_tokens = parts["embed_tokens"]()
+        self.layers = LayerStack(parts[f"layers.{i}"]() for i in range(config.num_layers))
+        self.norm = parts["norm"]()
+        self.lm_head = parts["lm_head"]() if "lm_head" in parts else None
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float = INIT_STD) -> None:
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, GroupedExperts):
-                module.reset_parameters(std)
+            _redraw(module, std)
 
     def _check(self, input_ids, mask, cache, document_ids):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.long,

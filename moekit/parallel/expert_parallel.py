@@ -150,9 +150,10 @@ def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
     """Experts [start, end) of a layer's experts module, as a module of the same kind (the
     same parameter names, so that checkpoints find each expert by name and index)."""
     if isinstance(experts, GroupedExperts):
-        local = GroupedExperts(end - start, experts.hidden_size, experts.ffn_size,
-                               experts.activation).to(experts.in_proj.device,
-                                                      experts.in_proj.dtype)
+        with torch.device("meta"):  # nothing drawn: the copy fills it
+            local = GroupedExperts(end - start, experts.hidden_size, experts.ffn_size,
+                                   experts.activation)
+        local = local.to_empty(device=experts.in_proj.device).to(experts.in_proj.dtype)
         with torch.no_grad():
             local.in_proj.copy_(experts.in_proj[start:end])
             local.down_proj.copy_(experts.down_proj[start:end])

@@ -12,6 +12,7 @@ single-process path needs no process group at all.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -127,6 +128,18 @@ class Mesh:
     def expert_replica_group(self):
         """The ranks that hold the same experts (and sum those experts' gradients)."""
         return None if self.device_mesh is None else self.device_mesh.get_group("dp")
+
+    @functools.cached_property
+    def expert_shard_mesh(self):
+        """This stage's ranks as a 2-D device mesh (``ep``, ``dp``): ZeRO-2/3 shard each rank's
+        experts over its ``dp`` dimension (their replicas), so a shard's place in a layer's
+        whole [E, ...] tensor is its expert group's block, then its replica's part of that
+        block: ``Shard(0)`` on both dimensions, in this order (the ``device_mesh`` has them the
+        other way). Made on first use, a collective: every rank asks for it."""
+        from torch.distributed.device_mesh import DeviceMesh
+        ranks = torch.arange(self.world_size).view(self.pipeline_size, -1, self.expert_size)
+        return DeviceMesh(self.device.type, ranks.transpose(1, 2),
+                          mesh_dim_names=("pp", "ep", "dp"))["ep", "dp"]
 
     def rows(self, batch_size: int) -> slice:
         """This rank's contiguous share of a global batch of ``batch_size`` rows."""

@@ -5,13 +5,16 @@ pipeline stage of the model (when the mesh has stages), shards the experts over 
 ``ep`` groups (when it has them) and makes the rest data parallel over the ranks of the stage: ``DistributedDataParallel`` (ZeRO 0 and 1), or
 FSDP2's ``fully_shard`` per block and at the root (ZeRO 2: gradients and, through them, the
 optimizer state sharded; ZeRO 3: the parameters too, gathered for each block's forward and
-again for its backward), the experts left on the expert-parallel path (docs/parallel.md says
-why). After a step's backward, ``finish_gradients`` sums each expert's gradient over the ranks
-that hold that expert (DDP averages only the replicated parameters), and ``gradient_norm``
-measures the global norm with every parameter counted once (FSDP2's shards by DTensor norms).
+again for its backward), each layer's experts a unit of their own over the ranks that hold
+them. After a step's backward, ``finish_gradients`` sums each whole expert's gradient over the
+ranks that hold that expert (DDP averages only the replicated parameters), and
+``gradient_norm`` measures the global norm with every parameter counted once (FSDP2's shards
+by DTensor norms). A model built on the meta device is materialised with only what the rank
+holds, read from a folder or drawn as one process draws it.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moekit.parallel.expert_parallel import (expert_parameters, shard_experts,
+from moekit.parallel.expert_parallel import (expert_parameters, local_part, shard_experts,
                                              whole_expert_tensors)
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.pipeline import StageModule, cut_into_stage, gather_stages
@@ -36,10 +39,13 @@ def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None) -> nn.M
     with the backward. Buffers are not broadcast: the router state in them moves identically
     on every rank (``MoELayer.update_router_state``).
 
-    ``weights``: for a ``model`` built on the meta device, the model or checkpoint folder
-    (current format) that fills it: each rank materialises on ``device`` only what it holds
-    once the layout is applied (its stage, experts, shards) and reads only that from the
-    folder (``load_sharded``, DCP), so no rank ever holds the whole model."""
+    A ``model`` built on the meta device (a ``Transformer``) is materialised on ``device``,
+    each rank only what it holds once the layout is applied (its stage, experts, shards), so
+    no rank ever holds the whole model: read from ``weights``, a model or checkpoint folder
+    (current format; each rank reads only its parts, ``load_sharded``, DCP), or without one
+    drawn as ``Transformer(model.config)`` would be from the current random state, the same
+    values as one process (``init_in_parts``: every rank draws each part of the model whole
+    in turn, keeps its part and drops the rest)."""
     if mesh.world_size == 1:
         _materialise(model, weights, device, mesh)
         return model
@@ -87,46 +93,107 @@ def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
 
 
 def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
-    """ZeRO 2/3 with FSDP2 over the data-parallel ranks, a stage's under a pipeline (the CLI
-    refuses ZeRO 2/3 with tensor parallelism): each block one unit (its parameters gathered
-    together), the embeddings, final norm and output layer the root's; experts left out."""
+    """ZeRO 2/3 with FSDP2 over the data-parallel ranks (a stage's under a pipeline, the
+    ``dp`` group's under EDP): each block one unit (its parameters gathered together), the
+    embeddings, final norm and output layer the root's. EDP's tensor-parallel weights are
+    DTensors on the ``ep`` dimension of the same device mesh already: FSDP2 shards them over
+    ``dp`` too, making them 2-D (as torchtitan composes FSDP with TP). Under expert
+    parallelism each layer's built-in experts are a unit of their own over their replicas
+    (the ranks holding the same experts), their gradients summed over those replicas and
+    divided by all the data-parallel ranks, as ``finish_gradients`` does for whole ones;
+    with one replica there is nothing to shard, and experts stay whole, out of FSDP2."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
-    stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
-    data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
-    experts = {p for _, p in expert_parameters(model)}
-    options = dict(mesh=data_ranks, reshard_after_forward=mesh.zero == 3,
-                   ignored_params=experts or None)
+    from moekit.moe import GroupedExperts, MoELayer
+    if mesh.tensor_size > 1:
+        data_ranks = mesh.device_mesh["dp"]
+        # A 2-D shard's norm (the gradient clipping's) then takes one all-reduce over the
+        # flattened dimensions, not one per dimension (DTensor looks for this mesh).
+        mesh.device_mesh["dp", "ep"]._flatten()
+    else:
+        stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
+        data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
+    options = dict(reshard_after_forward=mesh.zero == 3)
     # FSDP2 warns, at every forward, that a block returns a view (its K/V, which CLA shares
     # with the next block): nothing writes into them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    for block in getattr(unwrap(model), "layers", ()):
-        fully_shard(block, **options)
-    fully_shard(model, **options)
+    whole_experts = set()
+    with marks_kept(model):  # FSDP2 makes new parameters
+        for layer in unwrap(model).modules():
+            if not isinstance(layer, MoELayer) or mesh.expert_size == 1:
+                continue
+            if mesh.expert_replicas > 1 and isinstance(layer.experts, GroupedExperts):
+                fully_shard(layer.experts, mesh=mesh.expert_shard_mesh["dp"], **options)
+                layer.experts.set_gradient_divide_factor(mesh.data_size)
+                # A sum, then the division: gloo has no pre-multiplied sum (NCCL's PreMulSum).
+                layer.experts.set_force_sum_reduction_for_comms(True)
+            else:
+                whole_experts.update(layer.experts.parameters())
+        for block in getattr(unwrap(model), "layers", ()):
+            fully_shard(block, mesh=data_ranks, ignored_params=whole_experts or None, **options)
+        fully_shard(model, mesh=data_ranks, ignored_params=whole_experts or None, **options)
     return model
+
+
+@contextlib.contextmanager
+def marks_kept(model: nn.Module):
+    """The marks a layout puts on parameters (``expert_parallel``, ``partial_over_tensor``),
+    carried by name over code that replaces the Parameter objects (FSDP2, ``to_empty``)."""
+    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
+    yield
+    for name, parameter in model.named_parameters():
+        vars(parameter).update(marks[name])
 
 
 @torch.no_grad()
 def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
-    """This rank's parameters and buffers of a meta ``model`` on ``device``, read from the
-    folder ``weights`` (nothing to do without one)."""
-    if weights is None:
+    """This rank's parameters and buffers of a meta ``model`` on ``device``: read from the
+    folder ``weights``, or without one drawn as ``Transformer(model.config)`` draws them from
+    the current random state (nothing to do for a model that is not on the meta device)."""
+    if weights is None and not any(local(p).is_meta for p in model.parameters()):
         return
     from moekit.model.io import WEIGHTS_FILE, load_weights
+    from moekit.model.transformer import init_in_parts
     from moekit.parallel.sharded_checkpoint import load_sharded
     # to_empty makes new Parameter objects (a meta tensor's storage cannot be swapped for
-    # another device's): the marks the layout put on them (expert_parallel) go over too.
-    marks = {name: dict(vars(p)) for name, p in model.named_parameters()}
-    model.to_empty(device=device)
-    for name, parameter in model.named_parameters():
-        vars(parameter).update(marks[name])
+    # another device's).
+    with marks_kept(model):
+        model.to_empty(device=device)
     plain = unwrap(model)
+    if weights is None:  # the one-process values, each part whole only while it is drawn
+        held = {**dict(plain.named_parameters()), **dict(plain.named_buffers())}
+        undrawn = set(held)
+        for name, whole in init_in_parts(plain.config):
+            if name in held:
+                local(held[name]).copy_(local(held_part(whole, held[name], mesh)))
+                undrawn.discard(name)
+        if undrawn:
+            raise ValueError(f"{sorted(undrawn)[0]} (of {len(undrawn)} tensors) is not one "
+                             "that Transformer(config) draws: a meta model without weights "
+                             "must be a plain Transformer")
+        return
     if mesh.world_size == 1:
         load_weights(plain, weights)
         return
     held = load_sharded(weights, WEIGHTS_FILE, plain, mesh)
     for name, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
         tensor.copy_(held[name])
+
+
+def held_part(whole: torch.Tensor, parameter: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """A whole tensor of ``parameter``'s (one process's shape) as this rank holds it: its
+    experts' rows, its DTensor shard (FSDP2's, tensor parallelism's), or itself; each rank
+    takes its part of its own copy, with no communication."""
+    if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
+        return whole
+    if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
+        whole = local_part(whole, mesh)
+    whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
+    if is_sharded(parameter):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole, parameter.device_mesh, parameter.placements,
+                                 src_data_rank=None)
+    return whole
 
 
 def whole_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh: Mesh) -> dict:
@@ -159,12 +226,13 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
     if mesh.expert_size == 1 and mesh.tensor_size == 1:
         return
     for parameter in partial_over_tensor(unwrap(model)):
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad, group=mesh.expert_group)
-    # Under FSDP2 its DTensors are its shards, reduced by its reduce-scatter: experts only.
+        if parameter.grad is not None:  # (under FSDP2, each rank's shard of the sum)
+            dist.all_reduce(local(parameter.grad), group=mesh.expert_group)
+    # Under FSDP2 its DTensors are its shards, reduced by its reduce-scatter: the experts it
+    # leaves whole only.
     by_hand = (expert_parameters if mesh.zero >= 2 else reduced_by_hand)(unwrap(model))
     for _, parameter in by_hand:
-        if parameter.grad is not None:
+        if parameter.grad is not None and not (mesh.zero >= 2 and is_sharded(parameter)):
             gradient = local(parameter.grad)
             if mesh.expert_replicas > 1:
                 dist.all_reduce(gradient, group=mesh.expert_replica_group)

@@ -32,6 +32,7 @@ import torch.nn as nn
 from moekit.files import append_to_safetensors
 from moekit.parallel.expert_parallel import expert_parameters
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.tensor_parallel import is_sharded
 
 SHARDS_FOLDER = "sharded"  # DCP's name for the per-rank files
 
@@ -43,10 +44,17 @@ def _consolidates(tensor: torch.Tensor) -> bool:
 def _as_part_of_whole(name: str, tensor: torch.Tensor, experts: set[str], mesh: Mesh):
     """``tensor`` as DCP must see it: a DTensor when this rank holds a block of ``name``."""
     parameter = name if name in experts else name.rsplit(".", 1)[0]  # a moment's parameter
-    if parameter in experts and mesh.expert_size > 1:
-        from torch.distributed.tensor import DTensor, Shard
+    if parameter not in experts or mesh.expert_size == 1:
+        return tensor
+    from torch.distributed.tensor import DTensor, Shard
+    if not is_sharded(tensor):
         return DTensor.from_local(tensor, mesh.device_mesh["ep"], [Shard(0)], run_check=False)
-    return tensor
+    # ZeRO-2/3: FSDP2's shard of this rank's experts over their replicas, a part of its
+    # group's block.
+    whole = (tensor.shape[0] * mesh.expert_size, *tensor.shape[1:])
+    return DTensor.from_local(tensor.to_local(), mesh.expert_shard_mesh, [Shard(0), Shard(0)],
+                              run_check=False, shape=whole,
+                              stride=torch.empty(whole, device="meta").stride())
 
 
 def save_sharded(folder: str | Path, files: dict[str, dict[str, torch.Tensor]],

@@ -27,10 +27,9 @@ from moekit.files import (CheckpointError, DiskFullError, atomic_directory,
 from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, folder_format_version,
                              upgrade_tensor, write_config, write_model)
 from moekit.model.transformer import Transformer
-from moekit.parallel.expert_parallel import local_part
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import held_part
 from moekit.parallel.sharded_checkpoint import load_sharded, save_sharded
-from moekit.parallel.tensor_parallel import is_sharded
 from moekit.train.optim import optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
@@ -191,7 +190,7 @@ def restore_optimizer_state(folder: str | Path, model: Transformer,
         name, moment = key.rsplit(".", 1)
         moments.setdefault(name, {})[moment] = (value if moment == "step"
                                                 else upgrade_tensor(name, value, version))
-    held = {id(parameter): {key: value if key == "step" else _as_held(value, parameter, mesh)
+    held = {id(parameter): {key: value if key == "step" else held_part(value, parameter, mesh)
                             for key, value in moments[name].items()}
             for name, parameter in model.named_parameters() if name in moments}
     for part in optimizer_parts(optimizer):  # their groups hold the saved settings now
@@ -223,20 +222,6 @@ def _saved_groups(optimizer: torch.optim.Optimizer, saved: list[dict]) -> list[d
     return [by_key.get(_group_key(group), {key: value for key, value in group.items()
                                            if key != "params"})
             for group in optimizer.param_groups]
-
-
-def _as_held(whole: torch.Tensor, parameter: torch.nn.Parameter, mesh: Mesh) -> torch.Tensor:
-    """A whole tensor of ``parameter``'s shape as this rank holds it: its experts, or its
-    DTensor shard (FSDP2's, tensor parallelism's)."""
-    if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
-        return whole
-    if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
-        whole = local_part(whole, mesh)
-    whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
-    if is_sharded(parameter):  # a tensor-parallel parameter's moments are split as it is
-        from torch.distributed.tensor import distribute_tensor
-        return distribute_tensor(whole, parameter.device_mesh, parameter.placements)
-    return whole
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -195,6 +195,8 @@ LAYOUTS = (CheckLayout("gradient accumulation 4", grad_accum=4),
            CheckLayout("pipeline 2 x expert 2", ranks=4, pipeline=2, expert=2),
            CheckLayout("data 2 x expert data parallel 2, padded", ranks=4, expert=2, tensor=2,
                        padded=True),
+           CheckLayout("data 2 x expert data parallel 2, ZeRO-3", ranks=4, expert=2, tensor=2,
+                       zero=3),
            CheckLayout("pipeline 2 x expert data parallel 2", ranks=4, pipeline=2, expert=2,
                        tensor=2))
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from moekit.moe.experts import expert_weight_rows
 from moekit.parallel.mesh import Mesh
+from moekit.parallel.tensor_parallel import is_sharded
 from moekit.train.step import moe_layers
 
 
@@ -33,10 +34,13 @@ def mean_pairwise_cosine(rows_EP: torch.Tensor) -> float | None:
 def expert_similarities(model: torch.nn.Module, mesh: Mesh = Mesh()) -> list[float | None]:
     """Per MoE layer, the mean pairwise cosine similarity of its experts' weights (None where
     the experts cannot be compared: modules of different sizes). Under expert parallelism the
-    experts are gathered over the expert group first: every rank calls it."""
+    experts are gathered over the expert group first (and FSDP2's shards over their replicas):
+    every rank calls it."""
     similarities = []
     for layer in moe_layers(model):
         rows_EP = expert_weight_rows(layer.experts)
+        if rows_EP is not None and is_sharded(rows_EP):  # ZeRO-2/3: gathered over replicas
+            rows_EP = rows_EP.full_tensor()
         if rows_EP is not None and mesh.expert_size > 1:
             pieces = [torch.empty_like(rows_EP) for _ in range(mesh.expert_size)]
             dist.all_gather(pieces, rows_EP.contiguous(), group=mesh.expert_group)

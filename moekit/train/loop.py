@@ -270,13 +270,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, data_config: Dat
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(train_config.seed)
     latest = ckpt.latest_checkpoint(run) if resume else init_from
-    # On several ranks a folder's weights are read as each rank holds them (no rank builds
-    # the whole model); an older format's folder is read whole and upgraded.
+    # On several ranks a folder's weights are read as each rank holds them, and a new run's
+    # drawn so (no rank builds the whole model); an older format's folder is read whole and
+    # upgraded.
     read_sharded = (latest is not None and mesh.world_size > 1
                     and folder_format_version(latest) == FORMAT_VERSION)
-    with torch.device("meta") if read_sharded else contextlib.nullcontext():
+    in_parts = mesh.world_size > 1 and (latest is None or read_sharded)
+    with torch.device("meta") if in_parts else contextlib.nullcontext():
         model = Transformer(model_config)
-    model = (model if read_sharded else model.to(device)).train()
+    model = (model if in_parts else model.to(device)).train()
     model.recompute = train_config.recompute
     if latest is not None:
         (check_weights_fit if read_sharded else load_weights)(model, latest)

@@ -101,7 +101,8 @@ def _moments_sharded_over(parameters: list[nn.Parameter], mesh: Mesh):
         # broadcasts plain tensors only.
         return None
     if mesh.expert_size > 1 and all(getattr(p, "expert_parallel", False) for p in parameters):
-        # Kept out of FSDP2 (ZeRO-2/3), experts have their moments sharded as under ZeRO-1.
+        # Experts FSDP2 leaves whole under ZeRO-2/3 (ModuleExperts) have theirs sharded as
+        # under ZeRO-1.
         return mesh.expert_replica_group if mesh.zero >= 1 and mesh.expert_replicas > 1 else None
     # Under ZeRO-2/3 the parameters are shards already.
     return mesh.data_group if mesh.zero == 1 and mesh.data_size > 1 else None
@@ -119,9 +120,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig, mesh: Mesh = Mesh()):
     group under EDP), and under expert parallelism the experts' over the ranks holding the
     same experts (kept whole where each expert has one replica), in a ``SplitOptimizer``;
     EDP's tensor-parallel weights keep their moments whole (1/T of the model's already).
-    Under ZeRO-2/3 the parameters are already shards (``DTensor``), and so are the moments
-    AdamW makes of them; the experts, which expert parallelism keeps out of FSDP2, have their
-    moments sharded as under ZeRO-1."""
+    Under ZeRO-2/3 the parameters are already shards (``DTensor``; the experts over their
+    replicas), and so are the moments AdamW makes of them; experts FSDP2 leaves whole
+    (``ModuleExperts``) have their moments sharded as under ZeRO-1."""
     groups = parameter_groups(model, config)
     options = dict(lr=config.lr, betas=(config.beta1, config.beta2))
     parts: dict = {}  # the process group a group's moments are sharded over -> its positions

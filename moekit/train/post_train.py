@@ -26,7 +26,9 @@ import torch
 from moekit.config import DataConfig, ModelConfig, TrainConfig
 from moekit.files import (check_output, read_json, read_safetensors, refuse_if_being_written,
                           write_json)
-from moekit.model.io import WEIGHTS_FILE, load_weights, read_model_config, save_model
+from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, check_weights_fit,
+                             folder_format_version, load_weights, read_model_config,
+                             save_model)
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import parallelize
@@ -89,11 +91,22 @@ def load_chat_tokenizer(folder: str | Path, config: ModelConfig):
     return tokenizer, read_chat_template(folder)
 
 
-def _build_model(settings, config, seed, device, run, resume) -> Transformer:
+def _build_model(settings, config, seed, device, run, resume,
+                 mesh: Mesh) -> tuple[Transformer, Path | None]:
+    """The model, and the folder ``parallelize`` reads it from in parts (None: loaded whole
+    here). On several ranks without LoRA a model folder of the current format is read as
+    each rank holds it, as ``moekit train`` reads it (the adapters sit on whole weights)."""
     torch.manual_seed(seed)  # the adapters' initialisation (a resumed run loads its own)
-    model = Transformer(config).to(device).train()
     latest = ckpt.latest_checkpoint(run) if resume else None
-    load_weights(model, settings.init_from if latest is None or settings.lora else latest)
+    folder = Path(settings.init_from if latest is None or settings.lora else latest)
+    if (mesh.world_size > 1 and settings.lora is None
+            and folder_format_version(folder) == FORMAT_VERSION):
+        with torch.device("meta"):
+            model = Transformer(config).train()
+        check_weights_fit(model, folder)
+        return model, folder
+    model = Transformer(config).to(device).train()
+    load_weights(model, folder)
     if settings.lora is not None:
         lora.add_adapters(model, settings.lora)
         if latest is not None:  # the adapters, and the router state that moved in training
@@ -103,7 +116,7 @@ def _build_model(settings, config, seed, device, run, resume) -> Transformer:
                 for name, buffer in model.named_buffers():
                     if name in saved:
                         buffer.copy_(saved[name])
-    return model
+    return model, None
 
 
 def _checkpoint_files(model, average) -> tuple[dict | None, dict]:
@@ -143,9 +156,10 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                              f"context (max_seq_len={model_config.max_seq_len})")
         tokenizer, template = load_chat_tokenizer(settings.init_from, model_config)
         train_config = stage.prepare(tokenizer, template, train_config)
-        model = _build_model(settings, model_config, train_config.seed, device, run, resume)
-    stage.attach(model, settings.init_from)
-    parallel_model = parallelize(model, mesh)
+        model, in_parts = _build_model(settings, model_config, train_config.seed, device, run,
+                                       resume, mesh)
+    parallel_model = parallelize(model, mesh, in_parts, device)
+    stage.attach(model, settings.init_from)  # (DPO: its reference where the model is)
     optimizer = build_optimizer(model, train_config, mesh)
     latest = ckpt.latest_checkpoint(run) if resume else None
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
