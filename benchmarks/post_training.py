@@ -14,8 +14,10 @@ exact-answer reward of 4 samples per held-out prompt at temperature 1), trainabl
 and their share, training-state bytes (trainable weights + gradients + AdamW's two moments:
 what full fine-tuning and LoRA differ by; computed from the shapes, not a measured peak), and
 the median step time. Then the LoRA/full step-time ratio, the steps taking turns (rank 8,
-experts included), with its range over rounds. Shared machines are noisy: the header prints
-the CPU and load; only ratios within one run compare.
+experts included), with its range over rounds, in wall time and in CPU time, beside the
+frozen floor's (a step with no adapters that runs the backward LoRA needs: what no adapter
+implementation can beat), and one profiled step of each. Shared machines are noisy: the
+header prints the CPU and load; only ratios within one run compare.
 """
 from __future__ import annotations
 
@@ -75,22 +77,59 @@ def _trainable(folder: Path, rank: int | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _step_times(base: Path, stage: SupervisedFineTuning, config: TrainConfig, rank: int,
-                rounds: int) -> tuple[list[float], list[float]]:
-    """Full and LoRA steps on the same batches, taking turns; the first round is warm-up."""
-    models = {"full": load_model(base).train(), "lora": load_model(base).train()}
+# The backward a LoRA step cannot skip: every layer's input gradient, down to the first
+# layer's attention (whose adapters need it), and no adapters. One weight there trains so that
+# the backward runs; a LoRA step's time above this floor is its adapters'.
+FLOOR_WEIGHT = "layers.0.attn.q_proj.weight"
+
+
+def _step_models(base: Path, rank: int) -> dict[str, torch.nn.Module]:
+    """Full fine-tuning, LoRA rank ``rank`` and the floor, from the same weights."""
+    models = {name: load_model(base).train() for name in ("full", "lora", "floor")}
     lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
-    optimizers = {name: build_optimizer(m, config) for name, m in models.items()}
-    times = {"full": [], "lora": []}
+    for name, parameter in models["floor"].named_parameters():
+        parameter.requires_grad_(name == FLOOR_WEIGHT)
+    return models
+
+
+def _step(model, optimizer, stage: SupervisedFineTuning, config: TrainConfig, index: int):
+    batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
+    train_step(model, optimizer, batch[0], batch[1], config, Mesh(), batch[2], batch[3])
+
+
+def _step_times(models, optimizers, stage: SupervisedFineTuning, config: TrainConfig,
+                rounds: int) -> dict[str, dict[str, list[float]]]:
+    """The models' steps on the same batches, taking turns; the first round is warm-up. Each
+    step's wall time and this process's CPU time (all its threads): on a shared machine the
+    second counts less of the other jobs' time (a thread waiting for a core uses none)."""
+    times = {clock: {name: [] for name in models} for clock in ("wall", "cpu")}
     for index in range(rounds + 1):
-        batch = stage.rows.take(batch_indices(len(stage.rows), index, config.batch_size, 0))
         for name, model in models.items():
-            started = time.perf_counter()
-            train_step(model, optimizers[name], batch[0], batch[1], config, Mesh(), batch[2],
-                       batch[3])
+            wall, cpu = time.perf_counter(), time.process_time()
+            _step(model, optimizers[name], stage, config, index)
             if index:
-                times[name].append(time.perf_counter() - started)
-    return times["full"], times["lora"]
+                times["wall"][name].append(time.perf_counter() - wall)
+                times["cpu"][name].append(time.process_time() - cpu)
+    return times
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # on a CPU, grouped_mm's too
+
+
+def _matmul_profile(models, optimizers, stage, config, steps: int = 5) -> dict[str, tuple]:
+    """Per model, one step's matmul calls, their self CPU ms and all operators' (the least of
+    ``steps`` profiled steps, taking turns: the least is the one least slowed by other jobs)."""
+    found = {name: [] for name in models}
+    for index in range(steps):
+        for name, model in models.items():
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as run:
+                _step(model, optimizers[name], stage, config, index)
+            events = run.key_averages()
+            matmuls = [e for e in events if e.key in MATMULS]
+            found[name].append((sum(e.count for e in matmuls),
+                                sum(e.self_cpu_time_total for e in matmuls) / 1e3,
+                                sum(e.self_cpu_time_total for e in events) / 1e3))
+    return {name: min(runs, key=lambda r: r[2]) for name, runs in found.items()}
 
 
 @torch.no_grad()
@@ -154,7 +193,12 @@ def main() -> None:
                         help="post (post-training, ending with the step times), steps (the "
                         "LoRA and full step times alone), long (long-context stage), or "
                         "several, comma-separated")
+    parser.add_argument("--threads", type=int,
+                        help="torch's CPU threads (default: torch's own choice); with 1, CPU "
+                        "time counts less of other jobs on a shared machine")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.pretrain_steps, args.sft_steps, args.dpo_steps, args.rounds = 20, 10, 4, 3
         args.long_steps = 3
@@ -233,7 +277,8 @@ def _sft_config(steps: int) -> TrainConfig:
 
 
 def step_times(pretrained: Path, rounds: int) -> None:
-    """A LoRA rank-8 step (experts included) beside a full fine-tuning step, in turns."""
+    """A LoRA rank-8 step (experts included) and the floor beside a full fine-tuning step, in
+    turns, then one profiled step of each."""
     train_set, held_out = instruction_set()
     stage = SupervisedFineTuning([x.messages() for x in train_set],
                                  [x.messages() for x in held_out[:16]])
@@ -241,13 +286,25 @@ def step_times(pretrained: Path, rounds: int) -> None:
     sft_config = _sft_config(rounds + 1)
     stage.prepare(*load_chat_tokenizer(pretrained, model.config), sft_config)
     full_params = _trainable(pretrained, None)
-    full, adapted = _step_times(pretrained, stage, sft_config, 8, rounds)
-    ratios = [a / f for a, f in zip(adapted, full)]
-    print(f"\nLoRA rank 8 step / full fine-tuning step, {rounds} rounds in turns: "
-          f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
-          f"(full {statistics.median(full) * 1e3:.0f} ms, LoRA "
-          f"{statistics.median(adapted) * 1e3:.0f} ms; trainable share "
-          f"{_trainable(pretrained, 8) / full_params:.1%})")
+    models = _step_models(pretrained, 8)
+    optimizers = {name: build_optimizer(m, sft_config) for name, m in models.items()}
+    times = _step_times(models, optimizers, stage, sft_config, rounds)
+    print(f"\nLoRA rank 8 step (trainable share {_trainable(pretrained, 8) / full_params:.1%}) "
+          f"and the frozen floor (no adapters, the backward LoRA needs) / full fine-tuning "
+          f"step, {rounds} rounds in turns (load average now {os.getloadavg()[0]:.1f}):")
+    for clock, label in (("wall", "wall time"), ("cpu", "CPU time")):
+        full = times[clock]["full"]
+        cells = []
+        for name in ("lora", "floor"):
+            ratios = [t / f for t, f in zip(times[clock][name], full)]
+            cells.append(f"{name} {statistics.median(ratios):.2f}x [{min(ratios):.2f}-"
+                         f"{max(ratios):.2f}] ({statistics.median(times[clock][name]) * 1e3:.0f}"
+                         f" ms)")
+        print(f"  {label:9}  full {statistics.median(full) * 1e3:.0f} ms; " + "; ".join(cells))
+    print("  one step profiled (the least of 5): matmul calls, their self CPU ms, all ops' ms")
+    for name, (calls, matmul_ms, total_ms) in _matmul_profile(models, optimizers, stage,
+                                                               sft_config).items():
+        print(f"    {name:6} {calls:5} matmuls {matmul_ms:7.1f} ms of {total_ms:7.1f} ms")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from moekit.cli import main
 from moekit.config import ModelConfig, MoEConfig, TrainConfig
 from moekit.model.io import load_model, save_model
 from moekit.model.transformer import Transformer
-from moekit.moe import MoELayer
+from moekit.moe import GroupedExperts, MoELayer
 from moekit.parallel.mesh import Mesh, world_mesh
 from moekit.parallel.processes import run_on_ranks
 from moekit.train import lora
@@ -210,6 +210,63 @@ def test_lora_experts_match_a_per_expert_loop():
     optimizer = build_optimizer(model, TrainConfig())
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def _by_hand(x, blocks, weight, lora_A, lora_B, scale):
+    """Each block of rows of x through its own W + scale B A, in float64 (lists per block)."""
+    out, start = [], 0
+    for e, n in enumerate(blocks):
+        merged = weight[e].double() + scale * lora_B[e].double() @ lora_A[e].double()
+        out.append(x[start:start + n].double() @ merged.T)
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("blocks, merges", [([3, 0, 4, 2], False), ([400, 0, 500, 300], True)])
+def test_lora_products_and_their_gradients_match_by_hand(blocks, merges, dtype):
+    """Both ways of computing a low-rank product (the update beside the base weight, or merged
+    into it: ``merging_pays`` picks by the number of rows; float64 takes autograd's ops) give
+    the output and every gradient of the merged matrices, per expert, by hand."""
+    torch.manual_seed(0)
+    experts = lora.LoRAExperts.wrap(GroupedExperts(4, 32, 32).to(dtype), rank=4, scale=1.5)
+    linear = lora.LoRALinear.wrap(torch.nn.Linear(32, 64, dtype=dtype), rank=4, scale=1.5)
+    for module in (experts, linear):
+        for parameter in module.parameters():
+            torch.nn.init.normal_(parameter, std=0.2)  # every factor, and the base trains too
+    rows = sum(blocks)
+    assert lora.merging_pays(rows, 4, 64, 32) == lora.merging_pays(rows, 1, 64, 32) == merges
+    x = torch.randn(rows, 32, dtype=dtype, requires_grad=True)
+    counts = torch.tensor(blocks)
+    outputs = (experts(x, counts), linear(x))
+    inputs = [x, experts.gate_up_proj, experts.in_lora_A, experts.in_lora_B, experts.down_proj,
+              experts.down_lora_A, experts.down_lora_B, linear.weight, linear.lora_A,
+              linear.lora_B, linear.bias]
+    grads_out = [torch.randn_like(y) for y in outputs]
+    grads = torch.autograd.grad(outputs, inputs, grads_out)
+
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    (x_, in_W, in_A, in_B, down_W, down_A, down_B, lin_W, lin_A, lin_B, lin_b) = leaves
+    gate, up = _by_hand(x_, blocks, in_W, in_A, in_B, 1.5).chunk(2, dim=-1)
+    expected = (_by_hand(F.silu(gate) * up, blocks, down_W, down_A, down_B, 1.5),
+                _by_hand(x_, [rows], lin_W[None], lin_A[None], lin_B[None], 1.5) + lin_b)
+    expected_grads = torch.autograd.grad(expected, leaves, [g.double() for g in grads_out])
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    for got, want in zip(outputs + grads, expected + expected_grads):
+        torch.testing.assert_close(got.double(), want, **tolerance)
+
+
+def test_lora_reaches_the_experts_when_decoding_a_token():
+    """A few routes take the small-batch path, each through its expert's own weights: with
+    adapters, those weights merged with their updates."""
+    model = Transformer(tiny_config()).eval()
+    lora.add_adapters(model, lora.LoRAConfig(rank=4))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.3)
+    ids = torch.randint(0, 257, (1, 1))  # 2 routes per layer
+    torch.testing.assert_close(model(ids).logits, lora.merged_model(model).eval()(ids).logits,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_lora_reaches_the_ffn_of_dense_layers():

@@ -37,13 +37,15 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _grouped_mm_supported(x_NI: torch.Tensor, w_EOI: torch.Tensor) -> bool:
-    # torch._grouped_mm takes fp32/bf16/fp16 and needs 16-byte aligned row strides.
+def grouped_mm_supported(x_NI: torch.Tensor, *weights_EOI: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` takes ``x_NI`` with each of these [E, out, in] weights, either
+    way round (its backward multiplies by their transposes): fp32/bf16/fp16, and 16-byte
+    aligned row strides."""
     if not hasattr(F, "grouped_mm") or x_NI.dtype not in (torch.float32, torch.bfloat16,
                                                           torch.float16):
         return False
     item = x_NI.element_size()
-    return all(size * item % 16 == 0 for size in w_EOI.shape[1:])
+    return all(size * item % 16 == 0 for w_EOI in weights_EOI for size in w_EOI.shape[1:])
 
 
 class _DenseGradient(torch.autograd.Function):
@@ -59,6 +61,21 @@ class _DenseGradient(torch.autograd.Function):
         return grad.contiguous()
 
 
+def autocast_grouped_operands(x_NI: torch.Tensor,
+                              *weights_EOI: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operands of a grouped matmul in the dtype it computes in under autocast (unchanged
+    without it). grouped_mm has no autocast rule (torch 2.13). On an accelerator, cast them as
+    autocast casts a linear's: the experts are most of the FLOPs. On a CPU, keep the (first)
+    weight's dtype: oneDNN compiles a bf16 kernel per row count, and the counts change every
+    step, so bf16 experts train slower than fp32 ones there (docs/moe.md, Speed)."""
+    device_type = x_NI.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return (x_NI, *weights_EOI)
+    dtype = (weights_EOI[0].dtype if device_type == "cpu"
+             else torch.get_autocast_dtype(device_type))
+    return tuple(t.to(dtype) for t in (x_NI, *weights_EOI))
+
+
 def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
                    tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """y_NO: each block of rows through its expert's matrix as ``F.linear`` does (x @ w^T, the
@@ -66,20 +83,13 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
 
     The fallback (old torch builds, float64, unaligned sizes) multiplies block by block; its
     backward still builds each weight gradient once (unbind's backward stacks them)."""
-    device_type = x_NI.device.type
-    if torch.is_autocast_enabled(device_type):
-        # grouped_mm has no autocast rule (torch 2.13). On an accelerator, cast its operands as
-        # autocast casts a linear's: the experts are most of the FLOPs. On a CPU, keep the
-        # weights' dtype: oneDNN compiles a bf16 kernel per row count, and the counts change
-        # every step, so bf16 experts train slower than fp32 ones there (docs/moe.md, Speed).
-        dtype = w_EOI.dtype if device_type == "cpu" else torch.get_autocast_dtype(device_type)
-        x_NI, w_EOI = x_NI.to(dtype), w_EOI.to(dtype)
+    x_NI, w_EOI = autocast_grouped_operands(x_NI, w_EOI)
     if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
         # torch 2.13's grouped_mm traces in bf16 only (its fake kernel refuses the fp32 that
         # its CPU kernel takes): compiled code calls it eagerly, between two graphs.
         return _grouped_linear_eagerly(x_NI, w_EOI, tokens_per_expert_E)
     w_EIO = w_EOI.transpose(1, 2)  # a view: grouped_mm reads the [out, in] memory as it is
-    if _grouped_mm_supported(x_NI, w_EIO):
+    if grouped_mm_supported(x_NI, w_EIO):
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
     blocks = x_NI.split(tokens_per_expert_E.tolist())

@@ -12,7 +12,9 @@ as PEFT's ``target_parameters`` sees the fused ``gate_up_proj``) A [E, R, D] and
 for ``down_proj`` [E, D, F] A [E, R, F] and B [E, D, R]. They are applied with the same grouped
 matmul over the same ``tokens_per_expert_E`` (no Python loop over experts), in
 ``LoRAExperts``, which keeps the experts contract and the base weights' names, so that
-``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does.
+``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does. Every
+adapted product, dense or grouped, is one autograd step (``_LowRankProduct``), with the update
+merged into the base weight where that is cheaper (``merging_pays``).
 
 Legend: N routed rows, D model dim, F expert FFN dim, I input projection's rows, E experts,
 R rank.
@@ -29,7 +31,8 @@ from torch.nn.utils import parametrize
 
 from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
-from moekit.moe.experts import MLP, expert_activation, grouped_linear
+from moekit.moe.experts import (MLP, autocast_grouped_operands, expert_activation,
+                                 grouped_linear, grouped_mm_supported, routed_expert_mlp)
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -65,6 +68,100 @@ def _factors(*shape_pairs, dtype, device) -> list[nn.Parameter]:
     return factors
 
 
+# A merged weight W + scale B A costs about three passes over the weights (formed in the
+# forward, read again in the backward); the factors applied beside the base weight cost about
+# four more passes over the rows' inputs and outputs, in small rank-R matmuls. Merging pays
+# where the rows outweigh the weights by this factor.
+MERGE_WHEN_ROWS_OUTWEIGH = 3
+
+
+def merging_pays(rows: int, matrices: int, out_features: int, in_features: int) -> bool:
+    """Whether ``rows`` rows, split over ``matrices`` [out, in] weights, multiply their base
+    weights more cheaply merged with the low-rank update than beside it."""
+    return (rows * (in_features + out_features)
+            >= MERGE_WHEN_ROWS_OUTWEIGH * matrices * out_features * in_features)
+
+
+def _rows_times_transposed(x_NX, w_OX, offsets_E):
+    """x w^T: one weight [O, X] (``offsets_E`` None), or [E, O, X] per block of rows."""
+    if offsets_E is None:
+        return x_NX @ w_OX.t()
+    return F.grouped_mm(x_NX, w_OX.transpose(1, 2), offs=offsets_E)
+
+
+def _rows_times(g_NO, w_OX, offsets_E):
+    """g w (the input gradient of ``_rows_times_transposed``)."""
+    return g_NO @ w_OX if offsets_E is None else F.grouped_mm(g_NO, w_OX, offs=offsets_E)
+
+
+def _weight_gradient(g_NO, x_NX, offsets_E):
+    """g^T x: [O, X], or [E, O, X], one matrix per block of rows."""
+    if offsets_E is None:
+        return g_NO.t() @ x_NX
+    return F.grouped_mm(g_NO.t(), x_NX, offs=offsets_E)
+
+
+class _LowRankProduct(torch.autograd.Function):
+    """y_NO = x W^T + scale (x A^T) B^T for one weight W [O, X], A [R, X], B [O, R]
+    (``offsets_E`` None), or for stacked ones [E, O, X], [E, R, X], [E, O, R], block e of the
+    rows through expert e's (``offsets_E[e]`` ends it). Legend: N rows, X in, O out, R rank.
+
+    One autograd step: composed of autograd's ops, the low-rank branch cost the tiny preset
+    more than full fine-tuning's weight gradient did (three products per projection each way,
+    each output a new [N, O] or [N, X] tensor added to the base's, the scale one more pass).
+    With ``merge`` (``merging_pays``) the base products, output and input gradient, use
+    W + scale B A: the forward costs what the frozen one does and the backward adds only the
+    factors' own gradients. Otherwise the low-rank output is added to the base's. The scale
+    costs no pass over the rows' outputs; the base weight gets a gradient only where it
+    trains."""
+
+    @staticmethod
+    def forward(ctx, x_NX, weight, lora_A, lora_B, offsets_E, scale, merge):
+        if merge:
+            add_product = torch.addmm if weight.dim() == 2 else torch.baddbmm
+            product_weight = add_product(weight, lora_B, lora_A, alpha=scale)
+            y_NO = _rows_times_transposed(x_NX, product_weight, offsets_E)
+        else:
+            product_weight = weight
+            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E).mul_(scale)
+            y_NO = _rows_times_transposed(x_NX, weight, offsets_E)
+            y_NO += _rows_times_transposed(low_NR, lora_B, offsets_E)
+        ctx.save_for_backward(x_NX, product_weight, lora_A, lora_B, offsets_E)
+        ctx.scale, ctx.merge = scale, merge
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, grad_NO):
+        x_NX, product_weight, lora_A, lora_B, offsets_E = ctx.saved_tensors
+        needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
+        grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
+        grad_low_NR = (_rows_times(grad_NO, lora_B, offsets_E).mul_(ctx.scale)
+                       if needs_A or (needs_x and not ctx.merge) else None)
+        grad_x = None
+        if needs_x:
+            grad_x = _rows_times(grad_NO, product_weight, offsets_E)
+            if not ctx.merge:
+                grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
+        grad_B = None
+        if needs_B:  # as (low^T g)^T: with the rank on the output's rows, twice as fast on CPU
+            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
+            grad_B = _weight_gradient(low_NR, grad_NO, offsets_E).mul_(ctx.scale).mT
+        return (grad_x,
+                _weight_gradient(grad_NO, x_NX, offsets_E) if needs_weight else None,
+                _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None,
+                grad_B, None, None, None)
+
+
+def _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, scale):
+    """``_LowRankProduct`` of operands already in their compute dtype (autocast has no rule
+    for a custom function: the callers cast as autocast casts their products)."""
+    rows, (out_features, in_features) = x_NX.shape[0], weight.shape[-2:]
+    matrices = 1 if offsets_E is None else weight.shape[0]
+    merge = merging_pays(rows, matrices, out_features, in_features)
+    with torch.autocast(x_NX.device.type, enabled=False):
+        return _LowRankProduct.apply(x_NX, weight, lora_A, lora_B, offsets_E, scale, merge)
+
+
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` with a low-rank update, holding the base layer's own weight and bias."""
 
@@ -81,10 +178,14 @@ class LoRALinear(nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
-            return y
-        return y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+            return F.linear(x, self.weight, self.bias)
+        operands = (x.reshape(-1, x.shape[-1]), self.weight, self.lora_A, self.lora_B)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            operands = [t.to(dtype) for t in operands]
+        y_NO = _low_rank_product(*operands, None, self.scale).view(*x.shape[:-1], -1)
+        return y_NO if self.bias is None else y_NO + self.bias.to(y_NO.dtype)
 
     def delta(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
@@ -120,18 +221,37 @@ class LoRAExperts(GroupedExperts):
         experts.scale, experts.enabled = scale, True
         return experts
 
-    def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E):
-        y = grouped_linear(x_NX, weight, tokens_per_expert_E)
+    def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E, offsets_E):
         if not self.enabled:
-            return y
-        low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E)
-        return y + self.scale * grouped_linear(low_NR, lora_B, tokens_per_expert_E)
+            return grouped_linear(x_NX, weight, tokens_per_expert_E)
+        x_NX, weight, lora_A, lora_B = autocast_grouped_operands(x_NX, weight, lora_A, lora_B)
+        if grouped_mm_supported(x_NX, weight, lora_A, lora_B) and not (
+                torch.compiler.is_compiling()):  # (grouped_linear calls it eagerly there)
+            return _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, self.scale)
+        low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E) * self.scale
+        return (grouped_linear(x_NX, weight, tokens_per_expert_E)
+                + grouped_linear(low_NR, lora_B, tokens_per_expert_E))
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         h_NI = self._project(x_ND, self.in_proj, self.in_lora_A, self.in_lora_B,
-                             tokens_per_expert_E)
+                             tokens_per_expert_E, offsets_E)
         return self._project(expert_activation(h_NI, self.activation), self.down_proj,
-                             self.down_lora_A, self.down_lora_B, tokens_per_expert_E)
+                             self.down_lora_A, self.down_lora_B, tokens_per_expert_E,
+                             offsets_E)
+
+    def forward_routes(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                       weights_TK: torch.Tensor) -> torch.Tensor:
+        """The small-batch path (decoding a few tokens), each route through its expert's
+        weights merged with its update; only the routed experts' are merged."""
+        if not self.enabled:
+            return super().forward_routes(x_TD, expert_ids_TK, weights_TK)
+        used_U, routes_TK = expert_ids_TK.unique(return_inverse=True)
+        in_UID, down_UDF = (
+            torch.baddbmm(weight[used_U], lora_B[used_U], lora_A[used_U], alpha=self.scale)
+            for weight, lora_A, lora_B in ((self.in_proj, self.in_lora_A, self.in_lora_B),
+                                           (self.down_proj, self.down_lora_A, self.down_lora_B)))
+        return routed_expert_mlp(x_TD, routes_TK, weights_TK, in_UID, down_UDF, self.activation)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         in_name = "gate_up_proj" if self.gated else "up_proj"
