@@ -1,6 +1,8 @@
 """Fast decoding: the fixed-size cache step equals recomputing the whole sequence, the
 small-batch and mid-batch MoE paths equal the grouped one, and the compiled step gives the
 eager tokens."""
+import itertools
+
 import pytest
 import torch
 
@@ -88,15 +90,17 @@ def test_the_layer_picks_the_decoding_paths_by_size_and_type(dtype):
         method = getattr(layer.experts, name)
         setattr(layer.experts, name, lambda *a, name=name, method=method:
                 chosen.append(name) or method(*a))
-    for tokens in (1, 2, 3, 4, 8, moe_layer.DENSE_BATCH_ROWS // 8, moe_layer.DENSE_BATCH_ROWS):
+    sizes = (1, 2, 3, 4, 8, moe_layer.DENSE_BATCH_ROWS // 8, moe_layer.DENSE_BATCH_ROWS)
+    for tokens, training in itertools.product(sizes, (False, True)):
         chosen.clear()
-        layer(torch.randn(tokens, 16, dtype=dtype))
+        with torch.set_grad_enabled(training):  # decoding runs without autograd
+            layer(torch.randn(tokens, 16, dtype=dtype))
         routes, dense_rows = 2 * tokens, 8 * tokens
         expected = ("forward_routes" if routes <= moe_layer.SMALL_BATCH_ROUTES else
-                    "forward_dense" if (dtype == torch.bfloat16 and routes >= 2 * 8
-                                        and dense_rows <= moe_layer.DENSE_BATCH_ROWS)
-                    else "forward")  # float32: the grouped path (docs/inference.md)
-        assert chosen == [expected], tokens
+                    "forward_dense" if (dtype == torch.bfloat16 and routes >= 2 * 8 and not
+                                        training and dense_rows <= moe_layer.DENSE_BATCH_ROWS)
+                    else "forward")  # float32 or training: the grouped path (docs/inference.md)
+        assert chosen == [expected], (tokens, training)
 
 
 @torch.no_grad()

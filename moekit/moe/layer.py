@@ -347,7 +347,7 @@ class MoELayer(nn.Module):
                        keep_TK: torch.Tensor | None) -> str | None:
         """The path of a decoding-sized forward: "routes" (a few routes, each through its
         expert's weights), "dense" (every expert on every token of a small batch, in a 16-bit
-        type), or None for the grouped path. Both decoding paths need every route kept, all
+        type, without autograd), or None for the grouped path. Both decoding paths need every route kept, all
         experts on this process, grouped experts, and no autocast (whose casts the grouped
         path makes its own way). Eagerly, "routes" runs only on a CPU: it reads the expert ids
         on the host, which costs nothing there and a wait for the device elsewhere; "dense"
@@ -360,7 +360,9 @@ class MoELayer(nn.Module):
         if 0 < routes <= SMALL_BATCH_ROUTES and (x_TD.device.type == "cpu"
                                                  or torch.compiler.is_compiling()):
             return "routes"
-        if (x_TD.dtype in DENSE_BATCH_DTYPES
+        # Not under autograd: a training step would save the E/K-fold products and pay them
+        # again in the backward (and the planner's activation bytes assume the grouped path).
+        if (x_TD.dtype in DENSE_BATCH_DTYPES and not torch.is_grad_enabled()
                 and routes >= DENSE_BATCH_ROUTES_PER_EXPERT * num_experts
                 and x_TD.shape[0] * num_experts <= DENSE_BATCH_ROWS):
             return "dense"
