@@ -27,7 +27,7 @@ from moekit.parallel.parallelize import parallelize
 from moekit.parallel.processes import run_on_ranks
 from moekit.plan import Layout
 from moekit.plan.training import Precision, training_memory
-from moekit.train.checkpoint import _held_optimizer_state
+from moekit.train.checkpoint import held_optimizer_state
 from moekit.train.optim import build_optimizer
 from moekit.train.step import train_step
 
@@ -60,7 +60,7 @@ def _held(rank, world, layouts):
         tokens = torch.randint(0, model.config.vocab_size, (8, 65),
                                generator=torch.Generator().manual_seed(1))
         train_step(parallel_model, optimizer, tokens[:, :-1], tokens[:, 1:], TRAIN, mesh)
-        state = [v for s in _held_optimizer_state(optimizer).values() for v in s.values()
+        state = [v for s in held_optimizer_state(optimizer).values() for v in s.values()
                  if v.dim() > 0]
         held.append({"weights": _bytes(model.parameters()), **counted,
                      "optimizer_states": _bytes(state)})

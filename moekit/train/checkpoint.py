@@ -30,7 +30,7 @@ from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.parallelize import held_part
 from moekit.parallel.sharded_checkpoint import load_sharded, save_sharded
-from moekit.train.optim import optimizer_parts
+from moekit.train.optim import local_updaters, optimizer_parts
 from moekit.train.tokenizer import TextTokenizer
 
 CHECKPOINTS = "checkpoints"
@@ -54,12 +54,12 @@ def latest_checkpoint(run: str | Path) -> Path:
     return folders[-1]
 
 
-def _held_optimizer_state(optimizer) -> dict:
+def held_optimizer_state(optimizer) -> dict:
     """parameter -> its state, as this rank holds it: a ZeRO-1 part's partition only, DTensor
     shards (FSDP2's, tensor parallelism's), an expert's of this rank's experts."""
     state = {}
-    for part in optimizer_parts(optimizer):
-        state.update(getattr(part, "optim", part).state)  # ZeroRedundancyOptimizer.optim: local
+    for updater in local_updaters(optimizer):
+        state.update(updater.state)
     return state
 
 
@@ -79,7 +79,7 @@ def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer,
                        mesh: Mesh) -> dict:
     names = {id(p): name for name, p in model.named_parameters()}
     tensors = _random_states(mesh)
-    for parameter, state in _held_optimizer_state(optimizer).items():
+    for parameter, state in held_optimizer_state(optimizer).items():
         for key, value in state.items():
             tensors[f"{names[id(parameter)]}.{key}"] = value.detach().contiguous()
     return tensors

@@ -93,6 +93,12 @@ def optimizer_parts(optimizer) -> list[torch.optim.Optimizer]:
     return list(getattr(optimizer, "parts", [optimizer]))
 
 
+def local_updaters(optimizer) -> list[torch.optim.Optimizer]:
+    """The AdamW instances that update this rank's parameters: each part's, a
+    ``ZeroRedundancyOptimizer``'s local one (its ``optim``, over this rank's partition)."""
+    return [getattr(part, "optim", part) for part in optimizer_parts(optimizer)]
+
+
 def _moments_sharded_over(parameters: list[nn.Parameter], mesh: Mesh):
     """The ranks over which ZeRO shards the AdamW moments of a group's ``parameters`` (None:
     kept whole on this rank)."""
@@ -166,8 +172,7 @@ def clipped_step(optimizer, model: nn.Module, max_norm: float, mesh: Mesh) -> to
     norm = gradient_norm(model, mesh)
     # Read on the host: the step logs the norm anyway, and under the limit nothing is scaled.
     if math.isfinite(max_norm) and float(norm) + 1e-6 > max_norm:
-        updaters = [getattr(part, "optim", part)  # ZeroRedundancyOptimizer's local AdamW
-                    for part in optimizer_parts(optimizer)]
+        updaters = local_updaters(optimizer)
         if all(updater.defaults.get("fused") for updater in updaters):
             divisor = ((norm + 1e-6) / max_norm).float()
             for updater in updaters:
