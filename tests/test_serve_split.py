@@ -126,6 +126,7 @@ def test_split_server_gives_one_process_tokens_and_stops_when_a_rank_fails(quant
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
+    ranks = {}
     try:
         deadline = time.monotonic() + 90
         while not _healthy(url):
@@ -143,7 +144,8 @@ def test_split_server_gives_one_process_tokens_and_stops_when_a_rank_fails(quant
                 "prompt": "Hi", "max_tokens": 100, "temperature": 0})
             while "moekit_batch_size 2.0" not in httpx.get(f"{url}/metrics").text:
                 time.sleep(0.01)  # both decoding: the second one's answer not yet begun
-            os.kill(_ranks(agent)[1], failure)
+            ranks = _ranks(agent)
+            os.kill(ranks[1], failure)
             killed = time.monotonic()
             rest = [line for line in lines if line]
             refused = waiting.result()
@@ -162,7 +164,10 @@ def test_split_server_gives_one_process_tokens_and_stops_when_a_rank_fails(quant
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
-        try:
-            os.killpg(agent.pid, signal.SIGKILL)  # any rank the agent left behind
-        except ProcessLookupError:
-            pass
+        # Anything left behind: the agent's group, and each rank by pid (the agent starts each
+        # in a session of its own, and a stopped one outlives the agent's SIGTERM).
+        for kill, pid in [(os.killpg, agent.pid), *((os.kill, rank) for rank in ranks.values())]:
+            try:
+                kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
