@@ -275,13 +275,14 @@ def build_columns(config: ModelConfig, wanted: list[str], stack: contextlib.Exit
         columns[name] = Column(moe_model, optimizer, moekit_forward(moe_model))
     if MOEKIT_DENSE_EXPERT_MM in wanted:
         columns[MOEKIT_DENSE_EXPERT_MM] = replace(columns[MOEKIT], patch=dense_expert_matmuls)
-    hf_state = moekit_to_hf_state(moe_model.state_dict(), "mixtral")
     hf_names = [name for name in (HF_DEFAULT_ADAMW, HF_FUSED_ADAMW) if name in wanted]
+    elsewhere = [name.removesuffix(OWN_PROCESS) for name in wanted if name.endswith(OWN_PROCESS)]
+    if hf_names or elsewhere:
+        hf_state = moekit_to_hf_state(moe_model.state_dict(), "mixtral")
     if hf_names:
         columns.update(hf_columns(config, hf_state, hf_names))
         check_same_logits(columns[hf_names[0]], check_ids, expected)
         hf = hf_implementations(columns[hf_names[0]].model)
-    elsewhere = [name.removesuffix(OWN_PROCESS) for name in wanted if name.endswith(OWN_PROCESS)]
     if elsewhere:
         hf, more = stack.enter_context(own_process_columns(config, hf_state, elsewhere,
                                                            (check_ids, expected)))
