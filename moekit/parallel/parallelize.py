@@ -101,7 +101,9 @@ def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
     parallelism each layer's built-in experts are a unit of their own over their replicas
     (the ranks holding the same experts), their gradients summed over those replicas and
     divided by all the data-parallel ranks, as ``finish_gradients`` does for whole ones;
-    with one replica there is nothing to shard, and experts stay whole, out of FSDP2."""
+    ``ModuleExperts`` make one unit per expert module, so that under ZeRO-3 a rank holds one
+    of them whole at a time. With one replica there is nothing to shard, and experts stay
+    whole, out of FSDP2."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from moekit.moe import GroupedExperts, MoELayer
@@ -118,17 +120,25 @@ def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
     # with the next block): nothing writes into them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     whole_experts = set()
+
+    def shard_over_replicas(experts: nn.Module) -> None:
+        fully_shard(experts, mesh=mesh.expert_shard_mesh["dp"], **options)
+        experts.set_gradient_divide_factor(mesh.data_size)
+        # A sum, then the division: gloo has no pre-multiplied sum (NCCL's PreMulSum).
+        experts.set_force_sum_reduction_for_comms(True)
+
     with marks_kept(model):  # FSDP2 makes new parameters
         for layer in unwrap(model).modules():
             if not isinstance(layer, MoELayer) or mesh.expert_size == 1:
                 continue
-            if mesh.expert_replicas > 1 and isinstance(layer.experts, GroupedExperts):
-                fully_shard(layer.experts, mesh=mesh.expert_shard_mesh["dp"], **options)
-                layer.experts.set_gradient_divide_factor(mesh.data_size)
-                # A sum, then the division: gloo has no pre-multiplied sum (NCCL's PreMulSum).
-                layer.experts.set_force_sum_reduction_for_comms(True)
-            else:
+            if mesh.expert_replicas == 1:
                 whole_experts.update(layer.experts.parameters())
+            elif isinstance(layer.experts, GroupedExperts):
+                shard_over_replicas(layer.experts)
+            else:  # ModuleExperts: one unit per expert, gathered as it runs
+                for expert in layer.experts.experts:
+                    if any(True for _ in expert.parameters()):
+                        shard_over_replicas(expert)
         for block in getattr(unwrap(model), "layers", ()):
             fully_shard(block, mesh=data_ranks, ignored_params=whole_experts or None, **options)
         fully_shard(model, mesh=data_ranks, ignored_params=whole_experts or None, **options)
@@ -186,7 +196,7 @@ def held_part(whole: torch.Tensor, parameter: torch.Tensor, mesh: Mesh) -> torch
     takes its part of its own copy, with no communication."""
     if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
         return whole
-    if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
+    if getattr(parameter, "stacked_experts", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
     whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
     if is_sharded(parameter):
