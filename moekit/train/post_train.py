@@ -4,8 +4,8 @@
 DPO) computes in each step and evaluation.
 
 A stage has ``name``, ``prepare(tokenizer, template, config) -> config`` (tokenizes its data,
-before any model loads; SFT's epochs may set the steps), ``attach(model, init_from)`` (after
-the weights are in: DPO's reference), ``step(model, optimizer, step, config, mesh) -> record``
+before any model loads; SFT's epochs may set the steps), ``attach(model, init_from, mesh)``
+(after the weights are in: DPO's reference), ``step(model, optimizer, step, config, mesh) -> record``
 and ``evaluate(model, config, mesh) -> record``.
 
 Checkpoints are model folders like pre-training's, with the chat template of ``init_from``
@@ -92,23 +92,27 @@ def load_chat_tokenizer(folder: str | Path, config: ModelConfig):
 
 
 def _build_model(settings, config, seed, device, run, resume,
-                 mesh: Mesh) -> tuple[Transformer, Path | None]:
-    """The model, and the folder ``parallelize`` reads it from in parts (None: loaded whole
-    here). On several ranks without LoRA a model folder of the current format is read as
-    each rank holds it, as ``moekit train`` reads it (the adapters sit on whole weights)."""
-    torch.manual_seed(seed)  # the adapters' initialisation (a resumed run loads its own)
+                 mesh: Mesh) -> tuple[Transformer, Path | None, dict | None]:
+    """The model, the folder ``parallelize`` reads it from in parts (None: loaded whole here)
+    and the whole tensors it is given beside the folder. On several ranks a model folder of
+    the current format is read as each rank holds it, as ``moekit train`` reads it; with
+    LoRA the base weights so, from ``init_from``, and its small tensors given whole
+    (``_lora_tensors``)."""
+    torch.manual_seed(seed)
     latest = ckpt.latest_checkpoint(run) if resume else None
     folder = Path(settings.init_from if latest is None or settings.lora else latest)
-    if (mesh.world_size > 1 and settings.lora is None
-            and folder_format_version(folder) == FORMAT_VERSION):
+    if mesh.world_size > 1 and folder_format_version(folder) == FORMAT_VERSION:
         with torch.device("meta"):
             model = Transformer(config).train()
         check_weights_fit(model, folder)
-        return model, folder
+        if settings.lora is None:
+            return model, folder, None
+        lora.add_adapters(model, settings.lora, seed)  # (on the meta device: nothing drawn)
+        return model, folder, _lora_tensors(model, folder, latest, seed)
     model = Transformer(config).to(device).train()
     load_weights(model, folder)
     if settings.lora is not None:
-        lora.add_adapters(model, settings.lora)
+        lora.add_adapters(model, settings.lora, seed)
         if latest is not None:  # the adapters, and the router state that moved in training
             lora.load_adapters(model, read_safetensors(latest / lora.ADAPTER_FILE, device))
             saved = read_safetensors(latest / WEIGHTS_FILE, device)
@@ -116,7 +120,37 @@ def _build_model(settings, config, seed, device, run, resume,
                 for name, buffer in model.named_buffers():
                     if name in saved:
                         buffer.copy_(saved[name])
-    return model, None
+    return model, None, None
+
+
+def _read_tensors(path: Path, names) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the safetensors file ``path`` (those it holds), nothing else
+    read."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        held = set(handle.keys())
+        return {name: handle.get_tensor(name) for name in names if name in held}
+
+
+def _lora_tensors(model: Transformer, base: Path, latest: Path | None,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """What a LoRA model read in parts from its ``base`` folder takes besides, whole (all of
+    it small): its adapters, the checkpoint's (``latest``) or new ones; the router state the
+    checkpoint's training moved; and each adapted router's base weight, which its
+    parametrization holds under another name."""
+    adapters = (read_safetensors(latest / lora.ADAPTER_FILE) if latest is not None
+                else lora.initial_adapters(model, seed))
+    lora.check_adapters(model, adapters)
+    given = dict(adapters)
+    stored = {name: name.replace("parametrizations.weight.original", "weight")
+              for name, _ in model.named_parameters()
+              if name.endswith("parametrizations.weight.original")}
+    base_tensors = _read_tensors(base / WEIGHTS_FILE, stored.values())
+    given.update({name: base_tensors[key] for name, key in stored.items()})
+    if latest is not None:
+        given.update(_read_tensors(latest / WEIGHTS_FILE,
+                                   [name for name, _ in model.named_buffers()]))
+    return given
 
 
 def _checkpoint_files(model, average) -> tuple[dict | None, dict]:
@@ -156,10 +190,10 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                              f"context (max_seq_len={model_config.max_seq_len})")
         tokenizer, template = load_chat_tokenizer(settings.init_from, model_config)
         train_config = stage.prepare(tokenizer, template, train_config)
-        model, in_parts = _build_model(settings, model_config, train_config.seed, device, run,
-                                       resume, mesh)
-    parallel_model = parallelize(model, mesh, in_parts, device)
-    stage.attach(model, settings.init_from)  # (DPO: its reference where the model is)
+        model, in_parts, given = _build_model(settings, model_config, train_config.seed,
+                                              device, run, resume, mesh)
+    parallel_model = parallelize(model, mesh, in_parts, device, given=given)
+    stage.attach(model, settings.init_from, mesh)  # (DPO: its reference laid out as the model)
     optimizer = build_optimizer(model, train_config, mesh)
     latest = ckpt.latest_checkpoint(run) if resume else None
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
