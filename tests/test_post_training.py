@@ -492,17 +492,19 @@ def _stage(command: str):
 LORA = lora.LoRAConfig(rank=4, router=True)
 
 
-def _post_train_on(rank, world, command, base, out, expert=1, zero=0, adapters=None):
-    """Post-train on this rank (with LoRA ``adapters``); returns, for each model that came to
-    ``parallelize`` (the policy, DPO's reference model), whether it came on the meta device
-    with its folder, to be read in parts."""
+def _post_train_on(rank, world, command, base, out, expert=1, zero=0, adapters=None,
+                   resume=False):
+    """Post-train on this rank (with LoRA ``adapters``; ``resume``: continue the run ``out``),
+    a checkpoint after each step; returns, for each model that came to ``parallelize`` (the
+    policy, DPO's reference model), whether it came on the meta device with its folder, to
+    be read in parts."""
     from unittest import mock
 
     import moekit.train.dpo as preference
     import moekit.train.post_train as post_training
     from moekit.parallel import parallelize as layouts
     config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
-                         eval_every=2, eval_batches=1, lb_scope="step")
+                         eval_every=2, eval_batches=1, lb_scope="step", checkpoint_every=1)
     mesh = replace(world_mesh("cpu", expert), zero=zero) if world > 1 else Mesh()
     in_parts = []
 
@@ -514,7 +516,7 @@ def _post_train_on(rank, world, command, base, out, expert=1, zero=0, adapters=N
             mock.patch.object(preference, "parallelize", parallelize):
         post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base),
                                                       lora=adapters),
-                   config, out, mesh=mesh, show_progress=False)
+                   config, out, mesh=mesh, show_progress=False, resume=resume)
     return in_parts
 
 
@@ -555,11 +557,22 @@ def test_two_processes_post_train_the_one_process_run(plain_base, one_process_ru
     assert [r.keys() for r in _records_without_timings(tmp_path / "two")] == \
         [r.keys() for r in one]
     _same_figures(tmp_path / "two", reference)
-    if adapters:  # the same adapters, and the merged model, by name, as one process writes
-        from safetensors.torch import load_file
-        for file in (lora.ADAPTER_FILE, "model.safetensors"):
-            got, want = (load_file(run / "checkpoints/step-000002" / file)
-                         for run in (tmp_path / "two", reference))
+    if adapters is None:
+        return
+    # The same adapters, and the merged model, by name, as one process writes; resumed from
+    # its first checkpoint (each rank reading its parts of the base and the adapters), the
+    # run continues bit for bit.
+    from safetensors.torch import load_file
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step-000002")
+    run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "resumed", 1,
+                 layout["zero"], adapters, True)
+    for file in (lora.ADAPTER_FILE, "model.safetensors", "optimizer.safetensors"):
+        got, resumed, want = (load_file(run / "checkpoints/step-000002" / file)
+                              for run in (tmp_path / "two", tmp_path / "resumed", reference))
+        assert got.keys() == resumed.keys()
+        assert [name for name in got if not torch.equal(got[name], resumed[name])] == []
+        if file != "optimizer.safetensors":  # (which holds each rank's random state)
             assert got.keys() == want.keys()
             for name in want:
                 torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
