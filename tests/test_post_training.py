@@ -488,8 +488,9 @@ def _stage(command: str):
     return DirectPreference(preference_set(train), preference_set(held_out), sft_weight=0.1)
 
 
-# LoRA on every target the model has, the router too.
+# LoRA on every target the model has, the router too; DPO with an average of the weights.
 LORA = lora.LoRAConfig(rank=4, router=True)
+EMA = {"sft": None, "dpo": 0.5}
 
 
 def _post_train_on(rank, world, command, base, out, expert=1, zero=0, adapters=None,
@@ -515,7 +516,7 @@ def _post_train_on(rank, world, command, base, out, expert=1, zero=0, adapters=N
     with mock.patch.object(post_training, "parallelize", parallelize), \
             mock.patch.object(preference, "parallelize", parallelize):
         post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base),
-                                                      lora=adapters),
+                                                      lora=adapters, ema_decay=EMA[command]),
                    config, out, mesh=mesh, show_progress=False, resume=resume)
     return in_parts
 
@@ -557,6 +558,11 @@ def test_two_processes_post_train_the_one_process_run(plain_base, one_process_ru
     assert [r.keys() for r in _records_without_timings(tmp_path / "two")] == \
         [r.keys() for r in one]
     _same_figures(tmp_path / "two", reference)
+    if EMA[command]:  # the average, gathered whole, as one process writes it (to 2 lr: Adam
+        # moves a weight by up to lr a step, in the sign of gradients that are sums in
+        # another order, some near zero)
+        for file in ("checkpoints/step-000002/ema.safetensors", "ema/model.safetensors"):
+            _close_by_name(tmp_path / "two" / file, reference / file, atol=2e-3)
     if adapters is None:
         return
     # The same adapters, and the merged model, by name, as one process writes; resumed from
@@ -567,15 +573,25 @@ def test_two_processes_post_train_the_one_process_run(plain_base, one_process_ru
     shutil.rmtree(tmp_path / "resumed/checkpoints/step-000002")
     run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "resumed", 1,
                  layout["zero"], adapters, True)
-    for file in (lora.ADAPTER_FILE, "model.safetensors", "optimizer.safetensors"):
-        got, resumed, want = (load_file(run / "checkpoints/step-000002" / file)
-                              for run in (tmp_path / "two", tmp_path / "resumed", reference))
+    for file in (lora.ADAPTER_FILE, "model.safetensors", "optimizer.safetensors",
+                 *(["ema.safetensors"] if EMA[command] else [])):
+        got, resumed = (load_file(run / "checkpoints/step-000002" / file)
+                        for run in (tmp_path / "two", tmp_path / "resumed"))
         assert got.keys() == resumed.keys()
         assert [name for name in got if not torch.equal(got[name], resumed[name])] == []
         if file != "optimizer.safetensors":  # (which holds each rank's random state)
-            assert got.keys() == want.keys()
-            for name in want:
-                torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5)
+            _close_by_name(tmp_path / "two/checkpoints/step-000002" / file,
+                           reference / "checkpoints/step-000002" / file)
+
+
+def _close_by_name(path, reference_path, atol=1e-5):
+    """The tensors of two safetensors files have the same names and close values (float32
+    sums in another order)."""
+    from safetensors.torch import load_file
+    got, want = load_file(path), load_file(reference_path)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=atol)
 
 
 def _same_figures(run, reference_run, keys=("loss", "router_loss", "grad_norm", "val_loss",
@@ -593,7 +609,8 @@ def test_dpo_in_micro_batches_trains_the_one_forward_step(plain_base, one_proces
                                                           tmp_path):
     config = TrainConfig(steps=2, batch_size=4, grad_accum=2, seq_len=64, lr=1e-3,
                          warmup_steps=0, eval_every=2, eval_batches=1, lb_scope="step")
-    post_train(_stage("dpo"), PostTrainSettings(stage="dpo", init_from=str(plain_base)),
+    post_train(_stage("dpo"), PostTrainSettings(stage="dpo", init_from=str(plain_base),
+                                 ema_decay=EMA["dpo"]),
                config, tmp_path / "run", show_progress=False)
     _same_figures(tmp_path / "run", one_process_runs / "dpo")
 
@@ -604,7 +621,8 @@ def test_precomputed_reference_log_probabilities_train_as_the_reference_model(
     stage.precompute_reference = True
     config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
                          eval_every=2, eval_batches=1, lb_scope="step")
-    post_train(stage, PostTrainSettings(stage="dpo", init_from=str(plain_base)), config,
+    post_train(stage, PostTrainSettings(stage="dpo", init_from=str(plain_base),
+                                 ema_decay=EMA["dpo"]), config,
                tmp_path / "run", show_progress=False)
     assert stage.reference is None  # freed once the pairs were scored
     assert stage.reference_of_pairs.shape == (len(stage.pairs), 2)

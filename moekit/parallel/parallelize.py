@@ -150,6 +150,16 @@ def _fully_shard(model: nn.Module, mesh: Mesh, reshard_after_forward: bool) -> n
     return model
 
 
+def reshard(model: nn.Module) -> None:
+    """FSDP2's parameters back to their shards. Under ZeRO-2 a forward without a backward (an
+    evaluation) leaves them gathered, and the next forward would not see a change made to
+    the shards meanwhile (weights swapped in and out)."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @contextlib.contextmanager
 def marks_kept(model: nn.Module):
     """The marks a layout puts on parameters (``expert_parallel``, ``partial_over_tensor``),

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from moekit.config import DataConfig, ModelConfig, TrainConfig
-from moekit.files import (check_output, read_json, read_safetensors, refuse_if_being_written,
-                          write_json)
+from moekit.files import (atomic_directory, check_output, copy_tokenizer_files, read_json,
+                          read_safetensors, refuse_if_being_written, write_json)
 from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, check_weights_fit,
                              folder_format_version, load_weights, read_model_config,
-                             save_model)
+                             save_model, write_model)
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import parallelize
+from moekit.parallel.parallelize import parallelize, whole_tensors
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train import lora
@@ -153,15 +153,15 @@ def _lora_tensors(model: Transformer, base: Path, latest: Path | None,
     return given
 
 
-def _checkpoint_files(model, average) -> tuple[dict | None, dict]:
+def _checkpoint_files(model, average, mesh: Mesh) -> tuple[dict | None, dict]:
     """The weights a checkpoint's model.safetensors holds (None: the model's own) and the
-    files beside them."""
+    files beside them, whole (a collective: every rank calls it)."""
     beside = {}
     weights = None
     if lora.has_adapters(model):
         weights, beside[lora.ADAPTER_FILE] = lora.merged_weights(model), lora.adapter_weights(model)
-    if average is not None:
-        beside[EMA_FILE] = average.tensors()
+    if average is not None:  # (gathered whole on every rank: small with LoRA)
+        beside[EMA_FILE] = whole_tensors(average.tensors(), model, mesh)
     return weights, beside
 
 
@@ -201,7 +201,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
     if settings.ema_decay is not None:
         average = WeightAverage(model, settings.ema_decay)
         if latest is not None:
-            average.load(read_safetensors(latest / EMA_FILE, device))
+            average.load(read_safetensors(latest / EMA_FILE), mesh)
 
     def write_new_run(folder: Path) -> None:
         write_json(folder / RUN_FILE, {**run_record(model_config, train_config, DataConfig()),
@@ -209,7 +209,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
         tokenizer.save(folder)
 
     def save(at_step: int) -> Path:
-        weights, beside = _checkpoint_files(model, average)
+        weights, beside = _checkpoint_files(model, average, mesh)
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer,
                                     {"train": asdict(train_config),
                                      SETTINGS_KEY: settings.to_dict()},
@@ -234,8 +234,24 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                                 flops_per_token=flops_per_token),
                        step, read_metrics(run / METRICS_FILE, step) if resume else [],
                        show_progress, on_step)
-    if average is not None and mesh.is_main:
-        with average.applied():
-            save_model(lora.merged_model(model) if settings.lora else model, run / EMA_FOLDER,
-                       tokenizer_from=result.checkpoint)
+    if average is not None:
+        _save_average(model, average, run / EMA_FOLDER, result.checkpoint, mesh)
     return result
+
+
+def _save_average(model: Transformer, average: WeightAverage, folder: Path,
+                  tokenizer_from: Path, mesh: Mesh) -> None:
+    """The averaged model (LoRA's merged) as a plain model folder; on several ranks gathered
+    whole first (a collective), and written by rank 0."""
+    merge = lora.has_adapters(model)
+    with average.applied():
+        if mesh.world_size == 1:
+            save_model(lora.merged_model(model) if merge else model, folder,
+                       tokenizer_from=tokenizer_from)
+            return
+        weights = whole_tensors(lora.merged_weights(model) if merge else model.state_dict(),
+                                model, mesh)
+    if mesh.is_main:
+        with atomic_directory(folder) as staging:
+            write_model(model, staging, None, weights)
+            copy_tokenizer_files(tokenizer_from, staging)
