@@ -353,7 +353,7 @@ def _module_experts_at_zero_3(rank, world, out):
     its first checkpoint (read in parts), and the shapes this rank holds of layer 0's
     experts."""
     from moekit.parallel.mesh import world_mesh
-    from moekit.parallel.parallelize import parallelize
+    from moekit.parallel.parallelize import parallelize, whole_tensors
     from moekit.parallel.tensor_parallel import local
     mesh = replace(world_mesh(expert=2), zero=3)
     records = {"run": _train(mesh, out / "module-zero3", module_experts=True),
@@ -361,10 +361,12 @@ def _module_experts_at_zero_3(rank, world, out):
                                  out / "module-zero3" / "checkpoints" / "step-000001",
                                  module_experts=True)}
     from moekit.model import Transformer
+    torch.manual_seed(0)
     model = _with_module_experts(Transformer(MODEL).double())
     parallelize(model, mesh)
     records["held"] = {name: tuple(local(p).shape) for name, p in model.named_parameters()
                        if name.startswith("layers.0.ffn.experts.")}
+    records["whole"] = whole_tensors(dict(model.named_parameters()), model, mesh)
     return records
 
 
@@ -387,6 +389,11 @@ def test_module_experts_sharded_over_their_replicas_take_the_one_process_steps(t
         "layers.0.ffn.experts.experts.1.up_proj.weight": (7, 32),
         "layers.0.ffn.experts.experts.1.down_proj.weight": (16, 13)}
     assert {name.split(".")[5] for name in records[3]["held"]} == {"2", "3"}
+    # Gathered whole (FSDP2's shards, then every rank's experts), the model is one process's.
+    from moekit.model import Transformer
+    torch.manual_seed(0)
+    one = _with_module_experts(Transformer(MODEL).double())
+    _assert_equal(records[0]["whole"], dict(one.named_parameters()))
     _assert_run_and_resume(tmp_path, "module-zero3", {("run",): records[0]["run"],
                                                       ("run", "resumed"): records[0]["resumed"]},
                            ("run",), reference, exact=True)
