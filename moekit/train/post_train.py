@@ -98,7 +98,6 @@ def _build_model(settings, config, seed, device, run, resume,
     the current format is read as each rank holds it, as ``moekit train`` reads it; with
     LoRA the base weights so, from ``init_from``, and its small tensors given whole
     (``_lora_tensors``)."""
-    torch.manual_seed(seed)
     latest = ckpt.latest_checkpoint(run) if resume else None
     folder = Path(settings.init_from if latest is None or settings.lora else latest)
     if mesh.world_size > 1 and folder_format_version(folder) == FORMAT_VERSION:
@@ -194,6 +193,9 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                                               device, run, resume, mesh)
     parallel_model = parallelize(model, mesh, in_parts, device, given=given)
     stage.attach(model, settings.init_from, mesh)  # (DPO: its reference laid out as the model)
+    # Training's random draws (dropout) start from the seed however the weights came to be:
+    # read whole (a model built first draws its own), or in parts on a meta model.
+    torch.manual_seed(train_config.seed)
     optimizer = build_optimizer(model, train_config, mesh)
     latest = ckpt.latest_checkpoint(run) if resume else None
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
