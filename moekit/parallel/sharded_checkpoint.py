@@ -19,7 +19,10 @@ the consolidated file (``files.append_to_safetensors``, which streams the rest).
 
 ``load_sharded`` reads such a file back the other way, with DCP's Hugging Face storage reader:
 each rank reads only the parts it holds (its experts' rows, its DTensor shards, its stage's
-tensors), whatever layout wrote the file.
+tensors), whatever layout wrote the file. That reader takes every safetensors file of the
+folder, and a name two of them hold (a post-training checkpoint's ``model.safetensors`` and
+the average of the same weights beside it, ``ema.safetensors``) from whichever the folder
+lists last: ``load_sharded`` shows it the one file asked for.
 """
 from __future__ import annotations
 
@@ -99,6 +102,21 @@ def save_sharded(folder: str | Path, files: dict[str, dict[str, torch.Tensor]],
             save_file(rest, str(folder / file), metadata={"format": "pt"})
 
 
+def _one_file_reader(path: Path):
+    """DCP's Hugging Face storage reader of the safetensors file ``path`` alone, not of the
+    other files beside it (module docstring)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class OneFile(FileSystem):
+        def ls(self, folder):
+            return [str(Path(folder) / path.name)]
+
+    reader = dcp.HuggingFaceStorageReader(str(path.parent))
+    reader.fs = OneFile()  # the file system through which it lists the folder
+    return reader
+
+
 def _stored_by_dcp(handle, key: str) -> bool:
     """Whether ``save_sharded`` wrote the tensor ``key`` of an open file through DCP."""
     tensor = handle.get_slice(key)
@@ -114,8 +132,9 @@ def load_sharded(folder: str | Path, file: str, model: nn.Module, mesh: Mesh) ->
     from safetensors import safe_open
     parameters = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     experts = stacked_expert_names(model)
+    path = Path(folder) / file
     tensors, parts = {}, {}
-    with safe_open(str(Path(folder) / file), framework="pt") as handle:
+    with safe_open(str(path), framework="pt") as handle:
         for key in handle.keys():
             name = key if key in parameters else key.rsplit(".", 1)[0]
             if not _stored_by_dcp(handle, key):  # step counts, random states: small
@@ -123,5 +142,5 @@ def load_sharded(folder: str | Path, file: str, model: nn.Module, mesh: Mesh) ->
             elif name in parameters:  # (not: another pipeline stage's)
                 tensors[key] = torch.empty_like(parameters[name])
                 parts[key] = _as_part_of_whole(key, tensors[key], experts, mesh)
-    dcp.load(parts, storage_reader=dcp.HuggingFaceStorageReader(str(folder)))
+    dcp.load(parts, storage_reader=_one_file_reader(path))
     return tensors
