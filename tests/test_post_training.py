@@ -371,8 +371,8 @@ BAD = [
     ("sft", None, None, ["--pipeline", "2"], "--pipeline 2 is not supported by moekit sft"),
     ("dpo", None, None, ["--tensor", "2", "--expert", "2"],
      "--tensor 2 is not supported by moekit dpo"),
-    ("sft", None, None, ["--lora-rank", "4", "--expert", "2"],
-     "--lora-rank with --expert is not supported"),
+    ("sft", None, None, ["--lora-rank", "4", "--expert", "2", "--ep-shadow"],
+     "--ep-shadow is not supported with --lora-rank"),
 ]
 
 
@@ -535,10 +535,11 @@ def one_process_runs(plain_base, tmp_path_factory):
 # experts spread over the ranks (EP; DPO's on 4 ranks, DP 2 x EP 2, each expert on two), the
 # parameters sharded (FSDP2's ZeRO-3), the optimizer state sharded (ZeRO-1); DPO's reference
 # model laid out as the policy (its experts spread, FSDP2's shards); LoRA's frozen base and
-# trainable adapters sharded together by FSDP2.
+# trainable adapters sharded together by FSDP2, and its experts' factors spread with them.
 LAYOUTS = [("sft", {}), ("dpo", {}), ("sft", {"expert": 2}), ("dpo", {"expert": 2, "world": 4}),
            ("sft", {"zero": 3}), ("dpo", {"zero": 1}), ("dpo", {"zero": 3}),
-           ("sft", {"zero": 3, "lora": True}), ("dpo", {"zero": 2, "lora": True})]
+           ("sft", {"zero": 3, "lora": True}), ("dpo", {"zero": 2, "lora": True}),
+           ("sft", {"expert": 2, "lora": True})]
 
 
 @pytest.mark.parametrize("command, layout", LAYOUTS,

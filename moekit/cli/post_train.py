@@ -108,20 +108,20 @@ def _with_schedule(settings, train_config: TrainConfig, args) -> tuple:
 
 
 def check_post_training_layout(args, settings) -> None:
-    """The parallel layouts sft and dpo run: data and expert parallel and ZeRO. Not a
-    pipeline (SFT's packed rows carry document ids, DPO's step is one forward of its pairs),
-    not expert data parallelism (their evaluations and online samples generate, and the KV
-    cache does not take tensor-parallel attention), and LoRA adapters not with the experts
-    spread over ranks (the stacked factors beside them are not split with them)."""
+    """The parallel layouts sft and dpo run: data and expert parallel and ZeRO, with LoRA or
+    without (the experts' stacked adapter factors are split with them). Not a pipeline (SFT's
+    packed rows carry document ids, DPO's step is one forward of its pairs), not expert data
+    parallelism (their evaluations and online samples generate, and the KV cache does not
+    take tensor-parallel attention); LoRA not with shadowing, which copies the base weights
+    alone."""
     for flag, value, given in (("--pipeline", args.pipeline, args.pipeline > 1 or
                                 args.stage_layers), ("--tensor", args.tensor, args.tensor > 1)):
         if given:
             raise ValueError(f"{flag} {value} is not supported by moekit {args.command}: "
                              "data and expert parallelism (--expert) and --zero are")
-    if settings.lora is not None and args.expert > 1:
-        raise ValueError(f"--lora-rank with --expert is not supported (--expert "
-                         f"{args.expert}): the experts' adapters are not spread with the "
-                         "experts (LoRA runs with data parallelism and --zero 0 to 3)")
+    if settings.lora is not None and args.ep_shadow:
+        raise ValueError("--ep-shadow is not supported with --lora-rank: shadowing copies the "
+                         "experts' stacked base weights, not their adapters (drop --ep-shadow)")
 
 
 def run_post_train(args) -> int:

@@ -145,6 +145,15 @@ class GroupedExperts(nn.Module):
                 draw_EIO.normal_(0, std)
             weight_EOI.copy_(draw_EIO.transpose(1, 2))
 
+    def part(self, start: int, end: int) -> "GroupedExperts":
+        """Experts [start, end) (expert parallelism's share of a rank), under the same names:
+        the stacked tensors hold that block of rows, frozen where these are."""
+        with torch.device("meta"):  # nothing drawn: the copy fills it
+            part = GroupedExperts(end - start, self.hidden_size, self.ffn_size, self.activation)
+        part = part.to_empty(device=self.in_proj.device).to(self.in_proj.dtype)
+        copy_rows(part, self, ("in_proj", "down_proj"), start, end)
+        return part
+
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return expert_mlp(x_ND, self.in_proj, self.down_proj, tokens_per_expert_E,
                           self.activation)
@@ -162,6 +171,16 @@ class GroupedExperts(nn.Module):
         routed products picked out: the mid-batch path (see ``dense_expert_mlp``)."""
         return dense_expert_mlp(x_TD, expert_ids_TK, weights_TK, self.in_proj, self.down_proj,
                                 self.activation)
+
+
+@torch.no_grad()
+def copy_rows(part: nn.Module, whole: nn.Module, names, start: int, end: int) -> None:
+    """Rows [start, end) of ``whole``'s stacked [E, ...] parameters ``names`` into ``part``'s,
+    each trainable or frozen as its whole."""
+    for name in names:
+        mine, theirs = getattr(part, name), getattr(whole, name)
+        mine.copy_(theirs[start:end])
+        mine.requires_grad_(theirs.requires_grad)
 
 
 def expert_activation(h_NI: torch.Tensor, activation: str) -> torch.Tensor:
@@ -264,9 +283,34 @@ class ModuleExperts(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(self.experts)
 
+    def part(self, start: int, end: int) -> "ModuleExperts":
+        """Experts [start, end) (expert parallelism's share of a rank), each module under its
+        number in the whole layer (``ExpertsNumberedFrom``)."""
+        part = ModuleExperts(list(self.experts)[start:end])
+        part.experts = ExpertsNumberedFrom(start, part.experts)
+        return part
+
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         blocks = x_ND.split(tokens_per_expert_E.tolist())
         return torch.cat([expert(block) for expert, block in zip(self.experts, blocks)])
+
+
+class ExpertsNumberedFrom(nn.Module):
+    """Experts [first, first + n) of a layer's ``ModuleExperts``, each under its number in the
+    whole layer (``experts.5.weight`` on the rank holding expert 5): a parameter's name is the
+    one process's, whatever the layout. Iterated in order, as the ``nn.ModuleList`` it stands
+    for."""
+
+    def __init__(self, first: int, modules):
+        super().__init__()
+        for number, module in enumerate(modules, start=first):
+            self.add_module(str(number), module)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
 
 
 def expert_weight_rows(experts: nn.Module) -> torch.Tensor | None:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moekit.config import ExpertParallelConfig
-from moekit.moe import GroupedExperts, ModuleExperts
+from moekit.moe import GroupedExperts
 from moekit.moe.dispatch import permute, plan_dispatch, unpermute
 from moekit.parallel.mesh import collective
 from moekit.parallel.shadowing import ShadowCostModel, choose_shadowed, shadow_experts
@@ -146,44 +146,15 @@ class AllToAllDispatcher:
                           f"all-to-all back of {self.layer}'s rows")
 
 
-class ExpertsNumberedFrom(nn.Module):
-    """Experts [first, first + n) of a layer's ``ModuleExperts``, each under its number in the
-    whole layer (``experts.5.weight`` on the rank holding expert 5): a parameter's name is the
-    one process's, whatever the layout. Iterated in order, as the ``nn.ModuleList`` it stands
-    for."""
-
-    def __init__(self, first: int, modules):
-        super().__init__()
-        for number, module in enumerate(modules, start=first):
-            self.add_module(str(number), module)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-
 def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
     """Experts [start, end) of a layer's experts module, as a module of the same kind with
-    the same parameter names: ``GroupedExperts``' stacked tensors hold the block of rows,
-    ``ModuleExperts``' modules keep their numbers (``ExpertsNumberedFrom``), so that
+    the same parameter names (its ``part``: ``GroupedExperts``' block of rows, ``ModuleExperts``'
+    modules under their numbers, LoRA's experts with their factors' rows), so that
     checkpoints find each expert by name and index."""
-    if isinstance(experts, GroupedExperts):
-        with torch.device("meta"):  # nothing drawn: the copy fills it
-            local = GroupedExperts(end - start, experts.hidden_size, experts.ffn_size,
-                                   experts.activation)
-        local = local.to_empty(device=experts.in_proj.device).to(experts.in_proj.dtype)
-        with torch.no_grad():
-            local.in_proj.copy_(experts.in_proj[start:end])
-            local.down_proj.copy_(experts.down_proj[start:end])
-        return local
-    if isinstance(experts, ModuleExperts):
-        local = ModuleExperts(list(experts.experts)[start:end])
-        local.experts = ExpertsNumberedFrom(start, local.experts)
-        return local
-    raise ValueError(f"expert parallelism takes GroupedExperts or ModuleExperts, not "
-                     f"{type(experts).__name__}")
+    if not hasattr(experts, "part"):
+        raise ValueError(f"expert parallelism takes experts modules that give a part of their "
+                         f"experts (GroupedExperts, ModuleExperts), not {type(experts).__name__}")
+    return experts.part(start, end)
 
 
 def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None,
@@ -195,8 +166,8 @@ def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None
     for layer in model.modules():
         if not isinstance(layer, MoELayer):
             continue
-        if dispatcher is None and options.shadow and not isinstance(layer.experts,
-                                                                    GroupedExperts):
+        # (not a subclass either: LoRA's experts compute more than the stacked weights)
+        if dispatcher is None and options.shadow and type(layer.experts) is not GroupedExperts:
             raise ValueError(f"shadowing copies stacked expert weights: it takes GroupedExperts, "
                              f"not {type(layer.experts).__name__} (turn shadow off)")
         layer.dispatcher = (dispatcher(layer) if dispatcher is not None else

@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
-from moekit.moe.experts import (MLP, autocast_grouped_operands, expert_activation,
+from moekit.moe.experts import (MLP, autocast_grouped_operands, copy_rows, expert_activation,
                                  grouped_linear, grouped_mm_supported, routed_expert_mlp)
 from moekit.moe.row_products import Linear
 from moekit.parallel.tensor_parallel import full_tensors
@@ -238,6 +238,15 @@ class LoRAExperts(GroupedExperts):
                                          dtype=base.in_proj.dtype, device=base.in_proj.device)
         experts.scale, experts.enabled = scale, True
         return experts
+
+    def part(self, start: int, end: int) -> "LoRAExperts":
+        """Experts [start, end) with their factors' rows (expert parallelism's share of a
+        rank), under the same names."""
+        part = LoRAExperts.wrap(super().part(start, end), self.in_lora_A.shape[1], self.scale)
+        copy_rows(part, self, ("in_lora_A", "in_lora_B", "down_lora_A", "down_lora_B"), start,
+                  end)
+        part.enabled = self.enabled
+        return part
 
     def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E, offsets_E):
         if not self.enabled:

@@ -157,8 +157,9 @@ def _checkpoint_files(model, average, mesh: Mesh) -> tuple[dict | None, dict]:
     files beside them, whole (a collective: every rank calls it)."""
     beside = {}
     weights = None
-    if lora.has_adapters(model):
-        weights, beside[lora.ADAPTER_FILE] = lora.merged_weights(model), lora.adapter_weights(model)
+    if lora.has_adapters(model):  # (the adapters gathered whole on every rank: small)
+        weights = lora.merged_weights(model)
+        beside[lora.ADAPTER_FILE] = whole_tensors(lora.adapter_weights(model), model, mesh)
     if average is not None:  # (gathered whole on every rank: small with LoRA)
         beside[EMA_FILE] = whole_tensors(average.tensors(), model, mesh)
     return weights, beside
