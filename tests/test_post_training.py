@@ -201,6 +201,13 @@ def test_lora_experts_match_a_per_expert_loop():
         reference.append((F.silu(gate) * up) @ w_down.T)
     torch.testing.assert_close(experts(x, counts).double(), torch.cat(reference),
                                rtol=1e-4, atol=1e-5)
+    # Experts 2 and 3 as expert parallelism keeps them on a rank: their rows, factors too,
+    # the base frozen.
+    part = experts.part(2, 4)
+    torch.testing.assert_close(part(x[3:], counts[2:]).double(), torch.cat(reference[2:]),
+                               rtol=1e-4, atol=1e-5)
+    assert sorted(n for n, p in part.named_parameters() if p.requires_grad) == [
+        "down_lora_A", "down_lora_B", "in_lora_A", "in_lora_B"]
     adapted = model(ids).logits
     assert not torch.allclose(adapted, base)
     with lora.adapters_off(model):
