@@ -33,6 +33,7 @@ from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
 from moekit.moe.experts import (MLP, autocast_grouped_operands, expert_activation,
                                  grouped_linear, grouped_mm_supported, routed_expert_mlp)
+from moekit.moe.row_products import Linear
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -195,7 +196,7 @@ class LoRALinear(nn.Linear):
         return self.scale * self.lora_B @ self.lora_A
 
     def merged(self) -> nn.Linear:
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             plain.weight.copy_(self.weight + self.delta())
