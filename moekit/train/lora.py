@@ -128,8 +128,8 @@ class _LowRankProduct(torch.autograd.Function):
     more than full fine-tuning's weight gradient did (three products per projection each way,
     each output a new [N, O] or [N, X] tensor added to the base's, the scale one more pass).
     With ``merge`` (``merging_pays``) the base products, output and input gradient, use
-    W + scale B A: the forward costs what the frozen one does and the backward adds only the
-    factors' own gradients. Otherwise the low-rank output is added to the base's. The scale
+    W + scale B A: the forward costs what the frozen one does plus x A^T, and the backward
+    adds only the factors' own gradients. Otherwise the low-rank output is added to the base's. The scale
     multiplies the small factor B, never the rows' products; the base weight gets a gradient
     only where it trains.
 
