@@ -129,9 +129,9 @@ class _LowRankProduct(torch.autograd.Function):
     each output a new [N, O] or [N, X] tensor added to the base's, the scale one more pass).
     With ``merge`` (``merging_pays``) the base products, output and input gradient, use
     W + scale B A: the forward costs what the frozen one does plus x A^T, and the backward
-    adds only the factors' own gradients. Otherwise the low-rank output is added to the base's. The scale
-    multiplies the small factor B, never the rows' products; the base weight gets a gradient
-    only where it trains.
+    adds only the factors' own gradients. Otherwise the low-rank output is added to the
+    base's. The scale multiplies the small factor B, never the rows' products; the base weight
+    gets a gradient only where it trains.
 
     The rank-R products are small and bound by reading their [N, X] or [N, O] operand, so
     each is placed where that operand is in cache: x A^T right after the base product has
