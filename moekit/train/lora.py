@@ -378,8 +378,9 @@ def adapters_off(model: nn.Module):
 
 
 def adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors, whole, by their names in the adapted model (FSDP2's shards
-    gathered: a collective then, every rank calls it)."""
+    """The adapters' tensors by their names in the adapted model, FSDP2's shards gathered (a
+    collective then, every rank calls it); under expert parallelism the experts' factors are
+    this rank's rows (``moekit.parallel.parallelize.whole_tensors`` gathers them)."""
     return {name: t.detach().contiguous() for name, t in full_tensors(
         {name: p for name, p in model.named_parameters() if "lora_" in name}).items()}
 
