@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from moekit.model.paged import KVBlockPool, PagedBatch
 from moekit.model.transformer import KVCache, Transformer
 
 # Cache lengths are multiples of this (up to the model's context): one compiled graph serves
@@ -125,3 +126,58 @@ class DecodeStep:
             return time.perf_counter() - start
         finally:
             self.model.train(was_training)
+
+
+def _paged_step_logits(model: Transformer, ids_B1: torch.Tensor,
+                       batch: PagedBatch) -> torch.Tensor:
+    return model(ids_B1, cache=batch).logits[:, -1]
+
+
+@functools.cache
+def _compiled_paged_step_logits(backend: str):
+    # Dynamic shapes: the batch size and the block tables' width change at every step of a
+    # server, and one graph traced with them symbolic serves them all.
+    return torch.compile(_paged_step_logits, dynamic=True, backend=backend)
+
+
+class PagedDecodeStep:
+    """``step(ids_B1, batch) -> logits_BV``: one token per row through ``model`` over a
+    ``PagedBatch``, eagerly or compiled (``compile=True``, with torch.compile's ``backend`` as
+    for ``DecodeStep``). Compiled, the batch size and the width of the block tables are
+    symbolic in the graph, so that the few graphs ``prepare`` makes serve every batch a server
+    decodes: torch specialises sizes of 1 (one row, or tables one block wide), and an MoE layer
+    picks its decoding path by its number of routes (``moekit.moe.layer``), each a graph.
+    Scalars that the statistics read (Skywork's adaptive coefficient) are traced too, where
+    they would otherwise break the graph at every MoE layer."""
+
+    def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
+        self.model, self.compile = model, compile
+        self._run = _compiled_paged_step_logits(backend) if compile else _paged_step_logits
+
+    def __call__(self, ids_B1: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        if not self.compile:
+            return self._run(self.model, ids_B1, batch)
+        for buffer in (*batch.pool.keys, *batch.pool.values):
+            torch._dynamo.mark_static(buffer)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return self._run(self.model, ids_B1, batch)
+
+    @torch.inference_mode()
+    def prepare(self, pool: KVBlockPool, max_batch: int) -> float:
+        """Run a step at every batch size up to ``max_batch``, over tables one and two blocks
+        wide, on free blocks of ``pool`` (what they held is overwritten, as a sequence's
+        prefill overwrites them): every graph a server needs is compiled before any request.
+        Returns the seconds it took (0.0 when not compiled)."""
+        if not self.compile:
+            return 0.0
+        start = time.perf_counter()
+        device = pool.keys[0].device
+        for width in (1, 2):
+            blocks = pool.allocate(width)
+            try:
+                for rows in range(1, max_batch + 1):
+                    ids_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
+                    self(ids_B1, PagedBatch(pool, [blocks] * rows, [width * pool.block_size - 1] * rows))
+            finally:
+                pool.release(blocks)
+        return time.perf_counter() - start

@@ -15,7 +15,7 @@ both per-layer operations of a decoding step are one indexed copy each: the new 
 in with one ``index_copy_`` at their slots, and a row's blocks come out with one
 ``index_select`` whose result is already [B, P, G, Dh] in memory; attention reads it as
 [B, G, P, Dh] through a transpose, a view. The indices of both are made once per forward
-(``PagedRows.positions_and_mask``), for every layer.
+(``PagedBatch.positions_and_mask``), for every layer.
 
 Shapes: B rows, S new positions, N blocks per row (the longest row's), L = block_size, P = N * L
 positions read, G key/value heads, Dh head dim.
@@ -85,19 +85,36 @@ class KVBlockPool:
         self.values[group].index_copy_(0, slots_S, v_GSD.transpose(0, 1))
 
 
-class PagedRows:
-    """Rows over pooled blocks, all tensors: ``table_BN`` (each row's blocks in order, short
-    rows padded with any of their blocks) and ``length_B`` (positions each has cached). A
-    cache for ``Transformer.forward`` that a compiled step can trace: nothing in it is a Python
-    number that changes between steps. The room for the new positions is the caller's to
-    check (``PagedBatch`` does), because reading it here would be such a number."""
+class PagedBatch:
+    """Rows of one forward over pooled blocks, each adding ``new_positions`` positions:
+    ``tables[b]`` lists row b's blocks in order and ``lengths[b]`` the positions it has cached
+    (a ValueError when the new positions do not fit a row's blocks). A cache for
+    ``Transformer.forward``, which a compiled step traces as it is: what the forward reads is
+    tensors (``table_BN``, ``length_B``) and the number of new positions, so that only tensor
+    values and sizes change between steps."""
 
-    def __init__(self, pool: KVBlockPool, table_BN: torch.Tensor, length_B: torch.Tensor):
-        self.pool, self.table_BN, self.length_B = pool, table_BN, length_B
+    def __init__(self, pool: KVBlockPool, tables: list[list[int]], lengths: list[int],
+                 new_positions: int = 1):
+        room = min(len(table) * pool.block_size - length
+                   for table, length in zip(tables, lengths))
+        if new_positions > room:
+            raise ValueError(f"{new_positions} new positions do not fit a row's KV blocks "
+                             f"(room for {room})")
+        device = pool.keys[0].device
+        # Short rows repeat their last block to the common width; those positions are masked.
+        # At least two wide: torch.compile specialises a size of 1, and one graph then serves
+        # every width.
+        widest = max(2, *(len(table) for table in tables))
+        self.table_BN = torch.tensor([table + table[-1:] * (widest - len(table))
+                                      for table in tables], device=device)
+        self.length_B = torch.tensor(lengths, device=device)
+        self.pool, self.new_positions = pool, new_positions
         self._slots_BS = self._read_slots = None  # the indices of one forward, for every layer
 
     def check_room(self, seq: int) -> None:
-        pass
+        if seq != self.new_positions:
+            raise ValueError(f"this paged batch was made with new_positions="
+                             f"{self.new_positions}; the forward brings {seq} per row")
 
     def positions_and_mask(self, mask_BS, batch: int, seq: int, device, window=None):
         if mask_BS is not None:
@@ -133,29 +150,3 @@ class PagedRows:
 
     def advance(self, seq: int) -> None:
         self.length_B = self.length_B + seq
-
-
-class PagedBatch(PagedRows):
-    """Rows of a forward over pooled blocks: ``tables[b]`` lists row b's blocks in order and
-    ``lengths[b]`` the positions it has cached; checks that the new positions fit."""
-
-    def __init__(self, pool: KVBlockPool, tables: list[list[int]], lengths: list[int]):
-        device = pool.keys[0].device
-        widest = max(len(table) for table in tables)
-        # Short rows repeat their last block to the common width; those positions are masked.
-        super().__init__(pool, torch.tensor([table + table[-1:] * (widest - len(table))
-                                             for table in tables], device=device),
-                         torch.tensor(lengths, device=device))
-        self.lengths = list(lengths)
-        self._room = min(len(table) * pool.block_size - length
-                         for table, length in zip(tables, lengths))
-
-    def check_room(self, seq: int) -> None:
-        if seq > self._room:
-            raise ValueError(f"{seq} new positions do not fit a row's KV blocks "
-                             f"(room for {self._room})")
-
-    def advance(self, seq: int) -> None:
-        super().advance(seq)
-        self.lengths = [length + seq for length in self.lengths]
-        self._room -= seq
