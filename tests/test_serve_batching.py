@@ -415,6 +415,7 @@ def test_an_engine_failure_fails_its_requests_and_the_next_ones_are_served():
     (["--request-timeout", "-1"], "-1.0 is not allowed: expected a number > 0"),
     (["--log-routing", "EXISTING"], "exists and is not empty: pass --overwrite"),
     (["--log-routing", "CHECKPOINT/routing.jsonl"], "writing there would destroy it"),
+    (["--compile", "--expert-memory", "1GB"], "--compile does not go with --expert-memory"),
 ])
 def test_cli_serve_refuses_bad_batching_flags_in_one_line(tmp_path, capsys, flags, words):
     from moekit.cli import main

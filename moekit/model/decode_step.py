@@ -1,4 +1,4 @@
-"""A decoding step whose shapes never change, so that ``torch.compile`` traces it once.
+"""Decoding steps that ``torch.compile`` traces once: over a fixed-size cache, or a paged one.
 
 ``KVCache`` hands attention the positions filled so far (``keys[:, :, :length]``), one more at
 every step: a new shape each token, which a compiled step would have to retrace. A
@@ -11,13 +11,17 @@ generation, and every generation of the same batch size and cache length.
 ``DecodeStep`` runs that step, eagerly or compiled (``compile=True``). Eager, it gives the
 tokens of recomputing each sequence whole (tested); compiled, inductor fuses the norms, RoPE,
 the activations and the small-batch experts' gathers, and the step runs without Python between
-its kernels (one graph, where the experts take the small-batch or the mid-batch path or run
-in bf16; in fp32 the grouped matmul runs eagerly between graphs). The first step of a new
-batch size or cache length pays the compilation (minutes on a 2-core CPU the first time,
-seconds from inductor's on-disk cache); ``DecodeStep.prepare`` pays it ahead, on scratch
-buffers, so that a server or a benchmark pays it once at start, not in a request. Cache
-lengths are rounded up to a multiple of ``CACHE_LENGTH_STEP`` so that prompts of different
-lengths share a graph.
+its kernels (one graph, the grouped matmul of fp32 experts in it as an operator of ours,
+``moekit.moe.experts.opaque_grouped_mm``). The first step of a new batch size or cache length
+pays the compilation (minutes on a 2-core CPU the first time, seconds from inductor's on-disk
+cache); ``DecodeStep.prepare`` pays it ahead, on scratch buffers, so that a server or a
+benchmark pays it once at start, not in a request. Cache lengths are rounded up to a multiple
+of ``CACHE_LENGTH_STEP`` so that prompts of different lengths share a graph.
+
+``PagedDecodeStep`` is the serving engine's step over the paged KV cache
+(``moekit.model.paged``), whose batch size and block-table width change from step to step:
+compiled, those sizes are symbolic in its graphs, so that a few graphs made at start serve
+every step.
 
 Shapes: B rows, G key/value heads, P cache positions (the buffer's whole length), Dh head dim,
 V vocabulary.
@@ -144,11 +148,12 @@ class PagedDecodeStep:
     """``step(ids_B1, batch) -> logits_BV``: one token per row through ``model`` over a
     ``PagedBatch``, eagerly or compiled (``compile=True``, with torch.compile's ``backend`` as
     for ``DecodeStep``). Compiled, the batch size and the width of the block tables are
-    symbolic in the graph, so that the few graphs ``prepare`` makes serve every batch a server
-    decodes: torch specialises sizes of 1 (one row, or tables one block wide), and an MoE layer
-    picks its decoding path by its number of routes (``moekit.moe.layer``), each a graph.
-    Scalars that the statistics read (Skywork's adaptive coefficient) are traced too, where
-    they would otherwise break the graph at every MoE layer."""
+    symbolic in the graph, so that the three graphs ``prepare`` makes serve every batch a
+    server decodes: one row (torch specialises a size of 1; tables are at least two blocks
+    wide for the same reason, ``PagedBatch``), two rows (at top-2, the MoE layers' small-batch
+    path, ``moekit.moe.layer``), and three or more. Scalars that the statistics read (Skywork's
+    adaptive coefficient) are traced too, where they would otherwise break the graph at every
+    MoE layer."""
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
@@ -157,6 +162,9 @@ class PagedDecodeStep:
     def __call__(self, ids_B1: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         if not self.compile:
             return self._run(self.model, ids_B1, batch)
+        # The pool's sizes never change. Static, they cannot be taken for the same size as a
+        # table width that happens to equal one of them while tracing (which would tie the
+        # graph to that width).
         for buffer in (*batch.pool.keys, *batch.pool.values):
             torch._dynamo.mark_static(buffer)
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
@@ -164,20 +172,24 @@ class PagedDecodeStep:
 
     @torch.inference_mode()
     def prepare(self, pool: KVBlockPool, max_batch: int) -> float:
-        """Run a step at every batch size up to ``max_batch``, over tables one and two blocks
-        wide, on free blocks of ``pool`` (what they held is overwritten, as a sequence's
-        prefill overwrites them): every graph a server needs is compiled before any request.
-        Returns the seconds it took (0.0 when not compiled)."""
+        """Run a step at every batch size up to ``max_batch`` on a free block of ``pool``
+        (what it held is overwritten, as a sequence's prefill would): every graph a server
+        needs is compiled before any request. Returns the seconds it took (0.0 when not
+        compiled); a ValueError when the model's step does not trace."""
         if not self.compile:
             return 0.0
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
         start = time.perf_counter()
         device = pool.keys[0].device
-        for width in (1, 2):
-            blocks = pool.allocate(width)
-            try:
-                for rows in range(1, max_batch + 1):
-                    ids_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
-                    self(ids_B1, PagedBatch(pool, [blocks] * rows, [width * pool.block_size - 1] * rows))
-            finally:
-                pool.release(blocks)
+        blocks = pool.allocate(1)
+        try:
+            for rows in range(1, max_batch + 1):
+                ids_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
+                self(ids_B1, PagedBatch(pool, [blocks] * rows, [0] * rows))
+        except GuardOnDataDependentSymNode as error:
+            raise ValueError("this model's decoding step does not compile: its Python code "
+                             "branches on tensor values (quantized or offloaded experts do, "
+                             f"per expert): {str(error).splitlines()[0]}") from None
+        finally:
+            pool.release(blocks)
         return time.perf_counter() - start
