@@ -5,6 +5,7 @@ same model, as ratios measured in one run.
     python benchmarks/generate.py                         # fp32 and bf16; batch 1, 16
     python benchmarks/generate.py --reps 5 --batches 1 4 16 --new-tokens 64 --quant int8
     python benchmarks/generate.py --no-compile --grouped-row     # what the mid-batch path gives
+    python benchmarks/generate.py --batches 1 --dtypes bf16 --plain-rows   # what torch.mv gives
 
 The model is a tiny Mixtral built by transformers from a config (H 512, F 1024, 8 experts top-2,
 4 layers, GQA 8/2 heads, vocabulary 8000: 61M parameters, as in ../shared/docs/performance.md)
@@ -21,7 +22,9 @@ for every engine), and every engine is
 warmed up once. Engines take turns within each repetition; figures are medians. The quantized
 rows run moekit with weight-only quantized experts and attention (compute in bf16) against HF
 in bf16. ``--grouped-row`` adds eager moekit rows with the mid-batch experts' path off
-(``moekit.moe.layer.DENSE_BATCH_ROWS = 0``), so that its effect is measured in the same run.
+(``moekit.moe.layer.DENSE_BATCH_ROWS = 0``), so that its effect is measured in the same run;
+``--plain-rows`` likewise adds eager and compiled moekit rows whose one-row bf16 products run
+as ``F.linear`` instead of ``torch.mv`` (``moekit.moe.row_products``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from moekit.convert.hf_folder import export_hf
 from moekit.model import generate
 from moekit.model.decode_step import DecodeStep
 from moekit.moe import layer as moe_layer
+from moekit.moe import row_products
 from moekit.quant import quantize_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,15 +76,16 @@ def moekit_generate(model, step=None):
         generate(model, prompts_BS.tolist(), new_tokens, step=step))
 
 
-def without_mid_batch_path(run):
-    """``run`` with every MoE forward beyond the small-batch path taking the grouped path."""
-    def grouped_run(prompts_BS, new_tokens):
-        saved, moe_layer.DENSE_BATCH_ROWS = moe_layer.DENSE_BATCH_ROWS, 0
+def with_module_value(run, module, name: str, value):
+    """``run`` with ``module.name`` set to ``value`` while it runs (a path switched off)."""
+    def patched_run(*args):
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
-            return run(prompts_BS, new_tokens)
+            return run(*args)
         finally:
-            moe_layer.DENSE_BATCH_ROWS = saved
-    return grouped_run
+            setattr(module, name, saved)
+    return patched_run
 
 
 def llama_cpp_engines(ours, dtypes, threads: int, folder: Path) -> dict:
@@ -136,6 +141,8 @@ def main() -> None:
                         help="also time eager moekit with the mid-batch experts' path off")
     parser.add_argument("--quant", nargs="*", default=[], choices=["fp8", "int8"],
                         help="weight-only quantized moekit rows (bf16 compute)")
+    parser.add_argument("--plain-rows", action="store_true",
+                        help="also moekit rows with one-row bf16 products as F.linear")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 8000
@@ -154,15 +161,18 @@ def main() -> None:
         engines[("transformers", name)] = lambda p, n, model=hf_copy: hf_generate(model, p, n)
         engines[("moekit", name)] = moekit_generate(ours_copy)
         if args.grouped_row:
-            engines[("moekit, grouped experts", name)] = without_mid_batch_path(
-                moekit_generate(ours_copy))
+            engines[("moekit, grouped experts", name)] = with_module_value(
+                moekit_generate(ours_copy), moe_layer, "DENSE_BATCH_ROWS", 0)
+        plain_rows = {"module": row_products, "name": "ROW_PRODUCT_DTYPES", "value": ()}
+        if args.plain_rows:
+            engines[("moekit, plain rows", name)] = with_module_value(
+                moekit_generate(ours_copy), **plain_rows)
         if args.compile:
-            step = DecodeStep(ours_copy, compile=True)
-            for batch in args.batches:
-                seconds = step.prepare(batch, args.prompt_tokens + args.new_tokens)
-                print(f"moekit --compile {name}, batch {batch}: compiled in {seconds:.0f} s",
-                      flush=True)
-            engines[("moekit --compile", name)] = moekit_generate(ours_copy, step)
+            engines[("moekit --compile", name)] = compiled_generate(ours_copy, name, args)
+            if args.plain_rows:  # traced and run with the plain products
+                engines[("moekit --compile, plain rows", name)] = with_module_value(
+                    with_module_value(compiled_generate, **plain_rows)(
+                        ours_copy, f"{name} plain rows", args), **plain_rows)
     for quant in args.quant:
         quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=quant,
                                    attention=quant)
@@ -171,6 +181,15 @@ def main() -> None:
         engines.update(llama_cpp_engines(ours, args.dtypes, args.threads, Path(scratch)))
         check_tokens(engines, prompts[max(args.batches)], args.new_tokens)
         time_engines(engines, prompts, args)
+
+
+def compiled_generate(model, name: str, args):
+    """moekit's generate with a decoding step compiled (and timed) for every batch size."""
+    step = DecodeStep(model, compile=True)
+    for batch in args.batches:
+        seconds = step.prepare(batch, args.prompt_tokens + args.new_tokens)
+        print(f"moekit --compile {name}, batch {batch}: compiled in {seconds:.0f} s", flush=True)
+    return moekit_generate(model, step)
 
 
 def time_engines(engines: dict, prompts: dict, args) -> None:

@@ -563,10 +563,13 @@ def _skywork_moe_146b() -> ModelConfig:
 
 def _hunyuan_large_389b() -> ModelConfig:
     # Hunyuan-Large's released configuration: GQA 80/8 heads of 80, CLA over layer pairs,
-    # QK-norm, 16 routed experts top-1 (gate value not renormalised) + 1 shared expert.
+    # QK-norm per head after RoPE (its modeling code; each layer of a CLA pair normalises the
+    # shared keys with its own weights), 16 routed experts top-1 (gate value not
+    # renormalised) + 1 shared expert.
     return ModelConfig(vocab_size=129024, hidden_size=6400, num_layers=64, num_heads=80,
                        num_kv_heads=8, head_dim=80, ffn_size=18304, max_seq_len=262144,
-                       rope_base=1e9, norm_eps=1e-5, qk_norm=True, cla_share=2,
+                       rope_base=1e9, norm_eps=1e-5, qk_norm=True,
+                       qk_norm_placement="head_after_rope", cla_share=2,
                        moe=MoEConfig(hidden_size=6400, ffn_size=18304, num_experts=16, top_k=1,
                                      router="switch", num_shared_experts=1,
                                      capacity_factor=1.0, overflow="recycle_random"))

@@ -134,13 +134,15 @@ def test_a_step_for_another_model_is_refused():
         generate(_model(), [[1, 2]], 2, step=DecodeStep(_model()))
 
 
-@pytest.mark.parametrize("path,batch", [("routes", 1), ("dense", 3), ("grouped", 3)])
-def test_the_traced_step_gives_the_eager_tokens_and_traces_once(path, batch, monkeypatch):
+@pytest.mark.parametrize("path,batch,dtype", [
+    ("routes", 1, torch.float32), ("routes", 1, torch.bfloat16),  # bf16: W x products
+    ("dense", 3, torch.float32), ("grouped", 3, torch.float32)])
+def test_the_traced_step_gives_the_eager_tokens_and_traces_once(path, batch, dtype, monkeypatch):
     # Inductor's code generation takes minutes on 2 cores: benchmarks/generate.py checks the
     # inductor-compiled tokens; here the step is traced (dynamo + AOT autograd, no codegen).
     from torch._dynamo.utils import counters
     _use_path(monkeypatch, path)
-    model = _model(torch.float32, num_layers=2)
+    model = _model(dtype, num_layers=2)
     step = DecodeStep(model, compile=True, backend="aot_eager")
     graphs = counters["stats"]["unique_graphs"]
     assert step.prepare(batch_size=batch, cache_len=40) > 0

@@ -488,25 +488,37 @@ def _stage(command: str):
     return DirectPreference(preference_set(train), preference_set(held_out), sft_weight=0.1)
 
 
-def _post_train_on(rank, world, command, base, out, expert=1, zero=0):
-    """Post-train on this rank; returns whether the model came to ``parallelize`` on the meta
-    device with its folder, to be read in parts."""
+# LoRA on every target the model has, the router too; DPO with an average of the weights.
+LORA = lora.LoRAConfig(rank=4, router=True)
+EMA = {"sft": None, "dpo": 0.5}
+
+
+def _post_train_on(rank, world, command, base, out, expert=1, zero=0, adapters=None,
+                   resume=False):
+    """Post-train on this rank (with LoRA ``adapters``; ``resume``: continue the run ``out``),
+    a checkpoint after each step; returns, for each model that came to ``parallelize`` (the
+    policy, DPO's reference model), whether it came on the meta device with its folder, to
+    be read in parts."""
     from unittest import mock
 
+    import moekit.train.dpo as preference
     import moekit.train.post_train as post_training
+    from moekit.parallel import parallelize as layouts
     config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
-                         eval_every=2, eval_batches=1, lb_scope="step")
+                         eval_every=2, eval_batches=1, lb_scope="step", checkpoint_every=1)
     mesh = replace(world_mesh("cpu", expert), zero=zero) if world > 1 else Mesh()
-    in_parts, original = [], post_training.parallelize
+    in_parts = []
 
-    def parallelize(model, mesh, weights=None, device=None):
+    def parallelize(model, mesh, weights=None, device=None, **options):
         in_parts.append(weights is not None and all(p.is_meta for p in model.parameters()))
-        return original(model, mesh, weights, device)
+        return layouts.parallelize(model, mesh, weights, device, **options)
 
-    with mock.patch.object(post_training, "parallelize", parallelize):
-        post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base)),
-                   config, out, mesh=mesh, show_progress=False)
-    return in_parts == [True]
+    with mock.patch.object(post_training, "parallelize", parallelize), \
+            mock.patch.object(preference, "parallelize", parallelize):
+        post_train(_stage(command), PostTrainSettings(stage=command, init_from=str(base),
+                                                      lora=adapters, ema_decay=EMA[command]),
+                   config, out, mesh=mesh, show_progress=False, resume=resume)
+    return in_parts
 
 
 @pytest.fixture(scope="module")
@@ -514,14 +526,17 @@ def one_process_runs(plain_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("one-process")
     for command in ("sft", "dpo"):
         _post_train_on(0, 1, command, plain_base, folder / command)
+        _post_train_on(0, 1, command, plain_base, folder / f"{command}-lora", adapters=LORA)
     return folder
 
 
 # Each stage under data parallelism, and the layouts that change how its step computes:
 # experts spread over the ranks (EP), the parameters sharded (FSDP2's ZeRO-3), the optimizer
-# state sharded (ZeRO-1).
+# state sharded (ZeRO-1); DPO's reference model laid out as the policy (its experts spread,
+# FSDP2's shards); LoRA's frozen base and trainable adapters sharded together by FSDP2.
 LAYOUTS = [("sft", {}), ("dpo", {}), ("sft", {"expert": 2}), ("dpo", {"expert": 2}),
-           ("sft", {"zero": 3}), ("dpo", {"zero": 1})]
+           ("sft", {"zero": 3}), ("dpo", {"zero": 1}), ("dpo", {"zero": 3}),
+           ("sft", {"zero": 3, "lora": True}), ("dpo", {"zero": 2, "lora": True})]
 
 
 @pytest.mark.parametrize("command, layout", LAYOUTS,
@@ -531,13 +546,52 @@ def test_two_processes_post_train_the_one_process_run(plain_base, one_process_ru
                                                       command, layout):
     """lb_scope "step": the router loss of the global batch however it is cut (rows hold
     different numbers of real tokens, which "global" weighs per rank)."""
-    # Each rank read the model in parts (a meta model filled from the folder).
+    # Each rank read the model in parts (a meta model filled from the folder), and DPO's
+    # reference too (with LoRA the reference is the policy with its adapters off).
+    adapters = LORA if layout.get("lora") else None
+    models = 2 if command == "dpo" and adapters is None else 1
     assert run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "two",
-                        layout.get("expert", 1), layout.get("zero", 0)) == [True, True]
-    one = _records_without_timings(one_process_runs / command)
+                        layout.get("expert", 1), layout.get("zero", 0),
+                        adapters) == [[True] * models] * 2
+    reference = one_process_runs / (command + ("-lora" if adapters else ""))
+    one = _records_without_timings(reference)
     assert [r.keys() for r in _records_without_timings(tmp_path / "two")] == \
         [r.keys() for r in one]
-    _same_figures(tmp_path / "two", one_process_runs / command)
+    _same_figures(tmp_path / "two", reference)
+    if EMA[command]:  # the average, gathered whole, as one process writes it (to 2 lr: Adam
+        # moves a weight by up to lr a step, in the sign of gradients that are sums in
+        # another order, some near zero)
+        for file in ("checkpoints/step-000002/ema.safetensors", "ema/model.safetensors"):
+            _close_by_name(tmp_path / "two" / file, reference / file, atol=2e-3)
+    if adapters is None:
+        return
+    # The same adapters, and the merged model, by name, as one process writes; resumed from
+    # its first checkpoint (each rank reading its parts of the base and the adapters), the
+    # run continues bit for bit.
+    from safetensors.torch import load_file
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed/checkpoints/step-000002")
+    run_on_ranks(_post_train_on, 2, command, plain_base, tmp_path / "resumed", 1,
+                 layout["zero"], adapters, True)
+    for file in (lora.ADAPTER_FILE, "model.safetensors", "optimizer.safetensors",
+                 *(["ema.safetensors"] if EMA[command] else [])):
+        got, resumed = (load_file(run / "checkpoints/step-000002" / file)
+                        for run in (tmp_path / "two", tmp_path / "resumed"))
+        assert got.keys() == resumed.keys()
+        assert [name for name in got if not torch.equal(got[name], resumed[name])] == []
+        if file != "optimizer.safetensors":  # (which holds each rank's random state)
+            _close_by_name(tmp_path / "two/checkpoints/step-000002" / file,
+                           reference / "checkpoints/step-000002" / file)
+
+
+def _close_by_name(path, reference_path, atol=1e-5):
+    """The tensors of two safetensors files have the same names and close values (float32
+    sums in another order)."""
+    from safetensors.torch import load_file
+    got, want = load_file(path), load_file(reference_path)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=atol)
 
 
 def _same_figures(run, reference_run, keys=("loss", "router_loss", "grad_norm", "val_loss",
@@ -555,7 +609,8 @@ def test_dpo_in_micro_batches_trains_the_one_forward_step(plain_base, one_proces
                                                           tmp_path):
     config = TrainConfig(steps=2, batch_size=4, grad_accum=2, seq_len=64, lr=1e-3,
                          warmup_steps=0, eval_every=2, eval_batches=1, lb_scope="step")
-    post_train(_stage("dpo"), PostTrainSettings(stage="dpo", init_from=str(plain_base)),
+    post_train(_stage("dpo"), PostTrainSettings(stage="dpo", init_from=str(plain_base),
+                                 ema_decay=EMA["dpo"]),
                config, tmp_path / "run", show_progress=False)
     _same_figures(tmp_path / "run", one_process_runs / "dpo")
 
@@ -566,7 +621,8 @@ def test_precomputed_reference_log_probabilities_train_as_the_reference_model(
     stage.precompute_reference = True
     config = TrainConfig(steps=2, batch_size=4, seq_len=64, lr=1e-3, warmup_steps=0,
                          eval_every=2, eval_batches=1, lb_scope="step")
-    post_train(stage, PostTrainSettings(stage="dpo", init_from=str(plain_base)), config,
+    post_train(stage, PostTrainSettings(stage="dpo", init_from=str(plain_base),
+                                 ema_decay=EMA["dpo"]), config,
                tmp_path / "run", show_progress=False)
     assert stage.reference is None  # freed once the pairs were scored
     assert stage.reference_of_pairs.shape == (len(stage.pairs), 2)

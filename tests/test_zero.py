@@ -1,6 +1,7 @@
 """ZeRO with expert parallelism, and ZeRO-2/3 (FSDP2): the optimizer's state (and, for 2 and 3,
 the gradients and parameters) sharded over the ranks changes nothing in what a step computes.
 Real gloo processes, float64; the reference is one process taking the same steps."""
+import contextlib
 from dataclasses import replace
 
 import pytest
@@ -26,9 +27,25 @@ def _batch(step):
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _train(mesh, run, steps=range(STEPS), resume_from=None):
-    """Train ``MODEL`` in float64 under ``mesh`` for ``steps``, writing a checkpoint after each
-    into ``run``; returns the steps' records."""
+# ModuleExperts of different widths (one odd, so FSDP2 pads its shards) in place of the
+# stacked experts.
+EXPERT_WIDTHS = (24, 13, 16, 9)
+
+
+def _with_module_experts(model):
+    """``model`` with every MoE layer's experts made ModuleExperts: SwiGLU MLPs of
+    ``EXPERT_WIDTHS``, drawn by nn.Linear from the current random state."""
+    from moekit.moe import MLP, ModuleExperts
+    for block in model.layers:
+        block.ffn.experts = ModuleExperts([MLP(MODEL.hidden_size, width)
+                                           for width in EXPERT_WIDTHS]).double()
+    return model
+
+
+def _train(mesh, run, steps=range(STEPS), resume_from=None, module_experts=False):
+    """Train ``MODEL`` (with ``module_experts``: ``_with_module_experts``) in float64 under
+    ``mesh`` for ``steps``, writing a checkpoint after each into ``run``; returns the steps'
+    records."""
     from moekit.model import Transformer
     from moekit.model.io import check_weights_fit
     from moekit.parallel.parallelize import parallelize
@@ -37,12 +54,16 @@ def _train(mesh, run, steps=range(STEPS), resume_from=None):
     from moekit.train.step import train_step
     from moekit.train.tokenizer import train_tokenizer
     torch.manual_seed(0)
-    if mesh.world_size == 1:
+    # As moekit train starts: each rank draws, or reads, only what it holds (a model whose
+    # experts are not Transformer's own is drawn whole, then sharded).
+    in_parts = mesh.world_size > 1 and (resume_from is not None or not module_experts)
+    with torch.device("meta") if in_parts else contextlib.nullcontext():
         model = Transformer(MODEL).double().train()
+        if module_experts:
+            _with_module_experts(model)
+    if not in_parts:
         parallel_model = parallelize(model, mesh)
-    else:  # as moekit train starts: each rank draws, or reads, only what it holds
-        with torch.device("meta"):
-            model = Transformer(MODEL).double().train()
+    else:
         if resume_from is not None:
             check_weights_fit(model, resume_from)
         parallel_model = parallelize(model, mesh, resume_from, torch.device("cpu"))
@@ -325,3 +346,54 @@ def _restore_and_rewrite(rank, world, layouts, folder, out):
         step = ckpt.restore_optimizer_state(folder, model, optimizer, mesh)
         ckpt.save_checkpoint(out / f"ep{expert}-zero{zero}", step, model, optimizer,
                              train_tokenizer([], 257), {}, 1, mesh)
+
+
+def _module_experts_at_zero_3(rank, world, out):
+    """DP 2 x EP 2 with ZeRO-3 of a model with ModuleExperts: the run, the run resumed from
+    its first checkpoint (read in parts), and the shapes this rank holds of layer 0's
+    experts."""
+    from moekit.parallel.mesh import world_mesh
+    from moekit.parallel.parallelize import parallelize, whole_tensors
+    from moekit.parallel.tensor_parallel import local
+    mesh = replace(world_mesh(expert=2), zero=3)
+    records = {"run": _train(mesh, out / "module-zero3", module_experts=True),
+               "resumed": _train(mesh, out / "module-zero3-resumed", range(1, STEPS),
+                                 out / "module-zero3" / "checkpoints" / "step-000001",
+                                 module_experts=True)}
+    from moekit.model import Transformer
+    torch.manual_seed(0)
+    model = _with_module_experts(Transformer(MODEL).double())
+    parallelize(model, mesh)
+    records["held"] = {name: tuple(local(p).shape) for name, p in model.named_parameters()
+                       if name.startswith("layers.0.ffn.experts.")}
+    records["whole"] = whole_tensors(dict(model.named_parameters()), model, mesh)
+    return records
+
+
+def test_module_experts_sharded_over_their_replicas_take_the_one_process_steps(tmp_path):
+    """FSDP2 shards ModuleExperts as it shards stacked experts: under DP 2 x EP 2 with ZeRO-3
+    each expert module is a unit over its 2 replicas, so a rank holds half of each of its
+    experts' weights (and gradients and moments). AdamW steps with clipping on agree with
+    one process to float64 rounding, checkpoints name every expert as one process does, and a
+    run resumed from one (each rank reading its parts) continues bit for bit."""
+    from moekit.parallel.mesh import Mesh
+    reference = _train(Mesh(), tmp_path / "one", module_experts=True)
+    records = run_on_ranks(_module_experts_at_zero_3, 4, tmp_path, timeout=240)
+    # Rank 0 holds experts 0 and 1 of layer 0, under their own names, each weight's rows
+    # halved over the 2 replicas (13 rows: 7 and 6).
+    assert records[0]["held"] == {
+        "layers.0.ffn.experts.experts.0.gate_proj.weight": (12, 32),
+        "layers.0.ffn.experts.experts.0.up_proj.weight": (12, 32),
+        "layers.0.ffn.experts.experts.0.down_proj.weight": (16, 24),
+        "layers.0.ffn.experts.experts.1.gate_proj.weight": (7, 32),
+        "layers.0.ffn.experts.experts.1.up_proj.weight": (7, 32),
+        "layers.0.ffn.experts.experts.1.down_proj.weight": (16, 13)}
+    assert {name.split(".")[5] for name in records[3]["held"]} == {"2", "3"}
+    # Gathered whole (FSDP2's shards, then every rank's experts), the model is one process's.
+    from moekit.model import Transformer
+    torch.manual_seed(0)
+    one = _with_module_experts(Transformer(MODEL).double())
+    _assert_equal(records[0]["whole"], dict(one.named_parameters()))
+    _assert_run_and_resume(tmp_path, "module-zero3", {("run",): records[0]["run"],
+                                                      ("run", "resumed"): records[0]["resumed"]},
+                           ("run",), reference, exact=True)

@@ -111,19 +111,17 @@ def check_post_training_layout(args, settings) -> None:
     """The parallel layouts sft and dpo run: data and expert parallel and ZeRO. Not a
     pipeline (SFT's packed rows carry document ids, DPO's step is one forward of its pairs),
     not expert data parallelism (their evaluations and online samples generate, and the KV
-    cache does not take tensor-parallel attention), and LoRA adapters only where no layout
-    shards the weights they sit on."""
+    cache does not take tensor-parallel attention), and LoRA adapters not with the experts
+    spread over ranks (the stacked factors beside them are not split with them)."""
     for flag, value, given in (("--pipeline", args.pipeline, args.pipeline > 1 or
                                 args.stage_layers), ("--tensor", args.tensor, args.tensor > 1)):
         if given:
             raise ValueError(f"{flag} {value} is not supported by moekit {args.command}: "
                              "data and expert parallelism (--expert) and --zero are")
-    sharded = [flag for flag, on in (("--expert", args.expert > 1),
-                                     (f"--zero {args.zero}", args.zero >= 2)) if on]
-    if settings.lora is not None and sharded:
-        raise ValueError(f"--lora-rank with {' '.join(sharded)} is not supported: the adapters "
-                         "are not sharded with the weights they sit on (LoRA runs with data "
-                         "parallelism and --zero 1)")
+    if settings.lora is not None and args.expert > 1:
+        raise ValueError(f"--lora-rank with --expert is not supported (--expert "
+                         f"{args.expert}): the experts' adapters are not spread with the "
+                         "experts (LoRA runs with data parallelism and --zero 0 to 3)")
 
 
 def run_post_train(args) -> int:

@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from moekit.config import ModelConfig
 from moekit.model.rope import apply_rope, latent_softmax_scale, rope_cos_sin
 from moekit.moe import MLP, GroupedExperts, MoELayer, MoEStats
+from moekit.moe.row_products import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -127,14 +128,14 @@ class Attention(nn.Module):
         d, h, g, dh = (config.hidden_size, config.num_heads, config.kv_heads,
                        config.attention_head_dim)
         self.num_heads, self.kv_heads, self.head_dim = h, g, dh
-        self.q_proj = nn.Linear(d, h * dh, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(h * dh, d, bias=config.attention_out_bias)
+        self.q_proj = Linear(d, h * dh, bias=config.qkv_bias)
+        self.o_proj = Linear(h * dh, d, bias=config.attention_out_bias)
         self.owns_kv = owns_kv = config.owns_kv(index)
         self.score_scale = config.attention_multiplier  # None: sdpa's 1/sqrt(Dh)
         self.dropout = config.attention_dropout
         if owns_kv:
-            self.k_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
-            self.v_proj = nn.Linear(d, g * dh, bias=config.qkv_bias)
+            self.k_proj = Linear(d, g * dh, bias=config.qkv_bias)
+            self.v_proj = Linear(d, g * dh, bias=config.qkv_bias)
         self.qk_norm_placement = config.qk_norm_placement
         over_projection = config.qk_norm_placement == "projection"
         self.q_norm = (RMSNorm(h * dh if over_projection else dh, config.norm_eps)
@@ -209,15 +210,15 @@ class LatentAttention(nn.Module):
                                                         mla.qk_rope_head_dim, mla.v_head_dim)
         self.query_rank = mla.q_lora_rank
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * mla.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * mla.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(d, mla.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(d, mla.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, h * mla.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.rank + self.rope_dim, bias=False)
+            self.q_b_proj = Linear(mla.q_lora_rank, h * mla.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(d, self.rank + self.rope_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.rank, h * (self.nope_dim + self.value_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.value_dim, d, bias=False)
+        self.kv_b_proj = Linear(self.rank, h * (self.nope_dim + self.value_dim), bias=False)
+        self.o_proj = Linear(h * self.value_dim, d, bias=False)
         self.score_scale = (config.attention_multiplier
                             or latent_softmax_scale(mla.qk_head_dim, config.rope_scaling))
         self.dropout = config.attention_dropout
@@ -252,7 +253,7 @@ class LatentAttention(nn.Module):
                                     else cache.store(group, latent_B1SL, k_rope_B1SR))
         positions = latent_B1PL.shape[2]
         # A quantized kv_b_proj multiplies through its own kernels: expanded, never absorbed.
-        if self.absorb and positions > seq and type(self.kv_b_proj) is nn.Linear:
+        if self.absorb and positions > seq and type(self.kv_b_proj) is Linear:
             w_up_HXL = self.kv_b_proj.weight.view(self.num_heads, -1, self.rank)
             w_key_HNL, w_value_HVL = w_up_HXL.split([self.nope_dim, self.value_dim], 1)
             q_BHSX = torch.cat([q_nope_BHSN @ w_key_HNL, q_rope_BHSR], -1)
@@ -303,7 +304,7 @@ def _part_builders(config: ModelConfig) -> list[tuple[str, Callable[[], nn.Modul
     parts += [(f"layers.{i}", lambda i=i: Block(config, i)) for i in range(config.num_layers)]
     parts.append(("norm", lambda: RMSNorm(config.hidden_size, config.norm_eps)))
     if not config.tie_embeddings:
-        parts.append(("lm_head", lambda: nn.Linear(config.hidden_size, config.vocab_size,
+        parts.append(("lm_head", lambda: Linear(config.hidden_size, config.vocab_size,
                                                     bias=False)))
     return parts
 
@@ -513,7 +514,7 @@ class Transformer(nn.Module):
     def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Logits [B, S, V] of the last hidden states."""
         x_BSD = self.norm(x_BSD)
-        logits = (F.linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
+        logits = (linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
         return logits / self.config.logits_scaling
 

@@ -146,9 +146,29 @@ class AllToAllDispatcher:
                           f"all-to-all back of {self.layer}'s rows")
 
 
+class ExpertsNumberedFrom(nn.Module):
+    """Experts [first, first + n) of a layer's ``ModuleExperts``, each under its number in the
+    whole layer (``experts.5.weight`` on the rank holding expert 5): a parameter's name is the
+    one process's, whatever the layout. Iterated in order, as the ``nn.ModuleList`` it stands
+    for."""
+
+    def __init__(self, first: int, modules):
+        super().__init__()
+        for number, module in enumerate(modules, start=first):
+            self.add_module(str(number), module)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
 def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
-    """Experts [start, end) of a layer's experts module, as a module of the same kind (the
-    same parameter names, so that checkpoints find each expert by name and index)."""
+    """Experts [start, end) of a layer's experts module, as a module of the same kind with
+    the same parameter names: ``GroupedExperts``' stacked tensors hold the block of rows,
+    ``ModuleExperts``' modules keep their numbers (``ExpertsNumberedFrom``), so that
+    checkpoints find each expert by name and index."""
     if isinstance(experts, GroupedExperts):
         with torch.device("meta"):  # nothing drawn: the copy fills it
             local = GroupedExperts(end - start, experts.hidden_size, experts.ffn_size,
@@ -159,7 +179,9 @@ def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
             local.down_proj.copy_(experts.down_proj[start:end])
         return local
     if isinstance(experts, ModuleExperts):
-        return ModuleExperts(list(experts.experts)[start:end])
+        local = ModuleExperts(list(experts.experts)[start:end])
+        local.experts = ExpertsNumberedFrom(start, local.experts)
+        return local
     raise ValueError(f"expert parallelism takes GroupedExperts or ModuleExperts, not "
                      f"{type(experts).__name__}")
 
@@ -182,8 +204,10 @@ def shard_experts(model: nn.Module, group, rank: int, size: int, dispatcher=None
                                                layer.layer_index, options))
         local = layer.dispatcher.local_experts
         layer.experts = local_experts(layer.experts, rank * local, (rank + 1) * local)
+        stacked = isinstance(layer.experts, GroupedExperts)
         for parameter in layer.experts.parameters():
             parameter.expert_parallel = True
+            parameter.stacked_experts = stacked
 
 
 def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -191,20 +215,38 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             if getattr(p, "expert_parallel", False)]
 
 
+def stacked_expert_names(model: nn.Module) -> set[str]:
+    """The expert parameters that hold a block of a layer's stacked [E, ...] tensor (this
+    expert group's rows): ``GroupedExperts``'. A ``ModuleExperts`` parameter is one expert's
+    whole tensor under its own name."""
+    return {name for name, p in expert_parameters(model) if getattr(p, "stacked_experts", False)}
+
 
 def whole_expert_tensors(tensors: dict[str, torch.Tensor], model: nn.Module, mesh) -> dict:
     """``tensors`` (parameters, or optimizer moments named ``PARAMETER.KEY``) with every
-    sharded expert tensor gathered whole over its expert group: what one process holds, so
-    that a checkpoint does not depend on the layout. A collective: every rank calls it."""
-    sharded = {name for name, _ in expert_parameters(model)}
-    if not sharded or mesh.expert_size == 1:
+    stacked expert tensor gathered whole over its expert group, and every rank's
+    ``ModuleExperts`` experts: what one process holds, so that a checkpoint does not depend
+    on the layout. A collective: every rank calls it."""
+    if mesh.expert_size == 1:
         return tensors
+    stacked = stacked_expert_names(model)
+    numbered = {name for name, _ in expert_parameters(model)} - stacked
+
+    def of(names: set[str], key: str) -> bool:
+        return (key in names or key.rsplit(".", 1)[0] in names) and tensors[key].dim() > 0
+
     whole = dict(tensors)
     for key in sorted(tensors):
-        if (key in sharded or key.rsplit(".", 1)[0] in sharded) and tensors[key].dim() > 0:
+        if of(stacked, key):
             pieces = [torch.empty_like(tensors[key]) for _ in range(mesh.expert_size)]
             dist.all_gather(pieces, tensors[key].contiguous(), group=mesh.expert_group)
             whole[key] = torch.cat(pieces)
+    if numbered:  # each rank's experts under their own names: gathered as they are
+        everyone = [None] * mesh.expert_size
+        dist.all_gather_object(everyone, {key: tensors[key] for key in tensors
+                                          if of(numbered, key)}, group=mesh.expert_group)
+        for held in everyone:
+            whole.update(held)
     return whole
 
 

@@ -31,7 +31,8 @@ from moekit.parallel.tensor_parallel import (ReplicatedTokensDispatcher, full_te
                                              shard_blocks)
 
 
-def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None) -> nn.Module:
+def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None, *,
+                given: dict[str, torch.Tensor] | None = None, frozen: bool = False) -> nn.Module:
     """The model as ``mesh`` runs it: itself on one process; otherwise cut to this rank's
     pipeline stage (``model`` itself keeps only the stage's parts, and a ``StageModule`` runs
     them), with this rank's experts only (``expert_size`` > 1), inside a
@@ -45,9 +46,13 @@ def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None) -> nn.M
     (current format; each rank reads only its parts, ``load_sharded``, DCP), or without one
     drawn as ``Transformer(model.config)`` would be from the current random state, the same
     values as one process (``init_in_parts``: every rank draws each part of the model whole
-    in turn, keeps its part and drops the rest)."""
+    in turn, keeps its part and drops the rest). ``given``: whole tensors by name that stand
+    in for the folder's or fill what it lacks (LoRA's adapters), each rank keeping its part.
+
+    A ``frozen`` model (DPO's reference: forwards only, no gradients) gets the same layout
+    without DDP, and under ZeRO-2/3 its parameters are sharded again after each forward."""
     if mesh.world_size == 1:
-        _materialise(model, weights, device, mesh)
+        _materialise(model, weights, device, mesh, given)
         return model
     if mesh.tensor_size > 1:  # EDP: the group shares its tokens
         shard_blocks(model, mesh.tensor_mesh, mesh.tensor_size)
@@ -64,9 +69,9 @@ def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None) -> nn.M
         cut_into_stage(model, mesh.stage_layers, mesh.pipeline_rank)
         model = StageModule(model, mesh.pipeline_rank, mesh.pipeline_size)
     if mesh.zero >= 2 and mesh.data_size > 1:  # FSDP2 shards the meta model as it is
-        model = _fully_shard(model, mesh)
-    _materialise(model, weights, device, mesh)
-    if mesh.data_size == 1 or mesh.zero >= 2:
+        model = _fully_shard(model, mesh, reshard_after_forward=frozen or mesh.zero == 3)
+    _materialise(model, weights, device, mesh, given)
+    if mesh.data_size == 1 or mesh.zero >= 2 or frozen:
         return model
     from torch.nn.parallel import DistributedDataParallel
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -92,7 +97,7 @@ def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
             layer.router.route_groups = groups
 
 
-def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
+def _fully_shard(model: nn.Module, mesh: Mesh, reshard_after_forward: bool) -> nn.Module:
     """ZeRO 2/3 with FSDP2 over the data-parallel ranks (a stage's under a pipeline, the
     ``dp`` group's under EDP): each block one unit (its parameters gathered together), the
     embeddings, final norm and output layer the root's. EDP's tensor-parallel weights are
@@ -101,7 +106,9 @@ def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
     parallelism each layer's built-in experts are a unit of their own over their replicas
     (the ranks holding the same experts), their gradients summed over those replicas and
     divided by all the data-parallel ranks, as ``finish_gradients`` does for whole ones;
-    with one replica there is nothing to shard, and experts stay whole, out of FSDP2."""
+    ``ModuleExperts`` make one unit per expert module, so that under ZeRO-3 a rank holds one
+    of them whole at a time. With one replica there is nothing to shard, and experts stay
+    whole, out of FSDP2."""
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from moekit.moe import GroupedExperts, MoELayer
@@ -113,26 +120,44 @@ def _fully_shard(model: nn.Module, mesh: Mesh) -> nn.Module:
     else:
         stages = torch.arange(mesh.world_size).view(mesh.pipeline_size, mesh.data_size)
         data_ranks = DeviceMesh(mesh.device.type, stages, mesh_dim_names=("pp", "data"))["data"]
-    options = dict(reshard_after_forward=mesh.zero == 3)
+    options = dict(reshard_after_forward=reshard_after_forward)
     # FSDP2 warns, at every forward, that a block returns a view (its K/V, which CLA shares
     # with the next block): nothing writes into them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     whole_experts = set()
+
+    def shard_over_replicas(experts: nn.Module) -> None:
+        fully_shard(experts, mesh=mesh.expert_shard_mesh["dp"], **options)
+        experts.set_gradient_divide_factor(mesh.data_size)
+        # A sum, then the division: gloo has no pre-multiplied sum (NCCL's PreMulSum).
+        experts.set_force_sum_reduction_for_comms(True)
+
     with marks_kept(model):  # FSDP2 makes new parameters
         for layer in unwrap(model).modules():
             if not isinstance(layer, MoELayer) or mesh.expert_size == 1:
                 continue
-            if mesh.expert_replicas > 1 and isinstance(layer.experts, GroupedExperts):
-                fully_shard(layer.experts, mesh=mesh.expert_shard_mesh["dp"], **options)
-                layer.experts.set_gradient_divide_factor(mesh.data_size)
-                # A sum, then the division: gloo has no pre-multiplied sum (NCCL's PreMulSum).
-                layer.experts.set_force_sum_reduction_for_comms(True)
-            else:
+            if mesh.expert_replicas == 1:
                 whole_experts.update(layer.experts.parameters())
+            elif isinstance(layer.experts, GroupedExperts):
+                shard_over_replicas(layer.experts)
+            else:  # ModuleExperts: one unit per expert, gathered as it runs
+                for expert in layer.experts.experts:
+                    if any(True for _ in expert.parameters()):
+                        shard_over_replicas(expert)
         for block in getattr(unwrap(model), "layers", ()):
             fully_shard(block, mesh=data_ranks, ignored_params=whole_experts or None, **options)
         fully_shard(model, mesh=data_ranks, ignored_params=whole_experts or None, **options)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """FSDP2's parameters back to their shards. Under ZeRO-2 a forward without a backward (an
+    evaluation) leaves them gathered, and the next forward would not see a change made to
+    the shards meanwhile (weights swapped in and out)."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextlib.contextmanager
@@ -146,10 +171,11 @@ def marks_kept(model: nn.Module):
 
 
 @torch.no_grad()
-def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
-    """This rank's parameters and buffers of a meta ``model`` on ``device``: read from the
-    folder ``weights``, or without one drawn as ``Transformer(model.config)`` draws them from
-    the current random state (nothing to do for a model that is not on the meta device)."""
+def _materialise(model: nn.Module, weights, device, mesh: Mesh, given: dict | None) -> None:
+    """This rank's parameters and buffers of a meta ``model`` on ``device``: the ``given``
+    whole tensors' parts, the rest read from the folder ``weights``, or without one drawn as
+    ``Transformer(model.config)`` draws them from the current random state (nothing to do for
+    a model that is not on the meta device)."""
     if weights is None and not any(local(p).is_meta for p in model.parameters()):
         return
     from moekit.model.io import WEIGHTS_FILE, load_weights
@@ -172,12 +198,16 @@ def _materialise(model: nn.Module, weights, device, mesh: Mesh) -> None:
                              "that Transformer(config) draws: a meta model without weights "
                              "must be a plain Transformer")
         return
-    if mesh.world_size == 1:
+    given = given or {}
+    if mesh.world_size == 1 and not given:
         load_weights(plain, weights)
         return
     held = load_sharded(weights, WEIGHTS_FILE, plain, mesh)
     for name, tensor in [*plain.named_parameters(), *plain.named_buffers()]:
-        tensor.copy_(held[name])
+        if name in given:
+            local(tensor).copy_(local(held_part(given[name], tensor, mesh)))
+        else:
+            tensor.copy_(held[name])
 
 
 def held_part(whole: torch.Tensor, parameter: torch.Tensor, mesh: Mesh) -> torch.Tensor:
@@ -186,7 +216,7 @@ def held_part(whole: torch.Tensor, parameter: torch.Tensor, mesh: Mesh) -> torch
     takes its part of its own copy, with no communication."""
     if is_sharded(whole):  # read as this rank's shard already (``load_sharded``)
         return whole
-    if getattr(parameter, "expert_parallel", False) and whole.shape != parameter.shape:
+    if getattr(parameter, "stacked_experts", False) and whole.shape != parameter.shape:
         whole = local_part(whole, mesh)
     whole = whole.to(parameter.device).clone(memory_format=torch.contiguous_format)
     if is_sharded(parameter):

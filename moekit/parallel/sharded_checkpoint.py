@@ -5,8 +5,9 @@ model or its optimizer state.
 What each rank holds is described to DCP as a part of the whole tensor, so that the files hold
 what one process would write, whatever the layout: FSDP2's parameters and moments are DTensors
 already; an expert tensor under expert parallelism, this rank's [E / X, ...] block of the
-layer's [E, ...], becomes a DTensor sharded on dim 0 over the ``ep`` group; a replicated tensor
-(DDP's) is written once, by a rank DCP picks; a ZeRO-1 moment by the rank that updates it.
+layer's [E, ...], becomes a DTensor sharded on dim 0 over the ``ep`` group (a ``ModuleExperts``
+expert's tensors are its own, under its own name); a replicated tensor (DDP's) is written once,
+by a rank DCP picks; a ZeRO-1 moment by the rank that updates it.
 Each rank writes its shards (``sharded/shard-R-...``), then the first rank consolidates them
 into one file per name (DCP's ``enable_consolidation``) and removes the shards.
 
@@ -30,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moekit.files import append_to_safetensors
-from moekit.parallel.expert_parallel import expert_parameters
+from moekit.parallel.expert_parallel import stacked_expert_names
 from moekit.parallel.mesh import Mesh
 from moekit.parallel.tensor_parallel import is_sharded
 
@@ -42,7 +43,8 @@ def _consolidates(tensor: torch.Tensor) -> bool:
 
 
 def _as_part_of_whole(name: str, tensor: torch.Tensor, experts: set[str], mesh: Mesh):
-    """``tensor`` as DCP must see it: a DTensor when this rank holds a block of ``name``."""
+    """``tensor`` as DCP must see it: a DTensor when this rank holds a block of ``name``, a
+    stacked expert tensor (``experts``)."""
     parameter = name if name in experts else name.rsplit(".", 1)[0]  # a moment's parameter
     if parameter not in experts or mesh.expert_size == 1:
         return tensor
@@ -65,7 +67,7 @@ def save_sharded(folder: str | Path, files: dict[str, dict[str, torch.Tensor]],
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     folder, names = Path(folder), sorted(files)
-    experts = {name for name, _ in expert_parameters(model)}
+    experts = stacked_expert_names(model)
     mapping = {name: index for index, file in enumerate(names, start=1)
                for name, tensor in files[file].items() if _consolidates(tensor)}
     everyone = [None] * mesh.world_size  # ZeRO-1: a moment's name is known to its rank only
@@ -111,7 +113,7 @@ def load_sharded(folder: str | Path, file: str, model: nn.Module, mesh: Mesh) ->
     import torch.distributed.checkpoint as dcp
     from safetensors import safe_open
     parameters = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    experts = {name for name, _ in expert_parameters(model)}
+    experts = stacked_expert_names(model)
     tensors, parts = {}, {}
     with safe_open(str(Path(folder) / file), framework="pt") as handle:
         for key in handle.keys():

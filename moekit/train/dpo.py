@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import TrainConfig
-from moekit.model.io import load_model
+from moekit.model.io import (FORMAT_VERSION, check_weights_fit, folder_format_version,
+                             load_model, read_model_config)
+from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import finish_gradients, unwrap
+from moekit.parallel.parallelize import finish_gradients, parallelize, unwrap
 from moekit.train import lora
 from moekit.train.chat import chat_tokens
 from moekit.train.chat_data import Preference
@@ -122,6 +124,19 @@ def _kl_sum(policy_BSV, reference_BSV, counted_BS) -> torch.Tensor:
     return ((log_p.exp() * (log_p - log_q)).sum(-1) * counted_BS).sum()
 
 
+def reference_model(folder: str, device: torch.device, mesh: Mesh) -> torch.nn.Module:
+    """The frozen model of ``folder``, laid out as the policy is on ``mesh`` (its experts
+    spread, FSDP2's shards under ZeRO-2/3) and read so, each rank only what it holds: it runs
+    forwards on each rank's own pairs, in step with the other ranks. One process, or a folder
+    of an older format, loads it whole."""
+    if mesh.world_size == 1 or folder_format_version(folder) != FORMAT_VERSION:
+        return load_model(folder, device).requires_grad_(False)
+    with torch.device("meta"):
+        reference = Transformer(read_model_config(folder)).requires_grad_(False)
+    check_weights_fit(reference, folder)
+    return parallelize(reference, mesh, folder, device, frozen=True).eval()
+
+
 class DirectPreference:
     """The ``dpo`` stage of ``post_train``: offline ``pairs`` (and ``held_out`` pairs for
     evaluation), optionally online pairs from ``prompts`` scored by ``reward``."""
@@ -168,11 +183,10 @@ class DirectPreference:
         self.micro_batch_size, self.precision = config.micro_batch_size, config.precision
         return config
 
-    def attach(self, model, base: str) -> None:
+    def attach(self, model, base: str, mesh: Mesh) -> None:
         self.reference = None  # with LoRA: the model with its adapters off
         if not lora.has_adapters(model):
-            self.reference = load_model(base, next(model.parameters()).device)
-            self.reference.requires_grad_(False)
+            self.reference = reference_model(base, next(model.parameters()).device, mesh)
         # Precomputed: each pair's reference log-probabilities [N, 2] (chosen, rejected).
         self.reference_of_pairs = self.reference_of_held_out = None
         if self.precompute_reference:

@@ -2,13 +2,18 @@
 reward hacking): after every optimizer step, ema = decay * ema + (1 - decay) * weight, for the
 parameters that train (the adapters alone in a LoRA run). The policy keeps training and
 sampling with its own weights; evaluation swaps the EMA in (``applied``); checkpoints hold it in
-``ema.safetensors`` beside the policy's weights, and ``--resume`` restores it.
+``ema.safetensors`` beside the policy's weights, and ``--resume`` restores it. On several ranks
+each keeps the average of what it holds (its experts, FSDP2's shards).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+from moekit.parallel.mesh import Mesh
+from moekit.parallel.parallelize import held_part, reshard
+from moekit.parallel.tensor_parallel import local
 
 EMA_FILE = "ema.safetensors"
 
@@ -22,7 +27,7 @@ def check_decay(decay: float) -> None:
 class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         check_decay(decay)
-        self.decay = decay
+        self.decay, self.model = decay, model
         self.parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self.average = {name: p.detach().clone() for name, p in self.parameters.items()}
 
@@ -34,21 +39,26 @@ class WeightAverage:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: t.contiguous() for name, t in self.average.items()}
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor], mesh: Mesh = Mesh()) -> None:
+        """The average from whole ``tensors`` (a checkpoint's), each rank taking its part."""
         if set(tensors) != set(self.average):
             raise ValueError(f"{EMA_FILE}: its tensors do not match the trained parameters")
         for name, tensor in tensors.items():
-            self.average[name].copy_(tensor)
+            local(self.average[name]).copy_(
+                local(held_part(tensor, self.parameters[name], mesh)))
 
     @contextlib.contextmanager
     @torch.no_grad()
     def applied(self):
         """The averaged weights in the model for the body (evaluation), then the policy's."""
         policy = {name: p.detach().clone() for name, p in self.parameters.items()}
+        reshard(self.model)  # (each swap reaches the gathered weights of the next forward)
         for name, parameter in self.parameters.items():
             parameter.copy_(self.average[name])
         try:
             yield
         finally:
+            reshard(self.model)
             for name, parameter in self.parameters.items():
                 parameter.copy_(policy[name])

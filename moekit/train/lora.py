@@ -22,6 +22,7 @@ R rank.
 from __future__ import annotations
 
 import contextlib
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,8 @@ from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
 from moekit.moe.experts import (MLP, autocast_grouped_operands, expert_activation,
                                  grouped_linear, grouped_mm_supported, routed_expert_mlp)
+from moekit.moe.row_products import Linear
+from moekit.parallel.tensor_parallel import full_tensors
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -57,15 +60,30 @@ class LoRAConfig:
 
 
 def _factors(*shape_pairs, dtype, device) -> list[nn.Parameter]:
-    """(A, B) per pair of shapes: A as nn.Linear initialises a weight (Kaiming uniform, as
-    PEFT), B zero."""
-    factors = []
-    for a_shape, b_shape in shape_pairs:
-        a = torch.empty(a_shape, dtype=dtype, device=device)
-        bound = a_shape[-1] ** -0.5
-        factors += [nn.Parameter(a.uniform_(-bound, bound)),
-                    nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device))]
-    return factors
+    """(A, B) per pair of shapes, uninitialised (``initial_adapters`` draws them)."""
+    return [nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+            for pair in shape_pairs for shape in pair]
+
+
+def _initial_factor(name: str, factor: torch.Tensor, seed: int) -> torch.Tensor:
+    """A new adapter factor, whole, on the CPU: an A as nn.Linear initialises a weight
+    (Kaiming uniform, as PEFT), a B zero."""
+    whole = torch.zeros(factor.shape, dtype=factor.dtype)
+    if name.endswith("lora_A"):
+        # Drawn from its name and the seed: the same numbers however the model is laid out,
+        # by any rank, without drawing the other adapters or the base weights first. (One
+        # 32-bit number: the CPU generator, mt19937, keeps only 32 bits of its seed.)
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        bound = factor.shape[-1] ** -0.5
+        whole.uniform_(-bound, bound, generator=generator)
+    return whole
+
+
+def initial_adapters(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Every adapter factor of ``model`` (which may be on the meta device) as ``add_adapters``
+    initialises it from ``seed``, whole, by name."""
+    return {name: _initial_factor(name, p, seed) for name, p in model.named_parameters()
+            if "lora_" in name}
 
 
 # A merged weight W + scale B A costs about three passes over the weights (formed in the
@@ -191,7 +209,7 @@ class LoRALinear(nn.Linear):
         return self.scale * self.lora_B @ self.lora_A
 
     def merged(self) -> nn.Linear:
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+        plain = Linear(self.in_features, self.out_features, bias=self.bias is not None,
                           device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             plain.weight.copy_(self.weight + self.delta())
@@ -300,8 +318,10 @@ def _targets(model: nn.Module, config: LoRAConfig):
             yield module, "router", module.router
 
 
-def add_adapters(model: Transformer, config: LoRAConfig) -> None:
-    """Put LoRA adapters on ``model`` (module docstring) and freeze everything else."""
+def add_adapters(model: Transformer, config: LoRAConfig, seed: int = 0) -> None:
+    """Put LoRA adapters on ``model`` (module docstring), initialised from ``seed``
+    (``initial_adapters``; nothing is drawn on the meta device), and freeze everything
+    else."""
     targets = list(_targets(model, config))
     for _, name, module in targets:
         shapes = ([module.in_proj.shape, module.down_proj.shape] if name == "experts"
@@ -318,6 +338,8 @@ def add_adapters(model: Transformer, config: LoRAConfig) -> None:
                 module, "weight", _LowRankDelta(module.weight, config.rank, config.scale))
         else:
             setattr(parent, name, LoRALinear.wrap(module, config.rank, config.scale))
+    if not any(p.is_meta for p in model.parameters()):
+        load_adapters(model, initial_adapters(model, seed))
 
 
 def _adapted(model: nn.Module):
@@ -343,15 +365,21 @@ def adapters_off(model: nn.Module):
 
 
 def adapter_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors, by their names in the adapted model."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters()
-            if "lora_" in name}
+    """The adapters' tensors, whole, by their names in the adapted model (FSDP2's shards
+    gathered: a collective then, every rank calls it)."""
+    return {name: t.detach().contiguous() for name, t in full_tensors(
+        {name: p for name, p in model.named_parameters() if "lora_" in name}).items()}
+
+
+def check_adapters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse adapter ``tensors`` that are not ``model``'s adapters, by name."""
+    if set(tensors) != {name for name, _ in model.named_parameters() if "lora_" in name}:
+        raise ValueError(f"{ADAPTER_FILE}: its adapters do not match the model's LoRA settings")
 
 
 def load_adapters(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    check_adapters(model, tensors)
     own = dict(model.named_parameters())
-    if set(tensors) != {name for name in own if "lora_" in name}:
-        raise ValueError(f"{ADAPTER_FILE}: its adapters do not match the model's LoRA settings")
     with torch.no_grad():
         for name, tensor in tensors.items():
             own[name].copy_(tensor)

@@ -4,8 +4,8 @@
 DPO) computes in each step and evaluation.
 
 A stage has ``name``, ``prepare(tokenizer, template, config) -> config`` (tokenizes its data,
-before any model loads; SFT's epochs may set the steps), ``attach(model, init_from)`` (after
-the weights are in: DPO's reference), ``step(model, optimizer, step, config, mesh) -> record``
+before any model loads; SFT's epochs may set the steps), ``attach(model, init_from, mesh)``
+(after the weights are in: DPO's reference), ``step(model, optimizer, step, config, mesh) -> record``
 and ``evaluate(model, config, mesh) -> record``.
 
 Checkpoints are model folders like pre-training's, with the chat template of ``init_from``
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from moekit.config import DataConfig, ModelConfig, TrainConfig
-from moekit.files import (check_output, read_json, read_safetensors, refuse_if_being_written,
-                          write_json)
+from moekit.files import (atomic_directory, check_output, copy_tokenizer_files, read_json,
+                          read_safetensors, refuse_if_being_written, write_json)
 from moekit.model.io import (FORMAT_VERSION, WEIGHTS_FILE, check_weights_fit,
                              folder_format_version, load_weights, read_model_config,
-                             save_model)
+                             save_model, write_model)
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
-from moekit.parallel.parallelize import parallelize
+from moekit.parallel.parallelize import parallelize, whole_tensors
 from moekit.plan import training_flops_per_token
 from moekit.train import checkpoint as ckpt
 from moekit.train import lora
@@ -92,23 +92,26 @@ def load_chat_tokenizer(folder: str | Path, config: ModelConfig):
 
 
 def _build_model(settings, config, seed, device, run, resume,
-                 mesh: Mesh) -> tuple[Transformer, Path | None]:
-    """The model, and the folder ``parallelize`` reads it from in parts (None: loaded whole
-    here). On several ranks without LoRA a model folder of the current format is read as
-    each rank holds it, as ``moekit train`` reads it (the adapters sit on whole weights)."""
-    torch.manual_seed(seed)  # the adapters' initialisation (a resumed run loads its own)
+                 mesh: Mesh) -> tuple[Transformer, Path | None, dict | None]:
+    """The model, the folder ``parallelize`` reads it from in parts (None: loaded whole here)
+    and the whole tensors it is given beside the folder. On several ranks a model folder of
+    the current format is read as each rank holds it, as ``moekit train`` reads it; with
+    LoRA the base weights so, from ``init_from``, and its small tensors given whole
+    (``_lora_tensors``)."""
     latest = ckpt.latest_checkpoint(run) if resume else None
     folder = Path(settings.init_from if latest is None or settings.lora else latest)
-    if (mesh.world_size > 1 and settings.lora is None
-            and folder_format_version(folder) == FORMAT_VERSION):
+    if mesh.world_size > 1 and folder_format_version(folder) == FORMAT_VERSION:
         with torch.device("meta"):
             model = Transformer(config).train()
         check_weights_fit(model, folder)
-        return model, folder
+        if settings.lora is None:
+            return model, folder, None
+        lora.add_adapters(model, settings.lora, seed)  # (on the meta device: nothing drawn)
+        return model, folder, _lora_tensors(model, folder, latest, seed)
     model = Transformer(config).to(device).train()
     load_weights(model, folder)
     if settings.lora is not None:
-        lora.add_adapters(model, settings.lora)
+        lora.add_adapters(model, settings.lora, seed)
         if latest is not None:  # the adapters, and the router state that moved in training
             lora.load_adapters(model, read_safetensors(latest / lora.ADAPTER_FILE, device))
             saved = read_safetensors(latest / WEIGHTS_FILE, device)
@@ -116,18 +119,48 @@ def _build_model(settings, config, seed, device, run, resume,
                 for name, buffer in model.named_buffers():
                     if name in saved:
                         buffer.copy_(saved[name])
-    return model, None
+    return model, None, None
 
 
-def _checkpoint_files(model, average) -> tuple[dict | None, dict]:
+def _read_tensors(path: Path, names) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the safetensors file ``path`` (those it holds), nothing else
+    read."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        held = set(handle.keys())
+        return {name: handle.get_tensor(name) for name in names if name in held}
+
+
+def _lora_tensors(model: Transformer, base: Path, latest: Path | None,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """What a LoRA model read in parts from its ``base`` folder takes besides, whole (all of
+    it small): its adapters, the checkpoint's (``latest``) or new ones; the router state the
+    checkpoint's training moved; and each adapted router's base weight, which its
+    parametrization holds under another name."""
+    adapters = (read_safetensors(latest / lora.ADAPTER_FILE) if latest is not None
+                else lora.initial_adapters(model, seed))
+    lora.check_adapters(model, adapters)
+    given = dict(adapters)
+    stored = {name: name.replace("parametrizations.weight.original", "weight")
+              for name, _ in model.named_parameters()
+              if name.endswith("parametrizations.weight.original")}
+    base_tensors = _read_tensors(base / WEIGHTS_FILE, stored.values())
+    given.update({name: base_tensors[key] for name, key in stored.items()})
+    if latest is not None:
+        given.update(_read_tensors(latest / WEIGHTS_FILE,
+                                   [name for name, _ in model.named_buffers()]))
+    return given
+
+
+def _checkpoint_files(model, average, mesh: Mesh) -> tuple[dict | None, dict]:
     """The weights a checkpoint's model.safetensors holds (None: the model's own) and the
-    files beside them."""
+    files beside them, whole (a collective: every rank calls it)."""
     beside = {}
     weights = None
     if lora.has_adapters(model):
         weights, beside[lora.ADAPTER_FILE] = lora.merged_weights(model), lora.adapter_weights(model)
-    if average is not None:
-        beside[EMA_FILE] = average.tensors()
+    if average is not None:  # (gathered whole on every rank: small with LoRA)
+        beside[EMA_FILE] = whole_tensors(average.tensors(), model, mesh)
     return weights, beside
 
 
@@ -156,10 +189,13 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                              f"context (max_seq_len={model_config.max_seq_len})")
         tokenizer, template = load_chat_tokenizer(settings.init_from, model_config)
         train_config = stage.prepare(tokenizer, template, train_config)
-        model, in_parts = _build_model(settings, model_config, train_config.seed, device, run,
-                                       resume, mesh)
-    parallel_model = parallelize(model, mesh, in_parts, device)
-    stage.attach(model, settings.init_from)  # (DPO: its reference where the model is)
+        model, in_parts, given = _build_model(settings, model_config, train_config.seed,
+                                              device, run, resume, mesh)
+    parallel_model = parallelize(model, mesh, in_parts, device, given=given)
+    stage.attach(model, settings.init_from, mesh)  # (DPO: its reference laid out as the model)
+    # Training's random draws (dropout) start from the seed however the weights came to be:
+    # read whole (a model built first draws its own), or in parts on a meta model.
+    torch.manual_seed(train_config.seed)
     optimizer = build_optimizer(model, train_config, mesh)
     latest = ckpt.latest_checkpoint(run) if resume else None
     step = ckpt.restore_optimizer_state(latest, model, optimizer, mesh) if resume else 0
@@ -167,7 +203,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
     if settings.ema_decay is not None:
         average = WeightAverage(model, settings.ema_decay)
         if latest is not None:
-            average.load(read_safetensors(latest / EMA_FILE, device))
+            average.load(read_safetensors(latest / EMA_FILE), mesh)
 
     def write_new_run(folder: Path) -> None:
         write_json(folder / RUN_FILE, {**run_record(model_config, train_config, DataConfig()),
@@ -175,7 +211,7 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
         tokenizer.save(folder)
 
     def save(at_step: int) -> Path:
-        weights, beside = _checkpoint_files(model, average)
+        weights, beside = _checkpoint_files(model, average, mesh)
         return ckpt.save_checkpoint(run, at_step, model, optimizer, tokenizer,
                                     {"train": asdict(train_config),
                                      SETTINGS_KEY: settings.to_dict()},
@@ -200,8 +236,24 @@ def post_train(stage, settings: PostTrainSettings, train_config: TrainConfig, ru
                                 flops_per_token=flops_per_token),
                        step, read_metrics(run / METRICS_FILE, step) if resume else [],
                        show_progress, on_step)
-    if average is not None and mesh.is_main:
-        with average.applied():
-            save_model(lora.merged_model(model) if settings.lora else model, run / EMA_FOLDER,
-                       tokenizer_from=result.checkpoint)
+    if average is not None:
+        _save_average(model, average, run / EMA_FOLDER, result.checkpoint, mesh)
     return result
+
+
+def _save_average(model: Transformer, average: WeightAverage, folder: Path,
+                  tokenizer_from: Path, mesh: Mesh) -> None:
+    """The averaged model (LoRA's merged) as a plain model folder; on several ranks gathered
+    whole first (a collective), and written by rank 0."""
+    merge = lora.has_adapters(model)
+    with average.applied():
+        if mesh.world_size == 1:
+            save_model(lora.merged_model(model) if merge else model, folder,
+                       tokenizer_from=tokenizer_from)
+            return
+        weights = whole_tensors(lora.merged_weights(model) if merge else model.state_dict(),
+                                model, mesh)
+    if mesh.is_main:
+        with atomic_directory(folder) as staging:
+            write_model(model, staging, None, weights)
+            copy_tokenizer_files(tokenizer_from, staging)

@@ -161,7 +161,7 @@ class SupervisedFineTuning:
         return replace(config, steps=max(1, -(-len(self.rows) * self.epochs
                                               // config.batch_size)))
 
-    def attach(self, model, base: str) -> None:
+    def attach(self, model, base: str, mesh: Mesh) -> None:
         pass  # nothing beside the policy
 
     def step(self, model, optimizer, step: int, config: TrainConfig, mesh: Mesh) -> dict:
