@@ -8,6 +8,7 @@ Inductor's code generation takes minutes on 2 cores: these tests trace with
 ``backend="aot_eager"`` (dynamo and AOT autograd, no code generation);
 ``benchmarks/serve_step.py --compile`` measures the inductor-compiled step and checks its
 tokens."""
+import itertools
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -55,13 +56,14 @@ def _serve_together(engine):
     engine.scheduler.runner.step = spy
     with engine.scheduler._condition:
         tickets = [engine.submit(prompts, sampling) for prompts, sampling in REQUESTS]
-    texts = []
-    for ticket in tickets:
-        pieces = {}
-        for piece in ticket:
-            pieces[piece.index] = pieces.get(piece.index, "") + piece.text
-        texts.append([pieces[index] for index in sorted(pieces)])
-    return texts, shapes
+    return [_completions(ticket) for ticket in tickets], shapes
+
+
+def _completions(ticket) -> list[str]:
+    """Each completion's text (its pieces joined), by index."""
+    by_index = itertools.groupby(sorted(ticket, key=lambda piece: piece.index),  # stable
+                                 key=lambda piece: piece.index)
+    return ["".join(piece.text for piece in pieces) for _, pieces in by_index]
 
 
 def test_the_compiled_engine_gives_the_eager_tokens_and_three_graphs_serve_every_batch():

@@ -89,11 +89,17 @@ def _step_logits(model: Transformer, ids_B1: torch.Tensor,
     return model(ids_B1, cache=cache).logits[:, -1]
 
 
+def _paged_step_logits(model: Transformer, ids_B1: torch.Tensor,
+                       batch: PagedBatch) -> torch.Tensor:
+    # The same step, as a function of its own: torch.compile keeps the graphs it makes (and
+    # its limit on their number) per function.
+    return _step_logits(model, ids_B1, batch)
+
+
 @functools.cache
-def _compiled_step_logits(backend: str):
-    # Made on first use: importing moekit does not load the compiler. Static shapes: a new
-    # batch size or cache length compiles a graph of its own rather than a slower dynamic one.
-    return torch.compile(_step_logits, dynamic=False, backend=backend)
+def _compiled(step_logits, backend: str, dynamic: bool):
+    # Made on first use: importing moekit does not load the compiler.
+    return torch.compile(step_logits, dynamic=dynamic, backend=backend)
 
 
 class DecodeStep:
@@ -104,7 +110,9 @@ class DecodeStep:
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
-        self._run = _compiled_step_logits(backend) if compile else _step_logits
+        # Static shapes: a new batch size or cache length compiles a graph of its own rather
+        # than a slower dynamic one.
+        self._run = _compiled(_step_logits, backend, dynamic=False) if compile else _step_logits
 
     def __call__(self, ids_B1: torch.Tensor, cache: StaticDecodeCache) -> torch.Tensor:
         return self._run(self.model, ids_B1, cache)
@@ -132,18 +140,6 @@ class DecodeStep:
             self.model.train(was_training)
 
 
-def _paged_step_logits(model: Transformer, ids_B1: torch.Tensor,
-                       batch: PagedBatch) -> torch.Tensor:
-    return model(ids_B1, cache=batch).logits[:, -1]
-
-
-@functools.cache
-def _compiled_paged_step_logits(backend: str):
-    # Dynamic shapes: the batch size and the block tables' width change at every step of a
-    # server, and one graph traced with them symbolic serves them all.
-    return torch.compile(_paged_step_logits, dynamic=True, backend=backend)
-
-
 class PagedDecodeStep:
     """``step(ids_B1, batch) -> logits_BV``: one token per row through ``model`` over a
     ``PagedBatch``, eagerly or compiled (``compile=True``, with torch.compile's ``backend`` as
@@ -157,7 +153,8 @@ class PagedDecodeStep:
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
-        self._run = _compiled_paged_step_logits(backend) if compile else _paged_step_logits
+        self._run = (_compiled(_paged_step_logits, backend, dynamic=True) if compile
+                     else _paged_step_logits)
 
     def __call__(self, ids_B1: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         if not self.compile:
