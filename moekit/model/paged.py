@@ -45,6 +45,11 @@ class KVBlockPool:
                        for _ in range(config.kv_groups)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pop() takes the lowest
+        # Its sizes never change. Static for a step compiled with dynamic sizes
+        # (``PagedDecodeStep``), they cannot be taken for the same size as a table width that
+        # equals one of them while it traces (which would tie the graph to that width).
+        for buffer in (*self.keys, *self.values):
+            torch._dynamo.mark_static(buffer)
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
