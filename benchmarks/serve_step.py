@@ -4,6 +4,7 @@
     python benchmarks/serve_step.py                                        # moekit alone
     python benchmarks/serve_step.py --compile         # moekit eager and compiled, side by side
     python benchmarks/serve_step.py --compile --vllm /work/peers-vllm/.venv/bin/python
+    python benchmarks/serve_step.py --compile --profile    # the operators of one step each
 
 Where ``benchmarks/serve_load.py``'s time goes below the HTTP layer: the same tiny checkpoint
 (``serve_load.build_checkpoint``), ``--rows`` greedy sequences decoding together, no server.
@@ -23,6 +24,7 @@ after vLLM, which shows how much the machine's other load moved in between.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -34,17 +36,27 @@ from pathlib import Path
 
 import torch
 
+PROFILED_STEPS = 10  # with --profile, full-batch steps profiled (and left out of the timing)
 
-def moekit_step(folder: Path, rows: int, steps: int, compile: bool = False) -> dict:
+def moekit_step(folder: Path, rows: int, steps: int, compile: bool = False,
+                profile: bool = False) -> dict:
     from serve_load import prompt
 
     from moekit.serve import Sampling, load_engine
     engine = load_engine(folder, max_batch=rows, compile=compile)
     runner = engine.scheduler.runner
     decode, prefill = runner.decode, runner.prefill
-    forwards, starts = [], []  # starts: when each full-batch decode began (None: a prefill)
+    forwards, starts = [], []  # starts: when each full-batch decode began (None: not timed)
+    profiled = []  # the operators of each profiled step
 
     def timed_decode(tokens, tables, lengths):
+        if profile and forwards and len(profiled) < PROFILED_STEPS and len(tokens) == rows:
+            starts.append(None)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                        ) as profiler:
+                logits = decode(tokens, tables, lengths)
+            profiled.append(profiler.key_averages())
+            return logits
         start = time.perf_counter()
         logits = decode(tokens, tables, lengths)
         if len(tokens) == rows:
@@ -79,7 +91,23 @@ def moekit_step(folder: Path, rows: int, steps: int, compile: bool = False) -> d
         engine.close()
     intervals = [b - a for a, b in zip(starts, starts[1:]) if a is not None and b is not None]
     return {"step": statistics.median(intervals), "forward": statistics.median(forwards),
-            "texts": texts, "compile": engine.compile_seconds}
+            "texts": texts, "compile": engine.compile_seconds,
+            "operators": operator_summary(profiled) if profiled else None}
+
+
+def operator_summary(steps: list) -> dict:
+    """The aten operator calls per profiled step, and the five operators of most self time
+    over all of them, with their shares."""
+    calls, self_time = collections.Counter(), collections.Counter()
+    for averages in steps:
+        for event in averages:
+            if event.key.startswith("aten::"):
+                calls[event.key] += event.count
+                self_time[event.key] += event.self_cpu_time_total
+    total = sum(self_time.values())
+    return {"calls": sum(calls.values()) // len(steps),
+            "top": ", ".join(f"{name} {time / total:.0%}"
+                             for name, time in self_time.most_common(5))}
 
 
 def vllm_step(folder: str, rows: int, steps: int) -> dict:
@@ -115,6 +143,9 @@ def main() -> None:
                         help="the Python of a venv with vLLM's CPU build: time its engine too")
     parser.add_argument("--compile", action="store_true",
                         help="time moekit with its decoding step compiled too (inductor)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile full-batch steps of each moekit engine (torch.profiler, "
+                        "not timed): their aten operator calls and where their time goes")
     parser.add_argument("--vllm-engine", metavar="FOLDER", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_engine:  # this file, run by ``--vllm`` in vLLM's interpreter
@@ -131,7 +162,7 @@ def main() -> None:
         build_checkpoint(folder)
         engines = {"moekit": False, **({"moekit --compile": True} if args.compile else {})}
         for name, compile in engines.items():
-            results[name] = moekit_step(folder, args.rows, args.steps, compile)
+            results[name] = moekit_step(folder, args.rows, args.steps, compile, args.profile)
         if args.vllm:
             from moekit.convert.hf_folder import export_hf_folder
             export_hf_folder(folder, Path(tmp) / "tiny-mixtral", "mixtral", tokenizer_from=folder)
@@ -157,6 +188,10 @@ def main() -> None:
                   else "-")
         print(f"| {name} | {1e3 * result['step']:.2f} | {forward} | "
               f"{args.rows / result['step']:.0f} | {versus} |")
+    for name, result in results.items():
+        if result.get("operators"):
+            print(f"{name}, {PROFILED_STEPS} profiled steps: {result['operators']['calls']} "
+                  f"aten operator calls a step; self time: {result['operators']['top']}")
     if args.compile:
         compiled = results["moekit --compile"]
         same = sum(a == b for a, b in zip(compiled["texts"], results["moekit"]["texts"]))

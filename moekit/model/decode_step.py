@@ -107,8 +107,9 @@ def _compiled_paged(backend: str):
     if backend != "inductor":
         return _compiled(_paged_step_logits, backend, dynamic=True)
     # Its kernels called from C++, not from Python: the step's hundred-odd kernels are small,
-    # and Python's calls between them were a sixth of the compiled step at 16 rows (2.40 ms
-    # against 2.01 ms, tiny preset, one thread), for about 10 s more compilation per graph.
+    # and Python's calls between them cost the compiled forward at 16 rows about a sixth
+    # (benchmarks/serve_step.py --compile, tiny preset: 3.5 ms before, 2.9-3.1 ms after), for
+    # seconds more compilation per graph.
     return torch.compile(_paged_step_logits, dynamic=True, options={"cpp_wrapper": True})
 
 
