@@ -16,8 +16,10 @@ what full fine-tuning and LoRA differ by; computed from the shapes, not a measur
 the median step time. Then the LoRA/full step-time ratio, the steps taking turns (rank 8,
 experts included), with its range over rounds, in wall time and in CPU time, beside the
 frozen floor's (a step with no adapters that runs the backward LoRA needs: what no adapter
-implementation can beat), and one profiled step of each. Shared machines are noisy: the
-header prints the CPU and load; only ratios within one run compare.
+implementation can beat), and one profiled step of each. ``--tables products``: the routed
+experts' rank-8 products of a tiny training batch computed three ways side by side (below).
+Shared machines are noisy: the header prints the CPU and load; only ratios within one run
+compare.
 """
 from __future__ import annotations
 
@@ -191,8 +193,9 @@ def main() -> None:
     parser.add_argument("--long-steps", type=int, default=100)
     parser.add_argument("--tables", default="post,long",
                         help="post (post-training, ending with the step times), steps (the "
-                        "LoRA and full step times alone), long (long-context stage), or "
-                        "several, comma-separated")
+                        "LoRA and full step times alone), long (long-context stage), products "
+                        "(the experts' rank-8 products three ways), or several, "
+                        "comma-separated")
     parser.add_argument("--threads", type=int,
                         help="torch's CPU threads (default: torch's own choice); with 1, CPU "
                         "time counts less of other jobs on a shared machine")
@@ -205,6 +208,10 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"{_cpu()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
+    if "products" in args.tables:
+        rank_products(preset("tiny"), args.rounds)
+    if not {"post", "steps", "long"} & set(args.tables.split(",")):
+        return
     work = Path(tempfile.mkdtemp(prefix="moekit-post-training-"))
     pretrain = TrainConfig(steps=args.pretrain_steps)
     pretrained = args.pretrained or train(preset("tiny"), pretrain, DataConfig(),
@@ -306,6 +313,88 @@ def step_times(pretrained: Path, rounds: int) -> None:
                                                                sft_config).items():
         print(f"    {name:6} {calls:5} matmuls {matmul_ms:7.1f} ms of {total_ms:7.1f} ms")
 
+
+
+def _best_seconds(forms: dict, rounds: int, calls: int = 5) -> dict[str, float]:
+    """Each form's least time per call over ``rounds`` rounds, the forms taking turns."""
+    best = dict.fromkeys(forms, math.inf)
+    for _ in range(rounds + 1):
+        for name, form in forms.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                form()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return best
+
+
+def rank_products(config, rounds: int, rank: int = 8) -> None:
+    """The four rank-R products of LoRA on the routed experts' input projection [E, I, D] for
+    one tiny training batch (16 x 128 tokens, top-k routes, a seeded uniform routing): x A^T,
+    g B, and the factors' gradients (g B)^T x and (x A^T)^T g, per expert's block of rows.
+    Three ways: torch's grouped matmul (what ``LoRAExperts`` runs; on a CPU a loop of small
+    matmuls), one dense product over every expert's factors [E * R, D] with each row's other
+    experts' columns masked to zero (exact: E-fold the products' arithmetic, far fewer
+    calls), and batched matmuls over the rows padded per expert (the copies in and out
+    counted). All three are checked against each other first."""
+    moe = config.moe
+    experts, hidden, inner = moe.num_experts, moe.hidden_size, 2 * moe.ffn_size
+    generator = torch.Generator().manual_seed(0)
+    expert_N = torch.randint(0, experts, (16 * 128 * moe.top_k,), generator=generator).sort()[0]
+    counts_E = torch.bincount(expert_N, minlength=experts)
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    rows = len(expert_N)
+    x_ND, g_NI = torch.randn(rows, hidden), torch.randn(rows, inner)
+    A_ERD, B_EIR = torch.randn(experts, rank, hidden), torch.randn(experts, inner, rank)
+
+    def grouped():
+        low_NR = F.grouped_mm(x_ND, A_ERD.transpose(1, 2), offs=offsets_E)
+        grad_low_NR = F.grouped_mm(g_NI, B_EIR, offs=offsets_E)
+        return (low_NR, grad_low_NR, F.grouped_mm(grad_low_NR.t(), x_ND, offs=offsets_E),
+                F.grouped_mm(low_NR.t(), g_NI, offs=offsets_E).mT)
+
+    # Each row's own expert's R columns of the E * R: the mask is made once per forward.
+    own_NC = (expert_N[:, None] == torch.arange(experts).repeat_interleave(rank)).float()
+    A_CD = A_ERD.reshape(experts * rank, hidden)
+    B_IC = B_EIR.permute(1, 0, 2).reshape(inner, experts * rank)
+
+    def masked_dense():
+        low_NC = (x_ND @ A_CD.t()) * own_NC
+        grad_low_NC = (g_NI @ B_IC) * own_NC
+        return (low_NC, grad_low_NC, grad_low_NC.t() @ x_ND, g_NI.t() @ low_NC)
+
+    longest = int(counts_E.max())
+    slot_N = torch.arange(rows) - (offsets_E - counts_E).repeat_interleave(counts_E) + (
+        expert_N * longest)  # each row's place in the padded [E * longest] rows
+
+    def padded(t_NX):
+        out = t_NX.new_zeros(experts * longest, t_NX.shape[1])
+        return out.index_copy_(0, slot_N, t_NX).view(experts, longest, -1)
+
+    def padded_bmm():
+        x_ELD, g_ELI = padded(x_ND), padded(g_NI)
+        low_ELR = torch.bmm(x_ELD, A_ERD.transpose(1, 2))
+        grad_low_ELR = torch.bmm(g_ELI, B_EIR)
+        return (low_ELR.view(-1, rank)[slot_N], grad_low_ELR.view(-1, rank)[slot_N],
+                torch.bmm(grad_low_ELR.transpose(1, 2), x_ELD),
+                torch.bmm(low_ELR.transpose(1, 2), g_ELI).mT)
+
+    reference = grouped()
+    low_NC, grad_low_NC, grad_A_CD, grad_B_IC = masked_dense()
+    own_block = (torch.arange(rows), expert_N)  # each row's own R columns, as [N, R]
+    dense_in_blocks = (low_NC.view(rows, experts, rank)[own_block],
+                       grad_low_NC.view(rows, experts, rank)[own_block],
+                       grad_A_CD.view(experts, rank, hidden),
+                       grad_B_IC.view(inner, experts, rank).permute(1, 0, 2))
+    for other in (dense_in_blocks, padded_bmm()):
+        for got, want in zip(other, reference):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    best = _best_seconds({"grouped": grouped, "masked dense": masked_dense,
+                          "padded bmm": padded_bmm}, rounds)
+    print(f"\nThe experts' four rank-{rank} products (input projection, {experts} experts, "
+          f"D {hidden}, I {inner}, {rows} rows), least of {rounds} rounds in turns (load "
+          f"average now {os.getloadavg()[0]:.1f}):")
+    for name, seconds in best.items():
+        print(f"  {name:12} {seconds * 1e6:7.0f} us  {seconds / best['grouped']:.2f}x grouped")
 
 if __name__ == "__main__":
     main()

@@ -256,6 +256,35 @@ def test_lora_products_and_their_gradients_match_by_hand(blocks, merges, dtype):
         torch.testing.assert_close(got.double(), want, **tolerance)
 
 
+def test_lora_forms_x_a_once_in_the_forward_and_only_for_b_s_gradient():
+    """With the update merged, a projection's products are the merge, the base product and x
+    A^T (B's gradient operand, formed while x is in cache and kept), then in the backward the
+    input gradient, g B, B's and A's gradients: x A^T is not formed again. Without gradients
+    (evaluation, DPO's reference) it is not formed at all."""
+    def products(run, kinds) -> int:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        return sum(event.count for event in prof.key_averages() if event.key in kinds)
+
+    torch.manual_seed(0)
+    experts = lora.LoRAExperts.wrap(GroupedExperts(4, 32, 32).requires_grad_(False), rank=4,
+                                    scale=1.5)
+    linear = lora.LoRALinear.wrap(torch.nn.Linear(32, 64).requires_grad_(False), rank=4,
+                                  scale=1.5)
+    blocks = torch.tensor([400, 0, 500, 300])
+    x = torch.randn(int(blocks.sum()), 32, requires_grad=True)
+    assert lora.merging_pays(len(x), 4, 64, 32)
+    grouped, dense = {"aten::_grouped_mm", "aten::baddbmm"}, {"aten::mm", "aten::addmm"}
+    for module, inputs, kinds, projections in ((experts, (x, blocks), grouped, 2),
+                                               (linear, (x,), dense, 1)):
+        with torch.no_grad():
+            assert products(lambda: module(*inputs), kinds) == 2 * projections
+        outputs = []
+        assert products(lambda: outputs.append(module(*inputs)), kinds) == 3 * projections
+        assert products(lambda: outputs[0].backward(torch.randn_like(outputs[0])),
+                        kinds) == 4 * projections
+
+
 def test_lora_reaches_the_experts_when_decoding_a_token():
     """A few routes take the small-batch path, each through its expert's own weights: with
     adapters, those weights merged with their updates."""

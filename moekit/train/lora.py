@@ -128,46 +128,48 @@ class _LowRankProduct(torch.autograd.Function):
     more than full fine-tuning's weight gradient did (three products per projection each way,
     each output a new [N, O] or [N, X] tensor added to the base's, the scale one more pass).
     With ``merge`` (``merging_pays``) the base products, output and input gradient, use
-    W + scale B A: the forward costs what the frozen one does and the backward adds only the
-    factors' own gradients. Otherwise the low-rank output is added to the base's. The scale
-    costs no pass over the rows' outputs; the base weight gets a gradient only where it
-    trains."""
+    W + scale B A: the forward costs what the frozen one does plus x A^T, and the backward
+    adds only the factors' own gradients. Otherwise the low-rank output is added to the
+    base's. The scale multiplies the small factor B, never the rows' products; the base weight
+    gets a gradient only where it trains.
+
+    The rank-R products are small and bound by reading their [N, X] or [N, O] operand, so
+    each is placed where that operand is in cache: x A^T right after the base product has
+    read x (``keep_low``: kept for B's gradient, [N, R], R/O of the output's size), and in the
+    backward the three products over the output gradient back to back, then A's gradient."""
 
     @staticmethod
-    def forward(ctx, x_NX, weight, lora_A, lora_B, offsets_E, scale, merge):
+    def forward(ctx, x_NX, weight, lora_A, lora_B, offsets_E, scale, merge, keep_low):
         if merge:
             add_product = torch.addmm if weight.dim() == 2 else torch.baddbmm
             product_weight = add_product(weight, lora_B, lora_A, alpha=scale)
             y_NO = _rows_times_transposed(x_NX, product_weight, offsets_E)
+            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E) if keep_low else None
         else:
             product_weight = weight
-            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E).mul_(scale)
             y_NO = _rows_times_transposed(x_NX, weight, offsets_E)
-            y_NO += _rows_times_transposed(low_NR, lora_B, offsets_E)
-        ctx.save_for_backward(x_NX, product_weight, lora_A, lora_B, offsets_E)
+            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
+            y_NO += _rows_times_transposed(low_NR, lora_B * scale, offsets_E)
+        ctx.save_for_backward(x_NX, product_weight, lora_A, lora_B, low_NR, offsets_E)
         ctx.scale, ctx.merge = scale, merge
         return y_NO
 
     @staticmethod
     def backward(ctx, grad_NO):
-        x_NX, product_weight, lora_A, lora_B, offsets_E = ctx.saved_tensors
+        x_NX, product_weight, lora_A, lora_B, low_NR, offsets_E = ctx.saved_tensors
         needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
         grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
-        grad_low_NR = (_rows_times(grad_NO, lora_B, offsets_E).mul_(ctx.scale)
+        grad_x = _rows_times(grad_NO, product_weight, offsets_E) if needs_x else None
+        grad_low_NR = (_rows_times(grad_NO, lora_B * ctx.scale, offsets_E)
                        if needs_A or (needs_x and not ctx.merge) else None)
-        grad_x = None
-        if needs_x:
-            grad_x = _rows_times(grad_NO, product_weight, offsets_E)
-            if not ctx.merge:
-                grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
         grad_B = None
         if needs_B:  # as (low^T g)^T: with the rank on the output's rows, twice as fast on CPU
-            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
             grad_B = _weight_gradient(low_NR, grad_NO, offsets_E).mul_(ctx.scale).mT
-        return (grad_x,
-                _weight_gradient(grad_NO, x_NX, offsets_E) if needs_weight else None,
-                _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None,
-                grad_B, None, None, None)
+        grad_weight = _weight_gradient(grad_NO, x_NX, offsets_E) if needs_weight else None
+        if needs_x and not ctx.merge:
+            grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
+        grad_A = _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None
+        return grad_x, grad_weight, grad_A, grad_B, None, None, None, None
 
 
 def _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, scale):
@@ -176,8 +178,10 @@ def _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, scale):
     rows, (out_features, in_features) = x_NX.shape[0], weight.shape[-2:]
     matrices = 1 if offsets_E is None else weight.shape[0]
     merge = merging_pays(rows, matrices, out_features, in_features)
+    keep_low = torch.is_grad_enabled() and lora_B.requires_grad  # B's gradient will need it
     with torch.autocast(x_NX.device.type, enabled=False):
-        return _LowRankProduct.apply(x_NX, weight, lora_A, lora_B, offsets_E, scale, merge)
+        return _LowRankProduct.apply(x_NX, weight, lora_A, lora_B, offsets_E, scale, merge,
+                                     keep_low)
 
 
 class LoRALinear(nn.Linear):
