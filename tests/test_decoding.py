@@ -146,8 +146,7 @@ def test_the_traced_step_gives_the_eager_tokens_and_traces_once(path, batch, dty
     step = DecodeStep(model, compile=True, backend="aot_eager")
     graphs = counters["stats"]["unique_graphs"]
     assert step.prepare(batch_size=batch, cache_len=40) > 0
-    if path != "grouped":  # fp32's grouped matmul runs eagerly, between graphs
-        assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, no break
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # one graph, no break
     graphs = counters["stats"]["unique_graphs"]
     for prompt, new_tokens in (([7, 3, 9, 4], 10), ([2], 30)):  # both in one cache length
         prompts = [prompt, prompt[::-1] + [1], [9] + prompt][:batch]

@@ -106,13 +106,15 @@ def test_paged_rows_at_different_positions_decode_as_each_alone(window):
         for _ in range(9):
             batch = PagedBatch(pool, tables, lengths)
             tokens = model(torch.tensor(tokens)[:, None], cache=batch).logits[:, -1].argmax(-1)
-            tokens, lengths = tokens.tolist(), batch.lengths
+            tokens, lengths = tokens.tolist(), [length + 1 for length in lengths]
             for output, token in zip(outputs, tokens):
                 output.append(token)
     assert outputs == [generate(model, [prompt], 10)[0] for prompt in prompts]
     assert pool.used_blocks == 4 + 3 + 5  # ceil((5, 3, 11) + 9 over 4)
     with pytest.raises(ValueError, match="do not fit a row's KV blocks"):
-        PagedBatch(pool, [tables[0]], [20]).check_room(1)
+        PagedBatch(pool, [tables[0]], [20])
+    with pytest.raises(ValueError, match="new_positions=1; the forward brings 2"):
+        model(torch.ones(1, 2, dtype=torch.long), cache=PagedBatch(pool, [tables[0]], [0]))
 
 
 def test_requests_share_decoding_steps_and_get_what_they_get_alone(served):
@@ -413,6 +415,7 @@ def test_an_engine_failure_fails_its_requests_and_the_next_ones_are_served():
     (["--request-timeout", "-1"], "-1.0 is not allowed: expected a number > 0"),
     (["--log-routing", "EXISTING"], "exists and is not empty: pass --overwrite"),
     (["--log-routing", "CHECKPOINT/routing.jsonl"], "writing there would destroy it"),
+    (["--compile", "--expert-memory", "1GB"], "--compile does not go with --expert-memory"),
 ])
 def test_cli_serve_refuses_bad_batching_flags_in_one_line(tmp_path, capsys, flags, words):
     from moekit.cli import main

@@ -55,6 +55,14 @@ def register(subcommands) -> None:
     batching.add_argument("--max-waiting", type=positive_int, default=64, metavar="N",
                           help="most requests waiting for memory or a batch row; past it a "
                           "request gets 429 with Retry-After (default 64)")
+    batching.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                          help="compile the decoding step with torch.compile (inductor) "
+                          "before serving, with the batch size and the block tables' width "
+                          "dynamic: three graphs (batches of 1, 2, and 3 or more rows) serve "
+                          "every step; the compilation, timed on stderr, takes about a minute "
+                          "on a 2-core CPU (less from inductor's on-disk cache), paid once per "
+                          "start. Not with --split, --expert-memory or quantized experts "
+                          "(docs/inference.md, Serving; default off)")
     safety = parser.add_argument_group("safety")
     safety.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="S",
                         help="deadline of a request, from arrival to its last token, in "
@@ -108,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} {value} is not allowed: expected a positive integer")
     if args.kv_cache_gib is not None and args.kv_cache_gib <= 0:
         raise ValueError(f"--kv-cache-gib {args.kv_cache_gib} is not allowed: expected > 0")
+    if args.compile and (args.split is not None or args.expert_memory is not None):
+        other = "--split" if args.split is not None else "--expert-memory"
+        raise ValueError(f"--compile does not go with {other}: the compiled step needs the "
+                         "whole model resident in one process")
     if args.split is not None and args.expert_memory is not None:
         raise ValueError("--split and --expert-memory do not go together: a split model holds "
                          "its experts in memory, spread over the processes")
@@ -148,7 +160,10 @@ def _serve(args: argparse.Namespace, device: str, split_timeout: float | None) -
         kv_cache_bytes=None if args.kv_cache_gib is None else int(args.kv_cache_gib * GIB),
         kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
         max_batch=args.max_batch_size, max_waiting=args.max_waiting,
-        request_timeout=args.request_timeout, routing_log=args.log_routing)
+        request_timeout=args.request_timeout, routing_log=args.log_routing,
+        compile=args.compile)
+    if args.compile:
+        print(f"compiled the decoding step in {engine.compile_seconds:.1f} s", file=sys.stderr)
     pool = engine.pool
     print(f"serving {engine.name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}; KV cache: {pool.num_blocks} "

@@ -1,4 +1,4 @@
-"""A decoding step whose shapes never change, so that ``torch.compile`` traces it once.
+"""Decoding steps that ``torch.compile`` traces once: over a fixed-size cache, or a paged one.
 
 ``KVCache`` hands attention the positions filled so far (``keys[:, :, :length]``), one more at
 every step: a new shape each token, which a compiled step would have to retrace. A
@@ -11,13 +11,17 @@ generation, and every generation of the same batch size and cache length.
 ``DecodeStep`` runs that step, eagerly or compiled (``compile=True``). Eager, it gives the
 tokens of recomputing each sequence whole (tested); compiled, inductor fuses the norms, RoPE,
 the activations and the small-batch experts' gathers, and the step runs without Python between
-its kernels (one graph, where the experts take the small-batch or the mid-batch path or run
-in bf16; in fp32 the grouped matmul runs eagerly between graphs). The first step of a new
-batch size or cache length pays the compilation (minutes on a 2-core CPU the first time,
-seconds from inductor's on-disk cache); ``DecodeStep.prepare`` pays it ahead, on scratch
-buffers, so that a server or a benchmark pays it once at start, not in a request. Cache
-lengths are rounded up to a multiple of ``CACHE_LENGTH_STEP`` so that prompts of different
-lengths share a graph.
+its kernels (one graph, the grouped matmul of fp32 experts in it as an operator of ours,
+``moekit.moe.experts.opaque_grouped_mm``). The first step of a new batch size or cache length
+pays the compilation (minutes on a 2-core CPU the first time, seconds from inductor's on-disk
+cache); ``DecodeStep.prepare`` pays it ahead, on scratch buffers, so that a server or a
+benchmark pays it once at start, not in a request. Cache lengths are rounded up to a multiple
+of ``CACHE_LENGTH_STEP`` so that prompts of different lengths share a graph.
+
+``PagedDecodeStep`` is the serving engine's step over the paged KV cache
+(``moekit.model.paged``), whose batch size and block-table width change from step to step:
+compiled, those sizes are symbolic in its graphs, so that a few graphs made at start serve
+every step.
 
 Shapes: B rows, G key/value heads, P cache positions (the buffer's whole length), Dh head dim,
 V vocabulary.
@@ -29,6 +33,7 @@ import time
 
 import torch
 
+from moekit.model.paged import KVBlockPool, PagedBatch
 from moekit.model.transformer import KVCache, Transformer
 
 # Cache lengths are multiples of this (up to the model's context): one compiled graph serves
@@ -84,11 +89,28 @@ def _step_logits(model: Transformer, ids_B1: torch.Tensor,
     return model(ids_B1, cache=cache).logits[:, -1]
 
 
+def _paged_step_logits(model: Transformer, ids_B1: torch.Tensor,
+                       batch: PagedBatch) -> torch.Tensor:
+    # The same step, as a function of its own: torch.compile keeps the graphs it makes (and
+    # its limit on their number) per function.
+    return _step_logits(model, ids_B1, batch)
+
+
 @functools.cache
-def _compiled_step_logits(backend: str):
-    # Made on first use: importing moekit does not load the compiler. Static shapes: a new
-    # batch size or cache length compiles a graph of its own rather than a slower dynamic one.
-    return torch.compile(_step_logits, dynamic=False, backend=backend)
+def _compiled(step_logits, backend: str, dynamic: bool):
+    # Made on first use: importing moekit does not load the compiler.
+    return torch.compile(step_logits, dynamic=dynamic, backend=backend)
+
+
+@functools.cache
+def _compiled_paged(backend: str):
+    if backend != "inductor":
+        return _compiled(_paged_step_logits, backend, dynamic=True)
+    # Its kernels called from C++, not from Python: the step's hundred-odd kernels are small,
+    # and Python's calls between them cost the compiled forward at 16 rows about a sixth
+    # (benchmarks/serve_step.py --compile, tiny preset: 3.5 ms before, 2.9-3.1 ms after), for
+    # seconds more compilation per graph.
+    return torch.compile(_paged_step_logits, dynamic=True, options={"cpp_wrapper": True})
 
 
 class DecodeStep:
@@ -99,7 +121,9 @@ class DecodeStep:
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
-        self._run = _compiled_step_logits(backend) if compile else _step_logits
+        # Static shapes: a new batch size or cache length compiles a graph of its own rather
+        # than a slower dynamic one.
+        self._run = _compiled(_step_logits, backend, dynamic=False) if compile else _step_logits
 
     def __call__(self, ids_B1: torch.Tensor, cache: StaticDecodeCache) -> torch.Tensor:
         return self._run(self.model, ids_B1, cache)
@@ -125,3 +149,49 @@ class DecodeStep:
             return time.perf_counter() - start
         finally:
             self.model.train(was_training)
+
+
+class PagedDecodeStep:
+    """``step(ids_B1, batch) -> logits_BV``: one token per row through ``model`` over a
+    ``PagedBatch``, eagerly or compiled (``compile=True``, with torch.compile's ``backend`` as
+    for ``DecodeStep``). Compiled, the batch size and the width of the block tables are
+    symbolic in the graph, so that the three graphs ``prepare`` makes serve every batch a
+    server decodes: one row (torch specialises a size of 1; tables are at least two blocks
+    wide for the same reason, ``PagedBatch``), two rows (at top-2, the MoE layers' small-batch
+    path, ``moekit.moe.layer``), and three or more. Scalars that the statistics read (Skywork's
+    adaptive coefficient) are traced too, where they would otherwise break the graph at every
+    MoE layer."""
+
+    def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
+        self.model, self.compile = model, compile
+        self._run = _compiled_paged(backend) if compile else _paged_step_logits
+
+    def __call__(self, ids_B1: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        if not self.compile:
+            return self._run(self.model, ids_B1, batch)
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            return self._run(self.model, ids_B1, batch)
+
+    @torch.inference_mode()
+    def prepare(self, pool: KVBlockPool, max_batch: int) -> float:
+        """Run a step at every batch size up to ``max_batch`` on a free block of ``pool``
+        (what it held is overwritten, as a sequence's prefill would): every graph a server
+        needs is compiled before any request. Returns the seconds it took (0.0 when not
+        compiled); a ValueError when the model's step does not trace."""
+        if not self.compile:
+            return 0.0
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+        start = time.perf_counter()
+        device = pool.keys[0].device
+        blocks = pool.allocate(1)
+        try:
+            for rows in range(1, max_batch + 1):
+                ids_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
+                self(ids_B1, PagedBatch(pool, [blocks] * rows, [0] * rows))
+        except GuardOnDataDependentSymNode as error:
+            raise ValueError("this model's decoding step does not compile: its Python code "
+                             "branches on tensor values (quantized or offloaded experts do, "
+                             f"per expert): {str(error).splitlines()[0]}") from None
+        finally:
+            pool.release(blocks)
+        return time.perf_counter() - start

@@ -78,6 +78,20 @@ def autocast_grouped_operands(x_NI: torch.Tensor,
     return tuple(t.to(dtype) for t in (x_NI, *weights_EOI))
 
 
+@torch.library.custom_op("moekit::grouped_mm", mutates_args=())
+def opaque_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor,
+                      offsets_E: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` as one operator that compiled code calls inside its graph, in every
+    dtype its kernel takes: torch 2.13's own traces in bf16 only (its fake kernel refuses the
+    fp32 that its CPU kernel takes). No autograd: for decoding."""
+    return F.grouped_mm(x_NI, w_EIO, offs=offsets_E)
+
+
+@opaque_grouped_mm.register_fake
+def _(x_NI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+
+
 def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
                    tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """y_NO: each block of rows through its expert's matrix as ``F.linear`` does (x @ w^T, the
@@ -86,12 +100,15 @@ def grouped_linear(x_NI: torch.Tensor, w_EOI: torch.Tensor,
     The fallback (old torch builds, float64, unaligned sizes) multiplies block by block; its
     backward still builds each weight gradient once (unbind's backward stacks them)."""
     x_NI, w_EOI = autocast_grouped_operands(x_NI, w_EOI)
-    if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
-        # torch 2.13's grouped_mm traces in bf16 only (its fake kernel refuses the fp32 that
-        # its CPU kernel takes): compiled code calls it eagerly, between two graphs.
-        return _grouped_linear_eagerly(x_NI, w_EOI, tokens_per_expert_E)
     w_EIO = w_EOI.transpose(1, 2)  # a view: grouped_mm reads the [out, in] memory as it is
-    if grouped_mm_supported(x_NI, w_EIO):
+    supported = grouped_mm_supported(x_NI, w_EIO)
+    if torch.compiler.is_compiling() and x_NI.dtype != torch.bfloat16:
+        # grouped_mm does not trace in this dtype: without autograd as our own operator,
+        # inside the graph; with it eagerly, between two graphs.
+        if supported and not torch.is_grad_enabled():
+            return opaque_grouped_mm(x_NI, w_EIO, tokens_per_expert_E.cumsum(0).to(torch.int32))
+        return _grouped_linear_eagerly(x_NI, w_EOI, tokens_per_expert_E)
+    if supported:
         offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
         return _DenseGradient.apply(F.grouped_mm(x_NI, w_EIO, offs=offsets_E))
     blocks = x_NI.split(tokens_per_expert_E.tolist())

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from moekit.devices import free_memory_bytes
 from moekit.model import KVCache, Transformer
+from moekit.model.decode_step import PagedDecodeStep
 from moekit.model.paged import KVBlockPool
 from moekit.serve.metrics import RoutingLog, ServeMetrics
 from moekit.serve.runner import ModelRunner
@@ -42,14 +43,17 @@ class Engine:
     ``max_waiting`` requests queued (more: ``Overloaded``), ``request_timeout`` seconds from
     arrival to the last token; ``routing_log``: a file path for the per-request routing log;
     ``runner``: makes the scheduler's forwards from the model and the pool (a split model's
-    runs them on all its processes, ``moekit/serve/split.py``)."""
+    runs them on all its processes, ``moekit/serve/split.py``); ``compile``: the decoding step
+    compiled with torch.compile's ``compile_backend`` (``PagedDecodeStep``), its graphs made
+    here, before any request (``compile_seconds`` says how long it took)."""
 
     def __init__(self, model: Transformer, tokenizer, name: str, *, max_tokens_limit: int = 1024,
                  max_n: int = 8, kv_cache_bytes: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, max_batch: int = 32,
                  max_waiting: int = 64, request_timeout: float | None = None,
                  routing_log=None, chat_template: str | None = None,
-                 aliases: tuple[str, ...] = (), runner=ModelRunner):
+                 aliases: tuple[str, ...] = (), runner=ModelRunner, compile: bool = False,
+                 compile_backend: str = "inductor"):
         # ``name`` is the one /v1/models lists and responses carry; requests may also use aliases
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.aliases = aliases
@@ -69,9 +73,11 @@ class Engine:
         self.metrics.kv_blocks_total.set(self.pool.num_blocks)
         self.routing_log = (None if routing_log is None
                             else RoutingLog(routing_log, self.metrics.moe_layers))
-        self.scheduler = Scheduler(runner(model, self.pool), tokenizer, max_batch=max_batch,
-                                   max_waiting=max_waiting, metrics=self.metrics,
-                                   routing_log=self.routing_log)
+        step = PagedDecodeStep(model, compile, compile_backend)
+        self.compile_seconds = step.prepare(self.pool, max_batch)
+        self.scheduler = Scheduler(runner(model, self.pool, step=step), tokenizer,
+                                   max_batch=max_batch, max_waiting=max_waiting,
+                                   metrics=self.metrics, routing_log=self.routing_log)
 
     def _check(self, prompt_ids: list[list[int]], sampling: Sampling) -> None:
         context = self.model.config.max_seq_len

@@ -9,6 +9,7 @@ hits, misses and bytes loaded, read from the cache at each scrape.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ class ServeMetrics:
                                                  for e in range(experts)]
                 self._hooks.append(
                     block.ffn.router.register_forward_hook(self._recorder(number)))
+        self._pair_children = [child for children in self._routed_children.values()
+                               for child in children]
         cache = expert_cache(model)
         if cache is not None:
             registry.register(ExpertCacheCollector(cache))
@@ -75,15 +78,20 @@ class ServeMetrics:
 
     def count_routing(self) -> list[tuple[torch.Tensor, int]]:
         """Count the last forward's routes into the metrics, and return them per MoE layer:
-        (expert ids [T, K], number of experts)."""
-        routes = []
-        for number, expert_ids_TK in self._routes.items():
-            children = self._routed_children[number]
-            counts = expert_ids_TK.flatten().bincount(minlength=len(children)).tolist()
-            for child, count in zip(children, counts):
-                if count:
-                    child.inc(count)
-            routes.append((expert_ids_TK, len(children)))
+        (expert ids [T, K], number of experts). Counted for all layers at once, (layer,
+        expert) pairs numbered one after the other, so that the counts come to the host in
+        one transfer."""
+        routes = [(self._routes[number], len(children))
+                  for number, children in self._routed_children.items()]
+        if not routes:
+            return routes
+        firsts = itertools.accumulate((experts for _, experts in routes[:-1]), initial=0)
+        pair_ids = torch.cat([expert_ids_TK.flatten() + first
+                              for (expert_ids_TK, _), first in zip(routes, firsts)])
+        counts = pair_ids.bincount(minlength=len(self._pair_children)).tolist()
+        for child, count in zip(self._pair_children, counts):
+            if count:
+                child.inc(count)
         return routes
 
     def close(self) -> None:

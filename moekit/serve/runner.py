@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from moekit.model.decode_step import PagedDecodeStep
 from moekit.model.generate import prefill
 from moekit.model.paged import KVBlockPool, PagedBatch
 
 
 class ModelRunner:
-    """``idle_call_s``: how long the scheduler may stay idle before it calls ``idle()`` (None:
+    """``step``: the decoding step (eager unless a compiled ``PagedDecodeStep`` is given);
+    ``idle_call_s``: how long the scheduler may stay idle before it calls ``idle()`` (None:
     forever)."""
 
     idle_call_s: float | None = None
 
-    def __init__(self, model, pool: KVBlockPool):
+    def __init__(self, model, pool: KVBlockPool, step: PagedDecodeStep | None = None):
         self.model, self.pool = model, pool
+        self.step = step or PagedDecodeStep(model)
 
     def prefill(self, prompts: list[list[int]], row_blocks: list[list[int]]) -> torch.Tensor:
         """The prompts left-padded into one forward (as ``generate`` runs them alone), each
@@ -39,7 +42,7 @@ class ModelRunner:
         """One step: each row's token at its own position over its blocks; logits [B, V]."""
         batch = PagedBatch(self.pool, tables, lengths)
         ids_B1 = torch.tensor([[token] for token in tokens], device=self.pool.keys[0].device)
-        return self.model(ids_B1, cache=batch).logits[:, -1]
+        return self.step(ids_B1, batch)
 
     def idle(self) -> None:
         """Called after ``idle_call_s`` without work: a split runner's keep-alive."""

@@ -30,7 +30,7 @@ import queue
 import sys
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -327,7 +327,8 @@ class Scheduler:
                                     blocks, len(ids)))  # first, so that _end frees them
         logits_B1V = self.runner.prefill(prompts, [row.blocks for row in ticket.rows])
         self._count_routing([(ticket, None)])
-        self._accept(ticket, ticket.rows, logits_B1V[:, -1])
+        [tokens] = self._sample([(ticket, ticket.rows)], logits_B1V[:, -1])
+        self._accept(ticket, ticket.rows, tokens)
 
     def _step(self) -> None:
         groups = [(ticket, ticket.decoding_rows()) for ticket in self._running]
@@ -339,16 +340,40 @@ class Scheduler:
         for row in rows:
             row.length += 1
         self._count_routing(groups)
-        start = 0
-        for ticket, group in groups:
-            self._accept(ticket, group, logits_BV[start:start + len(group)])
-            start += len(group)
+        for (ticket, group), tokens in zip(groups, self._sample(groups, logits_BV)):
+            self._accept(ticket, group, tokens)
 
-    def _accept(self, ticket: Ticket, rows: list[_Row], logits_RV: torch.Tensor) -> None:
-        """Sample each row's next token and send the text that became final."""
+    @staticmethod
+    def _sample(groups, logits_BV: torch.Tensor) -> list[list[int]]:
+        """The next token of every row of ``groups`` ((ticket, its rows), in the order of
+        the logits' rows), read back to the host once for all: greedy rows by one argmax over
+        the whole batch, the rows of unseeded sampled requests with the same settings in one
+        draw, a seeded request's rows from its own generator, as ``generate`` draws them (so
+        that its seed gives the same text whatever else shares the batch)."""
+        tokens_B = logits_BV.argmax(-1)
+        spans, start = [], 0
+        unseeded = defaultdict(list)  # (temperature, top_p) -> rows of the batch
+        for ticket, rows in groups:
+            span, start = slice(start, start + len(rows)), start + len(rows)
+            spans.append(span)
+            sampling = ticket.sampling
+            if sampling.temperature == 0:
+                continue
+            if ticket.generator is None:
+                unseeded[sampling.temperature, sampling.top_p].extend(range(span.start,
+                                                                            span.stop))
+            else:
+                tokens_B[span] = sample_next(logits_BV[span], sampling.temperature, None,
+                                             sampling.top_p, ticket.generator)
+        for (temperature, top_p), rows in unseeded.items():
+            rows_R = torch.tensor(rows, device=logits_BV.device)
+            tokens_B[rows_R] = sample_next(logits_BV[rows_R], temperature, None, top_p)
+        tokens = tokens_B.tolist()
+        return [tokens[span] for span in spans]
+
+    def _accept(self, ticket: Ticket, rows: list[_Row], tokens: list[int]) -> None:
+        """Take each row's next token and send the text that became final."""
         sampling = ticket.sampling
-        tokens = sample_next(logits_RV, sampling.temperature, None, sampling.top_p,
-                             ticket.generator).tolist()
         now = time.monotonic()
         self.metrics.token_times(ticket.submitted, ticket.last_token_at, now)
         ticket.last_token_at = now

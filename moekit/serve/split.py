@@ -53,8 +53,8 @@ def _broadcast(call: tuple | None) -> tuple:
 class LeaderRunner(ModelRunner):
     """Rank 0's runner: each call is broadcast to the followers, then made with them."""
 
-    def __init__(self, model, pool: KVBlockPool, collective_timeout: float):
-        super().__init__(model, pool)
+    def __init__(self, model, pool: KVBlockPool, collective_timeout: float, step=None):
+        super().__init__(model, pool, step)
         self.idle_call_s = collective_timeout / 2
         _broadcast(("pool", pool.num_blocks, pool.block_size))
 
