@@ -23,8 +23,9 @@ warmed up once. Engines take turns within each repetition; figures are medians. 
 rows run moekit with weight-only quantized experts and attention (compute in bf16) against HF
 in bf16. ``--grouped-row`` adds eager moekit rows with the mid-batch experts' path off
 (``moekit.moe.layer.DENSE_BATCH_ROWS = 0``), so that its effect is measured in the same run;
-``--plain-rows`` likewise adds eager and compiled moekit rows whose one-row bf16 products run
-as ``F.linear`` instead of ``torch.mv`` (``moekit.moe.row_products``).
+``--plain-rows`` likewise adds an eager moekit row whose one-row bf16 products run as
+``F.linear`` instead of ``torch.mv`` (``moekit.moe.row_products``; compiled steps always use
+``F.linear``).
 """
 from __future__ import annotations
 
@@ -163,16 +164,11 @@ def main() -> None:
         if args.grouped_row:
             engines[("moekit, grouped experts", name)] = with_module_value(
                 moekit_generate(ours_copy), moe_layer, "DENSE_BATCH_ROWS", 0)
-        plain_rows = {"module": row_products, "name": "ROW_PRODUCT_DTYPES", "value": ()}
         if args.plain_rows:
             engines[("moekit, plain rows", name)] = with_module_value(
-                moekit_generate(ours_copy), **plain_rows)
+                moekit_generate(ours_copy), row_products, "ROW_PRODUCT_DTYPES", ())
         if args.compile:
             engines[("moekit --compile", name)] = compiled_generate(ours_copy, name, args)
-            if args.plain_rows:  # traced and run with the plain products
-                engines[("moekit --compile, plain rows", name)] = with_module_value(
-                    with_module_value(compiled_generate, **plain_rows)(
-                        ours_copy, f"{name} plain rows", args), **plain_rows)
     for quant in args.quant:
         quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=quant,
                                    attention=quant)

@@ -65,3 +65,13 @@ def test_routed_experts_of_one_bf16_token_multiply_their_own_weights(counted_mv,
     y = layer(x.bfloat16())[0]
     assert len(counted_mv) == 4  # two routes, each an input and an output product
     _within_bf16_rounding(y, exact)
+
+
+@torch.no_grad()
+def test_a_traced_bf16_row_is_a_sum_over_the_weights_rows(counted_mv):
+    # traced (dynamo + AOT autograd) in one graph; inductor fuses the sum into one pass
+    weight, row = torch.randn(48, 32).bfloat16(), torch.randn(1, 32).bfloat16()
+    traced = torch.compile(linear, backend="aot_eager", fullgraph=True)(row, weight)
+    assert counted_mv == []
+    assert torch.equal(traced, (weight * row).sum(-1).view(1, 48))
+    _within_bf16_rounding(traced, F.linear(row.double(), weight.double()))

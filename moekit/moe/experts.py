@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moekit.moe.row_products import Linear, routed_weights_times_rows, takes_row_products
+from moekit.moe.row_products import Linear, linear
 
 ACTIVATION_FUNCTIONS = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -234,29 +234,21 @@ def routed_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_T
     tokens), where sorting routes into groups costs more than the products themselves.
 
     Only the routed experts' weights are read. Eagerly, each route is one ``F.linear`` on its
-    expert's [out, in] matrix, a view (gathering the matrices first would copy them); in bf16
-    on a CPU, one ``torch.mv`` (``row_products``), eagerly and compiled. Otherwise under
-    ``torch.compile`` the products are written as gathers multiplied and summed, which
-    inductor fuses into one pass over the routed weights, with no Python number read from a
-    tensor: the step keeps one graph."""
+    expert's [out, in] matrix, a view (gathering the matrices first would copy them), in bf16
+    on a CPU one ``torch.mv`` (``row_products``). Under ``torch.compile`` the products are
+    written as gathers multiplied and summed, which inductor fuses into one pass over the
+    routed weights, with no Python number read from a tensor: the step keeps one graph."""
     num_tokens, top_k = expert_ids_TK.shape
-    ids_N = expert_ids_TK.flatten()
-    row_products = takes_row_products(x_TD, in_proj_EID)
-    if row_products or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        ids_N = expert_ids_TK.flatten()
         x_ND = x_TD.repeat_interleave(top_k, dim=0)
-        if row_products:
-            h_NI = routed_weights_times_rows(in_proj_EID, ids_N, x_ND)
-            y_ND = routed_weights_times_rows(down_proj_EDF, ids_N,
-                                             expert_activation(h_NI, activation))
-        else:
-            h_NI = (in_proj_EID[ids_N] * x_ND[:, None, :]).sum(-1)
-            y_ND = (down_proj_EDF[ids_N]
-                    * expert_activation(h_NI, activation)[:, None, :]).sum(-1)
+        h_NI = (in_proj_EID[ids_N] * x_ND[:, None, :]).sum(-1)
+        y_ND = (down_proj_EDF[ids_N] * expert_activation(h_NI, activation)[:, None, :]).sum(-1)
     else:
         y_ND = torch.stack([
-            F.linear(expert_activation(F.linear(x_TD[route // top_k], in_proj_EID[expert]),
-                                       activation), down_proj_EDF[expert])
-            for route, expert in enumerate(ids_N.tolist())])
+            linear(expert_activation(linear(x_TD[route // top_k], in_proj_EID[expert]),
+                                     activation), down_proj_EDF[expert])
+            for route, expert in enumerate(expert_ids_TK.flatten().tolist())])
     return weighted_route_sum(y_ND.view(num_tokens, top_k, -1), weights_TK)
 
 
