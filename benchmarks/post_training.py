@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from moekit.config import DataConfig, TrainConfig, preset
+from moekit.devices import retain_freed_cpu_memory
 from moekit.model.io import load_model, load_weights, read_model_config
 from moekit.model.transformer import Transformer
 from moekit.parallel.mesh import Mesh
@@ -200,6 +201,7 @@ def main() -> None:
                         help="torch's CPU threads (default: torch's own choice); with 1, CPU "
                         "time counts less of other jobs on a shared machine")
     args = parser.parse_args()
+    retain_freed_cpu_memory(training=True)  # as `moekit train`, `sft` and `dpo` run
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.quick:
