@@ -214,7 +214,7 @@ class LoRALinear(nn.Linear):
 
     def merged(self) -> nn.Linear:
         plain = Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.weight.device, dtype=self.weight.dtype)
+                       device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
             plain.weight.copy_(self.weight + self.delta())
             if self.bias is not None:
