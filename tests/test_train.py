@@ -328,6 +328,26 @@ def test_clipped_step_is_clip_grad_norm_then_adamw(impl):
     assert not hasattr(optimizer, "grad_scale")
 
 
+def test_gradient_norm_sums_every_kind_of_gradient_once():
+    # Large fp32 gradients take BLAS's dot, small ones and other dtypes one foreach call, a
+    # strided one the foreach call too: the norm is the float64 hand computation's.
+    from moekit.parallel.mesh import Mesh
+    from moekit.parallel.parallelize import DOT_FROM_ELEMENTS, gradient_norm
+    torch.manual_seed(0)
+    shapes = [((DOT_FROM_ELEMENTS // 64, 64), torch.float32), ((8, 8, 16), torch.float32),
+              ((DOT_FROM_ELEMENTS // 32, 64), torch.float32), ((5,), torch.float32),
+              ((300, 7), torch.bfloat16), ((3, 3), torch.float64)]
+    model = torch.nn.Module()
+    for index, (shape, dtype) in enumerate(shapes):
+        model.register_parameter(f"p{index}", torch.nn.Parameter(torch.zeros(shape, dtype=dtype)))
+        model.get_parameter(f"p{index}").grad = torch.randn(shape).to(dtype)
+    model.p2.grad = torch.randn(64, DOT_FROM_ELEMENTS // 32).t()  # strided: a dot would copy it
+    model.register_parameter("frozen", torch.nn.Parameter(torch.ones(4)))  # no gradient
+    want = sum(p.grad.double().square().sum() for p in model.parameters()
+               if p.grad is not None).sqrt()
+    torch.testing.assert_close(gradient_norm(model, Mesh()), want, rtol=1e-6, atol=0)
+
+
 def test_a_checkpoint_of_one_adamw_resumes_with_another(tmp_path):
     config = replace(SMALL_TRAIN, steps=6, checkpoint_every=3, optimizer_impl="fused")
     train(SMALL_MODEL, config, SMALL_DATA, tmp_path / "whole", show_progress=False)
