@@ -263,6 +263,51 @@ def test_lora_products_and_their_gradients_match_by_hand(blocks, merges, dtype):
         torch.testing.assert_close(got.double(), want, **tolerance)
 
 
+def test_lora_layers_that_read_one_input_compute_it_together_as_by_hand():
+    """q, k and v (and an MLP's gate and up) read the same input: the first called computes
+    all three in one product beside one x [A_q; A_k; A_v]^T, the others take theirs. Outputs
+    and every gradient are the merged matrices' by hand; another input, or a layer called
+    again, gets them computed anew."""
+    torch.manual_seed(0)
+    config = replace(tiny_config(num_shared_experts=1, shared_ffn_size=32), num_kv_heads=1,
+                     qkv_bias=True)
+    model = Transformer(config)
+    lora.add_adapters(model, lora.LoRAConfig(rank=4))
+    attention, shared_mlp = model.layers[0].attn, model.layers[0].ffn.shared_experts
+    layers = [attention.q_proj, attention.k_proj, attention.v_proj]
+    assert all(layer.shared_input is layers[0].shared_input for layer in layers)
+    assert shared_mlp.gate_proj.shared_input is shared_mlp.up_proj.shared_input is not None
+    assert attention.o_proj.shared_input is None
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B, std=0.2)
+        torch.nn.init.normal_(layer.bias, std=0.2)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    other = torch.randn(2, 40, 32, requires_grad=True)
+    assert layers[0].shared_input.takes(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        outputs = [layers[1](x), layers[0](x), layers[2](x)]  # k first
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert (counts["aten::addmm"], counts["aten::mm"]) == (3, 2)  # merges, x W'^T, x A^T
+    assert layers[0].shared_input.source is None  # all taken: nothing held
+    outputs.append(layers[1](other))
+    outputs += [layers[0](x), layers[1](x)]  # q and k again: computed anew
+    inputs = [x, other] + [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    grads_out = [torch.randn_like(y) for y in outputs]
+    grads = torch.autograd.grad(outputs, inputs, grads_out)
+
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    x_, other_ = leaves[:2]
+    by_hand = [x_ @ (layer.weight.double() + layer.scale * B @ A).T
+               + layer.bias.double() for layer, A, B in zip(layers, leaves[2::2], leaves[3::2])]
+    k_other = other_ @ (layers[1].weight.double() + layers[1].scale * leaves[5] @ leaves[4]).T
+    expected = [by_hand[1], by_hand[0], by_hand[2], k_other + layers[1].bias.double(),
+                by_hand[0], by_hand[1]]
+    expected_grads = torch.autograd.grad(expected, leaves, [g.double() for g in grads_out])
+    for got, want in zip(outputs + list(grads), expected + list(expected_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert layers[2].shared_input.pending.keys() == {id(layers[2])}  # v's of the last
+
+
 def test_lora_forms_x_a_once_in_the_forward_and_only_for_b_s_gradient():
     """With the update merged, a projection's products are the merge, the base product and x
     A^T (B's gradient operand, formed while x is in cache and kept), then in the backward the

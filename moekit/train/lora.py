@@ -35,10 +35,11 @@ from moekit.moe import GroupedExperts, MoELayer
 from moekit.moe.experts import (MLP, autocast_grouped_operands, copy_rows, expert_activation,
                                  grouped_linear, grouped_mm_supported, routed_expert_mlp)
 from moekit.moe.row_products import Linear
-from moekit.parallel.tensor_parallel import full_tensors
+from moekit.parallel.tensor_parallel import full_tensors, is_sharded
 
 ADAPTER_FILE = "adapter.safetensors"
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # SharedInput's
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,10 @@ class _LowRankProduct(torch.autograd.Function):
     backward the three products over the output gradient back to back, then A's gradient."""
 
     @staticmethod
-    def forward(ctx, x_NX, weight, lora_A, lora_B, offsets_E, scale, merge, keep_low):
+    def forward(ctx, x, weight, lora_A, lora_B, offsets_E, scale, merge, keep_low):
+        # Any leading dims (a dense layer's [B, S, X]): flattened here rather than by the
+        # caller, whose view and its backward would be two more autograd steps per product.
+        x_NX = x.reshape(-1, x.shape[-1])
         if merge:
             add_product = torch.addmm if weight.dim() == 2 else torch.baddbmm
             product_weight = add_product(weight, lora_B, lora_A, alpha=scale)
@@ -151,14 +155,15 @@ class _LowRankProduct(torch.autograd.Function):
             low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
             y_NO += _rows_times_transposed(low_NR, lora_B * scale, offsets_E)
         ctx.save_for_backward(x_NX, product_weight, lora_A, lora_B, low_NR, offsets_E)
-        ctx.scale, ctx.merge = scale, merge
-        return y_NO
+        ctx.scale, ctx.merge, ctx.x_shape = scale, merge, x.shape
+        return y_NO.view(*x.shape[:-1], y_NO.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad_NO):
+    def backward(ctx, grad):
         x_NX, product_weight, lora_A, lora_B, low_NR, offsets_E = ctx.saved_tensors
         needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
-        grad_NO = grad_NO.contiguous()  # grouped_mm rejects a stride-0 gradient
+        # (contiguous: grouped_mm rejects a stride-0 gradient)
+        grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
         grad_x = _rows_times(grad_NO, product_weight, offsets_E) if needs_x else None
         grad_low_NR = (_rows_times(grad_NO, lora_B * ctx.scale, offsets_E)
                        if needs_A or (needs_x and not ctx.merge) else None)
@@ -169,19 +174,120 @@ class _LowRankProduct(torch.autograd.Function):
         if needs_x and not ctx.merge:
             grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
         grad_A = _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_weight, grad_A, grad_B, None, None, None, None
 
 
-def _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, scale):
+def _low_rank_product(x, weight, lora_A, lora_B, offsets_E, scale):
     """``_LowRankProduct`` of operands already in their compute dtype (autocast has no rule
     for a custom function: the callers cast as autocast casts their products)."""
-    rows, (out_features, in_features) = x_NX.shape[0], weight.shape[-2:]
+    out_features, in_features = weight.shape[-2:]
     matrices = 1 if offsets_E is None else weight.shape[0]
-    merge = merging_pays(rows, matrices, out_features, in_features)
+    merge = merging_pays(x.numel() // in_features, matrices, out_features, in_features)
     keep_low = torch.is_grad_enabled() and lora_B.requires_grad  # B's gradient will need it
-    with torch.autocast(x_NX.device.type, enabled=False):
-        return _LowRankProduct.apply(x_NX, weight, lora_A, lora_B, offsets_E, scale, merge,
-                                     keep_low)
+    return _outside_autocast(_LowRankProduct, x, weight, lora_A, lora_B, offsets_E, scale,
+                             merge, keep_low)
+
+
+def _outside_autocast(function: type[torch.autograd.Function], x: torch.Tensor, *operands):
+    """``function.apply(x, *operands)`` with autocast off (its products would cast again)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return function.apply(x, *operands)
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(x, *operands)
+
+
+def autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """A dense adapted product's operands in the dtype autocast computes a linear in
+    (unchanged without autocast)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return list(tensors)
+    return [t.to(torch.get_autocast_dtype(device_type)) for t in tensors]
+
+
+class _SharedInputProducts(torch.autograd.Function):
+    """y_NO = x [W_1'; ...; W_n']^T for n weights that read the same input, each merged
+    (W_i' = W_i + scale B_i A_i), their outputs side by side (O = O_1 + ... + O_n), with
+    x [A_1; ...; A_n]^T formed in one product and kept for the B's gradients (``keep_low``).
+    The backward is ``_LowRankProduct``'s merged one with the per-weight products joined:
+    one input gradient over all the outputs' gradient, one product for every A's gradient;
+    g_i B_i and B_i's gradients stay per weight (joined, they would multiply by the zero
+    blocks of a block-diagonal matrix). ``factors``: W_1, A_1, B_1, W_2, ... (the Ws
+    frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, keep_low, *factors):
+        weights, lora_As, lora_Bs = factors[0::3], factors[1::3], factors[2::3]
+        x_NX = x.reshape(-1, x.shape[-1])
+        outs = [weight.shape[0] for weight in weights]
+        merged_OX = x_NX.new_empty(sum(outs), x_NX.shape[1])
+        for weight, lora_A, lora_B, rows in zip(weights, lora_As, lora_Bs,
+                                                merged_OX.split(outs)):
+            torch.addmm(weight, lora_B, lora_A, alpha=scale, out=rows)
+        y_NO = x_NX @ merged_OX.t()
+        low_NR = x_NX @ torch.cat(lora_As).t() if keep_low else None
+        ctx.save_for_backward(x_NX, merged_OX, low_NR, *lora_Bs)
+        ctx.scale, ctx.x_shape, ctx.outs = scale, x.shape, outs
+        ctx.ranks = [lora_A.shape[0] for lora_A in lora_As]
+        return y_NO.view(*x.shape[:-1], y_NO.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_NX, merged_OX, low_NR, *lora_Bs = ctx.saved_tensors
+        grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
+        grad_x = (grad_NO @ merged_OX).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_lows, grad_Bs = [], []
+        for grad_NOi, lora_B, low_NRi in zip(grad_NO.split(ctx.outs, dim=1), lora_Bs,
+                                            low_NR.split(ctx.ranks, dim=1)):
+            grad_lows.append(grad_NOi @ (lora_B * ctx.scale))
+            grad_Bs.append((low_NRi.t() @ grad_NOi).mul_(ctx.scale).mT)  # as _LowRankProduct
+        grad_As = (torch.cat(grad_lows, dim=1).t() @ x_NX).split(ctx.ranks)
+        per_weight = [grad for grads in zip([None] * len(grad_Bs), grad_As, grad_Bs)
+                      for grad in grads]
+        return grad_x, None, None, *per_weight
+
+
+class SharedInput:
+    """The adapted layers that read the same input (an attention block's q, k and v; an MLP's
+    gate and up projections). The first of them called on an input computes every one's
+    output (``_SharedInputProducts``) and keeps the others' for their calls on that same
+    tensor: per attention block two products fewer in the forward, and in the backward two
+    input gradients, their two sums and two A gradients fewer, and one autograd step for
+    three. Where it cannot take an input (``takes``) each layer computes its own."""
+
+    def __init__(self, layers: list["LoRALinear"]):
+        self.layers = layers
+        self.pending: dict[int, torch.Tensor] = {}  # id(layer) -> its output
+        self.source, self.version = None, None  # the input of the pending outputs
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Only the merged form (many rows), a frozen base on plain tensors, eagerly, and an
+        input with a version counter (not an inference tensor)."""
+        rows = x.numel() // x.shape[-1]
+        return not (torch.compiler.is_compiling() or x.is_inference()) and all(
+            layer.enabled and not layer.weight.requires_grad
+            and (layer.lora_A.requires_grad and layer.lora_B.requires_grad
+                 or not torch.is_grad_enabled())
+            and not is_sharded(layer.weight)
+            and merging_pays(rows, 1, *layer.weight.shape) for layer in self.layers)
+
+    def output(self, layer: "LoRALinear", x: torch.Tensor) -> torch.Tensor:
+        if self.source is not x or self.version != x._version or id(layer) not in self.pending:
+            self.pending = dict(zip(map(id, self.layers), self._outputs(x)))
+            self.source, self.version = x, x._version
+        y = self.pending.pop(id(layer))
+        if not self.pending:
+            self.source = None  # nothing pending: hold nothing
+        return y
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        factors = autocast_operands(x, *(t for layer in self.layers
+                                         for t in (layer.weight, layer.lora_A, layer.lora_B)))
+        y = _outside_autocast(_SharedInputProducts, factors[0], self.layers[0].scale,
+                              torch.is_grad_enabled(), *factors[1:])
+        return y.split([layer.out_features for layer in self.layers], dim=-1)
 
 
 class LoRALinear(nn.Linear):
@@ -197,17 +303,18 @@ class LoRALinear(nn.Linear):
             ((rank, base.in_features), (base.out_features, rank)),
             dtype=base.weight.dtype, device=base.weight.device)
         layer.scale, layer.enabled = scale, True
+        layer.shared_input = None  # a SharedInput, with the layers that read the same input
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
-        operands = (x.reshape(-1, x.shape[-1]), self.weight, self.lora_A, self.lora_B)
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            operands = [t.to(dtype) for t in operands]
-        y_NO = _low_rank_product(*operands, None, self.scale).view(*x.shape[:-1], -1)
-        return y_NO if self.bias is None else y_NO + self.bias.to(y_NO.dtype)
+        if self.shared_input is not None and self.shared_input.takes(x):
+            y = self.shared_input.output(self, x)
+        else:
+            y = _low_rank_product(*autocast_operands(x, self.weight, self.lora_A, self.lora_B),
+                                  None, self.scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         return self.scale * self.lora_B @ self.lora_A
@@ -351,6 +458,14 @@ def add_adapters(model: Transformer, config: LoRAConfig, seed: int = 0) -> None:
                 module, "weight", _LowRankDelta(module.weight, config.rank, config.scale))
         else:
             setattr(parent, name, LoRALinear.wrap(module, config.rank, config.scale))
+    for module in model.modules():
+        for names in SHARED_INPUTS:
+            layers = [getattr(module, name) for name in names
+                      if isinstance(getattr(module, name, None), LoRALinear)]
+            if len(layers) > 1:
+                shared = SharedInput(layers)
+                for layer in layers:
+                    layer.shared_input = shared
     if not any(p.is_meta for p in model.parameters()):
         load_adapters(model, initial_adapters(model, seed))
 
