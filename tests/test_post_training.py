@@ -265,7 +265,7 @@ def test_lora_products_and_their_gradients_match_by_hand(blocks, merges, dtype):
 
 def test_lora_layers_that_read_one_input_compute_it_together_as_by_hand():
     """q, k and v (and an MLP's gate and up) read the same input: the first called computes
-    all three in one product beside one x [A_q; A_k; A_v]^T, the others take theirs. Outputs
+    all three, with one x [A_q; A_k; A_v]^T, the others take theirs. Outputs
     and every gradient are the merged matrices' by hand; another input, or a layer called
     again, gets them computed anew."""
     torch.manual_seed(0)
@@ -287,7 +287,7 @@ def test_lora_layers_that_read_one_input_compute_it_together_as_by_hand():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         outputs = [layers[1](x), layers[0](x), layers[2](x)]  # k first
     counts = {e.key: e.count for e in prof.key_averages()}
-    assert (counts["aten::addmm"], counts["aten::mm"]) == (3, 2)  # merges, x W'^T, x A^T
+    assert (counts["aten::addmm"], counts["aten::mm"]) == (3, 4)  # merges, x W_i'^T, x A^T
     assert layers[0].shared_input.source is None  # all taken: nothing held
     outputs.append(layers[1](other))
     outputs += [layers[0](x), layers[1](x)]  # q and k again: computed anew

@@ -208,41 +208,43 @@ def autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 class _SharedInputProducts(torch.autograd.Function):
-    """y_NO = x [W_1'; ...; W_n']^T for n weights that read the same input, each merged
-    (W_i' = W_i + scale B_i A_i), their outputs side by side (O = O_1 + ... + O_n), with
-    x [A_1; ...; A_n]^T formed in one product and kept for the B's gradients (``keep_low``).
-    The backward is ``_LowRankProduct``'s merged one with the per-weight products joined:
-    one input gradient over all the outputs' gradient, one product for every A's gradient;
-    g_i B_i and B_i's gradients stay per weight (joined, they would multiply by the zero
-    blocks of a block-diagonal matrix). ``factors``: W_1, A_1, B_1, W_2, ... (the Ws
-    frozen)."""
+    """y_i = x W_i'^T for n weights that read the same input, each merged (W_i' = W_i + scale
+    B_i A_i), with x [A_1; ...; A_n]^T formed in one product and kept for the B's gradients
+    (``keep_low``). The backward is ``_LowRankProduct``'s merged one with the input gradient
+    summed in place over the weights (no sums of autograd's) and one product for every A's
+    gradient. Each output is a tensor of its own, not a column block of one product: what
+    reads it (attention's heads) then hands back a gradient in its layout, where a block's
+    came in another that took as long to copy as the products saved. ``factors``: W_1, A_1,
+    B_1, W_2, ... (the Ws frozen). Legend: N rows, X in, O_i out, R the ranks together."""
 
     @staticmethod
     def forward(ctx, x, scale, keep_low, *factors):
         weights, lora_As, lora_Bs = factors[0::3], factors[1::3], factors[2::3]
         x_NX = x.reshape(-1, x.shape[-1])
-        outs = [weight.shape[0] for weight in weights]
-        merged_OX = x_NX.new_empty(sum(outs), x_NX.shape[1])
-        for weight, lora_A, lora_B, rows in zip(weights, lora_As, lora_Bs,
-                                                merged_OX.split(outs)):
-            torch.addmm(weight, lora_B, lora_A, alpha=scale, out=rows)
-        y_NO = x_NX @ merged_OX.t()
+        merged = [torch.addmm(weight, lora_B, lora_A, alpha=scale)
+                  for weight, lora_A, lora_B in zip(weights, lora_As, lora_Bs)]
+        outputs = [(x_NX @ weight.t()).view(*x.shape[:-1], -1) for weight in merged]
         low_NR = x_NX @ torch.cat(lora_As).t() if keep_low else None
-        ctx.save_for_backward(x_NX, merged_OX, low_NR, *lora_Bs)
-        ctx.scale, ctx.x_shape, ctx.outs = scale, x.shape, outs
+        ctx.save_for_backward(x_NX, low_NR, *merged, *lora_Bs)
+        ctx.scale, ctx.x_shape = scale, x.shape
         ctx.ranks = [lora_A.shape[0] for lora_A in lora_As]
-        return y_NO.view(*x.shape[:-1], y_NO.shape[-1])
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad):
-        x_NX, merged_OX, low_NR, *lora_Bs = ctx.saved_tensors
-        grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
-        grad_x = (grad_NO @ merged_OX).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+    def backward(ctx, *grads):
+        x_NX, low_NR, *saved = ctx.saved_tensors
+        merged, lora_Bs = saved[:len(grads)], saved[len(grads):]
+        grads_NO = [grad.reshape(-1, grad.shape[-1]).contiguous() for grad in grads]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grads_NO[0] @ merged[0]
+            for grad_NO, weight in zip(grads_NO[1:], merged[1:]):
+                grad_x.addmm_(grad_NO, weight)
+            grad_x = grad_x.view(ctx.x_shape)
         grad_lows, grad_Bs = [], []
-        for grad_NOi, lora_B, low_NRi in zip(grad_NO.split(ctx.outs, dim=1), lora_Bs,
-                                            low_NR.split(ctx.ranks, dim=1)):
-            grad_lows.append(grad_NOi @ (lora_B * ctx.scale))
-            grad_Bs.append((low_NRi.t() @ grad_NOi).mul_(ctx.scale).mT)  # as _LowRankProduct
+        for grad_NO, lora_B, low_NRi in zip(grads_NO, lora_Bs, low_NR.split(ctx.ranks, dim=1)):
+            grad_lows.append(grad_NO @ (lora_B * ctx.scale))
+            grad_Bs.append((low_NRi.t() @ grad_NO).mul_(ctx.scale).mT)  # as _LowRankProduct
         grad_As = (torch.cat(grad_lows, dim=1).t() @ x_NX).split(ctx.ranks)
         per_weight = [grad for grads in zip([None] * len(grad_Bs), grad_As, grad_Bs)
                       for grad in grads]
@@ -253,9 +255,8 @@ class SharedInput:
     """The adapted layers that read the same input (an attention block's q, k and v; an MLP's
     gate and up projections). The first of them called on an input computes every one's
     output (``_SharedInputProducts``) and keeps the others' for their calls on that same
-    tensor: per attention block two products fewer in the forward, and in the backward two
-    input gradients, their two sums and two A gradients fewer, and one autograd step for
-    three. Where it cannot take an input (``takes``) each layer computes its own."""
+    tensor: per attention block two products fewer in the forward, two A gradients and two
+    sums of input gradients fewer in the backward, and one autograd step for three. Where it cannot take an input (``takes``) each layer computes its own."""
 
     def __init__(self, layers: list["LoRALinear"]):
         self.layers = layers
@@ -285,9 +286,8 @@ class SharedInput:
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         factors = autocast_operands(x, *(t for layer in self.layers
                                          for t in (layer.weight, layer.lora_A, layer.lora_B)))
-        y = _outside_autocast(_SharedInputProducts, factors[0], self.layers[0].scale,
-                              torch.is_grad_enabled(), *factors[1:])
-        return y.split([layer.out_features for layer in self.layers], dim=-1)
+        return _outside_autocast(_SharedInputProducts, factors[0], self.layers[0].scale,
+                                 torch.is_grad_enabled(), *factors[1:])
 
 
 class LoRALinear(nn.Linear):
