@@ -14,7 +14,8 @@ matmul over the same ``tokens_per_expert_E`` (no Python loop over experts), in
 ``LoRAExperts``, which keeps the experts contract and the base weights' names, so that
 ``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does. Every
 adapted product, dense or grouped, is one autograd step (``_LowRankProduct``), with the update
-merged into the base weight where that is cheaper (``merging_pays``).
+merged into the base weight where that is cheaper (``merging_pays``); the adapted weights that
+read the same input (an attention block's q, k and v) compute together (``SharedInput``).
 
 Legend: N routed rows, D model dim, F expert FFN dim, I input projection's rows, E experts,
 R rank.
@@ -198,7 +199,7 @@ def _outside_autocast(function: type[torch.autograd.Function], x: torch.Tensor, 
         return function.apply(x, *operands)
 
 
-def autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
+def _autocast_operands(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """A dense adapted product's operands in the dtype autocast computes a linear in
     (unchanged without autocast)."""
     device_type = tensors[0].device.type
@@ -256,7 +257,8 @@ class SharedInput:
     gate and up projections). The first of them called on an input computes every one's
     output (``_SharedInputProducts``) and keeps the others' for their calls on that same
     tensor: per attention block two products fewer in the forward, two A gradients and two
-    sums of input gradients fewer in the backward, and one autograd step for three. Where it cannot take an input (``takes``) each layer computes its own."""
+    sums of input gradients fewer in the backward, and one autograd step for three. Where it
+    cannot take an input (``takes``), each layer computes its own."""
 
     def __init__(self, layers: list["LoRALinear"]):
         self.layers = layers
@@ -284,7 +286,7 @@ class SharedInput:
         return y
 
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        factors = autocast_operands(x, *(t for layer in self.layers
+        factors = _autocast_operands(x, *(t for layer in self.layers
                                          for t in (layer.weight, layer.lora_A, layer.lora_B)))
         return _outside_autocast(_SharedInputProducts, factors[0], self.layers[0].scale,
                                  torch.is_grad_enabled(), *factors[1:])
@@ -312,7 +314,7 @@ class LoRALinear(nn.Linear):
         if self.shared_input is not None and self.shared_input.takes(x):
             y = self.shared_input.output(self, x)
         else:
-            y = _low_rank_product(*autocast_operands(x, self.weight, self.lora_A, self.lora_B),
+            y = _low_rank_product(*_autocast_operands(x, self.weight, self.lora_A, self.lora_B),
                                   None, self.scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
