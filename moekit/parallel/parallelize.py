@@ -95,9 +95,14 @@ def _settle_buckets(data_parallel: nn.Module) -> None:
     every later step) would depend on where a process started: a run resumed from a
     checkpoint would sum its first step as no step of the uninterrupted run did. So the first
     backward is this throwaway one, on one row of two tokens, the same in every process; its
-    gradients are dropped and its random draws (dropout) undone."""
+    gradients are dropped and its random draws (dropout) undone. Only a ``Transformer`` (or
+    a stage of one) is settled so: another module's inputs are not known here, and its
+    first step settles its buckets."""
+    from moekit.model.transformer import Transformer
     module = data_parallel.module
     model = module.model if isinstance(module, StageModule) else module
+    if not isinstance(model, Transformer):
+        return
     device = next(model.parameters()).device
     tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
     devices = [device.index or 0] if device.type == "cuda" else []
