@@ -15,7 +15,8 @@ and their share, training-state bytes (trainable weights + gradients + AdamW's t
 what full fine-tuning and LoRA differ by; computed from the shapes, not a measured peak), and
 the median step time. Then the LoRA/full step-time ratio, the steps taking turns (rank 8,
 experts included), with its range over rounds, in wall time and in CPU time, beside the
-frozen floor's (a step with no adapters that runs the backward LoRA needs: what no adapter
+same LoRA step with q, k and v computed apart (no ``lora.SharedInput``) and the frozen
+floor's (a step with no adapters that runs the backward LoRA needs: what no adapter
 implementation can beat), and one profiled step of each. ``--tables products``: the routed
 experts' rank-8 products of a tiny training batch computed three ways side by side (below).
 Shared machines are noisy: the header prints the CPU and load; only ratios within one run
@@ -87,9 +88,16 @@ FLOOR_WEIGHT = "layers.0.attn.q_proj.weight"
 
 
 def _step_models(base: Path, rank: int) -> dict[str, torch.nn.Module]:
-    """Full fine-tuning, LoRA rank ``rank`` and the floor, from the same weights."""
-    models = {name: load_model(base).train() for name in ("full", "lora", "floor")}
-    lora.add_adapters(models["lora"], lora.LoRAConfig(rank))
+    """Full fine-tuning, LoRA rank ``rank``, the same with every adapted weight computed on its
+    own (no ``lora.SharedInput``: what computing q, k and v together saves) and the floor,
+    from the same weights."""
+    models = {name: load_model(base).train() for name in ("full", "lora", "lora-apart",
+                                                           "floor")}
+    for name in ("lora", "lora-apart"):
+        lora.add_adapters(models[name], lora.LoRAConfig(rank))
+    for module in models["lora-apart"].modules():
+        if isinstance(module, lora.LoRALinear):
+            module.shared_input = None
     for name, parameter in models["floor"].named_parameters():
         parameter.requires_grad_(name == FLOOR_WEIGHT)
     return models
@@ -298,13 +306,14 @@ def step_times(pretrained: Path, rounds: int) -> None:
     models = _step_models(pretrained, 8)
     optimizers = {name: build_optimizer(m, sft_config) for name, m in models.items()}
     times = _step_times(models, optimizers, stage, sft_config, rounds)
-    print(f"\nLoRA rank 8 step (trainable share {_trainable(pretrained, 8) / full_params:.1%}) "
-          f"and the frozen floor (no adapters, the backward LoRA needs) / full fine-tuning "
-          f"step, {rounds} rounds in turns (load average now {os.getloadavg()[0]:.1f}):")
+    print(f"\nLoRA rank 8 step (trainable share {_trainable(pretrained, 8) / full_params:.1%}), "
+          f"the same with q, k, v computed apart, and the frozen floor (no adapters, the "
+          f"backward LoRA needs) / full fine-tuning step, {rounds} rounds in turns (load "
+          f"average now {os.getloadavg()[0]:.1f}):")
     for clock, label in (("wall", "wall time"), ("cpu", "CPU time")):
         full = times[clock]["full"]
         cells = []
-        for name in ("lora", "floor"):
+        for name in ("lora", "lora-apart", "floor"):
             ratios = [t / f for t, f in zip(times[clock][name], full)]
             cells.append(f"{name} {statistics.median(ratios):.2f}x [{min(ratios):.2f}-"
                          f"{max(ratios):.2f}] ({statistics.median(times[clock][name]) * 1e3:.0f}"
@@ -313,7 +322,7 @@ def step_times(pretrained: Path, rounds: int) -> None:
     print("  one step profiled (the least of 5): matmul calls, their self CPU ms, all ops' ms")
     for name, (calls, matmul_ms, total_ms) in _matmul_profile(models, optimizers, stage,
                                                                sft_config).items():
-        print(f"    {name:6} {calls:5} matmuls {matmul_ms:7.1f} ms of {total_ms:7.1f} ms")
+        print(f"    {name:10} {calls:5} matmuls {matmul_ms:7.1f} ms of {total_ms:7.1f} ms")
 
 
 
