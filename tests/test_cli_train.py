@@ -31,7 +31,11 @@ def test_train_generate_eval(trained, capsys):
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(trained / "run"), "--prompt", "The if",
                  "--max-new-tokens", "5", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("The if")
+    plain = capsys.readouterr().out
+    assert plain.startswith("The if")
+    assert main(["generate", "--checkpoint", str(trained / "run"), "--prompt", "The if",
+                 "--max-new-tokens", "5", "--temperature", "0", "--packed"]) == 0
+    assert capsys.readouterr().out == plain  # the packed weights' greedy tokens
     assert main(["eval", "--checkpoint", str(trained / "run")]) == 0
     out = capsys.readouterr().out
     # eval of the final checkpoint repeats the run's last validation loss exactly

@@ -247,6 +247,9 @@ def run_generate(args) -> int:
     prompts = [tokenizer.encode(text) for text in args.prompt]
     if any(not ids for ids in prompts):
         raise ValueError("--prompt must not be empty")
+    if args.packed:
+        from moekit.model.packed import pack_for_decoding
+        pack_for_decoding(model, rows=len(prompts))
     step = DecodeStep(model, compile=args.compile)
     if args.compile:
         longest = max(len(ids) for ids in prompts)
@@ -429,6 +432,11 @@ def register(subcommands) -> None:
                           "a fixed-size KV cache) before generating; the compilation, timed "
                           "on stderr, takes tens of seconds to minutes on a CPU, so it pays "
                           "for long generations only (docs/inference.md, Speed; default off)")
+    generate.add_argument("--packed", action=argparse.BooleanOptionalAction, default=False,
+                          help="decode on weights packed once, on a CPU, for oneDNN's products "
+                          "of as many rows as there are prompts (moekit.model.packed): faster "
+                          "from a few prompts on, slower for one (docs/inference.md, Decoding "
+                          "on packed weights; default off)")
     expert_memory_option(generate)
 
     evaluate = _checkpoint_command(
