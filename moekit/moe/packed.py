@@ -1,32 +1,31 @@
 """Weights packed once for a CPU's few-row products: what a decoding engine multiplies by.
 
 A decoding step multiplies a few rows (one per sequence) by every weight of the model. For such
-products ``F.linear`` spends much of its time laying the weight out for its kernel, at every
-call. Packed once, in the kernel's own blocked layout, the same product runs 1.3-2.7x faster on
-the AMX Xeon these sessions run on (``python benchmarks/packed_products.py`` prints the ratio
-per shape on any CPU). These are the two forms inductor's weight freezing uses
-(``torch/_inductor/fx_passes/mkldnn_fusion.py``), here made once by the engine rather than at
-compile time, so that eager and compiled steps both get them and nothing is frozen behind the
-model's back:
+products ``F.linear`` hands oneDNN (or MKL) the weight in its plain [out, in] layout, which the
+kernel must read as it is or reorder into its own blocked one, at every call. Reordered once
+(``PackedWeight``), the products run on the blocked weight directly (``python benchmarks/packed_products.py`` prints
+the ratio per shape, row count and dtype on any CPU). This is the form inductor's weight
+freezing gives 16-bit linears (``torch/_inductor/fx_passes/mkldnn_fusion.py``:
+``mkldnn._reorder_linear_weight(w, batch_size)``, then ``mkldnn._linear_pointwise``), made
+here once by the engine rather than at compile time, so that eager and compiled steps get it
+alike and nothing is frozen behind the model's back. The row count given when packing only
+chooses the blocked layout: a product of any number of rows runs on it, so the plain weight is
+not kept beside it. Freezing's float32 form, MKL's packed sgemm (``mkl._mkl_linear``), uses
+its pack only for the exact row count it was packed for and otherwise multiplies the plain
+weight, which it must keep: the experts' row counts change at every step, and in the model it
+gained no more than oneDNN's form (docs/inference.md), so every dtype takes oneDNN's.
 
-- float32: MKL's packed sgemm (``torch.ops.mkl._mkl_reorder_linear_weight(w, rows)``,
-  ``_mkl_linear``). The pack is made for exactly ``rows`` rows; a product of any other number
-  multiplies the plain weight instead (``F.linear``), so the plain weight is kept beside it.
-  For ``rows`` rows it gives ``F.linear``'s result to the bit (tested).
-- bfloat16 / float16: oneDNN's blocked weight (``torch.ops.mkldnn._reorder_linear_weight(w,
-  rows)``, ``_linear_pointwise``). ``rows`` only hints the layout: every row count runs on the
-  packed weight, so the plain weight is dropped (no second copy).
-
-The packed modules hold no parameters: nothing can train them, and a forward that records
-autograd is refused (``PackedLinear``), so packed weights can never go stale behind a model
-that learns. ``moekit.model.packed.pack_for_decoding`` swaps a model's modules for them.
+The packed modules hold no parameters: an optimizer never sees them, nothing can train them,
+and a forward that records autograd through them raises, so packed weights cannot go stale
+behind a model that learns. ``moekit.model.packed.pack_for_decoding`` swaps a model's modules
+for them.
 
 Compiled, each packed product is an operator of ours (``torch.library.custom_op``): inductor
-cannot lower oneDNN's or MKL's packed products on weights that are graph inputs (only on the
-constants of its own freezing), and as our operators they stay inside the step's one graph.
+cannot lower oneDNN's packed product on a weight that is a graph input (only on the constants
+of its own freezing), and as our operators they stay inside the step's one graph.
 
-Legend as in ``moekit.moe.experts``: N rows grouped by expert, D model dim, I the input
-projection's width, E experts.
+Legend as in ``moekit.moe.experts``: N rows grouped by expert, T tokens, K routes per token,
+D model dim, I the input projection's width, E experts.
 """
 from __future__ import annotations
 
@@ -37,8 +36,8 @@ from moekit.moe.experts import GroupedExperts, expert_activation, routed_outputs
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """Whether this CPU's torch build packs ``weight`` (a plain [out, in] CPU matrix): oneDNN,
-    for the 16-bit types with this CPU's bf16/fp16 support."""
+    """Whether this torch build packs ``weight`` (a plain [out, in] CPU matrix) for oneDNN:
+    float32, and the 16-bit types where this CPU supports them."""
     if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
         return False
     if weight.dtype == torch.float32:
@@ -146,7 +145,7 @@ class PackedExperts(nn.Module):
     def __init__(self, experts: GroupedExperts, rows: int):
         super().__init__()
         self.num_experts, self.activation = experts.num_experts, experts.activation
-        self.hidden_size, self.ffn_size = experts.hidden_size, experts.ffn_size
+        self.hidden_size = experts.hidden_size
         self.in_proj = [PackedWeight(w_ID, rows) for w_ID in experts.in_proj.unbind(0)]
         self.down_proj = [PackedWeight(w_DF, rows) for w_DF in experts.down_proj.unbind(0)]
 
