@@ -19,7 +19,10 @@ The columns take turns within each round (one column after another gave figures 
 on the order on these machines); figures are medians over rounds of the mean step time of
 ``--steps`` steps after one warm-up step. Bytes per step and rank: what the all-to-alls send
 to other ranks (counted at the call), and the gradient bytes DDP all-reduces (its payload;
-a ring moves about 2 (R - 1) / R of it each way).
+a ring moves about 2 (R - 1) / R of it each way). "In all-to-all ms": the seconds per step
+spent inside the all-to-all calls, on the rank that spent the least (about the transfers:
+the slowest rank does not wait) and the most (the transfers and the waits for the slower
+rank at each layer's exchange).
 Targets (issue "Distributed training with torchrun"): DP 2 >= 1.7x one process of 1 thread
 in tokens/s; EP step time <= 1.2x DP's; all-to-all bytes = rows sent to other ranks x D x
 bytes per number; the planned split >= 1.10x the even split's tokens/s.
@@ -56,11 +59,13 @@ COLUMNS = {  # name: (processes, threads per process, expert-parallel degree, la
 }
 
 
-class AllToAllBytes:
-    """Counts what ``dist.all_to_all_single`` sends to other ranks, at the call."""
+class AllToAllCounter:
+    """Counts what ``dist.all_to_all_single`` sends to other ranks, at the call, and the
+    seconds spent inside it (the transfer, and the wait for the slower rank)."""
 
     def __init__(self):
         self.sent = 0
+        self.seconds = 0.0
         self._original = dist.all_to_all_single
 
     def __enter__(self):
@@ -70,8 +75,11 @@ class AllToAllBytes:
             splits = input_split_sizes or [len(input) // peers] * peers
             row_bytes = input[0].numel() * input.element_size() if len(input) else 0
             self.sent += row_bytes * sum(rows for peer, rows in enumerate(splits) if peer != me)
-            return self._original(output, input, output_split_sizes, input_split_sizes,
-                                  group=group, **options)
+            started = time.perf_counter()
+            result = self._original(output, input, output_split_sizes, input_split_sizes,
+                                    group=group, **options)
+            self.seconds += time.perf_counter() - started
+            return result
         dist.all_to_all_single = counting
         return self
 
@@ -93,16 +101,21 @@ def _column(rank, world, threads, expert, stages, config, steps):
                            (steps + 1, config["train"].batch_size, config["train"].seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
     times = []
-    with AllToAllBytes() as counter:
+    with AllToAllCounter() as counter:
         for step in range(steps + 1):
             started = time.perf_counter()
             train_step(parallel_model, optimizer, tokens[step, :, :-1], tokens[step, :, 1:],
                        config["train"], mesh)
             times.append(time.perf_counter() - started)
             if step == 0:
-                counter.sent = 0  # the warm-up step is not counted
+                counter.sent, counter.seconds = 0, 0.0  # the warm-up step is not counted
     return {"step_s": statistics.mean(times[1:]), "all_to_all_bytes": counter.sent / steps,
+            "all_to_all_s": counter.seconds / steps,
             "all_reduce_bytes": reduced_bytes}
+
+
+def _median_ms(runs: list[dict], key: str) -> float:
+    return 1e3 * statistics.median(r[key] for r in runs)
 
 
 def _matmul_rate(threads: int = 1, size: int = 1024, reps: int = 20) -> float:
@@ -187,8 +200,9 @@ def main() -> None:
         for name, (processes, threads, expert, stages) in columns.items():
             outcome = run_on_ranks(_column, processes, threads, expert, stages, config,
                                    args.steps, timeout=600)
-            results[name].append({key: max(rank[key] for rank in outcome)
-                                  for key in outcome[0]})
+            results[name].append({**{key: max(rank[key] for rank in outcome)
+                                     for key in outcome[0]},
+                                  "all_to_all_s_least": min(r["all_to_all_s"] for r in outcome)})
     tokens = args.batch_size * args.seq_len
     if args.pipeline_split:
         _print_split(results, tokens)
@@ -196,13 +210,14 @@ def main() -> None:
     base = statistics.median(r["step_s"] for r in results["1 proc x 1 thread"])
     dp = statistics.median(r["step_s"] for r in results["DP 2"])
     print(f"{'column':20} {'step s (median)':>16} {'tokens/s':>10} {'vs 1x1':>7} {'vs DP':>6} "
-          f"{'all-to-all B':>13} {'all-reduce B':>13}")
+          f"{'all-to-all B':>13} {'all-reduce B':>13} {'in all-to-all ms':>17}")
     for name, runs in results.items():
         step = statistics.median(r["step_s"] for r in runs)
         spread = f"[{min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}]"
         print(f"{name:20} {step:7.3f} {spread:>8} {tokens / step:10.0f} {base / step:7.2f} "
               f"{step / dp:6.2f} {runs[0]['all_to_all_bytes']:13.0f} "
-              f"{runs[0]['all_reduce_bytes']:13.0f}")
+              f"{runs[0]['all_reduce_bytes']:13.0f} "
+              f"{_median_ms(runs, 'all_to_all_s_least'):>8.1f}-{_median_ms(runs, 'all_to_all_s'):<8.1f}")
     # The simulator (moekit/plan/simulate.py), fed this machine's measured matmul rate and gloo
     # bandwidth; its compute efficiency is the one the 1-process column shows, so the other
     # columns are predictions.

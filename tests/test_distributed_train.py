@@ -202,7 +202,9 @@ calls = [0]
 def faulty_forward(self, *args, **kwargs):
     if self.training and os.environ.get("RANK") == "1":
         calls[0] += 1
-        if calls[0] == 9:  # rank 1's fifth step (two MoE layers a step)
+        # rank 1's fifth step: two MoE layers a step, after the two forwards of the
+        # backward that settles DDP's buckets (moekit.parallel.parallelize)
+        if calls[0] == 11:
             if os.environ["MOEKIT_TEST_FAULT"] == "raise":
                 raise RuntimeError("injected failure")
             time.sleep(3600)

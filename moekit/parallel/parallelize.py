@@ -80,8 +80,41 @@ def parallelize(model: nn.Module, mesh: Mesh, weights=None, device=None, *,
     no_buffer_sync = ({"forward_sync_buffers": False}
                       if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                       else {"broadcast_buffers": False})
-    return DistributedDataParallel(model, process_group=mesh.data_group, gradient_as_bucket_view=True,
-                                   **no_buffer_sync)
+    data_parallel = DistributedDataParallel(model, process_group=mesh.data_group,
+                                            gradient_as_bucket_view=True, **no_buffer_sync)
+    _settle_buckets(data_parallel)
+    return data_parallel
+
+
+def _settle_buckets(data_parallel: nn.Module) -> None:
+    """Fix DDP's gradient buckets before any step, the same way in every process.
+
+    DDP lays its buckets out anew in the order gradients became ready in its first backward,
+    and gloo's all-reduce over more than two ranks sums each number in an order set by its
+    place in its bucket. Left to the first training step, the layout (and so the rounding of
+    every later step) would depend on where a process started: a run resumed from a
+    checkpoint would sum its first step as no step of the uninterrupted run did. So the first
+    backward is this throwaway one, on one row of two tokens, the same in every process; its
+    gradients are dropped and its random draws (dropout) undone. Only a ``Transformer`` (or
+    a stage of one) is settled so: another module's inputs are not known here, and its
+    first step settles its buckets."""
+    from moekit.model.transformer import Transformer
+    module = data_parallel.module
+    model = module.model if isinstance(module, StageModule) else module
+    if not isinstance(model, Transformer):
+        return
+    device = next(model.parameters()).device
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=device)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        if isinstance(module, StageModule) and not module.is_first:
+            out = data_parallel(torch.zeros(1, 2, model.config.hidden_size,
+                                            dtype=module.weight_dtype, device=device))
+        else:
+            out = data_parallel(tokens)
+        (out if isinstance(out, torch.Tensor) else out.logits).float().sum().backward()
+    for parameter in model.parameters():
+        parameter.grad = None
 
 
 def hand_route_groups(model: nn.Module, mesh: Mesh) -> None:
