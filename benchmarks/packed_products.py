@@ -57,13 +57,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    held = [print_memory(name, DTYPES[name], args.hints[0]) for name in args.dtypes]
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; microseconds per "
           "product, F.linear / packed")
     for name in args.dtypes:
         dtype = DTYPES[name]
         for out_features, in_features in SHAPES:
             count = max(1, args.megabytes * 2**20 // (out_features * in_features * dtype.itemsize))
-            weights = [torch.randn(out_features, in_features).to(dtype) for _ in range(count)]
+            weights = [torch.randn(out_features, in_features, dtype=dtype) for _ in range(count)]
             packed = {hint: [PackedWeight(w, hint) for w in weights] for hint in args.hints}
             for rows in args.rows:
                 x = torch.randn(rows, in_features).to(dtype)
@@ -75,18 +76,23 @@ def main() -> None:
                     cells.append(f"packed for {hint:2} rows {ours:7.1f} ({plain / ours:4.2f}x)")
                 print(f"{name} {out_features:5} x {in_features:4}, {rows:2} rows: "
                       + ", ".join(cells), flush=True)
-        print_memory(name, dtype, args.hints[0])
+    del held
 
 
-def print_memory(name: str, dtype: torch.dtype, hint: int) -> None:
-    matrices = [torch.randn(shape).to(dtype) for shape, number in zip(SHAPES, MODEL_COUNTS)
+def print_memory(name: str, dtype: torch.dtype, hint: int) -> list:
+    """Print what packing the model's matrices adds to the resident memory, measured before
+    any timing (so that no freed memory is reused); return the packs, to be held until the
+    other dtypes are measured."""
+    matrices = [torch.randn(shape, dtype=dtype) for shape, number in zip(SHAPES, MODEL_COUNTS)
                 for _ in range(number)]
     plain = sum(m.numel() * m.element_size() for m in matrices)
     before = rss_anon_bytes()
     packs = [PackedWeight(m, hint) for m in matrices]
     grown = rss_anon_bytes() - before
     print(f"{name}: the model's {len(packs)} matrices take {plain / 2**20:.1f} MiB plain; "
-          f"packing them added {grown / 2**20:.1f} MiB resident ({grown / plain:.2f}x)")
+          f"packing them added {grown / 2**20:.1f} MiB resident ({grown / plain:.2f}x)",
+          flush=True)
+    return packs
 
 
 if __name__ == "__main__":
