@@ -28,7 +28,7 @@ in bf16. ``--grouped-row`` adds eager moekit rows with the mid-batch experts' pa
 ``F.linear`` instead of ``torch.mv`` (``moekit.moe.row_products``; compiled steps always use
 ``F.linear``). ``--packed`` adds moekit rows (eager, and compiled unless ``--no-compile``) on a
 copy of the model whose weights are packed for decoding (``moekit.model.packed``, packed for the
-largest batch), and prints the resident memory that copy takes beside the plain model's weights.
+largest batch; ``benchmarks/packed_products.py`` measures the products and their memory).
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def main() -> None:
         if args.compile:
             engines[("moekit --compile", name)] = compiled_generate(ours_copy, name, args)
         if args.packed:
-            packed = packed_copy(ours_copy, max(args.batches), name)
+            packed = pack_for_decoding(copy.deepcopy(ours_copy), max(args.batches))
             engines[("moekit packed", name)] = moekit_generate(packed)
             if args.compile:
                 engines[("moekit packed --compile", name)] = compiled_generate(
@@ -190,22 +190,6 @@ def main() -> None:
         engines.update(llama_cpp_engines(ours, args.dtypes, args.threads, Path(scratch)))
         check_tokens(engines, prompts[max(args.batches)], args.new_tokens)
         time_engines(engines, prompts, args)
-
-
-def rss_anon_bytes() -> int:
-    """The process's anonymous resident memory (Linux): what packed weights take."""
-    status = Path("/proc/self/status").read_text()
-    return int(status.split("RssAnon:")[1].split()[0]) * 1024
-
-
-def packed_copy(model, rows: int, name: str):
-    """A copy of ``model`` packed for ``rows`` rows, and what it holds beside the plain model."""
-    before = rss_anon_bytes()
-    packed = pack_for_decoding(copy.deepcopy(model), rows)
-    weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    print(f"moekit packed {name}: the packed copy holds {(rss_anon_bytes() - before) / 2**20:.1f} "
-          f"MiB resident, the plain model's weights {weights / 2**20:.1f} MiB", flush=True)
-    return packed
 
 
 def compiled_generate(model, name: str, args):

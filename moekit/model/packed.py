@@ -7,10 +7,10 @@ decode. What stays plain: embeddings, norms, routers and shared-expert gates (a 
 outputs each), a tied head (its
 matrix is the embedding's), the latent attention's ``kv_b_proj`` (whose matrix decoding reads
 to absorb it), and every module whose type is not exactly the plain one (quantized, LoRA,
-offloaded experts). The swapped modules hold no parameters, so the model cannot train them
+offloaded experts). The plain matrices are dropped: the packed copies take their place, not a
+place beside them. The swapped modules hold no parameters, so the model cannot train them
 afterwards: an optimizer never sees them, and a forward that records autograd through them
-raises. Prefill runs on the packed weights too (float32 falls back to the plain copy it keeps
-for row counts other than ``rows``).
+raises. Prefill runs on the packed weights too (``rows`` only hints their layout).
 """
 from __future__ import annotations
 
