@@ -68,6 +68,8 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
            "not a checkpoint")
     _fails(capsys, ["generate", "--checkpoint", str(trained / "run"), "--prompt", "x",
                     "--max-new-tokens", "100"], "exceeds the model context (64)")
+    _fails(capsys, ["generate", "--checkpoint", str(trained / "run"), "--prompt", "x",
+                    "--packed", "--expert-memory", "1MB"], "--packed does not go with")
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(trained / "run" / "checkpoints" / "step-000004", broken)
