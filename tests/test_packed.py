@@ -52,6 +52,12 @@ def test_packed_experts_are_the_route_by_route_loop_on_both_paths(dtype, monkeyp
     layer.experts = PackedExperts(layer.experts, rows=16)
     _close(layer.experts.forward_dense(x_TD, routing.expert_ids_TK, routing.weights_TK), loop,
            dtype)
+    dense_calls = []
+    dense = layer.experts.forward_dense
+    layer.experts.forward_dense = lambda *a: dense_calls.append(1) or dense(*a)
+    y, _ = layer(x_TD)  # 16 tokens: the mid-batch path in bf16 (as plain experts take it)
+    assert len(dense_calls) == (dtype == torch.bfloat16)
+    _close(y, loop, dtype)
     monkeypatch.setattr(moe_layer, "DENSE_BATCH_ROWS", 0)  # the grouped path
     for rows in (16, 3, 1):  # at 3 and 1 tokens some experts get no rows
         y, stats = layer(x_TD[:rows])
