@@ -4,6 +4,7 @@ the generation benchmark's model, row count and dtype, and the memory the packed
 
     python benchmarks/packed_products.py                       # fp32 and bf16, 2 threads
     python benchmarks/packed_products.py --threads 1 --rows 1 4 16 --hints 1 16
+    python benchmarks/packed_products.py --threads 1 --dtypes bf16 --step-batches 1 4 8 16
 
 Each form multiplies a pass over ``--megabytes`` of distinct weights of a shape (as a decoding
 step reads each weight once, not again from the core's cache), ``--rounds`` times; the figure
@@ -11,11 +12,15 @@ is the median microseconds per product, and the ratio F.linear's time over the p
 (above 1: packed is faster). Each packed weight is packed once for ``hint`` rows and then
 multiplied by every row count: the hint is oneDNN's layout choice, not a limit. The memory line
 is the anonymous resident memory (Linux RssAnon) that packing every matrix of the
-benchmark's model added, beside the bytes of those matrices plain.
+benchmark's model added, beside the bytes of those matrices plain. ``--step-batches`` also
+times an eager decoding step of that model (``benchmarks/generate.py``'s, imported from
+transformers) packed for each batch beside the plain one: the fastest of ``--rounds`` rounds
+of 16 steps after a 32-token prompt, the two taking turns in each round.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +28,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from generate import hf_mixtral
+from moekit.convert.hf import transformer_from_hf
+from moekit.model.decode_step import DecodeStep, StaticDecodeCache, cache_length
+from moekit.model.generate import prefill
+from moekit.model.packed import pack_for_decoding
 from moekit.moe.packed import PackedWeight, packed_linear
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -55,6 +65,8 @@ def main() -> None:
     parser.add_argument("--hints", type=int, nargs="+", default=[16])
     parser.add_argument("--megabytes", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--step-batches", type=int, nargs="*", default=[],
+                        help="also time a decoding step of the model packed for each batch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     held = [print_memory(name, DTYPES[name], args.hints[0]) for name in args.dtypes]
@@ -77,6 +89,35 @@ def main() -> None:
                 print(f"{name} {out_features:5} x {in_features:4}, {rows:2} rows: "
                       + ", ".join(cells), flush=True)
     del held
+    for name in args.dtypes if args.step_batches else []:
+        plain = transformer_from_hf(hf_mixtral(8000, 4)).eval().to(DTYPES[name])
+        for batch in args.step_batches:
+            print_step_times(plain, name, batch, args.rounds)
+
+
+def step_seconds(model, prompts: list[list[int]], steps: int = 16) -> float:
+    """Seconds per eager decoding step after a prefill of ``prompts``."""
+    logits_B1V, cache = prefill(model, prompts,
+                                cache_length(len(prompts[0]) + steps + 1, model.config.max_seq_len))
+    cache = StaticDecodeCache(cache, torch.full((len(prompts),), len(prompts[0])))
+    next_B, step = logits_B1V[:, -1].argmax(-1), DecodeStep(model)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next_B = step(next_B[:, None], cache).argmax(-1)
+    return (time.perf_counter() - start) / steps
+
+
+def print_step_times(plain, name: str, batch: int, rounds: int) -> None:
+    packed = pack_for_decoding(copy.deepcopy(plain), batch)
+    prompts = torch.randint(0, 8000, (batch, 32), generator=torch.Generator().manual_seed(1))
+    best = {"plain": float("inf"), "packed": float("inf")}
+    for model in (plain, packed):  # warm-up
+        step_seconds(model, prompts.tolist(), 4)
+    for _ in range(rounds):
+        for label, model in (("plain", plain), ("packed", packed)):
+            best[label] = min(best[label], step_seconds(model, prompts.tolist()))
+    print(f"{name} step, batch {batch:2}: plain {best['plain'] * 1e3:.2f} ms, packed "
+          f"{best['packed'] * 1e3:.2f} ms ({best['plain'] / best['packed']:.2f}x)", flush=True)
 
 
 def print_memory(name: str, dtype: torch.dtype, hint: int) -> list:
