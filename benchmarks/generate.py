@@ -6,6 +6,7 @@ same model, as ratios measured in one run.
     python benchmarks/generate.py --reps 5 --batches 1 4 16 --new-tokens 64 --quant int8
     python benchmarks/generate.py --no-compile --grouped-row     # what the mid-batch path gives
     python benchmarks/generate.py --batches 1 --dtypes bf16 --plain-rows   # what torch.mv gives
+    python benchmarks/generate.py --batches 16 --packed       # on weights packed for decoding
 
 The model is a tiny Mixtral built by transformers from a config (H 512, F 1024, 8 experts top-2,
 4 layers, GQA 8/2 heads, vocabulary 8000: 61M parameters, as in ../shared/docs/performance.md)
@@ -25,7 +26,9 @@ in bf16. ``--grouped-row`` adds eager moekit rows with the mid-batch experts' pa
 (``moekit.moe.layer.DENSE_BATCH_ROWS = 0``), so that its effect is measured in the same run;
 ``--plain-rows`` likewise adds an eager moekit row whose one-row bf16 products run as
 ``F.linear`` instead of ``torch.mv`` (``moekit.moe.row_products``; compiled steps always use
-``F.linear``).
+``F.linear``). ``--packed`` adds moekit rows (eager, and compiled unless ``--no-compile``) on a
+copy of the model whose weights are packed for decoding (``moekit.model.packed``, packed for the
+largest batch; ``benchmarks/packed_products.py`` measures the products and their memory).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from moekit.convert.hf import transformer_from_hf
 from moekit.convert.hf_folder import export_hf
 from moekit.model import generate
 from moekit.model.decode_step import DecodeStep
+from moekit.model.packed import pack_for_decoding
 from moekit.moe import layer as moe_layer
 from moekit.moe import row_products
 from moekit.quant import quantize_model
@@ -144,6 +148,9 @@ def main() -> None:
                         help="weight-only quantized moekit rows (bf16 compute)")
     parser.add_argument("--plain-rows", action="store_true",
                         help="also moekit rows with one-row bf16 products as F.linear")
+    parser.add_argument("--packed", action="store_true",
+                        help="also moekit rows on weights packed for decoding "
+                        "(moekit.model.packed), eager and compiled")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vocab = 8000
@@ -169,6 +176,12 @@ def main() -> None:
                 moekit_generate(ours_copy), row_products, "ROW_PRODUCT_DTYPES", ())
         if args.compile:
             engines[("moekit --compile", name)] = compiled_generate(ours_copy, name, args)
+        if args.packed:
+            packed = pack_for_decoding(copy.deepcopy(ours_copy), max(args.batches))
+            engines[("moekit packed", name)] = moekit_generate(packed)
+            if args.compile:
+                engines[("moekit packed --compile", name)] = compiled_generate(
+                    packed, f"packed {name}", args)
     for quant in args.quant:
         quantized = quantize_model(copy.deepcopy(ours).to(torch.bfloat16), experts=quant,
                                    attention=quant)

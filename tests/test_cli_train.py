@@ -31,7 +31,11 @@ def test_train_generate_eval(trained, capsys):
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(trained / "run"), "--prompt", "The if",
                  "--max-new-tokens", "5", "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("The if")
+    plain = capsys.readouterr().out
+    assert plain.startswith("The if")
+    assert main(["generate", "--checkpoint", str(trained / "run"), "--prompt", "The if",
+                 "--max-new-tokens", "5", "--temperature", "0", "--packed"]) == 0
+    assert capsys.readouterr().out == plain  # the packed weights' greedy tokens
     assert main(["eval", "--checkpoint", str(trained / "run")]) == 0
     out = capsys.readouterr().out
     # eval of the final checkpoint repeats the run's last validation loss exactly
@@ -64,6 +68,8 @@ def test_bad_checkpoints(trained, tmp_path, capsys):
            "not a checkpoint")
     _fails(capsys, ["generate", "--checkpoint", str(trained / "run"), "--prompt", "x",
                     "--max-new-tokens", "100"], "exceeds the model context (64)")
+    _fails(capsys, ["generate", "--checkpoint", str(trained / "run"), "--prompt", "x",
+                    "--packed", "--expert-memory", "1MB"], "--packed does not go with")
     import shutil
     broken = tmp_path / "broken"
     shutil.copytree(trained / "run" / "checkpoints" / "step-000004", broken)

@@ -156,3 +156,14 @@ def test_the_traced_step_gives_the_eager_tokens_and_traces_once(path, batch, dty
                 patched.setattr(torch.compiler, "is_compiling", lambda: True)  # run as traced
             assert traced == generate(model, prompts, new_tokens)
     assert counters["stats"]["unique_graphs"] == graphs  # the prepared graphs served
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_compiled_step_replays_as_a_cuda_graph_with_the_eager_tokens():
+    model = _model(torch.float32, num_layers=2).cuda()
+    step = DecodeStep(model, compile=True)
+    assert step.cuda_graphs
+    prompts = [[7, 3, 9, 4], [2, 5], [9, 1, 1]]
+    for new_tokens in (10, 30):  # a second generation: a new cache at the same shapes
+        assert generate(model, prompts, new_tokens, step=step) == \
+            generate(model, prompts, new_tokens)

@@ -58,6 +58,13 @@ class StaticDecodeCache:
         self.slot_1 = torch.tensor([cache.length], device=device)
         self.position_B1 = next_position_B.to(device).view(-1, 1).clone()
         self.key_P = torch.arange(self.max_len, device=device)
+        if device.type == "cuda":
+            # A CUDA graph replays over fixed addresses: the tensors the step writes in place
+            # stay where they are for the whole generation. Unguarded, so that the next
+            # generation's cache re-records the graph instead of recompiling the step.
+            for tensor in (*self.keys, *self.values, self.valid_BP, self.slot_1,
+                           self.position_B1, self.key_P):
+                torch._dynamo.mark_static_address(tensor, guard=False)
 
     def check_room(self, seq: int) -> None:
         if seq != 1:
@@ -97,9 +104,9 @@ def _paged_step_logits(model: Transformer, ids_B1: torch.Tensor,
 
 
 @functools.cache
-def _compiled(step_logits, backend: str, dynamic: bool):
+def _compiled(step_logits, backend: str, dynamic: bool, mode: str | None = None):
     # Made on first use: importing moekit does not load the compiler.
-    return torch.compile(step_logits, dynamic=dynamic, backend=backend)
+    return torch.compile(step_logits, dynamic=dynamic, backend=backend, mode=mode)
 
 
 @functools.cache
@@ -121,12 +128,23 @@ class DecodeStep:
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
+        # On a GPU the compiled step is replayed as a CUDA graph (inductor's "reduce-overhead"):
+        # one launch for the step's hundreds of small kernels.
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.cuda_graphs = compile and backend == "inductor" and on_gpu
         # Static shapes: a new batch size or cache length compiles a graph of its own rather
         # than a slower dynamic one.
-        self._run = _compiled(_step_logits, backend, dynamic=False) if compile else _step_logits
+        self._run = (_compiled(_step_logits, backend, dynamic=False,
+                               mode="reduce-overhead" if self.cuda_graphs else None)
+                     if compile else _step_logits)
 
     def __call__(self, ids_B1: torch.Tensor, cache: StaticDecodeCache) -> torch.Tensor:
-        return self._run(self.model, ids_B1, cache)
+        if not self.cuda_graphs:
+            return self._run(self.model, ids_B1, cache)
+        # Each call is a step of its own, and its logits are copied out of the graph's
+        # output buffer, which the next replay overwrites.
+        torch.compiler.cudagraph_mark_step_begin()
+        return self._run(self.model, ids_B1, cache).clone()
 
     @torch.inference_mode()
     def prepare(self, batch_size: int, cache_len: int) -> float:

@@ -270,8 +270,15 @@ def dense_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK
     num_tokens, num_experts = x_TD.shape[0], in_proj_EID.shape[0]
     h_TEI = F.linear(x_TD, in_proj_EID.flatten(0, 1)).view(num_tokens, num_experts, -1)
     a_ETF = expert_activation(h_TEI, activation).transpose(0, 1)
-    y_ETD = torch.bmm(a_ETF, down_proj_EDF.transpose(1, 2))
-    token_T1 = torch.arange(num_tokens, device=x_TD.device)[:, None]
+    return routed_outputs(torch.bmm(a_ETF, down_proj_EDF.transpose(1, 2)), expert_ids_TK,
+                          weights_TK)
+
+
+def routed_outputs(y_ETD: torch.Tensor, expert_ids_TK: torch.Tensor,
+                   weights_TK: torch.Tensor) -> torch.Tensor:
+    """y_TD from every expert's output on every token: each token's K routed ones picked out,
+    gate-weighted and summed."""
+    token_T1 = torch.arange(y_ETD.shape[1], device=y_ETD.device)[:, None]
     return weighted_route_sum(y_ETD[expert_ids_TK, token_T1], weights_TK)
 
 

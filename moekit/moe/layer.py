@@ -19,6 +19,7 @@ from moekit.config import MoEConfig
 from moekit.moe import capacity as cap
 from moekit.moe.dispatch import LocalDispatcher, count_per_expert
 from moekit.moe.experts import MLP, GroupedExperts
+from moekit.moe.packed import PackedExperts
 from moekit.moe.losses import (AdaptiveAuxCoefficient, router_z_loss, skywork_balance_loss,
                                switch_balance_loss)
 from moekit.moe.gates_distributed import DISTRIBUTED_GATES
@@ -347,18 +348,20 @@ class MoELayer(nn.Module):
                        keep_TK: torch.Tensor | None) -> str | None:
         """The path of a decoding-sized forward: "routes" (a few routes, each through its
         expert's weights), "dense" (every expert on every token of a small batch, in a 16-bit
-        type, without autograd), or None for the grouped path. Both decoding paths need every route kept, all
-        experts on this process, grouped experts, and no autocast (whose casts the grouped
-        path makes its own way). Eagerly, "routes" runs only on a CPU: it reads the expert ids
-        on the host, which costs nothing there and a wait for the device elsewhere; "dense"
-        reads nothing."""
+        type, without autograd), or None for the grouped path. Both decoding paths need every
+        route kept, all experts on this process, grouped experts (plain, or packed for
+        decoding: those take "dense" but never "routes", whose compiled form reads the
+        weights as tensors), and no autocast (whose casts the grouped path makes its own way).
+        Eagerly, "routes" runs only on a CPU: it reads the expert ids on the host, which costs
+        nothing there and a wait for the device elsewhere; "dense" reads nothing."""
+        packed = isinstance(self.experts, PackedExperts)
         if not (keep_TK is None and type(self.dispatcher) is LocalDispatcher
-                and isinstance(self.experts, GroupedExperts)
+                and (packed or isinstance(self.experts, GroupedExperts))
                 and not torch.is_autocast_enabled(x_TD.device.type)):
             return None
         routes, num_experts = expert_ids_TK.numel(), self.config.num_experts
-        if 0 < routes <= SMALL_BATCH_ROUTES and (x_TD.device.type == "cpu"
-                                                 or torch.compiler.is_compiling()):
+        if 0 < routes <= SMALL_BATCH_ROUTES and not packed and (
+                x_TD.device.type == "cpu" or torch.compiler.is_compiling()):
             return "routes"
         # Not under autograd: a training step would save the E/K-fold products and pay them
         # again in the backward (and the planner's activation bytes assume the grouped path).
