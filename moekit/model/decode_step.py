@@ -115,8 +115,8 @@ def _compiled_static(backend: str, cuda_graphs: bool):
         return _compiled(_step_logits, backend, dynamic=False, mode="reduce-overhead")
     if backend != "inductor":
         return _compiled(_step_logits, backend, dynamic=False)
-    # Kernels called from C++ (as for the paged step below): the step at 16 rows took 19.7
-    # ms against 20.5 in fp32 and 13.2 against 13.8 in bf16 (docs/inference.md, Speed).
+    # Kernels called from C++, as for the paged step below: a few percent off the step at 1
+    # and 16 rows, fp32 and bf16 (benchmarks/decode_step.py; docs/inference.md, Speed).
     return torch.compile(_step_logits, dynamic=False, options={"cpp_wrapper": True})
 
 
