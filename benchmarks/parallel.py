@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.config import TrainConfig, preset
+from moekit.devices import retain_freed_cpu_memory
 from moekit.model import Transformer
 from moekit.parallel.expert_parallel import expert_parameters
 from moekit.parallel.mesh import world_mesh
@@ -103,6 +104,7 @@ class AllToAllCounter:
 
 def _column(rank, world, threads, expert, stages, reduce_gradients, config, steps):
     torch.set_num_threads(threads)
+    retain_freed_cpu_memory(training=True)  # as `moekit train` runs
     torch.manual_seed(0)
     mesh = world_mesh(expert=expert, pipeline=len(stages) if stages else 1, stage_layers=stages)
     model = Transformer(config["model"]).train()
