@@ -9,6 +9,7 @@ Columns (real gloo processes, forked; each process 1 thread unless said):
   1 proc x 1 thread   the reference for data parallelism's speed-up
   1 proc x 2 threads  the same cores used by one process (no target)
   DP 2                data parallel, 2 processes
+  DP 2, no all-reduce the same without the gradient all-reduce: the most DP can give here
   EP 2                expert parallel, 2 processes (each holds half of every layer's experts)
 With --pipeline-split, the columns are instead two pipelines of 2 stages (1 thread each) on
 the tiny preset at 8 layers and a vocabulary of 8,192, over 8 micro-batches (1F1B): the even
@@ -30,16 +31,19 @@ bytes per number; the planned split >= 1.10x the even split's tokens/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from moekit.config import TrainConfig, preset
+from moekit.devices import retain_freed_cpu_memory
 from moekit.model import Transformer
 from moekit.parallel.expert_parallel import expert_parameters
 from moekit.parallel.mesh import world_mesh
@@ -51,11 +55,22 @@ from moekit.plan.simulate import Link, Machine, simulate_step
 from moekit.train.optim import build_optimizer
 from moekit.train.step import train_step
 
-COLUMNS = {  # name: (processes, threads per process, expert-parallel degree, layers per stage)
-    "1 proc x 1 thread": (1, 1, 1, None),
-    "1 proc x 2 threads": (1, 2, 1, None),
-    "DP 2": (2, 1, 1, None),
-    "EP 2": (2, 1, 2, None),
+class Column(NamedTuple):
+    processes: int
+    threads: int  # per process
+    expert: int = 1  # expert-parallel degree
+    stages: tuple[int, ...] | None = None  # layers per pipeline stage
+    reduce_gradients: bool = True
+
+
+COLUMNS = {
+    "1 proc x 1 thread": Column(1, 1),
+    "1 proc x 2 threads": Column(1, 2),
+    "DP 2": Column(2, 1),
+    # DP's ceiling on these cores: every rank's own work and every other collective, the
+    # gradient all-reduce skipped (DDP's no_sync); not a training run (the ranks drift apart).
+    "DP 2, no all-reduce": Column(2, 1, reduce_gradients=False),
+    "EP 2": Column(2, 1, expert=2),
 }
 
 
@@ -87,8 +102,9 @@ class AllToAllCounter:
         dist.all_to_all_single = self._original
 
 
-def _column(rank, world, threads, expert, stages, config, steps):
+def _column(rank, world, threads, expert, stages, reduce_gradients, config, steps):
     torch.set_num_threads(threads)
+    retain_freed_cpu_memory(training=True)  # as `moekit train` runs
     torch.manual_seed(0)
     mesh = world_mesh(expert=expert, pipeline=len(stages) if stages else 1, stage_layers=stages)
     model = Transformer(config["model"]).train()
@@ -96,7 +112,7 @@ def _column(rank, world, threads, expert, stages, config, steps):
     optimizer = build_optimizer(model, config["train"])
     sharded = {id(p) for _, p in expert_parameters(model)}
     reduced_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
-                        if id(p) not in sharded) if world > 1 else 0
+                        if id(p) not in sharded) if world > 1 and reduce_gradients else 0
     tokens = torch.randint(0, config["model"].vocab_size,
                            (steps + 1, config["train"].batch_size, config["train"].seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
@@ -104,8 +120,9 @@ def _column(rank, world, threads, expert, stages, config, steps):
     with AllToAllCounter() as counter:
         for step in range(steps + 1):
             started = time.perf_counter()
-            train_step(parallel_model, optimizer, tokens[step, :, :-1], tokens[step, :, 1:],
-                       config["train"], mesh)
+            with contextlib.nullcontext() if reduce_gradients else parallel_model.no_sync():
+                train_step(parallel_model, optimizer, tokens[step, :, :-1], tokens[step, :, 1:],
+                           config["train"], mesh)
             times.append(time.perf_counter() - started)
             if step == 0:
                 counter.sent, counter.seconds = 0, 0.0  # the warm-up step is not counted
@@ -184,10 +201,10 @@ def main() -> None:
         print(f"timed on 1 thread, forward + backward of a micro-batch: a layer {layer_s * 1e3:.1f}"
               f" ms, the rest (embedding, output projection, loss) {head_s * 1e3:.1f} ms "
               f"({head_s / layer_s:.1f} layers)")
-        columns = {"PP 2 even (4 + 4)": (2, 1, 1, (4, 4)),
-                   f"PP 2 planned ({planned[0]} + {planned[1]})": (2, 1, 1, planned)}
+        columns = {"PP 2 even (4 + 4)": Column(2, 1, stages=(4, 4)),
+                   f"PP 2 planned ({planned[0]} + {planned[1]})": Column(2, 1, stages=planned)}
         if timed not in (planned, (4, 4)):
-            columns[f"PP 2 timed ({timed[0]} + {timed[1]})"] = (2, 1, 1, timed)
+            columns[f"PP 2 timed ({timed[0]} + {timed[1]})"] = Column(2, 1, stages=timed)
     config = {"model": model_config,
               "train": TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                                    grad_accum=accumulation, lb_scope="global")}
@@ -197,9 +214,8 @@ def main() -> None:
           f"micro-batch(es), fp32")
     results = {name: [] for name in columns}
     for _ in range(args.rounds):
-        for name, (processes, threads, expert, stages) in columns.items():
-            outcome = run_on_ranks(_column, processes, threads, expert, stages, config,
-                                   args.steps, timeout=600)
+        for name, column in columns.items():
+            outcome = run_on_ranks(_column, *column, config, args.steps, timeout=600)
             results[name].append({**{key: max(rank[key] for rank in outcome)
                                      for key in outcome[0]},
                                   "all_to_all_s_least": min(r["all_to_all_s"] for r in outcome)})
