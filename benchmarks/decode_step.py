@@ -38,20 +38,27 @@ def inductor_step(cpp_wrapper: bool):
     return torch.compile(step_logits, dynamic=False, options={"cpp_wrapper": cpp_wrapper})
 
 
-def variant(name: str, model):
+def parse_variant(name: str) -> tuple[str, bool]:
+    """(kind, grouped) of a variant's name, or exit naming what is allowed."""
     kind, *switches = name.split("+")
+    if kind not in ("cpp", "python", "eager") or switches not in ([], ["grouped"]):
+        raise SystemExit(f"unknown variant {name!r}: cpp, python or eager, each with an "
+                         "optional +grouped")
+    return kind, bool(switches)
+
+
+def variant(name: str, model):
+    kind, grouped = parse_variant(name)
     if kind == "cpp":
         run = DecodeStep(model, compile=True)
     elif kind == "python":
         compiled = inductor_step(cpp_wrapper=False)
-        run = lambda ids_B1, cache: compiled(model, ids_B1, cache)  # noqa: E731
-    elif kind == "eager":
-        run = DecodeStep(model)
+
+        def run(ids_B1, cache):
+            return compiled(model, ids_B1, cache)
     else:
-        raise SystemExit(f"unknown variant {name!r}: cpp, python or eager, +grouped")
-    if switches not in ([], ["grouped"]):
-        raise SystemExit(f"unknown switch in {name!r}: only +grouped")
-    return with_module_value(run, moe_layer, "DENSE_BATCH_ROWS", 0) if switches else run
+        run = DecodeStep(model)
+    return with_module_value(run, moe_layer, "DENSE_BATCH_ROWS", 0) if grouped else run
 
 
 @torch.inference_mode()
@@ -77,6 +84,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["cpp", "python"])
     args = parser.parse_args()
+    for name in args.variants:
+        parse_variant(name)
     torch.set_num_threads(args.threads)
     model = transformer_from_hf(hf_mixtral(8000, 4)).eval().to(DTYPES[args.dtype])
     prompts = torch.randint(0, 8000, (args.batch, 32),
