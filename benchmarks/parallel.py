@@ -22,7 +22,9 @@ to other ranks (counted at the call), and the gradient bytes DDP all-reduces (it
 a ring moves about 2 (R - 1) / R of it each way). "In all-to-all ms": the seconds per step
 spent inside the all-to-all calls, on the rank that spent the least (about the transfers:
 the slowest rank does not wait) and the most (the transfers and the waits for the slower
-rank at each layer's exchange).
+rank at each layer's exchange). The simulator's predictions follow, fed the matmul rate,
+row-gather rate and gloo bandwidth measured here and EP 2's routing loads (per layer, the
+rows the busiest rank computed over the mean).
 Targets (issue "Distributed training with torchrun"): DP 2 >= 1.7x one process of 1 thread
 in tokens/s; EP step time <= 1.2x DP's; all-to-all bytes = rows sent to other ranks x D x
 bytes per number; the planned split >= 1.10x the even split's tokens/s.
@@ -100,18 +102,30 @@ def _column(rank, world, threads, expert, stages, config, steps):
     tokens = torch.randint(0, config["model"].vocab_size,
                            (steps + 1, config["train"].batch_size, config["train"].seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
-    times = []
+    times, loads = [], []
     with AllToAllCounter() as counter:
         for step in range(steps + 1):
             started = time.perf_counter()
-            train_step(parallel_model, optimizer, tokens[step, :, :-1], tokens[step, :, 1:],
-                       config["train"], mesh)
+            record = train_step(parallel_model, optimizer, tokens[step, :, :-1],
+                                tokens[step, :, 1:], config["train"], mesh)
             times.append(time.perf_counter() - started)
+            loads.append(busiest_rank_loads(record["tokens_per_expert"], expert))
             if step == 0:
                 counter.sent, counter.seconds = 0, 0.0  # the warm-up step is not counted
     return {"step_s": statistics.mean(times[1:]), "all_to_all_bytes": counter.sent / steps,
             "all_to_all_s": counter.seconds / steps,
-            "all_reduce_bytes": reduced_bytes}
+            "all_reduce_bytes": reduced_bytes,
+            "expert_load": [statistics.mean(layer) for layer in zip(*loads[1:])]}
+
+
+def busiest_rank_loads(tokens_per_expert: list[list[int]], ranks: int) -> list[float]:
+    """Per MoE layer, the rows the busiest of ``ranks`` expert-parallel ranks computes (its
+    block of consecutive experts) over the ranks' mean: the simulator's ``expert_load``."""
+    loads = []
+    for counts in tokens_per_expert:
+        per_rank = torch.tensor(counts, dtype=torch.float64).view(ranks, -1).sum(1)
+        loads.append(float(per_rank.max() / per_rank.mean()) if per_rank.sum() else 1.0)
+    return loads
 
 
 def _median_ms(runs: list[dict], key: str) -> float:
@@ -127,6 +141,19 @@ def _matmul_rate(threads: int = 1, size: int = 1024, reps: int = 20) -> float:
     for _ in range(reps):
         a @ b
     return 2 * size ** 3 * reps / (time.perf_counter() - started)
+
+
+def _copy_rate(rows: int = 2048, tokens: int = 1024, width: int = 128, reps: int = 50) -> float:
+    """Bytes per second a row gather reads and writes on one thread (the dispatch's copies:
+    ``rows`` fp32 rows of ``width`` picked from ``tokens``, as a permutation does)."""
+    torch.set_num_threads(1)
+    x = torch.randn(tokens, width)
+    index = torch.randint(0, tokens, (rows,), generator=torch.Generator().manual_seed(3))
+    x.index_select(0, index)
+    started = time.perf_counter()
+    for _ in range(reps):
+        x.index_select(0, index)
+    return 2 * rows * width * 4 * reps / (time.perf_counter() - started)
 
 
 def _gloo_bandwidth(rank, world, nbytes=8 << 20, reps=10):
@@ -146,14 +173,15 @@ def _gloo_bandwidth(rank, world, nbytes=8 << 20, reps=10):
     return {"bandwidth": nbytes / max(timings[0] - 2 * latency, 1e-9), "latency": latency}
 
 
-def _predictions(config, args, efficiency, link) -> dict:
-    machine = Machine(flops=_matmul_rate(), efficiency=efficiency, devices_per_node=8,
-                      inside_node=link, between_nodes=link)
-    layouts = {"1 proc x 1 thread": Layout(), "DP 2": Layout(data=2),
-               "EP 2": Layout(data=2, expert=2)}
+LAYOUTS = {"1 proc x 1 thread": Layout(), "DP 2": Layout(data=2),
+           "EP 2": Layout(data=2, expert=2)}
+
+
+def _predictions(config, args, machine: Machine, expert_load: list[float]) -> dict:
     return {name: simulate_step(config["model"], layout, machine, args.batch_size // layout.data,
-                                args.seq_len, 1, bytes_per_number=4).step
-            for name, layout in layouts.items()}
+                                args.seq_len, 1, bytes_per_number=4,
+                                expert_load=expert_load if layout.expert > 1 else 1.0)
+            for name, layout in LAYOUTS.items()}
 
 
 def _cpu() -> str:
@@ -201,7 +229,8 @@ def main() -> None:
             outcome = run_on_ranks(_column, processes, threads, expert, stages, config,
                                    args.steps, timeout=600)
             results[name].append({**{key: max(rank[key] for rank in outcome)
-                                     for key in outcome[0]},
+                                     for key in outcome[0] if key != "expert_load"},
+                                  "expert_load": outcome[0]["expert_load"],
                                   "all_to_all_s_least": min(r["all_to_all_s"] for r in outcome)})
     tokens = args.batch_size * args.seq_len
     if args.pipeline_split:
@@ -218,21 +247,28 @@ def main() -> None:
               f"{step / dp:6.2f} {runs[0]['all_to_all_bytes']:13.0f} "
               f"{runs[0]['all_reduce_bytes']:13.0f} "
               f"{_median_ms(runs, 'all_to_all_s_least'):>8.1f}-{_median_ms(runs, 'all_to_all_s'):<8.1f}")
-    # The simulator (moekit/plan/simulate.py), fed this machine's measured matmul rate and gloo
-    # bandwidth; its compute efficiency is the one the 1-process column shows, so the other
-    # columns are predictions.
-    rate = _matmul_rate()
-    model_flops = config["train"].batch_size * config["train"].seq_len * _flops(config)
-    efficiency = min(model_flops / base / rate, 1.0)
+    # The simulator (moekit/plan/simulate.py), fed this machine's measured matmul rate, row
+    # gather rate and gloo bandwidth, and the EP column's measured routing loads; its compute
+    # efficiency is the one the 1-process column shows once its dispatch copies are taken
+    # out, so the other columns are predictions.
+    rate, copy_rate = _matmul_rate(), _copy_rate()
     link = Link(**run_on_ranks(_gloo_bandwidth, 2)[0])
-    predicted = _predictions(config, args, efficiency, link)
+    machine = Machine(flops=rate, efficiency=1.0, devices_per_node=8, inside_node=link,
+                      between_nodes=link, copy_bandwidth=copy_rate)
+    expert_load = results["EP 2"][0]["expert_load"]  # the same routing in every round
+    at_peak = _predictions(config, args, machine, expert_load)["1 proc x 1 thread"]
+    efficiency = min(at_peak.compute / (base - at_peak.dispatch), 1.0)
+    predicted = _predictions(config, args, replace(machine, efficiency=efficiency), expert_load)
     print(f"simulator: matmul {rate / 1e9:.1f} GFLOP/s on 1 thread, model FLOPs at "
-          f"{efficiency:.1%} of it (from the 1-process column), gloo {link.bandwidth / 1e9:.2f} "
-          f"GB/s + {link.latency * 1e6:.0f} us per message")
-    for name, seconds in predicted.items():
+          f"{efficiency:.1%} of it (from the 1-process column), row gathers "
+          f"{copy_rate / 1e9:.1f} GB/s, gloo {link.bandwidth / 1e9:.2f} GB/s + "
+          f"{link.latency * 1e6:.0f} us per message; EP 2's busiest rank computes "
+          f"{', '.join(f'{load:.2f}' for load in expert_load)}x the mean rows (per layer)")
+    for name, step in predicted.items():
         measured = statistics.median(r["step_s"] for r in results[name])
-        print(f"  {name:20} predicted {seconds:.3f} s, measured {measured:.3f} s "
-              f"({seconds / measured - 1:+.0%})")
+        print(f"  {name:20} predicted {step.step:.3f} s (dispatch copies "
+              f"{step.dispatch * 1e3:.1f} ms, imbalance {step.imbalance * 1e3:.1f} ms), "
+              f"measured {measured:.3f} s ({step.step / measured - 1:+.0%})")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 
@@ -272,11 +308,6 @@ def _print_split(results: dict, tokens: int) -> None:
         spread = f"[{min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}]"
         print(f"{name:24} {step:7.3f} {spread:>8} {tokens / step:10.0f} {even / step:8.2f}")
     print(f"load after: {os.getloadavg()[0]:.2f}")
-
-
-def _flops(config) -> float:
-    from moekit.plan import training_flops_per_token
-    return training_flops_per_token(config["model"], config["train"].seq_len).model_flops
 
 
 if __name__ == "__main__":
