@@ -20,11 +20,12 @@ on the order on these machines); figures are medians over rounds of the mean ste
 ``--steps`` steps after one warm-up step. Bytes per step and rank: what the all-to-alls send
 to other ranks (counted at the call), and the gradient bytes DDP all-reduces (its payload;
 a ring moves about 2 (R - 1) / R of it each way). "In all-to-all ms": the seconds per step
-spent inside the all-to-all calls, on the rank that spent the least (about the transfers:
-the slowest rank does not wait) and the most (the transfers and the waits for the slower
-rank at each layer's exchange). The simulator's predictions follow, fed the matmul rate,
-row-gather rate and gloo bandwidth measured here and EP 2's routing loads (per layer, the
-rows the busiest rank computed over the mean).
+spent inside the all-to-all calls, on the rank that spent the least and the most; "waiting
+ms" the part of them the most waiting rank spent before the other rank arrived (its calls'
+start against the other's, on one clock), "together ms" the part with both ranks inside (the
+transfers). The simulator's predictions follow, fed the matmul rate, row-gather rate and
+gloo bandwidths (an all-reduce's, and an all-to-all's with EP 2's message size) measured
+here and EP 2's routing loads (per layer, the rows the busiest rank computed over the mean).
 Targets (issue "Distributed training with torchrun"): DP 2 >= 1.7x one process of 1 thread
 in tokens/s; EP step time <= 1.2x DP's; all-to-all bytes = rows sent to other ranks x D x
 bytes per number; the planned split >= 1.10x the even split's tokens/s.
@@ -62,12 +63,12 @@ COLUMNS = {  # name: (processes, threads per process, expert-parallel degree, la
 
 
 class AllToAllCounter:
-    """Counts what ``dist.all_to_all_single`` sends to other ranks, at the call, and the
-    seconds spent inside it (the transfer, and the wait for the slower rank)."""
+    """Counts what ``dist.all_to_all_single`` sends to other ranks, at the call, and when each
+    call began and ended (``time.perf_counter``: the same clock in every process here)."""
 
     def __init__(self):
         self.sent = 0
-        self.seconds = 0.0
+        self.calls: list[tuple[float, float]] = []
         self._original = dist.all_to_all_single
 
     def __enter__(self):
@@ -80,13 +81,28 @@ class AllToAllCounter:
             started = time.perf_counter()
             result = self._original(output, input, output_split_sizes, input_split_sizes,
                                     group=group, **options)
-            self.seconds += time.perf_counter() - started
+            self.calls.append((started, time.perf_counter()))
             return result
         dist.all_to_all_single = counting
         return self
 
     def __exit__(self, *exc):
         dist.all_to_all_single = self._original
+
+
+def split_exchange_time(calls_per_rank: list[list[tuple[float, float]]]) -> dict:
+    """The seconds every rank spent inside its all-to-all calls (the i-th call of each rank
+    is the same exchange), split into the wait for the last rank to arrive (the wait of the
+    rank that waited most) and the time with every rank inside (the transfer)."""
+    waits = [0.0] * len(calls_per_rank)
+    together = 0.0
+    for same_call in zip(*calls_per_rank):
+        last_arrival = max(start for start, _ in same_call)
+        for rank, (start, _) in enumerate(same_call):
+            waits[rank] += last_arrival - start
+        together += max(max(end for _, end in same_call) - last_arrival, 0.0)
+    return {"inside": [sum(end - start for start, end in calls) for calls in calls_per_rank],
+            "waits": waits, "together": together}
 
 
 def _column(rank, world, threads, expert, stages, config, steps):
@@ -111,9 +127,9 @@ def _column(rank, world, threads, expert, stages, config, steps):
             times.append(time.perf_counter() - started)
             loads.append(busiest_rank_loads(record["tokens_per_expert"], expert))
             if step == 0:
-                counter.sent, counter.seconds = 0, 0.0  # the warm-up step is not counted
+                counter.sent, counter.calls = 0, []  # the warm-up step is not counted
     return {"step_s": statistics.mean(times[1:]), "all_to_all_bytes": counter.sent / steps,
-            "all_to_all_s": counter.seconds / steps,
+            "all_to_all_calls": counter.calls,
             "all_reduce_bytes": reduced_bytes,
             "expert_load": [statistics.mean(layer) for layer in zip(*loads[1:])]}
 
@@ -177,6 +193,26 @@ LAYOUTS = {"1 proc x 1 thread": Layout(), "DP 2": Layout(data=2),
            "EP 2": Layout(data=2, expert=2)}
 
 
+def _gloo_all_to_all(rank, world, rows_per_peer, width, reps=20):
+    """The link gloo's all-to-all sees with the dispatcher's messages (``rows_per_peer`` fp32
+    rows of ``width`` to each peer): seconds per message from a one-row exchange, and bytes
+    per second sent to the other ranks from the difference."""
+    torch.set_num_threads(1)
+    timings = []
+    for rows in (rows_per_peer, 1):
+        x = torch.zeros(rows * world, width)
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x)
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(reps):
+            dist.all_to_all_single(out, x)
+        timings.append((time.perf_counter() - started) / reps)
+    sent = (rows_per_peer - 1) * width * 4 * (world - 1)
+    latency = timings[1] / (world - 1)
+    return {"bandwidth": sent / max(timings[0] - timings[1], 1e-9), "latency": latency}
+
+
 def _predictions(config, args, machine: Machine, expert_load: list[float]) -> dict:
     return {name: simulate_step(config["model"], layout, machine, args.batch_size // layout.data,
                                 args.seq_len, 1, bytes_per_number=4,
@@ -228,10 +264,16 @@ def main() -> None:
         for name, (processes, threads, expert, stages) in columns.items():
             outcome = run_on_ranks(_column, processes, threads, expert, stages, config,
                                    args.steps, timeout=600)
-            results[name].append({**{key: max(rank[key] for rank in outcome)
-                                     for key in outcome[0] if key != "expert_load"},
-                                  "expert_load": outcome[0]["expert_load"],
-                                  "all_to_all_s_least": min(r["all_to_all_s"] for r in outcome)})
+            exchange = split_exchange_time([rank["all_to_all_calls"] for rank in outcome])
+            results[name].append({
+                **{key: max(rank[key] for rank in outcome) for key in ("step_s",
+                   "all_to_all_bytes", "all_reduce_bytes")},
+                "expert_load": outcome[0]["expert_load"],
+                **{key: value / args.steps for key, value in (
+                    ("all_to_all_s_least", min(exchange["inside"], default=0.0)),
+                    ("all_to_all_s", max(exchange["inside"], default=0.0)),
+                    ("wait_s", max(exchange["waits"], default=0.0)),
+                    ("together_s", exchange["together"]))}})
     tokens = args.batch_size * args.seq_len
     if args.pipeline_split:
         _print_split(results, tokens)
@@ -239,22 +281,28 @@ def main() -> None:
     base = statistics.median(r["step_s"] for r in results["1 proc x 1 thread"])
     dp = statistics.median(r["step_s"] for r in results["DP 2"])
     print(f"{'column':20} {'step s (median)':>16} {'tokens/s':>10} {'vs 1x1':>7} {'vs DP':>6} "
-          f"{'all-to-all B':>13} {'all-reduce B':>13} {'in all-to-all ms':>17}")
+          f"{'all-to-all B':>13} {'all-reduce B':>13} {'in all-to-all ms':>17} "
+          f"{'waiting ms':>10} {'together ms':>11}")
     for name, runs in results.items():
         step = statistics.median(r["step_s"] for r in runs)
         spread = f"[{min(r['step_s'] for r in runs):.3f}-{max(r['step_s'] for r in runs):.3f}]"
         print(f"{name:20} {step:7.3f} {spread:>8} {tokens / step:10.0f} {base / step:7.2f} "
               f"{step / dp:6.2f} {runs[0]['all_to_all_bytes']:13.0f} "
               f"{runs[0]['all_reduce_bytes']:13.0f} "
-              f"{_median_ms(runs, 'all_to_all_s_least'):>8.1f}-{_median_ms(runs, 'all_to_all_s'):<8.1f}")
+              f"{_median_ms(runs, 'all_to_all_s_least'):>8.1f}-{_median_ms(runs, 'all_to_all_s'):<8.1f}"
+              f" {_median_ms(runs, 'wait_s'):10.1f} {_median_ms(runs, 'together_s'):11.1f}")
     # The simulator (moekit/plan/simulate.py), fed this machine's measured matmul rate, row
     # gather rate and gloo bandwidth, and the EP column's measured routing loads; its compute
     # efficiency is the one the 1-process column shows once its dispatch copies are taken
     # out, so the other columns are predictions.
     rate, copy_rate = _matmul_rate(), _copy_rate()
     link = Link(**run_on_ranks(_gloo_bandwidth, 2)[0])
+    # EP 2's messages: each rank's tokens' routes, half of them to the other rank.
+    rows_per_peer = args.batch_size // 2 * args.seq_len * model_config.moe.top_k // 2
+    exchange = Link(**run_on_ranks(_gloo_all_to_all, 2, rows_per_peer,
+                                   model_config.hidden_size)[0])
     machine = Machine(flops=rate, efficiency=1.0, devices_per_node=8, inside_node=link,
-                      between_nodes=link, copy_bandwidth=copy_rate)
+                      between_nodes=link, copy_bandwidth=copy_rate, all_to_all=exchange)
     expert_load = results["EP 2"][0]["expert_load"]  # the same routing in every round
     at_peak = _predictions(config, args, machine, expert_load)["1 proc x 1 thread"]
     efficiency = min(at_peak.compute / (base - at_peak.dispatch), 1.0)
@@ -262,7 +310,9 @@ def main() -> None:
     print(f"simulator: matmul {rate / 1e9:.1f} GFLOP/s on 1 thread, model FLOPs at "
           f"{efficiency:.1%} of it (from the 1-process column), row gathers "
           f"{copy_rate / 1e9:.1f} GB/s, gloo {link.bandwidth / 1e9:.2f} GB/s + "
-          f"{link.latency * 1e6:.0f} us per message; EP 2's busiest rank computes "
+          f"{link.latency * 1e6:.0f} us per message (all-reduce), {exchange.bandwidth / 1e9:.2f}"
+          f" GB/s + {exchange.latency * 1e6:.0f} us (all-to-all of {rows_per_peer} rows a peer);"
+          f" EP 2's busiest rank computes "
           f"{', '.join(f'{load:.2f}' for load in expert_load)}x the mean rows (per layer)")
     for name, step in predicted.items():
         measured = statistics.median(r["step_s"] for r in results[name])

@@ -26,7 +26,17 @@ def test_expert_parallel_exchanges_and_reductions_by_hand():
     got = simulate_step(config, Layout(data=2, expert=2), MACHINE, micro_batch=4, seq_len=128,
                         micro_batches=1, bytes_per_number=4)
     rows = 4 * 128 * 2 * (2 - 1) / 2  # half of a device's routes go to the other rank
-    assert got.all_to_all == pytest.approx(4 * 4 * LINK.seconds(rows * 128 * 4, 1))
+    counts = 8 // 2 * 8  # the other rank's 4 experts' counts, int64
+    assert got.all_to_all == pytest.approx(
+        4 * (4 * LINK.seconds(rows * 128 * 4, 1) + LINK.seconds(counts, 1)))
+    exchange = Link(bandwidth=5e8, latency=3e-4)  # the all-to-all's own rate, measured apart
+    measured = simulate_step(config, Layout(data=2, expert=2),
+                             Machine(flops=1e12, efficiency=0.5, devices_per_node=8,
+                                     inside_node=LINK, between_nodes=LINK, all_to_all=exchange),
+                             4, 128, 1, bytes_per_number=4)
+    assert measured.all_to_all == pytest.approx(
+        4 * (4 * exchange.seconds(rows * 128 * 4, 1) + exchange.seconds(counts, 1)))
+    assert measured.all_reduce == got.all_reduce  # the gradients' ring keeps the level's link
     params = count_parameters(config)
     experts = params.component("routed_experts").total
     ring = 2 * (2 - 1) / 2

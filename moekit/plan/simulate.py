@@ -10,7 +10,9 @@ latency. For a step of ``micro_batches`` micro-batches of ``micro_batch`` sequen
   rate; recomputation adds each layer's forward once more (a third of its training FLOPs);
 - all-to-all (expert parallelism): per MoE layer and micro-batch, forward and back, twice with
   the backward, the rows a device sends to the other X - 1 ranks of its expert group: T K
-  (X - 1) / X rows of D numbers for its T tokens;
+  (X - 1) / X rows of D numbers for its T tokens; before them, the exchange of the per-expert
+  counts (E / X int64 to each peer). On the machine's ``all_to_all`` link where it is given
+  (gloo's all-to-all of messages this size runs at its own rate), else the group's level's;
 - tensor parallelism: per layer and micro-batch, four ring all-reduces of the T x D
   activations over the tensor group (attention's and the FFN's outputs, forward and backward,
   as Megatron-LM); under expert data parallelism (Skywork-MoE's EDP: the experts spread over
@@ -66,6 +68,9 @@ class Machine:
     # Bytes a row gather reads and writes per second (the dispatch's copies); None: not
     # modelled (free).
     copy_bandwidth: float | None = None
+    # The link the expert all-to-all sees, measured with its own messages, where it differs
+    # from the level's (one level: a machine like the benchmark's); None: the level's.
+    all_to_all: Link | None = None
 
     def __post_init__(self):
         require_positive("flops", self.flops)
@@ -140,7 +145,10 @@ def simulate_step(config: ModelConfig, layout: Layout, machine: Machine, micro_b
     if expert > 1 and config.moe is not None and not edp:
         rows = tokens * config.moe.top_k * (expert - 1) / expert
         row_bytes = rows * config.hidden_size * bytes_per_number
-        per_layer = 4 * machine.link(expert).seconds(row_bytes, messages=expert - 1)
+        count_bytes = config.moe.num_experts // expert * 8 * (expert - 1)
+        link = machine.all_to_all or machine.link(expert)
+        per_layer = (4 * link.seconds(row_bytes, messages=expert - 1)
+                     + link.seconds(count_bytes, messages=expert - 1))
         all_to_all = micro_batches * per_layer * len(moe_layers) * layer_share
 
     # A stage's share of the MoE layers, each at its own load (the mean over layers).
