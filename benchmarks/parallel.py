@@ -9,6 +9,7 @@ Columns (real gloo processes, forked; each process 1 thread unless said):
   1 proc x 1 thread   the reference for data parallelism's speed-up
   1 proc x 2 threads  the same cores used by one process (no target)
   DP 2                data parallel, 2 processes
+  DP 2, no all-reduce the same without the gradient all-reduce: the most DP can give here
   EP 2                expert parallel, 2 processes (each holds half of every layer's experts)
 With --pipeline-split, the columns are instead two pipelines of 2 stages (1 thread each) on
 the tiny preset at 8 layers and a vocabulary of 8,192, over 8 micro-batches (1F1B): the even
@@ -24,8 +25,8 @@ spent inside the all-to-all calls, on the rank that spent the least and the most
 ms" the part of them the most waiting rank spent before the other rank arrived (its calls'
 start against the other's, on one clock), "together ms" the part with both ranks inside (the
 transfers). The simulator's predictions follow, fed the matmul rate, row-gather rate and
-gloo bandwidths (an all-reduce's, and an all-to-all's with EP 2's message size) measured
-here and EP 2's routing loads (per layer, the rows the busiest rank computed over the mean).
+gloo bandwidths (an all-reduce's, and an all-to-all's with EP 2's message size, each call
+after a burst of compute as in a step) measured here and EP 2's routing loads (per layer, the rows the busiest rank computed over the mean).
 Targets (issue "Distributed training with torchrun"): DP 2 >= 1.7x one process of 1 thread
 in tokens/s; EP step time <= 1.2x DP's; all-to-all bytes = rows sent to other ranks x D x
 bytes per number; the planned split >= 1.10x the even split's tokens/s.
@@ -33,16 +34,19 @@ bytes per number; the planned split >= 1.10x the even split's tokens/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
 import time
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from moekit.config import TrainConfig, preset
+from moekit.devices import retain_freed_cpu_memory
 from moekit.model import Transformer
 from moekit.parallel.expert_parallel import expert_parameters
 from moekit.parallel.mesh import world_mesh
@@ -54,11 +58,23 @@ from moekit.plan.simulate import Link, Machine, simulate_step
 from moekit.train.optim import build_optimizer
 from moekit.train.step import train_step
 
-COLUMNS = {  # name: (processes, threads per process, expert-parallel degree, layers per stage)
-    "1 proc x 1 thread": (1, 1, 1, None),
-    "1 proc x 2 threads": (1, 2, 1, None),
-    "DP 2": (2, 1, 1, None),
-    "EP 2": (2, 1, 2, None),
+
+class Column(NamedTuple):
+    processes: int
+    threads: int  # per process
+    expert: int = 1  # expert-parallel degree
+    stages: tuple[int, ...] | None = None  # layers per pipeline stage
+    reduce_gradients: bool = True
+
+
+COLUMNS = {
+    "1 proc x 1 thread": Column(1, 1),
+    "1 proc x 2 threads": Column(1, 2),
+    "DP 2": Column(2, 1),
+    # DP's ceiling on these cores: every rank's own work and every other collective, the
+    # gradient all-reduce skipped (DDP's no_sync); not a training run (the ranks drift apart).
+    "DP 2, no all-reduce": Column(2, 1, reduce_gradients=False),
+    "EP 2": Column(2, 1, expert=2),
 }
 
 
@@ -105,8 +121,9 @@ def split_exchange_time(calls_per_rank: list[list[tuple[float, float]]]) -> dict
             "waits": waits, "together": together}
 
 
-def _column(rank, world, threads, expert, stages, config, steps):
+def _column(rank, world, threads, expert, stages, reduce_gradients, config, steps):
     torch.set_num_threads(threads)
+    retain_freed_cpu_memory(training=True)  # as `moekit train` runs
     torch.manual_seed(0)
     mesh = world_mesh(expert=expert, pipeline=len(stages) if stages else 1, stage_layers=stages)
     model = Transformer(config["model"]).train()
@@ -114,7 +131,7 @@ def _column(rank, world, threads, expert, stages, config, steps):
     optimizer = build_optimizer(model, config["train"])
     sharded = {id(p) for _, p in expert_parameters(model)}
     reduced_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
-                        if id(p) not in sharded) if world > 1 else 0
+                        if id(p) not in sharded) if world > 1 and reduce_gradients else 0
     tokens = torch.randint(0, config["model"].vocab_size,
                            (steps + 1, config["train"].batch_size, config["train"].seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
@@ -122,8 +139,9 @@ def _column(rank, world, threads, expert, stages, config, steps):
     with AllToAllCounter() as counter:
         for step in range(steps + 1):
             started = time.perf_counter()
-            record = train_step(parallel_model, optimizer, tokens[step, :, :-1],
-                                tokens[step, :, 1:], config["train"], mesh)
+            with contextlib.nullcontext() if reduce_gradients else parallel_model.no_sync():
+                record = train_step(parallel_model, optimizer, tokens[step, :, :-1],
+                                    tokens[step, :, 1:], config["train"], mesh)
             times.append(time.perf_counter() - started)
             loads.append(busiest_rank_loads(record["tokens_per_expert"], expert))
             if step == 0:
@@ -193,24 +211,37 @@ LAYOUTS = {"1 proc x 1 thread": Layout(), "DP 2": Layout(data=2),
            "EP 2": Layout(data=2, expert=2)}
 
 
-def _gloo_all_to_all(rank, world, rows_per_peer, width, reps=20):
-    """The link gloo's all-to-all sees with the dispatcher's messages (``rows_per_peer`` fp32
-    rows of ``width`` to each peer): seconds per message from a one-row exchange, and bytes
-    per second sent to the other ranks from the difference."""
+def _gloo_all_to_all_calls(rank, world, rows_per_peer, width, reps=30):
+    """gloo's all-to-all with the dispatcher's messages (``rows_per_peer`` fp32 rows of
+    ``width`` to each peer) and with one row, each call after a burst of compute as in a step
+    (back to back they ran faster than a step's): every call's start and end."""
     torch.set_num_threads(1)
-    timings = []
+    burst = torch.randn(256, 256)
+    calls = {}
     for rows in (rows_per_peer, 1):
-        x = torch.zeros(rows * world, width)
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x)
-        dist.barrier()
-        started = time.perf_counter()
-        for _ in range(reps):
+        calls[rows] = []
+        for _ in range(reps + 1):
+            for _ in range(10):  # about 2 ms of matmuls, between two exchanges of a step
+                burst @ burst
+            x = torch.randn(rows * world, width)
+            out = torch.empty_like(x)
+            started = time.perf_counter()
             dist.all_to_all_single(out, x)
-        timings.append((time.perf_counter() - started) / reps)
-    sent = (rows_per_peer - 1) * width * 4 * (world - 1)
-    latency = timings[1] / (world - 1)
-    return {"bandwidth": sent / max(timings[0] - timings[1], 1e-9), "latency": latency}
+            calls[rows].append((started, time.perf_counter()))
+        calls[rows] = calls[rows][1:]  # the first call sets the exchange up
+    return calls
+
+
+def _all_to_all_link(rows_per_peer: int, width: int) -> Link:
+    """The link of the dispatcher's all-to-all on 2 processes: per call, the mean time with
+    both ranks inside (their waits for each other left out), the one-row call's as the latency
+    and the rest over the bytes sent to the other rank."""
+    outcome = run_on_ranks(_gloo_all_to_all_calls, 2, rows_per_peer, width)
+    seconds = {rows: split_exchange_time([rank[rows] for rank in outcome])["together"]
+               / len(outcome[0][rows]) for rows in (rows_per_peer, 1)}
+    sent = (rows_per_peer - 1) * width * 4
+    return Link(bandwidth=sent / max(seconds[rows_per_peer] - seconds[1], 1e-9),
+                latency=seconds[1])
 
 
 def _predictions(config, args, machine: Machine, expert_load: list[float]) -> dict:
@@ -248,10 +279,10 @@ def main() -> None:
         print(f"timed on 1 thread, forward + backward of a micro-batch: a layer {layer_s * 1e3:.1f}"
               f" ms, the rest (embedding, output projection, loss) {head_s * 1e3:.1f} ms "
               f"({head_s / layer_s:.1f} layers)")
-        columns = {"PP 2 even (4 + 4)": (2, 1, 1, (4, 4)),
-                   f"PP 2 planned ({planned[0]} + {planned[1]})": (2, 1, 1, planned)}
+        columns = {"PP 2 even (4 + 4)": Column(2, 1, stages=(4, 4)),
+                   f"PP 2 planned ({planned[0]} + {planned[1]})": Column(2, 1, stages=planned)}
         if timed not in (planned, (4, 4)):
-            columns[f"PP 2 timed ({timed[0]} + {timed[1]})"] = (2, 1, 1, timed)
+            columns[f"PP 2 timed ({timed[0]} + {timed[1]})"] = Column(2, 1, stages=timed)
     config = {"model": model_config,
               "train": TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                                    grad_accum=accumulation, lb_scope="global")}
@@ -261,9 +292,8 @@ def main() -> None:
           f"micro-batch(es), fp32")
     results = {name: [] for name in columns}
     for _ in range(args.rounds):
-        for name, (processes, threads, expert, stages) in columns.items():
-            outcome = run_on_ranks(_column, processes, threads, expert, stages, config,
-                                   args.steps, timeout=600)
+        for name, column in columns.items():
+            outcome = run_on_ranks(_column, *column, config, args.steps, timeout=600)
             exchange = split_exchange_time([rank["all_to_all_calls"] for rank in outcome])
             results[name].append({
                 **{key: max(rank[key] for rank in outcome) for key in ("step_s",
@@ -299,8 +329,7 @@ def main() -> None:
     link = Link(**run_on_ranks(_gloo_bandwidth, 2)[0])
     # EP 2's messages: each rank's tokens' routes, half of them to the other rank.
     rows_per_peer = args.batch_size // 2 * args.seq_len * model_config.moe.top_k // 2
-    exchange = Link(**run_on_ranks(_gloo_all_to_all, 2, rows_per_peer,
-                                   model_config.hidden_size)[0])
+    exchange = _all_to_all_link(rows_per_peer, model_config.hidden_size)
     machine = Machine(flops=rate, efficiency=1.0, devices_per_node=8, inside_node=link,
                       between_nodes=link, copy_bandwidth=copy_rate, all_to_all=exchange)
     expert_load = results["EP 2"][0]["expert_load"]  # the same routing in every round
