@@ -233,15 +233,20 @@ def _gloo_all_to_all_calls(rank, world, rows_per_peer, width, reps=30):
 
 
 def _all_to_all_link(rows_per_peer: int, width: int) -> Link:
-    """The link of the dispatcher's all-to-all on 2 processes: per call, the mean time with
-    both ranks inside (their waits for each other left out), the one-row call's as the latency
-    and the rest over the bytes sent to the other rank."""
+    """The link of the dispatcher's all-to-all on 2 processes, from the time per call with
+    both ranks inside (their waits for each other left out): the one-row calls' median as the
+    latency (their mean swings with a few slow calls), and the dispatcher-size calls' mean,
+    slow calls and all, less that latency, over the bytes sent to the other rank."""
     outcome = run_on_ranks(_gloo_all_to_all_calls, 2, rows_per_peer, width)
-    seconds = {rows: split_exchange_time([rank[rows] for rank in outcome])["together"]
-               / len(outcome[0][rows]) for rows in (rows_per_peer, 1)}
-    sent = (rows_per_peer - 1) * width * 4
-    return Link(bandwidth=sent / max(seconds[rows_per_peer] - seconds[1], 1e-9),
-                latency=seconds[1])
+
+    def together(rows: int) -> list[float]:
+        return [split_exchange_time([[rank[rows][call]] for rank in outcome])["together"]
+                for call in range(len(outcome[0][rows]))]
+
+    latency = statistics.median(together(1))
+    sent = rows_per_peer * width * 4
+    return Link(bandwidth=sent / max(statistics.mean(together(rows_per_peer)) - latency, 1e-9),
+                latency=latency)
 
 
 def _predictions(config, args, machine: Machine, expert_load: list[float]) -> dict:
