@@ -121,7 +121,8 @@ def split_exchange_time(calls_per_rank: list[list[tuple[float, float]]]) -> dict
             "waits": waits, "together": together}
 
 
-def _column(rank, world, threads, expert, stages, reduce_gradients, config, steps):
+def _column(rank, world, threads, expert, stages, reduce_gradients, config, steps,
+            profile_to=None):
     torch.set_num_threads(threads)
     retain_freed_cpu_memory(training=True)  # as `moekit train` runs
     torch.manual_seed(0)
@@ -136,7 +137,11 @@ def _column(rank, world, threads, expert, stages, reduce_gradients, config, step
                            (steps + 1, config["train"].batch_size, config["train"].seq_len + 1),
                            generator=torch.Generator().manual_seed(1))
     times, loads = [], []
-    with AllToAllCounter() as counter:
+    # With --profile: torch.profiler over the timed steps, each rank's table to a file.
+    profiler = (torch.profiler.profile(schedule=torch.profiler.schedule(wait=1, warmup=0,
+                                                                         active=steps))
+                if profile_to else contextlib.nullcontext())
+    with AllToAllCounter() as counter, profiler:
         for step in range(steps + 1):
             started = time.perf_counter()
             with contextlib.nullcontext() if reduce_gradients else parallel_model.no_sync():
@@ -146,6 +151,12 @@ def _column(rank, world, threads, expert, stages, reduce_gradients, config, step
             loads.append(busiest_rank_loads(record["tokens_per_expert"], expert))
             if step == 0:
                 counter.sent, counter.calls = 0, []  # the warm-up step is not counted
+            if profile_to:
+                profiler.step()
+    if profile_to:
+        with open(f"{profile_to}.rank{rank}.txt", "w") as table:
+            table.write(profiler.key_averages().table(sort_by="self_cpu_time_total",
+                                                      row_limit=40))
     return {"step_s": statistics.mean(times[1:]), "all_to_all_bytes": counter.sent / steps,
             "all_to_all_calls": counter.calls,
             "all_reduce_bytes": reduced_bytes,
@@ -267,6 +278,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per column and round")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--profile", metavar="FOLDER",
+                        help="afterwards, run DP 2 and EP 2 once more under torch.profiler and "
+                        "write each rank's table of operators (self CPU time) to FOLDER")
     parser.add_argument("--pipeline-split", action="store_true",
                         help="compare the planned pipeline split with the even one instead")
     args = parser.parse_args()
@@ -353,7 +367,19 @@ def main() -> None:
         print(f"  {name:20} predicted {step.step:.3f} s (dispatch copies "
               f"{step.dispatch * 1e3:.1f} ms, imbalance {step.imbalance * 1e3:.1f} ms), "
               f"measured {measured:.3f} s ({step.step / measured - 1:+.0%})")
+    if args.profile:
+        _profile(args, config)
     print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def _profile(args, config) -> None:
+    """DP 2 and EP 2 once more, each rank under torch.profiler (not timed: the profiler
+    slows the many small operators more than the matmuls)."""
+    os.makedirs(args.profile, exist_ok=True)
+    for name in ("DP 2", "EP 2"):
+        prefix = os.path.join(args.profile, name.replace(" ", "").lower())
+        run_on_ranks(_column, *COLUMNS[name], config, args.steps, prefix, timeout=600)
+        print(f"profiled {name}: {prefix}.rank0.txt, {prefix}.rank1.txt")
 
 
 def _measured_costs(model_config, micro_batch: int, seq_len: int, reps: int = 20):
