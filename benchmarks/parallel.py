@@ -138,7 +138,7 @@ def _column(rank, world, threads, expert, stages, reduce_gradients, config, step
                            generator=torch.Generator().manual_seed(1))
     times, loads = [], []
     # With --profile: torch.profiler over the timed steps, each rank's table to a file.
-    profiler = (torch.profiler.profile(schedule=torch.profiler.schedule(wait=1, warmup=0,
+    profiler = (torch.profiler.profile(schedule=torch.profiler.schedule(wait=0, warmup=1,
                                                                          active=steps))
                 if profile_to else contextlib.nullcontext())
     with AllToAllCounter() as counter, profiler:
