@@ -138,10 +138,8 @@ def _column(rank, world, threads, expert, stages, reduce_gradients, config, step
                            generator=torch.Generator().manual_seed(1))
     times, loads = [], []
     # With --profile: torch.profiler over the timed steps, each rank's table to a file.
-    profiler = (torch.profiler.profile(schedule=torch.profiler.schedule(wait=0, warmup=1,
-                                                                         active=steps))
-                if profile_to else contextlib.nullcontext())
-    with AllToAllCounter() as counter, profiler:
+    profiler = torch.profiler.profile() if profile_to else None
+    with AllToAllCounter() as counter:
         for step in range(steps + 1):
             started = time.perf_counter()
             with contextlib.nullcontext() if reduce_gradients else parallel_model.no_sync():
@@ -151,9 +149,10 @@ def _column(rank, world, threads, expert, stages, reduce_gradients, config, step
             loads.append(busiest_rank_loads(record["tokens_per_expert"], expert))
             if step == 0:
                 counter.sent, counter.calls = 0, []  # the warm-up step is not counted
-            if profile_to:
-                profiler.step()
-    if profile_to:
+                if profiler is not None:
+                    profiler.start()
+    if profiler is not None:
+        profiler.stop()
         with open(f"{profile_to}.rank{rank}.txt", "w") as table:
             table.write(profiler.key_averages().table(sort_by="self_cpu_time_total",
                                                       row_limit=40))
