@@ -296,3 +296,38 @@ def test_served_model_name_alias(tmp_path):
     from moekit.cli import build_parser
     args = build_parser().parse_args(["serve", "--checkpoint", "x", "--served-model-name", "m"])
     assert args.name == "m"
+
+
+def test_serving_threads_leave_one_core_to_the_front_end(monkeypatch):
+    from moekit.serve import serving_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for torch_threads, expected in ((4, 3), (2, 1), (1, 1)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=torch_threads: n)
+        assert serving_threads("cpu") == expected
+    assert serving_threads("cuda") is None  # an accelerator: torch's own
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert serving_threads("cpu") is None  # the environment's choice stands
+
+
+def test_engine_threads_set_torchs_and_keep_the_tokens(tmp_path, capsys):
+    from moekit.cli import main
+    from moekit.serve import Engine
+    torch.manual_seed(0)
+    model = Transformer(replace(preset("tiny"), vocab_size=257, max_seq_len=64))
+    tokenizer = train_tokenizer([], 257)
+    before = torch.get_num_threads()
+    engine = Engine(model, tokenizer, "tiny", threads=1)
+    try:
+        assert torch.get_num_threads() == 1
+        pieces, _ = engine.complete(["Threads"], Sampling(max_tokens=8, temperature=0))
+        expected = generate(model, [tokenizer.encode("Threads")], 8, eos_id=tokenizer.eos_id)
+        assert "".join(piece.text for piece in pieces) == tokenizer.decode(expected[0])
+    finally:
+        engine.close()
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads=0 is not allowed"):
+        Engine(model, tokenizer, "tiny", threads=0)
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--checkpoint", str(tmp_path), "--threads", "0"])
+    assert exit.value.code == 2
+    assert "--threads: 0 is not allowed" in capsys.readouterr().err

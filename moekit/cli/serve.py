@@ -63,6 +63,11 @@ def register(subcommands) -> None:
                           "on a 2-core CPU (less from inductor's on-disk cache), paid once per "
                           "start. Not with --split, --expert-memory or quantized experts "
                           "(docs/inference.md, Serving; default off)")
+    batching.add_argument("--threads", type=positive_int, metavar="N",
+                          help="torch threads for the forwards; default on a CPU: all of "
+                          "torch's but one, left to the HTTP front end that writes every "
+                          "stream's events (as vLLM's CPU server does; $OMP_NUM_THREADS, when "
+                          "set, is kept as it is); on a GPU torch's own")
     safety = parser.add_argument_group("safety")
     safety.add_argument("--request-timeout", type=positive_float, default=600.0, metavar="S",
                         help="deadline of a request, from arrival to its last token, in "
@@ -161,7 +166,8 @@ def _serve(args: argparse.Namespace, device: str, split_timeout: float | None) -
         kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
         max_batch=args.max_batch_size, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, routing_log=args.log_routing,
-        compile=args.compile)
+        compile=args.compile,
+        threads=serving.serving_threads(device) if args.threads is None else args.threads)
     if args.compile:
         print(f"compiled the decoding step in {engine.compile_seconds:.1f} s", file=sys.stderr)
     pool = engine.pool

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+import torch
+
 from moekit.devices import free_memory_bytes
 from moekit.model import KVCache, Transformer
 from moekit.model.decode_step import PagedDecodeStep
@@ -45,7 +47,9 @@ class Engine:
     ``runner``: makes the scheduler's forwards from the model and the pool (a split model's
     runs them on all its processes, ``moekit/serve/split.py``); ``compile``: the decoding step
     compiled with torch.compile's ``compile_backend`` (``PagedDecodeStep``), its graphs made
-    here, before any request (``compile_seconds`` says how long it took)."""
+    here, before any request (``compile_seconds`` says how long it took); ``threads``: torch's
+    intra-op threads, set for the whole process before the step is made (inductor's kernels keep
+    the count they were compiled for; None leaves torch's)."""
 
     def __init__(self, model: Transformer, tokenizer, name: str, *, max_tokens_limit: int = 1024,
                  max_n: int = 8, kv_cache_bytes: int | None = None,
@@ -53,13 +57,17 @@ class Engine:
                  max_waiting: int = 64, request_timeout: float | None = None,
                  routing_log=None, chat_template: str | None = None,
                  aliases: tuple[str, ...] = (), runner=ModelRunner, compile: bool = False,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", threads: int | None = None):
         # ``name`` is the one /v1/models lists and responses carry; requests may also use aliases
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.aliases = aliases
         self.max_tokens_limit, self.max_n = max_tokens_limit, max_n
         self.kv_cache_bytes, self.chat_template = kv_cache_bytes, chat_template
         self.request_timeout = request_timeout
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads={threads} is not allowed: expected 1 or more")
+            torch.set_num_threads(threads)
         weight = model.norm.weight
         if kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(model, max_batch)

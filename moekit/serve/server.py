@@ -6,6 +6,7 @@ import signal
 from functools import partial
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from moekit.files import CheckpointError
@@ -54,6 +55,18 @@ def load_engine(path: str | os.PathLike, device: str = "cpu", name: str | None =
     served, *aliases = served_names(Path(path), checkpoint, name)
     return Engine(model, tokenizer, served, aliases=tuple(aliases),
                   chat_template=read_chat_template(checkpoint), **limits)
+
+
+def serving_threads(device: str) -> int | None:
+    """torch's threads for a server's forwards: on a CPU all of torch's but one, which is left
+    to the HTTP front end (the event loop writing every stream's events), as vLLM's CPU
+    set-up does; at least one. When the forwards' OpenMP threads and the front end contend
+    for the same cores, every parallel region waits for the thread that lost its core: at 16
+    streaming clients on 2 cores, one thread made 1.5x the tokens/s of two (docs/inference.md,
+    Serving). None (torch's own) on an accelerator, or where ``$OMP_NUM_THREADS`` says."""
+    if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, torch.get_num_threads() - 1)
 
 
 def follow_checkpoint(path: str | os.PathLike, device: str = "cpu") -> None:
