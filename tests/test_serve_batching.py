@@ -158,6 +158,47 @@ def test_requests_share_decoding_steps_and_get_what_they_get_alone(served):
     _wait_until(lambda: engine.pool.used_blocks == 0)
 
 
+def test_streams_on_an_event_loop_get_one_wake_up_per_forward(served):
+    """Pieces for readers on an event loop (the HTTP server's way) are handed over once per
+    forward for all streams, not once per piece; the texts stay generate's alone."""
+    import asyncio
+    engine = served.engine
+    prompts = ["a", "bb bb", "a longer prompt", "x"]
+    forwards, forward = [], engine.model.forward
+
+    def spy(*args, **kwargs):
+        forwards.append(1)
+        return forward(*args, **kwargs)
+
+    async def read(ticket):
+        text = ""
+        while (piece := await ticket.next_piece()) is not None:
+            text += piece.text
+        return text, ticket.usage.completion_tokens
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        wake_ups, threadsafe = [], loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            wake_ups.append(1)
+            return threadsafe(callback, *args)
+        loop.call_soon_threadsafe = counted
+        with engine.scheduler._condition:  # all queued before the scheduler takes the first
+            tickets = [engine.submit([p], Sampling(max_tokens=12, temperature=0), loop)
+                       for p in prompts]
+        return await asyncio.gather(*map(read, tickets)), len(wake_ups)
+    engine.model.forward = spy
+    try:
+        answers, wake_ups = asyncio.run(run())
+    finally:
+        engine.model.forward = forward
+    assert [text for text, _ in answers] == [_alone(engine, [p], 12)[0] for p in prompts]
+    pieces = sum(tokens for _, tokens in answers)  # a piece per token at most, + the ends
+    assert wake_ups <= len(forwards) < pieces
+    _wait_until(lambda: engine.pool.used_blocks == 0)
+
+
 def test_a_client_leaving_mid_stream_frees_its_blocks_and_spares_the_others(served):
     engine, client = served.engine, served.client
     prompts = ["first", "second one", "the third, longest prompt"]
