@@ -62,8 +62,9 @@ def serving_threads(device: str) -> int | None:
     to the HTTP front end (the event loop writing every stream's events), as vLLM's CPU
     set-up does; at least one. When the forwards' OpenMP threads and the front end contend
     for the same cores, every parallel region waits for the thread that lost its core: at 16
-    streaming clients on 2 cores, one thread made 1.5x the tokens/s of two (docs/inference.md,
-    Serving). None (torch's own) on an accelerator, or where ``$OMP_NUM_THREADS`` says."""
+    streaming clients on 2 cores, one thread made 1.4-1.7x the tokens/s of two
+    (``benchmarks/serve_phases.py``; docs/inference.md, Serving). None (torch's own) on an
+    accelerator, or where ``$OMP_NUM_THREADS`` says."""
     if torch.device(device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return None
     return max(1, torch.get_num_threads() - 1)
