@@ -182,3 +182,29 @@ def test_each_rank_resumes_its_own_random_state(tmp_path):
     # On another number of ranks: every rank continues rank 0's stream.
     assert all(torch.equal(state, saved[0])
                for state in run_on_ranks(_save_with_rank_seeds, 4, None, folder))
+
+
+def test_arrived_rows_go_to_expert_order_and_back_as_a_naive_loop_orders_them():
+    from moekit.parallel.expert_parallel import block_transpose_orders, reorder_rows
+    generator = torch.Generator().manual_seed(3)
+    for ranks, local in ((1, 1), (2, 4), (3, 2), (4, 3)):
+        sizes_RL = torch.randint(0, 4, (ranks, local), generator=generator)
+        sizes_RL[0, 0] = 0  # an empty block
+        # The naive order: walk expert by expert, sender by sender, through each block.
+        starts = {}
+        position = 0
+        for r in range(ranks):
+            for expert in range(local):
+                starts[r, expert] = position
+                position += int(sizes_RL[r, expert])
+        naive = [starts[r, expert] + i for expert in range(local) for r in range(ranks)
+                 for i in range(int(sizes_RL[r, expert]))]
+        by_expert, by_sender = block_transpose_orders(sizes_RL, position)
+        assert by_expert.tolist() == naive
+        rows = torch.randn(position, 3, dtype=torch.float64, requires_grad=True)
+        grouped = reorder_rows(rows, by_expert, by_sender)
+        assert torch.equal(grouped, rows[torch.tensor(naive, dtype=torch.long)])
+        assert torch.equal(reorder_rows(grouped, by_sender, by_expert), rows)
+        weights = torch.randn(position, 3, dtype=torch.float64)
+        (grouped * weights).sum().backward()
+        assert torch.equal(rows.grad, weights[by_sender])  # each row's gradient, moved back

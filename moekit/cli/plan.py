@@ -134,6 +134,14 @@ def register(subcommands) -> None:
     simulate.add_argument("--link-latency-us", type=float, default=10.0,
                           help="latency per message, microseconds (default 10)")
     simulate.add_argument("--devices-per-node", type=int, default=8)
+    simulate.add_argument("--copy-gbps", type=float,
+                          help="bytes a row gather reads and writes on the device, GB/s: "
+                          "prices the dispatch's copies (default: not modelled)")
+    simulate.add_argument("--expert-load", type=float, metavar="LOAD",
+                          help="rows the busiest rank of an expert group computes over the "
+                          "group's mean (>= 1); every rank waits for it at each MoE layer "
+                          "(default: the model's capacity factor, which bounds it, or 1 when "
+                          "dropless)")
 
     serve = parser.add_argument_group("inference")
     serve.add_argument("--infer-dtype", nargs="+", choices=INFERENCE_DTYPES,
@@ -267,21 +275,28 @@ def _simulation(config: ModelConfig, layout: Layout, args, seq_len: int,
     micro_batches = _given_or(args.pipeline_micro_batches, 4 * args.pipeline)
     inputs = {"efficiency": args.efficiency, "link_gbps": args.link_gbps,
               "link_between_gbps": args.link_between_gbps, "micro_batches": micro_batches}
+    if args.copy_gbps is not None:
+        inputs["copy_gbps"] = args.copy_gbps
+    capacity = config.moe.capacity_factor if config.moe is not None else None
+    expert_load = _given_or(args.expert_load, capacity or 1.0)
 
     def predict(values: dict):
+        copy_gbps = values.get("copy_gbps")
         machine = Machine(flops=peak_flops, efficiency=min(values["efficiency"], 1.0),
                           devices_per_node=args.devices_per_node,
                           inside_node=Link(values["link_gbps"] * 1e9,
                                            args.link_latency_us * 1e-6),
                           between_nodes=Link(values["link_between_gbps"] * 1e9,
-                                             args.link_latency_us * 1e-6))
+                                             args.link_latency_us * 1e-6),
+                          copy_bandwidth=None if copy_gbps is None else copy_gbps * 1e9)
         return simulate_step(config, layout, machine, args.micro_batch, seq_len,
                              max(int(values["micro_batches"]), 1), args.recompute,
-                             args.weight_bytes)
+                             args.weight_bytes, expert_load)
 
     sensitivity = {name: [predict({**inputs, name: value * factor}).tokens_per_device_per_second
                           for factor in (0.5, 2.0)] for name, value in inputs.items()}
-    return {"prediction": predict(inputs), "inputs": inputs, "sensitivity": sensitivity,
+    return {"prediction": predict(inputs), "inputs": inputs | {"expert_load": expert_load},
+            "sensitivity": sensitivity,
             "measured_tokens_per_device_per_second": args.tokens_per_second}
 
 
@@ -487,8 +502,8 @@ def _simulation_table(plan: dict):
     simulation = plan["simulation"]
     step = simulation["prediction"]
     rows = [[part.replace("_", " "), f"{getattr(step, part):.4g} s"]
-            for part in ("compute", "tensor_parallel", "all_to_all", "point_to_point", "bubble",
-                         "all_reduce", "step")]
+            for part in ("compute", "tensor_parallel", "all_to_all", "point_to_point",
+                         "dispatch", "imbalance", "bubble", "all_reduce", "step")]
     rows.append(["tokens per device per second", f"{step.tokens_per_device_per_second:,.0f}"])
     measured = simulation["measured_tokens_per_device_per_second"]
     if measured:

@@ -268,10 +268,12 @@ def dense_expert_mlp(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK
     weights' memory traffic, the same on both paths, hides them (``MoELayer``'s
     ``DENSE_BATCH_ROWS``)."""
     num_tokens, num_experts = x_TD.shape[0], in_proj_EID.shape[0]
-    h_TEI = F.linear(x_TD, in_proj_EID.flatten(0, 1)).view(num_tokens, num_experts, -1)
-    a_ETF = expert_activation(h_TEI, activation).transpose(0, 1)
-    return routed_outputs(torch.bmm(a_ETF, down_proj_EDF.transpose(1, 2)), expert_ids_TK,
-                          weights_TK)
+    # The weights the left operands, in their own [out, in] layout, and the tokens' columns
+    # the right ones: for a few rows faster than x W^T (``moekit.moe.row_products``).
+    h_EIT = (in_proj_EID.flatten(0, 1) @ x_TD.t()).view(num_experts, -1, num_tokens)
+    a_EFT = expert_activation(h_EIT.transpose(1, 2), activation).transpose(1, 2)
+    y_EDT = torch.bmm(down_proj_EDF, a_EFT)
+    return routed_outputs(y_EDT.transpose(1, 2), expert_ids_TK, weights_TK)
 
 
 def routed_outputs(y_ETD: torch.Tensor, expert_ids_TK: torch.Tensor,

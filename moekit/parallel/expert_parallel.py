@@ -132,18 +132,55 @@ class AllToAllDispatcher:
         if self.options.overlap:
             return smart_experts(rows_ND, send_RL, receive_RL, experts, self.group, self.rank,
                                  self.size, f"smart-schedule exchange of {self.layer}'s rows")
-        # The splits must be known on the host: the one read of this layer's dispatch.
-        send, receive = send_RL.sum(1).tolist(), receive_RL.sum(1).tolist()
+        # The splits must be known on the host: one read per layer, of both directions.
+        send, receive = torch.stack([send_RL.sum(1), receive_RL.sum(1)]).tolist()
         arrived_MD = all_to_all(rows_ND, send, receive, self.group,
                                 f"all-to-all of {self.layer}'s rows")
         # Arrived rows are grouped by sender, then expert; the experts want them by expert.
-        expert_of_row_M = torch.arange(self.local_experts, device=rows_ND.device).repeat(
-            self.size).repeat_interleave(receive_RL.flatten(), output_size=len(arrived_MD))
-        by_expert_M = torch.argsort(expert_of_row_M, stable=True)
-        y_MD = experts(arrived_MD.index_select(0, by_expert_M), receive_RL.sum(0))
-        by_sender_MD = torch.empty_like(y_MD).index_copy_(0, by_expert_M, y_MD)
-        return all_to_all(by_sender_MD, receive, send, self.group,
-                          f"all-to-all back of {self.layer}'s rows")
+        by_expert_M, by_sender_M = block_transpose_orders(receive_RL, len(arrived_MD))
+        y_MD = experts(reorder_rows(arrived_MD, by_expert_M, by_sender_M), receive_RL.sum(0))
+        return all_to_all(reorder_rows(y_MD, by_sender_M, by_expert_M), receive, send,
+                          self.group, f"all-to-all back of {self.layer}'s rows")
+
+
+def block_transpose_orders(sizes_RL: torch.Tensor,
+                           rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` rows held in blocks (r, l) of ``sizes_RL[r, l]`` rows, in the order r, then l:
+    the row order that takes them to the order l, then r (each block's rows kept in order),
+    and its inverse. From the block sizes alone, without a sort or a read on the host."""
+
+    def order(sizes_AB: torch.Tensor) -> torch.Tensor:
+        # Rows in blocks (a, b), a first, taken in the order b, then a: each block's start in
+        # the a-first order, minus its start in the b-first order, plus the row's position.
+        sizes = sizes_AB.flatten()
+        starts_AB = (sizes.cumsum(0) - sizes).view_as(sizes_AB)
+        sizes_BA, starts_BA = sizes_AB.t().flatten(), starts_AB.t().flatten()
+        shift_BA = starts_BA - (sizes_BA.cumsum(0) - sizes_BA)
+        return shift_BA.repeat_interleave(sizes_BA, output_size=rows) + torch.arange(
+            rows, device=sizes_AB.device)
+
+    return order(sizes_RL), order(sizes_RL.t())
+
+
+class _Reorder(torch.autograd.Function):
+    """Rows in another order (a permutation) whose backward is the inverse permutation's
+    gather: index_select's backward would zero a buffer and scatter-add into it."""
+
+    @staticmethod
+    def forward(ctx, x_MD: torch.Tensor, order_M: torch.Tensor, inverse_M: torch.Tensor):
+        ctx.save_for_backward(inverse_M)
+        return x_MD.index_select(0, order_M)
+
+    @staticmethod
+    def backward(ctx, grad_MD: torch.Tensor):
+        inverse_M, = ctx.saved_tensors
+        return grad_MD.index_select(0, inverse_M), None, None
+
+
+def reorder_rows(x_MD: torch.Tensor, order_M: torch.Tensor,
+                 inverse_M: torch.Tensor) -> torch.Tensor:
+    """x_MD[order_M], differentiable; ``inverse_M`` is the inverse of the permutation."""
+    return _Reorder.apply(x_MD, order_M, inverse_M)
 
 
 def local_experts(experts: nn.Module, start: int, end: int) -> nn.Module:
