@@ -15,7 +15,9 @@ matmul over the same ``tokens_per_expert_E`` (no Python loop over experts), in
 ``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does. Every
 adapted product, dense or grouped, is one autograd step (``_LowRankProduct``), with the update
 merged into the base weight where that is cheaper (``merging_pays``); the adapted weights that
-read the same input (an attention block's q, k and v) compute together (``SharedInput``).
+read the same input (an attention block's q, k and v) compute together (``SharedInput``), and
+the routed experts' two projections with the activation between them are one autograd step
+(``_LowRankExpertMLP``).
 
 Legend: N routed rows, D model dim, F expert FFN dim, I input projection's rows, E experts,
 R rank.
