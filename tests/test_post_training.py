@@ -263,6 +263,48 @@ def test_lora_products_and_their_gradients_match_by_hand(blocks, merges, dtype):
         torch.testing.assert_close(got.double(), want, **tolerance)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+@pytest.mark.parametrize("blocks, base_trains", [([400, 0, 500, 300], False),
+                                                 ([3, 0, 4, 2], True)])
+def test_lora_expert_mlp_is_one_autograd_step_that_matches_by_hand(activation, blocks,
+                                                                    base_trains):
+    """The routed experts' adapted MLP (both projections and the activation) is one autograd
+    step in every activation, merged (many rows) or not: its output and every gradient (the
+    input's, each factor's, the base weights' where they train) are the merged matrices' per
+    expert in float64, with autograd's activation."""
+    torch.manual_seed(0)
+    experts = lora.LoRAExperts.wrap(GroupedExperts(4, 32, 32, activation), rank=4, scale=1.5)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.2)
+    experts.in_proj.requires_grad_(base_trains)
+    experts.down_proj.requires_grad_(base_trains)
+    x = torch.randn(sum(blocks), 32, requires_grad=True)
+    y = experts(x, torch.tensor(blocks))
+    assert type(y.grad_fn).__name__ == "_LowRankExpertMLPBackward"
+    inputs = [x] + [p for p in experts.parameters() if p.requires_grad]
+    grad_out = torch.randn_like(y)
+    grads = torch.autograd.grad(y, inputs, grad_out)
+
+    leaves = {name: p.detach().double().requires_grad_()
+              for name, p in experts.named_parameters()}
+    x_ = x.detach().double().requires_grad_()
+    act = {"swiglu": F.silu, "geglu": F.gelu, "gelu": F.gelu, "relu": F.relu}[activation]
+    in_name = "gate_up_proj" if experts.gated else "up_proj"
+    h = _by_hand(x_, blocks, leaves[in_name], leaves["in_lora_A"], leaves["in_lora_B"], 1.5)
+    if experts.gated:
+        gate, up = h.chunk(2, dim=-1)
+        a = act(gate) * up
+    else:
+        a = act(h)
+    expected = _by_hand(a, blocks, leaves["down_proj"], leaves["down_lora_A"],
+                        leaves["down_lora_B"], 1.5)
+    by_name = {id(p): name for name, p in experts.named_parameters()}
+    expected_inputs = [x_] + [leaves[by_name[id(p)]] for p in inputs[1:]]
+    expected_grads = torch.autograd.grad(expected, expected_inputs, grad_out.double())
+    for got, want in zip((y, *grads), (expected, *expected_grads)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_lora_layers_that_read_one_input_compute_it_together_as_by_hand():
     """q, k and v (and an MLP's gate and up) read the same input: the first called computes
     all three, with one x [A_q; A_k; A_v]^T, the others take theirs. Outputs

@@ -15,7 +15,9 @@ matmul over the same ``tokens_per_expert_E`` (no Python loop over experts), in
 ``adapter_weights`` and ``merged_weights`` name every tensor as a plain model does. Every
 adapted product, dense or grouped, is one autograd step (``_LowRankProduct``), with the update
 merged into the base weight where that is cheaper (``merging_pays``); the adapted weights that
-read the same input (an attention block's q, k and v) compute together (``SharedInput``).
+read the same input (an attention block's q, k and v) compute together (``SharedInput``), and
+the routed experts' two projections with the activation between them are one autograd step
+(``_LowRankExpertMLP``).
 
 Legend: N routed rows, D model dim, F expert FFN dim, I input projection's rows, E experts,
 R rank.
@@ -33,7 +35,8 @@ from torch.nn.utils import parametrize
 
 from moekit.model.transformer import Transformer
 from moekit.moe import GroupedExperts, MoELayer
-from moekit.moe.experts import (MLP, autocast_grouped_operands, copy_rows, expert_activation,
+from moekit.moe.experts import (ACTIVATION_FUNCTIONS, GATED_ACTIVATIONS, MLP,
+                                 autocast_grouped_operands, copy_rows, expert_activation,
                                  grouped_linear, grouped_mm_supported, routed_expert_mlp)
 from moekit.moe.row_products import Linear
 from moekit.parallel.tensor_parallel import full_tensors, is_sharded
@@ -121,6 +124,40 @@ def _weight_gradient(g_NO, x_NX, offsets_E):
     return F.grouped_mm(g_NO.t(), x_NX, offs=offsets_E)
 
 
+def _low_rank_forward(x_NX, weight, lora_A, lora_B, offsets_E, scale, merge, keep_low):
+    """``_LowRankProduct``'s forward without autograd: y_NO, and what its backward
+    (``_low_rank_backward``) reads: x_NX, the weight its products used, A, B, x A^T."""
+    if merge:
+        add_product = torch.addmm if weight.dim() == 2 else torch.baddbmm
+        product_weight = add_product(weight, lora_B, lora_A, alpha=scale)
+        y_NO = _rows_times_transposed(x_NX, product_weight, offsets_E)
+        low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E) if keep_low else None
+    else:
+        product_weight = weight
+        y_NO = _rows_times_transposed(x_NX, weight, offsets_E)
+        low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
+        y_NO += _rows_times_transposed(low_NR, lora_B * scale, offsets_E)
+    return y_NO, (x_NX, product_weight, lora_A, lora_B, low_NR)
+
+
+def _low_rank_backward(grad_NO, saved, offsets_E, scale, merge, needs):
+    """The gradients (x, W, A, B; None where ``needs`` says no) of ``_low_rank_forward``'s
+    output, from what it ``saved``."""
+    x_NX, product_weight, lora_A, lora_B, low_NR = saved
+    needs_x, needs_weight, needs_A, needs_B = needs
+    grad_x = _rows_times(grad_NO, product_weight, offsets_E) if needs_x else None
+    grad_low_NR = (_rows_times(grad_NO, lora_B * scale, offsets_E)
+                   if needs_A or (needs_x and not merge) else None)
+    grad_B = None
+    if needs_B:  # as (low^T g)^T: with the rank on the output's rows, twice as fast on CPU
+        grad_B = _weight_gradient(low_NR, grad_NO, offsets_E).mul_(scale).mT
+    grad_weight = _weight_gradient(grad_NO, x_NX, offsets_E) if needs_weight else None
+    if needs_x and not merge:
+        grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
+    grad_A = _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None
+    return grad_x, grad_weight, grad_A, grad_B
+
+
 class _LowRankProduct(torch.autograd.Function):
     """y_NO = x W^T + scale (x A^T) B^T for one weight W [O, X], A [R, X], B [O, R]
     (``offsets_E`` None), or for stacked ones [E, O, X], [E, R, X], [E, O, R], block e of the
@@ -144,51 +181,111 @@ class _LowRankProduct(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, offsets_E, scale, merge, keep_low):
         # Any leading dims (a dense layer's [B, S, X]): flattened here rather than by the
         # caller, whose view and its backward would be two more autograd steps per product.
-        x_NX = x.reshape(-1, x.shape[-1])
-        if merge:
-            add_product = torch.addmm if weight.dim() == 2 else torch.baddbmm
-            product_weight = add_product(weight, lora_B, lora_A, alpha=scale)
-            y_NO = _rows_times_transposed(x_NX, product_weight, offsets_E)
-            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E) if keep_low else None
-        else:
-            product_weight = weight
-            y_NO = _rows_times_transposed(x_NX, weight, offsets_E)
-            low_NR = _rows_times_transposed(x_NX, lora_A, offsets_E)
-            y_NO += _rows_times_transposed(low_NR, lora_B * scale, offsets_E)
-        ctx.save_for_backward(x_NX, product_weight, lora_A, lora_B, low_NR, offsets_E)
+        y_NO, saved = _low_rank_forward(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B,
+                                        offsets_E, scale, merge, keep_low)
+        ctx.save_for_backward(*saved, offsets_E)
         ctx.scale, ctx.merge, ctx.x_shape = scale, merge, x.shape
         return y_NO.view(*x.shape[:-1], y_NO.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x_NX, product_weight, lora_A, lora_B, low_NR, offsets_E = ctx.saved_tensors
-        needs_x, needs_weight, needs_A, needs_B = ctx.needs_input_grad[:4]
+        *saved, offsets_E = ctx.saved_tensors
         # (contiguous: grouped_mm rejects a stride-0 gradient)
         grad_NO = grad.reshape(-1, grad.shape[-1]).contiguous()
-        grad_x = _rows_times(grad_NO, product_weight, offsets_E) if needs_x else None
-        grad_low_NR = (_rows_times(grad_NO, lora_B * ctx.scale, offsets_E)
-                       if needs_A or (needs_x and not ctx.merge) else None)
-        grad_B = None
-        if needs_B:  # as (low^T g)^T: with the rank on the output's rows, twice as fast on CPU
-            grad_B = _weight_gradient(low_NR, grad_NO, offsets_E).mul_(ctx.scale).mT
-        grad_weight = _weight_gradient(grad_NO, x_NX, offsets_E) if needs_weight else None
-        if needs_x and not ctx.merge:
-            grad_x += _rows_times(grad_low_NR, lora_A, offsets_E)
-        grad_A = _weight_gradient(grad_low_NR, x_NX, offsets_E) if needs_A else None
+        grad_x, grad_weight, grad_A, grad_B = _low_rank_backward(
+            grad_NO, saved, offsets_E, ctx.scale, ctx.merge, ctx.needs_input_grad[:4])
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_weight, grad_A, grad_B, None, None, None, None
 
 
+def _product_plan(rows: int, weight, lora_B, offsets_E) -> tuple[bool, bool]:
+    """(merge, keep_low) of a low-rank product over ``rows`` rows: ``merging_pays``, and
+    whether B's gradient will need x A^T."""
+    out_features, in_features = weight.shape[-2:]
+    matrices = 1 if offsets_E is None else weight.shape[0]
+    return (merging_pays(rows, matrices, out_features, in_features),
+            torch.is_grad_enabled() and lora_B.requires_grad)
+
+
 def _low_rank_product(x, weight, lora_A, lora_B, offsets_E, scale):
     """``_LowRankProduct`` of operands already in their compute dtype (autocast has no rule
     for a custom function: the callers cast as autocast casts their products)."""
-    out_features, in_features = weight.shape[-2:]
-    matrices = 1 if offsets_E is None else weight.shape[0]
-    merge = merging_pays(x.numel() // in_features, matrices, out_features, in_features)
-    keep_low = torch.is_grad_enabled() and lora_B.requires_grad  # B's gradient will need it
+    merge, keep_low = _product_plan(x.numel() // x.shape[-1], weight, lora_B, offsets_E)
     return _outside_autocast(_LowRankProduct, x, weight, lora_A, lora_B, offsets_E, scale,
                              merge, keep_low)
+
+
+# out = grad * act'(x), written into ``out``, for each activation of ``ACTIVATION_FUNCTIONS``:
+# the kernels autograd's backward of the activation runs.
+_ACTIVATION_GRADIENTS = {
+    "swiglu": lambda grad, x, out: torch.ops.aten.silu_backward.grad_input(grad, x,
+                                                                            grad_input=out),
+    "gelu": lambda grad, x, out: torch.ops.aten.gelu_backward.grad_input(grad, x,
+                                                                          grad_input=out),
+    "relu": lambda grad, x, out: torch.ops.aten.threshold_backward.grad_input(grad, x, 0,
+                                                                               grad_input=out),
+}
+_ACTIVATION_GRADIENTS["geglu"] = _ACTIVATION_GRADIENTS["gelu"]
+
+
+def _activation_backward(grad_a_NF, h_NI, act_gate_NF, activation: str) -> torch.Tensor:
+    """h's gradient from a's, where a = act(gate) * up (``act_gate_NF`` = act(gate), gated)
+    or act(h): gated, the gate's and the up projection's halves written in place in one
+    [N, I] tensor, where autograd's backward of ``chunk`` concatenates them in a pass of its
+    own."""
+    derivative = _ACTIVATION_GRADIENTS[activation]
+    grad_h_NI = torch.empty_like(h_NI)
+    if act_gate_NF is None:
+        return derivative(grad_a_NF, h_NI, grad_h_NI)
+    gate_NF, up_NF = h_NI.chunk(2, dim=-1)
+    grad_gate_NF, grad_up_NF = grad_h_NI.chunk(2, dim=-1)
+    derivative(torch.mul(grad_a_NF, up_NF, out=grad_gate_NF), gate_NF, grad_gate_NF)
+    torch.mul(grad_a_NF, act_gate_NF, out=grad_up_NF)
+    return grad_h_NI
+
+
+class _LowRankExpertMLP(torch.autograd.Function):
+    """The routed experts' MLP with both projections adapted, as one autograd step: h_NI =
+    x W_in'^T (``_low_rank_forward``, merged where ``merging_pays``), a_NF = act(gate) * up
+    (or act(h) ungated), y_ND = a W_down'^T. Against two ``_LowRankProduct`` steps with the
+    activation's autograd ops between them (five nodes and their saved tensors), the backward
+    writes the gate's and the up projection's gradients into one tensor
+    (``_activation_backward``) and runs one node. ``plans``: ``_product_plan`` of each
+    projection; ``factors``: W_in, A_in, B_in, W_down, A_down, B_down."""
+
+    @staticmethod
+    def forward(ctx, x_ND, offsets_E, scale, activation, plans, *factors):
+        h_NI, saved_in = _low_rank_forward(x_ND, *factors[:3], offsets_E, scale, *plans[0])
+        act_gate_NF = None
+        if activation in GATED_ACTIVATIONS:
+            gate_NF, up_NF = h_NI.chunk(2, dim=-1)
+            act_gate_NF = ACTIVATION_FUNCTIONS[activation](gate_NF)
+            a_NF = act_gate_NF * up_NF
+        else:
+            a_NF = ACTIVATION_FUNCTIONS[activation](h_NI)
+        y_ND, saved_down = _low_rank_forward(a_NF, *factors[3:], offsets_E, scale, *plans[1])
+        ctx.save_for_backward(*saved_in, *saved_down, h_NI, act_gate_NF, offsets_E)
+        ctx.scale, ctx.activation, ctx.merges = scale, activation, (plans[0][0], plans[1][0])
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        saved = ctx.saved_tensors
+        h_NI, act_gate_NF, offsets_E = saved[10:]
+        needs_x, needs_in, needs_down = (ctx.needs_input_grad[0], ctx.needs_input_grad[5:8],
+                                         ctx.needs_input_grad[8:11])
+        needs_h = needs_x or any(needs_in)
+        # (contiguous: grouped_mm rejects a stride-0 gradient)
+        grad_a_NF, *down_grads = _low_rank_backward(grad_ND.contiguous(), saved[5:10],
+                                                    offsets_E, ctx.scale, ctx.merges[1],
+                                                    (needs_h, *needs_down))
+        in_grads = [None] * 4
+        if needs_h:
+            grad_h_NI = _activation_backward(grad_a_NF, h_NI, act_gate_NF, ctx.activation)
+            in_grads = _low_rank_backward(grad_h_NI, saved[:5], offsets_E, ctx.scale,
+                                          ctx.merges[0], (needs_x, *needs_in))
+        return in_grads[0], None, None, None, None, *in_grads[1:], *down_grads
 
 
 def _outside_autocast(function: type[torch.autograd.Function], x: torch.Tensor, *operands):
@@ -361,24 +458,31 @@ class LoRAExperts(GroupedExperts):
         part.enabled = self.enabled
         return part
 
-    def _project(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E, offsets_E):
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return grouped_linear(x_NX, weight, tokens_per_expert_E)
-        x_NX, weight, lora_A, lora_B = autocast_grouped_operands(x_NX, weight, lora_A, lora_B)
-        if grouped_mm_supported(x_NX, weight, lora_A, lora_B) and not (
-                torch.compiler.is_compiling()):  # (grouped_linear calls it eagerly there)
-            return _low_rank_product(x_NX, weight, lora_A, lora_B, offsets_E, self.scale)
+            return super().forward(x_ND, tokens_per_expert_E)
+        operands = autocast_grouped_operands(x_ND, self.in_proj, self.in_lora_A, self.in_lora_B,
+                                             self.down_proj, self.down_lora_A, self.down_lora_B)
+        if (self.activation in _ACTIVATION_GRADIENTS and grouped_mm_supported(*operands)
+                and not torch.compiler.is_compiling()):  # (grouped_linear runs eagerly there)
+            offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
+            plans = [_product_plan(len(x_ND), weight, lora_B, offsets_E)
+                     for weight, lora_B in ((self.in_proj, self.in_lora_B),
+                                            (self.down_proj, self.down_lora_B))]
+            return _outside_autocast(_LowRankExpertMLP, operands[0], offsets_E, self.scale,
+                                     self.activation, plans, *operands[1:])
+        # No grouped_mm for these operands (float64, unaligned sizes), or compiling: the
+        # update beside each base product, in autograd's ops.
+        h_NI = self._composed_product(x_ND, self.in_proj, self.in_lora_A, self.in_lora_B,
+                                      tokens_per_expert_E)
+        return self._composed_product(expert_activation(h_NI, self.activation),
+                                      self.down_proj, self.down_lora_A, self.down_lora_B,
+                                      tokens_per_expert_E)
+
+    def _composed_product(self, x_NX, weight, lora_A, lora_B, tokens_per_expert_E):
         low_NR = grouped_linear(x_NX, lora_A, tokens_per_expert_E) * self.scale
         return (grouped_linear(x_NX, weight, tokens_per_expert_E)
                 + grouped_linear(low_NR, lora_B, tokens_per_expert_E))
-
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        offsets_E = tokens_per_expert_E.cumsum(0).to(torch.int32)
-        h_NI = self._project(x_ND, self.in_proj, self.in_lora_A, self.in_lora_B,
-                             tokens_per_expert_E, offsets_E)
-        return self._project(expert_activation(h_NI, self.activation), self.down_proj,
-                             self.down_lora_A, self.down_lora_B, tokens_per_expert_E,
-                             offsets_E)
 
     def forward_routes(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor,
                        weights_TK: torch.Tensor) -> torch.Tensor:
