@@ -101,8 +101,7 @@ def test_decoding_through_the_cache_gives_the_full_forward():
     cache = model.new_cache(1, 5)
     model(ids[:1, :5], cache=cache)
     blocks = pool.allocate(3)
-    for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-        pool.write(group, blocks, keys[0], values[0])
+    pool.write(blocks, [keys[0] for keys in cache.keys], [values[0] for values in cache.values])
     paged = model(ids[:1, 5:6], cache=PagedBatch(pool, [blocks], [5])).logits
     torch.testing.assert_close(paged[0, -1], full[0, 5], rtol=1e-5, atol=1e-5)
 

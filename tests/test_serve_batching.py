@@ -98,8 +98,8 @@ def test_paged_rows_at_different_positions_decode_as_each_alone(window):
         for prompt in prompts:
             logits, cache = prefill(model, [prompt], len(prompt))
             blocks = pool.allocate(pool.blocks_for(len(prompt) + 9))
-            for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-                pool.write(group, blocks, keys[0], values[0])
+            pool.write(blocks, [keys[0] for keys in cache.keys],
+                       [values[0] for values in cache.values])
             tables.append(blocks), lengths.append(len(prompt))
             tokens.append(logits[0, -1].argmax().item())
         outputs = [[token] for token in tokens]

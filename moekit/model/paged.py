@@ -80,14 +80,16 @@ class KVBlockPool:
         size = self.block_size
         return table_BN.gather(1, positions_BS // size) * size + positions_BS % size
 
-    def write(self, group: int, blocks: list[int], k_GSD: torch.Tensor,
-              v_GSD: torch.Tensor) -> None:
-        """Store one sequence's first S positions (a prompt's keys and values) in its blocks."""
-        device = k_GSD.device
+    def write(self, blocks: list[int], keys_GSD: list[torch.Tensor],
+              values_GSD: list[torch.Tensor]) -> None:
+        """Store one sequence's first S positions (a prompt's keys and values, one [G, S, Dh]
+        tensor per CLA group) in its blocks; the slots are found once for every group."""
+        device = keys_GSD[0].device
         slots_S = self.slots(torch.tensor([blocks], device=device),
-                             torch.arange(k_GSD.shape[1], device=device)[None])[0]
-        self.keys[group].index_copy_(0, slots_S, k_GSD.transpose(0, 1))
-        self.values[group].index_copy_(0, slots_S, v_GSD.transpose(0, 1))
+                             torch.arange(keys_GSD[0].shape[1], device=device)[None])[0]
+        for group, (k_GSD, v_GSD) in enumerate(zip(keys_GSD, values_GSD)):
+            self.keys[group].index_copy_(0, slots_S, k_GSD.transpose(0, 1))
+            self.values[group].index_copy_(0, slots_S, v_GSD.transpose(0, 1))
 
 
 class PagedBatch:

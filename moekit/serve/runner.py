@@ -32,9 +32,9 @@ class ModelRunner:
         longest = max(len(ids) for ids in prompts)
         logits_B1V, cache = prefill(self.model, prompts, longest)
         for index, (ids, blocks) in enumerate(zip(prompts, row_blocks)):
-            for group, (keys, values) in enumerate(zip(cache.keys, cache.values)):
-                self.pool.write(group, blocks, keys[index, :, longest - len(ids):],
-                                values[index, :, longest - len(ids):])
+            start = longest - len(ids)  # the row's left padding
+            self.pool.write(blocks, [keys[index, :, start:] for keys in cache.keys],
+                            [values[index, :, start:] for values in cache.values])
         return logits_B1V
 
     def decode(self, tokens: list[int], tables: list[list[int]],
