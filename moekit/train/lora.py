@@ -272,18 +272,20 @@ class _LowRankExpertMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND):
         saved = ctx.saved_tensors
+        # Each projection saved _low_rank_forward's five tensors: in, then down, then the rest.
+        saved_in, saved_down = saved[:5], saved[5:10]
         h_NI, act_gate_NF, offsets_E = saved[10:]
         needs_x, needs_in, needs_down = (ctx.needs_input_grad[0], ctx.needs_input_grad[5:8],
                                          ctx.needs_input_grad[8:11])
         needs_h = needs_x or any(needs_in)
         # (contiguous: grouped_mm rejects a stride-0 gradient)
-        grad_a_NF, *down_grads = _low_rank_backward(grad_ND.contiguous(), saved[5:10],
+        grad_a_NF, *down_grads = _low_rank_backward(grad_ND.contiguous(), saved_down,
                                                     offsets_E, ctx.scale, ctx.merges[1],
                                                     (needs_h, *needs_down))
         in_grads = [None] * 4
         if needs_h:
             grad_h_NI = _activation_backward(grad_a_NF, h_NI, act_gate_NF, ctx.activation)
-            in_grads = _low_rank_backward(grad_h_NI, saved[:5], offsets_E, ctx.scale,
+            in_grads = _low_rank_backward(grad_h_NI, saved_in, offsets_E, ctx.scale,
                                           ctx.merges[0], (needs_x, *needs_in))
         return in_grads[0], None, None, None, None, *in_grads[1:], *down_grads
 
