@@ -3,6 +3,7 @@
 References: the library's ``generate`` run alone on each request (what every request must get,
 whatever shares its batch), the model's dense KVCache decoding, and hand counts (routes = top_k
 x tokens forwarded)."""
+import contextlib
 import json
 import os
 import re
@@ -70,6 +71,26 @@ def _alone(engine, prompts, max_tokens, **sampling):
     return [tokenizer.decode(ids) for ids in outputs]
 
 
+@contextlib.contextmanager
+def _forwards(model):
+    """The shapes of the token ids of every forward while in the block, one list per forward:
+    the one batch of a decoding step, or the parts of a mixed one (``run_parts``)."""
+    shapes, forward, run_parts = [], model.forward, model.run_parts
+
+    def spy_forward(input_ids, *args, **kwargs):
+        shapes.append([tuple(input_ids.shape)])
+        return forward(input_ids, *args, **kwargs)
+
+    def spy_parts(parts):
+        shapes.append([tuple(ids.shape) for ids, _ in parts])
+        return run_parts(parts)
+    model.forward, model.run_parts = spy_forward, spy_parts
+    try:
+        yield shapes
+    finally:
+        model.forward, model.run_parts = forward, run_parts
+
+
 def _wait_until(condition, seconds=10.0):
     end = time.monotonic() + seconds
     while not condition():
@@ -122,11 +143,6 @@ def test_requests_share_decoding_steps_and_get_what_they_get_alone(served):
     submitted together: the decode forwards mix requests (batch wider than any one request),
     and each request's text is generate's for it alone."""
     engine = served.engine
-    widths, forward = [], engine.model.forward
-
-    def spy(input_ids, *args, **kwargs):
-        widths.append(input_ids.shape)
-        return forward(input_ids, *args, **kwargs)
     full = _alone(engine, ["Stop me"], 20)[0]
     stop = next(c for c in full[3:] if c != "\ufffd")
     requests = [(["a"], Sampling(max_tokens=12, temperature=0)),
@@ -136,8 +152,7 @@ def test_requests_share_decoding_steps_and_get_what_they_get_alone(served):
                 (["one", "two, longer"], Sampling(max_tokens=8, temperature=1.0, seed=7,
                                                   n=2)),
                 (["xy", "a third prompt"], Sampling(max_tokens=6, temperature=0))]
-    engine.model.forward = spy
-    try:
+    with _forwards(engine.model) as forwards:
         with engine.scheduler._condition:  # all queued before the scheduler takes the first
             tickets = [engine.submit(prompts, sampling) for prompts, sampling in requests]
         answers = []
@@ -146,9 +161,8 @@ def test_requests_share_decoding_steps_and_get_what_they_get_alone(served):
             for piece in ticket:
                 texts[piece.index] = texts.get(piece.index, "") + piece.text
             answers.append([texts.get(i, "") for i in range(len(ticket.rows))])
-    finally:
-        engine.model.forward = forward
-    assert max(shape[0] for shape in widths if shape[1] == 1) > 4  # more than one request's
+    # more than one request's rows in a decoding step
+    assert max(rows for parts in forwards for rows, seq in parts if seq == 1) > 4
     assert answers[0] == _alone(engine, ["a"], 12)
     assert answers[1] == _alone(engine, ["a much longer prompt than the others"], 20)
     assert answers[2] == [full[:full.index(stop)]]
@@ -164,11 +178,6 @@ def test_streams_on_an_event_loop_get_one_wake_up_per_forward(served):
     import asyncio
     engine = served.engine
     prompts = ["a", "bb bb", "a longer prompt", "x"]
-    forwards, forward = [], engine.model.forward
-
-    def spy(*args, **kwargs):
-        forwards.append(1)
-        return forward(*args, **kwargs)
 
     async def read(ticket):
         text = ""
@@ -188,11 +197,8 @@ def test_streams_on_an_event_loop_get_one_wake_up_per_forward(served):
             tickets = [engine.submit([p], Sampling(max_tokens=12, temperature=0), loop)
                        for p in prompts]
         return await asyncio.gather(*map(read, tickets)), len(wake_ups)
-    engine.model.forward = spy
-    try:
+    with _forwards(engine.model) as forwards:
         answers, wake_ups = asyncio.run(run())
-    finally:
-        engine.model.forward = forward
     assert [text for text, _ in answers] == [_alone(engine, [p], 12)[0] for p in prompts]
     pieces = sum(tokens for _, tokens in answers)  # a piece per token at most, + the ends
     assert wake_ups <= len(forwards) < pieces

@@ -283,16 +283,28 @@ class Block(nn.Module):
                     else MLP(config.hidden_size, config.ffn_size, config.activation))
 
     def forward(self, x_BSD, rope, attn_mask, token_mask_BS, shared_kv, cache, group):
+        x_BSD, shared_kv = self.attend(x_BSD, rope, attn_mask, shared_kv, cache, group)
+        x_BSD, stats = self.feed_forward(x_BSD, token_mask_BS)
+        return x_BSD, shared_kv, stats
+
+    # The block's two halves, which a mixed serving forward (``Transformer.run_parts``) runs
+    # apart: attention once per part of the batch, the feed-forward once over all its tokens.
+
+    def attend(self, x_BSD, rope, attn_mask, shared_kv, cache, group):
+        """The attention half with its residual; returns the (keys, values) attended to."""
         attn_out, shared_kv = self.attn(self.attn_norm(x_BSD), rope, attn_mask, shared_kv,
                                         cache, group)
-        x_BSD = x_BSD + self.hidden_dropout(attn_out) * self.residual_multiplier
+        return x_BSD + self.hidden_dropout(attn_out) * self.residual_multiplier, shared_kv
+
+    def feed_forward(self, x_BSD, token_mask_BS):
+        """The feed-forward half with its residual; the MoE layer's statistics (None for a
+        dense MLP)."""
         stats = None
         if isinstance(self.ffn, MoELayer):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), token_mask_BS)
         else:
             ffn_out = self.ffn(self.ffn_norm(x_BSD))
-        return (x_BSD + self.hidden_dropout(ffn_out) * self.residual_multiplier, shared_kv,
-                stats)
+        return x_BSD + self.hidden_dropout(ffn_out) * self.residual_multiplier, stats
 
 
 INIT_STD = 0.02  # of every matrix that Transformer.reset_parameters draws
@@ -481,6 +493,51 @@ class Transformer(nn.Module):
         layers' statistics. Positions and the attention mask follow from ``mask`` (and the
         cache, or the packed ``document_ids``) alone, so that every stage of a pipeline derives
         the same ones."""
+        rope, masks = self._attention_inputs(x_BSD, mask, cache, document_ids)
+        all_stats, shared_kv = [], None
+        for index, layer in self.layers.numbered():
+            group = index // self.config.cla_share
+            inputs = (x_BSD, rope, self._layer_mask(index, masks), mask, shared_kv, cache, group)
+            if self.recompute and torch.is_grad_enabled():
+                x_BSD, shared_kv, stats = checkpoint(layer, *inputs, use_reentrant=False)
+            else:
+                x_BSD, shared_kv, stats = layer(*inputs)
+            if stats is not None:
+                all_stats.append(stats)
+        return x_BSD, all_stats
+
+    def run_parts(self, parts: list[tuple[torch.Tensor, object]]) -> list[torch.Tensor]:
+        """Several batches (``parts``: token ids [B, S] with the cache of their rows, such as
+        a ``PagedBatch``) through every block in one forward: per layer, the attention half
+        runs once per part (over its own cache, positions and mask), then the feed-forward
+        half once over the tokens of all parts together, so that its weights (the routed
+        experts above all) are read once for all of them. How a server folds new prompts
+        into a decoding step (``moekit/serve/scheduler.py``): the decoding rows as one
+        [B, 1] part, each prompt chunk as a part of its own. Returns each part's last hidden
+        states [B, S, D]; every cache is advanced."""
+        for ids_BS, cache in parts:
+            self._check(ids_BS, None, cache, None)
+        xs_BSD = [self.embed(ids_BS) for ids_BS, _ in parts]
+        inputs = [self._attention_inputs(x_BSD, None, cache, None)
+                  for x_BSD, (_, cache) in zip(xs_BSD, parts)]
+        tokens = [ids_BS.numel() for ids_BS, _ in parts]
+        shared_kvs = [None] * len(parts)
+        for index, layer in self.layers.numbered():
+            group = index // self.config.cla_share
+            for part, ((_, cache), (rope, masks)) in enumerate(zip(parts, inputs)):
+                xs_BSD[part], shared_kvs[part] = layer.attend(
+                    xs_BSD[part], rope, self._layer_mask(index, masks), shared_kvs[part],
+                    cache, group)
+            x_1TD, _ = layer.feed_forward(torch.cat([x.flatten(0, 1) for x in xs_BSD])[None],
+                                          None)
+            xs_BSD = [x_TD.view_as(x) for x_TD, x in zip(x_1TD[0].split(tokens), xs_BSD)]
+        for ids_BS, cache in parts:
+            cache.advance(ids_BS.shape[1])
+        return xs_BSD
+
+    def _attention_inputs(self, x_BSD, mask, cache, document_ids):
+        """RoPE's cos and sin at the new positions, and the attention masks every layer picks
+        from (``_layer_mask``)."""
         window = self.config.sliding_window
         positions_BS, window_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids,
                                                              window)
@@ -489,18 +546,11 @@ class Transformer(nn.Module):
             _, full_mask = self._positions_and_mask(x_BSD, mask, cache, document_ids, None)
         rope = rope_cos_sin(positions_BS, self.config.rope_dim, self.config.rope_base,
                             x_BSD.dtype, self.config.rope_scaling)
-        all_stats, shared_kv = [], None
-        for index, layer in self.layers.numbered():
-            group = index // self.config.cla_share
-            attn_mask = window_mask if self.config.uses_window(index) else full_mask
-            inputs = (x_BSD, rope, attn_mask, mask, shared_kv, cache, group)
-            if self.recompute and torch.is_grad_enabled():
-                x_BSD, shared_kv, stats = checkpoint(layer, *inputs, use_reentrant=False)
-            else:
-                x_BSD, shared_kv, stats = layer(*inputs)
-            if stats is not None:
-                all_stats.append(stats)
-        return x_BSD, all_stats
+        return rope, (window_mask, full_mask)
+
+    def _layer_mask(self, index: int, masks):
+        window_mask, full_mask = masks
+        return window_mask if self.config.uses_window(index) else full_mask
 
     @staticmethod
     def _positions_and_mask(x_BSD, mask, cache, document_ids, window):

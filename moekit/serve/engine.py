@@ -18,8 +18,8 @@ from moekit.model.decode_step import PagedDecodeStep
 from moekit.model.paged import KVBlockPool
 from moekit.serve.metrics import RoutingLog, ServeMetrics
 from moekit.serve.runner import ModelRunner
-from moekit.serve.scheduler import (Overloaded, Piece, RequestFailed, Sampling, Scheduler,
-                                    Ticket, Usage)
+from moekit.serve.scheduler import (PREFILL_TOKENS_PER_STEP, Overloaded, Piece, RequestFailed,
+                                    Sampling, Scheduler, Ticket, Usage)
 
 __all__ = ["Engine", "Overloaded", "Piece", "RequestFailed", "Sampling", "Usage",
            "default_kv_cache_memory"]
@@ -49,7 +49,11 @@ class Engine:
     compiled with torch.compile's ``compile_backend`` (``PagedDecodeStep``), its graphs made
     here, before any request (``compile_seconds`` says how long it took); ``threads``: torch's
     intra-op threads, set for the whole process before the step is made (inductor's kernels keep
-    the count they were compiled for; None leaves torch's)."""
+    the count they were compiled for; None leaves torch's); ``prefill_tokens_per_step``: the
+    new requests' prompt tokens folded into one decoding step (longer prompts go in chunks
+    over several steps); ``separate_prefill``: each request's prompts in a forward of their
+    own instead, one request between two steps (``moekit/serve/scheduler.py`` says why not
+    by default)."""
 
     def __init__(self, model: Transformer, tokenizer, name: str, *, max_tokens_limit: int = 1024,
                  max_n: int = 8, kv_cache_bytes: int | None = None,
@@ -57,7 +61,9 @@ class Engine:
                  max_waiting: int = 64, request_timeout: float | None = None,
                  routing_log=None, chat_template: str | None = None,
                  aliases: tuple[str, ...] = (), runner=ModelRunner, compile: bool = False,
-                 compile_backend: str = "inductor", threads: int | None = None):
+                 compile_backend: str = "inductor", threads: int | None = None,
+                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP,
+                 separate_prefill: bool = False):
         # ``name`` is the one /v1/models lists and responses carry; requests may also use aliases
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.aliases = aliases
@@ -85,7 +91,9 @@ class Engine:
         self.compile_seconds = step.prepare(self.pool, max_batch)
         self.scheduler = Scheduler(runner(model, self.pool, step=step), tokenizer,
                                    max_batch=max_batch, max_waiting=max_waiting,
-                                   metrics=self.metrics, routing_log=self.routing_log)
+                                   metrics=self.metrics, routing_log=self.routing_log,
+                                   prefill_tokens_per_step=prefill_tokens_per_step,
+                                   separate_prefill=separate_prefill)
 
     def _check(self, prompt_ids: list[list[int]], sampling: Sampling) -> None:
         context = self.model.config.max_seq_len

@@ -1,5 +1,7 @@
-"""The scheduler's two forwards over its model and KV block pool: a prefill that writes the
-prompts' keys and values into their blocks, and a decoding step over the paged cache.
+"""The scheduler's forwards over its model and KV block pool: a decoding step over the paged
+cache, the same step with prompt chunks folded in (``mixed``: how new requests are prefilled),
+and a prefill forward of its own (``prefill``, for ``Engine(separate_prefill=True)``) that
+writes the prompts' keys and values into their blocks.
 
 They are one narrow interface so that a model split over several processes runs them on every
 process alike (``moekit/serve/split.py``: rank 0 says which call, with its arguments, and all
@@ -40,9 +42,29 @@ class ModelRunner:
     def decode(self, tokens: list[int], tables: list[list[int]],
                lengths: list[int]) -> torch.Tensor:
         """One step: each row's token at its own position over its blocks; logits [B, V]."""
-        batch = PagedBatch(self.pool, tables, lengths)
-        ids_B1 = torch.tensor([[token] for token in tokens], device=self.pool.keys[0].device)
-        return self.step(ids_B1, batch)
+        return self.step(self._ids([[token] for token in tokens]),
+                         PagedBatch(self.pool, tables, lengths))
+
+    def mixed(self, tokens: list[int], tables: list[list[int]], lengths: list[int],
+              chunks: list[tuple[list[list[int]], list[list[int]], list[int]]]
+              ) -> torch.Tensor:
+        """One forward of the decoding rows (as ``decode``; none when ``tokens`` is empty)
+        and of prompt chunks: each of ``chunks`` is (the next L prompt tokens of R rows
+        [R][L], their block tables, the positions they have cached), its keys and values
+        written straight into their blocks. Every part reads the feed-forward weights with
+        the others, once (``Transformer.run_parts``). Logits [B + sum R, V]: the decoding
+        rows', then each chunk row's at its last position."""
+        parts = [(self._ids(ids_RL), PagedBatch(self.pool, chunk_tables, chunk_lengths,
+                                                new_positions=len(ids_RL[0])))
+                 for ids_RL, chunk_tables, chunk_lengths in chunks]
+        if tokens:
+            parts.insert(0, (self._ids([[token] for token in tokens]),
+                             PagedBatch(self.pool, tables, lengths)))
+        hidden = self.model.run_parts(parts)
+        return self.model.head(torch.cat([x_BSD[:, -1:] for x_BSD in hidden]))[:, -1]
+
+    def _ids(self, ids: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(ids, device=self.pool.keys[0].device)
 
     def idle(self) -> None:
         """Called after ``idle_call_s`` without work: a split runner's keep-alive."""

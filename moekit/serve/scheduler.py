@@ -83,8 +83,13 @@ class RequestFailed(Exception):
         self.status = status
 
 
-# Between two decoding steps, at most this many requests are admitted (each one prefill): a
-# burst of arrivals then delays the running streams by one prefill per token, not by all.
+# Prompt tokens folded into one decoding step, of all new requests together (vLLM's
+# max_num_batched_tokens less the decoding rows): a longer prompt is split into chunks over
+# several steps, so that it lengthens each of the running streams' gaps by a bounded amount.
+PREFILL_TOKENS_PER_STEP = 64
+# With ``separate_prefill``, at most this many requests are admitted between two decoding steps
+# (each one prefill): a burst of arrivals then delays the running streams by one prefill per
+# token, not by all.
 PREFILLS_PER_STEP = 1
 
 _END = object()  # the last item of an outbox once a request has finished well
@@ -136,13 +141,20 @@ class _Row:
     index: int
     stream: TextStream
     blocks: list[int]
-    length: int  # positions in the cache
-    next_token: int = -1
+    prompt: list[int]
+    length: int = 0  # positions in the cache: less than the prompt's while it is prefilled
+    next_token: int = -1  # -1 until its request's first tokens are sampled
     generated: int = 0
+    first_logits_V: torch.Tensor | None = None  # once its prompt is in, until it is sampled
 
     @property
     def finished(self) -> bool:
         return self.stream.finish is not None
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt positions not in the cache yet (before the first token is sampled)."""
+        return len(self.prompt) - self.length
 
 
 _ids = itertools.count()
@@ -185,7 +197,14 @@ class Ticket:
             raise item
         return None if item is _END else item
 
+    @property
+    def started(self) -> bool:
+        """Whether its first tokens are sampled (all rows' at once, as ``generate`` does)."""
+        return bool(self.rows) and self.rows[0].next_token >= 0
+
     def decoding_rows(self) -> list[_Row]:
+        if not self.started:
+            return []
         return list(self.rows) if self.keeps_all_rows else \
             [row for row in self.rows if not row.finished]
 
@@ -200,8 +219,15 @@ class Scheduler:
     of a split model lost each other (every request then ends with 503; the server exits)."""
 
     def __init__(self, runner: ModelRunner, tokenizer, *, max_batch: int, max_waiting: int,
-                 metrics: ServeMetrics, routing_log=None):
+                 metrics: ServeMetrics, routing_log=None,
+                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP,
+                 separate_prefill: bool = False):
+        if not isinstance(prefill_tokens_per_step, int) or prefill_tokens_per_step < 1:
+            raise ValueError(f"prefill_tokens_per_step={prefill_tokens_per_step!r} is not "
+                             "allowed: expected an integer >= 1")
         self.runner, self.tokenizer, self.pool = runner, tokenizer, runner.pool
+        self.prefill_tokens_per_step = prefill_tokens_per_step
+        self.separate_prefill = separate_prefill
         self.failure: CollectiveError | None = None
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.metrics, self.routing_log = metrics, routing_log
@@ -284,8 +310,10 @@ class Scheduler:
             if not woken:
                 self.runner.idle()
             for ticket in admitted:
-                self._prefill(ticket)
-            if any(ticket.decoding_rows() for ticket in self._running):
+                self._start(ticket)
+                if self.separate_prefill:
+                    self._prefill(ticket)
+            if any(ticket.decoding_rows() or not ticket.started for ticket in self._running):
                 self._step()
             self._retire()
         except CollectiveError as error:  # the model's processes lost each other: stop
@@ -316,7 +344,7 @@ class Scheduler:
             rows = len(ticket.prompt_ids) * ticket.sampling.n
             blocks = self._blocks_needed(ticket.prompt_ids, ticket.sampling)
             if (rows_in_use + rows > self.max_batch or blocks > free
-                    or len(admitted) == PREFILLS_PER_STEP):
+                    or (self.separate_prefill and len(admitted) == PREFILLS_PER_STEP)):
                 break  # first come, first served: no one overtakes the head of the queue
             self._waiting.popleft()
             rows_in_use, free = rows_in_use + rows, free - blocks
@@ -328,35 +356,81 @@ class Scheduler:
         return sampling.n * sum(self.pool.blocks_for(len(ids) + sampling.max_tokens - 1)
                                 for ids in prompt_ids)
 
-    def _prefill(self, ticket: Ticket) -> None:
+    def _start(self, ticket: Ticket) -> None:
+        """Give an admitted request its rows (a prompt's n completions) and their blocks."""
         sampling = ticket.sampling
-        prompts = [ids for ids in ticket.prompt_ids for _ in range(sampling.n)]
-        device = self.pool.keys[0].device
         if ticket.keeps_all_rows:
-            ticket.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+            ticket.generator = torch.Generator(device=self.pool.keys[0].device).manual_seed(
+                sampling.seed)
+        prompts = [ids for ids in ticket.prompt_ids for _ in range(sampling.n)]
         for index, ids in enumerate(prompts):
             blocks = self.pool.allocate(
                 self.pool.blocks_for(len(ids) + sampling.max_tokens - 1))
             ticket.rows.append(_Row(ticket, index, TextStream(self.tokenizer, sampling.stop),
-                                    blocks, len(ids)))  # first, so that _end frees them
-        logits_B1V = self.runner.prefill(prompts, [row.blocks for row in ticket.rows])
-        self._count_routing([(ticket, None)])
+                                    blocks, ids))  # at once, so that _end frees them
+
+    def _prefill(self, ticket: Ticket) -> None:
+        """The request's prompts in a forward of their own (``separate_prefill``)."""
+        logits_B1V = self.runner.prefill([row.prompt for row in ticket.rows],
+                                         [row.blocks for row in ticket.rows])
+        for row in ticket.rows:
+            row.length = len(row.prompt)
+        self._count_routing([(ticket, sum(len(row.prompt) for row in ticket.rows))])
         [tokens] = self._sample([(ticket, ticket.rows)], logits_B1V[:, -1])
         self._accept(ticket, ticket.rows, tokens)
         self._deliver()  # its first token now, not after the next step
 
+    def _prompt_chunks(self) -> list[list[tuple[_Row, int]]]:
+        """The prompt tokens that join this step, as parts of the forward: (row, how many of
+        its next prompt tokens) of the requests not started yet, first come first served,
+        ``prefill_tokens_per_step`` in all; rows whose chunks are as long go into one part."""
+        budget, parts = self.prefill_tokens_per_step, defaultdict(list)
+        for ticket in [ticket for ticket in self._running if not ticket.started]:
+            for row in ticket.rows:
+                if budget == 0:
+                    return list(parts.values())
+                take = min(row.prompt_left, budget)
+                if take:
+                    parts[take].append((row, take))
+                    budget -= take
+        return list(parts.values())
+
     def _step(self) -> None:
+        """One forward: every decoding row advances a token, and prompt chunks of the requests
+        not started yet go in with them; a request whose prompts are all in gets its first
+        tokens from it."""
         groups = [(ticket, ticket.decoding_rows()) for ticket in self._running]
         groups = [(ticket, rows) for ticket, rows in groups if rows]
         rows = [row for _, group in groups for row in group]
-        logits_BV = self.runner.decode([row.next_token for row in rows],
-                                       [row.blocks for row in rows],
-                                       [row.length for row in rows])
+        decoding = ([row.next_token for row in rows], [row.blocks for row in rows],
+                    [row.length for row in rows])
+        parts = [] if self.separate_prefill else self._prompt_chunks()
+        if parts:
+            logits_BV = self.runner.mixed(*decoding, [
+                ([row.prompt[row.length:row.length + take] for row, take in part],
+                 [row.blocks for row, _ in part], [row.length for row, _ in part])
+                for part in parts])
+        else:
+            logits_BV = self.runner.decode(*decoding)
         for row in rows:
             row.length += 1
-        self._count_routing(groups)
+        chunks = [chunk for part in parts for chunk in part]
+        self._count_routing([(ticket, len(group)) for ticket, group in groups]
+                            + [(row.ticket, take) for row, take in chunks])
+        for (row, take), logits_V in zip(chunks, logits_BV[len(rows):]):
+            row.length += take
+            if row.prompt_left == 0:
+                row.first_logits_V = logits_V
+        starting = [ticket for ticket in dict.fromkeys(row.ticket for row, _ in chunks)
+                    if all(row.first_logits_V is not None for row in ticket.rows)]
+        logits_BV = torch.cat([logits_BV[:len(rows)], *(
+            torch.stack([row.first_logits_V for row in ticket.rows]) for ticket in starting)])
+        groups += [(ticket, ticket.rows) for ticket in starting]
         for (ticket, group), tokens in zip(groups, self._sample(groups, logits_BV)):
             self._accept(ticket, group, tokens)
+        for ticket in starting:
+            for row in ticket.rows:
+                row.first_logits_V = None
 
     @staticmethod
     def _sample(groups, logits_BV: torch.Tensor) -> list[list[int]]:
@@ -406,22 +480,22 @@ class Scheduler:
             if row.finished and not ticket.keeps_all_rows:
                 self._release(row)
 
-    def _count_routing(self, groups) -> None:
+    def _count_routing(self, spans: list[tuple[Ticket, int]]) -> None:
         """Routed tokens per layer and expert of the last forward, into the metrics and,
-        when routing is logged, each request's counts (``groups``: (ticket, its rows in the
-        batch, in order) or (ticket, None) for a prefill, whose tokens are all its own)."""
+        when routing is logged, each request's counts (``spans``: (ticket, how many of the
+        forward's tokens are its own), in the forward's order of tokens)."""
         counts = self.metrics.count_routing()
         if self.routing_log is None:
             return
         start = 0
-        for ticket, rows in groups:
-            span = slice(None) if rows is None else slice(start, start + len(rows))
+        for ticket, tokens in spans:
+            span = slice(start, start + tokens)
             routed_LE = torch.stack([expert_ids.bincount(minlength=experts)
                                      for expert_ids, experts in
                                      ((ids_TK[span].flatten(), e) for ids_TK, e in counts)])
             ticket.routed_LE = routed_LE if ticket.routed_LE is None else \
                 ticket.routed_LE + routed_LE
-            start += 0 if rows is None else len(rows)
+            start += tokens
 
     def _release(self, row: _Row) -> None:
         self.pool.release(row.blocks)

@@ -5,10 +5,10 @@ Every process loads the checkpoint and keeps its share of the non-uniform split
 (``moekit.parallel.serving_split``: experts and key/value heads in proportion to the device
 memory each process has free, measured and exchanged at start). Rank 0 holds the HTTP front
 end, the scheduler and the bookkeeping of the KV blocks; the other ranks follow. Before each of
-the scheduler's forwards (``ModelRunner``: a prefill into given blocks, or a decoding step over
-given rows) rank 0 broadcasts the call with its arguments, and every rank makes it, the split
-model's all-reduces joining them. Each rank's pool has the same blocks (rank 0 sends their
-number), each holding that rank's key/value heads. While idle, rank 0 sends a keep-alive every
+the scheduler's forwards (``ModelRunner``: a decoding step over given rows, with or without
+prompt chunks, or a prefill into given blocks) rank 0 broadcasts the call with its arguments,
+and every rank makes it, the split model's all-reduces joining them. Each rank's pool has the
+same blocks (rank 0 sends their number), each holding that rank's key/value heads. While idle, rank 0 sends a keep-alive every
 half collective timeout, so that the followers' wait for the next call never times out.
 
 A process that dies or stalls makes the next collective fail: at once when its connection
@@ -67,6 +67,11 @@ class LeaderRunner(ModelRunner):
         _broadcast(("decode", tokens, tables, lengths))
         with collective("serving: decoding step"):
             return super().decode(tokens, tables, lengths)
+
+    def mixed(self, tokens, tables, lengths, chunks):
+        _broadcast(("mixed", tokens, tables, lengths, chunks))
+        with collective("serving: decoding step with prompt chunks"):
+            return super().mixed(tokens, tables, lengths, chunks)
 
     def idle(self) -> None:
         _broadcast((IDLE,))
