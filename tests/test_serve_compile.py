@@ -19,7 +19,9 @@ from torch.overrides import TorchFunctionMode
 
 from moekit.config import preset
 from moekit.model import Transformer
+from moekit.model.decode_step import PagedDecodeStep
 from moekit.model.generate import sample_next
+from moekit.model.paged import KVBlockPool, PagedBatch
 from moekit.quant import quantize_model
 from moekit.serve import Engine
 from moekit.serve.engine import Sampling
@@ -45,18 +47,29 @@ def _model():
     return model
 
 
+class _Spy:
+    """A decoding step that records the batch size and table width of every decoding step,
+    and the parts' shapes of every mixed one (decoding rows and a prompt chunk)."""
+
+    def __init__(self, step):
+        self.step, self.decoding, self.mixing = step, [], []
+
+    def __call__(self, ids_B1, batch):
+        self.decoding.append(tuple(batch.table_BN.shape))
+        return self.step(ids_B1, batch)
+
+    def mixed(self, parts):
+        self.mixing.append([tuple(ids.shape) for ids, _ in parts])
+        return self.step.mixed(parts)
+
+
 def _serve_together(engine):
     """Every request submitted before the scheduler takes the first; their texts, and the
-    batch size and table width of every decoding step."""
-    shapes, step = [], engine.scheduler.runner.step
-
-    def spy(ids_B1, batch):
-        shapes.append(tuple(batch.table_BN.shape))
-        return step(ids_B1, batch)
-    engine.scheduler.runner.step = spy
+    shapes of every step (``_Spy``)."""
+    spy = engine.scheduler.runner.step = _Spy(engine.scheduler.runner.step)
     with engine.scheduler._condition:
         tickets = [engine.submit(prompts, sampling) for prompts, sampling in REQUESTS]
-    return [_completions(ticket) for ticket in tickets], shapes
+    return [_completions(ticket) for ticket in tickets], spy
 
 
 def _completions(ticket) -> list[str]:
@@ -66,7 +79,7 @@ def _completions(ticket) -> list[str]:
     return ["".join(piece.text for piece in pieces) for _, pieces in by_index]
 
 
-def test_the_compiled_engine_gives_the_eager_tokens_and_three_graphs_serve_every_batch():
+def test_the_compiled_engine_gives_the_eager_tokens_and_six_graphs_serve_every_step():
     eager = Engine(_model(), TOKENIZER, "tiny", block_size=4, max_batch=6)
     try:
         expected, _ = _serve_together(eager)
@@ -77,19 +90,51 @@ def test_the_compiled_engine_gives_the_eager_tokens_and_three_graphs_serve_every
                       compile_backend="aot_eager")
     try:
         assert compiled.compile_seconds > 0
-        # One row, two rows (the MoE layers' small-batch path) and three or more: sizes of
-        # 1 are specialised by torch, and the small-batch path is chosen by the route count.
-        assert counters["stats"]["unique_graphs"] - graphs == 3
+        # Decoding: one row, two rows (the MoE layers' small-batch path) and three or more:
+        # sizes of 1 are specialised by torch, and the small-batch path is chosen by the
+        # route count. Mixed: a one-row chunk after no, one, and two or more decoding rows.
+        assert counters["stats"]["unique_graphs"] - graphs == 3 + 3
         assert sum(counters["graph_break"].values()) == breaks
         graphs = counters["stats"]["unique_graphs"]
-        texts, shapes = _serve_together(compiled)
+        texts, steps = _serve_together(compiled)
         assert compiled.pool.used_blocks == 0
     finally:
         compiled.close()
     assert texts == expected
-    assert counters["stats"]["unique_graphs"] == graphs  # the prepared graphs served them all
-    assert {rows for rows, _ in shapes} >= {1, 2, 3, 4, 6}
-    assert len({width for _, width in shapes}) >= 3  # none of them the prepared width, 2
+    assert counters["stats"]["unique_graphs"] == graphs  # none compiled while serving
+    decoding_rows = {rows for rows, _ in steps.decoding}
+    assert {1, 2} <= decoding_rows and len(decoding_rows) >= 4
+    assert len({width for _, width in steps.decoding} - {2}) >= 2  # not the prepared width
+    # Mixed steps the prepared graphs serve (one chunk row after several decoding rows) and
+    # one they do not (a chunk of the n = 2 request's two rows: run eagerly).
+    assert any(len(parts) == 2 and parts[0][0] >= 2 and parts[1][0] == 1
+               for parts in steps.mixing)
+    assert any(parts[-1][0] == 2 for parts in steps.mixing)
+
+
+def test_the_prepared_mixed_graphs_serve_any_chunk_length_and_table_width():
+    """A one-row prompt chunk of 3 or more positions, after any number of decoding rows and
+    over tables of any width, runs on the graphs made at start (torch.compile's
+    "fail_on_recompile" stance would raise otherwise) and gives the eager step's logits."""
+    model = _model()
+    pool = KVBlockPool(CONFIG, num_blocks=128, block_size=4)
+    step = PagedDecodeStep(model, compile=True, backend="aot_eager")
+    step.prepare(pool, max_batch=4)
+    with torch.inference_mode():
+        for rows, chunk, cached in [(0, 5, 0), (1, 17, 3), (3, 9, 10), (7, 30, 20)]:
+            tables = [pool.allocate(pool.blocks_for(cached + chunk + 1)) for _ in range(rows + 1)]
+
+            def parts():
+                decoding = [(torch.arange(rows)[:, None], PagedBatch(pool, tables[:rows],
+                                                                     [cached] * rows))
+                            ] if rows else []
+                return decoding + [(torch.arange(chunk)[None] % 200, PagedBatch(
+                    pool, tables[rows:], [cached], new_positions=chunk))]
+            compiled_logits = step.mixed(parts(), stance="fail_on_recompile")
+            eager_logits = PagedDecodeStep(model).mixed(parts())  # the same keys rewritten
+            torch.testing.assert_close(compiled_logits, eager_logits)
+            for table in tables:
+                pool.release(table)
 
 
 def test_a_step_that_does_not_trace_is_refused_when_the_engine_starts():

@@ -103,6 +103,12 @@ def _paged_step_logits(model: Transformer, ids_B1: torch.Tensor,
     return _step_logits(model, ids_B1, batch)
 
 
+def _paged_mixed_logits(model: Transformer,
+                        parts: list[tuple[torch.Tensor, PagedBatch]]) -> torch.Tensor:
+    hidden = model.run_parts(parts)
+    return model.head(torch.cat([x_BSD[:, -1:] for x_BSD in hidden]))[:, -1]
+
+
 @functools.cache
 def _compiled(step_logits, backend: str, dynamic: bool, mode: str | None = None):
     # Made on first use: importing moekit does not load the compiler.
@@ -121,14 +127,20 @@ def _compiled_static(backend: str, device_type: str):
 
 
 @functools.cache
-def _compiled_paged(backend: str):
+def _compiled_paged(step_logits, backend: str):
     if backend != "inductor":
-        return _compiled(_paged_step_logits, backend, dynamic=True)
+        return _compiled(step_logits, backend, dynamic=True)
     # Its kernels called from C++, not from Python: the step's hundred-odd kernels are small,
     # and Python's calls between them cost the compiled forward at 16 rows about a sixth
     # (benchmarks/serve_step.py --compile, tiny preset: 3.5 ms before, 2.9-3.1 ms after), for
     # seconds more compilation per graph.
-    return torch.compile(_paged_step_logits, dynamic=True, options={"cpp_wrapper": True})
+    return torch.compile(step_logits, dynamic=True, options={"cpp_wrapper": True})
+
+
+# The prompt chunk of the mixed steps that ``PagedDecodeStep.prepare`` compiles: its length is
+# symbolic in their graphs, so that any chunk of 3 or more positions uses them (at 2 or fewer
+# with no decoding rows, the MoE layers' small-batch path would take another graph).
+PREPARED_CHUNK_POSITIONS = 8
 
 
 class DecodeStep:
@@ -187,11 +199,22 @@ class PagedDecodeStep:
     wide for the same reason, ``PagedBatch``), two rows (at top-2, the MoE layers' small-batch
     path, ``moekit.moe.layer``), and three or more. Scalars that the statistics read (Skywork's
     adaptive coefficient) are traced too, where they would otherwise break the graph at every
-    MoE layer."""
+    MoE layer.
+
+    ``step.mixed(parts) -> logits``: the decoding rows and a prompt chunk in one forward
+    (``Transformer.run_parts``; parts: the decoding rows' [B, 1] ids and batch, when there
+    are any, then the chunk's [R, L]), the logits of each row's last position. Compiled, the
+    rows, the chunk's length and the tables' widths are symbolic: ``prepare`` makes the
+    graphs of a one-row chunk after no, one, and two or more decoding rows. A mixed step that
+    none of them serves (a chunk of several rows, or of one or two positions) runs eagerly
+    rather than compiling a graph in the middle of serving."""
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile
-        self._run = _compiled_paged(backend) if compile else _paged_step_logits
+        self._run = _compiled_paged(_paged_step_logits, backend) if compile \
+            else _paged_step_logits
+        self._mixed = _compiled_paged(_paged_mixed_logits, backend) if compile \
+            else _paged_mixed_logits
 
     def __call__(self, ids_B1: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         if not self.compile:
@@ -199,26 +222,46 @@ class PagedDecodeStep:
         with torch._dynamo.config.patch(capture_scalar_outputs=True):
             return self._run(self.model, ids_B1, batch)
 
+    def mixed(self, parts: list[tuple[torch.Tensor, PagedBatch]],
+              stance: str = "eager_on_recompile") -> torch.Tensor:
+        if not self.compile:
+            return self._mixed(self.model, parts)
+        with (torch._dynamo.config.patch(capture_scalar_outputs=True),
+              torch.compiler.set_stance(stance)):
+            return self._mixed(self.model, parts)
+
     @torch.inference_mode()
     def prepare(self, pool: KVBlockPool, max_batch: int) -> float:
-        """Run a step at every batch size up to ``max_batch`` on a free block of ``pool``
-        (what it held is overwritten, as a sequence's prefill would): every graph a server
-        needs is compiled before any request. Returns the seconds it took (0.0 when not
-        compiled); a ValueError when the model's step does not trace."""
+        """Run a step at every batch size up to ``max_batch``, and the mixed steps of the
+        class docstring, on free blocks of ``pool`` (what they held is overwritten, as a
+        sequence's prefill would): every graph a server needs is compiled before any request.
+        Returns the seconds it took (0.0 when not compiled); a ValueError when the model's
+        step does not trace."""
         if not self.compile:
             return 0.0
         from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
         start = time.perf_counter()
         device = pool.keys[0].device
+        chunk = PREPARED_CHUNK_POSITIONS
+
+        def ids(rows: int, positions: int) -> torch.Tensor:
+            return torch.zeros(rows, positions, dtype=torch.long, device=device)
         blocks = pool.allocate(1)
+        chunk_blocks = pool.allocate(pool.blocks_for(chunk))
         try:
             for rows in range(1, max_batch + 1):
-                ids_B1 = torch.zeros(rows, 1, dtype=torch.long, device=device)
-                self(ids_B1, PagedBatch(pool, [blocks] * rows, [0] * rows))
+                self(ids(rows, 1), PagedBatch(pool, [blocks] * rows, [0] * rows))
+            for rows in range(min(max_batch, 2) + 1):
+                decoding = [(ids(rows, 1), PagedBatch(pool, [blocks] * rows, [0] * rows))
+                            ] if rows else []
+                self.mixed(decoding + [(ids(1, chunk),
+                                        PagedBatch(pool, [chunk_blocks], [0], chunk))],
+                           stance="default")
         except GuardOnDataDependentSymNode as error:
             raise ValueError("this model's decoding step does not compile: its Python code "
                              "branches on tensor values (quantized or offloaded experts do, "
                              f"per expert): {str(error).splitlines()[0]}") from None
         finally:
+            pool.release(chunk_blocks)
             pool.release(blocks)
         return time.perf_counter() - start

@@ -17,7 +17,8 @@ from moekit.model.paged import KVBlockPool, PagedBatch
 
 
 class ModelRunner:
-    """``step``: the decoding step (eager unless a compiled ``PagedDecodeStep`` is given);
+    """``step``: the decoding step and the mixed one (eager unless a compiled
+    ``PagedDecodeStep`` is given);
     ``idle_call_s``: how long the scheduler may stay idle before it calls ``idle()`` (None:
     forever)."""
 
@@ -46,22 +47,20 @@ class ModelRunner:
                          PagedBatch(self.pool, tables, lengths))
 
     def mixed(self, tokens: list[int], tables: list[list[int]], lengths: list[int],
-              chunks: list[tuple[list[list[int]], list[list[int]], list[int]]]
-              ) -> torch.Tensor:
+              chunk_ids: list[list[int]], chunk_tables: list[list[int]],
+              chunk_lengths: list[int]) -> torch.Tensor:
         """One forward of the decoding rows (as ``decode``; none when ``tokens`` is empty)
-        and of prompt chunks: each of ``chunks`` is (the next L prompt tokens of R rows
-        [R][L], their block tables, the positions they have cached), its keys and values
-        written straight into their blocks. Every part reads the feed-forward weights with
-        the others, once (``Transformer.run_parts``). Logits [B + sum R, V]: the decoding
-        rows', then each chunk row's at its last position."""
-        parts = [(self._ids(ids_RL), PagedBatch(self.pool, chunk_tables, chunk_lengths,
-                                                new_positions=len(ids_RL[0])))
-                 for ids_RL, chunk_tables, chunk_lengths in chunks]
+        and of a prompt chunk: the next L prompt tokens of R rows (``chunk_ids`` [R][L]),
+        over their blocks (``chunk_tables``) after the positions they have cached
+        (``chunk_lengths``), their keys and values written straight into their blocks. Both
+        parts read the feed-forward weights together, once (``Transformer.run_parts``).
+        Logits [B + R, V]: the decoding rows', then each chunk row's at its last position."""
+        parts = [(self._ids(chunk_ids), PagedBatch(self.pool, chunk_tables, chunk_lengths,
+                                                   new_positions=len(chunk_ids[0])))]
         if tokens:
             parts.insert(0, (self._ids([[token] for token in tokens]),
                              PagedBatch(self.pool, tables, lengths)))
-        hidden = self.model.run_parts(parts)
-        return self.model.head(torch.cat([x_BSD[:, -1:] for x_BSD in hidden]))[:, -1]
+        return self.step.mixed(parts)
 
     def _ids(self, ids: list[list[int]]) -> torch.Tensor:
         return torch.tensor(ids, device=self.pool.keys[0].device)

@@ -380,20 +380,22 @@ class Scheduler:
         self._accept(ticket, ticket.rows, tokens)
         self._deliver()  # its first token now, not after the next step
 
-    def _prompt_chunks(self) -> list[list[tuple[_Row, int]]]:
-        """The prompt tokens that join this step, as parts of the forward: (row, how many of
-        its next prompt tokens) of the requests not started yet, first come first served,
-        ``prefill_tokens_per_step`` in all; rows whose chunks are as long go into one part."""
-        budget, parts = self.prefill_tokens_per_step, defaultdict(list)
-        for ticket in [ticket for ticket in self._running if not ticket.started]:
-            for row in ticket.rows:
-                if budget == 0:
-                    return list(parts.values())
-                take = min(row.prompt_left, budget)
-                if take:
-                    parts[take].append((row, take))
-                    budget -= take
-        return list(parts.values())
+    def _prompt_chunk(self) -> tuple[list[_Row], int]:
+        """The prompt tokens that join this step, as (rows, length): rows not started yet
+        bring their next ``length`` prompt tokens each. ``length`` is what the first waiting
+        row has left (first come, first served), at most ``prefill_tokens_per_step``; the
+        rows after it whose next chunk is as long join it while that budget holds them.
+        One [rows, length] part per step: each part runs attention's projections and
+        kernels of its own, and a compiled mixed step would have a graph per number of
+        parts."""
+        waiting = [row for ticket in self._running if not ticket.started
+                   for row in ticket.rows if row.prompt_left]
+        if not waiting:
+            return [], 0
+        budget = self.prefill_tokens_per_step
+        length = min(waiting[0].prompt_left, budget)
+        same = [row for row in waiting if min(row.prompt_left, budget) == length]
+        return same[:budget // length], length
 
     def _step(self) -> None:
         """One forward: every decoding row advances a token, and prompt chunks of the requests
@@ -404,24 +406,22 @@ class Scheduler:
         rows = [row for _, group in groups for row in group]
         decoding = ([row.next_token for row in rows], [row.blocks for row in rows],
                     [row.length for row in rows])
-        parts = [] if self.separate_prefill else self._prompt_chunks()
-        if parts:
-            logits_BV = self.runner.mixed(*decoding, [
-                ([row.prompt[row.length:row.length + take] for row, take in part],
-                 [row.blocks for row, _ in part], [row.length for row, _ in part])
-                for part in parts])
+        chunk_rows, length = ([], 0) if self.separate_prefill else self._prompt_chunk()
+        if chunk_rows:
+            logits_BV = self.runner.mixed(
+                *decoding, [row.prompt[row.length:row.length + length] for row in chunk_rows],
+                [row.blocks for row in chunk_rows], [row.length for row in chunk_rows])
         else:
             logits_BV = self.runner.decode(*decoding)
         for row in rows:
             row.length += 1
-        chunks = [chunk for part in parts for chunk in part]
         self._count_routing([(ticket, len(group)) for ticket, group in groups]
-                            + [(row.ticket, take) for row, take in chunks])
-        for (row, take), logits_V in zip(chunks, logits_BV[len(rows):]):
-            row.length += take
+                            + [(row.ticket, length) for row in chunk_rows])
+        for row, logits_V in zip(chunk_rows, logits_BV[len(rows):]):
+            row.length += length
             if row.prompt_left == 0:
                 row.first_logits_V = logits_V
-        starting = [ticket for ticket in dict.fromkeys(row.ticket for row, _ in chunks)
+        starting = [ticket for ticket in dict.fromkeys(row.ticket for row in chunk_rows)
                     if all(row.first_logits_V is not None for row in ticket.rows)]
         logits_BV = torch.cat([logits_BV[:len(rows)], *(
             torch.stack([row.first_logits_V for row in ticket.rows]) for ticket in starting)])

@@ -68,10 +68,11 @@ class LeaderRunner(ModelRunner):
         with collective("serving: decoding step"):
             return super().decode(tokens, tables, lengths)
 
-    def mixed(self, tokens, tables, lengths, chunks):
-        _broadcast(("mixed", tokens, tables, lengths, chunks))
-        with collective("serving: decoding step with prompt chunks"):
-            return super().mixed(tokens, tables, lengths, chunks)
+    def mixed(self, tokens, tables, lengths, chunk_ids, chunk_tables, chunk_lengths):
+        _broadcast(("mixed", tokens, tables, lengths, chunk_ids, chunk_tables, chunk_lengths))
+        with collective("serving: decoding step with a prompt chunk"):
+            return super().mixed(tokens, tables, lengths, chunk_ids, chunk_tables,
+                                 chunk_lengths)
 
     def idle(self) -> None:
         _broadcast((IDLE,))
