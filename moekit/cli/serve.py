@@ -55,13 +55,24 @@ def register(subcommands) -> None:
     batching.add_argument("--max-waiting", type=positive_int, default=64, metavar="N",
                           help="most requests waiting for memory or a batch row; past it a "
                           "request gets 429 with Retry-After (default 64)")
+    batching.add_argument("--prefill-tokens-per-step", type=positive_int, default=64,
+                          metavar="N", help="new requests' prompt tokens that join one "
+                          "decoding step (their prefill rides in the step's forward, which "
+                          "reads the experts once for both); a longer prompt goes in chunks "
+                          "over several steps (default 64)")
+    batching.add_argument("--separate-prefill", action="store_true",
+                          help="prefill each request in a forward of its own instead, one "
+                          "request between two decoding steps (the engine before chunked "
+                          "prefill; to compare)")
     batching.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                           help="compile the decoding step with torch.compile (inductor) "
-                          "before serving, with the batch size and the block tables' width "
-                          "dynamic: three graphs (batches of 1, 2, and 3 or more rows) serve "
-                          "every step; the compilation, timed on stderr, takes about a minute "
-                          "on a 2-core CPU (less from inductor's on-disk cache), paid once per "
-                          "start. Not with --split, --expert-memory or quantized experts "
+                          "before serving, with the batch size, the block tables' width and "
+                          "the prompt chunk's length dynamic: three graphs (batches of 1, 2, "
+                          "and 3 or more rows) serve every decoding step, three more the "
+                          "steps with a one-row prompt chunk (others run eagerly); the "
+                          "compilation, timed on stderr, takes a minute or more on a 2-core "
+                          "CPU (less from inductor's on-disk cache), paid once per start. Not "
+                          "with --split, --expert-memory or quantized experts "
                           "(docs/inference.md, Serving; default off)")
     batching.add_argument("--threads", type=positive_int, metavar="N",
                           help="torch threads for the forwards; default on a CPU: all of "
@@ -166,10 +177,11 @@ def _serve(args: argparse.Namespace, device: str, split_timeout: float | None) -
         kv_cache_memory=args.kv_cache_memory, block_size=args.kv_block_size,
         max_batch=args.max_batch_size, max_waiting=args.max_waiting,
         request_timeout=args.request_timeout, routing_log=args.log_routing,
-        compile=args.compile,
+        compile=args.compile, prefill_tokens_per_step=args.prefill_tokens_per_step,
+        separate_prefill=args.separate_prefill,
         threads=serving.serving_threads(device) if args.threads is None else args.threads)
     if args.compile:
-        print(f"compiled the decoding step in {engine.compile_seconds:.1f} s", file=sys.stderr)
+        print(f"compiled the decoding steps in {engine.compile_seconds:.1f} s", file=sys.stderr)
     pool = engine.pool
     print(f"serving {engine.name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}; KV cache: {pool.num_blocks} "
