@@ -45,8 +45,8 @@ def _serve(model, tmp_path, **options):
     """One request decoding alone, then JOINING submitted together while it runs; the last
     two leave (one while its prompt is still going in, or right after its prefill with
     ``separate_prefill``; one after its first token). Returns the texts of the others, the
-    routing log's lines, and every mixed forward's decoding rows and prompt chunks (the
-    positions each chunk row had cached, its text)."""
+    routing log's lines, and every mixed forward's decoding rows and prompt chunk (the
+    positions its sequence had cached, its text)."""
     log = tmp_path / f"routing-{len(list(tmp_path.iterdir()))}.jsonl"
     engine = Engine(model, TOKENIZER, "tiny", max_tokens_limit=32, block_size=4, max_batch=16,
                     prefill_tokens_per_step=6, routing_log=log, **options)
@@ -57,11 +57,10 @@ def _serve(model, tmp_path, **options):
         if any(TOKENIZER.decode(ids).startswith("quits") for ids in prompt_ids):
             leaving[0].cancel()
 
-    def spy_mixed(tokens, tables, lengths, chunk_ids, chunk_tables, chunk_lengths):
-        mixed_steps.append((len(tokens), [(cached, TOKENIZER.decode(ids))
-                                          for cached, ids in zip(chunk_lengths, chunk_ids)]))
-        leave_at([ids for cached, ids in zip(chunk_lengths, chunk_ids) if cached == 0])
-        return mixed(tokens, tables, lengths, chunk_ids, chunk_tables, chunk_lengths)
+    def spy_mixed(tokens, tables, lengths, chunk, chunk_table, chunk_cached):
+        mixed_steps.append((len(tokens), chunk_cached, TOKENIZER.decode(chunk)))
+        leave_at([chunk] if chunk_cached == 0 else [])
+        return mixed(tokens, tables, lengths, chunk, chunk_table, chunk_cached)
 
     def spy_prefill(prompts, row_blocks):
         leave_at(prompts)
@@ -105,17 +104,16 @@ def test_requests_joining_a_running_batch_get_what_they_get_alone(tmp_path, chan
                      _alone(model, [LONG], 10), [full[:full.index(stop)]],
                      _alone(model, ["one", "one", "two, longer", "two, longer"], 8)]
     # Prompts went in beside decoding rows, 6 tokens a step at most, the long one in chunks
-    # that continue after the positions its earlier ones cached, the n = 2 rows together.
-    assert all(sum(len(text) for _, text in chunks) <= 6 for _, chunks in mixed_steps)
-    assert [chunks for decoding, chunks in mixed_steps[:2]] == [[(0, "runnin")], [(6, "g")]]
-    assert any(decoding >= 3 for decoding, _ in mixed_steps[2:])  # several requests decode
-    long_chunks = [(cached, text) for _, chunks in mixed_steps for cached, text in chunks
-                   if text == LONG[cached:cached + 6]]
+    # that continue after the positions its earlier ones cached, each of the n = 2 rows.
+    assert all(len(text) <= 6 for _, _, text in mixed_steps)
+    chunks = [(cached, text) for _, cached, text in mixed_steps]
+    assert chunks[:2] == [(0, "runnin"), (6, "g")]
+    assert any(decoding >= 3 for decoding, _, _ in mixed_steps[2:])  # several requests decode
+    long_chunks = [(cached, text) for cached, text in chunks if text == LONG[cached:cached + 6]]
     assert [cached for cached, _ in long_chunks] == list(range(0, len(LONG), 6))
     assert "".join(text for _, text in long_chunks) == LONG
-    assert [text for _, chunks in mixed_steps for _, text in chunks].count("one") == 2
-    assert (0, "quits ") in [chunk for _, chunks in mixed_steps for chunk in chunks]
-    assert (6, "while ") not in [chunk for _, chunks in mixed_steps for chunk in chunks]
+    assert chunks.count((0, "one")) == 2
+    assert (0, "quits ") in chunks and (6, "while ") not in chunks
     # Each request's routes: every token it forwarded, its prompt's chunks included.
     for line in lines:
         if line["status"] == "ok":

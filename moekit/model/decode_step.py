@@ -206,8 +206,8 @@ class PagedDecodeStep:
     are any, then the chunk's [R, L]), the logits of each row's last position. Compiled, the
     rows, the chunk's length and the tables' widths are symbolic: ``prepare`` makes the
     graphs of a one-row chunk after no, one, and two or more decoding rows. A mixed step that
-    none of them serves (a chunk of several rows, or of one or two positions) runs eagerly
-    rather than compiling a graph in the middle of serving."""
+    none of them serves (a chunk of several rows, of one position, or of two with no
+    decoding rows) runs eagerly rather than compiling a graph in the middle of serving."""
 
     def __init__(self, model: Transformer, compile: bool = False, backend: str = "inductor"):
         self.model, self.compile = model, compile

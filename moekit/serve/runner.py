@@ -47,16 +47,15 @@ class ModelRunner:
                          PagedBatch(self.pool, tables, lengths))
 
     def mixed(self, tokens: list[int], tables: list[list[int]], lengths: list[int],
-              chunk_ids: list[list[int]], chunk_tables: list[list[int]],
-              chunk_lengths: list[int]) -> torch.Tensor:
+              chunk: list[int], chunk_table: list[int], chunk_cached: int) -> torch.Tensor:
         """One forward of the decoding rows (as ``decode``; none when ``tokens`` is empty)
-        and of a prompt chunk: the next L prompt tokens of R rows (``chunk_ids`` [R][L]),
-        over their blocks (``chunk_tables``) after the positions they have cached
-        (``chunk_lengths``), their keys and values written straight into their blocks. Both
-        parts read the feed-forward weights together, once (``Transformer.run_parts``).
-        Logits [B + R, V]: the decoding rows', then each chunk row's at its last position."""
-        parts = [(self._ids(chunk_ids), PagedBatch(self.pool, chunk_tables, chunk_lengths,
-                                                   new_positions=len(chunk_ids[0])))]
+        and of a prompt chunk: a sequence's next prompt tokens ``chunk`` after the
+        ``chunk_cached`` positions it has in its blocks ``chunk_table``, their keys and values
+        written straight into those blocks. Both parts read the feed-forward weights
+        together, once (``Transformer.run_parts``). Logits [B + 1, V]: the decoding rows',
+        then the chunk's last position's."""
+        parts = [(self._ids([chunk]), PagedBatch(self.pool, [chunk_table], [chunk_cached],
+                                                 new_positions=len(chunk)))]
         if tokens:
             parts.insert(0, (self._ids([[token] for token in tokens]),
                              PagedBatch(self.pool, tables, lengths)))

@@ -4,19 +4,30 @@ batched forward per step.
 A request waits in a bounded queue (first come, first served) until its KV blocks and batch
 rows are free. Its blocks are reserved whole at admission, prompt + max_tokens - 1 positions
 per sequence, so a running sequence never runs out of cache and nothing is ever preempted.
-Admitted, it gets a prefill forward of its own (its prompts left-padded together, exactly as
-``moekit.model.generate`` does it alone), its keys and values are copied into its blocks, and
-its sequences join the next decoding step, where every running sequence advances one token in
-one forward over the paged cache. A sequence leaves when it ends (end of text, stop string,
-max_tokens) and its blocks return to the pool at once; a request leaves when its client is
-gone (``Ticket.cancel``) or its deadline passes.
+Admitted, its prompts go into the next decoding steps' forwards (chunked prefill, as vLLM and
+SGLang do it): each step, every running sequence advances one token and up to
+``prefill_tokens_per_step`` prompt tokens of the admitted requests ride along, written
+straight into their blocks (``ModelRunner.mixed``); a longer prompt goes in over several
+steps, each chunk attending to the earlier ones through the paged cache. The forward that
+takes a request's last prompt tokens gives its first tokens. A sequence leaves when it ends
+(end of text, stop string, max_tokens) and its blocks return to the pool at once; a request
+leaves when its client is gone (``Ticket.cancel``) or its deadline passes, prefilled or not.
 
-Why prefill is a forward of its own and not chunked into the decoding step: it is then the very
-forward ``generate`` runs (causal attention, no mask across requests), which is what makes a
-request's tokens those of ``generate`` alone; and on a CPU a prompt's tokens already fill the
-cores, so folding them into the step would lengthen that step for every running sequence
-without saving work. The cost is a pause of one prefill in the others' token stream, bounded
-by the longest prompt the server accepts.
+Why the prompts ride in the decoding step rather than in a forward of their own: the weights,
+the routed experts above all, are read once per forward, whatever its tokens. A prompt of the
+12-20 tokens of ``benchmarks/serve_load.py`` cost a forward of its own about as much as a
+whole decoding step of 16 rows (the tiny preset on a 2-core CPU, eager: 7.1 ms against 6.2;
+compiled step 3.9 ms, eager prefill 8.0), and every fourth gap of a stream at 16 clients
+waited on one. Folded into the step, its tokens add their attention and their share of the
+expert products, not another pass over the weights (docs/inference.md, Continuous batching,
+has the figures). The budget bounds what a long prompt adds to each gap of the running
+streams. Each step takes one row's chunk (``_prompt_chunk``): its attention runs apart from
+the decoding rows' (its own positions and mask over the paged cache), the
+feed-forward over both parts' tokens together (``Transformer.run_parts``), so a request's
+keys, values and greedy tokens are those of ``moekit.model.generate`` alone, up to float
+rounding. ``separate_prefill`` keeps the former engine (each request's prompts left-padded
+into a forward of their own, exactly ``generate``'s prefill, one request between two steps),
+to compare; no served model needs it.
 
 A seeded sampled request keeps all its rows in the batch until the last one ends, as
 ``generate`` does, because its random numbers are drawn for the whole group at each step: the
@@ -380,57 +391,54 @@ class Scheduler:
         self._accept(ticket, ticket.rows, tokens)
         self._deliver()  # its first token now, not after the next step
 
-    def _prompt_chunk(self) -> tuple[list[_Row], int]:
-        """The prompt tokens that join this step, as (rows, length): rows not started yet
-        bring their next ``length`` prompt tokens each. ``length`` is what the first waiting
-        row has left (first come, first served), at most ``prefill_tokens_per_step``; the
-        rows after it whose next chunk is as long join it while that budget holds them.
-        One [rows, length] part per step: each part runs attention's projections and
-        kernels of its own, and a compiled mixed step would have a graph per number of
-        parts."""
-        waiting = [row for ticket in self._running if not ticket.started
-                   for row in ticket.rows if row.prompt_left]
-        if not waiting:
-            return [], 0
-        budget = self.prefill_tokens_per_step
-        length = min(waiting[0].prompt_left, budget)
-        same = [row for row in waiting if min(row.prompt_left, budget) == length]
-        return same[:budget // length], length
+    def _prompt_chunk(self) -> tuple[_Row | None, int]:
+        """The prompt tokens that join this step: the next ones of the first row not started
+        yet (first come, first served), at most ``prefill_tokens_per_step``; (None, 0) when
+        every row has its prompt in. One row a step: each part of a forward runs attention's
+        projections and kernels of its own (a second prompt in the step would lengthen this
+        gap of every stream by as much again, where the next step can take it), and a
+        compiled mixed step has graphs for a one-row chunk (``PagedDecodeStep``)."""
+        for ticket in self._running:
+            for row in ticket.rows if not ticket.started else ():
+                if row.prompt_left:
+                    return row, min(row.prompt_left, self.prefill_tokens_per_step)
+        return None, 0
 
     def _step(self) -> None:
-        """One forward: every decoding row advances a token, and prompt chunks of the requests
-        not started yet go in with them; a request whose prompts are all in gets its first
-        tokens from it."""
+        """One forward: every decoding row advances a token, and the next prompt tokens of a
+        request not started yet go in with them; once all its prompts are in, that request
+        gets its first tokens, sampled with the step's."""
         groups = [(ticket, ticket.decoding_rows()) for ticket in self._running]
         groups = [(ticket, rows) for ticket, rows in groups if rows]
         rows = [row for _, group in groups for row in group]
         decoding = ([row.next_token for row in rows], [row.blocks for row in rows],
                     [row.length for row in rows])
-        chunk_rows, length = ([], 0) if self.separate_prefill else self._prompt_chunk()
-        if chunk_rows:
-            logits_BV = self.runner.mixed(
-                *decoding, [row.prompt[row.length:row.length + length] for row in chunk_rows],
-                [row.blocks for row in chunk_rows], [row.length for row in chunk_rows])
-        else:
+        chunk_row, length = (None, 0) if self.separate_prefill else self._prompt_chunk()
+        spans = [(ticket, len(group)) for ticket, group in groups]
+        if chunk_row is None:
             logits_BV = self.runner.decode(*decoding)
+        else:
+            logits_BV = self.runner.mixed(
+                *decoding, chunk_row.prompt[chunk_row.length:chunk_row.length + length],
+                chunk_row.blocks, chunk_row.length)
+            chunk_row.length += length
+            if chunk_row.prompt_left == 0:
+                chunk_row.first_logits_V = logits_BV[-1]
+            spans.append((chunk_row.ticket, length))
         for row in rows:
             row.length += 1
-        self._count_routing([(ticket, len(group)) for ticket, group in groups]
-                            + [(row.ticket, length) for row in chunk_rows])
-        for row, logits_V in zip(chunk_rows, logits_BV[len(rows):]):
-            row.length += length
-            if row.prompt_left == 0:
-                row.first_logits_V = logits_V
-        starting = [ticket for ticket in dict.fromkeys(row.ticket for row in chunk_rows)
-                    if all(row.first_logits_V is not None for row in ticket.rows)]
-        logits_BV = torch.cat([logits_BV[:len(rows)], *(
-            torch.stack([row.first_logits_V for row in ticket.rows]) for ticket in starting)])
-        groups += [(ticket, ticket.rows) for ticket in starting]
+        self._count_routing(spans)
+        logits_BV = logits_BV[:len(rows)]
+        starting = None if chunk_row is None else chunk_row.ticket
+        if starting is not None and all(row.first_logits_V is not None
+                                        for row in starting.rows):
+            groups.append((starting, starting.rows))
+            logits_BV = torch.cat([logits_BV, torch.stack([row.first_logits_V
+                                                           for row in starting.rows])])
+            for row in starting.rows:
+                row.first_logits_V = None
         for (ticket, group), tokens in zip(groups, self._sample(groups, logits_BV)):
             self._accept(ticket, group, tokens)
-        for ticket in starting:
-            for row in ticket.rows:
-                row.first_logits_V = None
 
     @staticmethod
     def _sample(groups, logits_BV: torch.Tensor) -> list[list[int]]:

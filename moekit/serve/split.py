@@ -68,11 +68,10 @@ class LeaderRunner(ModelRunner):
         with collective("serving: decoding step"):
             return super().decode(tokens, tables, lengths)
 
-    def mixed(self, tokens, tables, lengths, chunk_ids, chunk_tables, chunk_lengths):
-        _broadcast(("mixed", tokens, tables, lengths, chunk_ids, chunk_tables, chunk_lengths))
+    def mixed(self, tokens, tables, lengths, chunk, chunk_table, chunk_cached):
+        _broadcast(("mixed", tokens, tables, lengths, chunk, chunk_table, chunk_cached))
         with collective("serving: decoding step with a prompt chunk"):
-            return super().mixed(tokens, tables, lengths, chunk_ids, chunk_tables,
-                                 chunk_lengths)
+            return super().mixed(tokens, tables, lengths, chunk, chunk_table, chunk_cached)
 
     def idle(self) -> None:
         _broadcast((IDLE,))
