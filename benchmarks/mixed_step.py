@@ -73,8 +73,8 @@ def main() -> None:
                 prompt = [(7 * i) % 1000 for i in range(length)]
                 forwards = {
                     "step": lambda: runner.decode(tokens, tables, lengths),
-                    "mixed": lambda: runner.mixed(tokens, tables, lengths, [prompt],
-                                                  [prompt_blocks], [0]),
+                    "mixed": lambda: runner.mixed(tokens, tables, lengths, prompt,
+                                                  prompt_blocks, 0),
                     "prefill": lambda: runner.prefill([prompt], [prompt_blocks])}
                 for forward in forwards.values():
                     forward()  # warm-up
