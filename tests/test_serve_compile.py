@@ -123,7 +123,9 @@ def test_the_prepared_mixed_graphs_serve_any_chunk_length_and_table_width():
     step.prepare(pool, max_batch=4)
     with torch.inference_mode():
         for rows, chunk, cached in [(0, 5, 0), (1, 17, 3), (3, 9, 10), (7, 30, 20)]:
-            tables = [pool.allocate(pool.blocks_for(cached + chunk + 1)) for _ in range(rows + 1)]
+            # The decoding rows' tables one block wider than the chunk's.
+            tables = [pool.allocate(pool.blocks_for(cached + chunk + 1) + (row < rows))
+                      for row in range(rows + 1)]
 
             def parts():
                 decoding = [(torch.arange(rows)[:, None], PagedBatch(pool, tables[:rows],

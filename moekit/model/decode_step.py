@@ -226,7 +226,11 @@ class PagedDecodeStep:
               stance: str = "eager_on_recompile") -> torch.Tensor:
         if not self.compile:
             return self._mixed(self.model, parts)
+        # Without "duck shapes": sizes that happen to be equal while a graph is traced (the
+        # two parts' table widths, a width and the chunk's length) stay apart, where torch
+        # would make them one size and the graph serve only steps where they are equal.
         with (torch._dynamo.config.patch(capture_scalar_outputs=True),
+              torch.fx.experimental._config.patch(use_duck_shape=False),
               torch.compiler.set_stance(stance)):
             return self._mixed(self.model, parts)
 
