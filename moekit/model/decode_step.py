@@ -235,12 +235,12 @@ class PagedDecodeStep:
             return self._mixed(self.model, parts)
 
     @torch.inference_mode()
-    def prepare(self, pool: KVBlockPool, max_batch: int) -> float:
-        """Run a step at every batch size up to ``max_batch``, and the mixed steps of the
-        class docstring, on free blocks of ``pool`` (what they held is overwritten, as a
-        sequence's prefill would): every graph a server needs is compiled before any request.
-        Returns the seconds it took (0.0 when not compiled); a ValueError when the model's
-        step does not trace."""
+    def prepare(self, pool: KVBlockPool, max_batch: int, mixed: bool = True) -> float:
+        """Run a step at every batch size up to ``max_batch``, and (``mixed``) the mixed
+        steps of the class docstring, on free blocks of ``pool`` (what they held is
+        overwritten, as a sequence's prefill would): every graph a server needs is compiled
+        before any request. Returns the seconds it took (0.0 when not compiled); a ValueError
+        when the model's step does not trace."""
         if not self.compile:
             return 0.0
         from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -255,7 +255,7 @@ class PagedDecodeStep:
         try:
             for rows in range(1, max_batch + 1):
                 self(ids(rows, 1), PagedBatch(pool, [blocks] * rows, [0] * rows))
-            for rows in range(min(max_batch, 2) + 1):
+            for rows in range(min(max_batch, 2) + 1 if mixed else 0):
                 decoding = [(ids(rows, 1), PagedBatch(pool, [blocks] * rows, [0] * rows))
                             ] if rows else []
                 self.mixed(decoding + [(ids(1, chunk),

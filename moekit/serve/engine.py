@@ -88,7 +88,7 @@ class Engine:
         self.routing_log = (None if routing_log is None
                             else RoutingLog(routing_log, self.metrics.moe_layers))
         step = PagedDecodeStep(model, compile, compile_backend)
-        self.compile_seconds = step.prepare(self.pool, max_batch)
+        self.compile_seconds = step.prepare(self.pool, max_batch, mixed=not separate_prefill)
         self.scheduler = Scheduler(runner(model, self.pool, step=step), tokenizer,
                                    max_batch=max_batch, max_waiting=max_waiting,
                                    metrics=self.metrics, routing_log=self.routing_log,
