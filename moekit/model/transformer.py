@@ -95,6 +95,12 @@ class KVCache:
         self.length += seq
 
 
+def scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """x times factor. Only Granite's multipliers differ from 1.0, and an elementwise product
+    by 1.0 still costs a pass over the tensor and its gradient, so it is skipped (same bits)."""
+    return x if factor == 1.0 else x * factor
+
+
 def positions_and_mask(mask_BS, valid_BP, past: int, batch: int, seq: int, device,
                        window: int | None = None):
     """Positions of ``seq`` new tokens after ``past`` cached ones, and the attention mask
@@ -294,7 +300,7 @@ class Block(nn.Module):
         """The attention half with its residual; returns the (keys, values) attended to."""
         attn_out, shared_kv = self.attn(self.attn_norm(x_BSD), rope, attn_mask, shared_kv,
                                         cache, group)
-        return x_BSD + self.hidden_dropout(attn_out) * self.residual_multiplier, shared_kv
+        return x_BSD + scaled(self.hidden_dropout(attn_out), self.residual_multiplier), shared_kv
 
     def feed_forward(self, x_BSD, token_mask_BS):
         """The feed-forward half with its residual; the MoE layer's statistics (None for a
@@ -304,7 +310,7 @@ class Block(nn.Module):
             ffn_out, stats = self.ffn(self.ffn_norm(x_BSD), token_mask_BS)
         else:
             ffn_out = self.ffn(self.ffn_norm(x_BSD))
-        return x_BSD + self.hidden_dropout(ffn_out) * self.residual_multiplier, stats
+        return x_BSD + scaled(self.hidden_dropout(ffn_out), self.residual_multiplier), stats
 
 
 INIT_STD = 0.02  # of every matrix that Transformer.reset_parameters draws
@@ -484,7 +490,7 @@ class Transformer(nn.Module):
     # The three parts of ``forward``, which a pipeline stage runs as far as it holds them.
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids) * self.config.embedding_multiplier
+        return scaled(self.embed_tokens(input_ids), self.config.embedding_multiplier)
 
     def run_layers(self, x_BSD: torch.Tensor, mask: torch.Tensor | None = None,
                    cache=None, document_ids: torch.Tensor | None = None
@@ -566,7 +572,8 @@ class Transformer(nn.Module):
         x_BSD = self.norm(x_BSD)
         logits = (linear(x_BSD, self.embed_tokens.weight) if self.lm_head is None
                   else self.lm_head(x_BSD))
-        return logits / self.config.logits_scaling
+        scaling = self.config.logits_scaling  # a division, as Granite's own code does
+        return logits if scaling == 1.0 else logits / scaling
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.norm.weight  # of the model's type even when the embeddings are quantized
