@@ -5,6 +5,7 @@ time of its threads.
     python benchmarks/serve_phases.py                    # eager, torch's threads as served
     python benchmarks/serve_phases.py --compile --threads 2
     python benchmarks/serve_phases.py --separate-prefill --clients 1   # prefill apart, 1 client
+    python benchmarks/serve_phases.py --compile --pure-python-http     # uvicorn's asyncio + h11
 
 Serves the tiny checkpoint of ``benchmarks/serve_load.py`` over HTTP in this process (the
 server of ``moekit serve``: its event loop in the main thread, the scheduler in its own),
@@ -17,7 +18,10 @@ During the load it sums the wall time of the scheduler's phases: the decoding fo
 hand-over of pieces to the event loop (``scheduler.deliver``), and reads the CPU time of the scheduler thread and of the main thread
 (the event loop: HTTP, JSON, server-sent events) from their thread clocks. ``--threads``:
 torch's threads for the forwards (default: ``serving_threads``, what ``moekit serve`` picks);
-one count per run, since compiled kernels keep the count they were made for. Timings: run it
+one count per run, since compiled kernels keep the count they were made for.
+``--pure-python-http``: uvicorn on asyncio's event loop and the h11 parser instead of uvloop and
+httptools (what ``serve`` picks): the front end's Python holds the GIL that the scheduler
+thread needs between its kernels, so its cost shows in the forwards' times. Timings: run it
 alone (``flock -x /tmp/bench.lock`` here).
 """
 from __future__ import annotations
@@ -108,7 +112,8 @@ def measure(folder: Path, compile: bool, threads: int, args) -> dict:
         os.kill(os.getpid(), signal.SIGTERM)  # the server drains and returns
     threading.Thread(target=drive, daemon=True).start()
     try:
-        serve(engine, port=port)
+        serve(engine, port=port, **({"loop": "asyncio", "http": "h11"}
+                                    if args.pure_python_http else {}))
     finally:
         TextStream.add, scheduler_module.deliver = text_add, deliver
     if "wall" not in result:
@@ -139,6 +144,8 @@ def main() -> None:
     parser.add_argument("--separate-prefill", action="store_true",
                         help="each prompt in a forward of its own (moekit serve "
                         "--separate-prefill)")
+    parser.add_argument("--pure-python-http", action="store_true",
+                        help="uvicorn on asyncio and h11 instead of uvloop and httptools")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=4, help="per client")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -149,7 +156,8 @@ def main() -> None:
         build_checkpoint(folder)
         threads = args.threads or serving_threads("cpu") or torch.get_num_threads()
         kind = ("compiled" if args.compile else "eager") + (
-            ", separate prefill" if args.separate_prefill else "")
+            ", separate prefill" if args.separate_prefill else "") + (
+            ", asyncio + h11" if args.pure_python_http else ", uvloop + httptools")
         print_run(f"{kind}, {threads} torch thread(s), {args.clients} streaming clients, "
                   f"{os.cpu_count()} CPUs, torch {torch.__version__}",
                   measure(folder, args.compile, threads, args))

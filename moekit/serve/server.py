@@ -100,12 +100,17 @@ class DrainingServer(uvicorn.Server):
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_request_bytes: int = 1 << 20,
-          max_streams_per_client: int = 16, shutdown_timeout: float = 30.0) -> None:
+          max_streams_per_client: int = 16, shutdown_timeout: float = 30.0,
+          loop: str = "auto", http: str = "auto") -> None:
     """Serve until SIGTERM or Ctrl-C (loopback only unless ``host`` says otherwise), then
     stop admitting requests, let the running ones finish for up to ``shutdown_timeout``
-    seconds (uvicorn then cancels what is left), and return."""
+    seconds (uvicorn then cancels what is left), and return. ``loop`` and ``http``: uvicorn's
+    settings of those names; "auto" takes uvloop and httptools (the serve extra installs
+    both), whose C code leaves more of the process's one GIL to the scheduler's forwards than
+    asyncio's and h11's Python ("asyncio", "h11": ``benchmarks/serve_phases.py
+    --pure-python-http`` measures the difference)."""
     app = create_app(engine, api_key, max_request_bytes, max_streams_per_client)
-    config = uvicorn.Config(app, host=host, port=port,
+    config = uvicorn.Config(app, host=host, port=port, loop=loop, http=http,
                             timeout_graceful_shutdown=shutdown_timeout)
     try:
         DrainingServer(config, engine).run()
