@@ -7,8 +7,10 @@ timed in float32 too, and from one route per expert, where the layer does not ta
 
     python benchmarks/decode_moe.py                  # 1 to 64 tokens, fp32 and bf16
     python benchmarks/decode_moe.py --threads 1 --reps 300 --experts 64
+    python benchmarks/decode_moe.py --threads 1 --hidden 128 --ffn 128   # the tiny preset's
 
-The layer is the one of benchmarks/generate.py's model (H 512, F 1024, 8 experts top-2), in
+The layer is by default the one of benchmarks/generate.py's model (H 512, F 1024, 8 experts
+top-2; ``--hidden``, ``--ffn``), in
 eval mode under inference_mode, weights N(0, 0.02). As in the model, ``--layers`` such layers
 (4) run one after another, so that each layer's weights have left the caches by its next
 call (one layer's 48 MB in fp32 stay in this CPU's L3 when called alone, and decoding then
@@ -39,6 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=1024, help="each expert's inner size")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
@@ -46,20 +50,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     top_k = 2
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.experts} "
-          "experts top-2; median ms per forward, and each path's time over the grouped path's")
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, H {args.hidden}, "
+          f"F {args.ffn}, {args.experts} experts top-2; median ms per forward, and each path's time over the grouped path's")
     print(f"{'dtype':5} {'tokens':>6} {'grouped':>8} " +
           " ".join(f"{p:>16}" for p in PATHS if p != "grouped"))
     saved = (moe_layer.SMALL_BATCH_ROUTES, moe_layer.DENSE_BATCH_ROWS,
              moe_layer.DENSE_BATCH_DTYPES, moe_layer.DENSE_BATCH_ROUTES_PER_EXPERT)
     for name, dtype in DTYPES.items():
-        layers = [MoELayer(MoEConfig(hidden_size=512, ffn_size=1024,
+        layers = [MoELayer(MoEConfig(hidden_size=args.hidden, ffn_size=args.ffn,
                                      num_experts=args.experts, top_k=top_k)).to(dtype).eval()
                   for _ in range(args.layers)]
         for layer in layers:
             layer.experts.reset_parameters(0.02)
         for tokens in args.tokens:
-            inputs = [torch.randn(tokens, 512, dtype=dtype) for _ in range(args.reps)]
+            inputs = [torch.randn(tokens, args.hidden, dtype=dtype) for _ in range(args.reps)]
             paths = [p for p in PATHS if p != "dense" or tokens * top_k >= args.experts]
             times = {path: [] for path in paths}
             with torch.inference_mode():
