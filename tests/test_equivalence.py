@@ -45,6 +45,30 @@ def test_gradient_accumulation_gives_one_batch_step(aux_loss):
                                             targets), whole)
 
 
+def test_the_step_projects_only_the_counted_positions():
+    # train_step asks the model for logits where a target counts alone (logits_mask); the
+    # reference is the whole sequence's logits with the ignored targets left out of the
+    # cross-entropy, as F.cross_entropy(ignore_index=...) counts them. Router losses off, so
+    # that the reference is the cross-entropy alone.
+    config = replace(MODEL, moe=replace(MODEL.moe, aux_loss_coef=0.0, z_loss_coef=0.0,
+                                        adaptive_aux=False, capacity_factor=None))
+    inputs, targets = _batch()
+    targets = targets.clone()
+    targets[:, :5] = IGNORE_INDEX  # the prompts
+    targets[2, 7:] = IGNORE_INDEX  # a short row's padding
+    got = step_outcome(config, STEP, inputs, targets)
+    torch.manual_seed(0)  # step_outcome's model
+    model = Transformer(config).double().train()
+    logits = model(inputs).logits
+    counted = int((targets != IGNORE_INDEX).sum())
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    (loss / counted).backward()
+    assert float(got.figures["loss"]) == pytest.approx(loss.item() / counted, rel=1e-12)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(got.gradients[name], parameter.grad, rtol=1e-9, atol=1e-12)
+
+
 def test_micro_scope_changes_with_the_cut_and_step_scope_does_not():
     # The reason for lb_scope="step": the balance loss of each micro-batch is not that of
     # the batch (a mean of ratios is not the ratio of the sums).

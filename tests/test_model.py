@@ -37,6 +37,8 @@ def test_cached_decoding_equals_full_recomputation(kw):
     pieces.append(model(ids[:, 9:], cache=cache).logits)  # a multi-token chunk after the past
     torch.testing.assert_close(torch.cat(pieces, 1), full)
     torch.testing.assert_close(model(ids, last_only=True).logits, full[:, -1:])
+    picked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    torch.testing.assert_close(model(ids, logits_mask=picked).logits, full[picked])
 
 
 def test_cla_and_gqa_shrink_the_cache():
@@ -119,6 +121,8 @@ def test_bad_inputs():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="integer tensor"):
         model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"logits_mask must be a bool tensor of shape \(1, 3\)"):
+        model(torch.zeros(1, 3, dtype=torch.long), logits_mask=torch.ones(1, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="temperature=-1"):
         generate(model, [[1]], 3, temperature=-1)
     with pytest.raises(ValueError, match="exceeds the model context"):

@@ -417,8 +417,8 @@ class TransformerOutput:
 
 
 class Transformer(nn.Module):
-    """``forward(input_ids, mask=None, cache=None, last_only=False, document_ids=None)
-    -> TransformerOutput``.
+    """``forward(input_ids, mask=None, cache=None, last_only=False, document_ids=None,
+    logits_mask=None) -> TransformerOutput``.
 
     mask [B, S] bool marks real tokens (False = padding, e.g. the left padding of batched
     prompts): padding is not attended to, not routed and not counted. With a ``KVCache`` the
@@ -473,10 +473,18 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                document_ids: torch.Tensor | None = None) -> TransformerOutput:
+                document_ids: torch.Tensor | None = None,
+                logits_mask: torch.Tensor | None = None) -> TransformerOutput:
         """``last_only``: logits of the last position only (all generation needs of a
-        prompt; the output projection of the others would be wasted)."""
+        prompt; the output projection of the others would be wasted). ``logits_mask`` [B, S]
+        bool: logits only where it is True, as [N, V] in row order (a loss needs none of the
+        others: in supervised fine-tuning most positions are a prompt's or padding, and the
+        head with its softmax is the largest product of a small model's step)."""
         self._check(input_ids, mask, cache, document_ids)
+        if logits_mask is not None and (logits_mask.dtype != torch.bool
+                                        or logits_mask.shape != input_ids.shape or last_only):
+            raise ValueError(f"logits_mask must be a bool tensor of shape "
+                             f"{tuple(input_ids.shape)}, and not with last_only")
         x_BSD = self.embed(input_ids)
         x_BSD, all_stats = self.run_layers(x_BSD, mask, cache, document_ids)
         if cache is not None:
@@ -484,7 +492,9 @@ class Transformer(nn.Module):
         router_loss = x_BSD.new_zeros((), dtype=torch.float32)
         for stats in all_stats:
             router_loss = router_loss + stats.router_loss
-        logits = self.head(x_BSD[:, -1:] if last_only else x_BSD)
+        if last_only:
+            x_BSD = x_BSD[:, -1:]
+        logits = self.head(x_BSD if logits_mask is None else x_BSD[logits_mask])
         return TransformerOutput(logits=logits, router_loss=router_loss, moe_stats=all_stats)
 
     # The three parts of ``forward``, which a pipeline stage runs as far as it holds them.

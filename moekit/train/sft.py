@@ -105,12 +105,12 @@ def assistant_loss(model, rows: PackedRows, config: TrainConfig, mesh: Mesh) -> 
         inputs, targets, mask, documents = (t.to(device) for t in
                                             rows.take(torch.arange(first, min(first + size,
                                                                               len(rows)))))
-        logits = model(inputs, mask, document_ids=documents).logits.float()
+        counted_BS = targets != IGNORE_INDEX
+        logits = model(inputs, mask, document_ids=documents, logits_mask=counted_BS).logits
         if counted:
-            sums[0] += torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                reduction="sum")
-            sums[1] += (targets != IGNORE_INDEX).sum()
+            sums[0] += torch.nn.functional.cross_entropy(logits.float(), targets[counted_BS],
+                                                         reduction="sum")
+            sums[1] += counted_BS.sum()
     model.train(was_training)
     total, count = mesh.sum_(sums).tolist()
     return total / max(count, 1)

@@ -131,9 +131,10 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
             capacity.select(index)
         last = index == len(micro_batches) - 1
         with gradients_reduced_if(last, model):
+            counted_BS = targets != IGNORE_INDEX
             with autocast(config.precision, device):
-                out = model(inputs, mask, document_ids=document_ids)
-            nll = _summed_cross_entropy(out.logits, targets)
+                out = model(inputs, mask, document_ids=document_ids, logits_mask=counted_BS)
+            nll = _summed_cross_entropy(out.logits, targets[counted_BS])
             share = router_loss.share(out.moe_stats)
             with collective("the backward's gradient all-reduce"):
                 (mesh.data_size * (nll / max(counted, 1) + share)).backward()
@@ -144,9 +145,10 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
 
 
 def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed over the counted targets, of logits [..., V] and targets [...] alike."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _micro_batches_in_pipeline(model, local, config, mesh, router_loss, counted, device):
