@@ -21,7 +21,7 @@ from moekit.parallel.processes import run_on_ranks
 from moekit.train import lora
 from moekit.train.chat import chat_tokens, read_chat_template, render_chat
 from moekit.train.chat_data import read_preference_file
-from moekit.train.dpo import DirectPreference, dpo_loss, dropless, pair_rows
+from moekit.train.dpo import DirectPreference, _summed_logprobs, dpo_loss, dropless, pair_rows
 from moekit.train.ema import WeightAverage
 from moekit.train.instructions import (expected_answer, exact_answer_reward, instruction_set,
                                        preference_set)
@@ -154,10 +154,15 @@ def test_dpo_log_probabilities_do_not_depend_on_the_batch(tokenizer):
         with torch.no_grad(), dropless(model):
             logits = model(inputs, mask).logits
         picked = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        return (picked * (targets != IGNORE_INDEX)).sum(-1)[0]
+        return (picked * (targets != IGNORE_INDEX)).sum(-1)
 
-    torch.testing.assert_close(logprobs(pairs[:1]), logprobs(pairs))
+    torch.testing.assert_close(logprobs(pairs[:1])[0], logprobs(pairs)[0])
     assert model.training  # the policy still trains
+    # What DPO computes: the head at the response tokens alone, summed per row.
+    inputs, targets, mask = pair_rows(pairs, None, tokenizer, 64)
+    with torch.no_grad(), dropless(model):
+        selected = model(inputs, mask, logits_mask=targets != IGNORE_INDEX).logits
+    torch.testing.assert_close(_summed_logprobs(selected, targets), logprobs(pairs))
 
 
 def test_instruction_set_is_seeded_split_and_checkable():

@@ -111,17 +111,21 @@ def pair_rows(pairs: list[Preference], template, tokenizer, seq_len: int):
     return inputs, targets, mask
 
 
-def _token_logprobs(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    counted = targets_BS != IGNORE_INDEX
-    picked = torch.gather(logits_BSV.float().log_softmax(-1), -1,
-                          targets_BS.clamp(min=0)[..., None]).squeeze(-1)
-    return picked * counted
+def _summed_logprobs(logits_NV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Each row's log-probability of its counted targets [B], from the logits of those
+    positions alone (``logits_mask=targets_BS != IGNORE_INDEX``: [N, V] in row order)."""
+    counted_BS = targets_BS != IGNORE_INDEX
+    picked_N = logits_NV.float().log_softmax(-1).gather(
+        -1, targets_BS[counted_BS][:, None]).squeeze(-1)
+    return picked_N.new_zeros(len(targets_BS)).index_add(0, counted_BS.nonzero()[:, 0],
+                                                         picked_N)
 
 
-def _kl_sum(policy_BSV, reference_BSV, counted_BS) -> torch.Tensor:
-    """Sum over counted positions of KL(policy || reference) over the vocabulary."""
-    log_p, log_q = policy_BSV.float().log_softmax(-1), reference_BSV.float().log_softmax(-1)
-    return ((log_p.exp() * (log_p - log_q)).sum(-1) * counted_BS).sum()
+def _kl_sum(policy_NV, reference_NV) -> torch.Tensor:
+    """Sum over the counted positions (the logits' rows) of KL(policy || reference) over the
+    vocabulary."""
+    log_p, log_q = policy_NV.float().log_softmax(-1), reference_NV.float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum()
 
 
 def reference_model(folder: str, device: torch.device, mesh: Mesh) -> torch.nn.Module:
@@ -203,17 +207,18 @@ class DirectPreference:
             inputs, targets, mask = (t.to(device) for t in pair_rows(
                 batch, self.template, self.tokenizer, self.seq_len))
             with autocast(self.precision, device):
-                logits = self._reference_logits(model, inputs, mask)
-            summed = _token_logprobs(logits, targets).sum(-1)
-            scores.append(summed.view(2, len(batch)).T)
+                logits = self._reference_logits(model, inputs, mask, targets)
+            scores.append(_summed_logprobs(logits, targets).view(2, len(batch)).T)
         return torch.cat(scores).cpu()
 
-    def _reference_logits(self, model, inputs, mask):
+    def _reference_logits(self, model, inputs, mask, targets):
+        """The reference's logits at the counted targets' positions."""
+        counted = targets != IGNORE_INDEX
         with torch.no_grad():
             if self.reference is not None:
-                return self.reference(inputs, mask).logits
+                return self.reference(inputs, mask, logits_mask=counted).logits
             with lora.adapters_off(model), dropless(model):
-                return model(inputs, mask).logits
+                return model(inputs, mask, logits_mask=counted).logits
 
     def _online_pairs(self, model, step: int, config: TrainConfig) -> tuple[list, int]:
         rng = random.Random(config.seed * 1_000_003 + step)
@@ -243,27 +248,27 @@ class DirectPreference:
         in evaluation). ``reference``: the pairs' precomputed reference log-probabilities
         [P, 2], or None to compute them (and the KL to the reference) here."""
         inputs, targets, mask = rows
+        counted = targets != IGNORE_INDEX
         with autocast(self.precision, inputs.device), dropless(model):
-            out = model(inputs, mask)
-            reference_logits = (self._reference_logits(model, inputs, mask) if reference is None
-                                else None)
+            out = model(inputs, mask, logits_mask=counted)
+            reference_logits = (self._reference_logits(model, inputs, mask, targets)
+                                if reference is None else None)
         router_share = (router_loss.share(out.moe_stats) if router_loss is not None
                         else torch.zeros((), dtype=torch.float64))
-        logprobs = _token_logprobs(out.logits, targets).sum(-1)
+        logprobs = _summed_logprobs(out.logits, targets)
         count = len(pairs)
         if reference is None:
-            reference = _token_logprobs(reference_logits, targets).sum(-1).view(2, count).T
+            reference = _summed_logprobs(reference_logits, targets).view(2, count).T
         reference = reference.to(logprobs.device)
         losses, chosen, rejected = dpo_loss(logprobs[:count], logprobs[count:],
                                             reference[:, 0], reference[:, 1], self.beta)
-        counted = targets != IGNORE_INDEX
         figures = {"dpo_sum": losses.sum(), "sft_sum": -logprobs[:count].sum(),
                    "chosen_reward_sum": chosen.detach().sum(),
                    "rejected_reward_sum": rejected.detach().sum(),
                    "correct": (chosen > rejected).sum(), "response_tokens": counted.sum(),
                    "router_share": router_share}
         if reference_logits is not None:
-            figures["kl_sum"] = _kl_sum(out.logits.detach(), reference_logits, counted)
+            figures["kl_sum"] = _kl_sum(out.logits.detach(), reference_logits)
         return figures, out
 
     def _step_pairs(self, model, step: int, config: TrainConfig) -> tuple[list, list, int]:
