@@ -131,10 +131,11 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
             capacity.select(index)
         last = index == len(micro_batches) - 1
         with gradients_reduced_if(last, model):
-            counted_BS = targets != IGNORE_INDEX
+            counted_BS = _counted_positions(targets)
             with autocast(config.precision, device):
                 out = model(inputs, mask, document_ids=document_ids, logits_mask=counted_BS)
-            nll = _summed_cross_entropy(out.logits, targets[counted_BS])
+            nll = _summed_cross_entropy(out.logits, targets if counted_BS is None
+                                        else targets[counted_BS])
             share = router_loss.share(out.moe_stats)
             with collective("the backward's gradient all-reduce"):
                 (mesh.data_size * (nll / max(counted, 1) + share)).backward()
@@ -142,6 +143,14 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
         router_share += share.detach().to(device)
         stats.append(out.moe_stats)
     return cross_entropy, router_share, stats
+
+
+def _counted_positions(targets_BS: torch.Tensor) -> torch.Tensor | None:
+    """Where a target counts, for the head to project those positions alone; None where all
+    do (a pre-training window), since picking them would copy the hidden states and
+    scatter their gradient back for nothing."""
+    counted_BS = targets_BS != IGNORE_INDEX
+    return None if bool(counted_BS.all()) else counted_BS
 
 
 def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
