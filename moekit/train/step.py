@@ -119,10 +119,11 @@ def gradients_reduced_if(last: bool, model: torch.nn.Module):
 
 
 def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted, device,
-                        capacity: StepCapacity | None):
+                        capacity: StepCapacity | None, every_target_counts: bool):
     """The step's forwards and backwards on one process or data-parallel ranks: the summed
     cross-entropy and router-loss share of this rank, and each micro-batch's MoE statistics.
-    ``capacity``: the step's capacity plan (``capacity_scope="step"``), or None."""
+    ``capacity``: the step's capacity plan (``capacity_scope="step"``), or None;
+    ``every_target_counts``: no target of the global batch is ``IGNORE_INDEX``."""
     cross_entropy = torch.zeros((), dtype=torch.float64, device=device)
     router_share = torch.zeros((), dtype=torch.float64, device=device)
     stats = []
@@ -131,7 +132,10 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
             capacity.select(index)
         last = index == len(micro_batches) - 1
         with gradients_reduced_if(last, model):
-            counted_BS = _counted_positions(targets)
+            # The head projects the counted positions alone, unless all of the step's count
+            # (pre-training windows), where picking them would copy the hidden states and
+            # scatter their gradient back for nothing.
+            counted_BS = None if every_target_counts else targets != IGNORE_INDEX
             with autocast(config.precision, device):
                 out = model(inputs, mask, document_ids=document_ids, logits_mask=counted_BS)
             nll = _summed_cross_entropy(out.logits, targets if counted_BS is None
@@ -143,14 +147,6 @@ def _micro_batches_here(model, micro_batches, config, mesh, router_loss, counted
         router_share += share.detach().to(device)
         stats.append(out.moe_stats)
     return cross_entropy, router_share, stats
-
-
-def _counted_positions(targets_BS: torch.Tensor) -> torch.Tensor | None:
-    """Where a target counts, for the head to project those positions alone; None where all
-    do (a pre-training window), since picking them would copy the hidden states and
-    scatter their gradient back for nothing."""
-    counted_BS = targets_BS != IGNORE_INDEX
-    return None if bool(counted_BS.all()) else counted_BS
 
 
 def _summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -252,7 +248,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 model, local, config, mesh, router_loss, counted, device)
         else:
             cross_entropy, router_share, stats = _micro_batches_here(
-                model, micro_batches, config, mesh, router_loss, counted, device, capacity)
+                model, micro_batches, config, mesh, router_loss, counted, device, capacity,
+                every_target_counts=counted == targets_BS.numel())
     finally:
         if capacity is not None:
             capacity.close()
