@@ -207,13 +207,12 @@ class DirectPreference:
             inputs, targets, mask = (t.to(device) for t in pair_rows(
                 batch, self.template, self.tokenizer, self.seq_len))
             with autocast(self.precision, device):
-                logits = self._reference_logits(model, inputs, mask, targets)
+                logits = self._reference_logits(model, inputs, mask, targets != IGNORE_INDEX)
             scores.append(_summed_logprobs(logits, targets).view(2, len(batch)).T)
         return torch.cat(scores).cpu()
 
-    def _reference_logits(self, model, inputs, mask, targets):
-        """The reference's logits at the counted targets' positions."""
-        counted = targets != IGNORE_INDEX
+    def _reference_logits(self, model, inputs, mask, counted):
+        """The reference's logits at the ``counted`` positions."""
         with torch.no_grad():
             if self.reference is not None:
                 return self.reference(inputs, mask, logits_mask=counted).logits
@@ -251,7 +250,7 @@ class DirectPreference:
         counted = targets != IGNORE_INDEX
         with autocast(self.precision, inputs.device), dropless(model):
             out = model(inputs, mask, logits_mask=counted)
-            reference_logits = (self._reference_logits(model, inputs, mask, targets)
+            reference_logits = (self._reference_logits(model, inputs, mask, counted)
                                 if reference is None else None)
         router_share = (router_loss.share(out.moe_stats) if router_loss is not None
                         else torch.zeros((), dtype=torch.float64))
